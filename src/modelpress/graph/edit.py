@@ -1,0 +1,139 @@
+"""Structural edits: slice parameters, keep module attributes consistent, delete blocks."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.graph.groups import Group, Slot
+
+# attributes that hold a head count or the total attention width, as named across model families
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads", "num_attention_heads_per_partition")
+HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim")
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` (dotted) by ``value``, keeping its kind."""
+    mod_path, _, attr = name.rpartition(".")
+    mod = get_submodule(root, mod_path)
+    old = getattr(mod, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        persistent = attr not in getattr(mod, "_non_persistent_buffers_set", set())
+        mod.register_buffer(attr, value, persistent=persistent)
+
+
+def sync_module_attrs(root: nn.Module) -> None:
+    """Make standard modules' size attributes agree with their (possibly sliced) weights."""
+    for mod in root.modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if mod.groups > 1 and w.shape[1] == 1 and mod.groups in (mod.in_channels, mod.out_channels):
+                mod.groups = int(w.shape[0])
+            mod.out_channels = int(w.shape[0])
+            mod.in_channels = int(w.shape[1]) * mod.groups
+        elif isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and isinstance(mod, nn.LayerNorm):
+            mod.normalized_shape = (int(w.shape[0]),) if w.dim() == 1 else tuple(w.shape)
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.num_features = int(w.shape[0])
+        elif isinstance(mod, nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = int(w.shape[0]), int(w.shape[1])
+        elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # GPT-2 style [in, out] linear
+            mod.nf = int(w.shape[1])
+        elif hasattr(mod, "normalized_shape") and w.dim() == 1:  # custom LayerNorm classes
+            mod.normalized_shape = (int(w.shape[0]),)
+
+
+def remove_units(root: nn.Module, group: Group, units: list[int]) -> list[dict]:
+    """Remove the given units of ``group`` from ``root`` in place; returns attribute edits made."""
+    if not units:
+        return []
+    bad = [u for u in units if not 0 <= u < group.size]
+    if bad:
+        raise IndexError(f"group {group.name} has {group.size} units; got {bad}")
+    if len(set(units)) >= group.size:
+        raise ValueError(f"cannot remove every unit of {group.name}: keep at least one")
+    drop: dict[Slot, list[np.ndarray]] = defaultdict(list)
+    for u in units:
+        for slot, idx in group.units[u].items():
+            drop[slot].append(idx)
+    state = dict(root.named_parameters())
+    state.update(dict(root.named_buffers()))
+    by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (param, axis), parts in drop.items():
+        by_param[param].append((axis, np.unique(np.concatenate(parts))))
+    with torch.no_grad():
+        for param, cuts in by_param.items():
+            t = state[param].detach()
+            for axis, idx in cuts:
+                keep = np.setdiff1d(np.arange(t.shape[axis]), idx)
+                t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
+            set_tensor(root, param, t.contiguous().clone())
+    sync_module_attrs(root)
+    edits: list[dict] = []
+    if group.kind == "head":
+        edits += _update_head_attrs(root, group, group.size, group.size - len(set(units)))
+    for e in edits:
+        setattr(get_submodule(root, e["module"]), e["attr"], e["value"])
+    return edits
+
+
+def _update_head_attrs(root: nn.Module, group: Group, old: int, new: int) -> list[dict]:
+    """Adapter: attention modules keep their head count in an attribute that tracing cannot see."""
+    width = group.unit_width()
+    scope = group.scope
+    # walk up from the common scope until a module with a head-count attribute is found
+    parts = scope.split(".") if scope else []
+    edits: list[dict] = []
+    for depth in range(len(parts), -1, -1):
+        path = ".".join(parts[:depth])
+        base = get_submodule(root, path)
+        for sub_path, mod in base.named_modules():
+            full = f"{path}.{sub_path}".strip(".") if sub_path else path
+            for attr in HEAD_COUNT_ATTRS:
+                if isinstance(getattr(mod, attr, None), int) and getattr(mod, attr) == old and not isinstance(
+                    getattr(mod, attr), bool
+                ):
+                    edits.append({"op": "setattr", "module": full, "attr": attr, "value": new})
+            for attr in HEAD_WIDTH_ATTRS:
+                if isinstance(getattr(mod, attr, None), int) and getattr(mod, attr) == old * width:
+                    edits.append({"op": "setattr", "module": full, "attr": attr, "value": new * width})
+        if edits:
+            return edits
+        if depth <= max(0, len(parts) - 2):
+            break
+    return edits
+
+
+def delete_block(root: nn.Module, path: str) -> dict:
+    """Delete block ``path`` (an item of an nn.ModuleList/nn.Sequential) in place."""
+    parent_path, _, idx = path.rpartition(".")
+    parent = get_submodule(root, parent_path)
+    if not isinstance(parent, (nn.ModuleList, nn.Sequential)) or not idx.isdigit():
+        raise ValueError(f"{path} is not an item of a ModuleList or Sequential")
+    if len(parent) <= 1:
+        raise ValueError(f"cannot delete the last block of {parent_path}")
+    del parent[int(idx)]
+    return {"op": "delete_block", "path": path}
+
+
+def apply_edit(root: nn.Module, edit: dict) -> None:
+    """Replay one recorded structural edit (used when reloading a saved model)."""
+    if edit["op"] == "delete_block":
+        delete_block(root, edit["path"])
+    elif edit["op"] == "setattr":
+        setattr(get_submodule(root, edit["module"]), edit["attr"], edit["value"])
+    else:
+        raise ValueError(f"unknown edit {edit['op']!r}")

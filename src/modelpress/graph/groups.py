@@ -1,0 +1,148 @@
+"""Groups of coupled parameter slices, built from dependency propagation."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.graph.labels import Propagation
+
+Slot = tuple[str, int]  # (parameter or buffer name, axis)
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM_TYPES = (nn.LayerNorm, nn.Embedding)
+
+
+@dataclass
+class Group:
+    """A set of interchangeable units; each unit is a set of parameter slices removed together.
+
+    kind: "head" (attention heads), "mlp" (hidden units between two Linears), "embedding"
+    (residual-stream channels: embeddings, LayerNorms and every reader and writer), "conv"
+    (conv output channels with their BatchNorm and readers) or "channel" (anything else).
+    """
+
+    name: str
+    kind: str
+    scope: str
+    units: list[dict[Slot, np.ndarray]]
+    prunable: bool = True
+    reason: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+    @property
+    def slots(self) -> list[Slot]:
+        return sorted(self.units[0].keys()) if self.units else []
+
+    def unit_width(self) -> int:
+        """Elements of one unit along a Linear/conv input axis (head dim for heads, 1 otherwise)."""
+        if not self.units:
+            return 0
+        in_axes = [len(v) for (p, a), v in self.units[0].items() if a == 1 and p.endswith("weight")]
+        return max(in_axes) if in_axes else max(len(v) for v in self.units[0].values())
+
+    def params_per_unit(self, state: dict[str, torch.Tensor]) -> int:
+        """Number of scalars one unit removes."""
+        total = 0
+        for (p, axis), idx in self.units[0].items():
+            t = state[p]
+            total += len(idx) * (t.numel() // t.shape[axis])
+        return total
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.kind}, {self.size} units{'' if self.prunable else ', fixed: ' + self.reason})"
+
+
+def _common_scope(names: list[str]) -> str:
+    mods = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
+    if not mods:
+        return ""
+    prefix = os.path.commonprefix([m.split(".") for m in mods])
+    return ".".join(prefix)
+
+
+def build_groups(prop: Propagation, module: nn.Module) -> list[Group]:
+    """Cluster propagation components into Groups by their signature (which slots, how many each)."""
+    modules = dict(module.named_modules())
+    space_of = np.zeros(len(prop.roots), dtype=np.int64)
+    for i, s in enumerate(prop.spaces):
+        space_of[s.start : s.start + s.size] = i
+    order = np.argsort(prop.roots, kind="stable")
+    roots_sorted = prop.roots[order]
+    cuts = np.flatnonzero(np.diff(roots_sorted)) + 1
+    components = np.split(order, cuts)
+
+    families: dict[tuple, list[dict[Slot, np.ndarray]]] = defaultdict(list)
+    fam_flags: dict[tuple, tuple[bool, bool, bool]] = {}
+    for comp in components:
+        unit: dict[Slot, np.ndarray] = {}
+        for si in np.unique(space_of[comp]):
+            s = prop.spaces[int(si)]
+            local = np.sort(comp[space_of[comp] == si] - s.start)
+            unit[(s.param, s.axis)] = local
+        sig = tuple(sorted((k, len(v)) for k, v in unit.items()))
+        families[sig].append(unit)
+        flags = (bool(prop.pinned[comp[0]]), bool(prop.head_ids[comp[0]]), bool(prop.at_output[comp[0]]))
+        prev = fam_flags.get(sig, (False, False, False))
+        fam_flags[sig] = tuple(p or f for p, f in zip(prev, flags, strict=True))
+
+    groups: list[Group] = []
+    for sig, units in families.items():
+        pinned, head, at_output = fam_flags[sig]
+        slots = [k for k, _ in sig]
+        units.sort(key=lambda u: tuple(int(u[s][0]) for s in slots))
+        kind = _classify(slots, head, modules)
+        scope = _common_scope([p for p, _ in slots])
+        g = Group(name="", kind=kind, scope=scope, units=units)
+        g.meta["at_output"] = at_output
+        if pinned:
+            g.prunable = False
+            g.meta["fixed"] = True
+            g.reason = "touches a model input, an unused output or an op modelpress cannot follow"
+        elif at_output:
+            g.prunable = False
+            g.reason = "changes the model's output width (remove with force=True)"
+        elif len(units) < 2 and kind != "embedding":
+            g.prunable = False
+            g.reason = "a single unit"
+        groups.append(g)
+    groups.sort(key=lambda g: (_scope_key(g.scope), g.kind))
+    seen: dict[str, int] = {}
+    for g in groups:
+        base = f"{g.kind}:{g.scope}" if g.scope else g.kind
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        g.name = base if n == 0 else f"{base}#{n}"
+    return groups
+
+
+def _scope_key(scope: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else -1 for p in scope.split(".")) if scope else ()
+
+
+def _owner(param: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    return modules.get(param.rsplit(".", 1)[0] if "." in param else "")
+
+
+def _classify(slots: list[Slot], head: bool, modules: dict[str, nn.Module]) -> str:
+    if head:
+        return "head"
+    owners = [(_owner(p, modules), p, a) for p, a in slots]
+    if any(isinstance(m, _NORM_TYPES) or type(m).__name__.endswith(("LayerNorm", "RMSNorm")) for m, _, _ in owners):
+        return "embedding"
+    if any(isinstance(m, _CONV_TYPES) and a == 0 and p.endswith("weight") for m, p, a in owners):
+        return "conv"
+    linear_out = [p for m, p, a in owners if a == 0 and p.endswith("weight") and not isinstance(m, _CONV_TYPES)]
+    linear_in = [p for m, p, a in owners if a == 1 and p.endswith("weight")]
+    if linear_out and linear_in:
+        return "mlp"
+    return "channel"

@@ -1,0 +1,569 @@
+"""Dependency propagation: which parameter slices must change together.
+
+Every parameter axis that carries channels gets a range of integer ids ("elements"). We walk the
+aten graph of ``torch.export`` and push an integer *label tensor* (same shape as the real value,
+-1 where no channel flows) through every node. Shape ops (view, transpose, split, cat, ...) are
+applied to the label tensor itself, so index mappings through reshapes, fused qkv splits and
+concatenations come out exact without per-op bookkeeping. Ops that mix channels (linear, conv,
+norms, elementwise with two channel inputs, matmul contractions) union elements in a union-find.
+Attention batch axes (the head axis of q, k and v) couple whole slices: that is how heads appear.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+aten = torch.ops.aten
+
+
+class UnionFind:
+    """Union-find over integer element ids, grown on demand."""
+
+    def __init__(self) -> None:
+        self.parent = np.zeros(0, dtype=np.int64)
+
+    def grow(self, n: int) -> None:
+        old = len(self.parent)
+        if n > old:
+            self.parent = np.concatenate([self.parent, np.arange(old, n, dtype=np.int64)])
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        root = x
+        while p[root] != root:
+            root = p[root]
+        while p[x] != root:
+            p[x], x = root, p[x]
+        return root
+
+    def union_pairs(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Union a[i] with b[i] for every i where both are valid ids."""
+        a = np.asarray(a).reshape(-1)
+        b = np.asarray(b).reshape(-1)
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if not keep.any():
+            return
+        pairs = np.unique(np.stack([a[keep], b[keep]], 1), axis=0)
+        for x, y in pairs:
+            rx, ry = self.find(int(x)), self.find(int(y))
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def union_all(self, ids: np.ndarray) -> int | None:
+        ids = np.unique(np.asarray(ids).reshape(-1))
+        ids = ids[ids >= 0]
+        if len(ids) == 0:
+            return None
+        first = np.full(len(ids) - 1, ids[0])
+        self.union_pairs(first, ids[1:])
+        return int(ids[0])
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+@dataclass
+class Space:
+    """One channel-carrying axis of one parameter (or buffer)."""
+
+    param: str
+    axis: int
+    size: int
+    start: int
+
+
+@dataclass
+class Propagation:
+    """Result of dependency propagation over one traced model."""
+
+    spaces: list[Space]
+    roots: np.ndarray  # component root per element id
+    pinned: np.ndarray  # bool per element: touches a model input or an op we cannot follow
+    at_output: np.ndarray  # bool per element: reaches a model output (editing changes the output width)
+    head_ids: np.ndarray  # bool per element: coupled through an attention head axis
+    opaque_ops: list[str] = field(default_factory=list)
+
+    def locate(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Split element ids into (space index, local indices) pairs."""
+        starts = np.array([s.start for s in self.spaces])
+        which = np.searchsorted(starts, ids, side="right") - 1
+        out = []
+        for si in np.unique(which):
+            sel = ids[which == si]
+            out.append((int(si), np.sort(sel - self.spaces[si].start)))
+        return out
+
+
+_PASS_THROUGH = {
+    "dropout", "clone", "contiguous", "alias", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy",
+    "gelu", "relu", "relu_", "silu", "sigmoid", "tanh", "erf", "neg", "sqrt", "rsqrt", "exp", "log",
+    "abs", "softmax", "_softmax", "log_softmax", "_log_softmax", "hardtanh", "hardswish", "hardsigmoid",
+    "clamp", "clamp_min", "clamp_max", "leaky_relu", "elu", "mish", "pow", "masked_fill", "fill",
+    "native_dropout", "celu", "softplus", "gelu_", "silu_", "hardtanh_", "reciprocal", "square",
+    "float", "_assert_tensor_metadata", "bitwise_not", "logical_not", "zeros_like", "ones_like",
+}
+_ELEMENTWISE = {"add", "sub", "mul", "div", "where", "maximum", "minimum", "rsub", "add_", "mul_", "lerp"}
+_SHAPE = {
+    "view", "_unsafe_view", "reshape", "transpose", "permute", "t", "unsqueeze", "squeeze", "flatten",
+    "expand", "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow", "movedim",
+    "unflatten", "repeat", "expand_as", "view_as", "reshape_as", "swapaxes",
+}
+_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod"}
+_POOL = {
+    "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool1d", "avg_pool1d",
+    "adaptive_avg_pool1d", "upsample_nearest2d", "upsample_bilinear2d", "max_pool2d_with_indices",
+    "_adaptive_avg_pool2d", "pad", "constant_pad_nd",
+}
+_NORM_LAST = {"layer_norm", "native_layer_norm", "rms_norm"}
+_NORM_CHANNEL = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+                 "native_batch_norm", "instance_norm"}
+_IGNORE_OUTPUT = {"arange", "new_ones", "zeros", "ones", "full", "scalar_tensor", "empty", "ge", "gt", "le",
+                  "lt", "eq", "ne", "__and__", "__or__", "bitwise_and", "bitwise_or", "cumsum", "sym_size",
+                  "_local_scalar_dense", "any", "all", "isnan", "new_zeros", "new_full", "empty_like", "sym_numel",
+                  "argmax"}
+
+
+def _opname(target: object) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    packet = getattr(target, "overloadpacket", None)
+    name = packet.__name__ if packet is not None else getattr(target, "__name__", str(target))
+    if name.endswith("_") and not name.startswith("__"):
+        name = name[:-1]  # in-place variants behave like their functional ops here
+    return name
+
+
+class _Propagator:
+    def __init__(self, exported: torch.export.ExportedProgram, state: dict[str, torch.Tensor]) -> None:
+        self.ep = exported
+        self.state = state
+        self.uf = UnionFind()
+        self.spaces: list[Space] = []
+        self.space_index: dict[tuple[str, int], int] = {}
+        self.n = 0
+        self.pinned: list[np.ndarray] = []
+        self.pinned_out: list[np.ndarray] = []
+        self.heads: list[np.ndarray] = []
+        self.opaque: list[str] = []
+        sig = exported.graph_signature
+        self.param_of: dict[str, str] = {}
+        self.param_of.update(sig.inputs_to_parameters)
+        self.param_of.update(sig.inputs_to_buffers)
+        self.labels: dict[str, object] = {}
+
+    # ----- element ids -----
+    def space(self, param: str, axis: int) -> np.ndarray:
+        key = (param, axis)
+        if key not in self.space_index:
+            size = int(self.state[param].shape[axis])
+            self.space_index[key] = len(self.spaces)
+            self.spaces.append(Space(param, axis, size, self.n))
+            self.n += size
+            self.uf.grow(self.n)
+        s = self.spaces[self.space_index[key]]
+        return np.arange(s.start, s.start + s.size, dtype=np.int64)
+
+    def pin(self, label: object, output: bool = False) -> None:
+        for t in _tensors(label):
+            ids = t.numpy().reshape(-1)
+            ids = np.unique(ids[ids >= 0])
+            if len(ids):
+                (self.pinned_out if output else self.pinned).append(ids)
+
+    # ----- label helpers -----
+    def label_of(self, arg: object) -> object:
+        if isinstance(arg, torch.fx.Node):
+            if arg.name in self.labels:
+                return self.labels[arg.name]
+            return None
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.label_of(a) for a in arg)
+        return arg
+
+    def param_label(self, node: torch.fx.Node) -> torch.Tensor | None:
+        """Generic label of a parameter used outside linear/conv/norm: its last axis of size > 1."""
+        name = self.param_of[node.name]
+        t = self.state[name]
+        if t.dim() == 0 or not t.is_floating_point():
+            return None
+        axes = [a for a in range(t.dim()) if t.shape[a] > 1]
+        if not axes:
+            return None
+        axis = axes[-1]
+        ids = torch.from_numpy(self.space(name, axis))
+        shape = [1] * t.dim()
+        shape[axis] = -1
+        return ids.view(shape).expand(t.shape).clone()
+
+    @staticmethod
+    def full(node: torch.fx.Node, value: int = -1) -> object:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return torch.full(tuple(int(s) for s in val.shape), value, dtype=torch.int64)
+        if isinstance(val, (list, tuple)):
+            return type(val)(
+                torch.full(tuple(int(s) for s in v.shape), value, dtype=torch.int64)
+                if isinstance(v, torch.Tensor) else None for v in val
+            )
+        return None
+
+    def channel_vector(self, label: torch.Tensor, axis: int) -> np.ndarray | None:
+        """Ids along ``axis`` if the label is constant across all other axes, else None."""
+        axis = axis % label.dim()
+        moved = label.movedim(axis, -1).reshape(-1, label.shape[axis])
+        first = moved[0]
+        if not bool((moved == first).all()):
+            return None
+        return first.numpy().copy()
+
+    def weight_space(self, node: object, axis: int) -> np.ndarray | None:
+        if isinstance(node, torch.fx.Node) and node.name in self.param_of:
+            return self.space(self.param_of[node.name], axis)
+        return None
+
+    def bind_bias(self, bias: object, out_ids: np.ndarray) -> None:
+        ids = self.weight_space(bias, 0)
+        if ids is not None:
+            self.uf.union_pairs(ids, out_ids)
+
+    def consume(self, x: torch.Tensor | None, axis: int, ids: np.ndarray | None) -> None:
+        """Channels of x along axis feed parameter slice ids: union them (or pin ids if x is unlabelled)."""
+        if ids is None:
+            if x is not None:
+                self.pin(x)
+            return
+        if x is None:
+            self.pinned.append(ids)
+            return
+        vec = self.channel_vector(x, axis)
+        if vec is None:
+            self.pin(x)
+            self.pinned.append(ids)
+            return
+        if (vec < 0).all():
+            self.pinned.append(ids)
+            return
+        self.uf.union_pairs(vec, ids)
+        missing = vec < 0
+        if missing.any():
+            self.pinned.append(ids[missing])
+
+    # ----- main loop -----
+    def run(self) -> Propagation:
+        graph = self.ep.graph_module.graph
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                self.labels[node.name] = None if node.name in self.param_of else self.full(node)
+            elif node.op == "call_function":
+                try:
+                    self.labels[node.name] = self.visit(node)
+                except Exception as exc:  # an op we cannot follow: pin what flows into it
+                    self.opaque.append(f"{_opname(node.target)} ({type(exc).__name__})")
+                    for a in node.all_input_nodes:
+                        self.pin(self.labels.get(a.name))
+                    self.labels[node.name] = self.full(node)
+            elif node.op == "output":
+                for a in node.all_input_nodes:
+                    self.pin(self.labels.get(a.name), output=True)
+            else:
+                self.labels[node.name] = self.full(node)
+            if node.op == "call_function" and not node.users:  # dead end: its channels are used outside
+                self.pin(self.labels.get(node.name))
+        roots = self.uf.roots()
+        pinned = self._spread(self.pinned, roots)
+        at_output = self._spread(self.pinned_out, roots)
+        head = np.zeros(self.n, dtype=bool)
+        for ids in self.heads:
+            head[ids] = True
+        head = np.isin(roots, np.unique(roots[head])) if head.any() else head
+        return Propagation(self.spaces, roots, pinned, at_output, head, sorted(set(self.opaque)))
+
+    def _spread(self, id_lists: list[np.ndarray], roots: np.ndarray) -> np.ndarray:
+        mask = np.zeros(self.n, dtype=bool)
+        for ids in id_lists:
+            mask[ids] = True
+        return np.isin(roots, np.unique(roots[mask])) if mask.any() else mask
+
+    def arg_label(self, node: torch.fx.Node, i: int) -> torch.Tensor | None:
+        if i >= len(node.args):
+            return None
+        a = node.args[i]
+        if isinstance(a, torch.fx.Node) and a.name in self.param_of:
+            return self.param_label(a)
+        lab = self.label_of(a)
+        return lab if isinstance(lab, torch.Tensor) else None
+
+    def visit(self, node: torch.fx.Node) -> object:
+        op = _opname(node.target)
+        args = node.args
+        if op == "getitem":
+            src = self.label_of(args[0])
+            return None if src is None else src[args[1]]
+        if op in _IGNORE_OUTPUT:
+            return self.full(node)
+        if op == "linear":
+            return self.visit_linear(node)
+        if op in ("conv2d", "conv1d", "convolution", "conv3d"):
+            return self.visit_conv(node)
+        if op in ("mm", "bmm", "matmul", "addmm", "baddbmm"):
+            return self.visit_matmul(node, op)
+        if op == "scaled_dot_product_attention":
+            return self.visit_sdpa(node)
+        if op == "embedding":
+            ids = self.weight_space(args[0], 1)
+            out = self.full(node)
+            if ids is None:
+                return out
+            return torch.from_numpy(ids).expand(out.shape).clone()
+        if op in _NORM_LAST:
+            x = self.arg_label(node, 0)
+            vec_ids = [self.weight_space(args[i], 0) for i in (2, 3) if i < len(args)]
+            if op == "rms_norm":
+                vec_ids = [self.weight_space(args[2], 0)] if len(args) > 2 else []
+            vec_ids = [v for v in vec_ids if v is not None]
+            for v in vec_ids[1:]:
+                self.uf.union_pairs(vec_ids[0], v)
+            if vec_ids:
+                self.consume(x, -1, vec_ids[0])
+            out = x.clone() if x is not None else self.full(node)
+            return (out, None, None) if op == "native_layer_norm" else out
+        if op in _NORM_CHANNEL:
+            x = self.arg_label(node, 0)
+            vec_ids = [self.weight_space(a, 0) for a in args[1:5]]
+            vec_ids = [v for v in vec_ids if v is not None]
+            for v in vec_ids[1:]:
+                self.uf.union_pairs(vec_ids[0], v)
+            if vec_ids:
+                self.consume(x, 1, vec_ids[0])
+            out = x.clone() if x is not None else self.full(node)
+            return out if op in ("batch_norm", "instance_norm") else (out, None, None)
+        if op in _SHAPE or op in ("cat", "stack"):
+            return self.visit_shape(node, op)
+        if op in _PASS_THROUGH:
+            x = self.arg_label(node, 0)
+            if x is None:
+                return self.full(node)
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and tuple(val.shape) != tuple(x.shape):
+                return x.expand(tuple(val.shape)).clone()
+            return x.clone()
+        if op in _ELEMENTWISE:
+            return self.visit_elementwise(node)
+        if op in _REDUCE:
+            return self.visit_reduce(node)
+        if op in _POOL:
+            x = self.arg_label(node, 0)
+            out = self.full(node)
+            if x is None:
+                return out
+            vec = self.channel_vector(x, 1)
+            if vec is None:
+                raise ValueError("pool over mixed labels")
+            shape = [1] * out.dim()
+            shape[1] = -1
+            res = torch.from_numpy(vec).view(shape).expand(out.shape).clone()
+            return (res, None) if isinstance(out, tuple) else res
+        # unknown op: pin anything with channels that flows in
+        labelled = [self.labels.get(a.name) for a in node.all_input_nodes]
+        if any(t is not None and bool((t >= 0).any()) for lab in labelled for t in _tensors(lab)):
+            self.opaque.append(op)
+            for lab in labelled:
+                self.pin(lab)
+        return self.full(node)
+
+    def visit_linear(self, node: torch.fx.Node) -> torch.Tensor:
+        x = self.arg_label(node, 0)
+        w = node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        out = self.full(node)
+        w_out = self.weight_space(w, 0)
+        w_in = self.weight_space(w, 1)
+        if w_out is None:  # weight is an activation: treat as x @ w.T
+            wl = self.arg_label(node, 1)
+            self.pin(x)
+            self.pin(wl)
+            return out
+        self.consume(x, -1, w_in)
+        self.bind_bias(bias, w_out)
+        return torch.from_numpy(w_out).expand(out.shape).clone()
+
+    def visit_conv(self, node: torch.fx.Node) -> torch.Tensor:
+        x = self.arg_label(node, 0)
+        w = node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        groups = int(node.args[-1]) if isinstance(node.args[-1], int) else 1
+        out = self.full(node)
+        w_out = self.weight_space(w, 0)
+        if w_out is None:
+            self.pin(x)
+            return out
+        w_param = self.state[self.param_of[w.name]]
+        if groups == 1:
+            self.consume(x, 1, self.weight_space(w, 1))
+        elif w_param.shape[1] == 1 and groups == w_param.shape[0]:  # depthwise: in channel c -> out c
+            self.consume(x, 1, w_out)
+        else:  # grouped conv: channel structure we do not edit
+            self.pin(x)
+            self.pinned.append(w_out)
+        self.bind_bias(bias, w_out)
+        shape = [1] * out.dim()
+        shape[1] = -1
+        return torch.from_numpy(w_out).view(shape).expand(out.shape).clone()
+
+    def couple_heads(self, operands: list[torch.Tensor], nbatch: int) -> dict[int, torch.Tensor] | None:
+        """Union whole slices along attention batch axes (heads); returns a representative label per axis."""
+        reps: dict[int, torch.Tensor] = {}
+        for axis in range(nbatch):
+            sizes = {t.shape[axis] for t in operands if t.dim() > axis}
+            size = max(sizes)
+            if size <= 1:
+                continue
+            varies = any(
+                t.shape[axis] == size and not bool((t.select(axis, 0) == t.select(axis, 1)).all())
+                for t in operands
+            )
+            if not varies:
+                continue
+            rep = torch.full((size,), -1, dtype=torch.int64)
+            for i in range(size):
+                ids = [t.select(axis, i if t.shape[axis] == size else 0).numpy() for t in operands]
+                flat = np.concatenate([a.reshape(-1) for a in ids])
+                r = self.uf.union_all(flat)
+                if r is not None:
+                    rep[i] = r
+                    self.heads.append(np.unique(flat[flat >= 0]))
+            reps[axis] = rep
+        return reps
+
+    def visit_sdpa(self, node: torch.fx.Node) -> torch.Tensor:
+        q, k, v = (self.arg_label(node, i) for i in range(3))
+        out = self.full(node)
+        if q is None or k is None or v is None:
+            for t in (q, k, v):
+                self.pin(t)
+            return out
+        qd = q.amax(dim=-2, keepdim=True) if bool((q == q.select(-2, 0).unsqueeze(-2)).all()) else None
+        kd = k.amax(dim=-2, keepdim=True) if bool((k == k.select(-2, 0).unsqueeze(-2)).all()) else None
+        if qd is None or kd is None:
+            raise ValueError("attention inputs vary along the sequence axis")
+        a, b = torch.broadcast_tensors(qd, kd)
+        self.uf.union_pairs(a.numpy(), b.numpy())
+        self.couple_heads([q, k, v], q.dim() - 2)
+        vv = v.select(-2, 0).unsqueeze(-2)
+        return vv.expand(out.shape).clone()
+
+    def visit_matmul(self, node: torch.fx.Node, op: str) -> torch.Tensor:
+        out = self.full(node)
+        ai, bi = (1, 2) if op in ("addmm", "baddbmm") else (0, 1)
+        a_node, b_node = node.args[ai], node.args[bi]
+        a = self.arg_label(node, ai) if not _is_param(self, a_node) else None
+        b = self.arg_label(node, bi) if not _is_param(self, b_node) else None
+        if _is_param(self, b_node):  # x @ W with W [in, out]
+            self.consume(a, -1, self.weight_space(b_node, 0))
+            w_out = self.weight_space(b_node, 1)
+            if op == "addmm":
+                self.bind_bias(node.args[0], w_out)
+            return torch.from_numpy(w_out).expand(out.shape).clone()
+        if _is_param(self, a_node) or a is None or b is None:
+            for t in (a, b):
+                self.pin(t)
+            return out
+        nb = max(a.dim(), b.dim()) - 2
+        # contraction: a[..., m, k] with b[..., k, n]
+        a_k = a.select(-2, 0) if a.dim() >= 2 else a
+        b_k = b.select(-1, 0) if b.dim() >= 2 else b
+        if not bool((a == a_k.unsqueeze(-2)).all()) or not bool((b == b_k.unsqueeze(-1)).all()):
+            raise ValueError("matmul operands vary along their free axes")
+        x, y = torch.broadcast_tensors(a_k, b_k)
+        self.uf.union_pairs(x.numpy(), y.numpy())
+        reps = self.couple_heads([a, b], nb)
+        b_n = b.select(-2, 0)  # [..., n]
+        if bool((b_n != b_n[..., :1]).any()):
+            return b_n.unsqueeze(-2).expand(out.shape).clone()
+        res = out.clone()
+        for axis, rep in (reps or {}).items():
+            shape = [1] * out.dim()
+            shape[axis] = -1
+            res = rep.view(shape).expand(out.shape).clone()
+        return res
+
+    def visit_elementwise(self, node: torch.fx.Node) -> torch.Tensor:
+        op = _opname(node.target)
+        idx = (1, 2) if op == "where" else (0, 1)
+        labs = [self.arg_label(node, i) for i in idx]
+        labs = [t for t in labs if isinstance(t, torch.Tensor)]
+        out = self.full(node)
+        if not labs:
+            return out
+        if len(labs) == 1:
+            return labs[0].expand(out.shape).clone() if labs[0].dim() <= out.dim() else out
+        a, b = torch.broadcast_tensors(labs[0], labs[1])
+        self.uf.union_pairs(a.numpy(), b.numpy())
+        return torch.where(a >= 0, a, b).expand(out.shape).clone()
+
+    def visit_reduce(self, node: torch.fx.Node) -> torch.Tensor:
+        x = self.arg_label(node, 0)
+        out = self.full(node)
+        if x is None or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple, int)):
+            return out
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        keep = bool(node.args[2]) if len(node.args) > 2 and isinstance(node.args[2], bool) else False
+        res = x
+        for d in sorted((int(d) % x.dim() for d in dims), reverse=True):
+            first = res.select(d, 0)
+            constant = bool((res == first.unsqueeze(d)).all())
+            first = first if constant else torch.full_like(first, -1)
+            res = first.unsqueeze(d) if keep else first
+        if tuple(res.shape) != tuple(out.shape):
+            return out
+        return res.clone()
+
+    def visit_shape(self, node: torch.fx.Node, op: str) -> object:
+        args = list(node.args)
+        first = args[0]
+        if op in ("cat", "stack"):
+            parts = []
+            for a in first:
+                lab = self.arg_label_direct(a)
+                parts.append(lab)
+            val = node.meta["val"]
+            shapes = [tuple(int(s) for s in p.meta["val"].shape) for p in first]
+            parts = [p if p is not None else torch.full(s, -1, dtype=torch.int64) for p, s in zip(parts, shapes, strict=True)]
+            res = getattr(torch, op)(parts, *args[1:], **node.kwargs)
+            assert tuple(res.shape) == tuple(val.shape)
+            return res
+        x = self.arg_label_direct(first)
+        if x is None:
+            return self.full(node)
+        rest = [self.label_of(a) if isinstance(a, torch.fx.Node) else a for a in args[1:]]
+        res = node.target(x, *rest, **node.kwargs)
+        if isinstance(res, torch.Tensor):
+            return res.clone()
+        return type(res)(r.clone() for r in res)
+
+    def arg_label_direct(self, a: object) -> torch.Tensor | None:
+        if isinstance(a, torch.fx.Node) and a.name in self.param_of:
+            return self.param_label(a)
+        lab = self.label_of(a)
+        return lab if isinstance(lab, torch.Tensor) else None
+
+
+def _is_param(p: _Propagator, node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.name in p.param_of
+
+
+def _tensors(label: object) -> list[torch.Tensor]:
+    if isinstance(label, torch.Tensor):
+        return [label]
+    if isinstance(label, (list, tuple)):
+        return [t for item in label for t in _tensors(item)]
+    return []
+
+
+def propagate(exported: torch.export.ExportedProgram, state: dict[str, torch.Tensor]) -> Propagation:
+    """Run dependency propagation over an exported program; ``state`` maps names to parameters/buffers."""
+    return _Propagator(exported, state).run()

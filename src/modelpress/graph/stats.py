@@ -1,0 +1,111 @@
+"""Summaries of a ModelGraph: per-block widths, parameters, MACs, and LayerNorm consumers."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from modelpress.graph.model_graph import ModelGraph
+
+_FOLLOW = {"dropout", "clone", "contiguous", "alias", "detach", "view", "reshape", "_to_copy", "to"}
+
+
+def count_macs(graph: ModelGraph, batch: int = 1, seq_len: int | None = None) -> int:
+    """Multiply-accumulates of one forward pass at the default input shape (torch's flop counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = graph.example_inputs(batch, seq_len)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        graph.forward(inputs)
+    return int(counter.get_total_flops() // 2)
+
+
+def block_widths(graph: ModelGraph) -> list[dict]:
+    """Heads, head dim and MLP width of every removable block (in model order)."""
+    rows = []
+    for b in graph.blocks:
+        inside = [g for g in graph.groups if in_block(g.scope, b.path)]
+        heads = [g for g in inside if g.kind == "head"]
+        mlps = [g for g in inside if g.kind == "mlp"]
+        convs = [g for g in inside if g.kind == "conv"]
+        row = {"block": b.path, "type": b.type, "params": b.params}
+        if heads:
+            row["heads"] = sum(g.size for g in heads)
+            row["head_dim"] = heads[0].unit_width()
+        if mlps:
+            row["mlp"] = sum(g.size for g in mlps)
+        if convs:
+            row["conv_channels"] = [g.size for g in convs]
+        rows.append(row)
+    return rows
+
+
+def in_block(scope: str, block: str) -> bool:
+    return scope == block or scope.startswith(block + ".")
+
+
+def embedding_width(graph: ModelGraph) -> int | None:
+    emb = [g for g in graph.groups if g.kind == "embedding"]
+    return max((g.size for g in emb), default=None)
+
+
+def summarize(graph: ModelGraph) -> dict:
+    seq = graph.input_spec.default_seq_len if graph.input_spec.kind == "text" else None
+    return {
+        "name": graph.name,
+        "parameters": graph.num_parameters(),
+        "macs": count_macs(graph, 1, seq),
+        "input_shape": {"batch": 1, "sequence": seq} if seq else {"batch": 1, "shape": list(graph.input_spec.shape)},
+        "embedding_width": embedding_width(graph),
+        "blocks": block_widths(graph),
+        "groups": [
+            {"name": g.name, "kind": g.kind, "units": g.size, "prunable": g.prunable} for g in graph.groups
+        ],
+    }
+
+
+def norm_consumers(graph: ModelGraph) -> list[tuple[str, list[str], bool]]:
+    """LayerNorm -> Linear consumers, found in the traced aten graph (through dropout/view-like ops)."""
+    ep = graph.trace()
+    sig = ep.graph_signature
+    params = dict(sig.inputs_to_parameters)
+    modules = dict(graph.wrapped().named_modules())
+    out: list[tuple[str, list[str], bool]] = []
+    for node in ep.graph_module.graph.nodes:
+        if node.op != "call_function" or "layer_norm" not in str(node.target):
+            continue
+        if len(node.args) < 3 or getattr(node.args[2], "name", None) not in params:
+            continue
+        ln = params[node.args[2].name].rsplit(".", 1)[0]
+        linears: list[str] = []
+        other = False
+        stack = list(node.users)
+        while stack:
+            user = stack.pop()
+            name = str(getattr(user.target, "overloadpacket", user.target)).split(".")[-1]
+            if name in _FOLLOW or "getitem" in name:
+                stack.extend(user.users)
+            elif name == "linear" and getattr(user.args[1], "name", None) in params:
+                lin = params[user.args[1].name].rsplit(".", 1)[0]
+                if isinstance(modules.get(lin), nn.Linear):
+                    linears.append(lin.removeprefix("module."))
+                else:
+                    other = True
+            else:
+                other = True
+        out.append((ln.removeprefix("module."), sorted(set(linears)), other))
+    return out
+
+
+def group_sizes_by_block(graph: ModelGraph, kind: str) -> dict[str, int]:
+    sizes: dict[str, int] = defaultdict(int)
+    for b in graph.blocks:
+        for g in graph.groups:
+            if g.kind == kind and in_block(g.scope, b.path):
+                sizes[b.path] += g.size
+    return dict(sizes)
