@@ -1,0 +1,139 @@
+"""Pipeline: graph-stage passes, one export, ONNX-stage passes, then evaluation and measurement."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelpress.compress.context import Context
+from modelpress.compress.recipe import Recipe
+from modelpress.errors import ModelpressError
+from modelpress.graph import ModelGraph
+
+# quantized ONNX models are compared with their float torch graph: looser than an exact export
+QUANT_MIN_COSINE = 0.95
+
+
+@dataclass
+class PipelineResult:
+    graph: ModelGraph
+    onnx_path: Path
+    baseline_onnx: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Runs a Recipe over a ModelGraph inside ``ctx.workdir``."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+
+    def run(self, graph: ModelGraph, ctx: Context, *, measure: bool = True) -> PipelineResult:
+        from modelpress.export import export_onnx
+
+        rep = ctx.reporter
+        workdir = Path(ctx.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ctx.reference = ctx.reference or graph
+        started = time.perf_counter()
+        pass_log: list[dict] = []
+        current = graph
+        for p in [p for p in self.recipe.passes if p.stage == "graph"]:
+            t0 = time.perf_counter()
+            rep.log(f"[bold]pass[/bold] {p.name}")
+            result = p.apply(current, ctx)
+            if result.graph is None:
+                raise RuntimeError(f"graph pass {p.name} returned no graph")
+            current = result.graph
+            pass_log.append({"pass": p.name, "stage": "graph", "seconds": time.perf_counter() - t0, **result.metrics})
+
+        export_cfg = self.recipe.spec.export
+        model_type = "bert" if graph.input_spec.kind == "text" else ("vit" if _is_vit(graph) else None)
+        with rep.step("exporting the original model to ONNX"):
+            base = export_onnx(
+                graph.module, graph.input_spec, workdir / "original.onnx", optimize=export_cfg.optimize,
+                opset=export_cfg.opset, target=ctx.target, reporter=rep, model_type=model_type,
+            )
+        if current is graph:
+            exported = base
+        else:
+            with rep.step("exporting the compressed model to ONNX"):
+                exported = export_onnx(
+                    current.module, current.input_spec, workdir / "compressed.onnx", optimize=export_cfg.optimize,
+                    opset=export_cfg.opset, target=ctx.target, reporter=rep, model_type=model_type,
+                )
+        onnx_path = Path(exported.path)
+        for p in [p for p in self.recipe.passes if p.stage == "onnx"]:
+            t0 = time.perf_counter()
+            rep.log(f"[bold]pass[/bold] {p.name}")
+            result = p.apply(onnx_path, ctx)
+            if result.onnx_path is None:
+                raise RuntimeError(f"onnx pass {p.name} returned no file")
+            onnx_path = Path(result.onnx_path)
+            pass_log.append({"pass": p.name, "stage": "onnx", "seconds": time.perf_counter() - t0, **result.metrics})
+
+        report: dict[str, Any] = {
+            "model": graph.name,
+            "recipe": self.recipe.to_dict(),
+            "passes": pass_log,
+            "export": {"original": _export_info(base), "compressed": _export_info(exported)},
+        }
+        report["before"] = {"parameters": graph.num_parameters(), "file_bytes": _size(Path(base.path))}
+        report["after"] = {"parameters": current.num_parameters(), "file_bytes": _size(onnx_path)}
+        if ctx.task is not None and ctx.data is not None:
+            report.update(self._evaluate(graph, Path(base.path), onnx_path, ctx))
+        if measure and ctx.target is not None:
+            report["latency"] = self._measure(graph, Path(base.path), onnx_path, ctx)
+        report["seconds"] = time.perf_counter() - started
+        return PipelineResult(current, onnx_path, Path(base.path), report)
+
+    def _evaluate(self, graph: ModelGraph, base: Path, final: Path, ctx: Context) -> dict:
+        from modelpress.data import onnx_runner, torch_runner
+
+        threads = getattr(ctx.target, "threads", None)
+        reference = torch_runner(graph.module, graph.input_spec.names)
+        split = ctx.evaluation
+        with ctx.reporter.step(f"evaluating on {len(split)} held-out samples"):
+            before = ctx.task.evaluate(onnx_runner(base, threads=threads), reference, split)
+            after = ctx.task.evaluate(onnx_runner(final, threads=threads), reference, split)
+        quality = {"before": before, "after": after}
+        for key in ("fidelity_mean", "cosine"):
+            if key in after and after[key] < QUANT_MIN_COSINE:
+                ctx.reporter.log(f"[yellow]warning[/yellow]: {key} {after[key]:.3f} is low")
+        return {"quality": quality}
+
+    def _measure(self, graph: ModelGraph, base: Path, final: Path, ctx: Context) -> dict:
+        from modelpress.bench import measure
+
+        variants = {"original": base} if base == final else {"original": base, "compressed": final}
+        with ctx.reporter.step("measuring latency (interleaved rounds)"):
+            bench = measure(variants, graph.input_spec, ctx.target, baseline="original", reporter=ctx.reporter)
+        return bench.to_dict()
+
+
+def _is_vit(graph: ModelGraph) -> bool:
+    return graph.input_spec.kind == "image" and any(g.kind == "head" for g in graph.groups)
+
+
+def _size(path: Path) -> int:
+    from modelpress.export.files import onnx_file_size
+
+    return onnx_file_size(path)
+
+
+def _export_info(result: Any) -> dict:
+    info = {}
+    for key in ("optimization", "candidates", "file_size_bytes", "export_seconds"):
+        if hasattr(result, key):
+            info[key] = getattr(result, key)
+    v = getattr(result, "verification", None)
+    if v is not None:
+        info["verification"] = {k: getattr(v, k) for k in ("max_abs_err", "cosine", "ok") if hasattr(v, k)}
+    return info
+
+
+def require(condition: bool, problem: str, hint: str) -> None:
+    if not condition:
+        raise ModelpressError(problem, hint)

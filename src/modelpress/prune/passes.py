@@ -1,0 +1,78 @@
+"""Structured pruning passes over the model graph."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from modelpress.compress.passes import Pass, PassConfig, PassResult, register
+from modelpress.graph import Group, ModelGraph
+from modelpress.prune.saliency import SALIENCY
+
+Kind = Literal["head", "mlp", "embedding", "conv", "channel"]
+
+
+class MagnitudeConfig(PassConfig):
+    ratios: dict[Kind, float] = Field(default_factory=lambda: {"mlp": 0.5, "head": 0.25})
+    round_to: dict[Kind, int] = Field(default_factory=dict)
+    min_units: int = Field(1, ge=1)
+    allow_output_change: bool = False
+
+    def model_post_init(self, __context: object) -> None:
+        for kind, r in self.ratios.items():
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"ratios.{kind} must be in [0, 1), got {r}")
+        for kind, n in self.round_to.items():
+            if n < 1:
+                raise ValueError(f"round_to.{kind} must be >= 1, got {n}")
+
+
+def units_to_remove(group: Group, scores: np.ndarray, ratio: float, round_to: int = 1, min_units: int = 1) -> list[int]:
+    """The lowest-scoring units, so that the kept count is ~(1 - ratio) * size, a multiple of round_to."""
+    keep = int(round(group.size * (1.0 - ratio)))
+    if round_to > 1:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    keep = min(group.size, max(min_units, keep))
+    order = np.argsort(scores, kind="stable")  # ascending: least salient first
+    return sorted(int(u) for u in order[: group.size - keep])
+
+
+@register
+class MagnitudePrune(Pass):
+    """Remove the lowest-magnitude units of every group of the given kinds, at a fixed ratio per kind.
+
+    The baseline that Hessian-aware global pruning is measured against.
+    """
+
+    name = "prune.magnitude"
+    stage = "graph"
+    Config = MagnitudeConfig
+    saliency = "magnitude"
+
+    def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
+        cfg = self.config
+        out = graph.copy()
+        before = out.num_parameters()
+        plan: list[tuple[str, list[int], int]] = []
+        for g in out.groups:
+            ratio = cfg.ratios.get(g.kind, 0.0)
+            if ratio <= 0 or g.meta.get("fixed"):
+                continue
+            if not g.prunable and not (cfg.allow_output_change and g.meta.get("at_output")):
+                continue
+            scores = SALIENCY[self.saliency](out, g)
+            units = units_to_remove(g, scores, ratio, cfg.round_to.get(g.kind, 1), cfg.min_units)
+            if units:
+                plan.append((g.name, units, g.size))
+        removed: dict[str, int] = {}
+        for name, units, size in ctx.reporter.track(plan, "pruning groups"):
+            out.remove(name, units, force=cfg.allow_output_change)
+            removed[name] = len(units)
+            ctx.reporter.log(f"  {name}: {size} -> {size - len(units)}")
+        after = out.num_parameters()
+        return PassResult(
+            graph=out,
+            metrics={"removed_units": removed, "params_before": before, "params_after": after},
+        )
