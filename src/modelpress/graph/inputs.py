@@ -36,8 +36,9 @@ class InputSpec:
             out: dict[str, np.ndarray] = {}
             for n in self.names:
                 if n == "input_ids":
-                    ids = rng.integers(1000, max(1001, self.vocab_size - 1), size=(batch, seq), dtype=np.int64)
-                    ids[:, 0] = 101 if self.vocab_size > 102 else 0
+                    low = min(1000, self.vocab_size // 4)
+                    ids = rng.integers(low, max(low + 1, self.vocab_size - 1), size=(batch, seq), dtype=np.int64)
+                    ids[:, 0] = 101 if self.vocab_size > 1000 else 0
                     out[n] = ids
                 elif n == "attention_mask":
                     out[n] = np.ones((batch, seq), dtype=np.int64)

@@ -211,9 +211,17 @@ class _Propagator:
             )
         return None
 
+    def canon(self, label: torch.Tensor) -> torch.Tensor:
+        """The label with every id replaced by its current component root (for constancy checks)."""
+        arr = label.numpy()
+        uniq, inv = np.unique(arr, return_inverse=True)
+        roots = np.array([self.uf.find(int(u)) if u >= 0 else -1 for u in uniq], dtype=np.int64)
+        return torch.from_numpy(roots[inv].reshape(arr.shape))
+
     def channel_vector(self, label: torch.Tensor, axis: int) -> np.ndarray | None:
-        """Ids along ``axis`` if the label is constant across all other axes, else None."""
+        """Ids along ``axis`` if the label is constant across all other axes (up to unions), else None."""
         axis = axis % label.dim()
+        label = self.canon(label)
         moved = label.movedim(axis, -1).reshape(-1, label.shape[axis])
         first = moved[0]
         if not bool((moved == first).all()):
@@ -271,7 +279,8 @@ class _Propagator:
                     self.pin(self.labels.get(a.name), output=True)
             else:
                 self.labels[node.name] = self.full(node)
-            if node.op == "call_function" and not node.users:  # dead end: its channels are used outside
+            if node.op == "call_function" and not node.users and isinstance(node.meta.get("val"), torch.Tensor):
+                # dead end: its channels are used outside the traced output
                 self.pin(self.labels.get(node.name))
         roots = self.uf.roots()
         pinned = self._spread(self.pinned, roots)
@@ -446,10 +455,10 @@ class _Propagator:
             for t in (q, k, v):
                 self.pin(t)
             return out
-        qd = q.amax(dim=-2, keepdim=True) if bool((q == q.select(-2, 0).unsqueeze(-2)).all()) else None
-        kd = k.amax(dim=-2, keepdim=True) if bool((k == k.select(-2, 0).unsqueeze(-2)).all()) else None
-        if qd is None or kd is None:
+        q, k, v = self.canon(q), self.canon(k), self.canon(v)
+        if not _constant(q, -2) or not _constant(k, -2):
             raise ValueError("attention inputs vary along the sequence axis")
+        qd, kd = q.select(-2, 0).unsqueeze(-2), k.select(-2, 0).unsqueeze(-2)
         a, b = torch.broadcast_tensors(qd, kd)
         self.uf.union_pairs(a.numpy(), b.numpy())
         self.couple_heads([q, k, v], q.dim() - 2)
@@ -473,12 +482,11 @@ class _Propagator:
                 self.pin(t)
             return out
         nb = max(a.dim(), b.dim()) - 2
-        # contraction: a[..., m, k] with b[..., k, n]
-        a_k = a.select(-2, 0) if a.dim() >= 2 else a
-        b_k = b.select(-1, 0) if b.dim() >= 2 else b
-        if not bool((a == a_k.unsqueeze(-2)).all()) or not bool((b == b_k.unsqueeze(-1)).all()):
-            raise ValueError("matmul operands vary along their free axes")
-        x, y = torch.broadcast_tensors(a_k, b_k)
+        a, b = self.canon(a), self.canon(b)
+        # contraction: a[..., m, k] with every b[..., k, n]
+        if a.dim() < 2 or b.dim() < 2 or not _constant(a, -2):
+            raise ValueError("matmul's left operand varies along its rows")
+        x, y = torch.broadcast_tensors(a.select(-2, 0).unsqueeze(-1), b)
         self.uf.union_pairs(x.numpy(), y.numpy())
         reps = self.couple_heads([a, b], nb)
         b_n = b.select(-2, 0)  # [..., n]
@@ -512,7 +520,7 @@ class _Propagator:
             return out
         dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
         keep = bool(node.args[2]) if len(node.args) > 2 and isinstance(node.args[2], bool) else False
-        res = x
+        res = self.canon(x)
         for d in sorted((int(d) % x.dim() for d in dims), reverse=True):
             first = res.select(d, 0)
             constant = bool((res == first.unsqueeze(d)).all())
@@ -550,6 +558,10 @@ class _Propagator:
             return self.param_label(a)
         lab = self.label_of(a)
         return lab if isinstance(lab, torch.Tensor) else None
+
+
+def _constant(label: torch.Tensor, axis: int) -> bool:
+    return bool((label == label.select(axis, 0).unsqueeze(axis % label.dim())).all())
 
 
 def _is_param(p: _Propagator, node: object) -> bool:

@@ -146,7 +146,7 @@ class ModelGraph:
     def _find_blocks(self) -> list[Block]:
         candidates: dict[str, nn.Module] = {}
         for path, mod in self.module.named_modules():
-            if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) >= 2:
+            if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) >= 1:
                 kinds = {type(m) for m in mod}
                 if len(kinds) != 1:
                     continue
@@ -173,10 +173,12 @@ class ModelGraph:
         finally:
             for h in hooks:
                 h.remove()
+        shaped = [p for p in candidates if shapes.get(p)]
+        residual = _residual_scopes(self.trace(), shaped)
+        # innermost residual blocks only: a stage that contains removable blocks is not itself one
+        keep = [p for p in residual if not any(q != p and q.startswith(p + ".") for q in residual)]
         return [
-            Block(p, type(m).__name__, sum(x.numel() for x in m.parameters()))
-            for p, m in candidates.items()
-            if shapes.get(p)
+            Block(p, type(candidates[p]).__name__, sum(x.numel() for x in candidates[p].parameters())) for p in keep
         ]
 
     # ----- edits -----
@@ -235,6 +237,35 @@ class ModelGraph:
 
     def __repr__(self) -> str:
         return f"ModelGraph({self.name}, {self.num_parameters():,} params, {len(self.edits)} edits)"
+
+
+def _scope_of(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path[len(_WRAP) :] if path.startswith(_WRAP) else ("" if path == "module" else path)
+
+
+def _residual_scopes(ep: torch.export.ExportedProgram, paths: list[str]) -> list[str]:
+    """Blocks with a skip connection: an add inside the block that reads a value computed before it."""
+    out = []
+    nodes = [n for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    scopes = {n.name: _scope_of(n) for n in nodes}
+    for p in paths:
+        inside = [n for n in nodes if scopes[n.name] == p or scopes[n.name].startswith(p + ".")]
+        names = {n.name for n in inside}
+        for n in inside:
+            if "add" not in str(n.target):
+                continue
+            tensor_args = [a for a in n.args if isinstance(a, torch.fx.Node)]
+            if len(tensor_args) == 2 and any(
+                a.name not in names and a.op == "call_function" or a.op == "placeholder" and "args" in a.name
+                for a in tensor_args
+            ):
+                out.append(p)
+                break
+    return out
 
 
 def primary(outputs: Any) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""Small models of several families, built offline from configs (random weights, seeded)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelpress.graph import InputSpec, ModelGraph
+
+
+class FusedQKVAttention(nn.Module):
+    """Attention with one fused qkv Linear and a head count attribute used in the reshape."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        out = attn.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class FusedBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = FusedQKVAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class FusedViT(nn.Module):
+    """A tiny pre-norm ViT over [B, 1, 8, 8] images with fused-qkv attention."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, depth: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, kernel_size=2, stride=2)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        self.blocks = nn.ModuleList(FusedBlock(dim, heads, 2 * dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+        self.input_spec = InputSpec("image", ["pixel_values"], shape=(1, 8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def build(family: str) -> ModelGraph:
+    """A seeded small model of ``family`` as a ModelGraph."""
+    import transformers as T
+
+    from modelpress.models.loaders import hf_input_spec
+
+    torch.manual_seed(0)
+    if family == "fused":
+        m = FusedViT()
+        return ModelGraph(m.eval(), m.input_spec, {"kind": "factory", "target": "tests.graph.models_zoo:FusedViT"}, name=family)
+    if family == "bert":
+        m = T.BertModel(T.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64))
+    elif family == "vit":
+        m = T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=128, num_labels=5))
+    elif family == "distilbert":
+        m = T.DistilBertModel(T.DistilBertConfig(vocab_size=500, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                                 max_position_embeddings=64))
+    elif family == "resnet":
+        m = T.ResNetForImageClassification(T.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32],
+                                                          depths=[2, 2], layer_type="basic", num_labels=5))
+    elif family == "convnext":
+        m = T.ConvNextForImageClassification(T.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[2, 2],
+                                                              num_stages=2, num_labels=5, image_size=32))
+    else:
+        raise ValueError(family)
+    m.eval()
+    # BatchNorm running stats away from their init values, so channel edits are visible
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    spec = hf_input_spec(m)
+    if spec.kind == "image":
+        spec.shape = (3, 16, 16) if family == "vit" else (3, 32, 32)
+    source = {"kind": "hf", "class": type(m).__name__, "config": m.config.to_dict()}
+    return ModelGraph(m, spec, source, name=family)
