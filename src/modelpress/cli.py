@@ -82,7 +82,6 @@ def run_recipe(
     from modelpress.compress.pipeline import Pipeline
     from modelpress.compress.recipe import Recipe, load_recipe
     from modelpress.compress.report import render_markdown, render_table
-    from modelpress.data import infer_task, load_data
     from modelpress.models import saving
 
     recipe = recipe_ref if isinstance(recipe_ref, Recipe) else load_recipe(recipe_ref)
@@ -90,6 +89,8 @@ def run_recipe(
     rep = _reporter(quiet)
     graph = _load(ckpt, trust_pickle, input_shape, rep)
     out = _prepare_output(out, f"{graph.name}-{recipe.name}", overwrite)
+    from modelpress.data import infer_task, load_data
+
     task_data = load_data(data, graph.input_spec, graph.tokenizer, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
