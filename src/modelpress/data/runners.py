@@ -1,4 +1,4 @@
-"""Runners: one callable shape (a batch of numpy inputs in, the primary output out) for torch and ONNX models."""
+"""Runners: one callable shape (numpy batch in, primary output out) for torch modules and ONNX files."""
 
 from __future__ import annotations
 

@@ -61,10 +61,12 @@ class TaskData:
 
 
 def packaged_sentences(split: str) -> list[str]:
-    """The English sentences shipped with modelpress: ``split`` is "calibration" or "evaluation" (disjoint)."""
+    """The English sentences shipped with modelpress; ``split``: "calibration" or "evaluation" (disjoint)."""
     if split not in ("calibration", "evaluation"):
         raise ValueError(f"split must be 'calibration' or 'evaluation', not {split!r}")
-    text = resources.files("modelpress.data").joinpath("sentences", f"{split}.txt").read_text(encoding="utf-8")
+    text = (
+        resources.files("modelpress.data").joinpath("sentences", f"{split}.txt").read_text(encoding="utf-8")
+    )
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -102,7 +104,9 @@ def load_data(
     if sep and rest:
         path = Path(rest).expanduser()
         if prefix == "text":
-            return _text_file(path, input_spec, tokenizer, batch_size, n_calibration, n_evaluation, max_length, seed)
+            return _text_file(
+                path, input_spec, tokenizer, batch_size, n_calibration, n_evaluation, max_length, seed
+            )
         if prefix == "images":
             return _images(path, input_spec, tokenizer, batch_size, n_calibration, n_evaluation, seed)
         if prefix == "tensors":
@@ -173,11 +177,15 @@ def _text_file(
             "pass --data images:DIR, digits or tensors:FILE.npz for this model",
         )
     if not path.is_file():
-        raise ModelpressError(f"text file {str(path)!r} not found", "pass text:FILE with one sentence per line")
+        raise ModelpressError(
+            f"text file {str(path)!r} not found", "pass text:FILE with one sentence per line"
+        )
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ModelpressError(f"{path} is not UTF-8 text ({err})", "save it as UTF-8, one sentence per line") from err
+        raise ModelpressError(
+            f"{path} is not UTF-8 text ({err})", "save it as UTF-8, one sentence per line"
+        ) from err
     lines = list(dict.fromkeys(line.strip() for line in raw.splitlines() if line.strip()))  # unique, in order
     if len(lines) < 2:
         raise ModelpressError(
@@ -211,7 +219,9 @@ def _images(
             "image folders feed image models; pass --data tensors:FILE.npz for other inputs",
         )
     if not root.is_dir():
-        raise ModelpressError(f"image folder {str(root)!r} not found", "pass images:DIR (subfolders = classes)")
+        raise ModelpressError(
+            f"image folder {str(root)!r} not found", "pass images:DIR (subfolders = classes)"
+        )
     channels, height, width = (int(s) for s in input_spec.shape)
     mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
     if mode is None:
@@ -247,7 +257,9 @@ def _images(
     x = np.stack(arrays)
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
     if mean is not None and std is not None and np.size(mean) in (1, channels):
-        x = (x - np.asarray(mean, np.float32).reshape(-1, 1, 1)) / np.asarray(std, np.float32).reshape(-1, 1, 1)
+        x = (x - np.asarray(mean, np.float32).reshape(-1, 1, 1)) / np.asarray(std, np.float32).reshape(
+            -1, 1, 1
+        )
     x = x.astype(np.float32)
     y = np.asarray([label for _, label in files], dtype=np.int64) if classes else None
     cal_idx, eval_idx = _split_indices(len(x), n_cal, n_eval, seed)
@@ -265,7 +277,8 @@ def _tensors(
 ) -> TaskData:
     if not path.is_file():
         raise ModelpressError(
-            f"tensor file {str(path)!r} not found", "pass tensors:FILE.npz (arrays named like the model's inputs)"
+            f"tensor file {str(path)!r} not found",
+            "pass tensors:FILE.npz (arrays named like the model's inputs)",
         )
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -301,14 +314,20 @@ def _tensors(
             )
         labels = labels.astype(np.int64)
     if n < 2:
-        raise ModelpressError(f"{path.name} holds {n} samples", "give at least two (calibration and evaluation)")
+        raise ModelpressError(
+            f"{path.name} holds {n} samples", "give at least two (calibration and evaluation)"
+        )
     cal_idx, eval_idx = _split_indices(n, n_cal, n_eval, seed)
     return TaskData(
         calibration=_array_split(
-            {k: v[cal_idx] for k, v in arrays.items()}, None if labels is None else labels[cal_idx], batch_size
+            {k: v[cal_idx] for k, v in arrays.items()},
+            None if labels is None else labels[cal_idx],
+            batch_size,
         ),
         evaluation=_array_split(
-            {k: v[eval_idx] for k, v in arrays.items()}, None if labels is None else labels[eval_idx], batch_size
+            {k: v[eval_idx] for k, v in arrays.items()},
+            None if labels is None else labels[eval_idx],
+            batch_size,
         ),
         description=f"{path.name}: {len(cal_idx)} calibration, {len(eval_idx)} evaluation samples"
         + (", labelled" if labels is not None else ""),
@@ -354,7 +373,9 @@ def _check_arrays(arrays: dict[str, np.ndarray], input_spec: InputSpec, source: 
     """Check the arrays against the input spec; returns the number of samples."""
     counts = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
     if len(set(counts.values())) != 1:
-        raise ModelpressError(f"arrays in {source} differ in length: {counts}", "give every input one row per sample")
+        raise ModelpressError(
+            f"arrays in {source} differ in length: {counts}", "give every input one row per sample"
+        )
     for k, v in arrays.items():
         if input_spec.kind == "text":
             if v.ndim != 2 or not np.issubdtype(v.dtype, np.integer):
@@ -363,7 +384,9 @@ def _check_arrays(arrays: dict[str, np.ndarray], input_spec: InputSpec, source: 
                     "text inputs are integer arrays of shape (samples, sequence)",
                 )
             if v.shape != arrays[next(iter(arrays))].shape:
-                raise ModelpressError(f"text inputs in {source} differ in shape", "give all of them one shape")
+                raise ModelpressError(
+                    f"text inputs in {source} differ in shape", "give all of them one shape"
+                )
         else:
             if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
                 raise ModelpressError(f"{k!r} in {source} has dtype {v.dtype}", "give numeric arrays")
@@ -430,5 +453,8 @@ def _array_split(arrays: dict[str, np.ndarray], labels: np.ndarray | None, batch
     ]
     labs = None
     if labels is not None:
-        labs = [torch.from_numpy(np.ascontiguousarray(labels[i : i + batch_size])) for i in range(0, n, batch_size)]
+        labs = [
+            torch.from_numpy(np.ascontiguousarray(labels[i : i + batch_size]))
+            for i in range(0, n, batch_size)
+        ]
     return DataSplit(batches=batches, labels=labs)

@@ -7,18 +7,26 @@ modules and ONNX files alike. The reference (original model) outputs can be comp
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from modelpress.data.runners import Runner, call_module, torch_runner
 from modelpress.data.sources import DataSplit
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import InputSpec
 
-Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+__all__ = [
+    "ClassificationTask",
+    "EmbeddingTask",
+    "ReferenceOutputs",
+    "Runner",
+    "Task",
+    "infer_task",
+    "task_for",
+]
 
 
 @dataclass
@@ -94,11 +102,15 @@ class EmbeddingTask(Task):
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         return pool(output, batch.get("attention_mask"))
 
-    def metrics(self, candidate: np.ndarray, reference: np.ndarray | None, split: DataSplit) -> dict[str, float]:
+    def metrics(
+        self, candidate: np.ndarray, reference: np.ndarray | None, split: DataSplit
+    ) -> dict[str, float]:
         if reference is None:
             raise ValueError("the embedding task compares with the original model: pass a reference")
         if candidate.shape != reference.shape:
-            raise ValueError(f"embedding shapes differ: candidate {candidate.shape}, reference {reference.shape}")
+            raise ValueError(
+                f"embedding shapes differ: candidate {candidate.shape}, reference {reference.shape}"
+            )
         fidelity = _cosine_rows(candidate, reference)
         return {
             "fidelity_mean": float(fidelity.mean()),
@@ -118,19 +130,23 @@ class ClassificationTask(Task):
             raise ValueError(f"classification needs logits of shape [batch, classes], got {output.shape}")
         return output
 
-    def metrics(self, candidate: np.ndarray, reference: np.ndarray | None, split: DataSplit) -> dict[str, float]:
+    def metrics(
+        self, candidate: np.ndarray, reference: np.ndarray | None, split: DataSplit
+    ) -> dict[str, float]:
         labels = split.all_labels()
         if labels is None and reference is None:
             raise ModelpressError(
-                "classification needs labels or the original model to compare with, and the data has no labels",
-                "pass labelled data: --data digits | images:DIR (subfolders = classes) | tensors:FILE.npz with 'labels'",
+                "classification needs labels or the original model to compare with; the data has no labels",
+                "pass labelled data: --data digits | images:DIR (subfolders = classes) | tensors:FILE.npz "
+                "with a 'labels' array",
             )
         pred = candidate.argmax(axis=1)
         out: dict[str, float] = {}
         if labels is not None:
             if labels.min() < 0 or labels.max() >= candidate.shape[1]:
                 raise ModelpressError(
-                    f"labels range from {labels.min()} to {labels.max()}, the model has {candidate.shape[1]} classes",
+                    f"labels range from {labels.min()} to {labels.max()}; "
+                    f"the model has {candidate.shape[1]} classes",
                     "check that the data's classes match the model's",
                 )
             out["accuracy"] = float((pred == labels).mean())
@@ -158,8 +174,6 @@ def infer_task(input_spec: InputSpec, module: torch.nn.Module) -> Task:
     Falls back to the output rank ([B, S, H] -> embedding, [B, C] -> classification), and when the model
     cannot run on sample inputs, to the input kind (text -> embedding, otherwise classification).
     """
-    from modelpress.data.runners import torch_runner
-
     if "Classification" in type(module).__name__:
         return ClassificationTask()
     try:
@@ -255,7 +269,5 @@ def _batch_len(batch: dict[str, np.ndarray]) -> int:
 
 
 def _raw_forward(module: torch.nn.Module, names: list[str], sample: dict[str, np.ndarray]) -> Any:
-    from modelpress.data.runners import call_module
-
     with torch.no_grad():
         return call_module(module, names, {k: torch.from_numpy(v) for k, v in sample.items()})
