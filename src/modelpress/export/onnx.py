@@ -1,0 +1,579 @@
+"""ONNX export: torch.onnx export, graph-optimization candidates chosen by measurement, verification.
+
+``export_onnx`` exports once with ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter, which
+exports MiniLM correctly; see the field notes), builds optimized candidates from that file, verifies
+each against torch, times them interleaved on the target and keeps the fastest one that verifies.
+
+Hugging Face models are exported with ``attn_implementation="eager"`` by default (temporarily switched,
+restored after): with transformers 5 the "sdpa" path traces to a graph with a per-layer NaN guard on
+the softmax (IsNaN + Where) and a decomposed scaled-dot-product, which ran slower in ONNX Runtime and
+which ONNX Runtime's transformer optimizer cannot fuse into its Attention kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.compress.reporter import QUIET, Reporter
+from modelpress.errors import ModelpressError
+from modelpress.export.files import move_onnx, onnx_file_size
+from modelpress.graph.inputs import InputSpec, PrimaryOutput
+
+if TYPE_CHECKING:  # bench depends on export, not the other way round: import it lazily
+    from modelpress.bench.targets import Target
+
+OPTIMIZATIONS = ("none", "ort", "transformer", "onnxslim")
+
+# Hugging Face model_type -> onnxruntime.transformers.optimizer model_type.
+_ORT_MODEL_TYPES = {
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "camembert": "bert",
+    "distilbert": "bert",
+    "albert": "bert",
+    "electra": "bert",
+    "mpnet": "bert",
+    "vit": "vit",
+    "deit": "vit",
+    "swin": "swin",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+    "clip": "clip",
+    "bart": "bart",
+    "t5": "t5",
+    "phi": "phi",
+}
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Verification:
+    """ONNX Runtime's outputs against torch's on sample inputs.
+
+    ``max_abs_err`` is the largest absolute difference over all outputs; ``cosine`` the smallest
+    per-sample cosine similarity of the flattened outputs.
+    """
+
+    max_abs_err: float
+    cosine: float
+    ok: bool
+    atol: float = 1e-3
+    min_cosine: float = 0.9999
+    shapes: list[list[int]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (
+            f"max abs error {self.max_abs_err:.3g} (allowed {self.atol:g}), "
+            f"min cosine {self.cosine:.6f} (required {self.min_cosine:g})"
+        )
+
+
+@dataclass
+class Candidate:
+    """One optimization candidate built during export."""
+
+    name: str
+    verified: bool | None = None  # None: not verified
+    median_ms: float | None = None  # median of per-round medians at the timing shape
+    speedup: float | None = None  # vs "none", median of per-round ratios
+    file_size_bytes: int | None = None
+    build_seconds: float | None = None
+    verification: Verification | None = None
+    error: str | None = None
+
+
+@dataclass
+class ExportResult:
+    """What ``export_onnx`` wrote and why."""
+
+    path: Path
+    optimization: str
+    candidates: dict[str, Candidate]
+    verification: Verification | None
+    file_size_bytes: int
+    export_seconds: float
+    opset: int = 17
+    attn_implementation: str | None = None
+    model_type: str | None = None
+    timing: dict[str, Any] | None = None  # target, shape and rounds of the candidate timing (auto)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _hf_models(module: nn.Module) -> list[nn.Module]:
+    """Hugging Face PreTrainedModels inside ``module`` (itself included) that can switch attention."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return []
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, PreTrainedModel) and hasattr(m, "set_attn_implementation")
+    ]
+
+
+@contextlib.contextmanager
+def _attention(module: nn.Module, implementation: str | None) -> Iterator[str | None]:
+    """Temporarily switch every HF model inside ``module`` to ``implementation``; yields what is in use."""
+    models = _hf_models(module)
+    if not models:
+        yield None
+        return
+    originals = [getattr(m.config, "_attn_implementation", None) for m in models]
+    if implementation is None or all(o == implementation for o in originals):
+        yield originals[0]
+        return
+    switched: list[tuple[nn.Module, str | None]] = []
+
+    def restore() -> None:
+        while switched:
+            m, original = switched.pop()
+            with contextlib.suppress(Exception):
+                m.set_attn_implementation(original)
+
+    try:
+        try:
+            for m, original in zip(models, originals, strict=True):
+                m.set_attn_implementation(implementation)
+                switched.append((m, original))
+            in_use = getattr(models[0].config, "_attn_implementation", implementation)
+        except Exception:  # the model cannot switch: export it as it is
+            restore()
+            in_use = originals[0]
+        yield in_use
+    finally:
+        restore()
+
+
+def _hf_config(module: nn.Module) -> Any:
+    models = _hf_models(module)
+    return getattr(models[0], "config", None) if models else getattr(module, "config", None)
+
+
+def infer_model_type(module: nn.Module) -> str | None:
+    """The ONNX Runtime transformer-optimizer model type for an HF model (None when unknown)."""
+    config = _hf_config(module)
+    hf_type = getattr(config, "model_type", None)
+    return _ORT_MODEL_TYPES.get(hf_type) if hf_type else None
+
+
+def _heads_and_hidden(module: nn.Module) -> tuple[int, int]:
+    config = _hf_config(module)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 0
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    return int(heads) if isinstance(heads, int) else 0, int(hidden) if isinstance(hidden, int) else 0
+
+
+def default_batches(input_spec: InputSpec) -> list[dict[str, np.ndarray]]:
+    """Sample inputs for verification: batch 2; for text two sequence lengths, one sample padded."""
+    if input_spec.kind == "text":
+        a = input_spec.make(2, 16, seed=1)
+        b = input_spec.make(2, 37, seed=2)
+        if "attention_mask" in b:
+            b["attention_mask"][1, -9:] = 0
+        return [a, b]
+    return [input_spec.make(2, seed=1), input_spec.make(2, seed=2)]
+
+
+def _torch_outputs(
+    module: nn.Module, input_spec: InputSpec, batches: Sequence[dict[str, np.ndarray]]
+) -> list[np.ndarray]:
+    wrapped = PrimaryOutput(module, input_spec.names)
+    outs = []
+    with _eval_mode(module), torch.inference_mode():
+        for feed in batches:
+            args = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in input_spec.names)
+            outs.append(wrapped(*args).detach().float().cpu().numpy())
+    return outs
+
+
+def _ort_session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    from modelpress.bench.targets import cpu_count
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = cpu_count()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _compare(
+    path: Path,
+    reference: list[np.ndarray],
+    batches: Sequence[dict[str, np.ndarray]],
+    atol: float,
+    min_cosine: float,
+) -> Verification:
+    sess = _ort_session(path)
+    wanted = {i.name for i in sess.get_inputs()}
+    max_err, min_cos, shapes = 0.0, 1.0, []
+    for feed, ref in zip(batches, reference, strict=True):
+        got = np.asarray(sess.run(None, {k: v for k, v in feed.items() if k in wanted})[0], dtype=np.float64)
+        ref64 = ref.astype(np.float64)
+        shapes.append(list(next(iter(feed.values())).shape))
+        if got.shape != ref64.shape or not np.all(np.isfinite(got)):
+            return Verification(float("inf"), -1.0, False, atol, min_cosine, shapes)
+        max_err = max(max_err, float(np.max(np.abs(got - ref64))) if got.size else 0.0)
+        g, r = got.reshape(got.shape[0], -1), ref64.reshape(ref64.shape[0], -1)
+        denom = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
+        cos = np.where(denom > 0, np.sum(g * r, axis=1) / np.maximum(denom, 1e-300), 1.0)
+        min_cos = min(min_cos, float(np.min(cos)))
+    ok = max_err <= atol and min_cos >= min_cosine
+    return Verification(max_err, min_cos, ok, atol, min_cosine, shapes)
+
+
+def verify_onnx(
+    path: Path | str,
+    module: nn.Module,
+    input_spec: InputSpec,
+    *,
+    batches: Sequence[dict[str, np.ndarray]] | None = None,
+    atol: float = 1e-3,
+    min_cosine: float = 0.9999,
+) -> Verification:
+    """Run the ONNX model in ONNX Runtime and ``module`` in torch on the same inputs and compare.
+
+    ``batches`` are input dicts (numpy, keyed by input name); by default batch 2 at two sequence lengths
+    for text (one sample padded) or two random batches of 2 otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelpressError(f"no ONNX file at {path}")
+    batches = list(batches) if batches is not None else default_batches(input_spec)
+    return _compare(path, _torch_outputs(module, input_spec, batches), batches, atol, min_cosine)
+
+
+def _output_axes(wrapped: nn.Module, input_spec: InputSpec) -> dict[int, str]:
+    """Which output axes follow the batch (and sequence) size, found by running two input shapes."""
+    with torch.inference_mode():
+        if input_spec.kind == "text":
+            a = wrapped(*input_spec.make_torch(2, 16).values())
+            b = wrapped(*input_spec.make_torch(3, 19).values())
+        else:
+            a = wrapped(*input_spec.make_torch(2).values())
+            b = wrapped(*input_spec.make_torch(3).values())
+    axes: dict[int, str] = {}
+    if a.dim() != b.dim():
+        return {0: "batch"}
+    for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)):
+        if x == 2 and y == 3:
+            axes[i] = "batch"
+        elif x == 16 and y == 19:
+            axes[i] = "sequence"
+        elif x != y:
+            axes[i] = f"dim{i}"
+    axes.setdefault(0, "batch")
+    return axes
+
+
+def _torch_export(module: nn.Module, input_spec: InputSpec, path: Path, opset: int) -> None:
+    wrapped = PrimaryOutput(module, input_spec.names)
+    with _eval_mode(module):
+        out_axes = _output_axes(wrapped, input_spec)
+        sample = input_spec.make_torch(2, 16) if input_spec.kind == "text" else input_spec.make_torch(2)
+        args = tuple(sample[n] for n in input_spec.names)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(path),
+                input_names=list(input_spec.names),
+                output_names=["output"],
+                dynamic_axes={**input_spec.dynamic_axes(), "output": out_axes},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Silence third-party optimizer logging and prints for the duration (it warns about every fusion)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _build_ort(src: Path, dst: Path) -> None:
+    """ONNX Runtime's offline graph optimization (extended level: portable, no hardware-specific layouts)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+
+def _build_transformer(src: Path, dst: Path, model_type: str, heads: int, hidden: int) -> None:
+    """ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm, BiasGelu... fusions)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet_logs():
+        model = optimize_model(
+            str(src), model_type=model_type, num_heads=heads, hidden_size=hidden, use_gpu=False
+        )
+        model.save_model_to_file(str(dst))
+
+
+def _build_onnxslim(src: Path, dst: Path) -> None:
+    import onnx
+    import onnxslim
+
+    with _quiet_logs():
+        model = onnxslim.slim(str(src))
+    onnx.save(model, str(dst))
+
+
+def onnxslim_available() -> bool:
+    try:
+        import onnxslim  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises ValidationError and friends
+        raise ModelpressError(f"the exported ONNX model fails onnx.checker: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def export_onnx(
+    module: nn.Module,
+    input_spec: InputSpec,
+    path: Path | str,
+    *,
+    opset: int = 17,
+    optimize: str = "auto",
+    verify: bool = True,
+    target: Target | str | None = None,
+    reporter: Reporter = QUIET,
+    model_type: str | None = None,
+    atol: float = 1e-3,
+    min_cosine: float = 0.9999,
+    attn_implementation: str | None = "eager",
+    timing_rounds: int = 3,
+) -> ExportResult:
+    """Export ``module`` to ONNX at ``path`` with dynamic batch (and sequence, for text) axes.
+
+    ``optimize``: "auto" builds every applicable candidate ("none", "ort", "transformer" for known
+    transformer models, "onnxslim" when installed), verifies each against torch, times them interleaved
+    on ``target`` (default ort-cpu) at batch 1 (sequence ``input_spec.default_seq_len``) and keeps the
+    fastest that verifies; a name forces that candidate. ``verify`` (forced mode) checks the result
+    against torch and raises ModelpressError past ``atol`` / ``min_cosine`` (auto always verifies).
+    ``attn_implementation`` switches HF models' attention for the export (None keeps the model's).
+    The file appears at ``path`` only when everything succeeded.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    if optimize != "auto" and optimize not in OPTIMIZATIONS:
+        raise ModelpressError(
+            f"unknown optimization {optimize!r}", f"use 'auto' or one of: {', '.join(OPTIMIZATIONS)}"
+        )
+    if optimize == "onnxslim" and not onnxslim_available():
+        raise ModelpressError("optimization 'onnxslim' needs the onnxslim package", "pip install onnxslim")
+    model_type = model_type or infer_model_type(module)
+    if optimize == "transformer" and not model_type:
+        raise ModelpressError(
+            "optimization 'transformer' needs a model type", "pass model_type='bert' (or 'vit', 'gpt2', ...)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}.export-"))
+    try:
+        plain = workdir / "none.onnx"
+        with (
+            reporter.step(f"exporting to ONNX (opset {opset})"),
+            _attention(module, attn_implementation) as attn,
+        ):
+            try:
+                _torch_export(module, input_spec, plain, opset)
+            except ModelpressError:
+                raise
+            except Exception as exc:
+                raise ModelpressError(
+                    f"torch.onnx.export failed: {type(exc).__name__}: {exc}",
+                    "check that the model runs on the input spec's sample inputs",
+                ) from exc
+        _check(plain)
+
+        names = [n for n in OPTIMIZATIONS if _applicable(n, model_type)] if optimize == "auto" else [optimize]
+        candidates: dict[str, Candidate] = {}
+        paths: dict[str, Path] = {}
+        heads, hidden = _heads_and_hidden(module)
+        builders: dict[str, Callable[[Path, Path], None]] = {
+            "ort": _build_ort,
+            "transformer": lambda s, d: _build_transformer(s, d, model_type or "bert", heads, hidden),
+            "onnxslim": _build_onnxslim,
+        }
+        for name in names:
+            t0 = time.perf_counter()
+            dst = workdir / f"{name}.onnx"
+            try:
+                if name != "none":
+                    with reporter.step(f"building candidate {name!r}"):
+                        builders[name](plain, dst)
+                paths[name] = plain if name == "none" else dst
+                candidates[name] = Candidate(
+                    name, build_seconds=time.perf_counter() - t0, file_size_bytes=onnx_file_size(paths[name])
+                )
+            except Exception as exc:
+                if optimize != "auto":
+                    raise ModelpressError(
+                        f"optimization {name!r} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+                candidates[name] = Candidate(name, verified=False, error=f"{type(exc).__name__}: {exc}")
+                reporter.log(f"candidate {name!r} failed: {exc}")
+
+        if optimize == "auto" or verify:
+            batches = default_batches(input_spec)
+            reference = _torch_outputs(module, input_spec, batches)
+            for name, cand_path in paths.items():
+                try:
+                    v = _compare(cand_path, reference, batches, atol, min_cosine)
+                except Exception as exc:
+                    v = Verification(float("inf"), -1.0, False, atol, min_cosine)
+                    candidates[name].error = f"ONNX Runtime failed: {type(exc).__name__}: {exc}"
+                candidates[name].verification, candidates[name].verified = v, v.ok
+
+        timing = None
+        if optimize == "auto":
+            good = {n: p for n, p in paths.items() if candidates[n].verified}
+            if not good:
+                v = candidates["none"].verification
+                raise ModelpressError(
+                    f"the ONNX export does not match torch: {v.describe() if v else 'verification failed'}",
+                    "loosen atol/min_cosine for quantized models, or try attn_implementation=None",
+                )
+            chosen, timing = _choose(good, candidates, input_spec, target, timing_rounds, reporter)
+        else:
+            chosen = optimize
+            v = candidates[chosen].verification
+            if verify and v is not None and not v.ok:
+                raise ModelpressError(
+                    f"the ONNX export ({chosen}) does not match torch: {v.describe()}",
+                    "loosen atol/min_cosine for quantized models, or try optimize='none'",
+                )
+        _check(paths[chosen])
+        move_onnx(paths[chosen], path)
+        reporter.log(f"wrote {path} (optimization: {chosen})")
+        return ExportResult(
+            path=path,
+            optimization=chosen,
+            candidates=candidates,
+            verification=candidates[chosen].verification,
+            file_size_bytes=onnx_file_size(path),
+            export_seconds=time.perf_counter() - started,
+            opset=opset,
+            attn_implementation=attn,
+            model_type=model_type,
+            timing=timing,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _applicable(name: str, model_type: str | None) -> bool:
+    if name == "transformer":
+        return model_type is not None
+    if name == "onnxslim":
+        return onnxslim_available()
+    return True
+
+
+def _choose(
+    good: dict[str, Path],
+    candidates: dict[str, Candidate],
+    input_spec: InputSpec,
+    target: Target | str | None,
+    rounds: int,
+    reporter: Reporter,
+) -> tuple[str, dict[str, Any]]:
+    """Time the verified candidates interleaved; the fastest by median per-round speedup over "none" wins."""
+    from modelpress.bench.runner import measure
+    from modelpress.bench.targets import get_target
+
+    target = get_target(target or "ort-cpu")
+    seq = input_spec.default_seq_len if input_spec.kind == "text" else None
+    baseline = "none" if "none" in good else next(iter(good))
+    if len(good) == 1:
+        return baseline, {"target": target.name, "skipped": "one candidate"}
+    with reporter.step(f"timing {len(good)} candidates on {target.name}"):
+        report = measure(
+            good,
+            input_spec,
+            target,
+            rounds=rounds,
+            runs=12,
+            min_time_s=0.2,
+            warmup=3,
+            baseline=baseline,
+            batch_sizes=[1],
+            seq_lens=[seq] if seq else None,
+            memory=False,
+        )
+    for name in good:
+        s = report.stats(name, 1)
+        candidates[name].median_ms, candidates[name].speedup = s.median_ms, s.speedup
+    # Prefer the plain export unless a candidate is measurably faster (ties go to fewer rewrites).
+    best = baseline
+    for name in good:
+        if (candidates[name].speedup or 0.0) > (candidates[best].speedup or 0.0) * 1.02:
+            best = name
+    timing = {
+        "target": target.name,
+        "threads": target.threads,
+        "batch": 1,
+        "seq_len": seq,
+        "rounds": rounds,
+        "seconds": round(report.seconds, 2),
+    }
+    return best, timing

@@ -1,0 +1,268 @@
+"""Lower a fake-quant torch model to ONNX QuantizeLinear/DequantizeLinear (QDQ) for integer kernels.
+
+The fake-quant modules trace to QDQ directly (``modelpress.quantize.quantizers.export_mode``):
+
+* weights: int8 codes stored as initializers, transposed to [in, out], with a per-output-channel
+  ``DequantizeLinear(axis=1)`` feeding the MatMul directly (no Transpose between them);
+* activations: ``QuantizeLinear -> DequantizeLinear`` (per tensor, uint8 or int8) on each MatMul input,
+  with the calibrated scale and zero point;
+* the consumer-side reparameterization transform, where present, is a Mul and Add before the Q.
+
+After export the graph is cleaned: Constant nodes become initializers, identical small initializers and
+identical nodes (q, k and v each quantize the same tensor with the same parameters) are merged, unused
+initializers are dropped. ONNX Runtime then fuses ``DQ -> MatMul`` into MatMulIntegerToFloat (or
+``DQ -> MatMul -> Q`` into QLinearMatMul); ``ort_kernels`` reads the kernels ONNX Runtime actually chose
+from its saved optimized model.
+
+CPUs without VNNI: ONNX Runtime's U8S8 kernels on AVX2 add pairs of u8*s8 products in int16 with
+saturation, which loses accuracy when weights use the full int8 range. Quantize weights with
+``weight_reduce_range=True`` (7-bit codes) for such targets, or export activations as int8 (S8S8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from modelpress.graph.inputs import PrimaryOutput
+
+
+def _switch_attention(model: nn.Module) -> list[tuple[Any, str]]:
+    """HF attention that is not our quantized function exports as eager (restored after)."""
+    from modelpress.quantize import hf_attention
+
+    changed = []
+    for cfg in hf_attention._configs(model):
+        impl = cfg._attn_implementation
+        if impl not in (hf_attention.IMPL, "eager"):
+            changed.append((cfg, impl))
+            cfg._attn_implementation = "eager"
+    return changed
+
+
+def export_qdq(
+    model: nn.Module,
+    example: dict[str, torch.Tensor] | torch.Tensor,
+    path: Path | str,
+    input_names: Sequence[str] | None = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    opset: int = 17,
+    activation_dtype: str = "uint8",
+) -> Path:
+    """Export the fake-quant ``model`` to a QDQ ONNX file at ``path`` (one output: the primary output).
+
+    ``example``: a dict of input tensors (text models; names in order) or one tensor (image/tensor
+    models). ``activation_dtype``: "uint8" (U8S8 kernels) or "int8" (S8S8).
+    """
+    from modelpress.quantize.quantizers import export_mode
+
+    path = Path(path)
+    if isinstance(example, dict):
+        names = list(input_names or example.keys())
+        args = tuple(example[n] for n in names)
+    else:
+        names = list(input_names or ["input"])
+        args = (example,)
+    wrapped = PrimaryOutput(model, names)
+    if dynamic_axes is None:
+        dynamic_axes = {
+            n: ({0: "batch", 1: "sequence"} if isinstance(example, dict) else {0: "batch"}) for n in names
+        }
+    changed = _switch_attention(model)
+    was_training = model.training
+    model.eval()
+    raw = path.with_suffix(".raw.onnx")
+    try:
+        with (
+            export_mode(activation_dtype),
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(raw),
+                input_names=names,
+                output_names=["output"],
+                dynamic_axes={**dynamic_axes, "output": {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        model.train(was_training)
+        for cfg, impl in changed:
+            cfg._attn_implementation = impl
+    m = onnx.load(str(raw))
+    raw.unlink(missing_ok=True)
+    cleanup(m)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ graph cleanup
+def _constants_to_initializers(g: onnx.GraphProto) -> None:
+    keep = []
+    for n in g.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            g.initializer.append(t)
+        else:
+            keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+
+
+def _dedupe_initializers(g: onnx.GraphProto, max_elems: int = 1 << 16) -> None:
+    canon: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    for t in g.initializer:
+        arr = numpy_helper.to_array(t)
+        if arr.size > max_elems:
+            keep.append(t)
+            continue
+        key = (t.data_type, tuple(arr.shape), hashlib.sha1(arr.tobytes()).hexdigest())
+        if key in canon:
+            rename[t.name] = canon[key]
+        else:
+            canon[key] = t.name
+            keep.append(t)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+
+
+def _cse(g: onnx.GraphProto) -> int:
+    """Merge nodes with the same op, inputs and attributes (in topological order)."""
+    seen: dict[tuple, list[str]] = {}
+    rename: dict[str, str] = {}
+    keep, merged = [], 0
+    graph_outputs = {o.name for o in g.output}
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+        key = (n.op_type, n.domain, tuple(n.input), tuple(a.SerializeToString() for a in n.attribute))
+        if (
+            n.op_type in ("QuantizeLinear", "DequantizeLinear", "Mul", "Add", "Transpose", "Cast")
+            and key in seen
+        ):
+            if any(o in graph_outputs for o in n.output):
+                keep.append(n)
+                continue
+            for old, new in zip(n.output, seen[key], strict=True):
+                rename[old] = new
+            merged += 1
+            continue
+        seen.setdefault(key, list(n.output))
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    return merged
+
+
+def _drop_unused(g: onnx.GraphProto) -> None:
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def cleanup(m: onnx.ModelProto) -> onnx.ModelProto:
+    g = m.graph
+    _constants_to_initializers(g)
+    _dedupe_initializers(g)
+    while _cse(g):
+        pass
+    _drop_unused(g)
+    return m
+
+
+# ---------------------------------------------------------------------------------------- inspection
+def ort_session(path: Path | str, threads: int = 2, optimized_path: Path | str | None = None):  # noqa: ANN201
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+INTEGER_KERNELS = (
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+    "QLinearConv",
+    "ConvInteger",
+    "QAttention",
+)
+
+
+def ort_kernels(path: Path | str, workdir: Path | str | None = None) -> Counter:
+    """Op types of the graph ONNX Runtime runs after its optimizations (read from its saved model)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        ort_session(path, optimized_path=opt)
+        m = onnx.load(str(opt))
+    return Counter(n.op_type for n in m.graph.node)
+
+
+def integer_kernel_count(kernels: Counter) -> int:
+    return sum(v for k, v in kernels.items() if k in INTEGER_KERNELS)
+
+
+def verify_qdq(
+    path: Path | str, model: nn.Module, batches: Sequence[dict[str, torch.Tensor] | torch.Tensor]
+) -> dict[str, float]:
+    """Compare ONNX Runtime on the QDQ file with the torch fake-quant model: max abs error, min cosine."""
+    from modelpress.graph.inputs import primary_output
+    from modelpress.quantize.fakequant import run_batch
+
+    sess = ort_session(path)
+    wanted = [i.name for i in sess.get_inputs()]
+    max_err, min_cos, rel = 0.0, 1.0, 0.0
+    with torch.no_grad():
+        for b in batches:
+            ref = primary_output(run_batch(model, b)).double().numpy()
+            feed = (
+                {k: v.numpy() for k, v in b.items() if k in wanted}
+                if isinstance(b, dict)
+                else {wanted[0]: b.numpy()}
+            )
+            got = np.asarray(sess.run(None, feed)[0], dtype=np.float64)
+            max_err = max(max_err, float(np.abs(got - ref).max()))
+            rel = max(rel, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)))
+            g2, r2 = got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1)
+            cos = (g2 * r2).sum(1) / np.maximum(
+                np.linalg.norm(g2, axis=1) * np.linalg.norm(r2, axis=1), 1e-300
+            )
+            min_cos = min(min_cos, float(cos.min()))
+    return {"max_abs_error": max_err, "relative_error": rel, "min_cosine": min_cos}
