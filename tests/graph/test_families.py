@@ -86,7 +86,7 @@ def test_edited_model_runs_reloads_and_exports(family, tmp_path):
     g = build(family).copy()
     n_blocks = len(g.blocks)
     done = _edit_everything(g)
-    assert "block" in done and len(done) >= 3
+    assert "block" in done and done & {"head", "mlp", "conv"}
     assert len(g.blocks) == n_blocks - 1
     x = _inputs(g)
     out = g.forward(x)

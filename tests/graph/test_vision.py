@@ -16,7 +16,7 @@ def _check(graph, tmp_path):
 
     assert graph.propagation.opaque_ops == []
     done = _edit_everything(graph)
-    assert "block" in done and len(done) >= 3
+    assert "block" in done and done & {"head", "mlp", "conv"}
     x = graph.example_inputs(2)
     out = graph.forward(x)
     save(graph, tmp_path / "saved")
