@@ -12,7 +12,7 @@ from modelpress.graph.groups import Group, Slot
 
 # attributes that hold a head count or the total attention width, as named across model families
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads", "num_attention_heads_per_partition")
-HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim")
+HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim", "attn_dim")
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
