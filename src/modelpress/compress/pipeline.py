@@ -59,11 +59,22 @@ class Pipeline:
         if current is graph:
             exported = base
         else:
-            with rep.step("exporting the compressed model to ONNX"):
-                exported = export_onnx(
-                    current.module, current.input_spec, workdir / "compressed.onnx", optimize=export_cfg.optimize,
-                    opset=export_cfg.opset, target=ctx.target, reporter=rep, model_type=model_type,
-                )
+            # the original's timing already chose the graph optimization for this architecture: reuse it
+            choice = base.optimization if export_cfg.optimize == "auto" else export_cfg.optimize
+            with rep.step(f"exporting the compressed model to ONNX ({choice})"):
+                try:
+                    exported = export_onnx(
+                        current.module, current.input_spec, workdir / "compressed.onnx", optimize=choice,
+                        opset=export_cfg.opset, target=ctx.target, reporter=rep, model_type=model_type,
+                    )
+                except ModelpressError:
+                    if choice == "none":
+                        raise
+                    rep.log(f"optimization {choice!r} failed on the compressed model; exporting without it")
+                    exported = export_onnx(
+                        current.module, current.input_spec, workdir / "compressed.onnx", optimize="none",
+                        opset=export_cfg.opset, target=ctx.target, reporter=rep, model_type=model_type,
+                    )
         onnx_path = Path(exported.path)
         for p in [p for p in self.recipe.passes if p.stage == "onnx"]:
             t0 = time.perf_counter()

@@ -56,19 +56,27 @@ def sync_module_attrs(root: nn.Module) -> None:
             mod.normalized_shape = (int(w.shape[0]),)
 
 
-def remove_units(root: nn.Module, group: Group, units: list[int]) -> list[dict]:
-    """Remove the given units of ``group`` from ``root`` in place; returns attribute edits made."""
-    if not units:
-        return []
-    bad = [u for u in units if not 0 <= u < group.size]
-    if bad:
-        raise IndexError(f"group {group.name} has {group.size} units; got {bad}")
-    if len(set(units)) >= group.size:
-        raise ValueError(f"cannot remove every unit of {group.name}: keep at least one")
+def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[dict]:
+    """Remove units of several groups from ``root`` in place, in one slicing pass per parameter.
+
+    Indices are those of the groups as discovered (before any of these removals). Returns the
+    attribute edits made (head counts), which the caller records for reloading.
+    """
     drop: dict[Slot, list[np.ndarray]] = defaultdict(list)
-    for u in units:
-        for slot, idx in group.units[u].items():
-            drop[slot].append(idx)
+    edits: list[dict] = []
+    for group, units in plan:
+        if not units:
+            continue
+        bad = [u for u in units if not 0 <= u < group.size]
+        if bad:
+            raise IndexError(f"group {group.name} has {group.size} units; got {bad}")
+        if len(set(units)) >= group.size:
+            raise ValueError(f"cannot remove every unit of {group.name}: keep at least one")
+        for u in set(units):
+            for slot, idx in group.units[u].items():
+                drop[slot].append(idx)
+        if group.kind == "head":
+            edits += _update_head_attrs(root, group, group.size, group.size - len(set(units)))
     state = dict(root.named_parameters())
     state.update(dict(root.named_buffers()))
     by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
@@ -82,9 +90,6 @@ def remove_units(root: nn.Module, group: Group, units: list[int]) -> list[dict]:
                 t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
             set_tensor(root, param, t.contiguous().clone())
     sync_module_attrs(root)
-    edits: list[dict] = []
-    if group.kind == "head":
-        edits += _update_head_attrs(root, group, group.size, group.size - len(set(units)))
     for e in edits:
         setattr(get_submodule(root, e["module"]), e["attr"], e["value"])
     return edits

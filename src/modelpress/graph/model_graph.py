@@ -187,13 +187,22 @@ class ModelGraph:
 
         Groups that change the model's output width need ``force=True``; fixed groups never change.
         """
-        g = self.group(group) if isinstance(group, str) else group
-        units = [int(u) for u in units]
-        if not units:
+        self.remove_many([(group, units)], force=force)
+
+    def remove_many(self, plan: list[tuple[Group | str, list[int] | np.ndarray]], *, force: bool = False) -> None:
+        """Remove units of several groups at once (indices as currently discovered); one re-trace after."""
+        resolved: list[tuple[Group, list[int]]] = []
+        for group, units in plan:
+            g = self.group(group) if isinstance(group, str) else group
+            units = sorted({int(u) for u in units})
+            if not units:
+                continue
+            if not g.prunable and (g.meta.get("fixed") or not force):
+                raise ValueError(f"group {g.name} cannot be edited: {g.reason}")
+            resolved.append((g, units))
+        if not resolved:
             return
-        if not g.prunable and (g.meta.get("fixed") or not force):
-            raise ValueError(f"group {g.name} cannot be edited: {g.reason}")
-        self.edits += _edit.remove_units(self.module, g, units)
+        self.edits += _edit.remove_units(self.module, resolved)
         self.invalidate()
         self._sync_config()
 

@@ -66,10 +66,9 @@ class MagnitudePrune(Pass):
             units = units_to_remove(g, scores, ratio, cfg.round_to.get(g.kind, 1), cfg.min_units)
             if units:
                 plan.append((g.name, units, g.size))
-        removed: dict[str, int] = {}
-        for name, units, size in ctx.reporter.track(plan, "pruning groups"):
-            out.remove(name, units, force=cfg.allow_output_change)
-            removed[name] = len(units)
+        removed = {name: len(units) for name, units, _ in plan}
+        out.remove_many([(name, units) for name, units, _ in plan], force=cfg.allow_output_change)
+        for name, units, size in plan:
             ctx.reporter.log(f"  {name}: {size} -> {size - len(units)}")
         after = out.num_parameters()
         return PassResult(
