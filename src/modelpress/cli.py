@@ -47,7 +47,8 @@ def _reporter(quiet: bool):  # noqa: ANN202
 def _console():  # noqa: ANN202
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    return console if console.is_terminal else Console(width=160)  # pipes and logs: do not squeeze tables
 
 
 def _load(ckpt: str | None, trust_pickle: bool, input_shape: str | None, reporter) -> Any:  # noqa: ANN001
@@ -247,8 +248,6 @@ def bench(
 
     rep = _reporter(quiet or as_json)
     tgt = get_target(target, threads=threads)
-    if batch or seq:
-        tgt = tgt.with_shapes(batch_sizes=batch, seq_lens=seq) if hasattr(tgt, "with_shapes") else tgt
     tmp = None
     try:
         if model and model.endswith(".onnx"):
@@ -262,7 +261,8 @@ def bench(
             tmp = Path(tempfile.mkdtemp(prefix="modelpress-bench-"))
             path = Path(export_onnx(graph.module, graph.input_spec, tmp / "model.onnx", optimize="none", reporter=rep).path)
             spec, name = graph.input_spec, graph.name
-        result = measure({name: path}, spec, tgt, rounds=rounds, reporter=rep)
+        result = measure({name: path}, spec, tgt, rounds=rounds, reporter=rep, batch_sizes=batch or None,
+                         seq_lens=seq or None)
         out = output or Path(f"bench-{name}.json")
         result.write_json(out)
         if as_json:

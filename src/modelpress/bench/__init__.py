@@ -10,6 +10,7 @@ from modelpress.bench.runner import (
     system_info,
     write_json_atomic,
 )
+from modelpress.bench.onnx_inputs import input_spec_from_onnx
 from modelpress.bench.targets import TARGETS, Target, get_target, list_targets
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Target",
     "VariantResult",
     "get_target",
+    "input_spec_from_onnx",
     "list_targets",
     "measure",
     "system_info",

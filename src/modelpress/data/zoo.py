@@ -203,8 +203,10 @@ def digits_cnn(
 
 def digits_cnn_factory() -> nn.Module:
     """The trained :class:`DigitsCNN` (seed 0, from cache): a zero-argument factory for model loaders,
-    e.g. ``modelpress.data.zoo:digits_cnn_factory``."""
-    return digits_cnn().module
+    e.g. ``modelpress.data.zoo:digits_cnn_factory``. The module says its input shape (``input_spec``)."""
+    module = digits_cnn().module
+    module.input_spec = _digits_input_spec()
+    return module
 
 
 # -- training and caching ------------------------------------------------------------------------------------
