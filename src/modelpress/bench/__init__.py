@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from modelpress.bench.onnx_inputs import input_spec_from_onnx
 from modelpress.bench.runner import (
     BenchReport,
     ShapeStats,
@@ -10,7 +11,6 @@ from modelpress.bench.runner import (
     system_info,
     write_json_atomic,
 )
-from modelpress.bench.onnx_inputs import input_spec_from_onnx
 from modelpress.bench.targets import TARGETS, Target, get_target, list_targets
 
 __all__ = [

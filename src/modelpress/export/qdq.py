@@ -60,11 +60,13 @@ def export_qdq(
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     opset: int = 17,
     activation_dtype: str = "uint8",
+    channel_quantize: bool = False,
 ) -> Path:
     """Export the fake-quant ``model`` to a QDQ ONNX file at ``path`` (one output: the primary output).
 
     ``example``: a dict of input tensors (text models; names in order) or one tensor (image/tensor
-    models). ``activation_dtype``: "uint8" (U8S8 kernels) or "int8" (S8S8).
+    models). ``activation_dtype``: "uint8" (U8S8 kernels) or "int8" (S8S8). ``channel_quantize``: see
+    ``export_mode`` (per-channel Q instead of Mul/Add for consumer-side reparameterization).
     """
     from modelpress.quantize.quantizers import export_mode
 
@@ -86,7 +88,7 @@ def export_qdq(
     raw = path.with_suffix(".raw.onnx")
     try:
         with (
-            export_mode(activation_dtype),
+            export_mode(activation_dtype, channel_quantize),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
         ):

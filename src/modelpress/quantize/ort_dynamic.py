@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import Field
@@ -30,7 +33,7 @@ class OrtDynamicInt8(Pass):
 
         cfg = self.config
         out = Path(ctx.workdir) / f"{Path(target).stem}.int8-dynamic.onnx"
-        with ctx.reporter.step("ONNX Runtime dynamic INT8 quantization"):
+        with ctx.reporter.step("ONNX Runtime dynamic INT8 quantization"), _quiet_root_logger():
             quantize_dynamic(
                 str(target),
                 str(out),
@@ -39,4 +42,19 @@ class OrtDynamicInt8(Pass):
                 op_types_to_quantize=list(cfg.op_types),
                 weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
             )
-        return PassResult(onnx_path=out, metrics={"quantized_ops": list(cfg.op_types), "per_channel": cfg.per_channel})
+        return PassResult(
+            onnx_path=out, metrics={"quantized_ops": list(cfg.op_types), "per_channel": cfg.per_channel}
+        )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization warns through the root logger about pre-processing we skip on purpose
+    (NOTES: its symbolic shape inference fails on the MiniLM export)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
