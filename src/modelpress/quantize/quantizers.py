@@ -1,0 +1,415 @@
+"""Quantizers with explicit scales and zero points: uniform (affine) and logarithmic (log2, log-sqrt2).
+
+A quantizer maps a float tensor to integer codes (``quant``), back to floats (``dequant``), and does both in
+``forward`` (fake quantization, with a straight-through estimator for the rounding so that gradients reach
+the input and, where learnable, the clipping range). Scales and zero points are buffers, so a calibrated
+model saves and reloads them with its state dict and export reads them directly.
+
+Conventions (the ones ONNX QuantizeLinear uses): ``q = clamp(round(x / s) + z, qmin, qmax)`` and
+``x_hat = (q - z) * s``; ``round`` is round-half-to-even (torch.round, like ONNX). Per-channel quantizers
+carry one scale and zero point per index of ``axis``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) in the forward pass, identity gradient in the backward pass."""
+    return (torch.round(x) - x).detach() + x
+
+
+def qrange(bits: int, symmetric: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer code range: signed for symmetric quantizers, unsigned for asymmetric ones.
+
+    ``narrow`` drops the most negative signed code (e.g. [-127, 127] at 8 bits) so that the range is
+    symmetric around zero, as ONNX Runtime's weight quantizers do.
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be within 2..16, got {bits}")
+    if symmetric:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return (lo + 1 if narrow else lo), hi
+    return 0, 2**bits - 1
+
+
+class UniformQuantizer(nn.Module):
+    """Affine (asymmetric) or symmetric uniform quantizer, per tensor or per channel.
+
+    bits: 2..8 (up to 16 accepted). symmetric: signed codes and zero point 0; otherwise unsigned codes
+    and an integer zero point. axis: the channel axis for per-channel scales (negative axes count from
+    the end), or None for one scale. narrow: symmetric range without the most negative code.
+
+    Before calibration the quantizer is the identity (``calibrated`` is False); ``enabled = False`` makes
+    it the identity at any time. ``set_range(lo, hi)`` sets scale and zero point from a clipping range
+    (tensors shaped like the scale for per-channel quantizers).
+    """
+
+    def __init__(
+        self, bits: int = 8, symmetric: bool = False, axis: int | None = None, narrow: bool = False
+    ) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.symmetric = bool(symmetric)
+        self.axis = axis
+        self.narrow = bool(narrow)
+        self.qmin, self.qmax = qrange(self.bits, self.symmetric, self.narrow)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        # Per-channel calibration parameters kept after a consumer-side scale reparameterization: export
+        # then quantizes the *untransformed* input per channel and dequantizes per tensor (same codes).
+        self.register_buffer("channel_scale", None)
+        self.register_buffer("channel_zero", None)
+        self.enabled = True
+        self.calibrated = False
+        self.observer = None  # set during calibration: forward then records its input and returns it
+
+    # -- configuration --------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        where = "tensor" if self.axis is None else f"channel(axis={self.axis})"
+        return f"bits={self.bits}, {kind}, per_{where}, range=[{self.qmin}, {self.qmax}]"
+
+    def set_bits(self, bits: int) -> None:
+        self.bits = int(bits)
+        self.qmin, self.qmax = qrange(self.bits, self.symmetric, self.narrow)
+        self.calibrated = False
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float) -> None:
+        """Scale and zero point that map [lo, hi] (widened to include 0) onto the code range."""
+        lo = torch.as_tensor(lo, dtype=torch.float32).detach().clone()
+        hi = torch.as_tensor(hi, dtype=torch.float32).detach().clone()
+        lo = torch.minimum(lo, torch.zeros_like(lo))
+        hi = torch.maximum(hi, torch.zeros_like(hi))
+        if self.symmetric:
+            amax = torch.maximum(-lo, hi)
+            # Symmetric codes use [-qmax, qmax] for positive values; scale from the positive side.
+            scale = amax / float(self.qmax)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = (hi - lo) / float(self.qmax - self.qmin)
+            scale = torch.clamp(scale, min=1e-8)
+            zero = torch.clamp(torch.round(self.qmin - lo / scale), self.qmin, self.qmax)
+        scale = torch.clamp(scale, min=1e-8)
+        self.set_params(scale, zero)
+
+    @torch.no_grad()
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set scale and zero point directly (zero points are rounded to integers)."""
+        scale = (
+            torch.as_tensor(scale, dtype=torch.float32)
+            .detach()
+            .clone()
+            .reshape(-1 if self.axis is not None else ())
+        )
+        zero = torch.as_tensor(zero_point, dtype=torch.float32).detach().clone().reshape(scale.shape)
+        self.scale = scale.to(self.scale.device)
+        self.zero_point = torch.round(zero).to(self.scale.device)
+        self.calibrated = True
+
+    def to_per_tensor(self, scale: torch.Tensor | float, zero_point: torch.Tensor | float) -> None:
+        """Switch to one scale and zero point (used by scale reparameterization)."""
+        self.axis = None
+        self.set_params(torch.as_tensor(scale).reshape(()), torch.as_tensor(zero_point).reshape(()))
+
+    # -- arithmetic -----------------------------------------------------------------------------------
+    def _shape(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.axis is None or t.dim() == 0:
+            return t
+        axis = self.axis % x.dim()
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return t.reshape(shape)
+
+    def quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (as a float tensor holding integers)."""
+        s, z = self._shape(x, self.scale), self._shape(x, self.zero_point)
+        return torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
+
+    def dequant(self, q: torch.Tensor) -> torch.Tensor:
+        s, z = self._shape(q, self.scale), self._shape(q, self.zero_point)
+        return (q - z) * s
+
+    def fake_quant(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+    ):
+        """Quantize-dequantize with a straight-through rounding; gradients reach x (inside the range)
+        and ``scale``/``zero`` when they are given as differentiable tensors."""
+        s = self._shape(x, self.scale if scale is None else scale)
+        z = self._shape(x, self.zero_point if zero is None else zero)
+        q = torch.clamp(round_ste(x / s) + z, self.qmin, self.qmax)
+        return (q - z) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if not (self.enabled and self.calibrated):
+            return x
+        if _EXPORT.active:
+            return _export_qdq(self, x)
+        return self.fake_quant(x)
+
+
+class _LogQuantizerBase(nn.Module):
+    """Logarithmic quantizer for values in [0, scale] (attention probabilities).
+
+    Codes 0 .. 2**bits - 2 are levels ``scale * base**(-q)``; the last code stands for exact zero
+    (values below the smallest level). ``base`` is 2 (log2) or sqrt(2) (log-sqrt2).
+    """
+
+    log_base: float = 1.0  # log2 of the base
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.register_buffer("scale", torch.ones(()))
+        self.enabled = True
+        self.calibrated = False
+        self.observer = None  # set during calibration: forward then records its input and returns it
+
+    @property
+    def zero_code(self) -> int:
+        return 2**self.bits - 1
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, base=2**{self.log_base:g}"
+
+    def set_bits(self, bits: int) -> None:
+        self.bits = int(bits)
+
+    @torch.no_grad()
+    def set_scale(self, scale: torch.Tensor | float) -> None:
+        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(()).to(self.scale.device).clone()
+        self.calibrated = True
+
+    def quant(self, x: torch.Tensor) -> torch.Tensor:
+        ratio = torch.clamp(x / self.scale, min=1e-30)
+        q = torch.round(-torch.log2(ratio) / self.log_base)
+        q = torch.clamp(q, min=0)
+        return torch.where(q >= self.zero_code, torch.full_like(q, self.zero_code), q)
+
+    def dequant(self, q: torch.Tensor) -> torch.Tensor:
+        levels = self.scale * torch.exp2(-q * self.log_base)
+        return torch.where(q >= self.zero_code, torch.zeros_like(levels), levels)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dequant(self.quant(x)) - x).detach() + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if not (self.enabled and self.calibrated):
+            return x
+        if _EXPORT.active:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no ONNX QDQ form; use a uniform quantizer for attention "
+                "probabilities in models that export to ONNX, or keep the attention matmuls in float"
+            )
+        return self.fake_quant(x)
+
+
+class Log2Quantizer(_LogQuantizerBase):
+    """Levels scale * 2**-q: multiplications by a level are bit shifts."""
+
+    log_base = 1.0
+
+
+class LogSqrt2Quantizer(_LogQuantizerBase):
+    """Levels scale * sqrt(2)**-q: twice the resolution of log2 for the large probabilities (RepQ-ViT).
+
+    For inference it is reparameterized to log2 (see ``log2_parts`` and ``modelpress.quantize.log2``):
+    ``sqrt(2)**-q = 2**-ceil(q/2) * (sqrt(2) if q is odd else 1)``, a bit shift plus one constant factor
+    applied to the odd-code partial sums.
+    """
+
+    log_base = 0.5
+
+    def log2_parts(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split codes into (shift = ceil(q/2), odd = q mod 2); zero codes get shift = -1 (marks zero)."""
+        shift = torch.ceil(q / 2)
+        odd = torch.remainder(q, 2)
+        is_zero = q >= self.zero_code
+        return torch.where(is_zero, torch.full_like(shift, -1), shift), torch.where(
+            is_zero, torch.zeros_like(odd), odd
+        )
+
+
+# -- ONNX export hooks ---------------------------------------------------------------------------------
+class _ExportState:
+    active: bool = False
+    activation_dtype: str = "uint8"  # "uint8" (U8S8) or "int8" (S8S8)
+    channel_quantize: bool = False  # consumer-side reparameterization as a per-channel QuantizeLinear
+
+
+_EXPORT = _ExportState()
+
+
+class export_mode:  # noqa: N801 - used as a context manager
+    """Within this context quantizers trace to ONNX QuantizeLinear/DequantizeLinear (torch.onnx, TorchScript).
+
+    channel_quantize: export a consumer-side scale reparameterization as a per-channel QuantizeLinear
+    followed by a per-tensor DequantizeLinear (same codes, no Mul/Add); off by default because ONNX
+    Runtime's per-axis QuantizeLinear is far slower on CPU than a Mul, an Add and a per-tensor Q.
+    """
+
+    def __init__(self, activation_dtype: str = "uint8", channel_quantize: bool = False) -> None:
+        if activation_dtype not in ("uint8", "int8"):
+            raise ValueError("activation_dtype must be 'uint8' or 'int8'")
+        self.activation_dtype = activation_dtype
+        self.channel_quantize = channel_quantize
+
+    def __enter__(self) -> export_mode:
+        self._prev = (_EXPORT.active, _EXPORT.activation_dtype, _EXPORT.channel_quantize)
+        _EXPORT.active, _EXPORT.activation_dtype = True, self.activation_dtype
+        _EXPORT.channel_quantize = self.channel_quantize
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _EXPORT.active, _EXPORT.activation_dtype, _EXPORT.channel_quantize = self._prev
+
+
+def export_active() -> bool:
+    return _EXPORT.active
+
+
+def export_channel_quantize() -> bool:
+    return _EXPORT.active and _EXPORT.channel_quantize
+
+
+def _qdq_function(spec: dict) -> type[torch.autograd.Function]:
+    """Fake quantization in torch; QuantizeLinear -> DequantizeLinear in the exported graph."""
+
+    class QDQ(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            sc, zp, lo, hi = spec["fq"]
+            return (torch.clamp(torch.round(x / sc) + zp, lo, hi) - zp) * sc
+
+        @staticmethod
+        def symbolic(g, x):  # noqa: ANN001, ANN205
+            scale = g.op("Constant", value_t=spec["scale"])
+            zero = g.op("Constant", value_t=spec["zero"])
+            kwargs = {} if spec["axis"] is None else {"axis_i": spec["axis"]}
+            q = g.op("QuantizeLinear", x, scale, zero, **kwargs)
+            return g.op("DequantizeLinear", q, scale, zero, **kwargs)
+
+    return QDQ
+
+
+def _weight_dq_function(spec: dict) -> type[torch.autograd.Function]:
+    """Fake-quantized weight transposed to [in, out] in torch; DequantizeLinear of int8 codes in ONNX."""
+
+    class WeightDQ(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, sc):  # noqa: ANN001, ANN205
+            lo, hi = spec["range"]
+            wq = torch.clamp(torch.round(w / sc), lo, hi) * sc
+            return wq.t() if spec["transpose"] else wq
+
+        @staticmethod
+        def symbolic(g, w, sc):  # noqa: ANN001, ANN205
+            codes = g.op("Constant", value_t=spec["codes"])
+            scale = g.op("Constant", value_t=spec["scale"])
+            zero = g.op("Constant", value_t=spec["zero"])
+            kwargs = {} if spec["axis"] is None else {"axis_i": spec["axis"]}
+            return g.op("DequantizeLinear", codes, scale, zero, **kwargs)
+
+    return WeightDQ
+
+
+def onnx_qparams(q: UniformQuantizer, dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Scale and zero point in the ONNX integer type ``dtype`` ("uint8" or "int8").
+
+    Codes that fit the other type are shifted by 128 (same real values); ranges narrower than 8 bits
+    cannot be expressed by ONNX's clamping and are refused for activations by the caller.
+    """
+    scale = q.scale.detach().float()
+    zero = q.zero_point.detach()
+    if dtype == "uint8":
+        offset = 0 if q.qmin >= 0 else 128
+        return scale, (zero + offset).to(torch.uint8), torch.uint8
+    offset = 0 if q.qmin < 0 else -128
+    return scale, (zero + offset).to(torch.int8), torch.int8
+
+
+def _export_qdq(q: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
+    if q.bits != 8 or (q.axis is not None):
+        raise NotImplementedError(
+            f"only 8-bit per-tensor activation quantizers export to ONNX QDQ (got {q.extra_repr()}); "
+            "run scale reparameterization first, or keep this layer's input in float"
+        )
+    scale, zero, _ = onnx_qparams(q, _EXPORT.activation_dtype)
+    fq = (float(q.scale), float(q.zero_point), float(q.qmin), float(q.qmax))
+    spec = {"fq": fq, "scale": scale.reshape(()), "zero": zero.reshape(()), "axis": None}
+    return _qdq_function(spec).apply(x)
+
+
+def _reparam_qdq_function(spec: dict) -> type[torch.autograd.Function]:
+    """Per-channel QuantizeLinear then per-tensor DequantizeLinear: the reparameterized input in one pair."""
+
+    class ReparamQDQ(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, cs, cz):  # noqa: ANN001, ANN205
+            s, z, lo, hi = spec["fq"]
+            return (torch.clamp(torch.round(x / cs) + cz, lo, hi) - z) * s
+
+        @staticmethod
+        def symbolic(g, x, cs, cz):  # noqa: ANN001, ANN205
+            cscale = g.op("Constant", value_t=spec["channel_scale"])
+            czero = g.op("Constant", value_t=spec["channel_zero"])
+            scale = g.op("Constant", value_t=spec["scale"])
+            zero = g.op("Constant", value_t=spec["zero"])
+            q = g.op("QuantizeLinear", x, cscale, czero, axis_i=-1)
+            return g.op("DequantizeLinear", q, scale, zero)
+
+    return ReparamQDQ
+
+
+def export_reparam_qdq(q: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """Export form of (consumer-side transform + per-tensor quantizer) on the raw input ``x``."""
+    if q.bits != 8:
+        raise NotImplementedError("only 8-bit activation quantizers export to ONNX QDQ")
+    scale, zero, dt = onnx_qparams(q, _EXPORT.activation_dtype)
+    offset = int(zero.to(torch.int32)) - int(q.zero_point)
+    cz = (q.channel_zero.detach() + offset).to(dt)
+    spec = {
+        "fq": (float(q.scale), float(q.zero_point), float(q.qmin), float(q.qmax)),
+        "channel_scale": q.channel_scale.detach().float().clone(),
+        "channel_zero": cz,
+        "scale": scale.reshape(()),
+        "zero": zero.reshape(()),
+    }
+    return _reparam_qdq_function(spec).apply(
+        x, q.channel_scale.detach().clone(), q.channel_zero.detach().clone()
+    )
+
+
+def export_weight_t(q: UniformQuantizer, w: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+    """The fake-quantized weight, exported as DequantizeLinear of int8 codes (per output channel).
+
+    ``transpose``: a Linear weight as [in, out], so that the DequantizeLinear feeds MatMul directly
+    (scales on axis 1); otherwise the weight keeps its layout (a Conv weight, scales on axis 0).
+    """
+    if not q.symmetric:
+        raise NotImplementedError(
+            "weight export expects symmetric weight quantizers (int8 codes, zero point 0)"
+        )
+    codes = q.quant(w.detach())
+    codes = (codes.t() if transpose else codes).contiguous().to(torch.int8)
+    scale = q.scale.detach().float().reshape(-1)
+    per_channel = q.axis is not None and scale.numel() > 1
+    zero = torch.zeros(scale.shape if per_channel else (), dtype=torch.int8)
+    spec = {
+        "range": (float(q.qmin), float(q.qmax)),
+        "codes": codes,
+        "scale": scale if per_channel else scale.reshape(()),
+        "zero": zero,
+        "axis": (1 if transpose else 0) if per_channel else None,
+        "transpose": transpose,
+    }
+    return _weight_dq_function(spec).apply(w, q._shape(w, q.scale.detach().clone()))

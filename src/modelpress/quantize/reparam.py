@@ -1,0 +1,237 @@
+"""Scale reparameterization of post-LayerNorm activations (RepQ-ViT, RepQuant).
+
+Calibration quantizes a norm's output per channel (scale s, zero point z, one per channel), which fits
+its strong inter-channel variation; inference wants one scale per tensor. With
+
+    s~ = mean(s),  z~ = round(mean(z)),  r1 = s / s~,  r2 = z - z~  (an integer vector)
+
+the per-tensor codes of x' = (x + s * r2) / r1 equal the per-channel codes of x:
+
+    round(x'_c / s~) + z~ = round(x_c / s_c + r2_c) + z~ = round(x_c / s_c) + z_c,
+
+and the consumers undo the transform exactly: W' = W diag(r1), b' = b - W (s * r2).
+x' is produced for free by the norm's affine: gamma' = gamma / r1, beta' = (beta + s * r2) / r1 ("fold").
+Where the norm's output is also read elsewhere (the residual stream of post-norm BERT, a model output),
+folding would change those readers, so the transform stays on the consumer side as one per-channel
+multiply-add shared by the consumers ("affine"); ``mode="auto"`` tries the fold and checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.quantize.fakequant import QuantLinear, run_batch, set_quant_state
+from modelpress.quantize.quantizers import UniformQuantizer
+
+
+@dataclass
+class NormGroup:
+    """A norm and the Linear layers that read its output, sharing one input quantizer."""
+
+    norm_name: str
+    norm: nn.Module
+    consumers: list[tuple[str, QuantLinear]]
+    quantizer: UniformQuantizer
+    other_readers: bool | None = None  # the norm's output is read by more than the consumers (None: unknown)
+    mode: str | None = None  # "fold" or "affine" once reparameterized
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _norm_has_affine(norm: nn.Module) -> bool:
+    return getattr(norm, "weight", None) is not None and getattr(norm, "bias", None) is not None
+
+
+def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
+    """Resolve (norm, consumers[, other_readers]) tuples, by module name or module, into NormGroups.
+
+    ``other_readers`` (as ``ModelGraph.norm_consumers()`` reports it) says whether anything besides the
+    consumer Linears reads the norm's output; unknown when absent.
+
+    The consumers must be QuantLinear wrappers with input quantizers of one bit width; they are given one
+    shared per-channel (axis -1) asymmetric quantizer. Pairs whose consumers are float are skipped.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    groups = []
+    for pair in pairs:
+        norm_ref, cons_refs = pair[0], pair[1]
+        other = bool(pair[2]) if len(pair) > 2 and pair[2] is not None else None
+        norm = model.get_submodule(norm_ref) if isinstance(norm_ref, str) else norm_ref
+        norm_name = norm_ref if isinstance(norm_ref, str) else names.get(id(norm), "?")
+        consumers = []
+        for c in cons_refs:
+            mod = model.get_submodule(c) if isinstance(c, str) else c
+            cname = c if isinstance(c, str) else names.get(id(mod), "?")
+            consumers.append((cname, mod))
+        quantized = [
+            (n, m) for n, m in consumers if isinstance(m, QuantLinear) and m.input_quantizer is not None
+        ]
+        if not quantized:
+            continue
+        if len(quantized) != len(consumers):
+            raise ModelpressError(
+                f"the consumers of {norm_name} are partly float ({[n for n, m in consumers if (n, m) not in quantized]})",
+                "give all consumers of one norm the same activation precision in the policy",
+            )
+        bits = {m.input_quantizer.bits for _, m in quantized}
+        if len(bits) != 1:
+            raise ModelpressError(f"consumers of {norm_name} use different activation bits {sorted(bits)}")
+        shared = UniformQuantizer(bits.pop(), symmetric=False, axis=-1)
+        for _, m in quantized:
+            m.input_quantizer = shared
+        groups.append(NormGroup(norm_name, norm, quantized, shared, other_readers=other))
+    return groups
+
+
+def _snapshot(group: NormGroup) -> dict[str, torch.Tensor | None]:
+    snap: dict[str, torch.Tensor | None] = {}
+    if _norm_has_affine(group.norm):
+        snap["norm.weight"] = group.norm.weight.detach().clone()
+        snap["norm.bias"] = group.norm.bias.detach().clone()
+    for n, m in group.consumers:
+        snap[f"{n}.weight"] = m.weight.detach().clone()
+        snap[f"{n}.bias"] = None if m.bias is None else m.bias.detach().clone()
+    return snap
+
+
+@torch.no_grad()
+def _restore(group: NormGroup, snap: dict[str, torch.Tensor | None]) -> None:
+    if "norm.weight" in snap:
+        group.norm.weight.copy_(snap["norm.weight"])
+        group.norm.bias.copy_(snap["norm.bias"])
+    for n, m in group.consumers:
+        m.weight.copy_(snap[f"{n}.weight"])
+        if snap[f"{n}.bias"] is None:
+            m.bias = None
+        else:
+            m.bias.data = snap[f"{n}.bias"].clone()
+        m.input_scale = None
+        m.input_shift = None
+
+
+def reparam_factors(q: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s~, z~, r1, r2) for a calibrated per-channel quantizer."""
+    if q.axis is None or q.scale.dim() == 0:
+        raise ValueError("scale reparameterization needs a per-channel calibrated quantizer")
+    s, z = q.scale.double(), q.zero_point.double()
+    s_t = s.mean()
+    z_t = torch.round(z.mean())
+    return s_t, z_t, s / s_t, z - z_t
+
+
+@torch.no_grad()
+def _apply(group: NormGroup, mode: str) -> None:
+    q = group.quantizer
+    s_t, z_t, r1, r2 = reparam_factors(q)
+    s = q.scale.double()
+    shift = s * r2  # in the activation's units
+    for _, m in group.consumers:
+        w = m.weight.double()
+        correction = w @ shift
+        if m.bias is None:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
+        m.bias.copy_((m.bias.double() - correction).to(m.bias.dtype))
+        m.weight.copy_((w * r1).to(m.weight.dtype))
+    if mode == "fold":
+        norm = group.norm
+        norm.bias.copy_(((norm.bias.double() + shift) / r1).to(norm.bias.dtype))
+        norm.weight.copy_((norm.weight.double() / r1).to(norm.weight.dtype))
+    else:
+        dev, dt = group.consumers[0][1].weight.device, group.consumers[0][1].weight.dtype
+        scale = (1.0 / r1).to(dev, dt)
+        off = (shift / r1).to(dev, dt)
+        for _, m in group.consumers:  # shared tensors: one multiply-add in the exported graph
+            m.input_scale = scale
+            m.input_shift = off
+    if mode == "affine":
+        q.channel_scale = q.scale.detach().clone()
+        q.channel_zero = q.zero_point.detach().clone()
+    q.to_per_tensor(s_t.float(), z_t.float())
+    group.mode = mode
+    group.stats = {
+        "scale_ratio_min": float(r1.min()),
+        "scale_ratio_max": float(r1.max()),
+        "zero_shift_absmax": float(r2.abs().max()),
+        "mode": mode,
+    }
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    from modelpress.graph.inputs import primary_output
+
+    return primary_output(out)
+
+
+@torch.no_grad()
+def reparameterize(
+    model: nn.Module,
+    groups: Sequence[NormGroup],
+    check_batch: Any = None,
+    mode: str = "auto",
+    tolerance: float = 1e-4,
+) -> list[NormGroup]:
+    """Turn each group's per-channel input quantizer into a per-tensor one, exactly (see module doc).
+
+    mode: "fold" (into the norm's gamma/beta), "affine" (a multiply-add before the consumers' shared
+    quantizer) or "auto" (fold where the norm has an affine and ``check_batch`` shows that folding leaves
+    the float model's output unchanged, i.e. nothing but the consumers reads the norm; else affine).
+    Weight quantizers must be re-calibrated afterwards (the weights changed).
+    """
+    if mode not in ("auto", "fold", "affine"):
+        raise ValueError("mode must be auto, fold or affine")
+    reference = None
+    if mode == "auto" and check_batch is not None:
+        set_quant_state(model, weights=False, activations=False)
+        reference = _output_tensor(run_batch(model, check_batch)).double()
+    try:
+        for g in groups:
+            want = mode
+            if want in ("auto", "fold") and not _norm_has_affine(g.norm):
+                if want == "fold":
+                    raise ModelpressError(f"{g.norm_name} has no affine weight and bias to fold into")
+                want = "affine"
+            if want == "auto" and g.other_readers is not None:
+                want = "affine" if g.other_readers else "fold"
+            if want != "auto":
+                _apply(g, want)
+                continue
+            snap = _snapshot(g)
+            saved = (g.quantizer.scale.clone(), g.quantizer.zero_point.clone())
+            _apply(g, "fold")
+            if reference is None:
+                continue
+            out = _output_tensor(run_batch(model, check_batch)).double()
+            err = (out - reference).abs().max() / reference.abs().max().clamp(min=1e-12)
+            if err > tolerance:
+                _restore(g, snap)
+                g.quantizer.axis = -1
+                g.quantizer.channel_scale = g.quantizer.channel_zero = None
+                g.quantizer.set_params(*saved)
+                _apply(g, "affine")
+            g.stats["fold_check_error"] = float(err)
+    finally:
+        if reference is not None:
+            set_quant_state(model, weights=True, activations=True)
+    return list(groups)
+
+
+def rebind(groups: Sequence[NormGroup], model: nn.Module) -> list[NormGroup]:
+    """The same groups, looked up by name in ``model`` (e.g. a deep copy)."""
+    out = []
+    for g in groups:
+        consumers = [(n, model.get_submodule(n)) for n, _ in g.consumers]
+        out.append(
+            NormGroup(
+                g.norm_name,
+                model.get_submodule(g.norm_name),
+                consumers,
+                consumers[0][1].input_quantizer,
+                other_readers=g.other_readers,
+            )
+        )
+    return out

@@ -1,0 +1,149 @@
+"""The RepQ-ViT / RepQuant post-training quantization pipeline on a torch model.
+
+1. wrap the quantizable layers by the mixed-precision policy (fake-quant modules, explicit scales);
+2. calibrate: post-norm activations (the inputs of each norm's consumer Linears) per channel, every
+   other activation per tensor;
+3. optionally learn per-channel dual clipping of the post-norm activations (RepQuant);
+4. reparameterize the per-channel scales to one per tensor (exact; folded into the norm where nothing
+   else reads it, a shared multiply-add before the consumers otherwise);
+5. re-calibrate the weight quantizers on the folded weights, optionally reconstruct the quantized
+   weights (GPTQ or AdaRound, per layer or per block);
+6. reparameterize log-sqrt2 attention probabilities to log2 for inference;
+7. optionally keep in float the few units the sensitivity scan finds most costly (automatic mixed
+   precision, bounded by the user).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from modelpress.quantize.fakequant import (
+    QuantConfig,
+    activation_quantizers,
+    calibrate,
+    calibrate_weights,
+    wrap_model,
+)
+from modelpress.quantize.policy import Policy
+from modelpress.quantize.reparam import NormGroup, build_groups, reparameterize
+
+
+@dataclass
+class RepQConfig:
+    default: Any = "w8a8"
+    policy: dict[str, Any] = field(default_factory=dict)
+    act_observer: str = "mse"
+    norm_observer: str = "minmax"
+    weight_observer: str = "mse"
+    attention: bool = False
+    probs: str = "logsqrt2"
+    reparam: bool = True
+    reparam_mode: str = "auto"
+    dual_clipping: bool = False
+    clipping_steps: int = 200
+    reconstruction: str = "none"  # none | gptq | adaround
+    granularity: str = "layer"  # layer | block
+    log2_inference: bool = True
+    weight_reduce_range: bool = False
+    auto_float: int = 0
+    auto_float_target: float | None = None
+    observer_samples: int = 1 << 18
+
+
+@dataclass
+class RepQResult:
+    model: nn.Module
+    groups: list[NormGroup]
+    metrics: dict[str, Any]
+
+
+def quantize_model(
+    model: nn.Module,
+    batches: Sequence[Any],
+    pairs: Sequence[tuple] = (),
+    config: RepQConfig | None = None,
+    blocks: Sequence[str] | None = None,
+    reporter: Any = None,
+    float_model: nn.Module | None = None,
+) -> RepQResult:
+    """Quantize ``model`` in place. ``pairs``: (norm, consumer Linears[, other readers]) from the model
+    graph; ``blocks``: block paths in execution order (for block-wise reconstruction)."""
+    cfg = config or RepQConfig()
+    batches = list(batches)
+    if not batches:
+        raise ValueError("quantization needs calibration batches")
+    log = (lambda msg: reporter.log(msg)) if reporter is not None else (lambda msg: None)
+    if float_model is None and cfg.auto_float > 0:
+        float_model = copy.deepcopy(model)
+    metrics: dict[str, Any] = {"config": asdict(cfg)}
+
+    policy = Policy(cfg.policy, default=cfg.default)
+    qcfg = QuantConfig(
+        weight_observer=cfg.weight_observer,
+        act_observer=cfg.act_observer,
+        attention=cfg.attention,
+        probs=cfg.probs,
+        weight_reduce_range=cfg.weight_reduce_range,
+    )
+    applied = wrap_model(model, policy, qcfg)
+    metrics["layers"] = {n: str(s) for n, s in applied.items()}
+    groups = (
+        build_groups(model, [p for p in pairs if len(p[1])]) if (cfg.reparam or cfg.dual_clipping) else []
+    )
+    group_qs = [g.quantizer for g in groups]
+    others = [q for _, q in activation_quantizers(model) if all(q is not g for g in group_qs)]
+    kw = {"max_samples": cfg.observer_samples}
+    if group_qs:
+        calibrate(model, batches, reporter, observer=cfg.norm_observer, observer_kwargs=kw, only=group_qs)
+    if others:
+        calibrate(model, batches, reporter, observer=cfg.act_observer, observer_kwargs=kw, only=others)
+
+    if cfg.dual_clipping and groups:
+        from modelpress.quantize.clipping import learn_clipping
+
+        metrics["dual_clipping"] = learn_clipping(
+            model, groups, batches, steps=cfg.clipping_steps, reporter=reporter
+        )
+    if groups and cfg.reparam:
+        reparameterize(model, groups, check_batch=batches[0], mode=cfg.reparam_mode)
+        metrics["reparam"] = {g.norm_name: g.stats for g in groups}
+        log(
+            f"scale reparameterization: {sum(g.mode == 'fold' for g in groups)} folded into norms, "
+            f"{sum(g.mode == 'affine' for g in groups)} on the consumer side"
+        )
+    calibrate_weights(model, cfg.weight_observer)
+
+    if cfg.reconstruction != "none":
+        from modelpress.quantize.reconstruct import reconstruct
+
+        errs = reconstruct(
+            model,
+            batches,
+            method=cfg.reconstruction,
+            granularity=cfg.granularity,
+            blocks=blocks,
+            reporter=reporter,
+        )
+        metrics["reconstruction_error_mean"] = sum(errs.values()) / max(1, len(errs))
+    if cfg.log2_inference:
+        from modelpress.quantize.log2 import reparameterize_log_sqrt2
+
+        metrics["log2_matmuls"] = reparameterize_log_sqrt2(model)
+    if cfg.auto_float > 0:
+        from modelpress.quantize.sensitivity import choose_float_units
+
+        scan_batches = batches[: min(4, len(batches))]
+        metrics["auto_float"] = choose_float_units(
+            model,
+            float_model,
+            scan_batches,
+            max_float=cfg.auto_float,
+            target=cfg.auto_float_target,
+            reporter=reporter,
+        )
+    return RepQResult(model, groups, metrics)

@@ -1,0 +1,156 @@
+"""QDQ export: matches the torch fake-quant model; ONNX Runtime picks integer kernels; passes run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import modelpress.quantize.passes  # noqa: F401 - registers the passes
+from modelpress.export.qdq import export_qdq, integer_kernel_count, ort_kernels, verify_qdq
+from modelpress.quantize.repq import RepQConfig, quantize_model
+from tests.quantize.test_fakequant import text_batches, tiny_bert
+
+FAST = dict(act_observer="minmax", weight_observer="minmax", norm_observer="minmax")
+
+
+def _graph(model):
+    from modelpress.graph import ModelGraph
+    from modelpress.graph.inputs import InputSpec
+
+    spec = InputSpec(
+        "text", ["input_ids", "attention_mask", "token_type_ids"], vocab_size=200, default_seq_len=12
+    )
+    return ModelGraph(model, spec)
+
+
+def _pairs(model):
+    return _graph(model).norm_consumers()
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_qdq_export_matches_fake_quant_and_uses_integer_kernels(tmp_path: Path, attention: bool):
+    model = tiny_bert()
+    batches = text_batches(n=3)
+    pairs = _pairs(model)
+    cfg = RepQConfig(**FAST, attention=attention, probs="uniform")
+    result = quantize_model(model, batches, pairs, cfg)
+    assert {g.mode for g in result.groups} == {"affine"}  # post-norm BERT: consumer-side transform
+    path = export_qdq(model, batches[0], tmp_path / "q.onnx")
+    check = verify_qdq(path, model, text_batches(n=2, seed=5))
+    assert check["min_cosine"] > 0.999 and check["relative_error"] < 0.03, check
+    kernels = ort_kernels(path)
+    linears = 2 * 6
+    assert integer_kernel_count(kernels) >= linears + (4 if attention else 0), kernels
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= linears
+    # weights are stored as int8 initializers with per-output-channel scales
+    m = onnx.load(str(path))
+    int8 = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8) == linears
+
+
+def test_reduce_range_weights_fit_in_7_bits(tmp_path: Path):
+    model = tiny_bert(layers=1)
+    batches = text_batches(n=2)
+    quantize_model(model, batches, _pairs(model), RepQConfig(**FAST, weight_reduce_range=True))
+    path = export_qdq(model, batches[0], tmp_path / "q7.onnx")
+    codes = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(path)).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+    ]
+    assert codes and all(np.abs(c).max() <= 63 for c in codes)  # u8 * s7 pairs cannot saturate int16
+
+
+def test_log_sqrt2_attention_refuses_qdq_export(tmp_path: Path):
+    model = tiny_bert(layers=1)
+    batches = text_batches(n=2)
+    quantize_model(model, batches, _pairs(model), RepQConfig(**FAST, attention=True, probs="logsqrt2"))
+    with pytest.raises(NotImplementedError):
+        export_qdq(model, batches[0], tmp_path / "log.onnx")
+
+
+class _Ctx:
+    def __init__(self, tmp_path: Path, batches) -> None:
+        from modelpress.compress.reporter import QUIET
+        from modelpress.data.sources import DataSplit
+
+        self.workdir = tmp_path
+        self.reporter = QUIET
+        self.calibration = DataSplit(batches=batches)
+        self.seed = 0
+
+
+def test_repq_pass_returns_a_new_fake_quant_graph(tmp_path: Path):
+    from modelpress.compress.passes import PASSES
+    from modelpress.quantize import is_fake_quant
+
+    graph = _graph(tiny_bert(layers=1))
+    ctx = _Ctx(tmp_path, text_batches(n=2))
+    p = PASSES["quantize.repq"]({**FAST, "samples": 6, "reconstruction": "gptq", "granularity": "block"})
+    res = p.apply(graph, ctx)
+    assert is_fake_quant(res.graph.module) and not is_fake_quant(graph.module)
+    assert res.metrics["calibration_samples"] == 6
+    assert "reconstruction_error_mean" in res.metrics
+
+
+def test_ort_static_pass(tmp_path: Path):
+    from modelpress.compress.passes import PASSES
+
+    model = tiny_bert(layers=1)
+    batches = text_batches(n=2)
+    fp32 = export_qdq(model, batches[0], tmp_path / "fp32.onnx")
+    ctx = _Ctx(tmp_path, batches)
+    res = PASSES["quantize.ort-static"]({"samples": 8}).apply(fp32, ctx)
+    assert res.onnx_path.is_file()
+    assert integer_kernel_count(ort_kernels(res.onnx_path)) > 0
+
+
+def test_nncf_pass(tmp_path: Path):
+    pytest.importorskip("nncf")
+    from modelpress.compress.passes import PASSES
+
+    model = tiny_bert(layers=1)
+    batches = text_batches(n=2)
+    fp32 = export_qdq(model, batches[0], tmp_path / "fp32.onnx")
+    res = PASSES["quantize.nncf"]({"samples": 4}).apply(fp32, _Ctx(tmp_path, batches))
+    assert res.onnx_path.is_file()
+    kinds = {n.op_type for n in onnx.load(str(res.onnx_path)).graph.node}
+    assert "QuantizeLinear" in kinds
+
+
+def test_vit_pre_norm_folds_and_exports(tmp_path: Path):
+    from transformers import ViTConfig, ViTModel
+
+    from modelpress.graph import ModelGraph
+    from modelpress.graph.inputs import InputSpec
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    model = ViTModel(cfg, add_pooling_layer=False).eval()
+    pairs = ModelGraph(model, InputSpec("image", ["pixel_values"], shape=(3, 16, 16))).norm_consumers()
+    x = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        ref = model(x[0]).last_hidden_state
+    res = quantize_model(
+        model, x, pairs, RepQConfig(**FAST, attention=True, probs="uniform", reconstruction="gptq")
+    )
+    assert res.groups and all(g.mode == "fold" for g in res.groups)  # pre-norm: folded into gamma/beta
+    with torch.no_grad():
+        out = model(x[0]).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.995
+    path = export_qdq(model, x[0], tmp_path / "vit.onnx", input_names=["pixel_values"])
+    check = verify_qdq(path, model, x[1:])
+    assert check["min_cosine"] > 0.999, check
+    assert integer_kernel_count(ort_kernels(path)) >= 2 * 6
