@@ -1,9 +1,12 @@
 """MiniLM W8A8 measurement (not a test): RepQ QDQ export vs ORT dynamic INT8 vs FP32 on ONNX Runtime CPU.
 
-    HF_HUB_OFFLINE=1 python tests/quantize/bench_minilm.py [--gptq] [--out DIR]
+    HF_HUB_OFFLINE=1 python tests/quantize/bench_minilm.py [--nncf] [--out DIR]
 
-Fidelity: mean (min) cosine of mean-pooled embeddings against the FP32 ONNX model on 200 held-out
-sentences (English docstrings of the Python standard library; calibration: 64 others). Latency: 2 threads,
+Variants: FP32 (torch.onnx export, eager attention), ORT dynamic INT8 (per-channel, MatMul only),
+optionally NNCF (quantize.nncf pass), and quantize.repq W8A8 with GPTQ: full range ("repq-w8"), with the
+most sensitive layer kept float ("repq-w8-auto1") and with 7-bit weights for CPUs without VNNI
+("repq-w7"). Fidelity: mean (min) cosine of mean-pooled embeddings against the FP32 ONNX model on 200
+held-out sentences (English docstrings of the Python standard library; calibration: 128 others). Latency: 2 threads,
 sequence 128, batch 1 and 8, all variants built first then timed interleaved (3 rounds, fresh sessions),
 medians per round, median of per-round ratios. Prints JSON lines and writes DIR/minilm_w8a8.json.
 """
@@ -60,7 +63,7 @@ def sentences(n: int = 400, seed: int = 0) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gptq", action="store_true", help="also GPTQ weight reconstruction")
+    ap.add_argument("--nncf", action="store_true", help="also the NNCF baseline (slow to build)")
     ap.add_argument("--out", default="/tmp/modelpress-bench")
     args = ap.parse_args()
     out = Path(args.out)
@@ -83,7 +86,7 @@ def main() -> None:
             for i in range(0, len(texts), bs)
         ]
 
-    cal, ev = enc(s[:64], 8), enc(s[200:400], 16)
+    cal, ev = enc(s[:128], 8), enc(s[200:400], 16)
     ex = {k: torch.from_numpy(v) for k, v in g.input_spec.make(1, 16).items()}
     files = {"fp32": out / "fp32.onnx", "ort-dynamic": out / "dyn.onnx"}
     export_qdq(g.module, ex, files["fp32"])
@@ -94,20 +97,33 @@ def main() -> None:
         op_types_to_quantize=["MatMul"],
         weight_type=QuantType.QInt8,
     )
-    variants = {"repq": RepQConfig(reconstruction="none")}
-    if args.gptq:
-        variants["repq-gptq"] = RepQConfig(reconstruction="gptq")
+    if args.nncf:
+        import modelpress.quantize.passes  # noqa: F401
+        from modelpress.compress.passes import PASSES
+        from modelpress.compress.reporter import QUIET
+        from modelpress.data.sources import DataSplit
+
+        class Ctx:
+            workdir, reporter, calibration = out, QUIET, DataSplit(batches=cal)
+
+        files["nncf"] = PASSES["quantize.nncf"]({"samples": 128}).apply(files["fp32"], Ctx()).onnx_path
+    variants = {
+        "repq-w8": RepQConfig(reconstruction="gptq"),
+        "repq-w8-auto1": RepQConfig(reconstruction="gptq", auto_float=1),
+        "repq-w7": RepQConfig(reconstruction="gptq", weight_reduce_range=True),
+    }
     info: dict = {}
     for name, cfg in variants.items():
         m = copy.deepcopy(g.module)
         t = time.time()
-        quantize_model(m, cal, g.norm_consumers(), cfg)
+        r = quantize_model(m, cal, g.norm_consumers(), cfg)
         files[name] = out / f"{name}.onnx"
         export_qdq(m, ex, files[name])
         k = ort_kernels(files[name])
         info[name] = {
             "quantize_s": round(time.time() - t, 1),
             "integer_kernels": integer_kernel_count(k),
+            "kept_float": r.metrics.get("auto_float", {}).get("kept_float", []),
             "kernels": dict(k),
         }
 

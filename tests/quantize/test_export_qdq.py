@@ -32,15 +32,24 @@ def _pairs(model):
     return _graph(model).norm_consumers()
 
 
-@pytest.mark.parametrize("attention", [False, True])
-def test_qdq_export_matches_fake_quant_and_uses_integer_kernels(tmp_path: Path, attention: bool):
+@pytest.mark.parametrize(
+    "attention, ort_fusion, act_dtype",
+    [(False, True, "uint8"), (True, True, "uint8"), (False, False, "uint8"), (False, True, "int8")],
+)
+def test_qdq_export_matches_fake_quant_and_uses_integer_kernels(
+    tmp_path: Path, attention: bool, ort_fusion: bool, act_dtype: str
+):
     model = tiny_bert()
     batches = text_batches(n=3)
     pairs = _pairs(model)
     cfg = RepQConfig(**FAST, attention=attention, probs="uniform")
     result = quantize_model(model, batches, pairs, cfg)
     assert {g.mode for g in result.groups} == {"affine"}  # post-norm BERT: consumer-side transform
-    path = export_qdq(model, batches[0], tmp_path / "q.onnx")
+    path = export_qdq(
+        model, batches[0], tmp_path / "q.onnx", ort_fusion=ort_fusion, activation_dtype=act_dtype
+    )
+    domains = {n.domain for n in onnx.load(str(path)).graph.node}
+    assert ("com.microsoft" in domains) == ort_fusion  # bias fused into MatMulIntegerToFloat, or plain QDQ
     check = verify_qdq(path, model, text_batches(n=2, seed=5))
     assert check["min_cosine"] > 0.999 and check["relative_error"] < 0.03, check
     kernels = ort_kernels(path)
@@ -154,3 +163,15 @@ def test_vit_pre_norm_folds_and_exports(tmp_path: Path):
     check = verify_qdq(path, model, x[1:])
     assert check["min_cosine"] > 0.999, check
     assert integer_kernel_count(ort_kernels(path)) >= 2 * 6
+
+
+def test_repq_pass_reduce_range_auto_follows_the_cpu(tmp_path: Path, monkeypatch):
+    from modelpress.compress.passes import PASSES
+    from modelpress.quantize import passes
+
+    graph = _graph(tiny_bert(layers=1))
+    ctx = _Ctx(tmp_path, text_batches(n=1))
+    monkeypatch.setattr(passes, "cpu_has_vnni", lambda: False)
+    res = PASSES["quantize.repq"]({**FAST, "samples": 4, "reconstruction": "none"}).apply(graph, ctx)
+    layer = res.graph.module.encoder.layer[0].intermediate.dense
+    assert layer.weight_quantizer.qmax == 63  # 7-bit weights without VNNI

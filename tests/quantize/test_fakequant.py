@@ -182,3 +182,28 @@ def test_log_sqrt2_attention_reparameterized_to_log2_in_a_model():
     with torch.no_grad():
         after = model(**batches[1]).last_hidden_state
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_describe_and_rebuild_round_trip():
+    import json
+
+    from modelpress.graph import ModelGraph
+    from modelpress.graph.inputs import InputSpec
+    from modelpress.quantize.repq import RepQConfig, quantize_model
+    from modelpress.quantize.state import describe, rebuild
+
+    model = tiny_bert()
+    batches = text_batches()
+    spec_in = InputSpec("text", ["input_ids", "attention_mask", "token_type_ids"], vocab_size=200)
+    pairs = ModelGraph(model, spec_in).norm_consumers()
+    cfg = RepQConfig(act_observer="minmax", weight_observer="minmax", attention=True, probs="logsqrt2")
+    quantize_model(model, batches, pairs, cfg)
+    spec = json.loads(json.dumps(describe(model)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = rebuild(tiny_bert(), spec)
+    fresh.load_state_dict(state, strict=True)
+    assert describe(fresh) == spec
+    with torch.no_grad():
+        a = model(**batches[1]).last_hidden_state
+        b = fresh(**batches[1]).last_hidden_state
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -10,13 +10,17 @@ The fake-quant modules trace to QDQ directly (``modelpress.quantize.quantizers.e
 
 After export the graph is cleaned: Constant nodes become initializers, identical small initializers and
 identical nodes (q, k and v each quantize the same tensor with the same parameters) are merged, unused
-initializers are dropped. ONNX Runtime then fuses ``DQ -> MatMul`` into MatMulIntegerToFloat (or
-``DQ -> MatMul -> Q`` into QLinearMatMul); ``ort_kernels`` reads the kernels ONNX Runtime actually chose
-from its saved optimized model.
+initializers are dropped. ONNX Runtime fuses ``DQ -> MatMul`` into MatMulIntegerToFloat (or
+``DQ -> MatMul -> Q`` into QLinearMatMul) but leaves the bias Add outside; ``ort_fusion`` (default) writes
+the MatMulIntegerToFloat with its bias directly (measured 1.13-1.16x faster than ORT dynamic INT8 on
+MiniLM, against 0.91x without it). ``ort_kernels`` reads the kernels ONNX Runtime actually chose from its
+saved optimized model.
 
 CPUs without VNNI: ONNX Runtime's U8S8 kernels on AVX2 add pairs of u8*s8 products in int16 with
 saturation, which loses accuracy when weights use the full int8 range. Quantize weights with
-``weight_reduce_range=True`` (7-bit codes) for such targets, or export activations as int8 (S8S8).
+``weight_reduce_range=True`` (7-bit codes: 2 * 255 * 64 < 32767, no saturation) for such targets; the
+``quantize.repq`` pass does so by default when the CPU it runs on has no VNNI. S8S8 (int8 activations)
+exports and verifies too, but ONNX Runtime 1.32 ran it 9x slower than U8S8 on an AVX512-VNNI x86 CPU.
 """
 
 from __future__ import annotations
@@ -61,12 +65,15 @@ def export_qdq(
     opset: int = 17,
     activation_dtype: str = "uint8",
     channel_quantize: bool = False,
+    ort_fusion: bool = True,
 ) -> Path:
     """Export the fake-quant ``model`` to a QDQ ONNX file at ``path`` (one output: the primary output).
 
     ``example``: a dict of input tensors (text models; names in order) or one tensor (image/tensor
     models). ``activation_dtype``: "uint8" (U8S8 kernels) or "int8" (S8S8). ``channel_quantize``: see
     ``export_mode`` (per-channel Q instead of Mul/Add for consumer-side reparameterization).
+    ``ort_fusion``: write ONNX Runtime's MatMulIntegerToFloat with the bias inside (``fuse_for_ort``);
+    False keeps a plain standard QDQ graph (for other runtimes, e.g. TensorRT).
     """
     from modelpress.quantize.quantizers import export_mode
 
@@ -111,6 +118,8 @@ def export_qdq(
     m = onnx.load(str(raw))
     raw.unlink(missing_ok=True)
     cleanup(m)
+    if ort_fusion:
+        fuse_for_ort(m)
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
     return path
@@ -198,6 +207,95 @@ def cleanup(m: onnx.ModelProto) -> onnx.ModelProto:
         pass
     _drop_unused(g)
     return m
+
+
+# --------------------------------------------------------------------------- ONNX Runtime integer kernels
+def fuse_for_ort(m: onnx.ModelProto) -> int:
+    """Rewrite ``Q(x) -> DQ -> MatMul(., DQ(W int8)) -> Add(bias)`` into ONNX Runtime's
+    ``com.microsoft.MatMulIntegerToFloat(x_q, W, a_scale, b_scale, a_zero, b_zero, bias)``.
+
+    ONNX Runtime's own QDQ fusion turns ``DQ -> MatMul`` into MatMulIntegerToFloat but leaves the bias Add
+    outside, and the extra Add then also blocks its Add + LayerNormalization (SkipLayerNormalization)
+    fusion; with the bias inside, the graph gets the same fused kernels as ONNX Runtime's dynamic
+    quantization, with the activation quantization precomputed. Returns the number of MatMuls rewritten.
+    Only for ONNX Runtime (the contrib op is not standard ONNX).
+    """
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    remove: set[int] = set()
+    new_nodes: dict[int, onnx.NodeProto] = {}
+    count = 0
+    for n in g.node:
+        if n.op_type != "MatMul" or len(n.input) != 2:
+            continue
+        a_dq, b_dq = producer.get(n.input[0]), producer.get(n.input[1])
+        if (
+            a_dq is None
+            or b_dq is None
+            or a_dq.op_type != "DequantizeLinear"
+            or b_dq.op_type != "DequantizeLinear"
+        ):
+            continue
+        if b_dq.input[0] not in inits or inits[b_dq.input[0]].data_type != onnx.TensorProto.INT8:
+            continue
+        if any(a.name == "axis" for a in a_dq.attribute) or len(a_dq.input) < 3:
+            continue  # the activation must be per tensor
+        b_axis = next((a.i for a in b_dq.attribute if a.name == "axis"), 1)
+        b_scale = inits.get(b_dq.input[1])
+        if b_scale is None or (len(b_scale.dims) == 1 and b_axis not in (1, -1)):
+            continue
+        outs = consumers.get(n.output[0], [])
+        bias_name, tail = "", n
+        if len(outs) == 1 and outs[0].op_type == "Add" and n.output[0] not in graph_outputs:
+            add = outs[0]
+            other = add.input[1] if add.input[0] == n.output[0] else add.input[0]
+            t = inits.get(other)
+            if t is not None and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1:
+                bias_name, tail = other, add
+        inputs = [a_dq.input[0], b_dq.input[0], a_dq.input[1], b_dq.input[1], a_dq.input[2]]
+        inputs += [b_dq.input[2] if len(b_dq.input) > 2 else "", bias_name]
+        fused = onnx.helper.make_node(
+            "MatMulIntegerToFloat",
+            inputs,
+            [tail.output[0]],
+            name=f"{n.name or 'matmul'}_int8",
+            domain="com.microsoft",
+        )
+        idx = list(g.node).index(n)
+        new_nodes[idx] = fused
+        remove.add(id(n))
+        if tail is not n:
+            remove.add(id(tail))
+        count += 1
+    if not count:
+        return 0
+    nodes = []
+    for i, n in enumerate(g.node):
+        if i in new_nodes:
+            nodes.append(new_nodes[i])
+        elif id(n) not in remove:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    # DequantizeLinear nodes left without readers
+    while True:
+        used = {i for n in g.node for i in n.input} | graph_outputs
+        dead = [n for n in g.node if n.op_type == "DequantizeLinear" and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        keep = [n for n in g.node if all(n is not d for d in dead)]
+        del g.node[:]
+        g.node.extend(keep)
+    _drop_unused(g)
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return count
 
 
 # ---------------------------------------------------------------------------------------- inspection

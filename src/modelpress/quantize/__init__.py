@@ -25,6 +25,7 @@ from modelpress.quantize.fakequant import (
 from modelpress.quantize.policy import LayerSpec, Policy, parse_spec
 from modelpress.quantize.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from modelpress.quantize.repq import RepQConfig, RepQResult, quantize_model
+from modelpress.quantize.state import describe, rebuild
 
 __all__ = [
     "LayerSpec",
@@ -40,9 +41,11 @@ __all__ = [
     "UniformQuantizer",
     "calibrate",
     "calibrate_weights",
+    "describe",
     "is_fake_quant",
     "parse_spec",
     "quantize_model",
+    "rebuild",
     "set_quant_state",
     "wrap_model",
 ]

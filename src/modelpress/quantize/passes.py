@@ -50,13 +50,24 @@ def _numpy_feeds(ctx: Any, samples: int, onnx_path: Path) -> list[dict[str, Any]
     return feeds
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX) that ONNX
+    Runtime's U8S8 kernels use without int16 saturation. Unknown CPUs count as without."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 class RepQPassConfig(PassConfig):
     default: str | int = "w8a8"
     policy: dict[str, Any] = Field(default_factory=dict)
-    samples: int = Field(64, ge=1, le=4096)
+    samples: int = Field(128, ge=1, le=4096)
     act_observer: Observer = "mse"
     norm_observer: Observer = "minmax"
-    weight_observer: Observer = "mse"
+    weight_observer: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     attention: bool = False
     probs: Literal["uniform", "log2", "logsqrt2"] = "logsqrt2"
     reparam: bool = True
@@ -66,7 +77,7 @@ class RepQPassConfig(PassConfig):
     reconstruction: Literal["none", "gptq", "adaround"] = "gptq"
     granularity: Literal["layer", "block"] = "layer"
     log2_inference: bool = True
-    weight_reduce_range: bool = False
+    weight_reduce_range: bool | Literal["auto"] = "auto"
     auto_float: int = Field(0, ge=0)
     auto_float_target: float | None = None
 
@@ -75,7 +86,9 @@ class RepQPassConfig(PassConfig):
 class RepQPass(Pass):
     """RepQ-ViT / RepQuant post-training quantization of the torch model (fake-quant with explicit scales;
     export lowers it to ONNX QDQ). Defaults: W8A8, per-channel calibration of post-norm activations
-    reparameterized to per-tensor, MSE-searched clipping elsewhere, GPTQ weight reconstruction."""
+    reparameterized to per-tensor, MSE-searched clipping elsewhere, GPTQ weight reconstruction on
+    min-max weight scales, 128 calibration samples (fewer if the split has fewer), 7-bit weights when
+    the CPU running the pass has no VNNI (``weight_reduce_range: auto``)."""
 
     name = "quantize.repq"
     stage = "graph"
@@ -93,7 +106,11 @@ class RepQPass(Pass):
             if cfg.granularity == "block" and hasattr(out, "blocks")
             else None
         )
-        rq = RepQConfig(**{k: v for k, v in cfg.model_dump().items() if k != "samples"})
+        values = {k: v for k, v in cfg.model_dump().items() if k != "samples"}
+        if values["weight_reduce_range"] == "auto":
+            # U8S8 integer kernels saturate on CPUs without VNNI unless weights use 7 bits
+            values["weight_reduce_range"] = not cpu_has_vnni()
+        rq = RepQConfig(**values)
         reporter = getattr(ctx, "reporter", None)
         result = quantize_model(
             out.module, batches, pairs, rq, blocks=blocks, reporter=reporter, float_model=graph.module

@@ -115,6 +115,16 @@ class UniformQuantizer(nn.Module):
         self.axis = None
         self.set_params(torch.as_tensor(scale).reshape(()), torch.as_tensor(zero_point).reshape(()))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # noqa: ANN001
+        # Calibrated scales may be per tensor or per channel: take the saved shapes, then load as usual.
+        for name in ("scale", "zero_point", "channel_scale", "channel_zero"):
+            key = prefix + name
+            if key in state_dict:
+                self._buffers[name] = torch.empty_like(state_dict[key])
+        if prefix + "scale" in state_dict:
+            self.calibrated = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
     # -- arithmetic -----------------------------------------------------------------------------------
     def _shape(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.axis is None or t.dim() == 0:
@@ -180,6 +190,11 @@ class _LogQuantizerBase(nn.Module):
 
     def set_bits(self, bits: int) -> None:
         self.bits = int(bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # noqa: ANN001
+        if prefix + "scale" in state_dict:
+            self.calibrated = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     @torch.no_grad()
     def set_scale(self, scale: torch.Tensor | float) -> None:

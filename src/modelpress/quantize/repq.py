@@ -39,7 +39,7 @@ class RepQConfig:
     policy: dict[str, Any] = field(default_factory=dict)
     act_observer: str = "mse"
     norm_observer: str = "minmax"
-    weight_observer: str = "mse"
+    weight_observer: str = "auto"  # auto: minmax under GPTQ/AdaRound (measured better), else mse
     attention: bool = False
     probs: str = "logsqrt2"
     reparam: bool = True
@@ -52,7 +52,7 @@ class RepQConfig:
     weight_reduce_range: bool = False
     auto_float: int = 0
     auto_float_target: float | None = None
-    observer_samples: int = 1 << 18
+    observer_samples: int = 1 << 20
 
 
 @dataclass
@@ -82,9 +82,12 @@ def quantize_model(
         float_model = copy.deepcopy(model)
     metrics: dict[str, Any] = {"config": asdict(cfg)}
 
+    weight_observer = cfg.weight_observer
+    if weight_observer == "auto":
+        weight_observer = "minmax" if cfg.reconstruction != "none" else "mse"
     policy = Policy(cfg.policy, default=cfg.default)
     qcfg = QuantConfig(
-        weight_observer=cfg.weight_observer,
+        weight_observer=weight_observer,
         act_observer=cfg.act_observer,
         attention=cfg.attention,
         probs=cfg.probs,
@@ -92,6 +95,10 @@ def quantize_model(
     )
     applied = wrap_model(model, policy, qcfg)
     metrics["layers"] = {n: str(s) for n, s in applied.items()}
+    unmatched = policy.unmatched(list(applied))
+    if unmatched:
+        metrics["unmatched_policy_patterns"] = unmatched
+        log(f"policy patterns that match no quantizable layer: {', '.join(unmatched)}")
     groups = (
         build_groups(model, [p for p in pairs if len(p[1])]) if (cfg.reparam or cfg.dual_clipping) else []
     )
@@ -116,7 +123,7 @@ def quantize_model(
             f"scale reparameterization: {sum(g.mode == 'fold' for g in groups)} folded into norms, "
             f"{sum(g.mode == 'affine' for g in groups)} on the consumer side"
         )
-    calibrate_weights(model, cfg.weight_observer)
+    calibrate_weights(model, weight_observer)
 
     if cfg.reconstruction != "none":
         from modelpress.quantize.reconstruct import reconstruct
