@@ -92,7 +92,7 @@ def run_recipe(
     out = _prepare_output(out, f"{graph.name}-{recipe.name}", overwrite)
     from modelpress.data import infer_task, load_data
 
-    task_data = load_data(data, graph.input_spec, graph.tokenizer, seed=seed)
+    task_data = load_data(data, graph.input_spec, graph.tokenizer, seed=seed, n_calibration=128)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -170,8 +170,8 @@ def prune(
 @app.command()
 def quantize(
     ckpt: Ckpt = None,
-    method: Annotated[str, typer.Option("--method", help="ort-dynamic (more as passes register)")] = "ort-dynamic",
-    bits: Annotated[str, typer.Option("--bits", help="w8a8")] = "w8a8",
+    method: Annotated[str, typer.Option("--method", help="repq | nncf | ort-static | ort-dynamic")] = "repq",
+    bits: Annotated[str, typer.Option("--bits", help="w8a8, w6a6, w4a8, w4a4 (repq); w8a8 for the others")] = "w8a8",
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
     trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
     input_shape: InputShape = None,
@@ -180,8 +180,10 @@ def quantize(
     from modelpress.compress.recipe import Recipe
 
     entry: dict[str, Any] = {"pass": f"quantize.{method}"}
-    if bits != "w8a8":
-        entry["bits"] = bits
+    if method == "repq":
+        entry["default"] = bits
+    elif bits != "w8a8":
+        raise ModelpressError(f"--method {method} quantizes to w8a8 only (got --bits {bits})", "use --method repq for other bit widths")
     rec = Recipe.from_dict({"name": f"quantize-{method}-{bits}", "passes": [entry]}, "--method/--bits")
     run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
 

@@ -14,6 +14,8 @@ from modelpress.graph import ModelGraph
 
 # below this mean cosine to the original, the report warns that the compressed model drifted far
 LOW_FIDELITY = 0.95
+# a QDQ export vs its torch fake-quant model: integer codes match until a rounding tie, then drift slightly
+QDQ_MIN_COSINE = 0.99
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Pipeline:
             )
         if current is graph:
             exported = base
+        elif _is_fake_quant(current.module):
+            exported = self._export_quantized(current, workdir / "compressed.int8.onnx", ctx)
         else:
             # the original's timing already chose the graph optimization for this architecture: reuse it
             choice = base.optimization if export_cfg.optimize == "auto" else export_cfg.optimize
@@ -100,6 +104,32 @@ class Pipeline:
         report["seconds"] = time.perf_counter() - started
         return PipelineResult(current, onnx_path, Path(base.path), report)
 
+    def _export_quantized(self, graph: ModelGraph, path: Path, ctx: Context) -> QuantizedExport:
+        """Lower a fake-quant graph to QDQ ONNX (integer kernels in ONNX Runtime) and check it against torch.
+
+        Fake-quant models round at every quantizer, so a float rounding tie can flip one integer code and
+        the difference grows through the layers: the check is on cosine, not on exact equality.
+        """
+        from modelpress.export.qdq import export_qdq, integer_kernel_count, ort_kernels, verify_qdq
+
+        t0 = time.perf_counter()
+        example = graph.example_inputs(2, 16 if graph.input_spec.kind == "text" else None)
+        with ctx.reporter.step("exporting the quantized model to QDQ ONNX"):
+            export_qdq(graph.module, example if graph.input_spec.kind == "text" else example[graph.input_spec.names[0]],
+                       path, input_names=graph.input_spec.names, dynamic_axes=graph.input_spec.dynamic_axes())
+            batches = [graph.example_inputs(2, 24 if graph.input_spec.kind == "text" else None, seed=s) for s in (1, 2)]
+            if graph.input_spec.kind != "text":
+                batches = [b[graph.input_spec.names[0]] for b in batches]
+            check = verify_qdq(path, graph.module, batches)
+            kernels = ort_kernels(path, workdir=path.parent)
+        if check["min_cosine"] < QDQ_MIN_COSINE:
+            raise ModelpressError(
+                f"the INT8 ONNX export disagrees with the quantized torch model (cosine {check['min_cosine']:.4f})",
+                "report this with the recipe; try fewer low-bit layers",
+            )
+        return QuantizedExport(path, "qdq", check, dict(kernels), integer_kernel_count(kernels),
+                               time.perf_counter() - t0)
+
     def _evaluate(self, graph: ModelGraph, base: Path, final: Path, ctx: Context) -> dict:
         from modelpress.data import onnx_runner, torch_runner
 
@@ -124,6 +154,22 @@ class Pipeline:
         return bench.to_dict()
 
 
+@dataclass
+class QuantizedExport:
+    path: Path
+    optimization: str
+    verification: dict
+    kernels: dict
+    integer_kernels: int
+    export_seconds: float
+
+
+def _is_fake_quant(module: Any) -> bool:
+    from modelpress.quantize import is_fake_quant
+
+    return is_fake_quant(module)
+
+
 def _is_vit(graph: ModelGraph) -> bool:
     return graph.input_spec.kind == "image" and any(g.kind == "head" for g in graph.groups)
 
@@ -136,11 +182,13 @@ def _size(path: Path) -> int:
 
 def _export_info(result: Any) -> dict:
     info = {}
-    for key in ("optimization", "candidates", "file_size_bytes", "export_seconds"):
+    for key in ("optimization", "candidates", "file_size_bytes", "export_seconds", "kernels", "integer_kernels"):
         if hasattr(result, key):
             info[key] = getattr(result, key)
     v = getattr(result, "verification", None)
-    if v is not None:
+    if isinstance(v, dict):
+        info["verification"] = v
+    elif v is not None:
         info["verification"] = {k: getattr(v, k) for k in ("max_abs_err", "cosine", "ok") if hasattr(v, k)}
     return info
 

@@ -55,6 +55,13 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         if name not in state and t.data_ptr() in seen
     }
     save_file(state, str(folder / WEIGHTS_FILE))
+    from modelpress.quantize import is_fake_quant
+
+    quant = None
+    if is_fake_quant(graph.module):
+        from modelpress.quantize.state import describe
+
+        quant = describe(graph.module)
     spec = {
         "format_version": FORMAT_VERSION,
         "name": graph.name,
@@ -62,6 +69,7 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         "edits": graph.edits,
         "input_spec": graph.input_spec.to_dict(),
         "aliases": aliases,
+        "quantization": quant,
     }
     (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
     config = getattr(graph.module, "config", None)
@@ -89,6 +97,10 @@ def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Mode
     module = build(spec["source"], trust_pickle=trust_pickle)
     for e in spec["edits"]:
         apply_edit(module, e)
+    if spec.get("quantization"):
+        from modelpress.quantize.state import rebuild
+
+        rebuild(module, spec["quantization"])
     current = dict(module.state_dict())
     with torch.no_grad():
         for name, t in weights.items():

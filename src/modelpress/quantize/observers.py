@@ -128,15 +128,39 @@ class MSEObserver(Observer):
         probe = UniformQuantizer(quantizer.bits, quantizer.symmetric, axis=-1, narrow=quantizer.narrow)
         probe.set_range(lo, hi)
         err = (probe.fake_quant(s) - s).abs().pow(self.power)
+        if self._weights is not None:  # histogram mode: s holds bin centres, weights their counts
+            err = err * self._weights
         return err.sum(0)  # per column
+
+    _weights: torch.Tensor | None = None
+    HIST_BINS = 16384
+
+    def _histogram(self, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Per-tensor search on a fine histogram: the error of 2^20 samples at ~60x less cost per candidate.
+
+        With 16384 bins over the observed range, one 8-bit step spans ~64 bins, so evaluating the error at
+        bin centres (weighted by counts) tracks the exact sample error closely.
+        """
+        lo_f, hi_f = float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0])
+        if hi_f <= lo_f:
+            return s
+        counts = torch.histc(s.float().reshape(-1), bins=self.HIST_BINS, min=lo_f, max=hi_f)
+        width = (hi_f - lo_f) / self.HIST_BINS
+        centres = lo_f + width * (torch.arange(self.HIST_BINS, dtype=torch.float32) + 0.5)
+        keep = counts > 0
+        self._weights = counts[keep].reshape(-1, 1)
+        return centres[keep].reshape(-1, 1)
 
     @torch.no_grad()
     def range(self, quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.sample()
         lo0, hi0 = self.min.clone(), self.max.clone()
+        self._weights = None
         if self.axis is None:  # per-tensor: one column
             lo0, hi0 = lo0.amin().reshape(1), hi0.amax().reshape(1)
             s = s.reshape(-1, 1)
+            if s.shape[0] > 4 * self.HIST_BINS:
+                s = self._histogram(s, lo0, hi0)
         if quantizer.symmetric:
             amax = torch.maximum(-lo0, hi0)
             best_err, best = None, amax.clone()
@@ -149,6 +173,7 @@ class MSEObserver(Observer):
                     better = err < best_err
                     best_err = torch.where(better, err, best_err)
                     best = torch.where(better, amax * r, best)
+            self._weights = None
             return -best, best
         lo, hi = lo0.clone(), hi0.clone()
         for _ in range(2):
@@ -165,6 +190,7 @@ class MSEObserver(Observer):
                     hi = best
                 else:
                     lo = best
+        self._weights = None
         return lo, hi
 
 
