@@ -53,11 +53,14 @@ class Pipeline:
 
         export_cfg = self.recipe.spec.export
         model_type = "bert" if graph.input_spec.kind == "text" else ("vit" if _is_vit(graph) else None)
-        with rep.step("exporting the original model to ONNX"):
-            base = export_onnx(
-                graph.module, graph.input_spec, workdir / "original.onnx", optimize=export_cfg.optimize,
-                opset=export_cfg.opset, target=ctx.target, reporter=rep, model_type=model_type,
+        def export(g: ModelGraph, name: str, optimize: str) -> Any:
+            return export_onnx(
+                g.module, g.input_spec, workdir / name, optimize=optimize, opset=export_cfg.opset,
+                target=ctx.target, reporter=rep, model_type=model_type,
             )
+
+        with rep.step("exporting the original model to ONNX"):
+            base = export(graph, "original.onnx", export_cfg.optimize)
         if current is graph:
             exported = base
         elif _is_fake_quant(current.module):
@@ -67,18 +70,12 @@ class Pipeline:
             choice = base.optimization if export_cfg.optimize == "auto" else export_cfg.optimize
             with rep.step(f"exporting the compressed model to ONNX ({choice})"):
                 try:
-                    exported = export_onnx(
-                        current.module, current.input_spec, workdir / "compressed.onnx", optimize=choice,
-                        opset=export_cfg.opset, target=ctx.target, reporter=rep, model_type=model_type,
-                    )
+                    exported = export(current, "compressed.onnx", choice)
                 except ModelpressError:
                     if choice == "none":
                         raise
                     rep.log(f"optimization {choice!r} failed on the compressed model; exporting without it")
-                    exported = export_onnx(
-                        current.module, current.input_spec, workdir / "compressed.onnx", optimize="none",
-                        opset=export_cfg.opset, target=ctx.target, reporter=rep, model_type=model_type,
-                    )
+                    exported = export(current, "compressed.onnx", "none")
         onnx_path = Path(exported.path)
         for p in [p for p in self.recipe.passes if p.stage == "onnx"]:
             t0 = time.perf_counter()
