@@ -123,3 +123,41 @@ def optimum_export(
             python, ("optimum", "optimum-onnx", "transformers", "torch", "onnx", "onnxruntime")
         ),
     }
+
+
+def timing_parser(doc: str | None, out: Path, *, runs: int = 20, min_time: float = 1.0, threads: bool = True):  # noqa: ANN201
+    """The options every benchmark shares: rounds, runs, minimum time, threads, --quick, --no-spin, --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5; at least 3)")
+    parser.add_argument("--runs", type=int, default=runs, help="timed runs per variant, shape and round")
+    parser.add_argument("--min-time", type=float, default=min_time, help="minimum seconds per variant, shape, round")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime / torch threads (default: all)")
+        parser.add_argument(
+            "--no-spin",
+            action="store_true",
+            help="turn ONNX Runtime's thread spinning off (steadier on a busy machine; not ORT's default)",
+        )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 runs, no minimum time")
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
+def parse_timing_args(parser, argv: list[str] | None):  # noqa: ANN001, ANN201
+    """Parse; --quick turns the run into a smoke run (1 round, 3 runs, no minimum time)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.runs, args.min_time = 1, 3, 0.0
+    return args
+
+
+def timing_target(args):  # noqa: ANN001, ANN201 - modelpress.bench.Target
+    """ort-cpu with the requested threads, spinning off when asked."""
+    from modelpress.bench import get_target
+
+    target = get_target("ort-cpu", args.threads)
+    if args.no_spin:
+        target = target.with_session_config(**{"session.intra_op.allow_spinning": "0"})
+    return target

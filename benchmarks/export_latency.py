@@ -13,7 +13,6 @@ The acceptance criterion: ours at least as fast as the fastest of the others at 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -27,7 +26,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, console, load_minilm, minilm_path, optimum_export  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    console,
+    load_minilm,
+    minilm_path,
+    optimum_export,
+    parse_timing_args,
+    timing_parser,
+    timing_target,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -105,37 +113,18 @@ def acceptance(report, batches: list[int], seq: int) -> dict[str, Any]:  # noqa:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5; at least 3)")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per variant, shape and round")
-    parser.add_argument(
-        "--min-time", type=float, default=1.0, help="minimum seconds per variant, shape, round"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="ONNX Runtime / torch threads (default: all)"
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 runs, no minimum time")
+    parser = timing_parser(__doc__, RESULTS / "export_latency.json")
     parser.add_argument("--no-optimum", action="store_true", help="skip optimum (no side venv)")
-    parser.add_argument(
-        "--no-spin",
-        action="store_true",
-        help="turn ONNX Runtime's thread spinning off (much steadier on a busy machine; not ORT's default)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS / "export_latency.json")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.runs, args.min_time = 1, 3, 0.0
+    args = parse_timing_args(parser, argv)
 
-    from modelpress.bench import get_target, measure, write_json_atomic
+    from modelpress.bench import measure, write_json_atomic
     from modelpress.compress.reporter import Reporter
     from modelpress.export import export_onnx, verify_onnx
 
     con = console()
     reporter = Reporter()
     started = time.perf_counter()
-    target = get_target("ort-cpu", args.threads)
-    if args.no_spin:
-        target = target.with_session_config(**{"session.intra_op.allow_spinning": "0"})
+    target = timing_target(args)
     model, spec = load_minilm()
     batches, seq = [1, 8], 128
     exports: dict[str, Any] = {}

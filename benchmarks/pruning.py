@@ -24,7 +24,6 @@ output projection. Writes benchmarks/results/pruning.json and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -39,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, console, minilm_path  # noqa: E402
+from _common import RESULTS, console, minilm_path, parse_timing_args, timing_parser, timing_target  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -311,29 +310,12 @@ def torch_pruning_prune(original, spec, importance: str, calibration=None) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5; at least 3)")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per variant, shape and round")
-    parser.add_argument(
-        "--min-time", type=float, default=1.0, help="minimum seconds per variant, shape, round"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="ONNX Runtime / torch threads (default: all)"
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 runs, no minimum time")
+    parser = timing_parser(__doc__, RESULTS / "pruning.json")
     parser.add_argument("--no-taylor", action="store_true", help="skip Torch-Pruning with TaylorImportance")
-    parser.add_argument(
-        "--no-spin",
-        action="store_true",
-        help="turn ONNX Runtime's thread spinning off (steadier on a busy machine; not ORT's default)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS / "pruning.json")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.runs, args.min_time = 1, 3, 0.0
+    args = parse_timing_args(parser, argv)
 
     import modelpress
-    from modelpress.bench import get_target, measure, system_info, write_json_atomic
+    from modelpress.bench import measure, system_info, write_json_atomic
     from modelpress.compress import Context
     from modelpress.compress.reporter import Reporter
     from modelpress.data import EmbeddingTask, load_data, onnx_runner, torch_runner
@@ -343,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     con = console()
     reporter = Reporter()
     started = time.perf_counter()
-    target = get_target("ort-cpu", args.threads)
-    if args.no_spin:
-        target = target.with_session_config(**{"session.intra_op.allow_spinning": "0"})
+    target = timing_target(args)
 
     with reporter.step("loading all-MiniLM-L6-v2"):
         original = modelpress.load(str(minilm_path()))

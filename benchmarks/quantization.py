@@ -56,7 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, console  # noqa: E402
+from _common import RESULTS, console, parse_timing_args, timing_parser  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -618,20 +618,11 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5; at least 3)")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per variant, shape and round")
-    parser.add_argument(
-        "--min-time", type=float, default=0.5, help="minimum seconds per variant, shape and round"
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 runs, 48 sentences")
+    parser = timing_parser(__doc__, RESULTS / "quantization.json", runs=10, min_time=0.5, threads=False)
     parser.add_argument("--no-nncf", action="store_true", help="skip NNCF (MiniLM and ViT)")
     parser.add_argument("--skip-vit", action="store_true", help="skip the digits ViT part")
     parser.add_argument("--skip-minilm", action="store_true", help="skip the MiniLM part")
-    parser.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.runs, args.min_time = 1, 3, 0.0
+    args = parse_timing_args(parser, argv)
 
     from modelpress.bench import system_info, write_json_atomic
     from modelpress.compress.reporter import Reporter
