@@ -80,6 +80,10 @@ class RepQPassConfig(PassConfig):
     weight_reduce_range: bool | Literal["auto"] = "auto"
     auto_float: int = Field(0, ge=0)
     auto_float_target: float | None = None
+    channel_sites: list[str] = Field(default_factory=list)
+    auto_channel: int = Field(0, ge=0)
+    channel_floor: float = Field(0.25, ge=0.0, le=1.0)
+    channel_min_gain: float = Field(0.1, ge=0.0, le=1.0)
 
 
 @register

@@ -13,7 +13,8 @@ and the consumers undo the transform exactly: W' = W diag(r1), b' = b - W (s * r
 x' is produced for free by the norm's affine: gamma' = gamma / r1, beta' = (beta + s * r2) / r1 ("fold").
 Where the norm's output is also read elsewhere (the residual stream of post-norm BERT, a model output),
 folding would change those readers, so the transform stays on the consumer side as one per-channel
-multiply-add shared by the consumers ("affine"); ``mode="auto"`` tries the fold and checks it.
+multiply-add shared by the consumers ("affine"); ``mode="auto"`` tries the fold and checks it. Groups
+without a norm (Linear-input sites, channel_sites.py) are always consumer-side.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class NormGroup:
     quantizer: UniformQuantizer
     other_readers: bool | None = None  # the norm's output is read by more than the consumers (None: unknown)
     mode: str | None = None  # "fold" or "affine" once reparameterized
+    foldable: bool = True  # False for Linear-input sites (channel_sites.py): no norm to fold into
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -190,7 +192,7 @@ def reparameterize(
         reference = _output_tensor(run_batch(model, check_batch)).double()
     try:
         for g in groups:
-            want = mode
+            want = mode if g.foldable else "affine"
             if want in ("auto", "fold") and not _norm_has_affine(g.norm):
                 if want == "fold":
                     raise ModelpressError(f"{g.norm_name} has no affine weight and bias to fold into")
@@ -232,6 +234,7 @@ def rebind(groups: Sequence[NormGroup], model: nn.Module) -> list[NormGroup]:
                 consumers,
                 consumers[0][1].input_quantizer,
                 other_readers=g.other_readers,
+                foldable=g.foldable,
             )
         )
     return out

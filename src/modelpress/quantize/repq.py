@@ -9,6 +9,8 @@
 5. re-calibrate the weight quantizers on the folded weights, optionally reconstruct the quantized
    weights (GPTQ or AdaRound, per layer or per block);
 6. reparameterize log-sqrt2 attention probabilities to log2 for inference;
+   2b. optionally give more Linear inputs per-channel scales (named, or chosen by a fidelity scan on the
+   calibration data), reparameterized on the consumer side like post-norm BERT (channel_sites.py);
 7. optionally keep in float the few units the sensitivity scan finds most costly (automatic mixed
    precision, bounded by the user).
 """
@@ -53,6 +55,10 @@ class RepQConfig:
     auto_float: int = 0
     auto_float_target: float | None = None
     observer_samples: int = 1 << 20
+    channel_sites: list[str] = field(default_factory=list)
+    auto_channel: int = 0
+    channel_floor: float = 0.25
+    channel_min_gain: float = 0.1
 
 
 @dataclass
@@ -109,6 +115,26 @@ def quantize_model(
         calibrate(model, batches, reporter, observer=cfg.norm_observer, observer_kwargs=kw, only=group_qs)
     if others:
         calibrate(model, batches, reporter, observer=cfg.act_observer, observer_kwargs=kw, only=others)
+    if cfg.reparam and (cfg.channel_sites or cfg.auto_channel > 0):
+        from modelpress.quantize.channel_sites import choose_sites
+
+        sites, metrics["channel_sites"] = choose_sites(
+            model,
+            batches,
+            taken=group_qs,
+            patterns=cfg.channel_sites,
+            max_auto=cfg.auto_channel,
+            min_gain=cfg.channel_min_gain,
+            observer=cfg.norm_observer,
+            observer_kwargs=kw,
+            weight_observer=weight_observer,
+            weights_in_scan=cfg.reconstruction == "none",
+            floor=cfg.channel_floor,
+            reporter=reporter,
+        )
+        if sites:
+            log(f"per-channel input scales (reparameterized) at {', '.join(g.norm_name for g in sites)}")
+        groups += sites
 
     if cfg.dual_clipping and groups:
         from modelpress.quantize.clipping import learn_clipping
