@@ -493,11 +493,12 @@ def acceptance(info: dict[str, dict[str, Any]], reports: dict) -> dict[str, Any]
 
 
 def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+    from modelpress.bench import get_target, measure
     from modelpress.compress import Context
     from modelpress.data import ClassificationTask, load_data, onnx_runner, torch_runner
     from modelpress.data.zoo import digits_vit
     from modelpress.export import export_onnx
-    from modelpress.export.qdq import export_qdq, verify_qdq
+    from modelpress.export.qdq import export_qdq, log_quantizer_count, verify_qdq
     from modelpress.graph.model_graph import ModelGraph
     from modelpress.quantize.passes import NNCFQuantize, RepQPass, cpu_has_vnni
 
@@ -558,6 +559,7 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
     with reporter.step("ViT FP32 ONNX export"), _quiet():
         fp32_onnx = export_onnx(graph.module, spec, tmp / "vit-fp32" / "model.onnx", optimize="none").path
     onnx_rows["fp32"] = {"accuracy_onnx": evaluate(onnx_runner(fp32_onnx))["accuracy"]}
+    onnx_paths: dict[str, Path] = {"fp32": Path(fp32_onnx)}
     nncf_row: dict[str, Any] = {"description": VIT_DESCRIPTIONS["nncf"], "bits": {}}
     if args.no_nncf:
         nncf_row["status"] = "skipped: --no-nncf"
@@ -588,25 +590,51 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
     )
 
     for name, (module, torch_accuracy) in modules.items():
-        try:
-            path = tmp / f"vit-{name}" / "model.onnx"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with reporter.step(f"ViT {name}: QDQ export"), _quiet():
-                example = spec.make_torch(2)[names[0]]
-                export_qdq(module, example, path, input_names=names, dynamic_axes=spec.dynamic_axes())
-                verification = verify_qdq(
-                    path, module, [spec.make_torch(4, seed=s)[names[0]] for s in (1, 2)]
-                )
-            onnx_rows[name] = {
-                "description": VIT_EXPORTS[name],
-                **evaluate(onnx_runner(path)),
-                "torch_fake_quant_accuracy": torch_accuracy,
-                "qdq_vs_torch_fake_quant": verification,
-                **_kernels(path),
-            }
-        except Exception as exc:
-            onnx_rows[name] = {"description": VIT_EXPORTS[name], **_failure(exc)}
-            reporter.log(f"[yellow]ViT {name}: no QDQ export:[/yellow] {exc}")
+        forms = ["uniform", "simulate"] if log_quantizer_count(module) else ["uniform"]
+        for form in forms:
+            row = name if form == "uniform" else f"{name}_log2_simulated"
+            description = VIT_EXPORTS[name] + (f"; log2 probabilities exported as {form!r}" if len(forms) > 1 else "")
+            try:
+                path = tmp / f"vit-{row}" / "model.onnx"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with reporter.step(f"ViT {row}: QDQ export"), _quiet():
+                    example = spec.make_torch(2)[names[0]]
+                    export_qdq(
+                        module, example, path, input_names=names, dynamic_axes=spec.dynamic_axes(), log_form=form
+                    )
+                    verification = verify_qdq(
+                        path, module, [spec.make_torch(4, seed=s)[names[0]] for s in (1, 2)]
+                    )
+                onnx_rows[row] = {
+                    "description": description,
+                    **evaluate(onnx_runner(path)),
+                    "torch_fake_quant_accuracy": torch_accuracy,
+                    "qdq_vs_torch_fake_quant": verification,
+                    **_kernels(path),
+                }
+                onnx_paths[row] = path
+            except Exception as exc:
+                onnx_rows[row] = {"description": description, **_failure(exc)}
+                reporter.log(f"[yellow]ViT {row}: no QDQ export:[/yellow] {exc}")
+    if len(onnx_paths) > 1:
+        with reporter.step("ViT ONNX latency (interleaved)"), _quiet():
+            bench = measure(
+                onnx_paths,
+                spec,
+                get_target("ort-cpu", threads=THREADS[0]),
+                rounds=args.rounds,
+                runs=args.runs,
+                min_time_s=args.min_time,
+                max_time_s=10.0,
+                baseline="fp32",
+                batch_sizes=BATCHES,
+                memory=False,
+                reporter=reporter,
+            )
+        for row, variant in bench.to_dict()["variants"].items():
+            onnx_rows[row]["latency"] = [
+                {k: sh.get(k) for k in ("batch", "median_ms", "speedup")} for sh in variant.get("shapes", [])
+            ]
 
     return {
         "model": f"modelpress zoo digits_vit (HF ViTForImageClassification, 8x8, patch 2, 4 blocks, "
@@ -783,15 +811,16 @@ def print_vit(con, res: dict[str, Any]) -> None:  # noqa: ANN001
         f"W8A8 QDQ ONNX in ONNX Runtime on this CPU (VNNI: {res['cpu_has_vnni']}; FP32 ONNX "
         f"{_fmt(fp32, '.4f')}):"
     )
-    for name in VIT_EXPORTS:
-        q = onnx_rows.get(name)
-        if not q:
+    for name, q in onnx_rows.items():
+        if name == "fp32" or not q:
             continue
         if "accuracy" in q:
+            speed = ", ".join(f"b{sh['batch']} {sh['speedup']:.2f}x" for sh in q.get("latency", []))
             con.print(
                 f"  {name}: accuracy {q['accuracy']:.4f} (torch fake-quant "
-                f"{q['torch_fake_quant_accuracy']:.4f}, agreement with FP32 {q['agreement']:.3f}), "
-                f"{q['integer_kernels']} integer kernels"
+                f"{q['torch_fake_quant_accuracy']:.4f}, agreement with FP32 {q['agreement']:.3f}, cosine to "
+                f"torch {q['qdq_vs_torch_fake_quant']['min_cosine']:.4f}), {q['integer_kernels']} integer "
+                f"kernels" + (f", speed vs FP32 ONNX {speed}" if speed else "")
             )
         else:
             con.print(f"  {name}: {q.get('status')}: {q.get('reason', '')}")

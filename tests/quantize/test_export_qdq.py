@@ -75,12 +75,28 @@ def test_reduce_range_weights_fit_in_7_bits(tmp_path: Path):
     assert codes and all(np.abs(c).max() <= 63 for c in codes)  # u8 * s7 pairs cannot saturate int16
 
 
-def test_log_sqrt2_attention_refuses_qdq_export(tmp_path: Path):
+@pytest.mark.parametrize("form", ["simulate", "uniform"])
+def test_log2_attention_exports_in_a_runnable_form(tmp_path: Path, form: str):
+    """ONNX has no log2 QDQ: "simulate" reproduces the torch log2 levels with float ops (matches torch
+    closely), "uniform" is the 8-bit QDQ form ONNX Runtime runs with integer kernels (approximate)."""
+    from modelpress.export.qdq import log_quantizer_count
+
     model = tiny_bert(layers=1)
     batches = text_batches(n=2)
-    quantize_model(model, batches, _pairs(model), RepQConfig(**FAST, attention=True, probs="logsqrt2"))
-    with pytest.raises(NotImplementedError):
-        export_qdq(model, batches[0], tmp_path / "log.onnx")
+    result = quantize_model(model, batches, _pairs(model), RepQConfig(**FAST, attention=True, probs="logsqrt2"))
+    assert result.metrics["log2_matmuls"] == 1 and log_quantizer_count(model) == 1  # probs @ V
+    path = export_qdq(model, batches[0], tmp_path / f"log-{form}.onnx", log_form=form)
+    check = verify_qdq(path, model, text_batches(n=2, seed=5))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    kernels = ort_kernels(path)
+    if form == "simulate":
+        assert {"Log", "Round", "Exp", "Where"} <= ops
+        assert check["min_cosine"] > 0.9999 and check["relative_error"] < 1e-3, check
+        assert integer_kernel_count(kernels) >= 6  # the Linears stay integer; the attention matmuls are float
+    else:
+        assert "Log" not in ops
+        assert check["min_cosine"] > 0.99, check
+        assert integer_kernel_count(kernels) >= 6 + 2, kernels  # attention matmuls on integer kernels too
 
 
 class _Ctx:

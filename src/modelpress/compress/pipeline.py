@@ -95,7 +95,8 @@ class Pipeline:
         report["before"] = {"parameters": graph.num_parameters(), "file_bytes": _size(Path(base.path))}
         report["after"] = {"parameters": current.num_parameters(), "file_bytes": _size(onnx_path)}
         if ctx.task is not None and ctx.data is not None:
-            report.update(self._evaluate(graph, Path(base.path), onnx_path, ctx))
+            simulated = current if getattr(exported, "log_export", None) else None
+            report.update(self._evaluate(graph, Path(base.path), onnx_path, ctx, simulated))
         if measure and ctx.target is not None:
             report["latency"] = self._measure(graph, Path(base.path), onnx_path, ctx)
         report["seconds"] = time.perf_counter() - started
@@ -106,28 +107,56 @@ class Pipeline:
 
         Fake-quant models round at every quantizer, so a float rounding tie can flip one integer code and
         the difference grows through the layers: the check is on cosine, not on exact equality.
+        Log2 / log-sqrt2 probability quantizers have no QDQ form: they export as 8-bit uniform QDQ (the
+        nearest form with integer kernels) unless that strays from the torch simulation, then as an
+        exact float-op simulation; the choice and both checks go into the report.
         """
-        from modelpress.export.qdq import export_qdq, integer_kernel_count, ort_kernels, verify_qdq
+        from modelpress.export.qdq import (
+            export_qdq,
+            integer_kernel_count,
+            log_quantizer_count,
+            ort_kernels,
+            verify_qdq,
+        )
+        from modelpress.quantize.quantizers import LOG_FORMS
 
         t0 = time.perf_counter()
-        example = graph.example_inputs(2, 16 if graph.input_spec.kind == "text" else None)
+        text = graph.input_spec.kind == "text"
+        example = graph.example_inputs(2, 16 if text else None)
+        batches = [graph.example_inputs(2, 24 if text else None, seed=s) for s in (1, 2)]
+        if not text:
+            example = example[graph.input_spec.names[0]]
+            batches = [b[graph.input_spec.names[0]] for b in batches]
+        logs = log_quantizer_count(graph.module)
+        forms = ["uniform", "simulate"] if logs else ["uniform"]
+        tried: dict[str, dict] = {}
         with ctx.reporter.step("exporting the quantized model to QDQ ONNX"):
-            export_qdq(graph.module, example if graph.input_spec.kind == "text" else example[graph.input_spec.names[0]],
-                       path, input_names=graph.input_spec.names, dynamic_axes=graph.input_spec.dynamic_axes())
-            batches = [graph.example_inputs(2, 24 if graph.input_spec.kind == "text" else None, seed=s) for s in (1, 2)]
-            if graph.input_spec.kind != "text":
-                batches = [b[graph.input_spec.names[0]] for b in batches]
-            check = verify_qdq(path, graph.module, batches)
+            for form in forms:
+                export_qdq(graph.module, example, path, input_names=graph.input_spec.names,
+                           dynamic_axes=graph.input_spec.dynamic_axes(), log_form=form)
+                check = tried[form] = verify_qdq(path, graph.module, batches)
+                if check["min_cosine"] >= QDQ_MIN_COSINE:
+                    break
             kernels = ort_kernels(path, workdir=path.parent)
         if check["min_cosine"] < QDQ_MIN_COSINE:
             raise ModelpressError(
                 f"the INT8 ONNX export disagrees with the quantized torch model (cosine {check['min_cosine']:.4f})",
                 "report this with the recipe; try fewer low-bit layers",
             )
+        log_export = None
+        if logs:
+            log_export = {"quantizers": logs, "form": form, "description": LOG_FORMS[form], "checks": tried}
+            ctx.reporter.log(f"log2 attention probabilities have no ONNX QDQ form: exported as {form!r} "
+                             f"(cosine to the torch simulation {check['min_cosine']:.4f})")
         return QuantizedExport(path, "qdq", check, dict(kernels), integer_kernel_count(kernels),
-                               time.perf_counter() - t0)
+                               time.perf_counter() - t0, log_export)
 
-    def _evaluate(self, graph: ModelGraph, base: Path, final: Path, ctx: Context) -> dict:
+    def _evaluate(
+        self, graph: ModelGraph, base: Path, final: Path, ctx: Context, simulated: ModelGraph | None = None
+    ) -> dict:
+        """Quality of the original and final ONNX files against the original torch model; with
+        ``simulated`` (a fake-quant model whose export had to approximate it), that model's too, so the
+        report shows what the export form costs."""
         from modelpress.data import onnx_runner, torch_runner
 
         threads = getattr(ctx.target, "threads", None)
@@ -137,7 +166,12 @@ class Pipeline:
             ref = ctx.task.reference_cache(reference, split)  # the original runs once
             before = ctx.task.evaluate(onnx_runner(base, threads=threads), None, split, reference_outputs=ref)
             after = ctx.task.evaluate(onnx_runner(final, threads=threads), None, split, reference_outputs=ref)
+            if simulated is not None:
+                sim = ctx.task.evaluate(torch_runner(simulated.module, graph.input_spec.names), None, split,
+                                        reference_outputs=ref)
         quality = {"before": before, "after": after, "samples": len(split)}
+        if simulated is not None:
+            quality["torch_simulation"] = sim
         if after.get("fidelity_mean", 1.0) < LOW_FIDELITY:
             ctx.reporter.log(f"[yellow]warning[/yellow]: fidelity {after['fidelity_mean']:.3f} is low")
         return {"quality": quality}
@@ -159,6 +193,7 @@ class QuantizedExport:
     kernels: dict
     integer_kernels: int
     export_seconds: float
+    log_export: dict | None = None  # how log2 probability quantizers were exported (None: there were none)
 
 
 def _is_fake_quant(module: Any) -> bool:
@@ -179,7 +214,9 @@ def _size(path: Path) -> int:
 
 def _export_info(result: Any) -> dict:
     info = {}
-    for key in ("optimization", "candidates", "file_size_bytes", "export_seconds", "kernels", "integer_kernels"):
+    keys = ("optimization", "candidates", "file_size_bytes", "export_seconds", "kernels", "integer_kernels",
+            "log_export")
+    for key in keys:
         if hasattr(result, key):
             info[key] = getattr(result, key)
     v = getattr(result, "verification", None)

@@ -63,14 +63,46 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {m} | {b} | {a} | {c} |" for m, b, a, c in comparison_rows(report)]
     lines += ["", "## Passes", ""]
     for p in report.get("passes", []) or [{"pass": "(none: export only)"}]:
-        extra = {k: v for k, v in p.items() if k not in ("pass", "stage")}
-        lines.append(f"- `{p['pass']}` {extra}")
+        extra = {k: _short(v) for k, v in p.items() if k not in ("pass", "stage")}
+        lines.append(f"- `{p['pass']}`: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+    lines += export_lines(report)
     system = (report.get("latency") or {}).get("system", {})
     if system:
         lines += ["", "## Machine", "", f"- CPU: {system.get('cpu_model')}, flags: {', '.join(system.get('cpu_flags', []))}",
                   f"- threads: {system.get('threads')}; versions: {system.get('versions')}"]
     lines += ["", f"Data: {report.get('data', '-')}; task: {report.get('task', '-')}.", ""]
     return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    """A pass metric for report.md: numbers and short lists as they are, anything bigger by its size."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return f"({len(value)} entries, see report.json)" if len(value) > 4 else str(value)
+    if isinstance(value, list) and len(value) > 6:
+        return f"({len(value)} items, see report.json)"
+    return str(value)
+
+
+def export_lines(report: dict[str, Any]) -> list[str]:
+    """The compressed export's form, integer kernels, and what an approximate export form costs."""
+    comp = (report.get("export") or {}).get("compressed") or {}
+    if not comp:
+        return []
+    lines = ["", "## Export", "", f"- form: {comp.get('optimization', '-')}"
+             + (f", {comp['integer_kernels']} integer kernels in ONNX Runtime" if "integer_kernels" in comp else "")]
+    log = comp.get("log_export")
+    if log:
+        lines.append(f"- log2 attention probabilities ({log['quantizers']} quantizers) have no ONNX QDQ form: "
+                     f"exported as `{log['form']}`: {log['description']}")
+        quality = report.get("quality") or {}
+        sim, after = quality.get("torch_simulation"), quality.get("after")
+        if sim and after:
+            cost = ", ".join(f"{k.replace('_', ' ')} {sim[k]:.4f} -> {after[k]:.4f}"
+                             for k in QUALITY_KEYS if k in sim and k in after)
+            lines.append(f"- cost of that form (torch simulation -> exported ONNX): {cost}")
+    return lines
 
 
 def render_inspect(summary: dict[str, Any]):  # noqa: ANN201 - rich.console renderable

@@ -66,6 +66,7 @@ def export_qdq(
     activation_dtype: str = "uint8",
     channel_quantize: bool = False,
     ort_fusion: bool = True,
+    log_form: str = "uniform",
 ) -> Path:
     """Export the fake-quant ``model`` to a QDQ ONNX file at ``path`` (one output: the primary output).
 
@@ -73,7 +74,9 @@ def export_qdq(
     models). ``activation_dtype``: "uint8" (U8S8 kernels) or "int8" (S8S8). ``channel_quantize``: see
     ``export_mode`` (per-channel Q instead of Mul/Add for consumer-side reparameterization).
     ``ort_fusion``: write ONNX Runtime's MatMulIntegerToFloat with the bias inside (``fuse_for_ort``);
-    False keeps a plain standard QDQ graph (for other runtimes, e.g. TensorRT).
+    False keeps a plain standard QDQ graph (for other runtimes, e.g. TensorRT). ``log_form``: how log2 /
+    log-sqrt2 attention-probability quantizers export, which ONNX cannot express as QDQ ("uniform": 8-bit
+    QDQ, integer kernels; "simulate": exact levels in float ops; see ``quantizers.LOG_FORMS``).
     """
     from modelpress.quantize.quantizers import export_mode
 
@@ -95,7 +98,7 @@ def export_qdq(
     raw = path.with_suffix(".raw.onnx")
     try:
         with (
-            export_mode(activation_dtype, channel_quantize),
+            export_mode(activation_dtype, channel_quantize, log_form),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
         ):
@@ -327,6 +330,16 @@ INTEGER_KERNELS = (
     "ConvInteger",
     "QAttention",
 )
+
+
+def log_quantizer_count(model: nn.Module) -> int:
+    """Enabled, calibrated log2 / log-sqrt2 quantizers in ``model`` (they have no ONNX QDQ form)."""
+    from modelpress.quantize.quantizers import Log2Quantizer, LogSqrt2Quantizer
+
+    return sum(
+        isinstance(m, (Log2Quantizer, LogSqrt2Quantizer)) and m.enabled and m.calibrated
+        for m in model.modules()
+    )
 
 
 def ort_kernels(path: Path | str, workdir: Path | str | None = None) -> Counter:

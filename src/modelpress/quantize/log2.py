@@ -64,11 +64,8 @@ class Log2ShiftMatMul(QuantMatMul):
             b = self.b_quantizer(b)
         if not (self.a_quantizer.enabled and self.a_quantizer.calibrated):
             return torch.matmul(a, b)
-        if export_active():
-            raise NotImplementedError(
-                "log2 attention-probability quantization has no ONNX QDQ form; quantize the probabilities "
-                "uniformly (probs='uniform') or keep the attention matmuls in float for ONNX export"
-            )
+        if export_active():  # ONNX has no log2 QDQ: the quantizer exports its nearest runnable form
+            return torch.matmul(self.a_quantizer(a), b)
         return log2_matmul(self.a_quantizer.quant(a), self.a_quantizer, b)
 
 

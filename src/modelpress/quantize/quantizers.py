@@ -12,6 +12,8 @@ carry one scale and zero point per index of ``axis``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -221,10 +223,7 @@ class _LogQuantizerBase(nn.Module):
         if not (self.enabled and self.calibrated):
             return x
         if _EXPORT.active:
-            raise NotImplementedError(
-                f"{type(self).__name__} has no ONNX QDQ form; use a uniform quantizer for attention "
-                "probabilities in models that export to ONNX, or keep the attention matmuls in float"
-            )
+            return export_log(self, x)
         return self.fake_quant(x)
 
 
@@ -259,6 +258,16 @@ class _ExportState:
     active: bool = False
     activation_dtype: str = "uint8"  # "uint8" (U8S8) or "int8" (S8S8)
     channel_quantize: bool = False  # consumer-side reparameterization as a per-channel QuantizeLinear
+    log_form: str = "uniform"  # how log2 / log-sqrt2 quantizers export (see ``LOG_FORMS``)
+
+
+LOG_FORMS = {
+    "uniform": "8-bit uniform QuantizeLinear/DequantizeLinear over the log quantizer's range [0, scale]: "
+    "the nearest form ONNX Runtime runs with integer kernels (small probabilities round to 0 or 1/255 of "
+    "the range instead of their power-of-two level)",
+    "simulate": "the log quantizer's exact levels computed with float ONNX ops (Log, Round, Exp, Where) "
+    "and a float MatMul: matches the torch simulation, runs everywhere, no integer kernel for the matmul",
+}
 
 
 _EXPORT = _ExportState()
@@ -272,20 +281,25 @@ class export_mode:  # noqa: N801 - used as a context manager
     Runtime's per-axis QuantizeLinear is far slower on CPU than a Mul, an Add and a per-tensor Q.
     """
 
-    def __init__(self, activation_dtype: str = "uint8", channel_quantize: bool = False) -> None:
+    def __init__(
+        self, activation_dtype: str = "uint8", channel_quantize: bool = False, log_form: str = "uniform"
+    ) -> None:
         if activation_dtype not in ("uint8", "int8"):
             raise ValueError("activation_dtype must be 'uint8' or 'int8'")
+        if log_form not in LOG_FORMS:
+            raise ValueError(f"log_form must be one of {sorted(LOG_FORMS)}")
         self.activation_dtype = activation_dtype
         self.channel_quantize = channel_quantize
+        self.log_form = log_form
 
     def __enter__(self) -> export_mode:
-        self._prev = (_EXPORT.active, _EXPORT.activation_dtype, _EXPORT.channel_quantize)
+        self._prev = (_EXPORT.active, _EXPORT.activation_dtype, _EXPORT.channel_quantize, _EXPORT.log_form)
         _EXPORT.active, _EXPORT.activation_dtype = True, self.activation_dtype
-        _EXPORT.channel_quantize = self.channel_quantize
+        _EXPORT.channel_quantize, _EXPORT.log_form = self.channel_quantize, self.log_form
         return self
 
     def __exit__(self, *exc) -> None:
-        _EXPORT.active, _EXPORT.activation_dtype, _EXPORT.channel_quantize = self._prev
+        _EXPORT.active, _EXPORT.activation_dtype, _EXPORT.channel_quantize, _EXPORT.log_form = self._prev
 
 
 def export_active() -> bool:
@@ -314,6 +328,47 @@ def _qdq_function(spec: dict) -> type[torch.autograd.Function]:
             return g.op("DequantizeLinear", q, scale, zero, **kwargs)
 
     return QDQ
+
+
+def _log_sim_function(spec: dict) -> type[torch.autograd.Function]:
+    """A log quantizer's quantize-dequantize: torch's own arithmetic, float ONNX ops in the graph."""
+
+    class LogSim(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            scale, zero_code, base = spec["scale"], spec["zero_code"], spec["log_base"]
+            q = torch.clamp(torch.round(-torch.log2(torch.clamp(x / scale, min=1e-30)) / base), min=0)
+            levels = scale * torch.exp2(-q * base)
+            return torch.where(q >= zero_code, torch.zeros_like(levels), levels)
+
+        @staticmethod
+        def symbolic(g, x):  # noqa: ANN001, ANN205
+            def const(v: float):  # noqa: ANN202
+                return g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32))
+
+            scale, zero_code, base = spec["scale"], spec["zero_code"], spec["log_base"] * math.log(2.0)
+            ratio = g.op("Max", g.op("Div", x, const(scale)), const(1e-30))
+            q = g.op("Round", g.op("Mul", g.op("Log", ratio), const(-1.0 / base)))
+            q = g.op("Min", g.op("Max", q, const(0.0)), const(zero_code))
+            levels = g.op("Mul", g.op("Exp", g.op("Mul", q, const(-base))), const(scale))
+            is_zero = g.op("GreaterOrEqual", q, const(zero_code))
+            return g.op("Where", is_zero, const(0.0), levels)
+
+    return LogSim
+
+
+def export_log(q: _LogQuantizerBase, x: torch.Tensor) -> torch.Tensor:
+    """Export form of a log2 / log-sqrt2 quantizer (ONNX has no logarithmic QDQ): see ``LOG_FORMS``."""
+    if _EXPORT.log_form == "simulate":
+        spec = {
+            "scale": float(q.scale),
+            "zero_code": float(q.zero_code),
+            "log_base": q.log_base,
+        }
+        return _log_sim_function(spec).apply(x)
+    uniform = UniformQuantizer(8, symmetric=False)
+    uniform.set_params(q.scale.detach() / float(uniform.qmax - uniform.qmin), torch.zeros(()))
+    return _export_qdq(uniform, x)
 
 
 def _weight_dq_function(spec: dict) -> type[torch.autograd.Function]:
