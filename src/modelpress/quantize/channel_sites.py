@@ -72,7 +72,10 @@ def apply_floor(q: UniformQuantizer, floor: float) -> None:
     hi = (q.qmax - q.zero_point) * q.scale
     per_tensor = (hi.max() - lo.min()) / float(q.qmax - q.qmin)
     scale = torch.maximum(q.scale, per_tensor * floor)
-    zero = torch.clamp(torch.round(q.qmin - lo / scale), q.qmin, q.qmax)
+    if q.symmetric:
+        zero = torch.zeros_like(scale)
+    else:
+        zero = torch.clamp(torch.round(q.qmin - lo / scale), q.qmin, q.qmax)
     q.set_params(scale, zero)
 
 
@@ -87,7 +90,10 @@ def _channel_quantizers(
 ) -> dict[str, UniformQuantizer]:
     """Per-channel quantizers for ``layers``, calibrated together in one pass over ``batches``."""
     saved = {n: m.input_quantizer for n, m in layers}
-    fresh = {n: UniformQuantizer(m.input_quantizer.bits, symmetric=False, axis=-1) for n, m in layers}
+    fresh = {
+        n: UniformQuantizer(m.input_quantizer.bits, symmetric=m.input_quantizer.symmetric, axis=-1)
+        for n, m in layers
+    }
     for n, m in layers:
         m.input_quantizer = fresh[n]
     try:

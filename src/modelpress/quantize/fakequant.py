@@ -41,7 +41,8 @@ class QuantConfig:
     weight_observer / act_observer: "minmax", "percentile" or "mse". probs: quantizer for attention
     probabilities ("uniform", "log2" or "logsqrt2"). attention: quantize the two attention matmuls.
     weight_reduce_range: weights use one bit less (7-bit codes in int8), which keeps U8S8 integer kernels
-    exact on CPUs without VNNI.
+    exact on CPUs without VNNI. symmetric_activations: signed activation codes with zero point 0 (what
+    TensorRT's explicit quantization requires); asymmetric (unsigned) ones fit ONNX Runtime's U8S8 kernels.
     """
 
     weight_observer: str = "minmax"
@@ -50,6 +51,7 @@ class QuantConfig:
     attention: bool = True
     probs: str = "uniform"
     weight_reduce_range: bool = False
+    symmetric_activations: bool = False
 
 
 class QuantLinear(nn.Module):
@@ -66,6 +68,7 @@ class QuantLinear(nn.Module):
         w_bits: int | None = 8,
         a_bits: int | None = 8,
         weight_reduce_range: bool = False,
+        act_symmetric: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -75,7 +78,7 @@ class QuantLinear(nn.Module):
         self.weight_quantizer = (
             None if wb is None else UniformQuantizer(wb, symmetric=True, axis=0, narrow=True)
         )
-        self.input_quantizer = None if a_bits is None else UniformQuantizer(a_bits, symmetric=False)
+        self.input_quantizer = None if a_bits is None else UniformQuantizer(a_bits, symmetric=act_symmetric)
         self.register_buffer("input_scale", None)
         self.register_buffer("input_shift", None)
 
@@ -131,6 +134,7 @@ class QuantConv2d(nn.Module):
         w_bits: int | None = 8,
         a_bits: int | None = 8,
         weight_reduce_range: bool = False,
+        act_symmetric: bool = False,
     ) -> None:
         super().__init__()
         self.conv = conv
@@ -138,7 +142,7 @@ class QuantConv2d(nn.Module):
         self.weight_quantizer = (
             None if wb is None else UniformQuantizer(wb, symmetric=True, axis=0, narrow=True)
         )
-        self.input_quantizer = None if a_bits is None else UniformQuantizer(a_bits, symmetric=False)
+        self.input_quantizer = None if a_bits is None else UniformQuantizer(a_bits, symmetric=act_symmetric)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -197,9 +201,9 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def _probs_quantizer(kind: str, bits: int) -> Quantizer:
+def _probs_quantizer(kind: str, bits: int, symmetric: bool = False) -> Quantizer:
     if kind == "uniform":
-        return UniformQuantizer(bits, symmetric=False)
+        return UniformQuantizer(bits, symmetric=symmetric)
     if kind == "log2":
         return Log2Quantizer(bits)
     if kind == "logsqrt2":
@@ -225,7 +229,13 @@ def wrap_model(
                 applied[name] = spec
                 continue
             cls = QuantLinear if isinstance(m, nn.Linear) else QuantConv2d
-            wrapped = cls(m, spec.w_bits, spec.a_bits, weight_reduce_range=config.weight_reduce_range)
+            wrapped = cls(
+                m,
+                spec.w_bits,
+                spec.a_bits,
+                weight_reduce_range=config.weight_reduce_range,
+                act_symmetric=config.symmetric_activations,
+            )
             if wrapped.weight_quantizer is not None:
                 calibrate_weight(wrapped.weight_quantizer, wrapped.weight.detach(), config.weight_observer)
             _set_submodule(model, name, wrapped)
@@ -245,7 +255,8 @@ def wrap_model(
                     )
                 else:
                     mm = QuantMatMul(
-                        _probs_quantizer(config.probs, bits), UniformQuantizer(bits, symmetric=True)
+                        _probs_quantizer(config.probs, bits, config.symmetric_activations),
+                        UniformQuantizer(bits, symmetric=True),
                     )
                 setattr(m, which, mm)
         if attn:

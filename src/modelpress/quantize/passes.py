@@ -78,6 +78,7 @@ class RepQPassConfig(PassConfig):
     granularity: Literal["layer", "block"] = "layer"
     log2_inference: bool = True
     weight_reduce_range: bool | Literal["auto"] = "auto"
+    symmetric_activations: bool = False  # zero points 0: needed for TensorRT engines (export/tensorrt.py)
     auto_float: int = Field(0, ge=0)
     auto_float_target: float | None = None
     channel_sites: list[str] = Field(default_factory=list)

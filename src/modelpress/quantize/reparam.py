@@ -56,7 +56,7 @@ def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
     consumer Linears reads the norm's output; unknown when absent.
 
     The consumers must be QuantLinear wrappers with input quantizers of one bit width; they are given one
-    shared per-channel (axis -1) asymmetric quantizer. Pairs whose consumers are float are skipped.
+    shared per-channel (axis -1) quantizer, asymmetric unless the consumers' quantizers are symmetric. Pairs whose consumers are float are skipped.
     """
     names = {id(m): n for n, m in model.named_modules()}
     groups = []
@@ -83,7 +83,8 @@ def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
         bits = {m.input_quantizer.bits for _, m in quantized}
         if len(bits) != 1:
             raise ModelpressError(f"consumers of {norm_name} use different activation bits {sorted(bits)}")
-        shared = UniformQuantizer(bits.pop(), symmetric=False, axis=-1)
+        symmetric = all(m.input_quantizer.symmetric for _, m in quantized)
+        shared = UniformQuantizer(bits.pop(), symmetric=symmetric, axis=-1)
         for _, m in quantized:
             m.input_quantizer = shared
         groups.append(NormGroup(norm_name, norm, quantized, shared, other_readers=other))

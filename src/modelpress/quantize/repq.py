@@ -52,6 +52,7 @@ class RepQConfig:
     granularity: str = "layer"  # layer | block
     log2_inference: bool = True
     weight_reduce_range: bool = False
+    symmetric_activations: bool = False
     auto_float: int = 0
     auto_float_target: float | None = None
     observer_samples: int = 1 << 20
@@ -98,6 +99,7 @@ def quantize_model(
         attention=cfg.attention,
         probs=cfg.probs,
         weight_reduce_range=cfg.weight_reduce_range,
+        symmetric_activations=cfg.symmetric_activations,
     )
     applied = wrap_model(model, policy, qcfg)
     metrics["layers"] = {n: str(s) for n, s in applied.items()}
