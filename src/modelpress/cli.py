@@ -105,6 +105,8 @@ def run_recipe(
             saving.write_into(result.graph, tmp)
             shutil.copyfile(result.onnx_path, tmp / "model.onnx")
             report = result.report
+            if tgt.name == "tensorrt":
+                report["tensorrt_engine"] = _tensorrt_engine(tmp / "model.onnx", graph, tmp / "model.plan")
             report["data"] = getattr(task_data, "description", str(data))
             report["task"] = ctx.task.name
             report["output"] = str(out)
@@ -186,6 +188,26 @@ def quantize(
         raise ModelpressError(f"--method {method} quantizes to w8a8 only (got --bits {bits})", "use --method repq for other bit widths")
     rec = Recipe.from_dict({"name": f"quantize-{method}-{bits}", "passes": [entry]}, "--method/--bits")
     run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
+
+
+def _tensorrt_engine(onnx_path: Path, graph: Any, engine_path: Path) -> dict[str, Any]:
+    """Build model.plan beside model.onnx for --target tensorrt (dynamic batch 1..32, and sequence 1..512
+    for text models; the optimal shape is the default input shape)."""
+    from modelpress.export.tensorrt import build_engine
+    from modelpress.export.tensorrt import tensorrt_problems as problems
+
+    spec = graph.input_spec
+    opt = {n: tuple(t.shape) for n, t in graph.example_inputs(1).items()}
+    shapes = {}
+    for name, shape in opt.items():
+        lo, hi = list(shape), list(shape)
+        lo[0], hi[0] = 1, 32
+        if spec.kind == "text" and len(shape) > 1:
+            lo[1], hi[1] = 1, 512
+        shapes[name] = (tuple(lo), shape, tuple(hi))
+    build_engine(onnx_path, engine_path, shapes=shapes)
+    return {"path": engine_path.name, "bytes": engine_path.stat().st_size, "problems": problems(onnx_path),
+            "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
 
 
 @app.command()

@@ -66,3 +66,21 @@ def test_tensorrt_engine_matches_torch_fake_quant(tmp_path: Path):
         a, b = ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         assert cos.min() > 0.99, cos
+
+
+@pytest.mark.parametrize("target, symmetric", [("tensorrt", True), ("ort-cpu", False)])
+def test_repq_pass_quantizes_for_the_target(tmp_path: Path, target: str, symmetric: bool):
+    """symmetric_activations: auto follows the run's target, so --target tensorrt gets zero points 0."""
+    from types import SimpleNamespace
+
+    from modelpress.compress.passes import PASSES
+    from modelpress.quantize.fakequant import activation_quantizers
+    from tests.quantize.test_export_qdq import _Ctx, _graph
+
+    ctx = _Ctx(tmp_path, text_batches(n=2))
+    ctx.target = SimpleNamespace(name=target)
+    res = PASSES["quantize.repq"]({**FAST, "samples": 6}).apply(_graph(tiny_bert(layers=1)), ctx)
+    quantizers = [q for _, q in activation_quantizers(res.graph.module)]
+    assert quantizers and all(q.symmetric == symmetric for q in quantizers)
+    if symmetric:
+        assert all(float(q.zero_point.abs().max()) == 0 for q in quantizers)

@@ -128,12 +128,15 @@ class Pipeline:
             example = example[graph.input_spec.names[0]]
             batches = [b[graph.input_spec.names[0]] for b in batches]
         logs = log_quantizer_count(graph.module)
+        # TensorRT wants standard QDQ with signed activations; ONNX Runtime's CPU kernels want U8S8 + its fusions
+        tensorrt = getattr(ctx.target, "name", None) == "tensorrt"
+        flavour = {"activation_dtype": "int8", "ort_fusion": False} if tensorrt else {}
         forms = ["uniform", "simulate"] if logs else ["uniform"]
         tried: dict[str, dict] = {}
         with ctx.reporter.step("exporting the quantized model to QDQ ONNX"):
             for form in forms:
                 export_qdq(graph.module, example, path, input_names=graph.input_spec.names,
-                           dynamic_axes=graph.input_spec.dynamic_axes(), log_form=form)
+                           dynamic_axes=graph.input_spec.dynamic_axes(), log_form=form, **flavour)
                 check = tried[form] = verify_qdq(path, graph.module, batches)
                 if check["min_cosine"] >= QDQ_MIN_COSINE:
                     break
@@ -143,6 +146,13 @@ class Pipeline:
                 f"the INT8 ONNX export disagrees with the quantized torch model (cosine {check['min_cosine']:.4f})",
                 "report this with the recipe; try fewer low-bit layers",
             )
+        if tensorrt:
+            from modelpress.export.tensorrt import tensorrt_problems
+
+            problems = tensorrt_problems(path)
+            if problems:
+                raise ModelpressError(f"the quantized export is not TensorRT-ready: {problems[0]}",
+                                      "leave quantize.repq's symmetric_activations at auto (or true) for --target tensorrt")
         log_export = None
         if logs:
             log_export = {"quantizers": logs, "form": form, "description": LOG_FORMS[form], "checks": tried}

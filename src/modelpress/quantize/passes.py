@@ -78,7 +78,8 @@ class RepQPassConfig(PassConfig):
     granularity: Literal["layer", "block"] = "layer"
     log2_inference: bool = True
     weight_reduce_range: bool | Literal["auto"] = "auto"
-    symmetric_activations: bool = False  # zero points 0: needed for TensorRT engines (export/tensorrt.py)
+    # zero points 0, as TensorRT's explicit quantization needs; auto: on when the run targets TensorRT
+    symmetric_activations: bool | Literal["auto"] = "auto"
     auto_float: int = Field(0, ge=0)
     auto_float_target: float | None = None
     channel_sites: list[str] = Field(default_factory=list)
@@ -115,6 +116,8 @@ class RepQPass(Pass):
         if values["weight_reduce_range"] == "auto":
             # U8S8 integer kernels saturate on CPUs without VNNI unless weights use 7 bits
             values["weight_reduce_range"] = not cpu_has_vnni()
+        if values["symmetric_activations"] == "auto":
+            values["symmetric_activations"] = getattr(getattr(ctx, "target", None), "name", None) == "tensorrt"
         rq = RepQConfig(**values)
         reporter = getattr(ctx, "reporter", None)
         result = quantize_model(
