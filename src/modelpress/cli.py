@@ -183,6 +183,12 @@ def quantize(
 
     entry: dict[str, Any] = {"pass": f"quantize.{method}"}
     if method == "repq":
+        # the built-in recipe for these bits, when there is one (e.g. w8a8 -> int8's auto_channel)
+        from modelpress.compress.recipe import load_recipe
+
+        builtin = {"w8a8": "int8", "w4a8": "w4a8", "w4a4": "w4a4-repq"}.get(bits.lower())
+        if builtin:
+            entry = dict(load_recipe(builtin).to_dict()["passes"][0])
         entry["default"] = bits
     elif bits != "w8a8":
         raise ModelpressError(f"--method {method} quantizes to w8a8 only (got --bits {bits})", "use --method repq for other bit widths")

@@ -39,3 +39,28 @@ def test_prune_minilm_through_cli(tmp_path, capsys):
     np.testing.assert_allclose(onnx_runner(out / "model.onnx")(batch), torch_runner(g.module, g.input_spec.names)(batch),
                                atol=2e-3)
     assert "| ORT latency median" in (out / "report.md").read_text()
+
+
+def test_quantize_minilm_through_cli(tmp_path, capsys):
+    """`modelpress quantize --method repq --bits w8a8` (the int8 recipe, also the default): every Linear
+    INT8 on integer kernels, fidelity on held-out sentences above every peer's (NNCF: 0.9976), and the
+    saved fake-quant model reloads to the same outputs as its ONNX file."""
+    out = tmp_path / "int8"
+    main(["quantize", "--method", "repq", "--bits", "w8a8", "-o", str(out), "--json", "-q"])
+    report = json.loads(capsys.readouterr().out)
+    metrics = report["passes"][0]
+    assert set(metrics["layers"].values()) == {"w8a8"}  # nothing kept in float
+    assert metrics["channel_sites"]["sites"]  # the scan found Linear inputs worth per-channel scales
+    compressed = report["export"]["compressed"]
+    assert compressed["kernels"].get("MatMulIntegerToFloat", 0) >= 36, compressed["kernels"]
+    assert report["quality"]["after"]["fidelity_mean"] > 0.998, report["quality"]
+    assert report["after"]["file_bytes"] < 0.7 * report["before"]["file_bytes"]
+    assert all(s["speedup"] > 0 for s in report["latency"]["variants"]["compressed"]["shapes"])
+
+    g = modelpress.load(out)
+    from modelpress.data import onnx_runner, torch_runner
+
+    batch = g.input_spec.make(2, 24, seed=5)
+    a, b = onnx_runner(out / "model.onnx")(batch), torch_runner(g.module, g.input_spec.names)(batch)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.min() > 0.99

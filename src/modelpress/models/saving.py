@@ -97,16 +97,17 @@ def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Mode
     module = build(spec["source"], trust_pickle=trust_pickle)
     for e in spec["edits"]:
         apply_edit(module, e)
+    _fit_shapes(module, weights)
+    if spec["edits"]:
+        # the config follows the edited widths; analysed on the float model (a fake-quant graph is far
+        # larger to trace and gives the same widths)
+        ModelGraph(module.eval(), InputSpec.from_dict(spec["input_spec"]), spec["source"],
+                   edits=spec["edits"])._sync_config()
     if spec.get("quantization"):
         from modelpress.quantize.state import rebuild
 
         rebuild(module, spec["quantization"])
-    current = dict(module.state_dict())
-    with torch.no_grad():
-        for name, t in weights.items():
-            if name in current and tuple(current[name].shape) != tuple(t.shape):
-                set_tensor(module, name, torch.empty(t.shape, dtype=t.dtype))
-    sync_module_attrs(module)
+        _fit_shapes(module, weights)
     for alias, name in spec.get("aliases", {}).items():
         weights[alias] = weights[name]
     missing, unexpected = module.load_state_dict(weights, strict=False)
@@ -132,5 +133,14 @@ def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Mode
         edits=spec["edits"],
         name=spec.get("name", folder.name),
     )
-    graph._sync_config()
     return graph
+
+
+def _fit_shapes(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Give tensors whose saved shape differs (replayed edits, per-tensor vs per-channel scales) that shape."""
+    current = dict(module.state_dict())
+    with torch.no_grad():
+        for name, t in weights.items():
+            if name in current and tuple(current[name].shape) != tuple(t.shape):
+                set_tensor(module, name, torch.empty(t.shape, dtype=t.dtype))
+    sync_module_attrs(module)
