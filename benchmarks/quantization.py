@@ -141,6 +141,25 @@ VIT_COMMON = {"attention": True}  # every ViT row quantizes the two attention ma
 VIT_KEEP_8BIT = ("vit.embeddings.patch_embeddings.projection", "classifier")
 
 
+# MiniLM component ablation (torch fake-quant fidelity on the held-out sentences): the digits ViT is too
+# easy to rank components (every row lands within a few images of FP32), MiniLM's cosine fidelity is not.
+ABLATION_BITS = ("w8a8", "w6a6", "w4a8")
+
+
+def ablation_methods() -> dict[str, dict[str, Any]]:
+    ours = {**recipe_options("int8"), "attention": True}
+    return {
+        "minmax_ptq": {**_PLAIN, "act_observer": "minmax", "attention": True},
+        "percentile_ptq": {**_PLAIN, "act_observer": "percentile", "attention": True},
+        "ours": ours,
+        "ours_no_reparam": {**ours, "reparam": False},
+        "ours_no_channel_sites": {**ours, "auto_channel": 0},
+        "ours_uniform_softmax": {**ours, "probs": "uniform"},
+        "ours_dual_clipping": {**ours, "dual_clipping": True},
+        "ours_no_reconstruction": {**ours, "reconstruction": "none"},
+    }
+
+
 def recipe_options(name: str) -> dict[str, Any]:
     """The quantize.repq options of a built-in recipe (so the benchmark measures what users get)."""
     import yaml
@@ -658,6 +677,70 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
     }
 
 
+def run_minilm_ablation(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+    import modelpress
+    from modelpress.compress import Context
+    from modelpress.data import EmbeddingTask, load_data, torch_runner
+    from modelpress.quantize.passes import RepQPass
+
+    started = time.perf_counter()
+    with reporter.step("loading all-MiniLM-L6-v2"), _quiet():
+        graph = modelpress.load()
+    spec, names = graph.input_spec, list(graph.input_spec.names)
+    n_eval = N_EVALUATION_QUICK if args.quick else N_EVALUATION
+    data = load_data(
+        None, spec, graph.tokenizer, n_calibration=N_CALIBRATION, n_evaluation=n_eval, max_length=SEQ
+    )
+    task = EmbeddingTask()
+    reference = task.reference_cache(torch_runner(graph.module, names), data.evaluation)
+    ctx = Context(workdir=tmp / "ablation-ctx", data=data, seed=0, reporter=reporter)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, config in ablation_methods().items():
+        rows[name] = {"config": config, "bits": {}}
+        for bits in ABLATION_BITS:
+            try:
+                with reporter.step(f"MiniLM ablation {name} {bits}"), _quiet():
+                    t0 = time.perf_counter()
+                    result = RepQPass({**config, "default": bits}).apply(graph, ctx)
+                    seconds = time.perf_counter() - t0
+                    m = task.evaluate(
+                        torch_runner(result.graph.module, names), None, data.evaluation, reference_outputs=reference
+                    )
+                rows[name]["bits"][bits] = {
+                    **{k: round(v, 5) for k, v in m.items()},
+                    "calibration_seconds": round(seconds, 2),
+                    "channel_sites": (result.metrics.get("channel_sites") or {}).get("sites", []),
+                }
+            except Exception as exc:
+                rows[name]["bits"][bits] = _failure(exc)
+                reporter.log(f"[yellow]ablation {name} {bits} failed:[/yellow] {exc}")
+    return {
+        "model": "all-MiniLM-L6-v2, every Linear and both attention matmuls quantized at the given bits",
+        "protocol": "torch fake-quant model vs the FP32 torch model on the held-out sentences: mean/min cosine "
+        "of mean-pooled embeddings and pairwise-similarity Spearman; 128 calibration sentences",
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def print_ablation(con, res: dict[str, Any]) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    table = Table(title="MiniLM component ablation: fidelity mean (min), torch fake-quant, attention quantized")
+    table.add_column("method")
+    for bits in ABLATION_BITS:
+        table.add_column(bits.upper(), justify="right")
+    for name, row in res["rows"].items():
+        cells = []
+        for bits in ABLATION_BITS:
+            v = row["bits"].get(bits) or {}
+            cells.append(
+                f"{v['fidelity_mean']:.4f} ({v['fidelity_min']:.4f})" if "fidelity_mean" in v else v.get("status", "-")
+            )
+        table.add_row(name, *cells)
+    con.print(table)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -666,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-nncf", action="store_true", help="skip NNCF (MiniLM and ViT)")
     parser.add_argument("--skip-vit", action="store_true", help="skip the digits ViT part")
     parser.add_argument("--skip-minilm", action="store_true", help="skip the MiniLM part")
+    parser.add_argument("--skip-ablation", action="store_true", help="skip the MiniLM component ablation")
     args = parse_timing_args(parser, argv)
 
     from modelpress.bench import system_info, write_json_atomic
@@ -692,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             result["minilm"] = run_minilm(args, Path(tmp), reporter)
         if not args.skip_vit:
             result["digits_vit"] = run_vit(args, Path(tmp), reporter)
+        if not args.skip_ablation:
+            result["minilm_ablation"] = run_minilm_ablation(args, Path(tmp), reporter)
     result["seconds"] = round(time.perf_counter() - started, 1)
     if "minilm" in result:
         acc = result["minilm"]["acceptance"]
@@ -716,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         print_minilm(con, result["minilm"])
     if "digits_vit" in result:
         print_vit(con, result["digits_vit"])
+    if "minilm_ablation" in result:
+        print_ablation(con, result["minilm_ablation"])
     con.print(f"wrote {out} ({result['seconds']:.0f} s{', QUICK: smoke numbers' if args.quick else ''})")
     return 0
 

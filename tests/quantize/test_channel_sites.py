@@ -123,3 +123,18 @@ def test_channel_site_exports_per_channel_quantize_and_keeps_integer_kernels(tmp
     assert check["min_cosine"] > 0.999 and check["relative_error"] < 0.03, check
     kernels = ort_kernels(path)
     assert integer_kernel_count(kernels) >= 2 * 6, kernels
+
+
+def test_norm_floor_auto_follows_the_consumers_weight_bits():
+    """Reparameterization spreads weight columns by r1: at 4-bit weights the post-norm scales get a floor."""
+    from modelpress.quantize.fakequant import QuantLinear
+    from modelpress.quantize.reparam import NormGroup
+    from modelpress.quantize.repq import norm_floor
+
+    def group(w_bits: int) -> NormGroup:
+        lin = QuantLinear(nn.Linear(8, 8), w_bits=w_bits, a_bits=8)
+        return NormGroup("norm", nn.LayerNorm(8), [("lin", lin)], lin.input_quantizer)
+
+    assert norm_floor(group(8), "auto") == 0.0 and norm_floor(group(6), "auto") == 0.0
+    assert norm_floor(group(4), "auto") == 0.25 and 0 < norm_floor(group(5), "auto") < 0.25
+    assert norm_floor(group(4), 0.0) == 0.0  # an explicit setting wins

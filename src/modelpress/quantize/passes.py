@@ -86,6 +86,7 @@ class RepQPassConfig(PassConfig):
     auto_channel: int = Field(0, ge=0)
     channel_floor: float = Field(0.25, ge=0.0, le=1.0)
     channel_min_gain: float = Field(0.1, ge=0.0, le=1.0)
+    norm_floor: float | Literal["auto"] = "auto"  # see repq.AUTO_NORM_FLOOR
 
 
 @register
