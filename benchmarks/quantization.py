@@ -239,11 +239,30 @@ def _per_round_ratio(report, faster: str, slower: str, batch: int) -> float:  # 
 # ---------------------------------------------------------------------------------------------- MiniLM
 
 
-def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+def _minilm_setup(args: argparse.Namespace, workdir: Path, reporter) -> tuple:  # noqa: ANN001
+    """MiniLM, its calibration/evaluation sentences, the task, cached FP32 reference outputs, a Context."""
     import modelpress
+    from modelpress.compress import Context
+    from modelpress.data import EmbeddingTask, load_data, torch_runner
+
+    with reporter.step("loading all-MiniLM-L6-v2"), _quiet():
+        graph = modelpress.load()
+    n_eval = N_EVALUATION_QUICK if args.quick else N_EVALUATION
+    data = load_data(
+        None, graph.input_spec, graph.tokenizer, n_calibration=N_CALIBRATION, n_evaluation=n_eval, max_length=SEQ
+    )
+    task = EmbeddingTask()
+    with reporter.step("reference embeddings (torch FP32)"):
+        reference = task.reference_cache(torch_runner(graph.module, list(graph.input_spec.names)), data.evaluation)
+    ctx = Context(workdir=workdir, data=data, seed=0, reporter=reporter)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    return graph, data, task, reference, ctx
+
+
+def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     from modelpress.bench import get_target, measure
     from modelpress.compress import Context
-    from modelpress.data import EmbeddingTask, load_data, onnx_runner, torch_runner
+    from modelpress.data import onnx_runner
     from modelpress.export import export_onnx
     from modelpress.export.files import onnx_file_size
     from modelpress.export.qdq import export_qdq, verify_qdq
@@ -251,18 +270,8 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
     from modelpress.quantize.passes import NNCFQuantize, OrtStaticInt8, RepQPass, cpu_has_vnni
 
     started = time.perf_counter()
-    with reporter.step("loading all-MiniLM-L6-v2"), _quiet():
-        graph = modelpress.load()
+    graph, data, task, reference, ctx = _minilm_setup(args, tmp / "ctx", reporter)
     spec, names = graph.input_spec, list(graph.input_spec.names)
-    n_eval = N_EVALUATION_QUICK if args.quick else N_EVALUATION
-    data = load_data(
-        None, spec, graph.tokenizer, n_calibration=N_CALIBRATION, n_evaluation=n_eval, max_length=SEQ
-    )
-    task = EmbeddingTask()
-    with reporter.step("reference embeddings (torch FP32)"):
-        reference = task.reference_cache(torch_runner(graph.module, names), data.evaluation)
-    ctx = Context(workdir=tmp / "ctx", data=data, seed=0, reporter=reporter)
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
     vnni = cpu_has_vnni()
     reduce_range = not vnni  # ONNX Runtime's advice for U8S8 on CPUs without VNNI; ours does the same
 
@@ -678,22 +687,12 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
 
 
 def run_minilm_ablation(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
-    import modelpress
-    from modelpress.compress import Context
-    from modelpress.data import EmbeddingTask, load_data, torch_runner
+    from modelpress.data import torch_runner
     from modelpress.quantize.passes import RepQPass
 
     started = time.perf_counter()
-    with reporter.step("loading all-MiniLM-L6-v2"), _quiet():
-        graph = modelpress.load()
-    spec, names = graph.input_spec, list(graph.input_spec.names)
-    n_eval = N_EVALUATION_QUICK if args.quick else N_EVALUATION
-    data = load_data(
-        None, spec, graph.tokenizer, n_calibration=N_CALIBRATION, n_evaluation=n_eval, max_length=SEQ
-    )
-    task = EmbeddingTask()
-    reference = task.reference_cache(torch_runner(graph.module, names), data.evaluation)
-    ctx = Context(workdir=tmp / "ablation-ctx", data=data, seed=0, reporter=reporter)
+    graph, data, task, reference, ctx = _minilm_setup(args, tmp / "ablation-ctx", reporter)
+    names = list(graph.input_spec.names)
     rows: dict[str, dict[str, Any]] = {}
     for name, config in ablation_methods().items():
         rows[name] = {"config": config, "bits": {}}
