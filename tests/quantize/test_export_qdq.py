@@ -191,3 +191,17 @@ def test_repq_pass_reduce_range_auto_follows_the_cpu(tmp_path: Path, monkeypatch
     res = PASSES["quantize.repq"]({**FAST, "samples": 4, "reconstruction": "none"}).apply(graph, ctx)
     layer = res.graph.module.encoder.layer[0].intermediate.dense
     assert layer.weight_quantizer.qmax == 63  # 7-bit weights without VNNI
+
+
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_sub_8bit_activations_export_exactly_in_8bit_containers(tmp_path: Path, act_dtype: str):
+    """W4A4: ONNX Runtime has no 4-bit kernels; a Clip to the 4-bit range before each 8-bit QuantizeLinear
+    gives the same codes, so the export still matches the torch fake-quant model and runs integer kernels."""
+    model = tiny_bert()
+    batches = text_batches(n=3)
+    quantize_model(model, batches, _pairs(model), RepQConfig(**FAST, default="w4a4"))
+    path = export_qdq(model, batches[0], tmp_path / "w4a4.onnx", activation_dtype=act_dtype)
+    assert "Clip" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    check = verify_qdq(path, model, text_batches(n=2, seed=5))
+    assert check["min_cosine"] > 0.999 and check["relative_error"] < 0.03, check
+    assert integer_kernel_count(ort_kernels(path)) >= 2 * 6

@@ -324,6 +324,9 @@ def _qdq_function(spec: dict) -> type[torch.autograd.Function]:
             scale = g.op("Constant", value_t=spec["scale"])
             zero = g.op("Constant", value_t=spec["zero"])
             kwargs = {} if spec["axis"] is None else {"axis_i": spec["axis"]}
+            if "clip" in spec:  # narrower than the 8-bit container: clamp to the real range first
+                lo, hi = (g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32)) for v in spec["clip"])
+                x = g.op("Clip", x, lo, hi)
             q = g.op("QuantizeLinear", x, scale, zero, **kwargs)
             return g.op("DequantizeLinear", q, scale, zero, **kwargs)
 
@@ -408,14 +411,19 @@ def onnx_qparams(q: UniformQuantizer, dtype: str) -> tuple[torch.Tensor, torch.T
 
 
 def _export_qdq(q: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
-    if q.bits != 8 or (q.axis is not None):
+    """Per-tensor activation Q/DQ. Below 8 bits the codes travel in 8-bit containers: a Clip to the
+    quantizer's real range before the QuantizeLinear gives exactly the narrow codes (ONNX Runtime and
+    TensorRT have no sub-8-bit activation kernels)."""
+    if q.bits > 8 or (q.axis is not None):
         raise NotImplementedError(
-            f"only 8-bit per-tensor activation quantizers export to ONNX QDQ (got {q.extra_repr()}); "
+            f"only per-tensor activation quantizers of up to 8 bits export to ONNX QDQ (got {q.extra_repr()}); "
             "run scale reparameterization first, or keep this layer's input in float"
         )
     scale, zero, _ = onnx_qparams(q, _EXPORT.activation_dtype)
     fq = (float(q.scale), float(q.zero_point), float(q.qmin), float(q.qmax))
     spec = {"fq": fq, "scale": scale.reshape(()), "zero": zero.reshape(()), "axis": None}
+    if q.bits < 8:
+        spec["clip"] = ((q.qmin - fq[1]) * fq[0], (q.qmax - fq[1]) * fq[0])
     return _qdq_function(spec).apply(x)
 
 
