@@ -192,7 +192,17 @@ class Pipeline:
         variants = {"original": base} if base == final else {"original": base, "compressed": final}
         with ctx.reporter.step("measuring latency (interleaved rounds)"):
             bench = measure(variants, graph.input_spec, ctx.target, baseline="original", reporter=ctx.reporter)
-        return bench.to_dict()
+        out = bench.to_dict()
+        shapes = out.get("variants", {}).get("compressed", {}).get("shapes", [])
+        slower = [s for s in shapes if s.get("speedup") is not None and s["speedup"] < 1.0]
+        if shapes and len(slower) == len(shapes):
+            ratios = ", ".join(f"{s['speedup']:.2f}x" for s in slower)
+            msg = (f"the compressed model is slower than the original on {ctx.target.name} "
+                   f"({ratios}); on very small models the per-op overhead (e.g. quantize/dequantize) can "
+                   "outweigh the savings: keep the original, or try another recipe")
+            ctx.reporter.log(f"[yellow]warning[/yellow]: {msg}")
+            out["warning"] = msg
+        return out
 
 
 @dataclass

@@ -61,6 +61,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {m} | {b} | {a} | {c} |" for m, b, a, c in comparison_rows(report)]
+    warning = (report.get("latency") or {}).get("warning")
+    if warning:
+        lines += ["", f"**Warning**: {warning}"]
     lines += ["", "## Passes", ""]
     for p in report.get("passes", []) or [{"pass": "(none: export only)"}]:
         extra = {k: _short(v) for k, v in p.items() if k not in ("pass", "stage")}
