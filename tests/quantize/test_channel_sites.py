@@ -138,3 +138,18 @@ def test_norm_floor_auto_follows_the_consumers_weight_bits():
     assert norm_floor(group(8), "auto") == 0.0 and norm_floor(group(6), "auto") == 0.0
     assert norm_floor(group(4), "auto") == 0.25 and 0 < norm_floor(group(5), "auto") < 0.25
     assert norm_floor(group(4), 0.0) == 0.0  # an explicit setting wins
+
+
+def test_quantization_is_deterministic():
+    """Same model, data and config: identical scales, zero points and reconstructed weights."""
+    from tests.quantize.test_export_qdq import _pairs as pairs
+
+    states = []
+    for _ in range(2):
+        model = tiny_bert()
+        cfg = RepQConfig(auto_channel=2, channel_floor=0.25)  # MSE observers, GPTQ, the site scan
+        quantize_model(model, text_batches(n=4), pairs(model), cfg)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
