@@ -722,6 +722,44 @@ def run_minilm_ablation(args: argparse.Namespace, tmp: Path, reporter) -> dict[s
     }
 
 
+def plot_minilm(res: dict[str, Any], path: Path) -> Path | None:
+    """Embedding error vs speedup per variant (one panel per thread count and batch): where the trade-off
+    sits is quicker to see than to read. Needs matplotlib (the ``plot`` extra); returns None without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = [f"threads{t}_batch{b}" for t in THREADS for b in BATCHES]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.0), sharey=True)
+    for ax, key in zip(axes, keys, strict=True):
+        for name, v in res["variants"].items():
+            lat, fid = (v.get("latency") or {}).get(key), v.get("fidelity")
+            if not lat or not fid or name == BASELINE:
+                continue
+            err = max(1.0 - fid["fidelity_mean"], 1e-6)
+            ours = name == OURS
+            ax.scatter(lat["speedup_vs_fp32"], err, s=80 if ours else 40, marker="*" if ours else "o",
+                       color="tab:red" if ours else "tab:blue", zorder=3)
+            ax.annotate(name, (lat["speedup_vs_fp32"], err), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        t, b = key.removeprefix("threads").split("_batch")
+        ax.set_title(f"{t} thread(s), batch {b}")
+        ax.set_xlabel("speedup vs FP32 ONNX (higher is better)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("embedding error, 1 - mean cosine (lower is better)")
+    fig.suptitle("MiniLM W8A8 on ONNX Runtime CPU: better is down and to the right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def print_ablation(con, res: dict[str, Any]) -> None:  # noqa: ANN001
     from rich.table import Table
 
@@ -749,7 +787,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-vit", action="store_true", help="skip the digits ViT part")
     parser.add_argument("--skip-minilm", action="store_true", help="skip the MiniLM part")
     parser.add_argument("--skip-ablation", action="store_true", help="skip the MiniLM component ablation")
+    parser.add_argument("--plot-from", type=Path, help="only redraw the plot from this results JSON")
     args = parse_timing_args(parser, argv)
+    if args.plot_from:
+        import json
+
+        res = json.loads(args.plot_from.read_text())
+        written = plot_minilm(res["minilm"], args.plot_from.with_suffix(".png"))
+        console().print(f"wrote {written}" if written else "matplotlib is not installed (pip install matplotlib)")
+        return 0
 
     from modelpress.bench import system_info, write_json_atomic
     from modelpress.compress.reporter import Reporter
@@ -799,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "minilm" in result:
         print_minilm(con, result["minilm"])
+        plot = plot_minilm(result["minilm"], Path(args.out).with_suffix(".png"))
+        con.print(f"plot: {plot}" if plot else "plot skipped: pip install matplotlib (the plot extra)")
     if "digits_vit" in result:
         print_vit(con, result["digits_vit"])
     if "minilm_ablation" in result:
