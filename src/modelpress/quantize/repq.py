@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -158,6 +159,16 @@ def quantize_model(
         )
         if sites:
             log(f"per-channel input scales (reparameterized) at {', '.join(g.norm_name for g in sites)}")
+        unmatched_sites = [
+            p for p in cfg.channel_sites
+            if not any(n == p or fnmatch.fnmatchcase(n, p) for n in metrics["channel_sites"]["named"])
+        ]
+        if unmatched_sites:
+            metrics["channel_sites"]["unmatched_patterns"] = unmatched_sites
+            log(
+                f"channel_sites patterns that match no quantized Linear with its own input quantizer: "
+                f"{', '.join(unmatched_sites)}"
+            )
         groups += sites
 
     if cfg.dual_clipping and groups:
