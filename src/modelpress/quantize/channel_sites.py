@@ -36,7 +36,8 @@ from modelpress.quantize.fakequant import (
 )
 from modelpress.quantize.observers import calibrate_weight
 from modelpress.quantize.quantizers import UniformQuantizer
-from modelpress.quantize.reparam import NormGroup
+from modelpress.quantize.reparam import NormGroup, apply_group, restore_group, snapshot_group
+from modelpress.quantize.sensitivity import mean_fidelity, model_outputs
 
 
 def candidates(model: nn.Module, taken: Sequence[UniformQuantizer] = ()) -> list[tuple[str, QuantLinear]]:
@@ -113,33 +114,19 @@ def _channel_quantizers(
     return fresh
 
 
-def _outputs(model: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
-    from modelpress.quantize.sensitivity import _outputs as outputs
-
-    return outputs(model, batches)
-
-
-def _fidelity(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
-    from modelpress.quantize.sensitivity import cosine_fidelity
-
-    return sum(cosine_fidelity(r, o) for r, o in zip(ref, out, strict=True)) / len(ref)
-
-
 @torch.no_grad()
 def _trial(group: NormGroup, weight_observer: str) -> Callable[[], None]:
     """Reparameterize one site and re-quantize its weight (what the site will be); returns an undo."""
-    from modelpress.quantize.reparam import _apply, _restore, _snapshot
-
     (_, m), q = group.consumers[0], group.quantizer
-    snap, params = _snapshot(group), (q.scale.clone(), q.zero_point.clone())
+    snap, params = snapshot_group(group), (q.scale.clone(), q.zero_point.clone())
     before = m.input_quantizer
     m.input_quantizer = q
-    _apply(group, "affine")
+    apply_group(group, "affine")
     if m.weight_quantizer is not None and m.weight_quantizer.enabled:
         calibrate_weight(m.weight_quantizer, m.weight.detach(), weight_observer)
 
     def undo() -> None:
-        _restore(group, snap)
+        restore_group(group, snap)
         q.axis, q.channel_scale, q.channel_zero = -1, None, None
         q.set_params(*params)
         m.input_quantizer = before
@@ -196,15 +183,15 @@ def choose_sites(
         groups = {n: _group(n, m, trial[n]) for n, m in rest}
         calibrate_weights(model, weight_observer)
         set_quant_state(model, weights=False, activations=False)
-        ref = _outputs(model, scan)
+        ref = model_outputs(model, scan)
         set_quant_state(model, weights=weights_in_scan, activations=True)
-        base = _fidelity(ref, _outputs(model, scan))
+        base = mean_fidelity(ref, model_outputs(model, scan))
         gains = []
         it = rest if reporter is None else reporter.track(rest, "per-channel site scan", total=len(rest))
         for n, _ in it:
             undo = _trial(groups[n], weight_observer)
             try:
-                gains.append((n, _fidelity(ref, _outputs(model, scan)) - base))
+                gains.append((n, mean_fidelity(ref, model_outputs(model, scan)) - base))
             finally:
                 undo()
         set_quant_state(model, weights=True, activations=True)

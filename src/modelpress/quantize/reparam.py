@@ -91,7 +91,8 @@ def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
     return groups
 
 
-def _snapshot(group: NormGroup) -> dict[str, torch.Tensor | None]:
+def snapshot_group(group: NormGroup) -> dict[str, torch.Tensor | None]:
+    """Copies of the norm affine and consumer weights/biases that ``apply_group`` changes."""
     snap: dict[str, torch.Tensor | None] = {}
     if _norm_has_affine(group.norm):
         snap["norm.weight"] = group.norm.weight.detach().clone()
@@ -103,7 +104,8 @@ def _snapshot(group: NormGroup) -> dict[str, torch.Tensor | None]:
 
 
 @torch.no_grad()
-def _restore(group: NormGroup, snap: dict[str, torch.Tensor | None]) -> None:
+def restore_group(group: NormGroup, snap: dict[str, torch.Tensor | None]) -> None:
+    """Undo ``apply_group`` on the tensors (the quantizer is the caller's to restore)."""
     if "norm.weight" in snap:
         group.norm.weight.copy_(snap["norm.weight"])
         group.norm.bias.copy_(snap["norm.bias"])
@@ -128,7 +130,8 @@ def reparam_factors(q: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 @torch.no_grad()
-def _apply(group: NormGroup, mode: str) -> None:
+def apply_group(group: NormGroup, mode: str) -> None:
+    """Reparameterize one group in place: ``mode`` "fold" (into the norm) or "affine" (consumer side)."""
     q = group.quantizer
     s_t, z_t, r1, r2 = reparam_factors(q)
     s = q.scale.double()
@@ -201,21 +204,21 @@ def reparameterize(
             if want == "auto" and g.other_readers is not None:
                 want = "affine" if g.other_readers else "fold"
             if want != "auto":
-                _apply(g, want)
+                apply_group(g, want)
                 continue
-            snap = _snapshot(g)
+            snap = snapshot_group(g)
             saved = (g.quantizer.scale.clone(), g.quantizer.zero_point.clone())
-            _apply(g, "fold")
+            apply_group(g, "fold")
             if reference is None:
                 continue
             out = _output_tensor(run_batch(model, check_batch)).double()
             err = (out - reference).abs().max() / reference.abs().max().clamp(min=1e-12)
             if err > tolerance:
-                _restore(g, snap)
+                restore_group(g, snap)
                 g.quantizer.axis = -1
                 g.quantizer.channel_scale = g.quantizer.channel_zero = None
                 g.quantizer.set_params(*saved)
-                _apply(g, "affine")
+                apply_group(g, "affine")
             g.stats["fold_check_error"] = float(err)
     finally:
         if reference is not None:

@@ -57,14 +57,18 @@ def cosine_fidelity(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(r, o, dim=-1).mean())
 
 
-def _outputs(model: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
+def model_outputs(model: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
+    """The primary output of ``model`` on each batch (no grad)."""
     from modelpress.graph.inputs import primary_output
 
     with torch.no_grad():
         return [primary_output(run_batch(model, b)).detach() for b in batches]
 
 
-def _fidelity(ref: list[torch.Tensor], out: list[torch.Tensor], metric: Callable) -> float:
+def mean_fidelity(
+    ref: list[torch.Tensor], out: list[torch.Tensor], metric: Callable = cosine_fidelity
+) -> float:
+    """``metric`` averaged over the batches."""
     return sum(metric(r, o) for r, o in zip(ref, out, strict=True)) / len(ref)
 
 
@@ -82,15 +86,15 @@ def sensitivity_scan(
 ) -> tuple[float, list[tuple[Unit, float]]]:
     """(fidelity of the fully quantized model, [(unit, fidelity with that unit in float)]), most costly first."""
     batches = list(batches)
-    ref = _outputs(float_model, batches)
-    base = _fidelity(ref, _outputs(model, batches), metric)
+    ref = model_outputs(float_model, batches)
+    base = mean_fidelity(ref, model_outputs(model, batches), metric)
     units = quant_units(model)
     it = units if reporter is None else reporter.track(units, "sensitivity scan", total=len(units))
     scores = []
     for u in it:
         _set(u, False)
         try:
-            scores.append((u, _fidelity(ref, _outputs(model, batches), metric)))
+            scores.append((u, mean_fidelity(ref, model_outputs(model, batches), metric)))
         finally:
             _set(u, True)
     scores.sort(key=lambda t: -t[1])
@@ -112,12 +116,12 @@ def choose_float_units(
     base, scores = sensitivity_scan(model, float_model, batches, metric, reporter)
     chosen: list[Unit] = []
     current = base
-    ref = _outputs(float_model, batches)
+    ref = model_outputs(float_model, batches)
     for u, _ in scores:
         if len(chosen) >= max_float or (target is not None and current >= target):
             break
         _set(u, False)
-        current = _fidelity(ref, _outputs(model, batches), metric)
+        current = mean_fidelity(ref, model_outputs(model, batches), metric)
         chosen.append(u)
     return {
         "fidelity_all_quantized": base,
