@@ -153,6 +153,11 @@ def parse_timing_args(parser, argv: list[str] | None):  # noqa: ANN001, ANN201
     return args
 
 
+def timing_kwargs(args) -> dict:  # noqa: ANN001
+    """The ``measure`` options every benchmark takes from its command line."""
+    return {"rounds": args.rounds, "runs": args.runs, "min_time_s": args.min_time}
+
+
 def timing_target(args):  # noqa: ANN001, ANN201 - modelpress.bench.Target
     """ort-cpu with the requested threads, spinning off when asked."""
     from modelpress.bench import get_target

@@ -33,6 +33,7 @@ from _common import (  # noqa: E402
     minilm_path,
     optimum_export,
     parse_timing_args,
+    timing_kwargs,
     timing_parser,
     timing_target,
 )
@@ -181,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             variants,
             spec,
             target,
-            rounds=args.rounds,
-            runs=args.runs,
-            min_time_s=args.min_time,
+            **timing_kwargs(args),
             max_time_s=30.0,
             baseline=BASELINE,
             batch_sizes=batches,

@@ -38,7 +38,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, console, minilm_path, parse_timing_args, timing_parser, timing_target  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    console,
+    minilm_path,
+    parse_timing_args,
+    timing_kwargs,
+    timing_parser,
+    timing_target,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -419,9 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             paths,
             spec,
             target,
-            rounds=args.rounds,
-            runs=args.runs,
-            min_time_s=args.min_time,
+            **timing_kwargs(args),
             max_time_s=30.0,
             baseline=BASELINE,
             batch_sizes=BATCHES,

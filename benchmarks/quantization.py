@@ -58,7 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, console, parse_timing_args, timing_parser  # noqa: E402
+from _common import RESULTS, console, parse_timing_args, timing_kwargs, timing_parser  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -387,9 +387,7 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
             paths,
             spec,
             target,
-            rounds=args.rounds,
-            runs=args.runs,
-            min_time_s=args.min_time,
+            **timing_kwargs(args),
             max_time_s=30.0,
             baseline=BASELINE,
             batch_sizes=BATCHES,
@@ -650,9 +648,7 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
                 onnx_paths,
                 spec,
                 get_target("ort-cpu", threads=THREADS[0]),
-                rounds=args.rounds,
-                runs=args.runs,
-                min_time_s=args.min_time,
+                **timing_kwargs(args),
                 max_time_s=10.0,
                 baseline="fp32",
                 batch_sizes=BATCHES,

@@ -199,8 +199,7 @@ def quantize(
 def _tensorrt_engine(onnx_path: Path, graph: Any, engine_path: Path) -> dict[str, Any]:
     """Build model.plan beside model.onnx for --target tensorrt (dynamic batch 1..32, and sequence 1..512
     for text models; the optimal shape is the default input shape)."""
-    from modelpress.export.tensorrt import build_engine
-    from modelpress.export.tensorrt import tensorrt_problems as problems
+    from modelpress.export.tensorrt import build_engine  # checks TensorRT's Q/DQ rules first
 
     spec = graph.input_spec
     opt = {n: tuple(t.shape) for n, t in graph.example_inputs(1).items()}
@@ -212,7 +211,7 @@ def _tensorrt_engine(onnx_path: Path, graph: Any, engine_path: Path) -> dict[str
             lo[1], hi[1] = 1, 512
         shapes[name] = (tuple(lo), shape, tuple(hi))
     build_engine(onnx_path, engine_path, shapes=shapes)
-    return {"path": engine_path.name, "bytes": engine_path.stat().st_size, "problems": problems(onnx_path),
+    return {"path": engine_path.name, "bytes": engine_path.stat().st_size,
             "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
 
 

@@ -21,6 +21,7 @@ they fire: ``floor`` keeps every channel's scale at least that fraction of the p
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +30,6 @@ from torch import nn
 
 from modelpress.quantize.fakequant import (
     QuantLinear,
-    activation_quantizers,
     calibrate,
     calibrate_weights,
     set_quant_state,
@@ -43,13 +43,8 @@ from modelpress.quantize.sensitivity import mean_fidelity, model_outputs
 def candidates(model: nn.Module, taken: Sequence[UniformQuantizer] = ()) -> list[tuple[str, QuantLinear]]:
     """Quantized Linear layers whose input quantizer is their own, per tensor, and in no norm group."""
     taken_ids = {id(q) for q in taken}
-    counts: dict[int, int] = {}
-    for _, q in activation_quantizers(model):
-        counts[id(q)] = 0
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    for _, m in layers:
-        if m.input_quantizer is not None:
-            counts[id(m.input_quantizer)] = counts.get(id(m.input_quantizer), 0) + 1
+    counts = Counter(id(m.input_quantizer) for _, m in layers if m.input_quantizer is not None)
     out = []
     for n, m in layers:
         q = m.input_quantizer
@@ -58,7 +53,7 @@ def candidates(model: nn.Module, taken: Sequence[UniformQuantizer] = ()) -> list
             and q.axis is None
             and m.input_scale is None
             and id(q) not in taken_ids
-            and counts.get(id(q), 0) == 1
+            and counts[id(q)] == 1
         ):
             out.append((n, m))
     return out

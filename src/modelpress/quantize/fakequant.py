@@ -54,6 +54,17 @@ class QuantConfig:
     symmetric_activations: bool = False
 
 
+def layer_quantizers(
+    w_bits: int | None, a_bits: int | None, weight_reduce_range: bool = False, act_symmetric: bool = False
+) -> tuple[UniformQuantizer | None, UniformQuantizer | None]:
+    """(weight, input) quantizers of a Linear/Conv layer: symmetric narrow per-output-channel weights
+    (one bit less with ``weight_reduce_range``), a per-tensor input; None keeps that side float."""
+    wb = None if w_bits is None else max(2, w_bits - (1 if weight_reduce_range else 0))
+    wq = None if wb is None else UniformQuantizer(wb, symmetric=True, axis=0, narrow=True)
+    iq = None if a_bits is None else UniformQuantizer(a_bits, symmetric=act_symmetric)
+    return wq, iq
+
+
 class QuantLinear(nn.Module):
     """nn.Linear with quantized weights (per output channel) and a quantized input.
 
@@ -74,11 +85,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        wb = None if w_bits is None else max(2, w_bits - (1 if weight_reduce_range else 0))
-        self.weight_quantizer = (
-            None if wb is None else UniformQuantizer(wb, symmetric=True, axis=0, narrow=True)
+        self.weight_quantizer, self.input_quantizer = layer_quantizers(
+            w_bits, a_bits, weight_reduce_range, act_symmetric
         )
-        self.input_quantizer = None if a_bits is None else UniformQuantizer(a_bits, symmetric=act_symmetric)
         self.register_buffer("input_scale", None)
         self.register_buffer("input_shift", None)
 
@@ -138,11 +147,9 @@ class QuantConv2d(nn.Module):
     ) -> None:
         super().__init__()
         self.conv = conv
-        wb = None if w_bits is None else max(2, w_bits - (1 if weight_reduce_range else 0))
-        self.weight_quantizer = (
-            None if wb is None else UniformQuantizer(wb, symmetric=True, axis=0, narrow=True)
+        self.weight_quantizer, self.input_quantizer = layer_quantizers(
+            w_bits, a_bits, weight_reduce_range, act_symmetric
         )
-        self.input_quantizer = None if a_bits is None else UniformQuantizer(a_bits, symmetric=act_symmetric)
 
     @property
     def weight(self) -> nn.Parameter:

@@ -13,6 +13,7 @@ carry one scale and zero point per index of ``axis``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,6 +36,19 @@ def qrange(bits: int, symmetric: bool, narrow: bool = False) -> tuple[int, int]:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         return (lo + 1 if narrow else lo), hi
     return 0, 2**bits - 1
+
+
+def quantizer_forward(q: nn.Module, x: torch.Tensor, export: Callable) -> torch.Tensor:
+    """What every quantizer does with its input: record it while calibrating, pass it through while
+    disabled or uncalibrated, trace its ONNX form (``export``) while exporting, else fake-quantize it."""
+    if q.observer is not None:
+        q.observer.update(x)
+        return x
+    if not (q.enabled and q.calibrated):
+        return x
+    if _EXPORT.active:
+        return export(q, x)
+    return q.fake_quant(x)
 
 
 class UniformQuantizer(nn.Module):
@@ -156,14 +170,20 @@ class UniformQuantizer(nn.Module):
         return (q - z) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.update(x)
-            return x
-        if not (self.enabled and self.calibrated):
-            return x
-        if _EXPORT.active:
-            return _export_qdq(self, x)
-        return self.fake_quant(x)
+        return quantizer_forward(self, x, _export_qdq)
+
+
+def log_codes(x: torch.Tensor, scale: torch.Tensor | float, log_base: float, zero_code: float) -> torch.Tensor:
+    """Codes ``round(-log2(x / scale) / log_base)`` clamped to [0, zero_code]; zero_code stands for 0."""
+    q = torch.round(-torch.log2(torch.clamp(x / scale, min=1e-30)) / log_base)
+    q = torch.clamp(q, min=0)
+    return torch.where(q >= zero_code, torch.full_like(q, zero_code), q)
+
+
+def log_levels(q: torch.Tensor, scale: torch.Tensor | float, log_base: float, zero_code: float) -> torch.Tensor:
+    """Values of log codes: ``scale * 2**(-q * log_base)``, and 0 at the zero code."""
+    levels = scale * torch.exp2(-q * log_base)
+    return torch.where(q >= zero_code, torch.zeros_like(levels), levels)
 
 
 class _LogQuantizerBase(nn.Module):
@@ -204,27 +224,16 @@ class _LogQuantizerBase(nn.Module):
         self.calibrated = True
 
     def quant(self, x: torch.Tensor) -> torch.Tensor:
-        ratio = torch.clamp(x / self.scale, min=1e-30)
-        q = torch.round(-torch.log2(ratio) / self.log_base)
-        q = torch.clamp(q, min=0)
-        return torch.where(q >= self.zero_code, torch.full_like(q, self.zero_code), q)
+        return log_codes(x, self.scale, self.log_base, self.zero_code)
 
     def dequant(self, q: torch.Tensor) -> torch.Tensor:
-        levels = self.scale * torch.exp2(-q * self.log_base)
-        return torch.where(q >= self.zero_code, torch.zeros_like(levels), levels)
+        return log_levels(q, self.scale, self.log_base, self.zero_code)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return (self.dequant(self.quant(x)) - x).detach() + x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.update(x)
-            return x
-        if not (self.enabled and self.calibrated):
-            return x
-        if _EXPORT.active:
-            return export_log(self, x)
-        return self.fake_quant(x)
+        return quantizer_forward(self, x, export_log)
 
 
 class Log2Quantizer(_LogQuantizerBase):
@@ -338,11 +347,9 @@ def _log_sim_function(spec: dict) -> type[torch.autograd.Function]:
 
     class LogSim(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x):  # noqa: ANN001, ANN205
-            scale, zero_code, base = spec["scale"], spec["zero_code"], spec["log_base"]
-            q = torch.clamp(torch.round(-torch.log2(torch.clamp(x / scale, min=1e-30)) / base), min=0)
-            levels = scale * torch.exp2(-q * base)
-            return torch.where(q >= zero_code, torch.zeros_like(levels), levels)
+        def forward(ctx, x):  # noqa: ANN001, ANN205 - python floats: the traced forward reads no buffers
+            args = (spec["scale"], spec["log_base"], spec["zero_code"])
+            return log_levels(log_codes(x, *args), *args)
 
         @staticmethod
         def symbolic(g, x):  # noqa: ANN001, ANN205
