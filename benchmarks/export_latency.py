@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-optimum", action="store_true", help="skip optimum (no side venv)")
     args = parse_timing_args(parser, argv)
 
-    from modelpress.bench import measure, write_json_atomic
-    from modelpress.compress.reporter import Reporter
+    from modelpress.bench import candidate_timer, measure, write_json_atomic
     from modelpress.export import export_onnx, verify_onnx
+    from modelpress.progress import Reporter
 
     con = console()
     reporter = Reporter()
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         variants[BASELINE] = plain
 
         ours = export_onnx(
-            model, spec, tmpdir / "ours" / "model.onnx", optimize="auto", target=target, reporter=reporter
+            model, spec, tmpdir / "ours" / "model.onnx", optimize="auto", timer=candidate_timer(target), reporter=reporter
         )
         exports[OURS] = {
             "how": "modelpress.export.export_onnx(optimize='auto')",

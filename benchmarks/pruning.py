@@ -325,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     import modelpress
     from modelpress.bench import measure, system_info, write_json_atomic
     from modelpress.compress import Context
-    from modelpress.compress.reporter import Reporter
     from modelpress.data import EmbeddingTask, load_data, onnx_runner, torch_runner
     from modelpress.export import export_onnx
+    from modelpress.progress import Reporter
     from modelpress.prune.passes import MagnitudePrune
 
     con = console()

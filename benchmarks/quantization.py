@@ -223,7 +223,7 @@ def _failure(exc: BaseException) -> dict[str, str]:
 
 
 def _kernels(path: Path) -> dict[str, Any]:
-    from modelpress.export.qdq import integer_kernel_count, ort_kernels
+    from modelpress.quantize.qdq import integer_kernel_count, ort_kernels
 
     k = ort_kernels(path, workdir=path.parent)
     return {"integer_kernels": integer_kernel_count(k), "kernels": dict(sorted(k.items()))}
@@ -265,9 +265,9 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
     from modelpress.data import onnx_runner
     from modelpress.export import export_onnx
     from modelpress.export.files import onnx_file_size
-    from modelpress.export.qdq import export_qdq, verify_qdq
     from modelpress.quantize.ort_dynamic import OrtDynamicInt8
     from modelpress.quantize.passes import NNCFQuantize, OrtStaticInt8, RepQPass, cpu_has_vnni
+    from modelpress.quantize.qdq import export_qdq, verify_qdq
 
     started = time.perf_counter()
     graph, data, task, reference, ctx = _minilm_setup(args, tmp / "ctx", reporter)
@@ -524,9 +524,9 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
     from modelpress.data import ClassificationTask, load_data, onnx_runner, torch_runner
     from modelpress.data.zoo import digits_vit
     from modelpress.export import export_onnx
-    from modelpress.export.qdq import export_qdq, log_quantizer_count, verify_qdq
     from modelpress.graph.model_graph import ModelGraph
     from modelpress.quantize.passes import NNCFQuantize, RepQPass, cpu_has_vnni
+    from modelpress.quantize.qdq import export_qdq, log_quantizer_count, verify_qdq
 
     started = time.perf_counter()
     with reporter.step("digits ViT (zoo, trained once and cached)"), _quiet():
@@ -794,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from modelpress.bench import system_info, write_json_atomic
-    from modelpress.compress.reporter import Reporter
+    from modelpress.progress import Reporter
 
     con = console()
     reporter = Reporter()

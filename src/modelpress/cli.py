@@ -39,7 +39,7 @@ InputShape = Annotated[str | None, typer.Option("--input-shape", help="C,H,W for
 
 
 def _reporter(quiet: bool):  # noqa: ANN202
-    from modelpress.compress.reporter import Reporter
+    from modelpress.progress import Reporter
 
     return Reporter(quiet=quiet)
 
@@ -79,11 +79,11 @@ def run_recipe(
 ) -> None:
     """Shared body of compress/prune/quantize: load, run the pipeline, write the output folder atomically."""
     from modelpress.bench import get_target
-    from modelpress.compress.context import Context
     from modelpress.compress.pipeline import Pipeline
     from modelpress.compress.recipe import Recipe, load_recipe
     from modelpress.compress.report import render_markdown, render_table
     from modelpress.models import saving
+    from modelpress.passes import Context
 
     recipe = recipe_ref if isinstance(recipe_ref, Recipe) else load_recipe(recipe_ref)
     tgt = get_target(target, threads=threads)
@@ -240,7 +240,7 @@ def export(
     target: TargetOpt = "ort-cpu", threads: Threads = None, input_shape: InputShape = None,
 ) -> None:
     """Export to ONNX (verified against torch), with the graph optimizations that measure fastest."""
-    from modelpress.bench import get_target
+    from modelpress.bench import candidate_timer, get_target
     from modelpress.export import export_onnx
 
     if output.exists() and not overwrite:
@@ -249,7 +249,7 @@ def export(
     graph = _load(ckpt, trust_pickle, input_shape, rep)
     model_type = "bert" if graph.input_spec.kind == "text" else None
     result = export_onnx(
-        graph.module, graph.input_spec, output, optimize=optimize, target=get_target(target, threads), reporter=rep,
+        graph.module, graph.input_spec, output, optimize=optimize, timer=candidate_timer(get_target(target, threads)), reporter=rep,
         model_type=model_type,
     )
     info = {"path": str(output), "optimization": getattr(result, "optimization", None),

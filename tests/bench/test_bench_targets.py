@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 
 from modelpress.bench import TARGETS, Target, get_target, list_targets
-from modelpress.bench.targets import cpu_count
 from modelpress.errors import ModelpressError
+from modelpress.targets import cpu_count
 
 
 def test_registry_has_cpu_and_edge_profiles():

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from modelpress.compress.context import Context
 from modelpress.compress.pipeline import Pipeline
 from modelpress.compress.recipe import Recipe, builtin_recipes, load_recipe
 from modelpress.errors import ModelpressError
+from modelpress.passes import Context
 from modelpress.prune.saliency import magnitude
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from modelpress.bench import candidate_timer
 from modelpress.errors import ModelpressError
 from modelpress.export import ExportResult, export_onnx, onnx_file_size, verify_onnx
 from modelpress.graph.inputs import InputSpec, PrimaryOutput
@@ -149,7 +150,7 @@ def test_small_vit_export(tmp_path):
 def test_auto_picks_a_verified_candidate(tiny_bert, tmp_path):
     model, spec = tiny_bert
     path = tmp_path / "bert.onnx"
-    result = export_onnx(model, spec, path, optimize="auto", target="ort-cpu", timing_rounds=2)
+    result = export_onnx(model, spec, path, optimize="auto", timer=candidate_timer("ort-cpu", rounds=2))
     assert set(result.candidates) >= {"none", "ort", "transformer"}
     assert result.optimization in result.candidates
     chosen = result.candidates[result.optimization]

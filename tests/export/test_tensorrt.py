@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from modelpress.errors import ModelpressError
-from modelpress.export.qdq import export_qdq, verify_qdq
 from modelpress.export.tensorrt import build_engine, run_engine, tensorrt_available, tensorrt_problems
+from modelpress.quantize.qdq import export_qdq, verify_qdq
 from modelpress.quantize.repq import RepQConfig, quantize_model
 from tests.quantize.test_export_qdq import FAST, _pairs
 from tests.quantize.test_fakequant import text_batches, tiny_bert
@@ -73,7 +73,7 @@ def test_repq_pass_quantizes_for_the_target(tmp_path: Path, target: str, symmetr
     """symmetric_activations: auto follows the run's target, so --target tensorrt gets zero points 0."""
     from types import SimpleNamespace
 
-    from modelpress.compress.passes import PASSES
+    from modelpress.passes import PASSES
     from modelpress.quantize.fakequant import activation_quantizers
     from tests.quantize.test_export_qdq import _Ctx, _graph
 

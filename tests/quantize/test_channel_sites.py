@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelpress.export.qdq import export_qdq, integer_kernel_count, ort_kernels, verify_qdq
 from modelpress.quantize.channel_sites import apply_floor, candidates, choose_sites
 from modelpress.quantize.fakequant import QuantConfig, calibrate, set_quant_state, wrap_model
+from modelpress.quantize.qdq import export_qdq, integer_kernel_count, ort_kernels, verify_qdq
 from modelpress.quantize.quantizers import UniformQuantizer
 from modelpress.quantize.reparam import reparameterize
 from modelpress.quantize.repq import RepQConfig, quantize_model

@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 
 import modelpress.quantize.passes  # noqa: F401 - registers the passes
-from modelpress.export.qdq import export_qdq, integer_kernel_count, ort_kernels, verify_qdq
+from modelpress.quantize.qdq import export_qdq, integer_kernel_count, ort_kernels, verify_qdq
 from modelpress.quantize.repq import RepQConfig, quantize_model
 from tests.quantize.test_fakequant import text_batches, tiny_bert
 
@@ -79,7 +79,7 @@ def test_reduce_range_weights_fit_in_7_bits(tmp_path: Path):
 def test_log2_attention_exports_in_a_runnable_form(tmp_path: Path, form: str):
     """ONNX has no log2 QDQ: "simulate" reproduces the torch log2 levels with float ops (matches torch
     closely), "uniform" is the 8-bit QDQ form ONNX Runtime runs with integer kernels (approximate)."""
-    from modelpress.export.qdq import log_quantizer_count
+    from modelpress.quantize.qdq import log_quantizer_count
 
     model = tiny_bert(layers=1)
     batches = text_batches(n=2)
@@ -101,8 +101,8 @@ def test_log2_attention_exports_in_a_runnable_form(tmp_path: Path, form: str):
 
 class _Ctx:
     def __init__(self, tmp_path: Path, batches) -> None:
-        from modelpress.compress.reporter import QUIET
         from modelpress.data.sources import DataSplit
+        from modelpress.progress import QUIET
 
         self.workdir = tmp_path
         self.reporter = QUIET
@@ -111,7 +111,7 @@ class _Ctx:
 
 
 def test_repq_pass_returns_a_new_fake_quant_graph(tmp_path: Path):
-    from modelpress.compress.passes import PASSES
+    from modelpress.passes import PASSES
     from modelpress.quantize import is_fake_quant
 
     graph = _graph(tiny_bert(layers=1))
@@ -124,7 +124,7 @@ def test_repq_pass_returns_a_new_fake_quant_graph(tmp_path: Path):
 
 
 def test_ort_static_pass(tmp_path: Path):
-    from modelpress.compress.passes import PASSES
+    from modelpress.passes import PASSES
 
     model = tiny_bert(layers=1)
     batches = text_batches(n=2)
@@ -137,7 +137,7 @@ def test_ort_static_pass(tmp_path: Path):
 
 def test_nncf_pass(tmp_path: Path):
     pytest.importorskip("nncf")
-    from modelpress.compress.passes import PASSES
+    from modelpress.passes import PASSES
 
     model = tiny_bert(layers=1)
     batches = text_batches(n=2)
@@ -182,7 +182,7 @@ def test_vit_pre_norm_folds_and_exports(tmp_path: Path):
 
 
 def test_repq_pass_reduce_range_auto_follows_the_cpu(tmp_path: Path, monkeypatch):
-    from modelpress.compress.passes import PASSES
+    from modelpress.passes import PASSES
     from modelpress.quantize import passes
 
     graph = _graph(tiny_bert(layers=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from modelpress.bench.candidates import candidate_timer
 from modelpress.bench.onnx_inputs import input_spec_from_onnx
 from modelpress.bench.runner import (
     BenchReport,
@@ -11,7 +12,7 @@ from modelpress.bench.runner import (
     system_info,
     write_json_atomic,
 )
-from modelpress.bench.targets import TARGETS, Target, get_target, list_targets
+from modelpress.targets import TARGETS, Target, get_target, list_targets
 
 __all__ = [
     "TARGETS",
@@ -19,6 +20,7 @@ __all__ = [
     "ShapeStats",
     "Target",
     "VariantResult",
+    "candidate_timer",
     "get_target",
     "input_spec_from_onnx",
     "list_targets",

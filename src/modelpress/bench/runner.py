@@ -19,14 +19,12 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.bench.targets import Target, cpu_count, get_target
-from modelpress.compress.reporter import QUIET, Reporter
 from modelpress.errors import ModelpressError
 from modelpress.export.files import onnx_file_size
 from modelpress.graph.inputs import InputSpec, PrimaryOutput
+from modelpress.progress import QUIET, Reporter
+from modelpress.system import load_average, system_info
+from modelpress.targets import Target, get_target
 
 Variant = os.PathLike | str | nn.Module
 
@@ -49,29 +48,6 @@ MEMORY_METHOD = (
     "smallest first (weights + arenas + activations). Torch variants: parameter and buffer bytes plus "
     "the peak RSS increase of one forward pass in this process (activations), so both count weights."
 )
-
-CPU_FLAGS_OF_INTEREST = (
-    "sse4_2",
-    "fma",
-    "f16c",
-    "avx",
-    "avx2",
-    "avx_vnni",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-    "asimd",
-    "asimddp",
-    "sve",
-    "i8mm",
-)
-
 
 # --------------------------------------------------------------------------------------------- results
 
@@ -226,71 +202,6 @@ def write_json_atomic(path: os.PathLike | str, data: Any) -> Path:
             os.unlink(tmp)
         raise
     return path
-
-
-# ----------------------------------------------------------------------------------------- system info
-
-
-def _cpu_info() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "hardware", "cpu model") and value.strip():
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def system_info(threads: int | None = None) -> dict[str, Any]:
-    """The machine and library versions a measurement depends on (CPU model and instruction sets first)."""
-    model, flags = _cpu_info()
-    present = [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
-    try:
-        import onnxruntime as ort
-
-        providers = list(ort.get_available_providers())
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
-        providers = []
-    return {
-        "cpu_model": model,
-        "cpu_flags": present,
-        "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
-        "avx512": "avx512f" in flags,
-        "amx": "amx_int8" in flags or "amx_tile" in flags,
-        "cores_logical": os.cpu_count(),
-        "cores_available": cpu_count(),
-        "threads": threads if threads is not None else cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {
-            name: _version(name)
-            for name in ("torch", "onnxruntime", "onnx", "transformers", "numpy", "onnxslim", "optimum")
-        },
-        "ort_providers": providers,
-        "load_average_1min": _load_average(),
-    }
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -490,7 +401,7 @@ def measure(
     stops a shape after ``max_time_s`` seconds (so a very slow variant cannot stall the run).
     """
     started = time.perf_counter()
-    load_before = _load_average()
+    load_before = load_average()
     target = get_target(target)
     if not variants:
         raise ModelpressError("nothing to measure: no variants given")
@@ -603,5 +514,5 @@ def measure(
         variants=results,
         seconds=time.perf_counter() - started,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        load_average=[load_before, _load_average()],
+        load_average=[load_before, load_average()],
     )

@@ -1,10 +1,9 @@
-"""Passes, recipes, the pipeline that runs them, and the context they share."""
+"""Recipes, the pipeline that runs them, and the report; the Pass kinds and Context live in modelpress.passes."""
 
-from modelpress.compress.context import Context
-from modelpress.compress.passes import PASSES, Pass, PassConfig, PassResult, register
 from modelpress.compress.pipeline import Pipeline, PipelineResult
 from modelpress.compress.recipe import Recipe, builtin_recipes, load_recipe
-from modelpress.compress.reporter import QUIET, Reporter
+from modelpress.passes import PASSES, Context, Pass, PassConfig, PassResult, register
+from modelpress.progress import QUIET, Reporter
 
 __all__ = [
     "PASSES", "QUIET", "Context", "Pass", "PassConfig", "PassResult", "Pipeline", "PipelineResult", "Recipe",

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelpress.compress.context import Context
 from modelpress.compress.recipe import Recipe
 from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
+from modelpress.passes import Context
 
 # below this mean cosine to the original, the report warns that the compressed model drifted far
 LOW_FIDELITY = 0.95
@@ -33,6 +33,7 @@ class Pipeline:
         self.recipe = recipe
 
     def run(self, graph: ModelGraph, ctx: Context, *, measure: bool = True) -> PipelineResult:
+        from modelpress.bench import candidate_timer
         from modelpress.export import export_onnx
 
         rep = ctx.reporter
@@ -56,7 +57,8 @@ class Pipeline:
         def export(g: ModelGraph, name: str, optimize: str) -> Any:
             return export_onnx(
                 g.module, g.input_spec, workdir / name, optimize=optimize, opset=export_cfg.opset,
-                target=ctx.target, reporter=rep, model_type=model_type,
+                timer=candidate_timer(ctx.target) if ctx.target is not None else None, reporter=rep,
+                model_type=model_type,
             )
 
         with rep.step("exporting the original model to ONNX"):
@@ -111,7 +113,7 @@ class Pipeline:
         nearest form with integer kernels) unless that strays from the torch simulation, then as an
         exact float-op simulation; the choice and both checks go into the report.
         """
-        from modelpress.export.qdq import (
+        from modelpress.quantize.qdq import (
             export_qdq,
             integer_kernel_count,
             log_quantizer_count,

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelpress.compress.passes import PASSES, Pass
 from modelpress.errors import ModelpressError
+from modelpress.passes import PASSES, Pass
 
 
 class ExportConfig(BaseModel):

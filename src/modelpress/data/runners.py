@@ -12,6 +12,7 @@ import torch
 
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import primary_output
+from modelpress.targets import cpu_session
 
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -70,19 +71,10 @@ class OnnxRunner:
     declared element types (ints to int64 for the usual text inputs)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as err:  # pragma: no cover - a core dependency
-            raise ModelpressError("onnxruntime is not installed", "pip install onnxruntime") from err
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelpressError(f"ONNX file {str(self.path)!r} not found", "export the model first")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(self.path, threads)
         self.inputs = [(i.name, _ORT_NUMPY.get(i.type, np.float32)) for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = next((n for n in _PRIMARY_OUTPUT_NAMES if n in outputs), outputs[0])

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.compress.reporter import QUIET, Reporter
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import InputSpec
+from modelpress.progress import QUIET, Reporter
 
 __all__ = [
     "DIGITS_INPUT_SPEC",

@@ -22,19 +22,33 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from modelpress.compress.reporter import QUIET, Reporter
 from modelpress.errors import ModelpressError
 from modelpress.export.files import move_onnx, onnx_file_size
 from modelpress.graph.inputs import InputSpec, PrimaryOutput
+from modelpress.progress import QUIET, Reporter
+from modelpress.targets import cpu_session
 
-if TYPE_CHECKING:  # bench depends on export, not the other way round: import it lazily
-    from modelpress.bench.targets import Target
+if TYPE_CHECKING:
+    pass
+
+
+class CandidateTimer(Protocol):
+    """Times verified export candidates on a target (``modelpress.bench.candidate_timer`` makes one).
+
+    Export sits below bench, so it never imports the latency runner: callers that want "auto" to pick
+    the fastest candidate pass a timer. Returns per candidate (median ms, speedup vs ``baseline``)
+    and a description of the timing (target, shape, rounds).
+    """
+
+    def __call__(
+        self, candidates: dict[str, Path], input_spec: InputSpec, baseline: str
+    ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]: ...
 
 OPTIMIZATIONS = ("none", "ort", "transformer", "onnxslim")
 
@@ -221,18 +235,6 @@ def _torch_outputs(
     return outs
 
 
-def _ort_session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
-    import onnxruntime as ort
-
-    from modelpress.bench.targets import cpu_count
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = cpu_count()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _compare(
     path: Path,
     reference: list[np.ndarray],
@@ -240,7 +242,7 @@ def _compare(
     atol: float,
     min_cosine: float,
 ) -> Verification:
-    sess = _ort_session(path)
+    sess = cpu_session(path)
     wanted = {i.name for i in sess.get_inputs()}
     max_err, min_cos, shapes = 0.0, 1.0, []
     for feed, ref in zip(batches, reference, strict=True):
@@ -338,13 +340,7 @@ def _quiet_logs() -> Iterator[None]:
 
 def _build_ort(src: Path, dst: Path) -> None:
     """ONNX Runtime's offline graph optimization (extended level: portable, no hardware-specific layouts)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    cpu_session(src, level="extended", optimized_path=dst)
 
 
 def _build_transformer(src: Path, dst: Path, model_type: str, heads: int, hidden: int) -> None:
@@ -395,20 +391,19 @@ def export_onnx(
     opset: int = 17,
     optimize: str = "auto",
     verify: bool = True,
-    target: Target | str | None = None,
+    timer: CandidateTimer | None = None,
     reporter: Reporter = QUIET,
     model_type: str | None = None,
     atol: float = 1e-3,
     min_cosine: float = 0.9999,
     attn_implementation: str | None = "eager",
-    timing_rounds: int = 3,
 ) -> ExportResult:
     """Export ``module`` to ONNX at ``path`` with dynamic batch (and sequence, for text) axes.
 
     ``optimize``: "auto" builds every applicable candidate ("none", "ort", "transformer" for known
-    transformer models, "onnxslim" when installed), verifies each against torch, times them interleaved
-    on ``target`` (default ort-cpu) at batch 1 (sequence ``input_spec.default_seq_len``) and keeps the
-    fastest that verifies; a name forces that candidate. ``verify`` (forced mode) checks the result
+    transformer models, "onnxslim" when installed), verifies each against torch, times them with
+    ``timer`` (``modelpress.bench.candidate_timer(target)``) and keeps the fastest that verifies (without
+    a timer, the plain export); a name forces that candidate. ``verify`` (forced mode) checks the result
     against torch and raises ModelpressError past ``atol`` / ``min_cosine`` (auto always verifies).
     ``attn_implementation`` switches HF models' attention for the export (None keeps the model's).
     The file appears at ``path`` only when everything succeeded.
@@ -493,7 +488,7 @@ def export_onnx(
                     f"the ONNX export does not match torch: {v.describe() if v else 'verification failed'}",
                     "loosen atol/min_cosine for quantized models, or try attn_implementation=None",
                 )
-            chosen, timing = _choose(good, candidates, input_spec, target, timing_rounds, reporter)
+            chosen, timing = _choose(good, candidates, input_spec, timer, reporter)
         else:
             chosen = optimize
             v = candidates[chosen].verification
@@ -533,47 +528,22 @@ def _choose(
     good: dict[str, Path],
     candidates: dict[str, Candidate],
     input_spec: InputSpec,
-    target: Target | str | None,
-    rounds: int,
+    timer: CandidateTimer | None,
     reporter: Reporter,
 ) -> tuple[str, dict[str, Any]]:
-    """Time the verified candidates interleaved; the fastest by median per-round speedup over "none" wins."""
-    from modelpress.bench.runner import measure
-    from modelpress.bench.targets import get_target
-
-    target = get_target(target or "ort-cpu")
-    seq = input_spec.default_seq_len if input_spec.kind == "text" else None
+    """Time the verified candidates; the fastest by median per-round speedup over "none" wins."""
     baseline = "none" if "none" in good else next(iter(good))
     if len(good) == 1:
-        return baseline, {"target": target.name, "skipped": "one candidate"}
-    with reporter.step(f"timing {len(good)} candidates on {target.name}"):
-        report = measure(
-            good,
-            input_spec,
-            target,
-            rounds=rounds,
-            runs=12,
-            min_time_s=0.2,
-            warmup=3,
-            baseline=baseline,
-            batch_sizes=[1],
-            seq_lens=[seq] if seq else None,
-            memory=False,
-        )
+        return baseline, {"skipped": "one candidate"}
+    if timer is None:
+        return baseline, {"skipped": "no timer given: the plain export is kept (pass timer=bench.candidate_timer(target))"}
+    with reporter.step(f"timing {len(good)} export candidates"):
+        stats, timing = timer(good, input_spec, baseline)
     for name in good:
-        s = report.stats(name, 1)
-        candidates[name].median_ms, candidates[name].speedup = s.median_ms, s.speedup
+        candidates[name].median_ms, candidates[name].speedup = stats[name]
     # Prefer the plain export unless a candidate is measurably faster (ties go to fewer rewrites).
     best = baseline
     for name in good:
         if (candidates[name].speedup or 0.0) > (candidates[best].speedup or 0.0) * 1.02:
             best = name
-    timing = {
-        "target": target.name,
-        "threads": target.threads,
-        "batch": 1,
-        "seq_len": seq,
-        "rounds": rounds,
-        "seconds": round(report.seconds, 2),
-    }
     return best, timing

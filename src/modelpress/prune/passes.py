@@ -7,8 +7,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from modelpress.compress.passes import Pass, PassConfig, PassResult, register
 from modelpress.graph import Group, ModelGraph
+from modelpress.passes import Pass, PassConfig, PassResult, register
 from modelpress.prune.saliency import SALIENCY
 
 Kind = Literal["head", "mlp", "embedding", "conv", "channel"]

@@ -6,7 +6,7 @@ Typical use (the ``quantize.repq`` pass does this on a ModelGraph)::
 
     from modelpress.quantize import RepQConfig, quantize_model
     result = quantize_model(model, calibration_batches, graph.norm_consumers(), RepQConfig())
-    # then modelpress.export.qdq.export_qdq(model, example_inputs, "model.int8.onnx")
+    # then modelpress.quantize.qdq.export_qdq(model, example_inputs, "model.int8.onnx")
 """
 
 from __future__ import annotations

@@ -393,5 +393,5 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def is_fake_quant(model: nn.Module) -> bool:
-    """True if ``model`` holds fake-quant layers (export it with modelpress.export.qdq.export_qdq)."""
+    """True if ``model`` holds fake-quant layers (export it with modelpress.quantize.qdq.export_qdq)."""
     return any(isinstance(m, QUANT_LAYERS) for m in model.modules())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from modelpress.compress.passes import Pass, PassConfig, PassResult, register
+from modelpress.passes import Pass, PassConfig, PassResult, register
 
 
 class OrtDynamicConfig(PassConfig):

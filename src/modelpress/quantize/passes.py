@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from modelpress.compress.passes import Pass, PassConfig, PassResult, register
 from modelpress.errors import ModelpressError
+from modelpress.passes import Pass, PassConfig, PassResult, register
 
 Observer = Literal["minmax", "percentile", "mse"]
 

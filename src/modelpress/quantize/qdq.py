@@ -308,16 +308,10 @@ def fuse_for_ort(m: onnx.ModelProto) -> int:
 
 # ---------------------------------------------------------------------------------------- inspection
 def ort_session(path: Path | str, threads: int = 2, optimized_path: Path | str | None = None):  # noqa: ANN201
-    import onnxruntime as ort
+    """A CPU session at ``threads`` threads (``optimized_path``: save ORT's optimized graph there)."""
+    from modelpress.targets import cpu_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads, optimized_path=optimized_path)
 
 
 INTEGER_KERNELS = (

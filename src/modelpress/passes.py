@@ -1,4 +1,5 @@
-"""The Pass protocol and the registry that recipes name passes from."""
+"""Passes (graph, ONNX and merge kinds), their results, the Context they run in, and the registry recipes
+name them from. Method packages (prune, quantize, fuse, search) import these from here, never each other."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from modelpress.progress import QUIET, Reporter
 
 
 class PassConfig(BaseModel):
@@ -53,3 +56,30 @@ def register(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"{cls.__name__} has no name")
     PASSES[cls.name] = cls
     return cls
+
+
+@dataclass
+class Context:
+    """Shared state of one pipeline run.
+
+    task: a modelpress.data.tasks.Task; data: a modelpress.data.sources.TaskData (calibration and
+    evaluation splits); target: a modelpress.targets.Target; reference: the original graph,
+    for passes that distil from or compare against it.
+    """
+
+    workdir: Path
+    task: Any = None
+    data: Any = None
+    target: Any = None
+    reference: Any = None
+    seed: int = 0
+    reporter: Reporter = QUIET
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calibration(self) -> Any:
+        return None if self.data is None else self.data.calibration
+
+    @property
+    def evaluation(self) -> Any:
+        return None if self.data is None else self.data.evaluation

@@ -1,4 +1,7 @@
-"""Targets: where latency is measured (execution providers, threads, the shapes that matter)."""
+"""Targets: where a model runs and is measured (execution providers, threads, the shapes that matter).
+
+The bottom layer owns them so that every ONNX Runtime session in the toolkit (export verification,
+evaluation runners, latency measurement) is built by one factory, :meth:`Target.session`."""
 
 from __future__ import annotations
 
@@ -8,14 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelpress.errors import ModelpressError
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (respects affinity masks and container CPU sets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+from modelpress.system import cpu_count
 
 
 @dataclass(frozen=True)
@@ -80,29 +76,41 @@ class Target:
         merged.update({k: str(v) for k, v in entries.items()})
         return dataclasses.replace(self, session_config=tuple(sorted(merged.items())))
 
-    def session_options(self):  # noqa: ANN201 - onnxruntime.SessionOptions
-        """SessionOptions for measuring on this target: its threads, ORT_ENABLE_ALL, its config entries."""
+    def session_options(self, *, level: str = "all", optimized_path: os.PathLike | str | None = None):  # noqa: ANN201
+        """SessionOptions for this target: its threads, graph optimization ``level`` ("all", "extended",
+        "basic" or "none"), its config entries; ``optimized_path`` saves the optimized graph there."""
         import onnxruntime as ort
 
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = levels[level]
         so.log_severity_level = 3
+        if optimized_path is not None:
+            so.optimized_model_filepath = str(optimized_path)
         for key, value in self.session_config:
             so.add_session_config_entry(key, value)
         return so
 
-    def session(self, path: os.PathLike | str):  # noqa: ANN201 - onnxruntime.InferenceSession
-        """A fresh InferenceSession for ``path`` on this target."""
+    def session(
+        self, path: os.PathLike | str, *, level: str = "all", optimized_path: os.PathLike | str | None = None
+    ):  # noqa: ANN201 - onnxruntime.InferenceSession
+        """A fresh InferenceSession for ``path`` on this target: the one place sessions are built."""
         import onnxruntime as ort
 
         self.require_available()
         kwargs: dict[str, Any] = {"providers": list(self.providers)}
         if self.provider_options:
             kwargs["provider_options"] = [dict(o) for o in self.provider_options]
-        return ort.InferenceSession(str(path), self.session_options(), **kwargs)
+        options = self.session_options(level=level, optimized_path=optimized_path)
+        return ort.InferenceSession(str(path), options, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -160,6 +168,11 @@ TARGETS: dict[str, Target] = _registry()
 def list_targets() -> list[str]:
     """Names of the known targets."""
     return sorted(TARGETS)
+
+
+def cpu_session(path: os.PathLike | str, threads: int | None = None, **kwargs: Any):  # noqa: ANN201
+    """An ONNX Runtime CPU session (the ``ort-cpu`` target, all usable cores unless ``threads``)."""
+    return get_target("ort-cpu", threads).session(path, **kwargs)
 
 
 def get_target(name: str | Target, threads: int | None = None) -> Target:

@@ -1,0 +1,110 @@
+"""System facts a measurement depends on: usable cores, CPU model and instruction sets, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+CPU_FLAGS_OF_INTEREST = (
+    "sse4_2",
+    "fma",
+    "f16c",
+    "avx",
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "sve",
+    "i8mm",
+)
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects affinity masks and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "hardware", "cpu model") and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _torch_threads() -> int | None:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    return torch.get_num_threads()
+
+
+def system_info(threads: int | None = None) -> dict[str, Any]:
+    """The machine and library versions a measurement depends on (CPU model and instruction sets first)."""
+    model, flags = _cpu_info()
+    present = [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
+    try:
+        import onnxruntime as ort
+
+        providers = list(ort.get_available_providers())
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        providers = []
+    return {
+        "cpu_model": model,
+        "cpu_flags": present,
+        "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+        "avx512": "avx512f" in flags,
+        "amx": "amx_int8" in flags or "amx_tile" in flags,
+        "cores_logical": os.cpu_count(),
+        "cores_available": cpu_count(),
+        "threads": threads if threads is not None else cpu_count(),
+        "torch_threads": _torch_threads(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            name: _version(name)
+            for name in ("torch", "onnxruntime", "onnx", "transformers", "numpy", "onnxslim", "optimum")
+        },
+        "ort_providers": providers,
+        "load_average_1min": load_average(),
+    }
+
+
