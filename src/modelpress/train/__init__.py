@@ -1,0 +1,1 @@
+"""The one training loop (distillation, budget, resume)."""
