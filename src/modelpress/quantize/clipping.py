@@ -15,12 +15,15 @@ from typing import Any
 
 import torch
 
-from modelpress.quantize.fakequant import forward_all
+from modelpress.data import probes
 from modelpress.quantize.quantizers import round_ste
 from modelpress.quantize.reparam import NormGroup
 
 
-@torch.no_grad()
+def _prepared_input(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.prepare_input(x)
+
+
 def collect_group_inputs(
     model: torch.nn.Module,
     groups: Sequence[NormGroup],
@@ -28,35 +31,21 @@ def collect_group_inputs(
     max_rows: int = 4096,
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """Float inputs [rows, channels] of each group's consumers (a random subset of tokens)."""
-    gen = torch.Generator().manual_seed(seed)
-    store: list[list[torch.Tensor]] = [[] for _ in groups]
-    hooks = []
-    enabled = []
-    for i, g in enumerate(groups):
-        enabled.append(g.quantizer.enabled)
+    """Float inputs [rows, channels] of each group's consumers (a random subset of tokens, drawn by one
+    generator seeded with ``seed``, group by group); the groups' quantizers pass through meanwhile."""
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = [names[id(g.consumers[0][1])] for g in groups]
+    enabled = [g.quantizer.enabled for g in groups]
+    for g in groups:
         g.quantizer.enabled = False
-        first = g.consumers[0][1]
-
-        def hook(m, args, i=i):  # noqa: ANN001, ANN202
-            x = m.prepare_input(args[0]).detach()
-            store[i].append(x.reshape(-1, x.shape[-1]).float())
-
-        hooks.append(first.register_forward_pre_hook(hook))
     try:
-        forward_all(model, batches)
+        stats = probes.collect(
+            model, batches, layers, {"inputs"}, transform=_prepared_input, max_rows=max_rows, seed=seed
+        )
     finally:
-        for h in hooks:
-            h.remove()
         for g, e in zip(groups, enabled, strict=True):
             g.quantizer.enabled = e
-    out = []
-    for rows in store:
-        x = torch.cat(rows)
-        if x.shape[0] > max_rows:
-            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
-        out.append(x)
-    return out
+    return [stats[n].inputs for n in layers]
 
 
 def _fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

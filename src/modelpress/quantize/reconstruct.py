@@ -13,7 +13,8 @@ Granularity ``"layer"``: one calibration pass collects every layer's H (inputs o
 model). ``"block"``: blocks are processed in order and each block's H comes from a pass in which all
 earlier blocks already have their reconstructed quantized weights, so errors do not accumulate
 unseen. The result replaces each layer's weight by its quantized values (on the grid of its weight
-quantizer, whose scales stay fixed: do not re-calibrate weights afterwards).
+quantizer, whose scales stay fixed: do not re-calibrate weights afterwards). H is collected by
+``modelpress.data.probes`` (the statistics pass the other methods share).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 
 import torch
 
-from modelpress.quantize.fakequant import QuantLinear, forward_all, run_batch
+from modelpress.data import probes
+from modelpress.quantize.fakequant import QuantLinear, forward_all
 from modelpress.quantize.quantizers import UniformQuantizer
 
 
@@ -123,55 +125,28 @@ def adaround_weight(
         return (torch.clamp(floor + hard, quantizer.qmin, quantizer.qmax) * scale).to(weight.dtype)
 
 
-class _HessianHook:
-    """Accumulates H = X^T X / n from a QuantLinear's quantized inputs."""
-
-    def __init__(self, module: QuantLinear) -> None:
-        self.module = module
-        self.h = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
-        self.n = 0
-        self.handle = module.register_forward_pre_hook(self)
-
-    def __call__(self, m: QuantLinear, args: tuple) -> None:
-        x = m.prepare_input(args[0])
-        if m.input_quantizer is not None:
-            x = m.input_quantizer(x)
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.h += x.t() @ x
-        self.n += x.shape[0]
-
-    def hessian(self) -> torch.Tensor:
-        return self.h / max(1, self.n)
-
-
-class _Stop(Exception):
-    pass
+def quantized_input(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """What a QuantLinear's weight multiplies: its input after the input transform and quantizer."""
+    x = m.prepare_input(x)
+    if m.input_quantizer is not None:
+        x = m.input_quantizer(x)
+    return x
 
 
 def _collect(
-    model: torch.nn.Module, layers: Sequence[QuantLinear], batches: list, stop_after: Any = None
+    model: torch.nn.Module, names: Sequence[str], batches: list, stop_after: str | None = None
 ) -> list:
-    hooks = [_HessianHook(m) for m in layers]
-    stop = None
-    if stop_after is not None:
-
-        def raise_stop(*_a: Any) -> None:
-            raise _Stop
-
-        stop = stop_after.register_forward_hook(raise_stop)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    run_batch(model, b)
-                except _Stop:
-                    pass
-    finally:
-        for hk in hooks:
-            hk.handle.remove()
-        if stop is not None:
-            stop.remove()
-    return [hk.hessian() for hk in hooks]
+    """H = X^T X / n of each named QuantLinear's quantized inputs (one probe pass, cut after ``stop_after``);
+    all zeros for a layer the batches never reach."""
+    stats = probes.collect(model, batches, names, {"xtx"}, transform=quantized_input, stop_after=stop_after)
+    out = []
+    for n in names:
+        if stats[n].xtx is None:
+            size = model.get_submodule(n).in_features
+            out.append(torch.zeros(size, size, dtype=torch.float64))
+        else:
+            out.append(stats[n].hessian())
+    return out
 
 
 @torch.no_grad()
@@ -208,13 +183,13 @@ def reconstruct(
     # during collection weights are float except where already reconstructed
     for m in layers.values():
         m.weight_quantizer.enabled = False
-    stages: list[tuple[list[str], Any]] = []
+    stages: list[tuple[list[str], str | None]] = []
     if granularity == "block" and blocks:
         done: set[str] = set()
         for path in blocks:
             names = [n for n in layers if n.startswith(path + ".") and n not in done]
             if names:
-                stages.append((names, model.get_submodule(path)))
+                stages.append((names, path))
                 done.update(names)
         rest = [n for n in layers if n not in done]
         if rest:
@@ -225,7 +200,7 @@ def reconstruct(
     it = stages if reporter is None else reporter.track(stages, f"{method} reconstruction", total=len(stages))
     try:
         for names, stop_at in it:
-            hs = _collect(model, [layers[n] for n in names], batches, stop_after=stop_at)
+            hs = _collect(model, names, batches, stop_after=stop_at)
             for n, h in zip(names, hs, strict=True):
                 m = layers[n]
                 w0 = m.weight.detach().clone()
@@ -249,7 +224,7 @@ def rtn_errors(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, floa
         for n, m in model.named_modules()
         if isinstance(m, QuantLinear) and m.weight_quantizer is not None
     }
-    hs = _collect(model, list(layers.values()), list(batches))
+    hs = _collect(model, list(layers), list(batches))
     out = {}
     for (n, m), h in zip(layers.items(), hs, strict=True):
         w = m.weight.detach().double()

@@ -1,0 +1,419 @@
+"""Probes: per-layer statistics collected in one pass over the data, shared by the methods.
+
+``collect(module, batches, layers, stats)`` registers hooks on the named layers, runs the module in eval
+mode once per batch (plus one backward when gradients are asked for) and always removes the hooks. What it
+can record (``stats``):
+
+* ``"inputs"`` / ``"outputs"``: each layer's input / output activations as float32 rows ``[rows, features]``
+  (every position of every sample is a row; the feature axis is the last one, or axis 1 for convolutions
+  and batch norms). With ``max_rows`` a random subset of rows is kept, drawn after the pass with one
+  generator seeded by ``seed`` and used layer by layer in the order the layers were given (inputs first,
+  outputs reuse the inputs' rows when both have as many). Memory: every row is held until the end of the
+  pass, ``rows x features x 4`` bytes per layer and side. Used by clipping and, later, activation-based
+  fusion costs.
+* ``"xtx"``: ``X^T X`` of each layer's input rows, summed in float64, with the row count: the GPTQ / OBS
+  Hessian ``H = X^T X / n`` (:meth:`LayerStatistics.hessian`). For a convolution it is the Gram matrix
+  of its input channels, not the im2col Hessian.
+* ``"grads"``: gradients of ``loss_fn(output, batch)`` for the parameters ``params`` (default: the probed
+  layers' weights), kept per batch in float32 with a copy of the weights taken before the pass, so group
+  saliencies like NViT's ``E_batches[(sum_{s in S} w_s g_s)^2]`` can be computed for any group afterwards
+  (:meth:`Statistics.saliency`). Memory: ``(batches + 1) x numel x 4`` bytes per parameter; ask only for
+  the parameters you will score.
+* ``"per_class"``: per-class mean of each layer's output units, for batches that carry labels
+  (``batch[label_key]``, one integer per sample): each sample's output is averaged over its positions,
+  then over the samples of each class (float64).
+
+``transform(module, x)`` turns a layer's raw input into what its weight multiplies (a fake-quant layer's
+quantized input, say) before ``"inputs"`` and ``"xtx"`` see it. ``stop_after`` names a module after
+which each batch's forward is cut short (nothing downstream is needed): inputs-only statistics of the
+layers before it for the cost of a partial forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.data.runners import call_module
+from modelpress.errors import ModelpressError
+from modelpress.graph.inputs import primary_output
+from modelpress.progress import QUIET, Reporter
+
+__all__ = ["STATS", "LayerStatistics", "Statistics", "collect"]
+
+STATS = frozenset({"inputs", "outputs", "xtx", "grads", "per_class"})
+
+LayerSelection = Sequence[str] | Callable[[str, nn.Module], bool] | None
+Transform = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class LayerStatistics:
+    """What the probe recorded for one layer (fields stay None / empty when not asked for)."""
+
+    inputs: torch.Tensor | None = None  # [rows, features] float32 (subsampled to max_rows)
+    outputs: torch.Tensor | None = None  # [rows, units] float32 (subsampled to max_rows)
+    xtx: torch.Tensor | None = None  # [features, features] float64, summed over every input row
+    rows: int = 0  # input rows summed into xtx (all of them, never subsampled)
+    class_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # label -> [units] float64
+    class_counts: dict[int, int] = field(default_factory=dict)  # label -> samples
+
+    def hessian(self) -> torch.Tensor:
+        """``X^T X / n``: the layer-output error Hessian GPTQ and OBS work with."""
+        if self.xtx is None:
+            raise ModelpressError(
+                "no X^T X was collected for this layer (not asked for, or the layer never ran)",
+                'collect with stats={"xtx"} on data that reaches the layer',
+            )
+        return self.xtx / max(1, self.rows)
+
+    def class_means(self) -> dict[int, torch.Tensor]:
+        """Mean output of each unit per class: {label: [units]}."""
+        return {c: s / self.class_counts[c] for c, s in sorted(self.class_sums.items())}
+
+
+@dataclass
+class Statistics:
+    """Everything one :func:`collect` pass recorded."""
+
+    layers: dict[str, LayerStatistics]
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> [batches, *param.shape]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> its value during the pass
+    batches: int = 0
+
+    def __getitem__(self, layer: str) -> LayerStatistics:
+        return self.layers[layer]
+
+    def group_scores(self, group: Iterable[tuple[str, Any]]) -> torch.Tensor:
+        """``sum_{s in group} w_s g_s`` per batch ([batches], float64).
+
+        ``group``: (parameter name, index) pairs; the index selects the group's slice of that parameter
+        as tensor indexing does (``slice(0, 8)`` for rows 0-7, ``(slice(None), idx)`` for columns), and
+        ``None`` takes the whole parameter. One group may span several parameters (an attention head: its
+        query/key/value rows and output-projection columns)."""
+        total = torch.zeros(self.batches, dtype=torch.float64)
+        for name, index in group:
+            if name not in self.grads:
+                raise ModelpressError(
+                    f"no gradients were collected for {name!r} (have {sorted(self.grads)})",
+                    "pass it in params= with stats={'grads'}",
+                )
+            wg = self.grads[name].double() * self.weights[name].double()
+            if index is not None:
+                wg = wg[(slice(None), *(index if isinstance(index, tuple) else (index,)))]
+            total += wg.reshape(self.batches, -1).sum(dim=1).cpu()
+        return total
+
+    def saliency(self, group: Iterable[tuple[str, Any]]) -> float:
+        """NViT's group saliency ``E_batches[(sum_{s in group} w_s g_s)^2]`` (see :meth:`group_scores`)."""
+        return float(self.group_scores(group).pow(2).mean())
+
+
+def collect(
+    module: nn.Module,
+    batches: Iterable[Any],
+    layers: LayerSelection = None,
+    stats: Iterable[str] = ("xtx",),
+    *,
+    loss_fn: LossFn | None = None,
+    params: Sequence[str] | None = None,
+    transform: Transform | None = None,
+    max_rows: int | None = None,
+    seed: int = 0,
+    label_key: str | None = "labels",
+    stop_after: str | None = None,
+    feature_dims: Mapping[str, int] | None = None,
+    reporter: Reporter = QUIET,
+) -> Statistics:
+    """Run ``module`` once over ``batches`` and return the asked-for statistics of ``layers``.
+
+    ``layers``: module names (in the order subsampling draws them) or a predicate ``(name, module)``.
+    ``batches``: dicts of numpy arrays or tensors (passed by keyword, as
+    :func:`modelpress.data.runners.call_module` does; ``label_key`` is held back from the module and read
+    as labels), tuples (passed positionally) or single tensors. ``loss_fn(output, batch)`` gives the
+    scalar whose gradients ``"grads"`` records. ``feature_dims`` overrides a layer's feature axis by name.
+    See the module docstring for each statistic.
+    """
+    wanted = _check(stats, loss_fn, stop_after, max_rows)
+    named = _select_layers(module, layers)
+    if wanted - {"grads"} and not named:
+        raise ModelpressError(
+            f"statistics {sorted(wanted - {'grads'})} need layers to probe", "name the layers"
+        )
+    probe = _Probe(named, wanted, transform, dict(feature_dims or {}))
+    grad_params = _grad_params(module, named, params) if "grads" in wanted else {}
+    probe.result.weights = {n: p.detach().clone() for n, p in grad_params.items()}
+    per_batch: dict[str, list[torch.Tensor]] = {n: [] for n in grad_params}
+    items = list(batches)
+    with probe.installed(module, stop_after, list(grad_params.values())):
+        for batch in reporter.track(items, "collecting statistics", total=len(items)):
+            fed, probe.labels = _prepare(module, batch, label_key)
+            if "per_class" in wanted and probe.labels is None:
+                raise ModelpressError(
+                    f"per-class statistics need labels, and a batch has no {label_key!r}",
+                    "give labelled batches or drop per_class",
+                )
+            if grad_params:
+                loss = loss_fn(_forward(module, fed, label_key), fed)
+                grads = torch.autograd.grad(loss, list(grad_params.values()), allow_unused=True)
+                for (n, p), g in zip(grad_params.items(), grads, strict=True):
+                    per_batch[n].append((torch.zeros_like(p) if g is None else g).detach().float().cpu())
+            else:
+                with torch.no_grad():
+                    try:
+                        _forward(module, fed, label_key)
+                    except _Stop:
+                        pass
+            probe.result.batches += 1
+    probe.result.grads = {
+        n: torch.stack(gs) if gs else torch.empty(0, *grad_params[n].shape) for n, gs in per_batch.items()
+    }
+    probe.finish_rows(max_rows, seed)
+    return probe.result
+
+
+def _check(stats: Iterable[str], loss_fn: LossFn | None, stop_after: str | None, max_rows: int | None) -> set:
+    wanted = set(stats)
+    unknown = wanted - STATS
+    if unknown:
+        raise ModelpressError(f"unknown statistics {sorted(unknown)}", f"choose from {sorted(STATS)}")
+    if "grads" in wanted and loss_fn is None:
+        raise ModelpressError("gradients need a loss", "pass loss_fn=(output, batch) -> scalar tensor")
+    if stop_after is not None and wanted & {"grads", "per_class", "outputs"}:
+        raise ModelpressError(
+            "stop_after cuts the forward short, so it only serves input statistics", "drop stop_after"
+        )
+    if max_rows is not None and max_rows < 1:
+        raise ModelpressError(f"max_rows must be at least 1, not {max_rows}")
+    return wanted
+
+
+class _Stop(Exception):
+    """Raised after ``stop_after`` ran: the rest of the forward is not needed."""
+
+
+def _raise_stop(*_args: Any) -> None:
+    raise _Stop
+
+
+class _Probe:
+    """The hooks of one pass and what they record."""
+
+    def __init__(
+        self, named: dict[str, nn.Module], wanted: set, transform: Transform | None, dims: dict[str, int]
+    ) -> None:
+        self.named, self.wanted, self.transform = named, wanted, transform
+        self.dims = {n: dims.get(n, _feature_dim(m)) for n, m in named.items()}
+        self.result = Statistics({name: LayerStatistics() for name in named})
+        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in named}
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in named}
+        self.labels: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def installed(
+        self, module: nn.Module, stop_after: str | None, grad_params: list[nn.Parameter]
+    ) -> Iterator[None]:
+        """Hooks on, module in eval mode, parameters to differentiate trainable; all undone on exit."""
+        handles = []
+        was_training = module.training
+        frozen = [p for p in grad_params if not p.requires_grad]
+        try:
+            for name, m in self.named.items():
+                if self.wanted & {"inputs", "xtx"}:
+                    handles.append(m.register_forward_pre_hook(self._input_hook(name), with_kwargs=True))
+                if self.wanted & {"outputs", "per_class"}:
+                    handles.append(m.register_forward_hook(self._output_hook(name)))
+            if stop_after is not None:
+                handles.append(_submodule(module, stop_after).register_forward_hook(_raise_stop))
+            for p in frozen:
+                p.requires_grad_(True)
+            module.eval()
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p in frozen:
+                p.requires_grad_(False)
+            module.train(was_training)
+
+    def _input_hook(self, name: str) -> Callable:
+        st, store, fd = self.result[name], self.inputs[name], self.dims[name]
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_tensor(args, kwargs)
+            with torch.no_grad():
+                if self.transform is not None:
+                    x = self.transform(m, x)
+                x = _rows(x.detach(), fd)
+                if "inputs" in self.wanted:
+                    store.append(x.float().cpu())
+                if "xtx" in self.wanted:
+                    xd = x.double()
+                    if st.xtx is None:
+                        st.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                    st.xtx += xd.t() @ xd
+                    st.rows += x.shape[0]
+
+        return hook
+
+    def _output_hook(self, name: str) -> Callable:
+        st, store, fd = self.result[name], self.outputs[name], self.dims[name]
+
+        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+            try:
+                y = primary_output(out).detach()
+            except TypeError:
+                raise ModelpressError(f"{name} returns no tensor to record", "probe another layer") from None
+            if "outputs" in self.wanted:
+                store.append(_rows(y, fd).float().cpu())
+            if "per_class" in self.wanted:
+                _add_class_sums(name, st, y, fd, self.labels)
+
+        return hook
+
+    def finish_rows(self, max_rows: int | None, seed: int) -> None:
+        """Concatenate each layer's rows and draw the ``max_rows`` subsets (one generator, layers in order)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, st in self.result.layers.items():
+            pick, input_rows = None, None
+            if "inputs" in self.wanted:
+                input_rows = sum(t.shape[0] for t in self.inputs[name])
+                st.inputs, pick = _subsample(self.inputs[name], max_rows, gen)
+            if "outputs" in self.wanted:
+                same_rows = sum(t.shape[0] for t in self.outputs[name]) == input_rows
+                st.outputs, _ = _subsample(self.outputs[name], max_rows, gen, pick if same_rows else None)
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        raise ModelpressError(
+            f"the model has no module {name!r}", "name modules as model.named_modules() does"
+        ) from None
+
+
+def _select_layers(module: nn.Module, layers: LayerSelection) -> dict[str, nn.Module]:
+    if layers is None:
+        return {}
+    if callable(layers):
+        return {n: m for n, m in module.named_modules() if n and layers(n, m)}
+    if isinstance(layers, str):
+        layers = [layers]
+    return {name: _submodule(module, name) for name in dict.fromkeys(layers)}
+
+
+def _grad_params(
+    module: nn.Module, named: dict[str, nn.Module], params: Sequence[str] | None
+) -> dict[str, nn.Parameter]:
+    """The parameters to differentiate: ``params`` by name, else the probed layers' weights."""
+    all_params = dict(module.named_parameters())
+    if params is None:
+        by_id = {id(p): n for n, p in all_params.items()}
+        chosen = [by_id[id(w)] for m in named.values() if id(w := getattr(m, "weight", None)) in by_id]
+        if not chosen:
+            raise ModelpressError("no parameters to take gradients of", "pass params= (parameter names)")
+        return {n: all_params[n] for n in dict.fromkeys(chosen)}
+    missing = [n for n in params if n not in all_params]
+    if missing:
+        raise ModelpressError(
+            f"the model has no parameters {missing}", "name them as model.named_parameters() does"
+        )
+    return {n: all_params[n] for n in dict.fromkeys(params)}
+
+
+def _feature_dim(m: nn.Module) -> int:
+    """Where a layer's features sit: axis 1 for convolutions and batch norms, the last axis otherwise."""
+    return 1 if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) else -1
+
+
+def _rows(x: torch.Tensor, fd: int) -> torch.Tensor:
+    """[..., features] rows of ``x`` with its feature axis ``fd`` moved last."""
+    if fd not in (-1, x.dim() - 1):
+        x = x.movedim(fd, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return v
+    raise ModelpressError("a probed layer was called without a tensor input", "probe another layer")
+
+
+def _add_class_sums(name: str, st: LayerStatistics, y: torch.Tensor, fd: int, labels: torch.Tensor) -> None:
+    if y.dim() < 1 or y.shape[0] != labels.shape[0]:
+        raise ModelpressError(
+            f"{name}'s output {tuple(y.shape)} does not start with the batch axis of {labels.shape[0]} labels",
+            "per-class statistics need layers whose output keeps one row per sample",
+        )
+    per_sample = y.movedim(fd, -1) if fd not in (-1, y.dim() - 1) else y
+    per_sample = per_sample.reshape(y.shape[0], -1, per_sample.shape[-1]).double().mean(dim=1).cpu()
+    for c in labels.unique().tolist():
+        rows = per_sample[labels == c]
+        if c in st.class_sums:
+            st.class_sums[c] += rows.sum(dim=0)
+        else:
+            st.class_sums[c] = rows.sum(dim=0)
+        st.class_counts[c] = st.class_counts.get(c, 0) + rows.shape[0]
+
+
+def _prepare(module: nn.Module, batch: Any, label_key: str | None) -> tuple[Any, torch.Tensor | None]:
+    """The batch as tensors on the module's device (floats in its dtype), and its labels if any."""
+    like = next(module.parameters(), None)
+    if isinstance(batch, Mapping):
+        fed = {k: _as_tensor(v, like) for k, v in batch.items()}
+        labels = fed.get(label_key) if label_key is not None else None
+        if isinstance(labels, torch.Tensor):
+            return fed, labels.reshape(-1).cpu()
+        return fed, None
+    if isinstance(batch, (tuple, list)):
+        return tuple(_as_tensor(v, like) for v in batch), None
+    return _as_tensor(batch, like), None
+
+
+def _as_tensor(value: Any, like: torch.Tensor | None) -> Any:
+    """Arrays and tensors as tensors on the module's device: small ints as int64, floats in its dtype;
+    anything else unchanged."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        value = value.to(torch.int64)
+    if like is None:
+        return value
+    if value.is_floating_point() and like.is_floating_point():
+        value = value.to(like.dtype)
+    return value.to(like.device)
+
+
+def _forward(module: nn.Module, fed: Any, label_key: str | None) -> Any:
+    if isinstance(fed, dict):
+        names = [k for k in fed if k != label_key]
+        return call_module(module, names, fed)
+    if isinstance(fed, tuple):
+        return module(*fed)
+    return module(fed)
+
+
+def _subsample(
+    chunks: list[torch.Tensor],
+    max_rows: int | None,
+    gen: torch.Generator,
+    pick: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All rows, or ``max_rows`` of them: the rows ``pick`` names, else a fresh draw from ``gen``."""
+    if not chunks:
+        return torch.empty(0, 0), None
+    x = torch.cat(chunks)
+    if pick is None and max_rows is not None and x.shape[0] > max_rows:
+        pick = torch.randperm(x.shape[0], generator=gen)[:max_rows]
+    return (x if pick is None else x[pick]), pick

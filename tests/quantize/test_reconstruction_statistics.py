@@ -1,0 +1,110 @@
+"""Reconstruction and clipping statistics come from data.probes and equal what hand-written hooks collect,
+so GPTQ results are bit for bit those of the private collectors the probes replaced."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from modelpress.quantize.fakequant import QuantConfig, QuantLinear, calibrate, wrap_model
+from tests.quantize.blocks import Stack
+
+
+def quantized_stack() -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Stack(kind="pre", depth=2)
+    x = [torch.randn(4, 16, 32) for _ in range(3)]
+    wrap_model(model, {"*": "w4a8"}, QuantConfig(attention=False))
+    calibrate(model, x, observer="minmax")
+    return model, x
+
+
+def reference_hessians(model: torch.nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    """H = sum_batches X^T X / n of each QuantLinear's quantized input, summed batch by batch in float64
+    (what reconstruct.py's own hook did before the probes)."""
+    sums, rows, handles = {}, {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+
+            def hook(mod, args, name=name):  # noqa: ANN001, ANN202
+                x = mod.prepare_input(args[0])
+                x = mod.input_quantizer(x) if mod.input_quantizer is not None else x
+                x = x.detach().reshape(-1, x.shape[-1]).double()
+                sums[name] = sums.get(name, 0) + x.t() @ x
+                rows[name] = rows.get(name, 0) + x.shape[0]
+
+            handles.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in handles:
+        h.remove()
+    return {n: sums[n] / rows[n] for n in sums}
+
+
+def test_gptq_through_probes_equals_gptq_on_hand_collected_hessians():
+    from modelpress.quantize.reconstruct import _collect, gptq_weight, reconstruct
+
+    model, x = quantized_stack()
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.weight_quantizer.enabled = False  # reconstruct collects on float weights
+    ref_h = reference_hessians(model, x)
+    q = model.blocks[0].attn.q
+    with torch.no_grad():  # q's quantized inputs over the concatenated batches
+        brute = q.input_quantizer(q.prepare_input(model.blocks[0].norm1(model.embed_norm(torch.cat(x)))))
+    brute = brute.reshape(-1, 32).double()
+    probe_h = dict(zip(names, _collect(model, names, x), strict=True))
+    torch.testing.assert_close(
+        probe_h["blocks.0.attn.q"], brute.t() @ brute / brute.shape[0], rtol=1e-12, atol=1e-12
+    )
+    for n in names:
+        assert torch.equal(probe_h[n], ref_h[n]), n
+    expected = {}
+    for n in names:
+        m = model.get_submodule(n)
+        expected[n] = gptq_weight(m.weight.detach().clone(), ref_h[n], m.weight_quantizer)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.weight_quantizer.enabled = True
+    reconstructed = copy.deepcopy(model)
+    reconstruct(reconstructed, x, method="gptq")
+    for n in names:
+        assert torch.equal(reconstructed.get_submodule(n).weight, expected[n]), n
+
+
+def test_clipping_inputs_are_the_consumers_prepared_inputs_subsampled_by_seed():
+    from modelpress.quantize.clipping import collect_group_inputs
+    from modelpress.quantize.reparam import build_groups
+
+    model, x = quantized_stack()
+    groups = build_groups(model, model.norm_pairs())
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for g in groups:
+        name, first = g.consumers[0]
+
+        def hook(mod, args, name=name):  # noqa: ANN001, ANN202
+            seen.setdefault(name, []).append(mod.prepare_input(args[0]).detach().reshape(-1, 32).float())
+
+        handles.append(first.register_forward_pre_hook(hook))
+        g.quantizer.enabled = False  # the collection runs with the groups' quantizers passing through
+    with torch.no_grad():
+        for b in x:
+            model(b)
+    for h in handles:
+        h.remove()
+    for g in groups:
+        g.quantizer.enabled = True
+    gen = torch.Generator().manual_seed(3)
+    expected = []
+    for g in groups:
+        rows = torch.cat(seen[g.consumers[0][0]])
+        expected.append(rows[torch.randperm(rows.shape[0], generator=gen)[:20]])
+    got = collect_group_inputs(model, groups, x, max_rows=20, seed=3)
+    assert len(got) == len(groups)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+    assert all(g.quantizer.enabled for g in groups)  # switched back on after the pass
