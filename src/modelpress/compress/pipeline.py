@@ -53,12 +53,10 @@ class Pipeline:
             pass_log.append({"pass": p.name, "stage": "graph", "seconds": time.perf_counter() - t0, **result.metrics})
 
         export_cfg = self.recipe.spec.export
-        model_type = "bert" if graph.input_spec.kind == "text" else ("vit" if _is_vit(graph) else None)
         def export(g: ModelGraph, name: str, optimize: str) -> Any:
             return export_onnx(
                 g.module, g.input_spec, workdir / name, optimize=optimize, opset=export_cfg.opset,
                 timer=candidate_timer(ctx.target) if ctx.target is not None else None, reporter=rep,
-                model_type=model_type,
             )
 
         with rep.step("exporting the original model to ONNX"):
@@ -222,10 +220,6 @@ def _is_fake_quant(module: Any) -> bool:
     from modelpress.quantize import is_fake_quant
 
     return is_fake_quant(module)
-
-
-def _is_vit(graph: ModelGraph) -> bool:
-    return graph.input_spec.kind == "image" and any(g.kind == "head" for g in graph.groups)
 
 
 def _size(path: Path) -> int:
