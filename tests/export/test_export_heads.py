@@ -12,13 +12,16 @@ from modelpress.graph import adapters
 from tests.graph.models_zoo import build
 from tests.graph.test_adapters import tiny_gpt2
 
+_QUERY_KEY = ("query.weight", "key.weight", "q_lin.weight", "k_lin.weight", "q_proj.weight", "k_proj.weight",
+              "c_attn.weight")
+
 
 def _sharpen(module: torch.nn.Module) -> None:
     """Scale query/key weights so attention is peaked: with random init it is near uniform, and then
     splitting a layer into the wrong number of heads gives the same output, so a check could not fail."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith(("query.weight", "key.weight", "c_attn.weight")):
+            if name.endswith(_QUERY_KEY):
                 p.mul_(8)
 
 
@@ -64,6 +67,16 @@ def test_gpt2_gets_its_own_optimizer_and_verifies(tmp_path):
     result = export_onnx(gpt2, spec, tmp_path / "gpt2.onnx", optimize="auto")
     assert result.model_type == "gpt2" and result.verification.ok
     assert result.candidates["transformer"].verified is True
+
+
+@pytest.mark.parametrize(("family", "fused_attention"), [("distilbert", 2), ("vit", 0)])
+def test_mapped_families_verify_after_the_optimizer(family, fused_attention, tmp_path):
+    g = build(family)
+    _sharpen(g.module)
+    path = tmp_path / f"{family}.onnx"
+    result = export_onnx(g.module, g.input_spec, path, optimize="transformer")
+    assert result.model_type == adapters.ort_model_type(g.module) and result.verification.ok
+    assert len(_attention_heads(path)) == fused_attention
 
 
 def test_transformer_optimization_needs_a_known_family(tmp_path):
