@@ -247,10 +247,8 @@ def export(
         raise ModelpressError(f"output {output} already exists", "pass --overwrite to replace it")
     rep = _reporter(quiet or as_json)
     graph = _load(ckpt, trust_pickle, input_shape, rep)
-    model_type = "bert" if graph.input_spec.kind == "text" else None
     result = export_onnx(
         graph.module, graph.input_spec, output, optimize=optimize, timer=candidate_timer(get_target(target, threads)), reporter=rep,
-        model_type=model_type,
     )
     info = {"path": str(output), "optimization": getattr(result, "optimization", None),
             "file_size_bytes": getattr(result, "file_size_bytes", None)}

@@ -30,6 +30,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.export.files import move_onnx, onnx_file_size
+from modelpress.graph import adapters
 from modelpress.graph.inputs import InputSpec, PrimaryOutput
 from modelpress.progress import QUIET, Reporter
 from modelpress.targets import cpu_session
@@ -51,28 +52,6 @@ class CandidateTimer(Protocol):
     ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]: ...
 
 OPTIMIZATIONS = ("none", "ort", "transformer", "onnxslim")
-
-# Hugging Face model_type -> onnxruntime.transformers.optimizer model_type.
-_ORT_MODEL_TYPES = {
-    "bert": "bert",
-    "roberta": "bert",
-    "xlm-roberta": "bert",
-    "camembert": "bert",
-    "distilbert": "bert",
-    "albert": "bert",
-    "electra": "bert",
-    "mpnet": "bert",
-    "vit": "vit",
-    "deit": "vit",
-    "swin": "swin",
-    "gpt2": "gpt2",
-    "gpt_neox": "gpt_neox",
-    "clip": "clip",
-    "bart": "bart",
-    "t5": "t5",
-    "phi": "phi",
-}
-
 
 # --------------------------------------------------------------------------------------------- results
 
@@ -193,23 +172,9 @@ def _attention(module: nn.Module, implementation: str | None) -> Iterator[str | 
         restore()
 
 
-def _hf_config(module: nn.Module) -> Any:
-    models = _hf_models(module)
-    return getattr(models[0], "config", None) if models else getattr(module, "config", None)
-
-
 def infer_model_type(module: nn.Module) -> str | None:
-    """The ONNX Runtime transformer-optimizer model type for an HF model (None when unknown)."""
-    config = _hf_config(module)
-    hf_type = getattr(config, "model_type", None)
-    return _ORT_MODEL_TYPES.get(hf_type) if hf_type else None
-
-
-def _heads_and_hidden(module: nn.Module) -> tuple[int, int]:
-    config = _hf_config(module)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 0
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
-    return int(heads) if isinstance(heads, int) else 0, int(hidden) if isinstance(hidden, int) else 0
+    """The ONNX Runtime transformer-optimizer model type for ``module`` (``graph.adapters.ort_model_type``)."""
+    return adapters.ort_model_type(module)
 
 
 def default_batches(input_spec: InputSpec) -> list[dict[str, np.ndarray]]:
@@ -343,15 +308,49 @@ def _build_ort(src: Path, dst: Path) -> None:
     cpu_session(src, level="extended", optimized_path=dst)
 
 
-def _build_transformer(src: Path, dst: Path, model_type: str, heads: int, hidden: int) -> None:
-    """ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm, BiasGelu... fusions)."""
+def _build_transformer(src: Path, dst: Path, model_type: str, heads: list[int], sizes: list[int]) -> None:
+    """ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm, BiasGelu... fusions).
+
+    ``heads`` and ``sizes`` are the head count and head width of every attention module. The optimizer
+    takes one head count: with one head width it gets the first layer's (its fusion needs a count
+    wherever the export reshapes to [.., -1, head_size]), and after non-uniform head pruning every fused
+    Attention node then gets its own count, its Q width over the head width. With several head widths
+    it gets none and fuses only where the export states the count.
+    """
     from onnxruntime.transformers.optimizer import optimize_model
 
+    one_size = len(set(sizes)) == 1 and sizes[0] > 0
+    num_heads, hidden = (heads[0], heads[0] * sizes[0]) if one_size else (0, 0)
     with _quiet_logs():
         model = optimize_model(
-            str(src), model_type=model_type, num_heads=heads, hidden_size=hidden, use_gpu=False
+            str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden, use_gpu=False
         )
+        if one_size and len(set(heads)) > 1:
+            _set_attention_heads(model.model, sizes[0])
         model.save_model_to_file(str(dst))
+
+
+def _set_attention_heads(model: Any, head_size: int) -> None:
+    """Give every fused Attention node the head count its packed QKV weight holds (Q width / head width)."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if "num_heads" not in attrs:
+            continue
+        if node.op_type != "Attention" or len(node.input) < 2 or node.input[1] not in initializers:
+            raise ModelpressError(
+                f"cannot read the head count of the fused {node.op_type} node {node.name!r}",
+                "the layers have different head counts; use optimize='ort' or 'none'",
+            )
+        if "qkv_hidden_sizes" in attrs:
+            q_width = int(attrs["qkv_hidden_sizes"].ints[0])
+        else:
+            q_width = int(numpy_helper.to_array(initializers[node.input[1]]).shape[-1]) // 3
+        if q_width % head_size:
+            raise ModelpressError(f"fused {node.name!r}: Q width {q_width} is not a multiple of head size {head_size}")
+        attrs["num_heads"].i = q_width // head_size
 
 
 def _build_onnxslim(src: Path, dst: Path) -> None:
@@ -416,10 +415,11 @@ def export_onnx(
         )
     if optimize == "onnxslim" and not onnxslim_available():
         raise ModelpressError("optimization 'onnxslim' needs the onnxslim package", "pip install onnxslim")
-    model_type = model_type or infer_model_type(module)
+    model_type = model_type or adapters.ort_model_type(module)
     if optimize == "transformer" and not model_type:
         raise ModelpressError(
-            "optimization 'transformer' needs a model type", "pass model_type='bert' (or 'vit', 'gpt2', ...)"
+            "optimization 'transformer' needs a model type: none is known to fuse this model family correctly",
+            "pass model_type='bert' (or 'vit', 'gpt2', ...) if the model is one of those, or use optimize='ort'",
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}.export-"))
@@ -443,10 +443,10 @@ def export_onnx(
         names = [n for n in OPTIMIZATIONS if _applicable(n, model_type)] if optimize == "auto" else [optimize]
         candidates: dict[str, Candidate] = {}
         paths: dict[str, Path] = {}
-        heads, hidden = _heads_and_hidden(module)
+        heads, sizes = adapters.attention_heads(module), adapters.head_sizes(module)
         builders: dict[str, Callable[[Path, Path], None]] = {
             "ort": _build_ort,
-            "transformer": lambda s, d: _build_transformer(s, d, model_type or "bert", heads, hidden),
+            "transformer": lambda s, d: _build_transformer(s, d, model_type or "bert", heads, sizes),
             "onnxslim": _build_onnxslim,
         }
         for name in names:

@@ -1,8 +1,20 @@
-"""Model-family facts that tracing cannot see: config keys for widths, head counts, layer counts."""
+"""Model-family facts that tracing cannot see, in one place.
+
+Config keys for widths, head counts and layer counts (kept in sync with edits by ``sync_config``);
+head counts and head sizes read from the attention modules themselves (correct after non-uniform
+head pruning, where the config can only hold the largest count); the ONNX Runtime transformer-optimizer
+type of each family that has been checked to fuse correctly; and sample-input defaults (vocabulary
+size, special token ids) taken from the model's tokenizer or config instead of BERT's.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from modelpress.graph.edit import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
 
 if TYPE_CHECKING:
     from modelpress.graph.model_graph import ModelGraph
@@ -52,3 +64,169 @@ def sync_config(graph: ModelGraph) -> None:
             delattr(config, "modelpress_widths")
     else:
         config.modelpress_widths = per_layer
+
+
+# ------------------------------------------------------------------------------ ONNX Runtime types
+
+# Hugging Face model_type -> onnxruntime.transformers.optimizer model_type, only for families whose
+# export (transformers 5.24, eager attention, no cache; ORT 1.32) was checked to match torch after the
+# optimizer, on tiny models with peaked attention: the bert-likes fuse Attention, SkipLayerNormalization
+# and BiasGelu; vit/deit and gpt2 fuse the LayerNorms and Gelus (their attention stays unfused).
+# tests/export/test_export_heads.py keeps bert, distilbert, vit and gpt2 checked. Any other family
+# gets None: the transformer optimizer is not tried (mpnet, swin, t5, ... were never checked).
+_ORT_MODEL_TYPES = {
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "camembert": "bert",
+    "electra": "bert",
+    "albert": "bert",
+    "distilbert": "bert",
+    "vit": "vit",
+    "deit": "vit",
+    "gpt2": "gpt2",
+}
+
+
+def hf_config(module: nn.Module) -> Any:
+    """The config of the first Hugging Face model inside ``module`` (itself included), or None."""
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if isinstance(getattr(config, "model_type", None), str):
+            return config
+    return None
+
+
+def ort_model_type(module: nn.Module) -> str | None:
+    """The ONNX Runtime transformer-optimizer model type for ``module``'s family (None when unsure)."""
+    config = hf_config(module)
+    return _ORT_MODEL_TYPES.get(config.model_type) if config is not None else None
+
+
+# ------------------------------------------------------------------------------ attention facts
+
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
+
+
+def _head_count(mod: nn.Module) -> int | None:
+    for attr in HEAD_COUNT_ATTRS:
+        value = getattr(mod, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention modules of ``module`` in model order: the innermost modules holding a head count.
+
+    A module shared by several layers (ALBERT) appears once.
+    """
+    found = [(name, m) for name, m in module.named_modules() if _head_count(m) is not None]
+    return [(name, m) for name, m in found if not any(_inside(other, name) for other, _ in found)]
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child != parent and (parent == "" or child.startswith(f"{parent}."))
+
+
+def attention_heads(module: nn.Module) -> list[int]:
+    """Heads per attention module, in model order, as the modules hold them after edits."""
+    return [int(_head_count(m) or 0) for _, m in attention_modules(module)]
+
+
+def head_sizes(module: nn.Module) -> list[int]:
+    """Width of one head per attention module (0 where the module does not say)."""
+    sizes = []
+    for _, m in attention_modules(module):
+        heads = int(_head_count(m) or 0)
+        size = next((getattr(m, a) for a in HEAD_SIZE_ATTRS if isinstance(getattr(m, a, None), int)), None)
+        if size is None:
+            width = next((getattr(m, a) for a in HEAD_WIDTH_ATTRS if isinstance(getattr(m, a, None), int)), 0)
+            size = width // heads if heads and width % heads == 0 else 0
+        sizes.append(int(size))
+    return sizes
+
+
+def _input_width(mod: nn.Module) -> int | None:
+    for sub in mod.modules():
+        if isinstance(sub, nn.Linear):
+            return int(sub.in_features)
+        w = getattr(sub, "weight", None)
+        if type(sub).__name__ == "Conv1D" and w is not None and w.dim() == 2:  # GPT-2's [in, out] linear
+            return int(w.shape[0])
+    return None
+
+
+def hidden_size(module: nn.Module) -> int | None:
+    """Width of the residual stream: what the first attention module reads (else the config's key)."""
+    for _, m in attention_modules(module)[:1]:
+        width = _input_width(m)
+        if width:
+            return width
+    config = hf_config(module)
+    for key in HIDDEN_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+# ------------------------------------------------------------------------------ input defaults
+
+# Used only when neither a tokenizer nor a config says otherwise (BERT uncased: the historic default,
+# which keeps sample inputs of hand-made InputSpecs unchanged).
+FALLBACK_VOCAB_SIZE = 30522
+FALLBACK_CLS_ID = 101
+_SPECIAL = ("cls", "bos", "sep", "eos", "pad")
+
+
+@dataclass
+class TextDefaults:
+    """Vocabulary size and special token ids (only those inside the vocabulary) for sample text inputs."""
+
+    vocab_size: int
+    special_ids: dict[str, int] = field(default_factory=dict)
+
+
+def input_defaults(module: nn.Module | None = None, tokenizer: Any = None) -> TextDefaults:
+    """Sample-input facts for a text model, from its tokenizer, else its config, else BERT's.
+
+    The vocabulary is the smaller of the embedding's rows (config) and the tokenizer's size, so every
+    sampled id is valid for both; special ids outside it (a config's default ``bos_token_id`` of a
+    shrunken vocabulary) are dropped.
+    """
+    config = hf_config(module) if module is not None else None
+    sizes = [v for v in (getattr(config, "vocab_size", None), _tokenizer_size(tokenizer)) if isinstance(v, int) and v > 0]
+    vocab = min(sizes) if sizes else FALLBACK_VOCAB_SIZE
+    ids: dict[str, int] = {}
+    for name in _SPECIAL:
+        for source in (tokenizer, config):
+            value = getattr(source, f"{name}_token_id", None) if source is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab:
+                ids[name] = value
+                break
+    if module is None and tokenizer is None:
+        ids = {"cls": FALLBACK_CLS_ID}
+    return TextDefaults(vocab, ids)
+
+
+def _tokenizer_size(tokenizer: Any) -> int | None:
+    if tokenizer is None:
+        return None
+    try:
+        return int(len(tokenizer))
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+        return size if isinstance(size, int) else None
+
+
+def start_token_id(special_ids: dict[str, int], vocab_size: int) -> int:
+    """The id a sample sequence starts with: the model's cls (else bos) token.
+
+    Without either (hand-made specs), BERT's [CLS] where the vocabulary is BERT-sized, else 0, as
+    modelpress always did, so existing sample inputs do not change.
+    """
+    for name in ("cls", "bos"):
+        if name in special_ids and 0 <= special_ids[name] < vocab_size:
+            return special_ids[name]
+    return FALLBACK_CLS_ID if vocab_size > 1000 else 0

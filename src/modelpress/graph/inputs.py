@@ -7,21 +7,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from modelpress.graph.adapters import FALLBACK_VOCAB_SIZE, start_token_id
+
 
 @dataclass
 class InputSpec:
     """Describes a model's forward inputs.
 
     kind: "text" (input_ids, attention_mask, token_type_ids...), "image" ([B, C, H, W] floats)
-    or "tensor" (one float tensor of ``shape``, first axis batch).
+    or "tensor" (one float tensor of ``shape``, first axis batch). For text, ``vocab_size`` and
+    ``special_ids`` (cls, bos, sep, eos, pad: ``adapters.input_defaults`` fills them from the model's
+    tokenizer or config) shape the sample inputs; a hand-made spec gets BERT's.
     """
 
     kind: str
     names: list[str]
     shape: tuple[int, ...] = ()  # per-sample shape for image/tensor inputs (C, H, W)
-    vocab_size: int = 30522
+    vocab_size: int = FALLBACK_VOCAB_SIZE
     default_seq_len: int = 128
     dtypes: dict[str, str] = field(default_factory=dict)
+    special_ids: dict[str, int] = field(default_factory=dict)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         if self.kind == "text":
@@ -38,7 +43,7 @@ class InputSpec:
                 if n == "input_ids":
                     low = min(1000, self.vocab_size // 4)
                     ids = rng.integers(low, max(low + 1, self.vocab_size - 1), size=(batch, seq), dtype=np.int64)
-                    ids[:, 0] = 101 if self.vocab_size > 1000 else 0
+                    ids[:, 0] = start_token_id(self.special_ids, self.vocab_size)
                     out[n] = ids
                 elif n == "attention_mask":
                     out[n] = np.ones((batch, seq), dtype=np.int64)
@@ -57,6 +62,7 @@ class InputSpec:
             "shape": list(self.shape),
             "vocab_size": self.vocab_size,
             "default_seq_len": self.default_seq_len,
+            "special_ids": dict(self.special_ids),
         }
 
     @classmethod
@@ -65,8 +71,9 @@ class InputSpec:
             kind=d["kind"],
             names=list(d["names"]),
             shape=tuple(d.get("shape", ())),
-            vocab_size=int(d.get("vocab_size", 30522)),
+            vocab_size=int(d.get("vocab_size", FALLBACK_VOCAB_SIZE)),
             default_seq_len=int(d.get("default_seq_len", 128)),
+            special_ids={str(k): int(v) for k, v in d.get("special_ids", {}).items()},
         )
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.graph import InputSpec, ModelGraph
+from modelpress.graph.adapters import input_defaults
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -120,7 +121,7 @@ def load_hf(path: Path) -> ModelGraph:
         except Exception:  # a model without a usable tokenizer still loads
             tokenizer = None
     source = {"kind": "hf", "class": cls.__name__, "config": config.to_dict(), "path": str(path.resolve())}
-    return ModelGraph(module, hf_input_spec(module), source, tokenizer=tokenizer, name=path.name)
+    return ModelGraph(module, hf_input_spec(module, tokenizer), source, tokenizer=tokenizer, name=path.name)
 
 
 def _hf_class(config: Any) -> type:
@@ -153,8 +154,12 @@ def _check_weights(path: Path) -> None:
         ) from exc
 
 
-def hf_input_spec(module: nn.Module) -> InputSpec:
-    """Inputs of a Hugging Face model, read from its forward signature and config."""
+def hf_input_spec(module: nn.Module, tokenizer: Any = None) -> InputSpec:
+    """Inputs of a Hugging Face model, read from its forward signature and config.
+
+    For text, the vocabulary size and special token ids come from ``tokenizer`` (else the config), so
+    sample inputs use the model's own ids (``graph.adapters.input_defaults``).
+    """
     params = inspect.signature(module.forward).parameters
     config = module.config
     if "pixel_values" in params:
@@ -167,7 +172,9 @@ def hf_input_spec(module: nn.Module) -> InputSpec:
     if getattr(config, "type_vocab_size", 2) in (0, None) and "token_type_ids" in names:
         names.remove("token_type_ids")
     seq = min(128, getattr(config, "max_position_embeddings", 128) or 128)
-    return InputSpec("text", names, vocab_size=config.vocab_size, default_seq_len=seq)
+    defaults = input_defaults(module, tokenizer)
+    return InputSpec("text", names, vocab_size=defaults.vocab_size, default_seq_len=seq,
+                     special_ids=defaults.special_ids)
 
 
 def load_timm(spec: str) -> ModelGraph:
