@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -114,3 +115,54 @@ def test_trusted_pickle_loads(capsys, tmp_path):
     torch.save(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)), f)
     main(["inspect", str(f), "--input-shape", "4", "--trust-pickle", "--json"])
     assert '"parameters": 58' in capsys.readouterr().out
+
+
+def test_unknown_command_and_option(capsys):
+    """A typo on the command line gets the same short error as other bad input: no usage dump, exit 2."""
+    code, err = run_cli(["nonsense"], capsys)
+    assert code == 2
+    assert_clean_error(code, err, "No such command 'nonsense'", "modelpress --help")
+    assert "Usage" not in err and "bug" not in err
+    code, err = run_cli(["inspect", "--bogus"], capsys)
+    assert code == 2
+    assert_clean_error(code, err, "No such option: --bogus", "modelpress inspect --help")
+
+
+def _unwritable_outputs(tmp_path: Path) -> dict[str, Path]:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    outputs = {"parent is a file": afile / "out"}
+    if Path("/proc").is_dir():
+        outputs["/proc"] = Path("/proc/modelpress-out")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if not os.access(ro, os.W_OK):  # root may write anywhere
+        outputs["read-only folder"] = ro / "sub" / "out"
+    return outputs
+
+
+@pytest.mark.parametrize("command", [["compress"], ["export"], ["bench", "model.onnx"]])
+def test_unwritable_output(capsys, tmp_path, command):
+    """An output that cannot be written fails at once (before any model loads) with exit code 2."""
+    for kind, out in _unwritable_outputs(tmp_path).items():
+        code, err = run_cli([*command, "-o", str(out), "-q"], capsys)
+        assert code == 2, (kind, err)
+        assert_clean_error(code, err, f"cannot write {out}", "-o")
+        assert "bug" not in err
+        assert not out.exists()
+    (tmp_path / "ro").chmod(0o755)
+
+
+def test_recipe_without_name_takes_the_file_stem(capsys, tmp_path, monkeypatch):
+    from modelpress.compress.recipe import load_recipe
+
+    f = tmp_path / "my-recipe.yaml"
+    f.write_text("passes:\n  - pass: prune.magnitude\n    ratios: {mlp: 0.5}\n")
+    assert load_recipe(f).name == "my-recipe"
+    # the CLI names the default output folder after the recipe: an existing one shows the name it chose
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compressed-digits_cnn_factory-my-recipe").mkdir()
+    code, err = run_cli(["compress", "modelpress.data.zoo:digits_cnn_factory", "-r", str(f), "-q"], capsys)
+    assert code == 2
+    assert_clean_error(code, err, "output compressed-digits_cnn_factory-my-recipe already exists")

@@ -129,4 +129,6 @@ def load_recipe(name_or_path: str | Path | None) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ModelpressError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}", "fix the YAML") from exc
+    if isinstance(data, dict) and "name" not in data:
+        data["name"] = path.stem  # a user's recipe file names itself
     return Recipe.from_dict(data, origin=str(path.name if text in builtins else path))

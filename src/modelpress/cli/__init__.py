@@ -1,0 +1,33 @@
+"""The `modelpress` command: compress, prune, quantize, inspect, export, bench, recipes.
+
+One module per command (as optimum's `optimum/commands/`); what they share (options, reporter, output
+preparation, printing, error handling) lives in `cli.common`. The commands import nothing heavy until
+they run, so `modelpress --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from modelpress.cli import bench, compress, export, inspect, recipes
+from modelpress.cli.common import user_errors
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make trained neural networks smaller and faster, and measure what they gained.",
+)
+for command in (compress.compress, compress.prune, compress.quantize, inspect.inspect, export.export, bench.bench,
+                recipes.recipes):
+    app.command()(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input (a user error, a command-line mistake, an unwritable output) prints a short
+    message and exits with code 2, without a traceback."""
+    with user_errors():
+        app(args=argv, prog_name="modelpress", standalone_mode=False)
+
+
+__all__ = ["app", "main"]

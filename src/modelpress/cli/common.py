@@ -1,0 +1,197 @@
+"""What every command shares: the common options, the reporter, loading the model, preparing outputs,
+printing JSON or tables, and turning errors into one short message with exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from modelpress.errors import ModelpressError
+
+# Options (and the checkpoint argument) that several commands take, declared once.
+Ckpt = Annotated[
+    str | None,
+    typer.Argument(help="hf:DIR, a HF folder, a saved modelpress folder, timm:NAME, torchvision:NAME, pkg.mod:factory, or FILE.pt; default: all-MiniLM-L6-v2"),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled .pt/.pth modules (runs code).")]
+Data = Annotated[str | None, typer.Option("--data", help="digits | text:FILE | images:DIR | tensors:FILE.npz")]
+Out = Annotated[Path | None, typer.Option("--output", "-o", help="Output directory (default: ./compressed-NAME).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+TargetOpt = Annotated[str, typer.Option("--target", help="ort-cpu | edge")]
+Threads = Annotated[int | None, typer.Option("--threads", help="Threads for ONNX Runtime (default: the target's).")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
+InputShape = Annotated[str | None, typer.Option("--input-shape", help="C,H,W for modules that do not say.")]
+
+_OUTPUT_HINT = "choose another -o, in a folder you can write to"
+
+
+def reporter(quiet: bool):  # noqa: ANN201
+    """The progress reporter of one command (silent with --quiet or --json)."""
+    from modelpress.progress import Reporter
+
+    return Reporter(quiet=quiet)
+
+
+def console():  # noqa: ANN201
+    """A rich console for results on stdout; wide when not a terminal, so pipes and logs keep whole tables."""
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal else Console(width=160)
+
+
+def jsonable(obj: Any) -> Any:
+    """json.dumps fallback: arrays become lists, everything else its string."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def print_json(data: Any) -> None:
+    """A command's result as JSON on stdout (--json)."""
+    typer.echo(json.dumps(data, indent=2, default=jsonable))
+
+
+def print_rich(*renderables: Any) -> None:
+    """A command's result as tables and lines on stdout."""
+    out = console()
+    for r in renderables:
+        out.print(r)
+
+
+def load_graph(ckpt: str | None, trust_pickle: bool, input_shape: str | None, rep: Any) -> Any:
+    """Load the checkpoint argument as a ModelGraph, parsing --input-shape first."""
+    from modelpress.models import load
+
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(x) for x in input_shape.split(","))
+        except ValueError as exc:
+            raise ModelpressError(f"--input-shape {input_shape!r} is not a list of integers", "e.g. --input-shape 3,224,224") from exc
+    with rep.step(f"loading {ckpt or 'the default model (all-MiniLM-L6-v2)'}"):
+        return load(ckpt, trust_pickle=trust_pickle, input_shape=shape)
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, before any slow work, when nothing could be written at `path`: its nearest existing
+    ancestor must be a folder that accepts new files. Creates nothing that stays behind."""
+    folder = path.absolute().parent
+    try:
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise ModelpressError(f"cannot write {path}: {folder} is a file, not a folder", _OUTPUT_HINT)
+        fd, probe = tempfile.mkstemp(prefix=".modelpress-probe-", dir=folder)
+    except OSError as exc:
+        raise ModelpressError(f"cannot write {path}: folder {folder} does not accept new files ({exc.strerror})",
+                              _OUTPUT_HINT) from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: Path, overwrite: bool = True) -> None:
+    """An output file: not an existing one unless --overwrite, not a folder, and writable."""
+    if path.exists() and not overwrite:
+        raise ModelpressError(f"output {path} already exists", "pass --overwrite to replace it")
+    if path.is_dir():
+        raise ModelpressError(f"output {path} is a folder", f"give a file name, e.g. -o {path / 'model.onnx'}")
+    check_writable(path)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """An output folder: not an existing one unless --overwrite, not a file, and writable."""
+    if out.exists() and not overwrite:
+        raise ModelpressError(f"output {out} already exists", "pass --overwrite to replace it, or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise ModelpressError(f"output {out} exists and is not a directory", "choose another -o")
+    check_writable(out)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` when the block completes and removed when it
+    fails: a run never leaves a half-written output folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# OS errors that come from the user's paths or machine (permissions, read-only or full disks), not from a bug
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Command-line parsing errors: typer's own click (typer >= 0.20) or click itself (older typer)."""
+    types: list[type[Exception]] = []
+    if hasattr(typer, "TyperException"):
+        types.append(typer.TyperException)
+    try:
+        import click
+
+        types.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def fail(problem: str, hint: str | None = None, code: int = 2) -> NoReturn:
+    """Print `error: PROBLEM` (and `  -> HINT`) on stderr and exit."""
+    print(f"error: {problem}", file=sys.stderr)
+    if hint:
+        print(f"  -> {hint}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input of any kind (ModelpressError, a command-line mistake, an unwritable path) ends with one
+    short message and exit code 2, without a traceback; anything else is reported as a bug (exit 1)."""
+    try:
+        yield
+    except ModelpressError as exc:
+        fail(exc.problem, exc.hint)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except _usage_errors() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already on the screen
+            sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        hint = f"see `{ctx.command_path} --help`" if ctx is not None else "see `modelpress --help`"
+        fail(" ".join(exc.format_message().split()), hint)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS or not exc.filename:
+            _bug(exc)
+        fail(f"{exc.strerror}: {exc.filename}", "check the path's permissions and the free disk space")
+    except Exception as exc:
+        _bug(exc)
+
+
+def _bug(exc: Exception) -> NoReturn:
+    if os.environ.get("MODELPRESS_DEBUG"):
+        traceback.print_exc()
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    fail(f"{type(exc).__name__}: {first}", "this looks like a modelpress bug; rerun with MODELPRESS_DEBUG=1 for the traceback", 1)

@@ -1,0 +1,159 @@
+"""`modelpress compress | prune | quantize`: run a recipe (built-in, a YAML file, or one pass built from
+the options) and write the output folder: model, model.onnx, report.json, report.md."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from modelpress.cli.common import (
+    AsJson,
+    Ckpt,
+    Data,
+    InputShape,
+    Out,
+    Overwrite,
+    Quiet,
+    Seed,
+    TargetOpt,
+    Threads,
+    TrustPickle,
+    check_output_dir,
+    jsonable,
+    load_graph,
+    print_json,
+    print_rich,
+    reporter,
+    staged_dir,
+)
+from modelpress.errors import ModelpressError
+
+
+def run_recipe(
+    recipe_ref: Any, ckpt: str | None, data: str | None, out: Path | None, overwrite: bool, quiet: bool,
+    as_json: bool, trust_pickle: bool, target: str, threads: int | None, seed: int, input_shape: str | None,
+) -> None:
+    """Shared body of compress/prune/quantize: load, run the pipeline, write the output folder atomically."""
+    from modelpress.bench import get_target
+    from modelpress.compress.pipeline import Pipeline
+    from modelpress.compress.recipe import Recipe, load_recipe
+    from modelpress.compress.report import render_markdown, render_table
+    from modelpress.models import saving
+    from modelpress.passes import Context
+
+    recipe = recipe_ref if isinstance(recipe_ref, Recipe) else load_recipe(recipe_ref)
+    tgt = get_target(target, threads=threads)
+    if out is not None:  # a bad -o fails before the model loads
+        check_output_dir(out, overwrite)
+    rep = reporter(quiet)
+    graph = load_graph(ckpt, trust_pickle, input_shape, rep)
+    if out is None:
+        out = Path(f"compressed-{graph.name}-{recipe.name}")
+        check_output_dir(out, overwrite)
+    from modelpress.data import infer_task, load_data
+
+    task_data = load_data(data, graph.input_spec, graph.tokenizer, seed=seed, n_calibration=128)
+    with staged_dir(out) as tmp:
+        ctx = Context(
+            workdir=tmp / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
+            target=tgt, seed=seed, reporter=rep,
+        )
+        result = Pipeline(recipe).run(graph, ctx)
+        with rep.step("writing the output folder"):
+            saving.write_into(result.graph, tmp)
+            shutil.copyfile(result.onnx_path, tmp / "model.onnx")
+            report = result.report
+            if tgt.name == "tensorrt":
+                report["tensorrt_engine"] = _tensorrt_engine(tmp / "model.onnx", graph, tmp / "model.plan")
+            report["data"] = getattr(task_data, "description", str(data))
+            report["task"] = ctx.task.name
+            report["output"] = str(out)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=jsonable))
+            (tmp / "report.md").write_text(render_markdown(report))
+            shutil.rmtree(tmp / "work", ignore_errors=True)
+    if as_json:
+        print_json(report)
+    else:
+        print_rich(render_table(report), f"wrote {out}/ (model.onnx, model.safetensors, report.json, report.md)")
+
+
+def compress(
+    ckpt: Ckpt = None,
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or YAML file.")] = "default",
+    data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
+    trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
+    input_shape: InputShape = None,
+) -> None:
+    """Compress a checkpoint with a recipe; print a before/after table and write the output folder."""
+    run_recipe(recipe, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
+
+
+def prune(
+    ckpt: Ckpt = None,
+    ratio: Annotated[list[str] | None, typer.Option("--ratio", help="KIND=R, e.g. mlp=0.5 head=0.25")] = None,
+    method: Annotated[str, typer.Option("--method", help="magnitude")] = "magnitude",
+    data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
+    trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
+    input_shape: InputShape = None,
+) -> None:
+    """Structured pruning only (a one-pass recipe)."""
+    from modelpress.compress.recipe import Recipe
+
+    ratios: dict[str, float] = {}
+    for item in ratio or ["mlp=0.5", "head=0.25"]:
+        kind, _, value = item.partition("=")
+        try:
+            ratios[kind.strip()] = float(value)
+        except ValueError as exc:
+            raise ModelpressError(f"--ratio {item!r} is not KIND=NUMBER", "e.g. --ratio mlp=0.5") from exc
+    rec = Recipe.from_dict({"name": f"prune-{method}", "passes": [{"pass": f"prune.{method}", "ratios": ratios}]}, "--ratio")
+    run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
+
+
+def quantize(
+    ckpt: Ckpt = None,
+    method: Annotated[str, typer.Option("--method", help="repq | nncf | ort-static | ort-dynamic")] = "repq",
+    bits: Annotated[str, typer.Option("--bits", help="w8a8, w6a6, w4a8, w4a4 (repq); w8a8 for the others")] = "w8a8",
+    data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
+    trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
+    input_shape: InputShape = None,
+) -> None:
+    """Post-training quantization only (a one-pass recipe)."""
+    from modelpress.compress.recipe import Recipe
+
+    entry: dict[str, Any] = {"pass": f"quantize.{method}"}
+    if method == "repq":
+        # the built-in recipe for these bits, when there is one (e.g. w8a8 -> int8's auto_channel)
+        from modelpress.compress.recipe import load_recipe
+
+        builtin = {"w8a8": "int8", "w4a8": "w4a8", "w4a4": "w4a4-repq"}.get(bits.lower())
+        if builtin:
+            entry = dict(load_recipe(builtin).to_dict()["passes"][0])
+        entry["default"] = bits
+    elif bits != "w8a8":
+        raise ModelpressError(f"--method {method} quantizes to w8a8 only (got --bits {bits})", "use --method repq for other bit widths")
+    rec = Recipe.from_dict({"name": f"quantize-{method}-{bits}", "passes": [entry]}, "--method/--bits")
+    run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
+
+
+def _tensorrt_engine(onnx_path: Path, graph: Any, engine_path: Path) -> dict[str, Any]:
+    """Build model.plan beside model.onnx for --target tensorrt (dynamic batch 1..32, and sequence 1..512
+    for text models; the optimal shape is the default input shape)."""
+    from modelpress.export.tensorrt import build_engine  # checks TensorRT's Q/DQ rules first
+
+    spec = graph.input_spec
+    opt = {n: tuple(t.shape) for n, t in graph.example_inputs(1).items()}
+    shapes = {}
+    for name, shape in opt.items():
+        lo, hi = list(shape), list(shape)
+        lo[0], hi[0] = 1, 32
+        if spec.kind == "text" and len(shape) > 1:
+            lo[1], hi[1] = 1, 512
+        shapes[name] = (tuple(lo), shape, tuple(hi))
+    build_engine(onnx_path, engine_path, shapes=shapes)
+    return {"path": engine_path.name, "bytes": engine_path.stat().st_size,
+            "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
