@@ -230,12 +230,12 @@ class ModelGraph:
                 f"{self.name} was saved before modelpress recorded unit lineage",
                 "repeat the edits on the original model to get their lineage",
             )
-        return {g.name: self._lineage.units.get(g.name, np.arange(g.size)) for g in self.groups}
+        return {g.name: self._lineage.units.get(g.name, np.arange(g.size)).copy() for g in self.groups}
 
     @property
     def block_lineage(self) -> dict[str, np.ndarray]:
         """For every container that lost blocks: the original item index of each current item."""
-        return dict(self._lineage.blocks)
+        return {k: v.copy() for k, v in self._lineage.blocks.items()}
 
     def original_name(self, group: str) -> str:
         """The name group ``group`` had in the original model (block deletions renumber scopes)."""
