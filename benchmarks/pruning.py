@@ -110,7 +110,10 @@ def num_parameters(module) -> int:  # noqa: ANN001
 
 
 def _source_indices(original, pruned, dim: int) -> list[int] | None:  # noqa: ANN001
-    """For each slice of ``pruned`` along ``dim``, the index of the identical slice of ``original``."""
+    """For each slice of ``pruned`` along ``dim``, the index of the identical slice of ``original``.
+
+    Only for the peers: Torch-Pruning keeps no record of what it kept, so it is recovered from the weights.
+    Our variant's kept units come from the ModelGraph's lineage (``_lineage_indices``)."""
     o = original.detach().movedim(dim, 0).contiguous().cpu()
     p = pruned.detach().movedim(dim, 0).contiguous().cpu()
     lookup: dict[bytes, int] = {}
@@ -120,21 +123,49 @@ def _source_indices(original, pruned, dim: int) -> list[int] | None:  # noqa: AN
     return None if any(i is None for i in found) else found
 
 
-def block_structure(original, pruned) -> list[dict[str, Any]]:  # noqa: ANN001 - HF BertModels
+def _lineage_indices(original, pruned, dim: int, claimed: list[int]) -> list[int] | None:  # noqa: ANN001
+    """``claimed`` (original indices from the lineage) if ``pruned``'s slices along ``dim`` are exactly
+    ``original``'s slices at those indices, else None (the lineage would be wrong)."""
+    import torch
+
+    idx = torch.as_tensor(claimed, dtype=torch.long)
+    same = pruned.shape[dim] == len(claimed) and torch.equal(original.detach().index_select(dim, idx), pruned.detach())
+    return claimed if same else None
+
+
+def block_structure(original, pruned, lineage=None) -> list[dict[str, Any]]:  # noqa: ANN001 - HF BertModels
     """Per block: heads, head width, MLP width, which original heads/units were kept, and whether q, k, v,
     the attention output projection and the MLP's two linears agree on them (whole heads, same indices,
-    the attention module's attributes matching its weights, the residual stream untouched)."""
+    the attention module's attributes matching its weights, the residual stream untouched).
+
+    ``lineage`` (a ModelGraph's, for our variant) says which original heads and units were kept; every
+    slice is then checked against the original weights. Without it (the peers) they are recovered from
+    the weights."""
     rows = []
     hidden = original.config.hidden_size
     for i, (lo, lp) in enumerate(zip(original.encoder.layer, pruned.encoder.layer, strict=True)):
         so, sp = lo.attention.self, lp.attention.self
         head_dim = so.attention_head_size
-        q = _source_indices(so.query.weight, sp.query.weight, 0)
-        k = _source_indices(so.key.weight, sp.key.weight, 0)
-        v = _source_indices(so.value.weight, sp.value.weight, 0)
-        o = _source_indices(lo.attention.output.dense.weight, lp.attention.output.dense.weight, 1)
-        up = _source_indices(lo.intermediate.dense.weight, lp.intermediate.dense.weight, 0)
-        down = _source_indices(lo.output.dense.weight, lp.output.dense.weight, 1)
+        if lineage is not None:
+            kept_heads = lineage[f"head:encoder.layer.{i}.attention"].tolist()
+            rows_kept = [h * head_dim + d for h in kept_heads for d in range(head_dim)]
+            units = lineage[f"mlp:encoder.layer.{i}"].tolist()
+            pairs = [
+                (so.query.weight, sp.query.weight, 0, rows_kept),
+                (so.key.weight, sp.key.weight, 0, rows_kept),
+                (so.value.weight, sp.value.weight, 0, rows_kept),
+                (lo.attention.output.dense.weight, lp.attention.output.dense.weight, 1, rows_kept),
+                (lo.intermediate.dense.weight, lp.intermediate.dense.weight, 0, units),
+                (lo.output.dense.weight, lp.output.dense.weight, 1, units),
+            ]
+            q, k, v, o, up, down = (_lineage_indices(a, b, d, c) for a, b, d, c in pairs)
+        else:
+            q = _source_indices(so.query.weight, sp.query.weight, 0)
+            k = _source_indices(so.key.weight, sp.key.weight, 0)
+            v = _source_indices(so.value.weight, sp.value.weight, 0)
+            o = _source_indices(lo.attention.output.dense.weight, lp.attention.output.dense.weight, 1)
+            up = _source_indices(lo.intermediate.dense.weight, lp.intermediate.dense.weight, 0)
+            down = _source_indices(lo.output.dense.weight, lp.output.dense.weight, 1)
         heads: list[int] | None = None
         whole_heads = False
         if q is not None and len(q) % head_dim == 0:
@@ -388,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["description"] = VARIANT_DESCRIPTIONS[name]
             entry["parameters"] = num_parameters(module)
             entry["macs"] = count_macs(module, spec)
-            entry["blocks"] = block_structure(original.module, module)
+            entry["blocks"] = block_structure(original.module, module, ours_graph.lineage if name == OURS else None)
             try:
                 with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                     warnings.simplefilter("ignore")

@@ -12,6 +12,8 @@ from modelpress.graph.groups import Group, Slot
 
 # attributes that hold a head count or the total attention width, as named across model families
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads", "num_attention_heads_per_partition")
+# edit records that change only which original unit sits where (see modelpress.graph.lineage)
+LINEAGE_ONLY = ("remove_units", "permute")
 HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim", "attn_dim")
 
 
@@ -56,17 +58,10 @@ def sync_module_attrs(root: nn.Module) -> None:
             mod.normalized_shape = (int(w.shape[0]),)
 
 
-def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[dict]:
-    """Remove units of several groups from ``root`` in place, in one slicing pass per parameter.
-
-    Indices are those of the groups as discovered (before any of these removals). Returns the
-    attribute edits made (head counts), which the caller records for reloading.
-    """
+def unit_positions(plan: list[tuple[Group, list[int]]]) -> dict[Slot, np.ndarray]:
+    """Every parameter position (per slot) that removing ``plan``'s units takes away."""
     drop: dict[Slot, list[np.ndarray]] = defaultdict(list)
-    edits: list[dict] = []
     for group, units in plan:
-        if not units:
-            continue
         bad = [u for u in units if not 0 <= u < group.size]
         if bad:
             raise IndexError(f"group {group.name} has {group.size} units; got {bad}")
@@ -75,13 +70,26 @@ def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[d
         for u in set(units):
             for slot, idx in group.units[u].items():
                 drop[slot].append(idx)
+    return {slot: np.unique(np.concatenate(parts)) for slot, parts in drop.items()}
+
+
+def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[dict]:
+    """Remove units of several groups from ``root`` in place, in one slicing pass per parameter.
+
+    Indices are those of the groups as discovered (before any of these removals). Returns the
+    attribute edits made (head counts), which the caller records for reloading.
+    """
+    plan = [(g, units) for g, units in plan if units]
+    drop = unit_positions(plan)
+    edits: list[dict] = []
+    for group, units in plan:
         if group.kind == "head":
             edits += _update_head_attrs(root, group, group.size, group.size - len(set(units)))
     state = dict(root.named_parameters())
     state.update(dict(root.named_buffers()))
     by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for (param, axis), parts in drop.items():
-        by_param[param].append((axis, np.unique(np.concatenate(parts))))
+    for (param, axis), idx in drop.items():
+        by_param[param].append((axis, idx))
     with torch.no_grad():
         for param, cuts in by_param.items():
             t = state[param].detach()
@@ -93,6 +101,28 @@ def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[d
     for e in edits:
         setattr(get_submodule(root, e["module"]), e["attr"], e["value"])
     return edits
+
+
+def permute_units(root: nn.Module, group: Group, order: list[int] | np.ndarray) -> None:
+    """Reorder the units of ``group`` in place: unit j becomes the former unit ``order[j]``.
+
+    Every coupled slice moves together (rows of the writers, columns of the readers, norms and
+    biases), so the function the module computes is unchanged; head-count attributes stay as they are.
+    Unit j keeps the positions it had, filled with the values of unit ``order[j]``.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    if sorted(order.tolist()) != list(range(group.size)):
+        raise ValueError(f"order must be a permutation of range({group.size}) for {group.name}")
+    state = dict(root.named_parameters())
+    state.update(dict(root.named_buffers()))
+    with torch.no_grad():
+        for slot in group.slots:
+            param, axis = slot
+            t = state[param].detach()
+            index = np.arange(t.shape[axis])
+            for j, src in enumerate(order):
+                index[group.units[j][slot]] = group.units[int(src)][slot]
+            set_tensor(root, param, t.index_select(axis, torch.as_tensor(index)).contiguous())
 
 
 def _update_head_attrs(root: nn.Module, group: Group, old: int, new: int) -> list[dict]:
@@ -123,19 +153,22 @@ def _update_head_attrs(root: nn.Module, group: Group, old: int, new: int) -> lis
 
 
 def delete_block(root: nn.Module, path: str) -> dict:
-    """Delete block ``path`` (an item of an nn.ModuleList/nn.Sequential) in place."""
+    """Delete block ``path`` (an item of an nn.ModuleList/nn.Sequential) in place; returns its record."""
     parent_path, _, idx = path.rpartition(".")
     parent = get_submodule(root, parent_path)
     if not isinstance(parent, (nn.ModuleList, nn.Sequential)) or not idx.isdigit():
         raise ValueError(f"{path} is not an item of a ModuleList or Sequential")
     if len(parent) <= 1:
         raise ValueError(f"cannot delete the last block of {parent_path}")
+    size = len(parent)
     del parent[int(idx)]
-    return {"op": "delete_block", "path": path}
+    return {"op": "delete_block", "path": path, "size": size}
 
 
 def apply_edit(root: nn.Module, edit: dict) -> None:
     """Replay one recorded structural edit (used when reloading a saved model)."""
+    if edit["op"] in LINEAGE_ONLY:
+        return  # the saved weights already carry these; they are replayed for the lineage only
     if edit["op"] == "delete_block":
         delete_block(root, edit["path"])
     elif edit["op"] == "setattr":

@@ -125,6 +125,36 @@ def build_groups(prop: Propagation, module: nn.Module) -> list[Group]:
     return groups
 
 
+def without_units(
+    groups: list[Group], removed: dict[str, list[int]], drop: dict[Slot, np.ndarray], sizes: dict[Slot, int]
+) -> list[Group]:
+    """Groups after removing ``removed[name]`` units, re-indexed without re-tracing.
+
+    ``drop`` holds every removed position per slot and ``sizes`` each slot's length before the
+    removal; positions after a removed one shift down, in every group that shares the slot. Names
+    and order stay as they were, so group names are stable across removals.
+    """
+    shift: dict[Slot, np.ndarray] = {}
+    for slot, gone in drop.items():
+        keep = np.ones(sizes[slot], dtype=bool)
+        keep[gone] = False
+        shift[slot] = np.cumsum(keep) - 1
+    out: list[Group] = []
+    for g in groups:
+        gone = set(removed.get(g.name, ()))
+        units = [
+            {slot: (shift[slot][idx] if slot in shift else idx) for slot, idx in u.items()}
+            for i, u in enumerate(g.units)
+            if i not in gone
+        ]
+        new = Group(g.name, g.kind, g.scope, units, g.prunable, g.reason, dict(g.meta))
+        if new.prunable and new.size < 2 and new.kind != "embedding":
+            new.prunable = False
+            new.reason = "a single unit"
+        out.append(new)
+    return out
+
+
 def _scope_key(scope: str) -> tuple:
     return tuple(int(p) if p.isdigit() else -1 for p in scope.split(".")) if scope else ()
 

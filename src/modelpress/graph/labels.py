@@ -97,6 +97,34 @@ class Propagation:
             out.append((int(si), np.sort(sel - self.spaces[si].start)))
         return out
 
+    def without(self, drop: dict[tuple[str, int], np.ndarray]) -> Propagation:
+        """The propagation after removing positions ``drop[(param, axis)]``, without re-tracing.
+
+        Removed positions must be whole components (units), as edits remove them: every kept
+        component keeps its smallest element, so its root maps to the compacted id of that element.
+        """
+        keep = np.ones(len(self.roots), dtype=bool)
+        spaces: list[Space] = []
+        start = 0
+        for s in self.spaces:
+            gone = drop.get((s.param, s.axis))
+            if gone is not None and len(gone):
+                keep[s.start + np.asarray(gone, dtype=np.int64)] = False
+            size = s.size - (0 if gone is None else len(np.unique(gone)))
+            spaces.append(Space(s.param, s.axis, size, start))
+            start += size
+        if not keep[self.roots[keep]].all():
+            raise ValueError("removed positions split a component; re-trace instead")
+        new_id = np.cumsum(keep) - 1
+        return Propagation(
+            spaces,
+            new_id[self.roots[keep]],
+            self.pinned[keep],
+            self.at_output[keep],
+            self.head_ids[keep],
+            list(self.opaque_ops),
+        )
+
 
 _PASS_THROUGH = {
     "dropout", "clone", "contiguous", "alias", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy",

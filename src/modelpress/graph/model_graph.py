@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +14,10 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.graph import edit as _edit
-from modelpress.graph.groups import Group, build_groups
+from modelpress.graph.groups import Group, build_groups, without_units
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
+from modelpress.graph.lineage import Lineage
 
 TRACE_SEQ_LEN = 8
 _WRAP = "module."
@@ -33,7 +36,13 @@ class ModelGraph:
     """Wraps an ``nn.Module`` with its input spec, its provenance (to rebuild it) and its Groups.
 
     ``source`` says how to rebuild the architecture without pickle (see modelpress.models.build);
-    ``edits`` lists structural edits made since (replayed on reload before loading the weights).
+    ``edits`` lists structural edits made since (replayed on reload before loading the weights) and
+    every unit removal, permutation and block deletion, from which ``lineage`` is composed.
+
+    Tracing is cached: the exported program, the propagation, the groups and the blocks are computed
+    once, carried over by ``copy()``, and re-indexed by unit edits (removal, permutation, slicing);
+    only a block deletion (which renumbers modules) or ``invalidate()`` makes the next query re-trace.
+    ``lineage_known=False`` marks an edit log written before lineage was recorded.
     """
 
     def __init__(
@@ -45,6 +54,7 @@ class ModelGraph:
         tokenizer: Any = None,
         edits: list[dict] | None = None,
         name: str = "model",
+        lineage_known: bool = True,
     ) -> None:
         self.module = module.eval()
         self.input_spec = input_spec
@@ -52,14 +62,21 @@ class ModelGraph:
         self.tokenizer = tokenizer
         self.edits = list(edits or [])
         self.name = name
+        self._program: torch.export.ExportedProgram | None = None
         self._groups: list[Group] | None = None
         self._propagation: Propagation | None = None
         self._blocks: list[Block] | None = None
+        self._lineage = Lineage.from_edits(self.edits)
+        self._lineage.known = self._lineage.known and lineage_known
 
     # ----- basics -----
     def copy(self) -> ModelGraph:
-        """A deep copy (module included) that edits can change without touching this graph."""
-        return ModelGraph(
+        """A deep copy (module included) that edits can change without touching this graph.
+
+        Cached discovery comes along (it names parameters, never holds them), so the copy never
+        re-traces; the exported program is shared, read-only.
+        """
+        out = ModelGraph(
             copy.deepcopy(self.module),
             self.input_spec,
             copy.deepcopy(self.source),
@@ -67,6 +84,12 @@ class ModelGraph:
             edits=copy.deepcopy(self.edits),
             name=self.name,
         )
+        out._program = self._program
+        out._propagation = copy.deepcopy(self._propagation)
+        out._groups = copy.deepcopy(self._groups)
+        out._blocks = copy.deepcopy(self._blocks)
+        out._lineage = copy.deepcopy(self._lineage)
+        return out
 
     def example_inputs(self, batch: int = 1, seq_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         return self.input_spec.make_torch(batch, seq_len, seed)
@@ -88,13 +111,26 @@ class ModelGraph:
         return sum(p.numel() for p in self.module.parameters())
 
     def invalidate(self) -> None:
+        """Forget every cached discovery (call after changing the module outside the graph's edits)."""
+        self._program = None
         self._groups = None
         self._propagation = None
         self._blocks = None
 
     # ----- discovery -----
+    @property
+    def program(self) -> torch.export.ExportedProgram:
+        """The traced aten program of this architecture, traced once and cached.
+
+        Unit edits keep it: its ops, module scopes and parameter names still hold, but its shapes are
+        those at tracing time. Use ``trace()`` for a program with the current shapes.
+        """
+        if self._program is None:
+            self._program = self.trace()
+        return self._program
+
     def trace(self) -> torch.export.ExportedProgram:
-        """Trace to an aten graph with torch.export (non-strict)."""
+        """Trace the module as it is now to an aten graph with torch.export (non-strict); not cached."""
         wrapper = self.wrapped().eval()
         inputs = self.example_inputs(1, TRACE_SEQ_LEN if self.input_spec.kind == "text" else None)
         args = tuple(inputs[n] for n in self.input_spec.names)
@@ -110,7 +146,7 @@ class ModelGraph:
     @property
     def propagation(self) -> Propagation:
         if self._propagation is None:
-            ep = self.trace()
+            ep = self.program
             wrapper = self.wrapped()
             state = dict(wrapper.named_parameters())
             state.update(dict(wrapper.named_buffers()))
@@ -174,45 +210,164 @@ class ModelGraph:
             for h in hooks:
                 h.remove()
         shaped = [p for p in candidates if shapes.get(p)]
-        residual = _residual_scopes(self.trace(), shaped)
+        residual = _residual_scopes(self.program, shaped)
         # innermost residual blocks only: a stage that contains removable blocks is not itself one
         keep = [p for p in residual if not any(q != p and q.startswith(p + ".") for q in residual)]
         return [
             Block(p, type(candidates[p]).__name__, sum(x.numel() for x in candidates[p].parameters())) for p in keep
         ]
 
+    # ----- lineage -----
+    @property
+    def lineage(self) -> dict[str, np.ndarray]:
+        """For every group: the ORIGINAL index of each of its current units, composed over all edits.
+
+        Unit ``j`` of group ``name`` is unit ``lineage[name][j]`` of the original model's group
+        ``original_name(name)`` (names differ only when a block deletion renumbered the scope).
+        """
+        if not self._lineage.known:
+            raise ModelpressError(
+                f"{self.name} was saved before modelpress recorded unit lineage",
+                "repeat the edits on the original model to get their lineage",
+            )
+        return {g.name: self._lineage.units.get(g.name, np.arange(g.size)).copy() for g in self.groups}
+
+    @property
+    def block_lineage(self) -> dict[str, np.ndarray]:
+        """For every container that lost blocks: the original item index of each current item."""
+        return {k: v.copy() for k, v in self._lineage.blocks.items()}
+
+    def original_name(self, group: str) -> str:
+        """The name group ``group`` had in the original model (block deletions renumber scopes)."""
+        return self._lineage.original_name(group)
+
+    def original_path(self, path: str) -> str:
+        """A module or parameter path of this graph in the original model's numbering."""
+        return self._lineage.original_path(path)
+
+    def lineage_record(self) -> dict:
+        """The recorded (edited) part of the lineage, JSON-ready; unedited groups are the identity."""
+        return self._lineage.to_dict()
+
+    def _log(self, records: list[dict]) -> None:
+        self.edits += records
+        for r in records:
+            self._lineage.record(r)
+
     # ----- edits -----
-    def remove(self, group: Group | str, units: list[int] | np.ndarray, *, force: bool = False) -> None:
-        """Remove units (by index) of a group, in place; groups are rediscovered afterwards.
+    def _editable(self, group: Group | str, force: bool) -> Group:
+        g = self.group(group) if isinstance(group, str) else group
+        if not g.prunable and (g.meta.get("fixed") or not force):
+            raise ValueError(f"group {g.name} cannot be edited: {g.reason}")
+        return g
+
+    def remove(
+        self, group: Group | str, units: list[int] | np.ndarray, *, force: bool = False, check: bool = False
+    ) -> None:
+        """Remove units (by index) of a group, in place; the other groups are re-indexed, not re-traced.
 
         Groups that change the model's output width need ``force=True``; fixed groups never change.
+        ``check=True`` claims the removal is exact (e.g. the units' weights were zeroed): outputs are
+        compared with the graph before the edit, which is restored if they differ (ModelpressError).
         """
-        self.remove_many([(group, units)], force=force)
+        self.remove_many([(group, units)], force=force, check=check)
 
-    def remove_many(self, plan: list[tuple[Group | str, list[int] | np.ndarray]], *, force: bool = False) -> None:
-        """Remove units of several groups at once (indices as currently discovered); one re-trace after."""
+    def remove_many(
+        self,
+        plan: list[tuple[Group | str, list[int] | np.ndarray]],
+        *,
+        force: bool = False,
+        check: bool = False,
+    ) -> None:
+        """Remove units of several groups at once (indices as currently discovered); see ``remove``."""
         resolved: list[tuple[Group, list[int]]] = []
         for group, units in plan:
-            g = self.group(group) if isinstance(group, str) else group
+            g = self._editable(group, force)
             units = sorted({int(u) for u in units})
-            if not units:
-                continue
-            if not g.prunable and (g.meta.get("fixed") or not force):
-                raise ValueError(f"group {g.name} cannot be edited: {g.reason}")
-            resolved.append((g, units))
+            if units:
+                resolved.append((g, units))
         if not resolved:
             return
-        self.edits += _edit.remove_units(self.module, resolved)
-        self.invalidate()
-        self._sync_config()
+        with self._checked("remove", check):
+            groups, prop = self.groups, self.propagation
+            drop = _edit.unit_positions(resolved)
+            sizes = {(s.param, s.axis): s.size for s in prop.spaces}
+            records = [
+                {"op": "remove_units", "group": g.name, "size": g.size, "units": units} for g, units in resolved
+            ]
+            attrs = _edit.remove_units(self.module, resolved)
+            self._log(records + attrs)
+            self._propagation = prop.without(drop)
+            self._groups = without_units(groups, {g.name: u for g, u in resolved}, drop, sizes)
+            if self._blocks is not None:
+                self._blocks = [
+                    Block(b.path, b.type, sum(p.numel() for p in self.module.get_submodule(b.path).parameters()))
+                    for b in self._blocks
+                ]
+            self._sync_config()
+
+    def permute(self, group: Group | str, order: list[int] | np.ndarray, *, force: bool = False,
+                check: bool = False) -> None:
+        """Reorder the units of a group in place: unit j becomes the former unit ``order[j]``.
+
+        Exact (every coupled slice moves together; head attributes are untouched), so groups,
+        propagation and blocks stay as they are; the lineage follows the permutation. A group at the
+        model's output (``force=True``) permutes the output channels too. ``check=True`` verifies that
+        outputs are unchanged (ModelpressError and the graph restored if not).
+        """
+        g = self._editable(group, force)
+        order = [int(i) for i in order]
+        if order == list(range(g.size)):
+            return
+        with self._checked("permute", check):
+            _edit.permute_units(self.module, g, order)
+            self._log([{"op": "permute", "group": g.name, "order": order}])
+
+    def slice(self, group: Group | str, keep: list[int] | np.ndarray, *, force: bool = False,
+              check: bool = False) -> None:
+        """Keep only units ``keep`` of a group, in that order (remove the rest, then permute)."""
+        g = self._editable(group, force)
+        keep = [int(u) for u in keep]
+        if len(set(keep)) != len(keep) or not all(0 <= u < g.size for u in keep):
+            raise ValueError(f"keep must list distinct units of {g.name} (0..{g.size - 1}); got {keep}")
+        with self._checked("slice", check):
+            drop = sorted(set(range(g.size)) - set(keep))
+            self.remove_many([(g.name, drop)], force=force)
+            self.permute(g.name, np.searchsorted(np.sort(keep), keep), force=force)
 
     def remove_block(self, path: str) -> None:
-        """Delete a whole block (must be one of ``self.blocks``), in place."""
+        """Delete a whole block (must be one of ``self.blocks``), in place; later blocks renumber."""
         if path not in {b.path for b in self.blocks}:
             raise KeyError(f"{path!r} is not a removable block; blocks: {[b.path for b in self.blocks]}")
-        self.edits.append(_edit.delete_block(self.module, path))
+        from modelpress.graph.lineage import renumber
+
+        blocks = self.blocks
+        record = _edit.delete_block(self.module, path)
+        self._log([record])
+        container, _, idx = path.rpartition(".")
+        # module names changed: re-trace on the next query, but the other blocks are known
         self.invalidate()
+        self._blocks = [
+            Block(p, b.type, b.params)
+            for b in blocks
+            if (p := renumber(b.path, container, int(idx))) is not None
+        ]
         self._sync_config()
+
+    @contextmanager
+    def _checked(self, what: str, check: bool) -> Iterator[None]:
+        """Run an edit; with ``check``, verify it left the outputs unchanged, else undo it and raise."""
+        before = self.copy() if check else None
+        yield
+        if before is None:
+            return
+        result = self.verify(before)
+        if not result["ok"]:
+            self.__dict__.update(before.__dict__)
+            raise ModelpressError(
+                f"{what} on {self.name} changed the outputs ({result}); the edit was undone",
+                "only exact edits can be checked: permutations, or removals of units whose weights are zero",
+            )
 
     def _sync_config(self) -> None:
         from modelpress.graph.adapters import sync_config

@@ -71,7 +71,7 @@ def summarize(graph: ModelGraph) -> dict:
 
 def norm_consumers(graph: ModelGraph) -> list[tuple[str, list[str], bool]]:
     """LayerNorm -> Linear consumers, found in the traced aten graph (through dropout/view-like ops)."""
-    ep = graph.trace()
+    ep = graph.program
     sig = ep.graph_signature
     params = dict(sig.inputs_to_parameters)
     modules = dict(graph.wrapped().named_modules())

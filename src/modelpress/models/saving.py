@@ -101,6 +101,7 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         "name": graph.name,
         "source": graph.source,
         "edits": graph.edits,
+        "lineage": graph.lineage_record(),
         "input_spec": graph.input_spec.to_dict(),
         "aliases": aliases,
     }
@@ -170,8 +171,19 @@ def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Mode
         tokenizer=tokenizer,
         edits=spec["edits"],
         name=spec.get("name", folder.name),
+        lineage_known="lineage" in spec,  # older files: unit removals left no trace
     )
+    _check_lineage(graph, spec, folder)
     return graph
+
+
+def _check_lineage(graph: ModelGraph, spec: dict, folder: Path) -> None:
+    """The lineage replayed from the edit log must be the one written beside it."""
+    if "lineage" in spec and graph.lineage_record() != spec["lineage"]:
+        raise ModelpressError(
+            f"{folder / SPEC_FILE}: the edit log does not reproduce the recorded unit lineage",
+            "the spec was edited by hand or is corrupted; re-save the model",
+        )
 
 
 def _fit_shapes(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
