@@ -85,10 +85,10 @@ def test_merge_pass_must_come_first_and_needs_several_models(tmp_path):
 
 def test_context_evaluates_and_measures_graphs(tmp_path):
     """The services search and pruning call: export + verify + quality on held-out data, and latency."""
+    import numpy as np
+
     from modelpress.data import infer_task, load_data
     from modelpress.targets import get_target
-
-    import numpy as np
 
     a, b = _two_vits()
     images = np.random.default_rng(0).standard_normal((96, *a.input_spec.shape)).astype(np.float32)
