@@ -243,7 +243,8 @@ def _minilm_setup(args: argparse.Namespace, workdir: Path, reporter) -> tuple:  
     """MiniLM, its calibration/evaluation sentences, the task, cached FP32 reference outputs, a Context."""
     import modelpress
     from modelpress.compress import Context
-    from modelpress.data import EmbeddingTask, load_data, torch_runner
+    from modelpress.data import EmbeddingTask, load_data
+    from modelpress.targets import get_target
 
     with reporter.step("loading all-MiniLM-L6-v2"), _quiet():
         graph = modelpress.load()
@@ -252,26 +253,26 @@ def _minilm_setup(args: argparse.Namespace, workdir: Path, reporter) -> tuple:  
         None, graph.input_spec, graph.tokenizer, n_calibration=N_CALIBRATION, n_evaluation=n_eval, max_length=SEQ
     )
     task = EmbeddingTask()
-    with reporter.step("reference embeddings (torch FP32)"):
-        reference = task.reference_cache(torch_runner(graph.module, list(graph.input_spec.names)), data.evaluation)
-    ctx = Context(workdir=workdir, data=data, seed=0, reporter=reporter)
+    # fidelity runs on 2 ONNX Runtime threads; latency targets are set per measurement below
+    ctx = Context(workdir=workdir, task=task, data=data, target=get_target("ort-cpu", threads=2), reference=graph,
+                  seed=0, reporter=reporter)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
+    with reporter.step("reference embeddings (torch FP32)"):
+        reference = ctx.reference_outputs()
     return graph, data, task, reference, ctx
 
 
 def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     from modelpress.bench import get_target, measure
     from modelpress.compress import Context
-    from modelpress.data import onnx_runner
     from modelpress.export import export_onnx
     from modelpress.export.files import onnx_file_size
     from modelpress.quantize.ort_dynamic import OrtDynamicInt8
     from modelpress.quantize.passes import NNCFQuantize, OrtStaticInt8, RepQPass, cpu_has_vnni
-    from modelpress.quantize.qdq import export_qdq, verify_qdq
 
     started = time.perf_counter()
     graph, data, task, reference, ctx = _minilm_setup(args, tmp / "ctx", reporter)
-    spec, names = graph.input_spec, list(graph.input_spec.names)
+    spec = graph.input_spec
     vnni = cpu_has_vnni()
     reduce_range = not vnni  # ONNX Runtime's advice for U8S8 on CPUs without VNNI; ours does the same
 
@@ -287,8 +288,6 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
         "verification": None if exported.verification is None else vars(exported.verification),
     }
 
-    example = graph.example_inputs(2, 16)
-    check_batches = [graph.example_inputs(2, 24, seed=s) for s in (1, 2)]
     for name, config in ((OURS, recipe_options("int8")), (OURS_EXTRA, {})):
         try:
             repq = RepQPass(config)
@@ -299,16 +298,10 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
             path = tmp / name / "model.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
             with reporter.step(f"{name}: QDQ export"), _quiet():
-                t0 = time.perf_counter()
-                export_qdq(
-                    result.graph.module,
-                    example,
-                    path,
-                    input_names=names,
-                    dynamic_axes=spec.dynamic_axes(),
-                )
-                export_seconds = time.perf_counter() - t0
-                verification = verify_qdq(path, result.graph.module, check_batches)
+                # the pass's own lowering (what the pipeline deploys), verified against the torch model
+                exported_q = ctx.export(result.graph, path, exporter=result.exporter)
+                export_seconds = exported_q.export_seconds
+                verification = exported_q.verification
         except Exception as exc:
             if name == OURS:
                 raise
@@ -368,9 +361,7 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
         try:
             entry.update(_kernels(path))
             with reporter.step(f"fidelity of {name}"):
-                entry["fidelity"] = task.evaluate(
-                    onnx_runner(path, threads=2), None, data.evaluation, reference_outputs=reference
-                )
+                entry["fidelity"] = ctx.evaluate(path).metrics
         except Exception as exc:
             if name in (BASELINE, OURS):
                 raise
