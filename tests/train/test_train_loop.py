@@ -268,3 +268,22 @@ def test_bad_inputs() -> None:
             config=TrainConfig(steps=1),
             input_names=["y"],
         )
+
+
+def test_same_values_with_other_strides_train_the_same() -> None:
+    """Image batches whose size-1 channel dimension carries channels-last strides train bit-identically to
+    plain ones (convolutions would otherwise take another kernel path)."""
+    from modelpress.train.zoo import DigitsCNN
+
+    x = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    odd = torch.empty(24, 64).as_strided((24, 1, 8, 8), (64, 1, 8, 1)).copy_(x)
+    assert odd.stride() != x.stride() and torch.equal(odd, x)
+    labels = [torch.arange(24) % 10]
+    models = []
+    for pixels in (x, odd):
+        torch.manual_seed(0)
+        model = DigitsCNN(channels=(4, 8))
+        config = TrainConfig(steps=4, lr=1e-2, batch_size=8, label_weight=1.0)
+        train(model, DataSplit([{"pixel_values": pixels}], labels), task=ClassificationTask(), config=config)
+        models.append(model)
+    _assert_same_weights(*models)

@@ -51,6 +51,12 @@ class Samples:
 
 
 def _concat(parts: list[torch.Tensor], name: str, has_mask: bool) -> torch.Tensor:
+    """One tensor of every sample, with plain row-major strides: a [N, 1, H, W] tensor may otherwise carry
+    channels-last strides (size-1 dimension), and convolutions then take another, not bit-identical, path."""
+    return _concat_samples(parts, name, has_mask).clone(memory_format=torch.contiguous_format)
+
+
+def _concat_samples(parts: list[torch.Tensor], name: str, has_mask: bool) -> torch.Tensor:
     if len({tuple(p.shape[1:]) for p in parts}) == 1:
         return torch.cat(parts)
     if not has_mask or any(p.ndim != 2 for p in parts):

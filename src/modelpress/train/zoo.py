@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from modelpress.data.digits import digits_split
-from modelpress.data.sources import DataSplit
+from modelpress.data.sources import load_data
 from modelpress.data.tasks import ClassificationTask
 from modelpress.graph.inputs import InputSpec
 from modelpress.progress import QUIET, Reporter
@@ -290,14 +290,11 @@ def _fit(
     reporter: Reporter,
     lr: float = 3e-3,
 ) -> None:
-    """Train on the training part of ``digits_split(0)`` through :func:`~modelpress.train.train`: labels
+    """Train on ``load_data("digits").train`` (the training part of ``digits_split(0)``) through
+    :func:`~modelpress.train.train`: labels
     with smoothing 0.1, AdamW with a one-cycle schedule (10% warm-up), no teacher, no clipping."""
-    x_train, y_train, _, _ = digits_split()
-    data = DataSplit(
-        batches=[{"pixel_values": torch.from_numpy(x_train.copy())}],
-        labels=[torch.from_numpy(y_train.copy())],
-    )
-    steps = epochs * ((len(x_train) + batch_size - 1) // batch_size)
+    data = load_data("digits", _digits_input_spec(), batch_size=batch_size).train
+    steps = epochs * ((len(data) + batch_size - 1) // batch_size)
     config = TrainConfig(
         steps=steps,
         lr=lr,
