@@ -130,7 +130,7 @@ def train(
 
 
 class _Loop:
-    """One run of the loop (kept in an object so that the interrupt handler sees a consistent state)."""
+    """One run of the loop over a prepared student, teacher and data (the state lives in a TrainState)."""
 
     def __init__(
         self,
@@ -145,6 +145,8 @@ class _Loop:
     ) -> None:
         self.student, self.teacher, self.task, self.config = student, teacher, task, config
         self.samples, self.names, self.device, self.augment = samples, names, device, augment
+        teacher_param = None if teacher is None else next(teacher.parameters(), None)
+        self.teacher_device = device if teacher_param is None else teacher_param.device
 
     def run(
         self,
@@ -256,8 +258,9 @@ class _Loop:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         teacher_out = None
         if self.teacher is not None:
+            inputs = {k: v.to(self.teacher_device) for k, v in batch.items()}
             with torch.no_grad():
-                teacher_out = primary_output(call_module(self.teacher, self.names, batch)).to(self.device)
+                teacher_out = primary_output(call_module(self.teacher, self.names, inputs)).to(self.device)
         student_out = primary_output(call_module(self.student, self.names, batch))
         loss = self.task.loss(
             student_out,
