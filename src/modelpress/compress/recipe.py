@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelpress.errors import ModelpressError
-from modelpress.passes import PASSES, Pass
+from modelpress.passes import KINDS, Pass, registered_passes
 
 
 class ExportConfig(BaseModel):
@@ -49,7 +49,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "<dict>") -> Recipe:
-        _register_builtin_passes()
+        passes_by_name = registered_passes()
         if not isinstance(data, dict):
             raise ModelpressError(f"recipe {origin} is not a mapping", "a recipe has keys name, passes, export")
         try:
@@ -60,12 +60,12 @@ class Recipe:
         for i, entry in enumerate(spec.passes):
             entry = dict(entry)
             name = entry.pop("pass", None)
-            if name not in PASSES:
+            if name not in passes_by_name:
                 raise ModelpressError(
                     f"recipe {origin}: passes[{i}] names unknown pass {name!r}",
-                    f"known passes: {', '.join(sorted(PASSES))}",
+                    f"known passes: {', '.join(sorted(passes_by_name))}",
                 )
-            cls_ = PASSES[name]
+            cls_ = passes_by_name[name]
             try:
                 passes.append(cls_(cls_.Config(**entry)))
             except ValidationError as exc:
@@ -73,17 +73,26 @@ class Recipe:
                 raise ModelpressError(
                     f"recipe {origin}: passes[{i}] ({name}): {_explain(exc)}", f"keys of {name}: {known}"
                 ) from exc
-        graph_after_onnx = any(p.stage == "graph" for p in passes[_first_onnx(passes) :])
-        if graph_after_onnx:
-            raise ModelpressError(
-                f"recipe {origin}: a graph-stage pass comes after an ONNX-stage pass",
-                "put pruning/fake-quant passes before ONNX quantizers",
-            )
+        _check_order(passes, origin)
         return cls(spec, passes, origin)
 
 
-def _first_onnx(passes: list[Pass]) -> int:
-    return next((i for i, p in enumerate(passes) if p.stage == "onnx"), len(passes))
+_LABEL = {"merge": "merge", "graph": "graph", "onnx": "ONNX"}
+
+
+def _check_order(passes: list[Pass], origin: str) -> None:
+    """Merge passes first (at most one: it turns the N input models into one), then graph passes, then
+    ONNX passes (they work on the exported file)."""
+    ranks = [KINDS.index(p.kind) for p in passes]
+    for i in range(1, len(passes)):
+        if ranks[i] < ranks[i - 1]:
+            raise ModelpressError(
+                f"recipe {origin}: {passes[i].kind} pass {passes[i].name!r} comes after an "
+                f"{_LABEL[passes[i - 1].kind]}-stage pass ({passes[i - 1].name!r})",
+                "order passes merge (first, at most one), then graph (pruning, fake-quant), then ONNX quantizers",
+            )
+    if sum(p.kind == "merge" for p in passes) > 1:
+        raise ModelpressError(f"recipe {origin}: more than one merge pass", "a recipe merges its input models once")
 
 
 def _explain(exc: ValidationError) -> str:
@@ -121,14 +130,3 @@ def load_recipe(name_or_path: str | Path | None) -> Recipe:
     except yaml.YAMLError as exc:
         raise ModelpressError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}", "fix the YAML") from exc
     return Recipe.from_dict(data, origin=str(path.name if text in builtins else path))
-
-
-def _register_builtin_passes() -> None:
-    """Import the modules whose passes register themselves (passes never import each other)."""
-    import importlib
-
-    for mod in ("modelpress.prune.passes", "modelpress.quantize.ort_dynamic", "modelpress.quantize.passes"):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            continue

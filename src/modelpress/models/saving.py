@@ -6,7 +6,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,8 +19,46 @@ from modelpress.graph import InputSpec, ModelGraph
 from modelpress.graph.edit import apply_edit, set_tensor, sync_module_attrs
 from modelpress.models.loaders import SPEC_FILE, build
 
+_SPEC_KEYS = {"format_version", "name", "source", "edits", "input_spec", "aliases", "lineage"}
+
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class StateCodec:
+    """How a method saves module state that the float architecture does not have (fake-quant wrappers,
+    their quantizers and reparameterization buffers): ``detect(module)`` says whether the module carries
+    it, ``describe(module)`` returns JSON, ``rebuild(module, description)`` puts it back on a fresh
+    float module before the weights are loaded. Methods register theirs from their plugin module."""
+
+    name: str
+    detect: Callable[[torch.nn.Module], bool]
+    describe: Callable[[torch.nn.Module], Any]
+    rebuild: Callable[[torch.nn.Module, Any], None]
+
+
+STATE_CODECS: dict[str, StateCodec] = {}
+
+
+def register_state_codec(
+    name: str,
+    *,
+    detect: Callable[[torch.nn.Module], bool],
+    describe: Callable[[torch.nn.Module], Any],
+    rebuild: Callable[[torch.nn.Module, Any], None],
+) -> None:
+    """Make saved models carry (and reload) the state ``name`` (a key of modelpress.json)."""
+    if name in _SPEC_KEYS:
+        raise ValueError(f"{name!r} is a reserved key of {SPEC_FILE}")
+    STATE_CODECS[name] = StateCodec(name, detect, describe, rebuild)
+
+
+def _codecs() -> dict[str, StateCodec]:
+    from modelpress.plugins import load_plugins
+
+    load_plugins()
+    return STATE_CODECS
 
 
 def save(graph: ModelGraph, directory: str | os.PathLike) -> Path:
@@ -55,13 +96,6 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         if name not in state and t.data_ptr() in seen
     }
     save_file(state, str(folder / WEIGHTS_FILE))
-    from modelpress.quantize import is_fake_quant
-
-    quant = None
-    if is_fake_quant(graph.module):
-        from modelpress.quantize.state import describe
-
-        quant = describe(graph.module)
     spec = {
         "format_version": FORMAT_VERSION,
         "name": graph.name,
@@ -69,8 +103,9 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         "edits": graph.edits,
         "input_spec": graph.input_spec.to_dict(),
         "aliases": aliases,
-        "quantization": quant,
     }
+    for name, codec in _codecs().items():
+        spec[name] = codec.describe(graph.module) if codec.detect(graph.module) else None
     (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
     config = getattr(graph.module, "config", None)
     if config is not None and hasattr(config, "to_json_file"):
@@ -103,11 +138,14 @@ def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Mode
         # larger to trace and gives the same widths)
         ModelGraph(module.eval(), InputSpec.from_dict(spec["input_spec"]), spec["source"],
                    edits=spec["edits"])._sync_config()
-    if spec.get("quantization"):
-        from modelpress.quantize.state import rebuild
-
-        rebuild(module, spec["quantization"])
-        _fit_shapes(module, weights)
+    unknown = [k for k, v in spec.items() if k not in _SPEC_KEYS and v and k not in _codecs()]
+    if unknown:
+        raise ModelpressError(f"{folder} carries state {unknown} that no installed plugin can rebuild",
+                              "install the modelpress version (or plugin) that saved it")
+    for name, codec in _codecs().items():
+        if spec.get(name):
+            codec.rebuild(module, spec[name])
+            _fit_shapes(module, weights)
     for alias, name in spec.get("aliases", {}).items():
         weights[alias] = weights[name]
     missing, unexpected = module.load_state_dict(weights, strict=False)

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from modelpress.graph import Group, ModelGraph
-from modelpress.passes import Pass, PassConfig, PassResult, register
+from modelpress.passes import GraphPass, PassConfig, PassResult, register
 from modelpress.prune.saliency import SALIENCY
 
 Kind = Literal["head", "mlp", "embedding", "conv", "channel"]
@@ -40,14 +40,13 @@ def units_to_remove(group: Group, scores: np.ndarray, ratio: float, round_to: in
 
 
 @register
-class MagnitudePrune(Pass):
+class MagnitudePrune(GraphPass):
     """Remove the lowest-magnitude units of every group of the given kinds, at a fixed ratio per kind.
 
     The baseline that Hessian-aware global pruning is measured against.
     """
 
     name = "prune.magnitude"
-    stage = "graph"
     Config = MagnitudeConfig
     saliency = "magnitude"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from modelpress.passes import Pass, PassConfig, PassResult, register
+from modelpress.passes import OnnxPass, PassConfig, PassResult, register
 
 
 class OrtDynamicConfig(PassConfig):
@@ -20,12 +20,11 @@ class OrtDynamicConfig(PassConfig):
 
 
 @register
-class OrtDynamicInt8(Pass):
+class OrtDynamicInt8(OnnxPass):
     """onnxruntime.quantization.quantize_dynamic: per-channel MatMul weights by default (NOTES: the most
     faithful of ORT's dynamic settings on MiniLM, and the fastest)."""
 
     name = "quantize.ort-dynamic"
-    stage = "onnx"
     Config = OrtDynamicConfig
 
     def apply(self, target: Path, ctx) -> PassResult:  # noqa: ANN001

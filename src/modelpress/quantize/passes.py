@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from modelpress.errors import ModelpressError
-from modelpress.passes import Pass, PassConfig, PassResult, register
+from modelpress.passes import GraphPass, OnnxPass, PassConfig, PassResult, register
+from modelpress.quantize.lowering import export_quantized
 
 Observer = Literal["minmax", "percentile", "mse"]
 
@@ -90,7 +91,7 @@ class RepQPassConfig(PassConfig):
 
 
 @register
-class RepQPass(Pass):
+class RepQPass(GraphPass):
     """RepQ-ViT / RepQuant post-training quantization of the torch model (fake-quant with explicit scales;
     export lowers it to ONNX QDQ). Defaults: W8A8, per-channel calibration of post-norm activations
     reparameterized to per-tensor, MSE-searched clipping elsewhere, GPTQ weight reconstruction on
@@ -98,7 +99,6 @@ class RepQPass(Pass):
     the CPU running the pass has no VNNI (``weight_reduce_range: auto``)."""
 
     name = "quantize.repq"
-    stage = "graph"
     Config = RepQPassConfig
 
     def apply(self, graph: Any, ctx: Any) -> PassResult:
@@ -130,7 +130,7 @@ class RepQPass(Pass):
         metrics["calibration_samples"] = sum(
             int(next(iter(b.values())).shape[0]) if isinstance(b, dict) else int(b.shape[0]) for b in batches
         )
-        return PassResult(graph=out, metrics=metrics)
+        return PassResult(graph=out, metrics=metrics, exporter=export_quantized)
 
 
 class NNCFConfig(PassConfig):
@@ -141,11 +141,10 @@ class NNCFConfig(PassConfig):
 
 
 @register
-class NNCFQuantize(Pass):
+class NNCFQuantize(OnnxPass):
     """NNCF post-training quantization on the exported ONNX model (nncf.quantize, transformer model type)."""
 
     name = "quantize.nncf"
-    stage = "onnx"
     Config = NNCFConfig
 
     def apply(self, target: Path, ctx: Any) -> PassResult:
@@ -206,11 +205,10 @@ class OrtStaticConfig(PassConfig):
 
 
 @register
-class OrtStaticInt8(Pass):
+class OrtStaticInt8(OnnxPass):
     """onnxruntime.quantization.quantize_static in QDQ format (the ONNX Runtime static baseline)."""
 
     name = "quantize.ort-static"
-    stage = "onnx"
     Config = OrtStaticConfig
 
     def apply(self, target: Path, ctx: Any) -> PassResult:

@@ -1,0 +1,87 @@
+"""Lowering a fake-quant graph to QDQ ONNX: the exporter the ``quantize.repq`` pass hands the pipeline.
+
+ONNX Runtime then runs integer kernels (MatMulIntegerToFloat and friends); TensorRT builds an
+explicit-precision engine from the same form (standard QDQ, signed activations). The export is checked
+against the torch fake-quant model on cosine, not exact equality: fake-quant models round at every
+quantizer, so a float rounding tie can flip one integer code and the difference grows through the layers.
+Log2 / log-sqrt2 probability quantizers have no QDQ form: they export as 8-bit uniform QDQ (the nearest
+form with integer kernels) unless that strays from the torch simulation, then as an exact float-op
+simulation; the choice and both checks go into the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelpress.errors import ModelpressError
+
+# a QDQ export vs its torch fake-quant model: integer codes match until a rounding tie, then drift slightly
+QDQ_MIN_COSINE = 0.99
+
+
+@dataclass
+class QuantizedExport:
+    path: Path
+    optimization: str
+    verification: dict
+    kernels: dict
+    integer_kernels: int
+    export_seconds: float
+    log_export: dict | None = None  # how log2 probability quantizers were exported (None: there were none)
+
+
+def export_quantized(graph: Any, path: Path, ctx: Any) -> QuantizedExport:
+    """Write the fake-quant ``graph`` as QDQ ONNX at ``path``, verified against the torch model."""
+    from modelpress.quantize.qdq import (
+        export_qdq,
+        integer_kernel_count,
+        log_quantizer_count,
+        ort_kernels,
+        verify_qdq,
+    )
+    from modelpress.quantize.quantizers import LOG_FORMS
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    text = graph.input_spec.kind == "text"
+    example = graph.example_inputs(2, 16 if text else None)
+    batches = [graph.example_inputs(2, 24 if text else None, seed=s) for s in (1, 2)]
+    if not text:
+        example = example[graph.input_spec.names[0]]
+        batches = [b[graph.input_spec.names[0]] for b in batches]
+    logs = log_quantizer_count(graph.module)
+    # TensorRT wants standard QDQ with signed activations; ONNX Runtime's CPU kernels want U8S8 + its fusions
+    tensorrt = getattr(ctx.target, "name", None) == "tensorrt"
+    flavour = {"activation_dtype": "int8", "ort_fusion": False} if tensorrt else {}
+    forms = ["uniform", "simulate"] if logs else ["uniform"]
+    tried: dict[str, dict] = {}
+    with ctx.reporter.step("exporting the quantized model to QDQ ONNX"):
+        for form in forms:
+            export_qdq(graph.module, example, path, input_names=graph.input_spec.names,
+                       dynamic_axes=graph.input_spec.dynamic_axes(), log_form=form, **flavour)
+            check = tried[form] = verify_qdq(path, graph.module, batches)
+            if check["min_cosine"] >= QDQ_MIN_COSINE:
+                break
+        kernels = ort_kernels(path, workdir=path.parent)
+    if check["min_cosine"] < QDQ_MIN_COSINE:
+        raise ModelpressError(
+            f"the INT8 ONNX export disagrees with the quantized torch model (cosine {check['min_cosine']:.4f})",
+            "report this with the recipe; try fewer low-bit layers",
+        )
+    if tensorrt:
+        from modelpress.export.tensorrt import tensorrt_problems
+
+        problems = tensorrt_problems(path)
+        if problems:
+            raise ModelpressError(f"the quantized export is not TensorRT-ready: {problems[0]}",
+                                  "leave quantize.repq's symmetric_activations at auto (or true) for --target tensorrt")
+    log_export = None
+    if logs:
+        log_export = {"quantizers": logs, "form": form, "description": LOG_FORMS[form], "checks": tried}
+        ctx.reporter.log(f"log2 attention probabilities have no ONNX QDQ form: exported as {form!r} "
+                         f"(cosine to the torch simulation {check['min_cosine']:.4f})")
+    return QuantizedExport(path, "qdq", check, dict(kernels), integer_kernel_count(kernels),
+                           time.perf_counter() - t0, log_export)

@@ -1,0 +1,34 @@
+"""The package layers of ARCHITECTURE.md hold: import-linter's contracts (pyproject.toml) are all kept."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_are_kept(capsys):
+    cli = pytest.importorskip("importlinter.cli", reason="import-linter is in the dev extra")
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the contracts name packages relative to the src layout the installed package points at
+    try:
+        code = cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "BROKEN" not in out and "KEPT" in out
+
+
+def test_every_package_is_in_a_layer():
+    import tomllib
+
+    layers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    named = {name.strip() for row in layers for name in row.replace(":", "|").split("|")}
+    src = ROOT / "src" / "modelpress"
+    packages = {p.name for p in src.iterdir() if (p / "__init__.py").exists()}
+    modules = {p.stem for p in src.glob("*.py") if p.stem != "__init__"}
+    assert packages | modules <= named, f"not in any layer: {sorted((packages | modules) - named)}"
