@@ -513,11 +513,11 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
     from modelpress.bench import get_target, measure
     from modelpress.compress import Context
     from modelpress.data import ClassificationTask, load_data, onnx_runner, torch_runner
-    from modelpress.data.zoo import digits_vit
     from modelpress.export import export_onnx
     from modelpress.graph.model_graph import ModelGraph
     from modelpress.quantize.passes import NNCFQuantize, RepQPass, cpu_has_vnni
     from modelpress.quantize.qdq import export_qdq, log_quantizer_count, verify_qdq
+    from modelpress.train.zoo import digits_vit
 
     started = time.perf_counter()
     with reporter.step("digits ViT (zoo, trained once and cached)"), _quiet():

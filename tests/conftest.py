@@ -1,4 +1,5 @@
-"""Shared fixtures: the real pretrained MiniLM (loaded once per session) and quiet HF logging."""
+"""Shared fixtures: the real pretrained MiniLM (loaded once per session), the digits zoo models (trained once
+per machine) and quiet HF logging."""
 
 from __future__ import annotations
 
@@ -16,3 +17,21 @@ def minilm():
     import modelpress
 
     return modelpress.load()
+
+
+@pytest.fixture(scope="session")
+def zoo_vit():
+    """The digits ViT from the machine's zoo cache (trained there on first use, about a minute)."""
+    pytest.importorskip("sklearn")
+    from modelpress.train.zoo import digits_vit
+
+    return digits_vit()
+
+
+@pytest.fixture(scope="session")
+def zoo_cnn():
+    """The digits CNN from the machine's zoo cache (trained there on first use, a few seconds)."""
+    pytest.importorskip("sklearn")
+    from modelpress.train.zoo import digits_cnn
+
+    return digits_cnn()

@@ -25,7 +25,7 @@ def test_inspect_default_model(capsys):
 
 def test_export_and_bench(tmp_path, capsys):
     onnx_path = tmp_path / "cnn.onnx"
-    main(["export", "modelpress.data.zoo:digits_cnn_factory", "-o", str(onnx_path), "--optimize", "none", "--json"])
+    main(["export", "modelpress.train.zoo:digits_cnn_factory", "-o", str(onnx_path), "--optimize", "none", "--json"])
     info = json.loads(capsys.readouterr().out)
     assert onnx_path.exists() and info["max_abs_err"] < 1e-4
     out = tmp_path / "bench.json"

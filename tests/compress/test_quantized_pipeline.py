@@ -7,9 +7,9 @@ import torch
 
 from modelpress.compress import Context, Pipeline, Recipe
 from modelpress.data import ClassificationTask, load_data, onnx_runner, torch_runner
-from modelpress.data.zoo import digits_vit
 from modelpress.graph import ModelGraph
 from modelpress.models import load_saved, save
+from modelpress.train.zoo import digits_vit
 
 
 def test_repq_digits_vit_end_to_end(tmp_path):

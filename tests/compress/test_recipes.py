@@ -47,11 +47,11 @@ def test_pipeline_prune_then_int8(tmp_path):
     """Digits CNN from the zoo: prune conv channels, export, ORT dynamic INT8, evaluate and measure."""
     from modelpress.bench import get_target
     from modelpress.data import infer_task, load_data
-    from modelpress.data.zoo import digits_cnn
     from modelpress.graph import ModelGraph
+    from modelpress.train.zoo import digits_cnn
 
     zm = digits_cnn()
-    graph = ModelGraph(zm.module, zm.input_spec, {"kind": "factory", "target": "modelpress.data.zoo:digits_cnn_factory"})
+    graph = ModelGraph(zm.module, zm.input_spec, {"kind": "factory", "target": "modelpress.train.zoo:digits_cnn_factory"})
     rec = Recipe.from_dict({
         "name": "t",
         "passes": [{"pass": "prune.magnitude", "ratios": {"conv": 0.25}}, {"pass": "quantize.ort-dynamic", "op_types": ["MatMul", "Conv"]}],

@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: the MiniLM tokenizer and the digits zoo models (trained once per machine)."""
+"""Fixtures for the data tests: the MiniLM tokenizer (the zoo models are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,21 +16,3 @@ def minilm_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(gt.get_model_path())
-
-
-@pytest.fixture(scope="session")
-def zoo_vit():
-    """The digits ViT from the machine's zoo cache (trained there on first use, about a minute)."""
-    pytest.importorskip("sklearn")
-    from modelpress.data.zoo import digits_vit
-
-    return digits_vit()
-
-
-@pytest.fixture(scope="session")
-def zoo_cnn():
-    """The digits CNN from the machine's zoo cache (trained there on first use, a few seconds)."""
-    pytest.importorskip("sklearn")
-    from modelpress.data.zoo import digits_cnn
-
-    return digits_cnn()

@@ -246,3 +246,75 @@ def test_image_folder_without_pillow(tmp_path, monkeypatch) -> None:  # noqa: AN
     with pytest.raises(ModelpressError, match="Pillow") as err:
         load_data(f"images:{tmp_path}", DIGITS)
     assert "tensors:" in err.value.hint
+
+
+# -- the train split: everything outside evaluation, built on first use --------------------------------------
+
+
+def _rows(split: DataSplit, key: str = "pixel_values") -> set[bytes]:
+    x = torch.cat([b[key] for b in split.batches]).numpy()
+    return {r.tobytes() for r in x.reshape(len(x), -1)}
+
+
+def test_digits_train_split_is_the_zoo_training_part() -> None:
+    data = load_data("digits", DIGITS, batch_size=100, n_calibration=64, n_evaluation=None)
+    x_train, y_train, x_test, _ = digits_split()
+    assert len(data.train) == len(x_train) == 1438 and len(data.train.batches) == 15
+    x = torch.cat([b["pixel_values"] for b in data.train.batches]).numpy()
+    np.testing.assert_array_equal(x, x_train)
+    np.testing.assert_array_equal(data.train.all_labels(), y_train)
+    assert _rows(data.calibration) <= _rows(data.train)  # calibration comes from the train part
+    test_rows = {r.tobytes() for r in x_test.reshape(len(x_test), -1)}
+    assert len(_rows(data.train) & test_rows) <= 2  # only sklearn's few duplicate images
+    assert data.train is data.train  # built once
+
+
+def test_train_split_leaves_calibration_and_evaluation_unchanged() -> None:
+    """Adding the train split moved no sample: same seed, same calibration and evaluation as before."""
+    data = load_data("digits", DIGITS, batch_size=32, n_calibration=100, n_evaluation=200, seed=3)
+    x_train, y_train, x_test, y_test = digits_split()
+    cal_idx = np.random.default_rng(3).permutation(len(x_train))[:100]
+    cal = torch.cat([b["pixel_values"] for b in data.calibration.batches]).numpy()
+    np.testing.assert_array_equal(cal, x_train[cal_idx])
+    np.testing.assert_array_equal(data.calibration.all_labels(), y_train[cal_idx])
+    ev = torch.cat([b["pixel_values"] for b in data.evaluation.batches]).numpy()
+    np.testing.assert_array_equal(ev, x_test[:200])
+
+
+def test_tensors_train_split_is_everything_but_evaluation(tmp_path) -> None:  # noqa: ANN001
+    x = np.arange(50 * 64, dtype=np.float32).reshape(50, 1, 8, 8)
+    y = np.arange(50) % 10
+    path = tmp_path / "t.npz"
+    np.savez(path, pixel_values=x, labels=y)
+    data = load_data(f"tensors:{path}", DIGITS, n_calibration=10, n_evaluation=15, batch_size=8)
+    train, ev, cal = _rows(data.train), _rows(data.evaluation), _rows(data.calibration)
+    assert len(train) == 35 and not train & ev and cal <= train
+    assert len(train | ev) == 50
+    first = {r.tobytes(): int(lab) for r, lab in zip(x.reshape(50, -1), y, strict=True)}
+    got = torch.cat([b["pixel_values"] for b in data.train.batches]).numpy().reshape(35, -1)
+    assert [first[r.tobytes()] for r in got] == data.train.all_labels().tolist()
+
+
+def test_text_train_splits(tmp_path, minilm_tokenizer) -> None:  # noqa: ANN001
+    data = load_data(None, TEXT, minilm_tokenizer)
+    train = _decode_all(data.train, minilm_tokenizer)
+    assert len(train) == len(packaged_sentences("train")) == len(packaged_sentences("calibration"))
+    assert not set(train) & set(_decode_all(data.evaluation, minilm_tokenizer))
+    assert {s.lower() for s in packaged_sentences("evaluation")}.isdisjoint(train)
+    lines = [f"This is sentence number {i} about topic {i % 7}." for i in range(30)]
+    path = tmp_path / "s.txt"
+    path.write_text("\n".join(lines) + "\n")
+    data = load_data(f"text:{path}", TEXT, minilm_tokenizer, n_calibration=5, n_evaluation=20, batch_size=4)
+    train, ev = (
+        set(_decode_all(data.train, minilm_tokenizer)),
+        set(_decode_all(data.evaluation, minilm_tokenizer)),
+    )
+    assert len(train) == 10 and not train & ev and len(train | ev) == 30
+    assert set(_decode_all(data.calibration, minilm_tokenizer)) <= train
+
+
+def test_task_data_without_train_split() -> None:
+    split = DataSplit(batches=[{"pixel_values": torch.zeros(2, 1, 8, 8)}])
+    with pytest.raises(ModelpressError, match="no train split"):
+        _ = TaskData(calibration=split, evaluation=split, description="hand-made").train
+    assert TaskData(split, split, "hand-made", make_train=lambda: split).train is split

@@ -1,6 +1,7 @@
-"""Calibration and evaluation data, Tasks (how to evaluate), runners (torch or ONNX, one interface) and a
-small model zoo trained on scikit-learn digits."""
+"""Calibration, evaluation and train data, Tasks (how to evaluate, and the loss to train with) and runners
+(torch or ONNX, one interface). The digits model zoo lives in ``modelpress.train.zoo`` (it trains)."""
 
+from modelpress.data.digits import digits_split
 from modelpress.data.runners import Runner, onnx_runner, torch_runner
 from modelpress.data.sources import DataSplit, TaskData, load_data, packaged_sentences
 from modelpress.data.tasks import (
@@ -12,22 +13,16 @@ from modelpress.data.tasks import (
     similarity_spearman,
     task_for,
 )
-from modelpress.data.zoo import DigitsCNN, ZooModel, digits_cnn, digits_cnn_factory, digits_split, digits_vit
 
 __all__ = [
     "ClassificationTask",
     "DataSplit",
-    "DigitsCNN",
     "EmbeddingTask",
     "ReferenceOutputs",
     "Runner",
     "Task",
     "TaskData",
-    "ZooModel",
-    "digits_cnn",
-    "digits_cnn_factory",
     "digits_split",
-    "digits_vit",
     "infer_task",
     "load_data",
     "onnx_runner",

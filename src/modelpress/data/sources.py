@@ -1,13 +1,17 @@
-"""Calibration and evaluation data: packaged sentences, scikit-learn digits, text files, image folders, npz.
+"""Calibration, evaluation and train data: packaged sentences, scikit-learn digits, text files, image folders,
+npz.
 
-``load_data(spec, input_spec, tokenizer)`` turns a ``--data`` value into a :class:`TaskData`: two disjoint
-splits of model-ready batches (keys = ``input_spec.names``), with labels where the source has them.
+``load_data(spec, input_spec, tokenizer)`` turns a ``--data`` value into a :class:`TaskData`: splits of
+model-ready batches (keys = ``input_spec.names``), with labels where the source has them. Evaluation never
+overlaps calibration or train; train (built on first use) is everything the source has outside evaluation.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelpress.data.zoo import digits_split
+from modelpress.data.digits import digits_split
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import InputSpec
 
@@ -53,20 +57,38 @@ class DataSplit:
 
 @dataclass
 class TaskData:
-    """The calibration and evaluation splits of one data source, never overlapping."""
+    """The splits of one data source: calibration and evaluation never overlap, nor do train and evaluation.
+
+    ``train`` is built on first use by ``make_train`` (tokenizing a text source's train part costs time that
+    runs without training should not pay); it may contain the calibration samples.
+    """
 
     calibration: DataSplit
     evaluation: DataSplit
     description: str
+    make_train: Callable[[], DataSplit] | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def train(self) -> DataSplit:
+        """The train split: every sample of the source outside evaluation (built once, on first use)."""
+        if self.make_train is None:
+            raise ModelpressError(
+                f"the data ({self.description}) has no train split",
+                "load it with modelpress.data.load_data, or pass make_train to TaskData",
+            )
+        return self.make_train()
 
 
 def packaged_sentences(split: str) -> list[str]:
-    """The English sentences shipped with modelpress; ``split``: "calibration" or "evaluation" (disjoint)."""
-    if split not in ("calibration", "evaluation"):
-        raise ValueError(f"split must be 'calibration' or 'evaluation', not {split!r}")
-    text = (
-        resources.files("modelpress.data").joinpath("sentences", f"{split}.txt").read_text(encoding="utf-8")
-    )
+    """The English sentences shipped with modelpress; ``split``: "calibration", "evaluation" or "train".
+
+    "calibration" and "evaluation" are disjoint files; "train" is every sentence outside evaluation (today
+    the calibration file, 200 sentences: small, enough to test recovery, not to train much).
+    """
+    if split not in ("calibration", "evaluation", "train"):
+        raise ValueError(f"split must be 'calibration', 'evaluation' or 'train', not {split!r}")
+    name = "calibration" if split == "train" else split
+    text = resources.files("modelpress.data").joinpath("sentences", f"{name}.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -87,7 +109,10 @@ def load_data(
     or "tensors:FILE.npz". ``tokenizer`` tokenizes text (required for text); for images it may be an HF
     image processor whose ``image_mean``/``image_std`` normalize the [0, 1] pixels. ``n_evaluation=None``
     keeps every evaluation sample. Sources smaller than ``n_calibration + n_evaluation`` are split in
-    proportion. ``seed`` chooses which samples land in each split, deterministically.
+    proportion. ``seed`` chooses which samples land in each split, deterministically. The train split
+    (``TaskData.train``, built on first use) holds every sample outside evaluation: the zoo's training part
+    of digits, the packaged sentences outside evaluation (:func:`packaged_sentences`), and for files and
+    folders whatever evaluation does not take (calibration included).
     """
     if batch_size < 1 or n_calibration < 1 or (n_evaluation is not None and n_evaluation < 1):
         raise ModelpressError(
@@ -141,6 +166,9 @@ def _default(
         calibration=_text_split(cal, input_spec, tokenizer, batch_size, max_length),
         evaluation=_text_split(ev, input_spec, tokenizer, batch_size, max_length),
         description=f"packaged English sentences: {len(cal)} calibration, {len(ev)} evaluation",
+        make_train=lambda: _text_split(
+            packaged_sentences("train"), input_spec, tokenizer, batch_size, max_length
+        ),
     )
 
 
@@ -158,6 +186,7 @@ def _digits(input_spec: InputSpec, batch_size: int, n_cal: int, n_eval: int | No
         evaluation=_array_split({name: x_test[:n_eval]}, y_test[:n_eval], batch_size),
         description=f"scikit-learn digits: {len(cal_idx)} calibration (train part), "
         f"{n_eval} evaluation (held-out part)",
+        make_train=lambda: _array_split({name: x_train}, y_train, batch_size),
     )
 
 
@@ -195,10 +224,12 @@ def _text_file(
     cal_idx, eval_idx = _split_indices(len(lines), n_cal, n_eval, seed)
     cal = [lines[i] for i in cal_idx]
     ev = [lines[i] for i in eval_idx]
+    train = [lines[i] for i in _outside(len(lines), eval_idx)]
     return TaskData(
         calibration=_text_split(cal, input_spec, tokenizer, batch_size, max_length),
         evaluation=_text_split(ev, input_spec, tokenizer, batch_size, max_length),
         description=f"{path.name}: {len(cal)} calibration, {len(ev)} evaluation sentences",
+        make_train=lambda: _text_split(train, input_spec, tokenizer, batch_size, max_length),
     )
 
 
@@ -263,12 +294,16 @@ def _images(
     x = x.astype(np.float32)
     y = np.asarray([label for _, label in files], dtype=np.int64) if classes else None
     cal_idx, eval_idx = _split_indices(len(x), n_cal, n_eval, seed)
+    train_idx = _outside(len(x), eval_idx)
     name = input_spec.names[0]
     return TaskData(
         calibration=_array_split({name: x[cal_idx]}, None if y is None else y[cal_idx], batch_size),
         evaluation=_array_split({name: x[eval_idx]}, None if y is None else y[eval_idx], batch_size),
         description=f"images in {root} ({len(classes) or 'no'} classes): {len(cal_idx)} calibration, "
         f"{len(eval_idx)} evaluation",
+        make_train=lambda: _array_split(
+            {name: x[train_idx]}, None if y is None else y[train_idx], batch_size
+        ),
     )
 
 
@@ -318,6 +353,7 @@ def _tensors(
             f"{path.name} holds {n} samples", "give at least two (calibration and evaluation)"
         )
     cal_idx, eval_idx = _split_indices(n, n_cal, n_eval, seed)
+    train_idx = _outside(n, eval_idx)
     return TaskData(
         calibration=_array_split(
             {k: v[cal_idx] for k, v in arrays.items()},
@@ -331,6 +367,11 @@ def _tensors(
         ),
         description=f"{path.name}: {len(cal_idx)} calibration, {len(eval_idx)} evaluation samples"
         + (", labelled" if labels is not None else ""),
+        make_train=lambda: _array_split(
+            {k: v[train_idx] for k, v in arrays.items()},
+            None if labels is None else labels[train_idx],
+            batch_size,
+        ),
     )
 
 
@@ -353,6 +394,13 @@ def _split_indices(n: int, n_cal: int, n_eval: int | None, seed: int) -> tuple[n
     k_cal = min(n_cal, n - k_eval)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[k_eval : k_eval + k_cal]), np.sort(perm[:k_eval])
+
+
+def _outside(n: int, taken: np.ndarray) -> np.ndarray:
+    """The sorted indices in ``range(n)`` that ``taken`` lacks (the train part: all but evaluation)."""
+    keep = np.ones(n, dtype=bool)
+    keep[taken] = False
+    return np.nonzero(keep)[0]
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Tasks: how a compressed model is evaluated against the data and the original model.
+"""Tasks: how a compressed model is evaluated against the data and the original model, and the loss that
+recovers it (``Task.loss``, on torch tensors, used by ``modelpress.train``).
 
 A :data:`Runner` maps a batch of numpy inputs to the model's primary output, so one Task evaluates torch
 modules and ONNX files alike. The reference (original model) outputs can be computed once with
@@ -39,9 +40,27 @@ class ReferenceOutputs:
 
 
 class Task:
-    """How to evaluate: subclasses set ``name`` and implement ``summarize`` and ``metrics``."""
+    """How to evaluate and how to train: subclasses set ``name`` and implement ``summarize``, ``metrics``
+    and ``loss``."""
 
     name: ClassVar[str] = ""
+
+    def loss(
+        self,
+        student_output: torch.Tensor,
+        teacher_output: torch.Tensor | None,
+        batch: dict[str, torch.Tensor],
+        *,
+        temperature: float = 1.0,
+        label_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """The differentiable training loss of one batch: the student's primary output against the teacher's
+        (distillation from the original model) and/or the batch's ``"labels"``."""
+        raise ModelpressError(
+            f"the {self.name or type(self).__name__} task has no training loss",
+            "train with a task that defines one (classification, embedding)",
+        )
 
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Per-sample values the metrics need from one batch's primary output."""
@@ -99,6 +118,38 @@ class EmbeddingTask(Task):
 
     name: ClassVar[str] = "embedding"
 
+    def __init__(self, mse_weight: float = 0.0) -> None:
+        self.mse_weight = float(mse_weight)
+
+    def loss(
+        self,
+        student_output: torch.Tensor,
+        teacher_output: torch.Tensor | None,
+        batch: dict[str, torch.Tensor],
+        *,
+        temperature: float = 1.0,
+        label_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """Mean over the batch of ``1 - cosine`` between the student's and the teacher's embeddings (both
+        pooled like :func:`pool`: mean over the attention mask's tokens), plus ``mse_weight`` times their mean
+        squared difference (0 by default: cosine only, the fidelity metric's own measure).
+
+        Label-free: ``labels``, ``temperature``, ``label_weight`` and ``label_smoothing`` are ignored.
+        """
+        if teacher_output is None:
+            raise ModelpressError(
+                "the embedding task trains by distillation and needs the original model as teacher",
+                "pass teacher= (the unpruned model)",
+            )
+        mask = batch.get("attention_mask")
+        student = pool_torch(student_output, mask)
+        teacher = pool_torch(teacher_output.to(student.dtype), mask)
+        out = 1.0 - torch.nn.functional.cosine_similarity(student, teacher, dim=1, eps=1e-8).mean()
+        if self.mse_weight:
+            out = out + self.mse_weight * torch.nn.functional.mse_loss(student, teacher)
+        return out
+
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         return pool(output, batch.get("attention_mask"))
 
@@ -124,6 +175,43 @@ class ClassificationTask(Task):
     the reference when one is given."""
 
     name: ClassVar[str] = "classification"
+
+    def loss(
+        self,
+        student_output: torch.Tensor,
+        teacher_output: torch.Tensor | None,
+        batch: dict[str, torch.Tensor],
+        *,
+        temperature: float = 1.0,
+        label_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """Distillation from the teacher's logits, mixed with label cross-entropy when asked for.
+
+        With a teacher: ``T^2 * KL(teacher || student)`` on logits divided by the temperature ``T`` (mean
+        over samples), and, when the batch has ``"labels"`` and ``label_weight`` w > 0,
+        ``(1 - w) * that + w * cross_entropy(student, labels)``. Without a teacher: the label cross-entropy
+        alone (the batch must have labels). ``label_smoothing`` applies to the cross-entropy.
+        """
+        labels = batch.get("labels")
+        if teacher_output is None:
+            if labels is None:
+                raise ModelpressError(
+                    "training a classifier without a teacher needs labels, and the data has none",
+                    "pass teacher= (the original model) to distil from it, or labelled data",
+                )
+            return torch.nn.functional.cross_entropy(student_output, labels, label_smoothing=label_smoothing)
+        t = float(temperature)
+        distill = torch.nn.functional.kl_div(
+            torch.log_softmax(student_output / t, dim=1),
+            torch.log_softmax(teacher_output.to(student_output.dtype) / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (t * t)
+        if labels is None or label_weight <= 0:
+            return distill
+        ce = torch.nn.functional.cross_entropy(student_output, labels, label_smoothing=label_smoothing)
+        return (1.0 - label_weight) * distill + label_weight * ce
 
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         if output.ndim != 2:
@@ -206,6 +294,18 @@ def pool(output: np.ndarray, attention_mask: np.ndarray | None = None) -> np.nda
             return output.mean(axis=1)
         mask = attention_mask.astype(np.float32)[:, :, None]
         return (output * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+    return output.reshape(output.shape[0], -1)
+
+
+def pool_torch(output: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`pool` on torch tensors, differentiable: [B, S, H] mean over the mask's tokens; [B, H] as is."""
+    if output.ndim == 2:
+        return output
+    if output.ndim == 3:
+        if attention_mask is None or tuple(attention_mask.shape) != tuple(output.shape[:2]):
+            return output.mean(dim=1)
+        mask = attention_mask.to(output.dtype).unsqueeze(-1)
+        return (output * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
     return output.reshape(output.shape[0], -1)
 
 

@@ -1,1 +1,22 @@
-"""The one training loop (distillation, budget, resume)."""
+"""The one training loop (layer L3): distillation from the original model or labels, a step/time budget,
+checkpoints to resume from; and the digits model zoo, trained through it."""
+
+from modelpress.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from modelpress.train.config import TrainConfig
+from modelpress.train.loop import Augment, TrainResult, train
+from modelpress.train.zoo import DigitsCNN, ZooModel, digits_cnn, digits_cnn_factory, digits_vit, zoo_dir
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "Augment",
+    "DigitsCNN",
+    "TrainConfig",
+    "TrainResult",
+    "ZooModel",
+    "digits_cnn",
+    "digits_cnn_factory",
+    "digits_vit",
+    "load_checkpoint",
+    "train",
+    "zoo_dir",
+]

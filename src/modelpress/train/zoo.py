@@ -1,8 +1,10 @@
 """A small seeded model zoo trained on scikit-learn digits, cached on disk so it trains once per machine.
 
 Two models: an HF ``ViTForImageClassification`` (patch 2, 4 blocks) and :class:`DigitsCNN` (plain torch,
-one residual connection). Both are trained deterministically from a seed on the training part of
-:func:`digits_split` and scored on its held-out part, which ``load_data("digits")`` also evaluates on.
+one residual connection). Both are trained deterministically from a seed through
+:func:`modelpress.train.train` (labels only, no teacher) on the training part of
+:func:`~modelpress.data.digits.digits_split`, the train split of ``load_data("digits")``, and scored on its
+held-out part, which ``load_data("digits")`` also evaluates on.
 
 Cache: ``$MODELPRESS_CACHE/zoo`` (default ``~/.cache/modelpress/zoo``), one folder per model, version and
 seed, written to a temporary folder and renamed into place when complete. Weights are safetensors.
@@ -11,7 +13,6 @@ seed, written to a temporary folder and renamed into place when complete. Weight
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import platform
@@ -23,13 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from modelpress.errors import ModelpressError
+from modelpress.data.digits import digits_split
+from modelpress.data.sources import load_data
+from modelpress.data.tasks import ClassificationTask
 from modelpress.graph.inputs import InputSpec
 from modelpress.progress import QUIET, Reporter
+from modelpress.train.config import TrainConfig
+from modelpress.train.loop import train
 
 __all__ = [
     "DIGITS_INPUT_SPEC",
@@ -38,7 +42,6 @@ __all__ = [
     "ZooModel",
     "digits_cnn",
     "digits_cnn_factory",
-    "digits_split",
     "digits_vit",
     "zoo_dir",
 ]
@@ -64,40 +67,6 @@ class ZooModel:
     input_spec: InputSpec = field(default_factory=lambda: _digits_input_spec())
     name: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # seed, version, parameters, train_seconds, ...
-
-
-# -- data ----------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ModelpressError(
-            "the digits data needs scikit-learn, which is not installed", "pip install scikit-learn"
-        ) from err
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]  # [N, 1, 8, 8] in [0, 1]
-    y = digits.target.astype(np.int64)
-    x.setflags(write=False)
-    y.setflags(write=False)
-    return x, y
-
-
-def digits_split(
-    seed: int = 0, test_fraction: float = 0.2
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn digits as ``(x_train, y_train, x_test, y_test)``: x [N, 1, 8, 8] float32 in [0, 1].
-
-    The split is a seeded permutation (1438 train, 359 test with the defaults). The zoo trains on the
-    train part of ``digits_split(0)`` and ``load_data("digits")`` evaluates on its test part.
-    """
-    x, y = _digits_arrays()
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_test = int(round(len(x) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
-    return x[train], y[train], x[test], y[test]
 
 
 # -- models --------------------------------------------------------------------------------------------------
@@ -165,7 +134,7 @@ def digits_vit(
     about 200K parameters), trained once from ``seed`` (about 40 s on an idle core), then from cache."""
     from transformers import ViTForImageClassification
 
-    def train(folder: Path) -> dict[str, Any]:
+    def fit(folder: Path) -> dict[str, Any]:
         with _seeded(seed):
             model = ViTForImageClassification(_vit_config())
             _fit(model, seed, epochs=60, batch_size=64, augment=True, reporter=reporter)
@@ -173,7 +142,7 @@ def digits_vit(
             model.save_pretrained(folder, safe_serialization=True)
         return {"parameters": sum(p.numel() for p in model.parameters())}
 
-    folder = _cached("digits_vit", seed, cache_dir, train, reporter)
+    folder = _cached("digits_vit", seed, cache_dir, fit, reporter)
     with _quiet_hf(), torch.random.fork_rng(devices=[]):  # loading must not move the caller's RNG
         module = ViTForImageClassification.from_pretrained(folder).eval()
     return _zoo_model("digits_vit", module, folder)
@@ -185,7 +154,7 @@ def digits_cnn(
     """A :class:`DigitsCNN` trained once from ``seed`` (a few seconds) and then loaded from cache."""
     from safetensors.torch import load_file, save_file
 
-    def train(folder: Path) -> dict[str, Any]:
+    def fit(folder: Path) -> dict[str, Any]:
         with _seeded(seed):
             model = DigitsCNN()
             _fit(model, seed, epochs=12, batch_size=32, augment=False, reporter=reporter)
@@ -193,7 +162,7 @@ def digits_cnn(
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         return {"parameters": sum(p.numel() for p in model.parameters()), "channels": [32, 64]}
 
-    folder = _cached("digits_cnn", seed, cache_dir, train, reporter)
+    folder = _cached("digits_cnn", seed, cache_dir, fit, reporter)
     meta = json.loads((folder / _META).read_text())
     with torch.random.fork_rng(devices=[]):  # the throwaway initialization must not move the caller's RNG
         module = DigitsCNN(channels=tuple(meta.get("channels", (32, 64))))
@@ -203,7 +172,7 @@ def digits_cnn(
 
 def digits_cnn_factory() -> nn.Module:
     """The trained :class:`DigitsCNN` (seed 0, from cache): a zero-argument factory for model loaders,
-    e.g. ``modelpress.data.zoo:digits_cnn_factory``. The module says its input shape (``input_spec``)."""
+    e.g. ``modelpress.train.zoo:digits_cnn_factory``. The module says its input shape (``input_spec``)."""
     module = digits_cnn().module
     module.input_spec = _digits_input_spec()
     return module
@@ -244,7 +213,7 @@ def _cached(
     name: str,
     seed: int,
     cache_dir: str | os.PathLike | None,
-    train: Callable[[Path], dict[str, Any]],
+    fit: Callable[[Path], dict[str, Any]],
     reporter: Reporter,
 ) -> Path:
     """The cache folder of ``name``/``seed``, training into a temporary folder and renaming it if absent."""
@@ -257,7 +226,7 @@ def _cached(
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any folder
     try:
         start = time.perf_counter()
-        meta = train(tmp)
+        meta = fit(tmp)
         meta.update(
             name=name,
             version=ZOO_VERSION,
@@ -321,33 +290,38 @@ def _fit(
     reporter: Reporter,
     lr: float = 3e-3,
 ) -> None:
-    """AdamW with a one-cycle schedule and label smoothing on the training part of ``digits_split(0)``."""
-    from modelpress.graph.inputs import primary_output
-
-    x_train, y_train, _, _ = digits_split()
-    x, y = torch.from_numpy(x_train.copy()), torch.from_numpy(y_train.copy())
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1
+    """Train on ``load_data("digits").train`` (the training part of ``digits_split(0)``) through
+    :func:`~modelpress.train.train`: labels
+    with smoothing 0.1, AdamW with a one-cycle schedule (10% warm-up), no teacher, no clipping."""
+    data = load_data("digits", _digits_input_spec(), batch_size=batch_size).train
+    steps = epochs * ((len(data) + batch_size - 1) // batch_size)
+    config = TrainConfig(
+        steps=steps,
+        lr=lr,
+        weight_decay=0.05,
+        schedule="one_cycle",
+        warmup_steps=steps // 10,
+        grad_clip=None,
+        batch_size=batch_size,
+        seed=seed,
+        label_weight=1.0,
+        label_smoothing=0.1,
+        log_every=max(1, steps // 20),
     )
-    model.train()
-    for _ in reporter.track(
-        range(epochs), f"training {type(model).__name__} on digits (once; cached after)", total=epochs
-    ):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            xb = _augment(x[idx], gen) if augment else x[idx]
-            loss = nn.functional.cross_entropy(
-                primary_output(model(pixel_values=xb)), y[idx], label_smoothing=0.1
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    train(
+        model,
+        data,
+        task=ClassificationTask(),
+        config=config,
+        reporter=reporter,
+        input_names=["pixel_values"],
+        augment=_augment_batch if augment else None,
+    )
     model.eval()
+
+
+def _augment_batch(batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {**batch, "pixel_values": _augment(batch["pixel_values"], gen)}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

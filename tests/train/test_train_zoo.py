@@ -1,4 +1,5 @@
-"""The digits model zoo: accurate, cached (fast and identical on reload), deterministic, atomic writes."""
+"""The digits model zoo (trained through modelpress.train): accurate, cached (fast and identical on reload),
+deterministic, atomic writes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 
 from modelpress.data import ClassificationTask, load_data, torch_runner
-from modelpress.data.zoo import DigitsCNN, ZooModel, digits_cnn, digits_cnn_factory, digits_vit, zoo_dir
+from modelpress.train.zoo import DigitsCNN, ZooModel, digits_cnn, digits_cnn_factory, digits_vit, zoo_dir
 
 
 def test_vit_accuracy(zoo_vit) -> None:  # noqa: ANN001
@@ -83,3 +84,13 @@ def test_factory(zoo_cnn) -> None:  # noqa: ANN001
     assert isinstance(module, DigitsCNN) and not module.training
     for a, b in zip(module.state_dict().values(), zoo_cnn.module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_digits_cnn_accuracy_and_cache() -> None:
+    first = digits_cnn()
+    assert first.test_accuracy >= 0.95
+    t = time.perf_counter()
+    again = digits_cnn()
+    assert time.perf_counter() - t < 5
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(first.module(x), again.module(x))
