@@ -163,6 +163,6 @@ def test_recipe_without_name_takes_the_file_stem(capsys, tmp_path, monkeypatch):
     # the CLI names the default output folder after the recipe: an existing one shows the name it chose
     monkeypatch.chdir(tmp_path)
     (tmp_path / "compressed-digits_cnn_factory-my-recipe").mkdir()
-    code, err = run_cli(["compress", "modelpress.data.zoo:digits_cnn_factory", "-r", str(f), "-q"], capsys)
+    code, err = run_cli(["compress", "modelpress.train.zoo:digits_cnn_factory", "-r", str(f), "-q"], capsys)
     assert code == 2
     assert_clean_error(code, err, "output compressed-digits_cnn_factory-my-recipe already exists")
