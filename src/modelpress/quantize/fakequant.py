@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.graph.run import call_module
 from modelpress.quantize import hf_attention
 from modelpress.quantize.observers import calibrate_weight, make_observer
 from modelpress.quantize.policy import LayerSpec, Policy
@@ -309,14 +310,6 @@ def set_quant_state(model: nn.Module, weights: bool = True, activations: bool = 
         q.enabled = activations
 
 
-def run_batch(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def forward_all(
     model: nn.Module, batches: Iterable[Any], reporter: Any = None, description: str = ""
 ) -> None:
@@ -324,7 +317,7 @@ def forward_all(
     it = items if reporter is None else reporter.track(items, description or "running", total=len(items))
     with torch.no_grad():
         for b in it:
-            run_batch(model, b)
+            call_module(model, b)
 
 
 def calibrate(

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from modelpress.quantize.fakequant import QuantLinear, forward_all, run_batch
+from modelpress.graph.run import call_module
+from modelpress.quantize.fakequant import QuantLinear, forward_all
 from modelpress.quantize.quantizers import UniformQuantizer
 
 
@@ -163,7 +164,7 @@ def _collect(
         with torch.no_grad():
             for b in batches:
                 try:
-                    run_batch(model, b)
+                    call_module(model, b)
                 except _Stop:
                     pass
     finally:
