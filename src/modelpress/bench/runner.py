@@ -306,6 +306,7 @@ def _probe_onnx_memory(
     cfg = {
         "path": str(path),
         "providers": list(target.providers),
+        "provider_options": [dict(o) for o in target.provider_options],
         "threads": target.threads,
         "session_config": [list(kv) for kv in target.session_config],
         "inputs": str(inputs),
