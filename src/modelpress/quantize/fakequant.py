@@ -128,12 +128,6 @@ class QuantLinear(nn.Module):
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.quantized_weight(), self.bias)
 
-    def to_float(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        lin.weight = self.weight
-        lin.bias = self.bias
-        return lin
-
 
 class QuantConv2d(nn.Module):
     """nn.Conv2d with quantized weights (per output channel) and a quantized input (per tensor)."""
@@ -197,16 +191,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the layers a policy can address: Linear/Conv2d modules and attention matmuls."""
-    names = [
-        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d))
-    ]
-    for n, _ in hf_attention.attention_modules(model):
-        names += [f"{n}.attn_qk", f"{n}.attn_pv"]
-    return names
 
 
 def _probs_quantizer(kind: str, bits: int, symmetric: bool = False) -> Quantizer:
@@ -373,16 +357,6 @@ def calibrate_weights(model: nn.Module, method: str = "minmax") -> None:
     """(Re)compute every weight quantizer's per-channel scales from the current weights."""
     for _, m, q in weight_quantizers(model):
         calibrate_weight(q, m.weight.detach(), method)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Replace QuantLinear wrappers without an input transform by plain nn.Linear (in place)."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, QuantLinear) and m.input_scale is None:
-            _set_submodule(model, name, m.to_float())
-        elif isinstance(m, QuantConv2d):
-            _set_submodule(model, name, m.conv)
-    return model
 
 
 def is_fake_quant(model: nn.Module) -> bool:

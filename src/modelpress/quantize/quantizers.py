@@ -90,11 +90,6 @@ class UniformQuantizer(nn.Module):
         where = "tensor" if self.axis is None else f"channel(axis={self.axis})"
         return f"bits={self.bits}, {kind}, per_{where}, range=[{self.qmin}, {self.qmax}]"
 
-    def set_bits(self, bits: int) -> None:
-        self.bits = int(bits)
-        self.qmin, self.qmax = qrange(self.bits, self.symmetric, self.narrow)
-        self.calibrated = False
-
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float) -> None:
         """Scale and zero point that map [lo, hi] (widened to include 0) onto the code range."""
@@ -211,9 +206,6 @@ class _LogQuantizerBase(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, base=2**{self.log_base:g}"
-
-    def set_bits(self, bits: int) -> None:
-        self.bits = int(bits)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # noqa: ANN001
         if prefix + "scale" in state_dict:
