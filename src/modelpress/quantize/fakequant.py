@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.graph.run import call_module
+from modelpress.graph.run import call_module, eval_mode
 from modelpress.quantize import hf_attention
 from modelpress.quantize.observers import calibrate_weight, make_observer
 from modelpress.quantize.policy import LayerSpec, Policy
@@ -336,12 +336,10 @@ def calibrate(
         targets.append(q)
     if not targets:
         return 0
-    was_training = model.training
-    model.eval()
     try:
-        forward_all(model, batches, reporter, "calibrating activations")
+        with eval_mode(model):
+            forward_all(model, batches, reporter, "calibrating activations")
     finally:
-        model.train(was_training)
         for q in targets:
             obs, q.observer = q.observer, None
             if obs.min is None:

@@ -40,7 +40,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from modelpress.export.verify import compare_onnx
-from modelpress.graph.run import PrimaryOutput, run_primary
+from modelpress.graph.run import PrimaryOutput, eval_mode, run_primary
 
 
 def _switch_attention(model: nn.Module) -> list[tuple[Any, str]]:
@@ -93,11 +93,10 @@ def export_qdq(
             n: ({0: "batch", 1: "sequence"} if isinstance(example, dict) else {0: "batch"}) for n in names
         }
     changed = _switch_attention(model)
-    was_training = model.training
-    model.eval()
     raw = path.with_suffix(".raw.onnx")
     try:
         with (
+            eval_mode(model),
             export_mode(activation_dtype, channel_quantize, log_form),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
@@ -115,7 +114,6 @@ def export_qdq(
                 dynamo=False,
             )
     finally:
-        model.train(was_training)
         for cfg, impl in changed:
             cfg._attn_implementation = impl
     m = onnx.load(str(raw))
