@@ -102,6 +102,27 @@ def test_verify_onnx_detects_a_different_model(tmp_path):
     assert verify_onnx(path, other, spec, atol=100.0, min_cosine=-1.0).ok
 
 
+def test_verify_onnx_relative_tolerance_for_large_outputs(tmp_path):
+    """Outputs in the thousands: float32 rounding alone exceeds a fixed atol; rtol scales with the output."""
+    spec = InputSpec("tensor", ["x"], shape=(8,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(1e4)
+    path = tmp_path / "large.onnx"
+    export_onnx(model, spec, path, optimize="none", verify=False)
+    with torch.no_grad():
+        model[2].weight.mul_(1 + 1e-5)  # the torch reference drifts by 1e-5 of its magnitude
+
+    strict = verify_onnx(path, model, spec)
+    assert not strict.ok and strict.max_abs_err > 1e-3  # the default check is unchanged: absolute
+    assert strict.reference_max > 1e3 and strict.relative_error < 1e-4
+    relative = verify_onnx(path, model, spec, rtol=1e-4)
+    assert relative.ok and relative.max_abs_err == strict.max_abs_err
+    assert "max|ref|" in relative.describe()
+    assert not verify_onnx(path, model, spec, rtol=1e-7).ok  # rtol too small still fails
+
+
 def test_export_raises_when_verification_fails(tmp_path, monkeypatch):
     spec = InputSpec("tensor", ["x"], shape=(8,))
     model = nn.Sequential(nn.Linear(8, 4)).eval()

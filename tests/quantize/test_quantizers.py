@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 
 from modelpress.quantize.log2 import log2_matmul, log2_matmul_integer
 from modelpress.quantize.observers import make_observer
-from modelpress.quantize.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer, qrange
+from modelpress.quantize.quantizers import (
+    Log2Quantizer,
+    LogSqrt2Quantizer,
+    UniformQuantizer,
+    export_active,
+    export_mode,
+    qrange,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
@@ -121,3 +129,34 @@ def test_log_sqrt2_to_log2_reparameterization_is_exact():
     rebuilt = float(q.scale) * (even.double() + math.sqrt(2.0) * odd.double()) / 2**frac
     torch.testing.assert_close(rebuilt, exact, rtol=1e-12, atol=1e-12)
     assert even.dtype == torch.int64
+
+
+def test_export_mode_holds_only_in_the_exporting_thread():
+    """A search exporting one model in a thread must not switch another thread's forwards to export form."""
+    q = UniformQuantizer(8, axis=-1)  # per-channel activations have no QDQ form: export mode raises
+    q.set_range(torch.full((4,), -1.0), torch.linspace(0.5, 2.0, 4))
+    x = torch.linspace(-1.0, 2.0, 8).reshape(2, 4)
+    entered, release = threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def exporter() -> None:
+        with export_mode(log_form="simulate"):
+            seen["exporter"] = export_active()
+            entered.set()
+            release.wait(10)
+        seen["exporter after"] = export_active()
+
+    thread = threading.Thread(target=exporter)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        seen["runner"] = export_active()
+        out = q(x)  # fake-quantizes while the other thread is inside export_mode
+    finally:
+        release.set()
+        thread.join(10)
+    assert seen == {"exporter": True, "runner": False, "exporter after": False}
+    assert torch.equal(out, q.fake_quant(x))
+    with export_mode(), pytest.raises(NotImplementedError):
+        q(x)  # in its own thread the mode does switch the quantizer
+    assert not export_active()

@@ -6,6 +6,11 @@ kernel's peak-RSS counter (``/proc/self/clear_refs``), reads VmRSS as the baseli
 are loaded, then creates the session and runs each shape (smallest first), reading VmHWM after each.
 Reported numbers are MiB of peak resident memory above that baseline: weights, ORT's arenas and
 activations together. It prints one JSON object on stdout.
+
+This is the one place that builds an ONNX Runtime session without ``modelpress.targets`` (the session
+factory everywhere else): importing modelpress would load torch into the process and its hundreds of
+MiB into the baseline. The Target's providers, thread count and session config come in CONFIG_JSON and
+are applied here as ``Target.session`` applies them (keep the two in step).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def main() -> None:
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(cfg["threads"])
     so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     for key, value in cfg.get("session_config", []):
@@ -54,7 +60,10 @@ def main() -> None:
     reset = _reset_peak()
     base = _status_kb("VmRSS")
     out: dict = {"reset_peak": reset, "baseline_mb": None if base is None else base / 1024.0, "shapes": {}}
-    sess = ort.InferenceSession(cfg["path"], so, providers=cfg["providers"])
+    kwargs = {"providers": cfg["providers"]}
+    if cfg.get("provider_options"):
+        kwargs["provider_options"] = cfg["provider_options"]
+    sess = ort.InferenceSession(cfg["path"], so, **kwargs)
     hwm = _status_kb("VmHWM")
     if base is not None and hwm is not None:
         out["session_mb"] = (hwm - base) / 1024.0

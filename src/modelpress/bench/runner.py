@@ -34,7 +34,8 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.export.files import onnx_file_size
-from modelpress.graph.inputs import InputSpec, PrimaryOutput
+from modelpress.graph.inputs import InputSpec
+from modelpress.graph.run import TorchCall, eval_mode
 from modelpress.progress import QUIET, Reporter
 from modelpress.system import load_average, system_info
 from modelpress.targets import Target, get_target
@@ -239,16 +240,6 @@ def _onnx_runner(path: Path, target: Target, name: str) -> Callable[[Any], Any]:
     return lambda feed: sess.run(None, {k: feed[k] for k in wanted})
 
 
-def _torch_runner(module: nn.Module, names: list[str]) -> Callable[[Any], Any]:
-    wrapped = PrimaryOutput(module, names)
-
-    def run(args: tuple[torch.Tensor, ...]) -> Any:
-        with torch.inference_mode():
-            return wrapped(*args)
-
-    return run
-
-
 def _time_runs(
     run: Callable[[Any], Any],
     feed: Any,
@@ -315,6 +306,7 @@ def _probe_onnx_memory(
     cfg = {
         "path": str(path),
         "providers": list(target.providers),
+        "provider_options": [dict(o) for o in target.provider_options],
         "threads": target.threads,
         "session_config": [list(kv) for kv in target.session_config],
         "inputs": str(inputs),
@@ -338,7 +330,7 @@ def _probe_onnx_memory(
 def _probe_torch_memory(
     module: nn.Module, names: list[str], feeds: dict[tuple, tuple], shapes: list[tuple], threads: int
 ) -> dict[str, float | None]:
-    run = _torch_runner(module, names)
+    run = TorchCall(module, names, inference=True)
     weights_mb = _param_bytes(module) / 2**20
     out: dict[str, float | None] = {}
     with _torch_threads(threads):
@@ -362,14 +354,10 @@ def _probe_torch_memory(
 @contextlib.contextmanager
 def _eval_modules(modules: list[nn.Module]) -> Iterator[None]:
     """Eval mode while measuring; each module's own mode is restored afterwards."""
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(eval_mode(m))
         yield
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.train(mode)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -463,7 +451,7 @@ def measure(
                     run = _onnx_runner(onnx_paths[name], target, name)
                     feeds: dict[tuple, Any] = np_feeds
                 else:
-                    run = _torch_runner(modules[name], input_spec.names)
+                    run = TorchCall(modules[name], input_spec.names, inference=True)
                     feeds = torch_feeds
                 for shape in shapes:
                     wall, cpu = _time_runs(run, feeds[shape], warmup, runs, min_time_s, max_time_s, max_runs)

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.data.runners import call_module
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import primary_output
+from modelpress.graph.run import call_module
 from modelpress.progress import QUIET, Reporter
 
 __all__ = ["STATS", "LayerStatistics", "Statistics", "collect"]
@@ -136,7 +136,7 @@ def collect(
 
     ``layers``: module names (in the order subsampling draws them) or a predicate ``(name, module)``.
     ``batches``: dicts of numpy arrays or tensors (passed by keyword, as
-    :func:`modelpress.data.runners.call_module` does; ``label_key`` is held back from the module and read
+    :func:`modelpress.graph.run.call_module` does; ``label_key`` is held back from the module and read
     as labels), tuples (passed positionally) or single tensors. ``loss_fn(output, batch)`` gives the
     scalar whose gradients ``"grads"`` records. ``feature_dims`` overrides a layer's feature axis by name.
     See the module docstring for each statistic.
@@ -398,7 +398,7 @@ def _as_tensor(value: Any, like: torch.Tensor | None) -> Any:
 def _forward(module: nn.Module, fed: Any, label_key: str | None) -> Any:
     if isinstance(fed, dict):
         names = [k for k in fed if k != label_key]
-        return call_module(module, names, fed)
+        return call_module(module, fed, names)
     if isinstance(fed, tuple):
         return module(*fed)
     return module(fed)

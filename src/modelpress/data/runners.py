@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from modelpress.errors import ModelpressError
-from modelpress.graph.inputs import primary_output
+from modelpress.graph.run import TorchCall, as_tensors, eval_mode
 from modelpress.targets import cpu_session
 
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
-__all__ = ["OnnxRunner", "Runner", "TorchRunner", "call_module", "onnx_runner", "torch_runner"]
+__all__ = ["OnnxRunner", "Runner", "TorchRunner", "onnx_runner", "torch_runner"]
 
 _PRIMARY_OUTPUT_NAMES = ("logits", "last_hidden_state")
 _ORT_NUMPY = {
@@ -31,39 +29,24 @@ _ORT_NUMPY = {
 }
 
 
-def call_module(module: torch.nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> Any:
-    """Call ``module`` with ``inputs``: by keyword, or positionally when it has one input whose forward
-    argument has another name (``forward(self, x)`` fed ``pixel_values``)."""
-    if len(names) == 1 and not _accepts_kwarg(module, names[0]):
-        return module(inputs[names[0]])
-    return module(**{n: inputs[n] for n in names if n in inputs})
-
-
 class TorchRunner:
     """Runs a torch module in eval mode without gradients; returns its primary output as float32 numpy.
 
-    The module's training flag is restored after each call, so a runner may wrap a model being trained.
+    A thin :data:`Runner` over ``modelpress.graph.run``: inputs become tensors of the module's dtype and
+    device (ints int64), the call convention is the one every runner shares, and the module's training
+    flag is restored after each call, so a runner may wrap a model being trained.
     """
 
     def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
         self.module = module
         self.names = list(names)
-        self._positional = len(self.names) == 1 and not _accepts_kwarg(module, self.names[0])
+        self._call = TorchCall(module, self.names)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        param = next(self.module.parameters(), None)
-        tensors = {n: _to_tensor(batch[n], param) for n in self.names if n in batch}
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                if self._positional:
-                    out = self.module(tensors[self.names[0]])
-                else:
-                    out = self.module(**tensors)
-        finally:
-            self.module.train(was_training)
-        return primary_output(out).detach().float().cpu().numpy()
+        tensors = as_tensors(batch, self.names, next(self.module.parameters(), None))
+        with eval_mode(self.module):
+            out = self._call(tensors)
+        return out.float().cpu().numpy()
 
 
 class OnnxRunner:
@@ -105,22 +88,3 @@ def onnx_runner(path: str | Path, threads: int | None = None) -> Runner:
     """A :data:`Runner` for an ONNX file on ONNX Runtime's CPU provider (see :class:`OnnxRunner`)."""
     return OnnxRunner(path, threads)
 
-
-def _accepts_kwarg(module: torch.nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _to_tensor(value: Any, like: torch.Tensor | None) -> torch.Tensor:
-    """Ints become int64; floats take the module's floating dtype; both go to the module's device."""
-    tensor = torch.as_tensor(np.asarray(value))
-    if tensor.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
-        tensor = tensor.to(torch.int64)
-    if like is None:
-        return tensor
-    if tensor.is_floating_point() and like.is_floating_point():
-        tensor = tensor.to(like.dtype)
-    return tensor.to(like.device)

@@ -14,10 +14,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from modelpress.data.runners import Runner, call_module, torch_runner
+from modelpress.data.runners import Runner, torch_runner
 from modelpress.data.sources import DataSplit
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import InputSpec
+from modelpress.graph.run import call_module
 
 __all__ = [
     "ClassificationTask",
@@ -370,4 +371,4 @@ def _batch_len(batch: dict[str, np.ndarray]) -> int:
 
 def _raw_forward(module: torch.nn.Module, names: list[str], sample: dict[str, np.ndarray]) -> Any:
     with torch.no_grad():
-        return call_module(module, names, {k: torch.from_numpy(v) for k, v in sample.items()})
+        return call_module(module, {k: torch.from_numpy(v) for k, v in sample.items()}, names)

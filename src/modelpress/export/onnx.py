@@ -20,9 +20,9 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,13 +30,12 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.export.files import move_onnx, onnx_file_size
+from modelpress.export.verify import Verification, compare_onnx, torch_reference
 from modelpress.graph import adapters
-from modelpress.graph.inputs import InputSpec, PrimaryOutput
+from modelpress.graph.inputs import InputSpec
+from modelpress.graph.run import PrimaryOutput, eval_mode
 from modelpress.progress import QUIET, Reporter
 from modelpress.targets import cpu_session
-
-if TYPE_CHECKING:
-    pass
 
 
 class CandidateTimer(Protocol):
@@ -54,28 +53,6 @@ class CandidateTimer(Protocol):
 OPTIMIZATIONS = ("none", "ort", "transformer", "onnxslim")
 
 # --------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class Verification:
-    """ONNX Runtime's outputs against torch's on sample inputs.
-
-    ``max_abs_err`` is the largest absolute difference over all outputs; ``cosine`` the smallest
-    per-sample cosine similarity of the flattened outputs.
-    """
-
-    max_abs_err: float
-    cosine: float
-    ok: bool
-    atol: float = 1e-3
-    min_cosine: float = 0.9999
-    shapes: list[list[int]] = field(default_factory=list)
-
-    def describe(self) -> str:
-        return (
-            f"max abs error {self.max_abs_err:.3g} (allowed {self.atol:g}), "
-            f"min cosine {self.cosine:.6f} (required {self.min_cosine:g})"
-        )
 
 
 @dataclass
@@ -114,16 +91,6 @@ class ExportResult:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _hf_models(module: nn.Module) -> list[nn.Module]:
@@ -188,43 +155,6 @@ def default_batches(input_spec: InputSpec) -> list[dict[str, np.ndarray]]:
     return [input_spec.make(2, seed=1), input_spec.make(2, seed=2)]
 
 
-def _torch_outputs(
-    module: nn.Module, input_spec: InputSpec, batches: Sequence[dict[str, np.ndarray]]
-) -> list[np.ndarray]:
-    wrapped = PrimaryOutput(module, input_spec.names)
-    outs = []
-    with _eval_mode(module), torch.inference_mode():
-        for feed in batches:
-            args = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in input_spec.names)
-            outs.append(wrapped(*args).detach().float().cpu().numpy())
-    return outs
-
-
-def _compare(
-    path: Path,
-    reference: list[np.ndarray],
-    batches: Sequence[dict[str, np.ndarray]],
-    atol: float,
-    min_cosine: float,
-) -> Verification:
-    sess = cpu_session(path)
-    wanted = {i.name for i in sess.get_inputs()}
-    max_err, min_cos, shapes = 0.0, 1.0, []
-    for feed, ref in zip(batches, reference, strict=True):
-        got = np.asarray(sess.run(None, {k: v for k, v in feed.items() if k in wanted})[0], dtype=np.float64)
-        ref64 = ref.astype(np.float64)
-        shapes.append(list(next(iter(feed.values())).shape))
-        if got.shape != ref64.shape or not np.all(np.isfinite(got)):
-            return Verification(float("inf"), -1.0, False, atol, min_cosine, shapes)
-        max_err = max(max_err, float(np.max(np.abs(got - ref64))) if got.size else 0.0)
-        g, r = got.reshape(got.shape[0], -1), ref64.reshape(ref64.shape[0], -1)
-        denom = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
-        cos = np.where(denom > 0, np.sum(g * r, axis=1) / np.maximum(denom, 1e-300), 1.0)
-        min_cos = min(min_cos, float(np.min(cos)))
-    ok = max_err <= atol and min_cos >= min_cosine
-    return Verification(max_err, min_cos, ok, atol, min_cosine, shapes)
-
-
 def verify_onnx(
     path: Path | str,
     module: nn.Module,
@@ -233,17 +163,20 @@ def verify_onnx(
     batches: Sequence[dict[str, np.ndarray]] | None = None,
     atol: float = 1e-3,
     min_cosine: float = 0.9999,
+    rtol: float = 0.0,
 ) -> Verification:
     """Run the ONNX model in ONNX Runtime and ``module`` in torch on the same inputs and compare.
 
     ``batches`` are input dicts (numpy, keyed by input name); by default batch 2 at two sequence lengths
-    for text (one sample padded) or two random batches of 2 otherwise.
+    for text (one sample padded) or two random batches of 2 otherwise. The error allowed is
+    ``atol + rtol * max|torch output|`` (``rtol`` for large-valued outputs; see ``export.verify``).
     """
     path = Path(path)
     if not path.is_file():
         raise ModelpressError(f"no ONNX file at {path}")
     batches = list(batches) if batches is not None else default_batches(input_spec)
-    return _compare(path, _torch_outputs(module, input_spec, batches), batches, atol, min_cosine)
+    reference = torch_reference(module, input_spec.names, batches)
+    return compare_onnx(path, batches, reference, atol=atol, min_cosine=min_cosine, rtol=rtol)
 
 
 def _output_axes(wrapped: nn.Module, input_spec: InputSpec) -> dict[int, str]:
@@ -271,7 +204,7 @@ def _output_axes(wrapped: nn.Module, input_spec: InputSpec) -> dict[int, str]:
 
 def _torch_export(module: nn.Module, input_spec: InputSpec, path: Path, opset: int) -> None:
     wrapped = PrimaryOutput(module, input_spec.names)
-    with _eval_mode(module):
+    with eval_mode(module):
         out_axes = _output_axes(wrapped, input_spec)
         sample = input_spec.make_torch(2, 16) if input_spec.kind == "text" else input_spec.make_torch(2)
         args = tuple(sample[n] for n in input_spec.names)
@@ -396,6 +329,7 @@ def export_onnx(
     atol: float = 1e-3,
     min_cosine: float = 0.9999,
     attn_implementation: str | None = "eager",
+    rtol: float = 0.0,
 ) -> ExportResult:
     """Export ``module`` to ONNX at ``path`` with dynamic batch (and sequence, for text) axes.
 
@@ -403,7 +337,8 @@ def export_onnx(
     transformer models, "onnxslim" when installed), verifies each against torch, times them with
     ``timer`` (``modelpress.bench.candidate_timer(target)``) and keeps the fastest that verifies (without
     a timer, the plain export); a name forces that candidate. ``verify`` (forced mode) checks the result
-    against torch and raises ModelpressError past ``atol`` / ``min_cosine`` (auto always verifies).
+    against torch and raises ModelpressError past ``atol`` (plus ``rtol`` times the largest torch output,
+    for large-valued outputs) / ``min_cosine`` (auto always verifies).
     ``attn_implementation`` switches HF models' attention for the export (None keeps the model's).
     The file appears at ``path`` only when everything succeeded.
     """
@@ -470,12 +405,12 @@ def export_onnx(
 
         if optimize == "auto" or verify:
             batches = default_batches(input_spec)
-            reference = _torch_outputs(module, input_spec, batches)
+            reference = torch_reference(module, input_spec.names, batches)
             for name, cand_path in paths.items():
                 try:
-                    v = _compare(cand_path, reference, batches, atol, min_cosine)
+                    v = compare_onnx(cand_path, batches, reference, atol=atol, min_cosine=min_cosine, rtol=rtol)
                 except Exception as exc:
-                    v = Verification(float("inf"), -1.0, False, atol, min_cosine)
+                    v = Verification(float("inf"), -1.0, False, atol, min_cosine, rtol=rtol)
                     candidates[name].error = f"ONNX Runtime failed: {type(exc).__name__}: {exc}"
                 candidates[name].verification, candidates[name].verified = v, v.ok
 

@@ -7,7 +7,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from modelpress.graph.labels import Propagation
@@ -49,14 +48,6 @@ class Group:
             return 0
         in_axes = [len(v) for (p, a), v in self.units[0].items() if a == 1 and p.endswith("weight")]
         return max(in_axes) if in_axes else max(len(v) for v in self.units[0].values())
-
-    def params_per_unit(self, state: dict[str, torch.Tensor]) -> int:
-        """Number of scalars one unit removes."""
-        total = 0
-        for (p, axis), idx in self.units[0].items():
-            t = state[p]
-            total += len(idx) * (t.numel() // t.shape[axis])
-        return total
 
     def describe(self) -> str:
         return f"{self.name} ({self.kind}, {self.size} units{'' if self.prunable else ', fixed: ' + self.reason})"

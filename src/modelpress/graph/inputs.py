@@ -9,6 +9,11 @@ import torch
 
 from modelpress.graph.adapters import FALLBACK_VOCAB_SIZE, start_token_id
 
+# The primary output and the export wrapper live with the torch runner (graph.run); re-exported here.
+from modelpress.graph.run import PrimaryOutput, primary_output
+
+__all__ = ["InputSpec", "PrimaryOutput", "primary_output"]
+
 
 @dataclass
 class InputSpec:
@@ -76,46 +81,3 @@ class InputSpec:
             special_ids={str(k): int(v) for k, v in d.get("special_ids", {}).items()},
         )
 
-
-def primary_output(outputs) -> torch.Tensor:  # noqa: ANN001 - any model output
-    """The one tensor a task evaluates: logits if present, else last_hidden_state, else the first tensor."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(outputs, key, None)
-        if value is None and isinstance(outputs, dict):
-            value = outputs.get(key)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    if isinstance(outputs, dict):
-        for v in outputs.values():
-            if isinstance(v, torch.Tensor):
-                return v
-    raise TypeError(f"cannot find an output tensor in {type(outputs).__name__}")
-
-
-class PrimaryOutput(torch.nn.Module):
-    """Wraps a model so that it takes its inputs positionally and returns only its primary output (for export)."""
-
-    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.module = module
-        self.names = list(names)
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(zip(self.names, args, strict=True))
-        if len(self.names) == 1 and not _accepts_kwarg(self.module, self.names[0]):
-            return primary_output(self.module(*args))
-        return primary_output(self.module(**kwargs))
-
-
-def _accepts_kwarg(module: torch.nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

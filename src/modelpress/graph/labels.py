@@ -87,15 +87,6 @@ class Propagation:
     head_ids: np.ndarray  # bool per element: coupled through an attention head axis
     opaque_ops: list[str] = field(default_factory=list)
 
-    def locate(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Split element ids into (space index, local indices) pairs."""
-        starts = np.array([s.start for s in self.spaces])
-        which = np.searchsorted(starts, ids, side="right") - 1
-        out = []
-        for si in np.unique(which):
-            sel = ids[which == si]
-            out.append((int(si), np.sort(sel - self.spaces[si].start)))
-        return out
 
     def without(self, drop: dict[tuple[str, int], np.ndarray]) -> Propagation:
         """The propagation after removing positions ``drop[(param, axis)]``, without re-tracing.

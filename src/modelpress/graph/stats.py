@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,11 +100,3 @@ def norm_consumers(graph: ModelGraph) -> list[tuple[str, list[str], bool]]:
         out.append((ln.removeprefix("module."), sorted(set(linears)), other))
     return out
 
-
-def group_sizes_by_block(graph: ModelGraph, kind: str) -> dict[str, int]:
-    sizes: dict[str, int] = defaultdict(int)
-    for b in graph.blocks:
-        for g in graph.groups:
-            if g.kind == kind and in_block(g.scope, b.path):
-                sizes[b.path] += g.size
-    return dict(sizes)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.graph.run import call_module, eval_mode
 from modelpress.quantize import hf_attention
 from modelpress.quantize.observers import calibrate_weight, make_observer
 from modelpress.quantize.policy import LayerSpec, Policy
@@ -127,12 +128,6 @@ class QuantLinear(nn.Module):
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.quantized_weight(), self.bias)
 
-    def to_float(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        lin.weight = self.weight
-        lin.bias = self.bias
-        return lin
-
 
 class QuantConv2d(nn.Module):
     """nn.Conv2d with quantized weights (per output channel) and a quantized input (per tensor)."""
@@ -196,16 +191,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the layers a policy can address: Linear/Conv2d modules and attention matmuls."""
-    names = [
-        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d))
-    ]
-    for n, _ in hf_attention.attention_modules(model):
-        names += [f"{n}.attn_qk", f"{n}.attn_pv"]
-    return names
 
 
 def _probs_quantizer(kind: str, bits: int, symmetric: bool = False) -> Quantizer:
@@ -309,14 +294,6 @@ def set_quant_state(model: nn.Module, weights: bool = True, activations: bool = 
         q.enabled = activations
 
 
-def run_batch(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def forward_all(
     model: nn.Module, batches: Iterable[Any], reporter: Any = None, description: str = ""
 ) -> None:
@@ -324,7 +301,7 @@ def forward_all(
     it = items if reporter is None else reporter.track(items, description or "running", total=len(items))
     with torch.no_grad():
         for b in it:
-            run_batch(model, b)
+            call_module(model, b)
 
 
 def calibrate(
@@ -359,12 +336,10 @@ def calibrate(
         targets.append(q)
     if not targets:
         return 0
-    was_training = model.training
-    model.eval()
     try:
-        forward_all(model, batches, reporter, "calibrating activations")
+        with eval_mode(model):
+            forward_all(model, batches, reporter, "calibrating activations")
     finally:
-        model.train(was_training)
         for q in targets:
             obs, q.observer = q.observer, None
             if obs.min is None:
@@ -380,16 +355,6 @@ def calibrate_weights(model: nn.Module, method: str = "minmax") -> None:
     """(Re)compute every weight quantizer's per-channel scales from the current weights."""
     for _, m, q in weight_quantizers(model):
         calibrate_weight(q, m.weight.detach(), method)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Replace QuantLinear wrappers without an input transform by plain nn.Linear (in place)."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, QuantLinear) and m.input_scale is None:
-            _set_submodule(model, name, m.to_float())
-        elif isinstance(m, QuantConv2d):
-            _set_submodule(model, name, m.conv)
-    return model
 
 
 def is_fake_quant(model: nn.Module) -> bool:

@@ -98,12 +98,6 @@ class Policy:
                 out = spec
         return out
 
-    def with_rules(self, extra: dict[str, Any]) -> Policy:
-        """A new policy with ``extra`` rules appended (they win over the existing ones)."""
-        p = Policy(None, self.default)
-        p.rules = list(self.rules) + [(str(k), parse_spec(v)) for k, v in extra.items()]
-        return p
-
     def unmatched(self, names: list[str]) -> list[str]:
         """Patterns that match no layer (likely typos)."""
         return [p for p, _ in self.rules if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]

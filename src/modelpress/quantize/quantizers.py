@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,7 +48,7 @@ def quantizer_forward(q: nn.Module, x: torch.Tensor, export: Callable) -> torch.
         return x
     if not (q.enabled and q.calibrated):
         return x
-    if _EXPORT.active:
+    if _EXPORT.get() is not None:
         return export(q, x)
     return q.fake_quant(x)
 
@@ -87,11 +89,6 @@ class UniformQuantizer(nn.Module):
         kind = "sym" if self.symmetric else "asym"
         where = "tensor" if self.axis is None else f"channel(axis={self.axis})"
         return f"bits={self.bits}, {kind}, per_{where}, range=[{self.qmin}, {self.qmax}]"
-
-    def set_bits(self, bits: int) -> None:
-        self.bits = int(bits)
-        self.qmin, self.qmax = qrange(self.bits, self.symmetric, self.narrow)
-        self.calibrated = False
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float) -> None:
@@ -210,9 +207,6 @@ class _LogQuantizerBase(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, base=2**{self.log_base:g}"
 
-    def set_bits(self, bits: int) -> None:
-        self.bits = int(bits)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # noqa: ANN001
         if prefix + "scale" in state_dict:
             self.calibrated = True
@@ -263,8 +257,10 @@ class LogSqrt2Quantizer(_LogQuantizerBase):
 
 
 # -- ONNX export hooks ---------------------------------------------------------------------------------
-class _ExportState:
-    active: bool = False
+@dataclass(frozen=True)
+class ExportSettings:
+    """How quantizers trace while ``export_mode`` is active (see there)."""
+
     activation_dtype: str = "uint8"  # "uint8" (U8S8) or "int8" (S8S8)
     channel_quantize: bool = False  # consumer-side reparameterization as a per-channel QuantizeLinear
     log_form: str = "uniform"  # how log2 / log-sqrt2 quantizers export (see ``LOG_FORMS``)
@@ -279,11 +275,21 @@ LOG_FORMS = {
 }
 
 
-_EXPORT = _ExportState()
+# Export mode belongs to the thread (and asyncio task) that traces, not to the process: a search that
+# exports one candidate while another thread runs fake-quant forwards (even of the same model) must
+# not see each other's mode. A ContextVar gives every thread its own value.
+_EXPORT: ContextVar[ExportSettings | None] = ContextVar("modelpress_quantizer_export", default=None)
+
+
+def _settings() -> ExportSettings:
+    return _EXPORT.get() or ExportSettings()
 
 
 class export_mode:  # noqa: N801 - used as a context manager
     """Within this context quantizers trace to ONNX QuantizeLinear/DequantizeLinear (torch.onnx, TorchScript).
+
+    The mode holds for the current thread only (a ``contextvars.ContextVar``): models run in other
+    threads meanwhile keep fake-quantizing. Contexts nest; leaving one restores the previous mode.
 
     channel_quantize: export a consumer-side scale reparameterization as a per-channel QuantizeLinear
     followed by a per-tensor DequantizeLinear (same codes, no Mul/Add); off by default because ONNX
@@ -301,22 +307,26 @@ class export_mode:  # noqa: N801 - used as a context manager
         self.channel_quantize = channel_quantize
         self.log_form = log_form
 
+        self._tokens: list[Token] = []
+
     def __enter__(self) -> export_mode:
-        self._prev = (_EXPORT.active, _EXPORT.activation_dtype, _EXPORT.channel_quantize, _EXPORT.log_form)
-        _EXPORT.active, _EXPORT.activation_dtype = True, self.activation_dtype
-        _EXPORT.channel_quantize, _EXPORT.log_form = self.channel_quantize, self.log_form
+        settings = ExportSettings(self.activation_dtype, self.channel_quantize, self.log_form)
+        self._tokens.append(_EXPORT.set(settings))
         return self
 
-    def __exit__(self, *exc) -> None:
-        _EXPORT.active, _EXPORT.activation_dtype, _EXPORT.channel_quantize, _EXPORT.log_form = self._prev
+    def __exit__(self, *exc: object) -> None:
+        _EXPORT.reset(self._tokens.pop())
 
 
 def export_active() -> bool:
-    return _EXPORT.active
+    """Whether quantizers trace their ONNX form in this thread (inside ``export_mode``)."""
+    return _EXPORT.get() is not None
 
 
 def export_channel_quantize() -> bool:
-    return _EXPORT.active and _EXPORT.channel_quantize
+    """Whether this thread's export writes consumer-side reparameterizations as per-channel Q."""
+    settings = _EXPORT.get()
+    return settings is not None and settings.channel_quantize
 
 
 def _qdq_function(spec: dict) -> type[torch.autograd.Function]:
@@ -369,7 +379,7 @@ def _log_sim_function(spec: dict) -> type[torch.autograd.Function]:
 
 def export_log(q: _LogQuantizerBase, x: torch.Tensor) -> torch.Tensor:
     """Export form of a log2 / log-sqrt2 quantizer (ONNX has no logarithmic QDQ): see ``LOG_FORMS``."""
-    if _EXPORT.log_form == "simulate":
+    if _settings().log_form == "simulate":
         spec = {
             "scale": float(q.scale),
             "zero_code": float(q.zero_code),
@@ -426,7 +436,7 @@ def _export_qdq(q: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
             f"only per-tensor activation quantizers of up to 8 bits export to ONNX QDQ (got {q.extra_repr()}); "
             "run scale reparameterization first, or keep this layer's input in float"
         )
-    scale, zero, _ = onnx_qparams(q, _EXPORT.activation_dtype)
+    scale, zero, _ = onnx_qparams(q, _settings().activation_dtype)
     fq = (float(q.scale), float(q.zero_point), float(q.qmin), float(q.qmax))
     spec = {"fq": fq, "scale": scale.reshape(()), "zero": zero.reshape(()), "axis": None}
     if q.bits < 8:
@@ -459,7 +469,7 @@ def export_reparam_qdq(q: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
     """Export form of (consumer-side transform + per-tensor quantizer) on the raw input ``x``."""
     if q.bits != 8:
         raise NotImplementedError("only 8-bit activation quantizers export to ONNX QDQ")
-    scale, zero, dt = onnx_qparams(q, _EXPORT.activation_dtype)
+    scale, zero, dt = onnx_qparams(q, _settings().activation_dtype)
     offset = int(zero.to(torch.int32)) - int(q.zero_point)
     cz = (q.channel_zero.detach() + offset).to(dt)
     spec = {

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.quantize.fakequant import QuantLinear, run_batch, set_quant_state
+from modelpress.graph.run import call_module, primary_output
+from modelpress.quantize.fakequant import QuantLinear, set_quant_state
 from modelpress.quantize.quantizers import UniformQuantizer
 
 
@@ -167,12 +168,6 @@ def apply_group(group: NormGroup, mode: str) -> None:
     }
 
 
-def _output_tensor(out: Any) -> torch.Tensor:
-    from modelpress.graph.inputs import primary_output
-
-    return primary_output(out)
-
-
 @torch.no_grad()
 def reparameterize(
     model: nn.Module,
@@ -193,7 +188,7 @@ def reparameterize(
     reference = None
     if mode == "auto" and check_batch is not None:
         set_quant_state(model, weights=False, activations=False)
-        reference = _output_tensor(run_batch(model, check_batch)).double()
+        reference = primary_output(call_module(model, check_batch)).double()
     try:
         for g in groups:
             want = mode if g.foldable else "affine"
@@ -211,7 +206,7 @@ def reparameterize(
             apply_group(g, "fold")
             if reference is None:
                 continue
-            out = _output_tensor(run_batch(model, check_batch)).double()
+            out = primary_output(call_module(model, check_batch)).double()
             err = (out - reference).abs().max() / reference.abs().max().clamp(min=1e-12)
             if err > tolerance:
                 restore_group(g, snap)

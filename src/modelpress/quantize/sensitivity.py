@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelpress.quantize.fakequant import QuantMatMul, quant_layers, run_batch
+from modelpress.graph.run import call_module, primary_output
+from modelpress.quantize.fakequant import QuantMatMul, quant_layers
 
 
 @dataclass
@@ -59,10 +60,8 @@ def cosine_fidelity(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def model_outputs(model: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
     """The primary output of ``model`` on each batch (no grad)."""
-    from modelpress.graph.inputs import primary_output
-
     with torch.no_grad():
-        return [primary_output(run_batch(model, b)).detach() for b in batches]
+        return [primary_output(call_module(model, b)).detach() for b in batches]
 
 
 def mean_fidelity(

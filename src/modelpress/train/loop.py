@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelpress.data.runners import call_module
 from modelpress.data.sources import DataSplit, TaskData
 from modelpress.data.tasks import Task
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import primary_output
+from modelpress.graph.run import call_module
 from modelpress.progress import QUIET, Reporter
 from modelpress.train.batches import Samples
 from modelpress.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -260,8 +260,8 @@ class _Loop:
         if self.teacher is not None:
             inputs = {k: v.to(self.teacher_device) for k, v in batch.items()}
             with torch.no_grad():
-                teacher_out = primary_output(call_module(self.teacher, self.names, inputs)).to(self.device)
-        student_out = primary_output(call_module(self.student, self.names, batch))
+                teacher_out = primary_output(call_module(self.teacher, inputs, self.names)).to(self.device)
+        student_out = primary_output(call_module(self.student, batch, self.names))
         loss = self.task.loss(
             student_out,
             teacher_out,
