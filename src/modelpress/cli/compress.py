@@ -79,6 +79,16 @@ def run_recipe(
         print_json(report)
     else:
         print_rich(render_table(report), f"wrote {out}/ (model.onnx, model.safetensors, report.json, report.md)")
+    _print_warnings(report)
+
+
+def _print_warnings(report: dict[str, Any]) -> None:
+    """The report's warnings (slower or larger than the original) and suggestions, on stderr even with
+    --quiet or --json: they say the result may not be worth using."""
+    for warning in report.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
+    for suggestion in report.get("suggestions", []) if report.get("warnings") else []:
+        typer.echo(f"  -> try: {suggestion}", err=True)
 
 
 def compress(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.compress.recipe import Recipe
+from modelpress.compress.report import review, speed_change
 from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context, Exporter, as_graph_list
@@ -117,6 +118,7 @@ class Pipeline:
             report.update(self._evaluate(graph, Path(base.path), onnx_path, ctx, simulated))
         if measure and ctx.target is not None:
             report["latency"] = self._measure(graph, Path(base.path), onnx_path, ctx)
+        report.update(review(report))  # warnings (slower, larger) and what to try; the CLI shows them
         report["seconds"] = time.perf_counter() - started
         return PipelineResult(current, onnx_path, Path(base.path), report)
 
@@ -146,12 +148,10 @@ class Pipeline:
         shapes = out.get("variants", {}).get("compressed", {}).get("shapes", [])
         slower = [s for s in shapes if s.get("speedup") is not None and s["speedup"] < 1.0]
         if shapes and len(slower) == len(shapes):
-            ratios = ", ".join(f"{s['speedup']:.2f}x" for s in slower)
-            msg = (f"the compressed model is slower than the original on {ctx.target.name} "
-                   f"({ratios}); on very small models the per-op overhead (e.g. quantize/dequantize) can "
-                   "outweigh the savings: keep the original, or try another recipe")
-            ctx.reporter.log(f"[yellow]warning[/yellow]: {msg}")
-            out["warning"] = msg
+            ratios = ", ".join(speed_change(s["speedup"]) for s in slower)
+            out["warning"] = (f"the compressed model is slower than the original on {ctx.target.name} "
+                              f"({ratios}); on very small models the per-op overhead (e.g. quantize/dequantize) "
+                              "can outweigh the savings: keep the original, or try another recipe")
         return out
 
 

@@ -13,10 +13,10 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     b, a = report.get("before", {}), report.get("after", {})
     if "parameters" in b:
         rows.append(("parameters", f"{b['parameters'] / 1e6:.2f} M", f"{a['parameters'] / 1e6:.2f} M",
-                     f"{a['parameters'] / max(1, b['parameters']):.2f}x"))
+                     size_change(b["parameters"], a["parameters"])))
     if "file_bytes" in b:
         rows.append(("ONNX file", f"{b['file_bytes'] / 2**20:.1f} MiB", f"{a['file_bytes'] / 2**20:.1f} MiB",
-                     f"{a['file_bytes'] / max(1, b['file_bytes']):.2f}x"))
+                     size_change(b["file_bytes"], a["file_bytes"])))
     lat = report.get("latency")
     if lat:
         variants = lat.get("variants", {})
@@ -27,7 +27,7 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             shape = f"batch {sb['batch']}" + (f", seq {sb['seq_len']}" if sb.get("seq_len") else "")
             speed = sa.get("speedup") if comp is not base else 1.0
             rows.append((f"ORT latency median ({shape})", f"{sb['median_ms']:.2f} ms", f"{sa['median_ms']:.2f} ms",
-                         f"{speed:.2f}x faster" if speed else "-"))
+                         speed_change(speed)))
     quality = report.get("quality")
     if quality:
         qb, qa = quality.get("before", {}), quality.get("after", {})
@@ -37,6 +37,70 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 rows.append((key.replace("_", " "), "-" if before is None else f"{before:.4f}", f"{qa[key]:.4f}",
                              "-" if before is None else f"{qa[key] - before:+.4f}"))
     return rows
+
+
+def speed_change(speedup: float | None) -> str:
+    """A speed ratio (original time / compressed time) in words: "1.25x faster", "1.32x slower", never
+    "0.76x faster"."""
+    if not speedup or speedup <= 0:
+        return "-"
+    if f"{speedup:.2f}" == "1.00":
+        return "same speed"
+    return f"{speedup:.2f}x faster" if speedup > 1 else f"{1 / speedup:.2f}x slower"
+
+
+def size_change(before: float, after: float) -> str:
+    """A size change in words: "2.00x smaller", "1.20x larger" or "same size"."""
+    if before <= 0 or after <= 0:
+        return "-"
+    ratio = before / after
+    if f"{ratio:.2f}" == "1.00":
+        return "same size"
+    return f"{ratio:.2f}x smaller" if ratio > 1 else f"{after / before:.2f}x larger"
+
+
+def review(report: dict[str, Any]) -> dict[str, list[str]]:
+    """Warnings when the compressed model is slower or larger than the original on the measured target,
+    and what to try instead (another recipe, another target or batch size); empty lists when it pays."""
+    warnings: list[str] = []
+    suggestions: list[str] = []
+    passes = [p.get("pass", "") for p in (report.get("recipe") or {}).get("passes", [])]
+    quantized = any(p.startswith("quantize.") for p in passes)
+    lat = report.get("latency") or {}
+    target = (lat.get("target") or {}).get("name", "the target")
+    shapes = ((lat.get("variants") or {}).get("compressed") or {}).get("shapes", [])
+    measured = [s for s in shapes if s.get("speedup")]
+    slower = [s for s in measured if s["speedup"] < 1.0 and speed_change(s["speedup"]) != "same speed"]
+    faster = [s for s in measured if s["speedup"] > 1.0 and speed_change(s["speedup"]) != "same speed"]
+    if slower:
+        where = ", ".join(f"batch {s['batch']}: {speed_change(s['speedup'])}" for s in slower)
+        scope = "at every measured shape" if len(slower) == len(measured) else "at some shapes"
+        warnings.append(f"the compressed model is slower than the original on {target} {scope} ({where})")
+        if quantized:
+            suggestions.append("on small models the quantize/dequantize overhead can outweigh the INT8 savings: "
+                               "try --recipe fp32 (graph optimization only) or --recipe prune-magnitude "
+                               "(smaller float matrices)")
+        else:
+            suggestions.append("try another recipe (e.g. --recipe int8, or larger pruning ratios), or keep the original")
+        if faster:
+            best = max(faster, key=lambda s: s["speedup"])
+            suggestions.append(f"it pays at batch {best['batch']} ({speed_change(best['speedup'])}): "
+                               "serve with larger batches")
+        elif target != "edge":
+            suggestions.append("measure on another target: --target edge (one thread, batch 1), "
+                               "or with a bigger batch where each operator does more work")
+        else:
+            suggestions.append("measure with a bigger batch or on --target ort-cpu (all cores, batch 1 and 8)")
+    b, a = report.get("before", {}), report.get("after", {})
+    if b.get("file_bytes") and a.get("file_bytes") and size_change(b["file_bytes"], a["file_bytes"]).endswith("larger"):
+        warnings.append(f"the compressed ONNX file is {size_change(b['file_bytes'], a['file_bytes'])} than the original")
+        if quantized:
+            suggestions.append("scales, zero points and quantize/dequantize nodes cost more than INT8 weights "
+                               "save on a model this small" + ("" if slower else
+                                                               ": try --recipe fp32 or --recipe prune-magnitude"))
+        else:
+            suggestions.append("try --recipe int8 (INT8 weights) or larger pruning ratios")
+    return {"warnings": warnings, "suggestions": list(dict.fromkeys(suggestions))}
 
 
 def render_table(report: dict[str, Any]):  # noqa: ANN201 - rich.table.Table
@@ -61,9 +125,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {m} | {b} | {a} | {c} |" for m, b, a, c in comparison_rows(report)]
-    warning = (report.get("latency") or {}).get("warning")
-    if warning:
-        lines += ["", f"**Warning**: {warning}"]
+    warnings = report.get("warnings")
+    if warnings is None:  # a report written before the review existed
+        warnings = [w for w in [(report.get("latency") or {}).get("warning")] if w]
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- **Warning**: {w}" for w in warnings]
+        lines += [f"- Try: {s}" for s in report.get("suggestions", [])]
     lines += ["", "## Passes", ""]
     for p in report.get("passes", []) or [{"pass": "(none: export only)"}]:
         extra = {k: _short(v) for k, v in p.items() if k not in ("pass", "stage")}

@@ -214,7 +214,12 @@ def wrap_model(
     config = config or QuantConfig()
     policy = policy if isinstance(policy, Policy) else Policy(policy)
     applied: dict[str, LayerSpec] = {}
-    for name, m in list(model.named_modules()):
+    # a module registered under several names (shared weights) gets one wrapper, seen by every parent
+    wrappers: dict[int, nn.Module] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if id(m) in wrappers:
+            _set_submodule(model, name, wrappers[id(m)])
+            continue
         if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d):
             spec = policy.spec(name)
             if spec.is_float:
@@ -231,6 +236,7 @@ def wrap_model(
             if wrapped.weight_quantizer is not None:
                 calibrate_weight(wrapped.weight_quantizer, wrapped.weight.detach(), config.weight_observer)
             _set_submodule(model, name, wrapped)
+            wrappers[id(m)] = wrapped
             applied[name] = spec
     if config.attention:
         attn = hf_attention.attention_modules(model)

@@ -50,20 +50,61 @@ def _norm_has_affine(norm: nn.Module) -> bool:
     return getattr(norm, "weight", None) is not None and getattr(norm, "bias", None) is not None
 
 
+def merge_uses(pairs: Sequence[tuple]) -> tuple[list[tuple], dict[str, str]]:
+    """One (norm, consumers, other_readers) entry per norm, and the norms refused reparameterization.
+
+    A module shared by several blocks (ALBERT's one set of layer weights) is reported once per use. Its
+    uses merge into one entry (other readers if any use has them) when every use has the same consumers;
+    when the consumer sets differ (e.g. the last use feeds only the model output), one reparameterization
+    cannot be exact for every use, so the norm is refused (its consumers keep their per-tensor input
+    quantizers) and the reason is returned as {norm: reason}. A consumer already claimed by another norm
+    is refused the same way (one Linear has one input quantizer)."""
+    by_norm: dict[Any, list[tuple]] = {}
+    for pair in pairs:
+        key = pair[0] if isinstance(pair[0], str) else id(pair[0])
+        by_norm.setdefault(key, []).append(pair)
+    merged: list[tuple] = []
+    refused: dict[str, str] = {}
+    claimed: dict[Any, str] = {}
+    for key, uses in by_norm.items():
+        name = key if isinstance(key, str) else "?"
+        sets = [frozenset(c if isinstance(c, str) else id(c) for c in u[1]) for u in uses]
+        if len(set(sets)) > 1:
+            refused[name] = (f"shared by {len(uses)} uses with different consumers; "
+                             "its consumers keep per-tensor input scales")
+            continue
+        if not sets[0]:
+            continue
+        taken = [claimed[c] for c in sets[0] if c in claimed]
+        if taken:
+            refused[name] = f"its consumers also read {taken[0]}; they keep that norm's input scales"
+            continue
+        claimed.update({c: name for c in sets[0]})
+        readers = [u[2] for u in uses if len(u) > 2 and u[2] is not None]
+        other = any(readers) if readers else None
+        if len(uses) > 1 and other is None:
+            other = True  # a norm run more than once: never fold without knowing every use
+        merged.append((uses[0][0], list(uses[0][1]), other, len(uses) > 1))
+    return merged, refused
+
+
 def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
     """Resolve (norm, consumers[, other_readers]) tuples, by module name or module, into NormGroups.
 
     ``other_readers`` (as ``ModelGraph.norm_consumers()`` reports it) says whether anything besides the
-    consumer Linears reads the norm's output; unknown when absent.
+    consumer Linears reads the norm's output; unknown when absent. A norm listed once per use (a module
+    shared by several blocks) gets one group; see ``merge_uses`` for norms that cannot (skipped here).
 
     The consumers must be QuantLinear wrappers with input quantizers of one bit width; they are given one
     shared per-channel (axis -1) quantizer, asymmetric unless the consumers' quantizers are symmetric. Pairs whose consumers are float are skipped.
     """
     names = {id(m): n for n, m in model.named_modules()}
     groups = []
-    for pair in pairs:
+    merged, _ = merge_uses(pairs)
+    for pair in merged:
         norm_ref, cons_refs = pair[0], pair[1]
         other = bool(pair[2]) if len(pair) > 2 and pair[2] is not None else None
+        shared_uses = len(pair) > 3 and bool(pair[3])
         norm = model.get_submodule(norm_ref) if isinstance(norm_ref, str) else norm_ref
         norm_name = norm_ref if isinstance(norm_ref, str) else names.get(id(norm), "?")
         consumers = []
@@ -88,7 +129,12 @@ def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
         shared = UniformQuantizer(bits.pop(), symmetric=symmetric, axis=-1)
         for _, m in quantized:
             m.input_quantizer = shared
-        groups.append(NormGroup(norm_name, norm, quantized, shared, other_readers=other))
+        group = NormGroup(norm_name, norm, quantized, shared, other_readers=other)
+        if shared_uses:
+            # consumer-side transform: exact for every use, whatever else feeds the shared consumers
+            group.foldable = False
+            group.stats["uses"] = sum(1 for p in pairs if p[0] is norm_ref or p[0] == norm_ref)
+        groups.append(group)
     return groups
 
 
@@ -160,12 +206,12 @@ def apply_group(group: NormGroup, mode: str) -> None:
         q.channel_zero = q.zero_point.detach().clone()
     q.to_per_tensor(s_t.float(), z_t.float())
     group.mode = mode
-    group.stats = {
+    group.stats.update({
         "scale_ratio_min": float(r1.min()),
         "scale_ratio_max": float(r1.max()),
         "zero_shift_absmax": float(r2.abs().max()),
         "mode": mode,
-    }
+    })
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from modelpress.quantize.fakequant import (
     wrap_model,
 )
 from modelpress.quantize.policy import Policy
-from modelpress.quantize.reparam import NormGroup, build_groups, reparameterize
+from modelpress.quantize.reparam import NormGroup, build_groups, merge_uses, reparameterize
 
 
 @dataclass
@@ -126,9 +126,12 @@ def quantize_model(
     if unmatched:
         metrics["unmatched_policy_patterns"] = unmatched
         log(f"policy patterns that match no quantizable layer: {', '.join(unmatched)}")
-    groups = (
-        build_groups(model, [p for p in pairs if len(p[1])]) if (cfg.reparam or cfg.dual_clipping) else []
-    )
+    groups = build_groups(model, pairs) if (cfg.reparam or cfg.dual_clipping) else []
+    _, refused = merge_uses(pairs)
+    if refused and (cfg.reparam or cfg.dual_clipping):
+        metrics["reparam_refused"] = refused
+        for norm, reason in refused.items():
+            log(f"no scale reparameterization at {norm}: {reason}")
     group_qs = [g.quantizer for g in groups]
     others = [q for _, q in activation_quantizers(model) if all(q is not g for g in group_qs)]
     kw = {"max_samples": cfg.observer_samples}
