@@ -148,8 +148,9 @@ class ModelGraph:
         if self._propagation is None:
             ep = self.program
             wrapper = self.wrapped()
-            state = dict(wrapper.named_parameters())
-            state.update(dict(wrapper.named_buffers()))
+            # every name of a tied tensor, so that each alias maps to the first (the one edits use)
+            state = dict(wrapper.named_parameters(remove_duplicate=False))
+            state.update(dict(wrapper.named_buffers(remove_duplicate=False)))
             prop = propagate(ep, state)
             for s in prop.spaces:
                 s.param = s.param[len(_WRAP) :] if s.param.startswith(_WRAP) else s.param
@@ -411,6 +412,22 @@ def _scope_of(node: torch.fx.Node) -> str:
     return path[len(_WRAP) :] if path.startswith(_WRAP) else ("" if path == "module" else path)
 
 
+# ops that return their input's value (a dtype cast to the same dtype, an alias): a residual read
+# through one of them inside the block (Llama's RMSNorm casts its input first) still reads from before it
+_SAME_VALUE = ("aten.to.", "aten._to_copy.", "aten.alias.", "aten.clone.", "aten.contiguous.", "aten.detach.")
+
+
+def _source(node: torch.fx.Node) -> torch.fx.Node:
+    while (
+        node.op == "call_function"
+        and str(node.target).startswith(_SAME_VALUE)
+        and node.args
+        and isinstance(node.args[0], torch.fx.Node)
+    ):
+        node = node.args[0]
+    return node
+
+
 def _residual_scopes(ep: torch.export.ExportedProgram, paths: list[str]) -> list[str]:
     """Blocks with a skip connection: an add inside the block that reads a value computed before it."""
     out = []
@@ -422,7 +439,7 @@ def _residual_scopes(ep: torch.export.ExportedProgram, paths: list[str]) -> list
         for n in inside:
             if "add" not in str(n.target):
                 continue
-            tensor_args = [a for a in n.args if isinstance(a, torch.fx.Node)]
+            tensor_args = [_source(a) for a in n.args if isinstance(a, torch.fx.Node)]
             if len(tensor_args) == 2 and any(
                 a.name not in names and a.op == "call_function" or a.op == "placeholder" and "args" in a.name
                 for a in tensor_args
