@@ -303,3 +303,17 @@ def test_sdpa_enable_gqa_groups_and_attributes():
     g.remove(h, [0])
     assert (g.module.num_heads, g.module.num_key_value_heads) == (2, 1)
     torch.testing.assert_close(g.forward(x), before, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_block_deletion_keeps_the_kv_cache_indexed(family, tmp_path):
+    """Later blocks take the deleted one's layer index: cached generation equals uncached, after reload too."""
+    g = _fresh(family)
+    g.remove_block(g.blocks[0].path)
+    save(g, tmp_path / "saved")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    for module in (g.module, load_saved(tmp_path / "saved").module):
+        module.config.use_cache = True
+        cached = module.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+        plain = module.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+        assert cached.tolist() == plain.tolist()

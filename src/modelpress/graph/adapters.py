@@ -203,6 +203,31 @@ def head_attribute_edits(
     return edits
 
 
+# attributes holding a block's position in its stack (decoders index their key/value cache by it)
+LAYER_INDEX_ATTRS = ("layer_idx", "layer_id", "layer_index")
+
+
+def layer_index_edits(root: nn.Module, container: str, deleted: int) -> list[dict]:
+    """``setattr`` records renumbering the layer indices of the blocks after a deleted one.
+
+    Item ``deleted`` of ``container`` is already gone: the item now at position k (k >= deleted) was
+    item k + 1, and its modules that held k + 1 as their layer index get k, so a key/value cache sized
+    by the remaining layers is indexed right.
+    """
+    items = root.get_submodule(container) if container else root
+    edits: list[dict] = []
+    for k, item in enumerate(items):
+        if k < deleted:
+            continue
+        for sub_path, mod in item.named_modules():
+            for attr in LAYER_INDEX_ATTRS:
+                value = getattr(mod, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value == k + 1:
+                    path = ".".join(p for p in (container, str(k), sub_path) if p)
+                    edits.append({"op": "setattr", "module": path, "attr": attr, "value": k})
+    return edits
+
+
 def head_sizes(module: nn.Module) -> list[int]:
     """Width of one head per attention module (0 where the module does not say)."""
     sizes = []

@@ -14,6 +14,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.graph import edit as _edit
+from modelpress.graph.adapters import layer_index_edits
 from modelpress.graph.groups import Group, build_groups, without_units
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
@@ -344,8 +345,11 @@ class ModelGraph:
 
         blocks = self.blocks
         record = _edit.delete_block(self.module, path)
-        self._log([record])
         container, _, idx = path.rpartition(".")
+        renumbered = layer_index_edits(self.module, container, int(idx))
+        for e in renumbered:
+            _edit.apply_edit(self.module, e)
+        self._log([record, *renumbered])
         # module names changed: re-trace on the next query, but the other blocks are known
         self.invalidate()
         self._blocks = [
