@@ -26,7 +26,9 @@ class Group:
 
     A "head" unit is one key/value head with the query heads that read it: one query head under
     multi-head attention, ``heads_per_unit`` query heads under grouped-query attention (meta
-    ``query_heads`` / ``kv_heads`` per unit, from the traced attention).
+    ``query_heads`` / ``kv_heads`` per unit, from the traced attention); multi-query attention (one
+    key/value head) is a single unit, so not prunable. A head is never split: there is no head-dim
+    group in any family (rotary tables are laid out per head_dim, so for rotary models it must stay so).
     """
 
     name: str
