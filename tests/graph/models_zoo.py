@@ -79,6 +79,17 @@ def build(family: str) -> ModelGraph:
     elif family == "distilbert":
         m = T.DistilBertModel(T.DistilBertConfig(vocab_size=500, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                                                  max_position_embeddings=64))
+    elif family == "gpt2":  # Conv1D layers, fused qkv, LM head tied to the token embedding
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                           use_cache=False))
+    elif family in ("llama", "llama_tied"):  # grouped-query attention (2 queries per key/value head), rotary, gated MLP, RMSNorm
+        m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                             tie_word_embeddings=family == "llama_tied", use_cache=False))
+        with torch.no_grad():  # RMSNorm weights away from 1, so that their slices are visible
+            for mod in m.modules():
+                if type(mod).__name__.endswith("RMSNorm"):
+                    mod.weight.uniform_(0.5, 1.5)
     elif family == "resnet":
         m = T.ResNetForImageClassification(T.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32],
                                                           depths=[2, 2], layer_type="basic", num_labels=5))

@@ -1,7 +1,8 @@
 """Model-family facts that tracing cannot see, in one place.
 
 Config keys for widths, head counts and layer counts (kept in sync with edits by ``sync_config``);
-head counts and head sizes read from the attention modules themselves (correct after non-uniform
+the module attributes that hold head counts and widths (``head_attribute_edits`` updates them when
+heads go); head counts and head sizes read from the attention modules themselves (correct after non-uniform
 head pruning, where the config can only hold the largest count); the ONNX Runtime transformer-optimizer
 type of each family that has been checked to fuse correctly; and sample-input defaults (vocabulary
 size, special token ids) taken from the model's tokenizer or config instead of BERT's.
@@ -14,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from modelpress.graph.edit import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
-
 if TYPE_CHECKING:
     from modelpress.graph.model_graph import ModelGraph
 
 HEAD_KEYS = ("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads")
+# grouped-query attention: key/value heads (each read by num_attention_heads / num_key_value_heads queries)
+KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
 MLP_KEYS = ("intermediate_size", "n_inner", "mlp_dim", "hidden_dim", "encoder_ffn_dim")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "dim", "d_model", "embed_dim")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers")
@@ -46,10 +47,15 @@ def sync_config(graph: ModelGraph) -> None:
     rows = block_widths(graph)
     per_layer: dict[str, list[int]] = {}
     heads = [r["heads"] for r in rows if "heads" in r]
+    kv_heads = [r.get("kv_heads", r["heads"]) for r in rows if "heads" in r]
     mlp = [r["mlp"] for r in rows if "mlp" in r]
     if heads:
         per_layer["num_attention_heads"] = heads
         _set_first(config, HEAD_KEYS, max(heads))
+        kv_key = next((k for k in KV_HEAD_KEYS if isinstance(getattr(config, k, None), int)), None)
+        if kv_key is not None:
+            per_layer["num_key_value_heads"] = kv_heads
+            setattr(config, kv_key, max(kv_heads))
     if mlp:
         per_layer["intermediate_size"] = mlp
         _set_first(config, MLP_KEYS, max(mlp))
@@ -105,15 +111,40 @@ def ort_model_type(module: nn.Module) -> str | None:
 
 # ------------------------------------------------------------------------------ attention facts
 
+# attributes that hold a head count, a key/value head count, the total attention width or one head's
+# width, as named across model families
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads", "num_attention_heads_per_partition")
+KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads_per_partition")
+HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim", "attn_dim")
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
+# projections of an attention module that keeps only its head size (Llama): heads = width / head size
+QUERY_PROJ_NAMES = ("q_proj", "query", "q_lin", "q")
+KEY_PROJ_NAMES = ("k_proj", "key", "k_lin", "k")
 
 
-def _head_count(mod: nn.Module) -> int | None:
-    for attr in HEAD_COUNT_ATTRS:
+def _int_attr(mod: nn.Module, names: tuple[str, ...]) -> int | None:
+    for attr in names:
         value = getattr(mod, attr, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def _heads_from_proj(mod: nn.Module, proj_names: tuple[str, ...]) -> int | None:
+    size = _int_attr(mod, HEAD_SIZE_ATTRS)
+    for name in proj_names:
+        proj = getattr(mod, name, None)
+        if size and isinstance(proj, nn.Linear) and proj.out_features % size == 0:
+            return proj.out_features // size
+    return None
+
+
+def _head_count(mod: nn.Module) -> int | None:
+    return _int_attr(mod, HEAD_COUNT_ATTRS) or _heads_from_proj(mod, QUERY_PROJ_NAMES)
+
+
+def _kv_head_count(mod: nn.Module) -> int | None:
+    return _int_attr(mod, KV_HEAD_COUNT_ATTRS) or _heads_from_proj(mod, KEY_PROJ_NAMES) or _head_count(mod)
 
 
 def attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -132,6 +163,69 @@ def _inside(child: str, parent: str) -> bool:
 def attention_heads(module: nn.Module) -> list[int]:
     """Heads per attention module, in model order, as the modules hold them after edits."""
     return [int(_head_count(m) or 0) for _, m in attention_modules(module)]
+
+
+def kv_heads(module: nn.Module) -> list[int]:
+    """Key/value heads per attention module, in model order (equal to the heads without grouped-query attention)."""
+    return [int(_kv_head_count(m) or 0) for _, m in attention_modules(module)]
+
+
+def head_attribute_edits(
+    root: nn.Module, scope: str, query: tuple[int, int], kv: tuple[int, int], head_dim: int
+) -> list[dict]:
+    """``setattr`` records that keep attention attributes right when heads go (tracing cannot see them).
+
+    ``query`` and ``kv`` are the (old, new) counts of query and key/value heads of the attention at
+    ``scope`` (equal under multi-head attention). Walks up from ``scope`` (at most two levels) to the
+    first module subtree holding a head-count or head-width attribute of the old value. Attributes that
+    depend on neither (``head_dim``, Llama's ``num_key_value_groups``: removing whole key/value groups
+    keeps the queries per key/value head) stay.
+    """
+    parts = scope.split(".") if scope else []
+    wanted = [
+        (HEAD_COUNT_ATTRS, query[0], query[1]),
+        (KV_HEAD_COUNT_ATTRS, kv[0], kv[1]),
+        (HEAD_WIDTH_ATTRS, query[0] * head_dim, query[1] * head_dim),
+    ]
+    edits: list[dict] = []
+    for depth in range(len(parts), -1, -1):
+        path = ".".join(parts[:depth])
+        base = root.get_submodule(path) if path else root
+        for sub_path, mod in base.named_modules():
+            full = f"{path}.{sub_path}".strip(".") if sub_path else path
+            for names, old, new in wanted:
+                for attr in names:
+                    value = getattr(mod, attr, None)
+                    if isinstance(value, int) and not isinstance(value, bool) and value == old:
+                        edits.append({"op": "setattr", "module": full, "attr": attr, "value": new})
+        if edits or depth <= max(0, len(parts) - 2):
+            return edits
+    return edits
+
+
+# attributes holding a block's position in its stack (decoders index their key/value cache by it)
+LAYER_INDEX_ATTRS = ("layer_idx", "layer_id", "layer_index")
+
+
+def layer_index_edits(root: nn.Module, container: str, deleted: int) -> list[dict]:
+    """``setattr`` records renumbering the layer indices of the blocks after a deleted one.
+
+    Item ``deleted`` of ``container`` is already gone: the item now at position k (k >= deleted) was
+    item k + 1, and its modules that held k + 1 as their layer index get k, so a key/value cache sized
+    by the remaining layers is indexed right.
+    """
+    items = root.get_submodule(container) if container else root
+    edits: list[dict] = []
+    for k, item in enumerate(items):
+        if k < deleted:
+            continue
+        for sub_path, mod in item.named_modules():
+            for attr in LAYER_INDEX_ATTRS:
+                value = getattr(mod, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value == k + 1:
+                    path = ".".join(p for p in (container, str(k), sub_path) if p)
+                    edits.append({"op": "setattr", "module": path, "attr": attr, "value": k})
+    return edits
 
 
 def head_sizes(module: nn.Module) -> list[int]:

@@ -8,13 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelpress.graph.adapters import head_attribute_edits
 from modelpress.graph.groups import Group, Slot
 
-# attributes that hold a head count or the total attention width, as named across model families
-HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads", "num_attention_heads_per_partition")
 # edit records that change only which original unit sits where (see modelpress.graph.lineage)
 LINEAGE_ONLY = ("remove_units", "permute")
-HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim", "attn_dim")
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -22,15 +20,25 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
 
 
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace parameter or buffer ``name`` (dotted) by ``value``, keeping its kind."""
+    """Replace parameter or buffer ``name`` (dotted) by ``value``, keeping its kind.
+
+    Every other name of the same tensor (tied weights: an input embedding shared with the LM head)
+    gets the new tensor too, so the tie survives the edit.
+    """
     mod_path, _, attr = name.rpartition(".")
     mod = get_submodule(root, mod_path)
     old = getattr(mod, attr)
     if isinstance(old, nn.Parameter):
-        setattr(mod, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+        new: torch.Tensor = nn.Parameter(value, requires_grad=old.requires_grad)
+        holders = [(m, a) for m in root.modules() for a, p in m._parameters.items() if p is old]
+        for m, a in holders or [(mod, attr)]:
+            setattr(m, a, new)
     else:
-        persistent = attr not in getattr(mod, "_non_persistent_buffers_set", set())
-        mod.register_buffer(attr, value, persistent=persistent)
+        holders = [(m, a) for m in root.modules() for a, b in m._buffers.items() if b is old]
+        holders = holders if isinstance(old, torch.Tensor) and holders else [(mod, attr)]
+        for m, a in holders:
+            persistent = a not in getattr(m, "_non_persistent_buffers_set", set())
+            m.register_buffer(a, value, persistent=persistent)
 
 
 def sync_module_attrs(root: nn.Module) -> None:
@@ -84,7 +92,14 @@ def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[d
     edits: list[dict] = []
     for group, units in plan:
         if group.kind == "head":
-            edits += _update_head_attrs(root, group, group.size, group.size - len(set(units)))
+            left = group.size - len(set(units))
+            edits += head_attribute_edits(
+                root,
+                group.scope,
+                query=(group.query_heads, left * group.heads_per_unit),
+                kv=(group.kv_heads, left * group.kv_heads_per_unit),
+                head_dim=group.head_dim(),
+            )
     state = dict(root.named_parameters())
     state.update(dict(root.named_buffers()))
     by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
@@ -123,33 +138,6 @@ def permute_units(root: nn.Module, group: Group, order: list[int] | np.ndarray) 
             for j, src in enumerate(order):
                 index[group.units[j][slot]] = group.units[int(src)][slot]
             set_tensor(root, param, t.index_select(axis, torch.as_tensor(index)).contiguous())
-
-
-def _update_head_attrs(root: nn.Module, group: Group, old: int, new: int) -> list[dict]:
-    """Adapter: attention modules keep their head count in an attribute that tracing cannot see."""
-    width = group.unit_width()
-    scope = group.scope
-    # walk up from the common scope until a module with a head-count attribute is found
-    parts = scope.split(".") if scope else []
-    edits: list[dict] = []
-    for depth in range(len(parts), -1, -1):
-        path = ".".join(parts[:depth])
-        base = get_submodule(root, path)
-        for sub_path, mod in base.named_modules():
-            full = f"{path}.{sub_path}".strip(".") if sub_path else path
-            for attr in HEAD_COUNT_ATTRS:
-                if isinstance(getattr(mod, attr, None), int) and getattr(mod, attr) == old and not isinstance(
-                    getattr(mod, attr), bool
-                ):
-                    edits.append({"op": "setattr", "module": full, "attr": attr, "value": new})
-            for attr in HEAD_WIDTH_ATTRS:
-                if isinstance(getattr(mod, attr, None), int) and getattr(mod, attr) == old * width:
-                    edits.append({"op": "setattr", "module": full, "attr": attr, "value": new * width})
-        if edits:
-            return edits
-        if depth <= max(0, len(parts) - 2):
-            break
-    return edits
 
 
 def delete_block(root: nn.Module, path: str) -> dict:

@@ -14,7 +14,6 @@ from modelpress.graph.labels import Propagation
 Slot = tuple[str, int]  # (parameter or buffer name, axis)
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM_TYPES = (nn.LayerNorm, nn.Embedding)
 
 
 @dataclass
@@ -22,8 +21,14 @@ class Group:
     """A set of interchangeable units; each unit is a set of parameter slices removed together.
 
     kind: "head" (attention heads), "mlp" (hidden units between two Linears), "embedding"
-    (residual-stream channels: embeddings, LayerNorms and every reader and writer), "conv"
+    (residual-stream channels: embeddings, LayerNorms/RMSNorms and every reader and writer), "conv"
     (conv output channels with their BatchNorm and readers) or "channel" (anything else).
+
+    A "head" unit is one key/value head with the query heads that read it: one query head under
+    multi-head attention, ``heads_per_unit`` query heads under grouped-query attention (meta
+    ``query_heads`` / ``kv_heads`` per unit, from the traced attention); multi-query attention (one
+    key/value head) is a single unit, so not prunable. A head is never split: there is no head-dim
+    group in any family (rotary tables are laid out per head_dim, so for rotary models it must stay so).
     """
 
     name: str
@@ -43,11 +48,38 @@ class Group:
         return sorted(self.units[0].keys()) if self.units else []
 
     def unit_width(self) -> int:
-        """Elements of one unit along a Linear/conv input axis (head dim for heads, 1 otherwise)."""
+        """Elements of one unit along a Linear/conv input axis (query heads x head dim for heads, 1 for MLPs)."""
         if not self.units:
             return 0
-        in_axes = [len(v) for (p, a), v in self.units[0].items() if a == 1 and p.endswith("weight")]
+        reads = self.meta.get("input_slots")
+        if reads is None:  # groups made before input axes were recorded: Linear layout [out, in]
+            reads = [(p, a) for p, a in self.units[0] if a == 1 and p.endswith("weight")]
+        in_axes = [len(v) for slot, v in self.units[0].items() if slot in reads]
         return max(in_axes) if in_axes else max(len(v) for v in self.units[0].values())
+
+    @property
+    def heads_per_unit(self) -> int:
+        """Query heads in one unit of a head group (1 under multi-head attention); 0 for other kinds."""
+        return int(self.meta.get("query_heads", 1)) if self.kind == "head" else 0
+
+    @property
+    def kv_heads_per_unit(self) -> int:
+        """Key/value heads in one unit of a head group (1 under multi-head and grouped-query attention)."""
+        return int(self.meta.get("kv_heads", 1)) if self.kind == "head" else 0
+
+    def head_dim(self) -> int:
+        """Width of one attention head (0 for groups that are not heads)."""
+        return self.unit_width() // self.heads_per_unit if self.kind == "head" else 0
+
+    @property
+    def query_heads(self) -> int:
+        """Query (attention) heads of the group: units x query heads per unit."""
+        return self.size * self.heads_per_unit
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the group: units x key/value heads per unit."""
+        return self.size * self.kv_heads_per_unit
 
     def describe(self) -> str:
         return f"{self.name} ({self.kind}, {self.size} units{'' if self.prunable else ', fixed: ' + self.reason})"
@@ -74,6 +106,10 @@ def build_groups(prop: Propagation, module: nn.Module) -> list[Group]:
 
     families: dict[tuple, list[dict[Slot, np.ndarray]]] = defaultdict(list)
     fam_flags: dict[tuple, tuple[bool, bool, bool]] = {}
+    fam_heads: dict[tuple, tuple[int, int]] = {}
+    query = prop.query_heads if prop.query_heads is not None else np.zeros(len(prop.roots), dtype=np.int64)
+    kv = prop.kv_heads if prop.kv_heads is not None else np.zeros(len(prop.roots), dtype=np.int64)
+    reads = {(s.param, s.axis) for s in prop.spaces if s.role == "in"}
     for comp in components:
         unit: dict[Slot, np.ndarray] = {}
         for si in np.unique(space_of[comp]):
@@ -85,6 +121,8 @@ def build_groups(prop: Propagation, module: nn.Module) -> list[Group]:
         flags = (bool(prop.pinned[comp[0]]), bool(prop.head_ids[comp[0]]), bool(prop.at_output[comp[0]]))
         prev = fam_flags.get(sig, (False, False, False))
         fam_flags[sig] = tuple(p or f for p, f in zip(prev, flags, strict=True))
+        q0, kv0 = fam_heads.get(sig, (0, 0))
+        fam_heads[sig] = (max(q0, int(query[comp[0]])), max(kv0, int(kv[comp[0]])))
 
     groups: list[Group] = []
     for sig, units in families.items():
@@ -95,6 +133,10 @@ def build_groups(prop: Propagation, module: nn.Module) -> list[Group]:
         scope = _common_scope([p for p, _ in slots])
         g = Group(name="", kind=kind, scope=scope, units=units)
         g.meta["at_output"] = at_output
+        g.meta["input_slots"] = [slot for slot in slots if slot in reads]
+        if kind == "head":
+            q, k = fam_heads[sig]
+            g.meta["query_heads"], g.meta["kv_heads"] = max(q, 1), max(k, 1)
         if pinned:
             g.prunable = False
             g.meta["fixed"] = True
@@ -158,7 +200,14 @@ def _classify(slots: list[Slot], head: bool, modules: dict[str, nn.Module]) -> s
     if head:
         return "head"
     owners = [(_owner(p, modules), p, a) for p, a in slots]
-    if any(isinstance(m, _NORM_TYPES) or type(m).__name__.endswith(("LayerNorm", "RMSNorm")) for m, _, _ in owners):
+    # an embedding's width (axis 1) or a norm's weight: the residual stream (an embedding's rows,
+    # addressed by token ids, are a vocabulary, not a width)
+    if any(
+        isinstance(m, nn.Embedding) and a == 1
+        or isinstance(m, nn.LayerNorm)
+        or type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+        for m, _, a in owners
+    ):
         return "embedding"
     if any(isinstance(m, _CONV_TYPES) and a == 0 and p.endswith("weight") for m, p, a in owners):
         return "conv"

@@ -7,6 +7,17 @@ applied to the label tensor itself, so index mappings through reshapes, fused qk
 concatenations come out exact without per-op bookkeeping. Ops that mix channels (linear, conv,
 norms, elementwise with two channel inputs, matmul contractions) union elements in a union-find.
 Attention batch axes (the head axis of q, k and v) couple whole slices: that is how heads appear.
+A key/value tensor with fewer heads than the queries (grouped-query attention, with or without an
+explicit repeat) couples key/value head j with the query heads that read it, so one unit is one
+key/value head together with its query heads; the propagation records how many query and key/value
+heads each such unit holds.
+
+Tied parameters (one tensor under two names, e.g. input embedding and LM head) are one parameter: every
+alias maps to the first name ``state`` lists for that tensor. Rows of an embedding table are addressed by
+token ids (a model input), so they are fixed if any other use gives them a channel space (a tied LM
+head's output rows). Rotary position tables (``cos``/``sin`` of position x frequency) carry no channels:
+their frequency buffer is fixed, and multiplying q and k by them couples nothing, so whole heads stay
+removable while ``head_dim`` is never cut (no group splits a head).
 """
 
 from __future__ import annotations
@@ -74,6 +85,7 @@ class Space:
     axis: int
     size: int
     start: int
+    role: str = ""  # "in": read (contracted) by a Linear/conv/matmul; "out": written by one
 
 
 @dataclass
@@ -86,6 +98,10 @@ class Propagation:
     at_output: np.ndarray  # bool per element: reaches a model output (editing changes the output width)
     head_ids: np.ndarray  # bool per element: coupled through an attention head axis
     opaque_ops: list[str] = field(default_factory=list)
+    # per element of a head component: query heads / key-value heads in that component (0 elsewhere);
+    # 1 / 1 for multi-head attention, n / 1 for grouped-query attention with n queries per key/value head
+    query_heads: np.ndarray | None = None
+    kv_heads: np.ndarray | None = None
 
 
     def without(self, drop: dict[tuple[str, int], np.ndarray]) -> Propagation:
@@ -102,7 +118,7 @@ class Propagation:
             if gone is not None and len(gone):
                 keep[s.start + np.asarray(gone, dtype=np.int64)] = False
             size = s.size - (0 if gone is None else len(np.unique(gone)))
-            spaces.append(Space(s.param, s.axis, size, start))
+            spaces.append(Space(s.param, s.axis, size, start, s.role))
             start += size
         if not keep[self.roots[keep]].all():
             raise ValueError("removed positions split a component; re-trace instead")
@@ -114,6 +130,8 @@ class Propagation:
             self.at_output[keep],
             self.head_ids[keep],
             list(self.opaque_ops),
+            None if self.query_heads is None else self.query_heads[keep],
+            None if self.kv_heads is None else self.kv_heads[keep],
         )
 
 
@@ -131,6 +149,8 @@ _SHAPE = {
     "expand", "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow", "movedim",
     "unflatten", "repeat", "expand_as", "view_as", "reshape_as", "swapaxes",
 }
+# periodic functions of positions (rotary tables): inputs pinned, output carries no channels
+_POSITIONAL = {"cos", "sin"}
 _REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod"}
 _POOL = {
     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool1d", "avg_pool1d",
@@ -160,6 +180,8 @@ class _Propagator:
     def __init__(self, exported: torch.export.ExportedProgram, state: dict[str, torch.Tensor]) -> None:
         self.ep = exported
         self.state = state
+        canonical: dict[int, str] = {}
+        self.alias = {name: canonical.setdefault(id(t), name) for name, t in state.items()}
         self.uf = UnionFind()
         self.spaces: list[Space] = []
         self.space_index: dict[tuple[str, int], int] = {}
@@ -167,15 +189,19 @@ class _Propagator:
         self.pinned: list[np.ndarray] = []
         self.pinned_out: list[np.ndarray] = []
         self.heads: list[np.ndarray] = []
+        # per coupling of an attention head axis: each query slice's element id and its key/value keys
+        self.head_events: list[tuple[np.ndarray, list[tuple[int, ...]]]] = []
+        self.tables: list[str] = []  # embedding tables (rows addressed by token ids)
         self.opaque: list[str] = []
         sig = exported.graph_signature
         self.param_of: dict[str, str] = {}
         self.param_of.update(sig.inputs_to_parameters)
         self.param_of.update(sig.inputs_to_buffers)
+        self.param_of = {node: self.alias.get(name, name) for node, name in self.param_of.items()}
         self.labels: dict[str, object] = {}
 
     # ----- element ids -----
-    def space(self, param: str, axis: int) -> np.ndarray:
+    def space(self, param: str, axis: int, role: str = "") -> np.ndarray:
         key = (param, axis)
         if key not in self.space_index:
             size = int(self.state[param].shape[axis])
@@ -184,6 +210,7 @@ class _Propagator:
             self.n += size
             self.uf.grow(self.n)
         s = self.spaces[self.space_index[key]]
+        s.role = s.role or role
         return np.arange(s.start, s.start + s.size, dtype=np.int64)
 
     def pin(self, label: object, output: bool = False) -> None:
@@ -247,9 +274,9 @@ class _Propagator:
             return None
         return first.numpy().copy()
 
-    def weight_space(self, node: object, axis: int) -> np.ndarray | None:
+    def weight_space(self, node: object, axis: int, role: str = "") -> np.ndarray | None:
         if isinstance(node, torch.fx.Node) and node.name in self.param_of:
-            return self.space(self.param_of[node.name], axis)
+            return self.space(self.param_of[node.name], axis, role)
         return None
 
     def bind_bias(self, bias: object, out_ids: np.ndarray) -> None:
@@ -301,6 +328,9 @@ class _Propagator:
             if node.op == "call_function" and not node.users and isinstance(node.meta.get("val"), torch.Tensor):
                 # dead end: its channels are used outside the traced output
                 self.pin(self.labels.get(node.name))
+        for table in self.tables:
+            if (table, 0) in self.space_index:
+                self.pinned.append(self.space(table, 0))
         roots = self.uf.roots()
         pinned = self._spread(self.pinned, roots)
         at_output = self._spread(self.pinned_out, roots)
@@ -308,7 +338,26 @@ class _Propagator:
         for ids in self.heads:
             head[ids] = True
         head = np.isin(roots, np.unique(roots[head])) if head.any() else head
-        return Propagation(self.spaces, roots, pinned, at_output, head, sorted(set(self.opaque)))
+        query, kv = self._head_counts(roots)
+        return Propagation(self.spaces, roots, pinned, at_output, head, sorted(set(self.opaque)), query, kv)
+
+    def _head_counts(self, roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per element: query heads and distinct key/value heads coupled into its component."""
+        query = np.zeros(self.n, dtype=np.int64)
+        kv = np.zeros(self.n, dtype=np.int64)
+        for reps, keys in self.head_events:
+            slices: dict[int, int] = {}
+            distinct: dict[int, set] = {}
+            for rep, key in zip(reps.tolist(), keys, strict=True):
+                if rep < 0:
+                    continue
+                r = int(roots[rep])
+                slices[r] = slices.get(r, 0) + 1
+                distinct.setdefault(r, set()).add(key)
+            for r, count in slices.items():
+                query[r] = max(query[r], count)
+                kv[r] = max(kv[r], len(distinct[r]))
+        return query[roots], kv[roots]
 
     def _spread(self, id_lists: list[np.ndarray], roots: np.ndarray) -> np.ndarray:
         mask = np.zeros(self.n, dtype=bool)
@@ -342,6 +391,8 @@ class _Propagator:
         if op == "scaled_dot_product_attention":
             return self.visit_sdpa(node)
         if op == "embedding":
+            if _is_param(self, args[0]):
+                self.tables.append(self.param_of[args[0].name])
             ids = self.weight_space(args[0], 1)
             out = self.full(node)
             if ids is None:
@@ -371,6 +422,10 @@ class _Propagator:
             return out if op in ("batch_norm", "instance_norm") else (out, None, None)
         if op in _SHAPE or op in ("cat", "stack"):
             return self.visit_shape(node, op)
+        if op in _POSITIONAL:
+            for a in node.all_input_nodes:
+                self.pin(self.arg_label_direct(a))
+            return self.full(node)
         if op in _PASS_THROUGH:
             x = self.arg_label(node, 0)
             if x is None:
@@ -408,8 +463,8 @@ class _Propagator:
         w = node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
         out = self.full(node)
-        w_out = self.weight_space(w, 0)
-        w_in = self.weight_space(w, 1)
+        w_out = self.weight_space(w, 0, "out")
+        w_in = self.weight_space(w, 1, "in")
         if w_out is None:  # weight is an activation: treat as x @ w.T
             wl = self.arg_label(node, 1)
             self.pin(x)
@@ -425,13 +480,13 @@ class _Propagator:
         bias = node.args[2] if len(node.args) > 2 else None
         groups = int(node.args[-1]) if isinstance(node.args[-1], int) else 1
         out = self.full(node)
-        w_out = self.weight_space(w, 0)
+        w_out = self.weight_space(w, 0, "out")
         if w_out is None:
             self.pin(x)
             return out
         w_param = self.state[self.param_of[w.name]]
         if groups == 1:
-            self.consume(x, 1, self.weight_space(w, 1))
+            self.consume(x, 1, self.weight_space(w, 1, "in"))
         elif w_param.shape[1] == 1 and groups == w_param.shape[0]:  # depthwise: in channel c -> out c
             self.consume(x, 1, w_out)
         else:  # grouped conv: channel structure we do not edit
@@ -443,27 +498,37 @@ class _Propagator:
         return torch.from_numpy(w_out).view(shape).expand(out.shape).clone()
 
     def couple_heads(self, operands: list[torch.Tensor], nbatch: int) -> dict[int, torch.Tensor] | None:
-        """Union whole slices along attention batch axes (heads); returns a representative label per axis."""
+        """Union whole slices along attention batch axes (heads); returns a representative label per axis.
+
+        ``operands[0]`` holds the queries (or attention weights), the others keys/values. An operand
+        with fewer heads than the axis (grouped-query attention) is read by consecutive query heads:
+        query head i reads its head ``i * heads // size``.
+        """
         reps: dict[int, torch.Tensor] = {}
         for axis in range(nbatch):
             sizes = {t.shape[axis] for t in operands if t.dim() > axis}
             size = max(sizes)
             if size <= 1:
                 continue
+            if any(size % s for s in sizes):
+                raise ValueError(f"attention head axes of sizes {sorted(sizes)} do not divide")
             varies = any(
-                t.shape[axis] == size and not bool((t.select(axis, 0) == t.select(axis, 1)).all())
+                t.shape[axis] > 1 and not bool((t.select(axis, 0) == t.select(axis, 1)).all())
                 for t in operands
             )
             if not varies:
                 continue
             rep = torch.full((size,), -1, dtype=torch.int64)
+            keys: list[tuple[int, ...]] = []
             for i in range(size):
-                ids = [t.select(axis, i if t.shape[axis] == size else 0).numpy() for t in operands]
+                ids = [t.select(axis, i * t.shape[axis] // size).numpy() for t in operands]
                 flat = np.concatenate([a.reshape(-1) for a in ids])
                 r = self.uf.union_all(flat)
+                keys.append(tuple(int(a[a >= 0].min()) if (a >= 0).any() else -1 for a in ids[1:]))
                 if r is not None:
                     rep[i] = r
                     self.heads.append(np.unique(flat[flat >= 0]))
+            self.head_events.append((rep.numpy().copy(), keys))
             reps[axis] = rep
         return reps
 
@@ -475,6 +540,7 @@ class _Propagator:
                 self.pin(t)
             return out
         q, k, v = self.canon(q), self.canon(k), self.canon(v)
+        k, v = _repeat_heads(k, q), _repeat_heads(v, q)  # grouped-query attention (enable_gqa)
         if not _constant(q, -2) or not _constant(k, -2):
             raise ValueError("attention inputs vary along the sequence axis")
         qd, kd = q.select(-2, 0).unsqueeze(-2), k.select(-2, 0).unsqueeze(-2)
@@ -491,8 +557,8 @@ class _Propagator:
         a = self.arg_label(node, ai) if not _is_param(self, a_node) else None
         b = self.arg_label(node, bi) if not _is_param(self, b_node) else None
         if _is_param(self, b_node):  # x @ W with W [in, out]
-            self.consume(a, -1, self.weight_space(b_node, 0))
-            w_out = self.weight_space(b_node, 1)
+            self.consume(a, -1, self.weight_space(b_node, 0, "in"))
+            w_out = self.weight_space(b_node, 1, "out")
             if op == "addmm":
                 self.bind_bias(node.args[0], w_out)
             return torch.from_numpy(w_out).expand(out.shape).clone()
@@ -577,6 +643,15 @@ class _Propagator:
             return self.param_label(a)
         lab = self.label_of(a)
         return lab if isinstance(lab, torch.Tensor) else None
+
+
+def _repeat_heads(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with each head repeated for the query heads that read it, on batch axes ``like`` has more of."""
+    for axis in range(min(t.dim(), like.dim()) - 2):
+        n, size = t.shape[axis], like.shape[axis]
+        if 1 < n < size and size % n == 0:
+            t = t.repeat_interleave(size // n, dim=axis)
+    return t
 
 
 def _constant(label: torch.Tensor, axis: int) -> bool:

@@ -14,6 +14,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.graph import edit as _edit
+from modelpress.graph.adapters import layer_index_edits
 from modelpress.graph.groups import Group, build_groups, without_units
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
@@ -148,8 +149,9 @@ class ModelGraph:
         if self._propagation is None:
             ep = self.program
             wrapper = self.wrapped()
-            state = dict(wrapper.named_parameters())
-            state.update(dict(wrapper.named_buffers()))
+            # every name of a tied tensor, so that each alias maps to the first (the one edits use)
+            state = dict(wrapper.named_parameters(remove_duplicate=False))
+            state.update(dict(wrapper.named_buffers(remove_duplicate=False)))
             prop = propagate(ep, state)
             for s in prop.spaces:
                 s.param = s.param[len(_WRAP) :] if s.param.startswith(_WRAP) else s.param
@@ -343,8 +345,11 @@ class ModelGraph:
 
         blocks = self.blocks
         record = _edit.delete_block(self.module, path)
-        self._log([record])
         container, _, idx = path.rpartition(".")
+        renumbered = layer_index_edits(self.module, container, int(idx))
+        for e in renumbered:
+            _edit.apply_edit(self.module, e)
+        self._log([record, *renumbered])
         # module names changed: re-trace on the next query, but the other blocks are known
         self.invalidate()
         self._blocks = [
@@ -411,6 +416,22 @@ def _scope_of(node: torch.fx.Node) -> str:
     return path[len(_WRAP) :] if path.startswith(_WRAP) else ("" if path == "module" else path)
 
 
+# ops that return their input's value (a dtype cast to the same dtype, an alias): a residual read
+# through one of them inside the block (Llama's RMSNorm casts its input first) still reads from before it
+_SAME_VALUE = ("aten.to.", "aten._to_copy.", "aten.alias.", "aten.clone.", "aten.contiguous.", "aten.detach.")
+
+
+def _source(node: torch.fx.Node) -> torch.fx.Node:
+    while (
+        node.op == "call_function"
+        and str(node.target).startswith(_SAME_VALUE)
+        and node.args
+        and isinstance(node.args[0], torch.fx.Node)
+    ):
+        node = node.args[0]
+    return node
+
+
 def _residual_scopes(ep: torch.export.ExportedProgram, paths: list[str]) -> list[str]:
     """Blocks with a skip connection: an add inside the block that reads a value computed before it."""
     out = []
@@ -422,7 +443,7 @@ def _residual_scopes(ep: torch.export.ExportedProgram, paths: list[str]) -> list
         for n in inside:
             if "add" not in str(n.target):
                 continue
-            tensor_args = [a for a in n.args if isinstance(a, torch.fx.Node)]
+            tensor_args = [_source(a) for a in n.args if isinstance(a, torch.fx.Node)]
             if len(tensor_args) == 2 and any(
                 a.name not in names and a.op == "call_function" or a.op == "placeholder" and "args" in a.name
                 for a in tensor_args

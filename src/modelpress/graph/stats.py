@@ -25,7 +25,7 @@ def count_macs(graph: ModelGraph, batch: int = 1, seq_len: int | None = None) ->
 
 
 def block_widths(graph: ModelGraph) -> list[dict]:
-    """Heads, head dim and MLP width of every removable block (in model order)."""
+    """Heads (query heads), key/value heads where fewer, head dim and MLP width of every removable block."""
     rows = []
     for b in graph.blocks:
         inside = [g for g in graph.groups if in_block(g.scope, b.path)]
@@ -34,8 +34,11 @@ def block_widths(graph: ModelGraph) -> list[dict]:
         convs = [g for g in inside if g.kind == "conv"]
         row = {"block": b.path, "type": b.type, "params": b.params}
         if heads:
-            row["heads"] = sum(g.size for g in heads)
-            row["head_dim"] = heads[0].unit_width()
+            row["heads"] = sum(g.query_heads for g in heads)
+            row["head_dim"] = heads[0].head_dim()
+            kv = sum(g.kv_heads for g in heads)
+            if kv != row["heads"]:  # grouped-query attention
+                row["kv_heads"] = kv
         if mlps:
             row["mlp"] = sum(g.size for g in mlps)
         if convs:
