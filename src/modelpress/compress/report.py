@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-QUALITY_KEYS = ("fidelity_mean", "fidelity_min", "spearman", "accuracy", "agreement")
+QUALITY_KEYS = ("fidelity_mean", "fidelity_min", "spearman", "accuracy", "agreement",
+                "next_token_kl", "top1_agreement", "perplexity")
+# how the language-model task's metrics read in the tables (the others: the key with spaces)
+QUALITY_LABELS = {"next_token_kl": "next-token KL (vs original)", "top1_agreement": "top-1 agreement",
+                  "perplexity": "perplexity (held-out text)"}
 
 
 def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -34,8 +38,8 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for key in QUALITY_KEYS:
             if key in qa:
                 before = qb.get(key)
-                rows.append((key.replace("_", " "), "-" if before is None else f"{before:.4f}", f"{qa[key]:.4f}",
-                             "-" if before is None else f"{qa[key] - before:+.4f}"))
+                rows.append((QUALITY_LABELS.get(key, key.replace("_", " ")), "-" if before is None else f"{before:.4f}",
+                             f"{qa[key]:.4f}", "-" if before is None else f"{qa[key] - before:+.4f}"))
     return rows
 
 
