@@ -114,6 +114,7 @@ def load_hf(path: Path) -> ModelGraph:
             "the weight file may be corrupted or truncated; re-download or re-save the checkpoint",
         ) from exc
     module.eval()
+    _without_cache(module)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         try:
@@ -122,6 +123,20 @@ def load_hf(path: Path) -> ModelGraph:
             tokenizer = None
     source = {"kind": "hf", "class": cls.__name__, "config": config.to_dict(), "path": str(path.resolve())}
     return ModelGraph(module, hf_input_spec(module, tokenizer), source, tokenizer=tokenizer, name=path.name)
+
+
+def _without_cache(module: nn.Module) -> nn.Module:
+    """Switch off the key-value cache of a Hugging Face decoder (``config.use_cache = False``).
+
+    modelpress runs whole sequences (calibration, evaluation, export) and never generates token by token;
+    with the cache on, every forward also builds and returns the cache (torch.export fails on GPT-2's
+    DynamicCache output, and the traced graph carries the cache's tensors). A saved model keeps the
+    setting; pass ``use_cache=True`` to ``generate`` to decode with a cache again.
+    """
+    config = getattr(module, "config", None)
+    if config is not None and getattr(config, "use_cache", None):
+        config.use_cache = False
+    return module
 
 
 def _hf_class(config: Any) -> type:
@@ -262,7 +277,7 @@ def build(source: dict, *, trust_pickle: bool = False) -> nn.Module:
 
         cls = getattr(transformers, source["class"])
         config = cls.config_class.from_dict(dict(source["config"]))
-        return cls(config).eval()
+        return _without_cache(cls(config).eval())
     if kind == "timm":
         import timm
 
