@@ -184,7 +184,9 @@ def hf_input_spec(module: nn.Module, tokenizer: Any = None) -> InputSpec:
     names = [n for n in TEXT_INPUTS if n in params]
     if "input_ids" not in names:
         raise ModelpressError(f"{type(module).__name__} takes neither input_ids nor pixel_values", "not supported yet")
-    if getattr(config, "type_vocab_size", 2) in (0, None) and "token_type_ids" in names:
+    # token types only where the config has a token-type embedding: GPT-2's forward takes token_type_ids
+    # but has none (it would add the embedding of token 0 to every position when fed zeros)
+    if getattr(config, "type_vocab_size", None) in (0, None) and "token_type_ids" in names:
         names.remove("token_type_ids")
     seq = min(128, getattr(config, "max_position_embeddings", 128) or 128)
     defaults = input_defaults(module, tokenizer)
