@@ -62,7 +62,7 @@ class Task:
         (distillation from the original model) and/or the batch's ``"labels"``."""
         raise ModelpressError(
             f"the {self.name or type(self).__name__} task has no training loss",
-            "train with a task that defines one (classification, embedding)",
+            "train with a task that defines one (classification, embedding, language-model)",
         )
 
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -515,7 +515,7 @@ TASKS: dict[str, type[Task]] = {"embedding": EmbeddingTask, "classification": Cl
 
 
 def task_for(kind: str) -> Task:
-    """The task called ``kind`` ("embedding" or "classification")."""
+    """The task called ``kind`` ("embedding", "classification" or "language-model")."""
     try:
         return TASKS[kind]()
     except KeyError:
