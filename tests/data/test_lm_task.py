@@ -55,24 +55,35 @@ def test_identical_model_has_zero_kl_full_agreement_and_equal_perplexity():
     ids = rng.integers(0, 50, size=(3, 6))
     mask = np.array([[1] * 6, [1] * 4 + [0] * 2, [0] * 2 + [1] * 4])  # right and left padding
     task = LanguageModelTask()
-    for kept in (task, LanguageModelTask(top_k=5, full_budget_bytes=0)):  # all log-probs, and top-k + tail
+    for kept in (task, LanguageModelTask(cache_bytes=0, chunk=2)):  # reference cached, and rerun
         m = kept.evaluate(_runner(logits), _runner(logits), _split(ids, mask))
         assert m["next_token_kl"] == 0.0
         assert m["top1_agreement"] == 1.0
         assert m["perplexity"] == pytest.approx(m["reference_perplexity"], rel=1e-12)
 
 
-def test_top_k_kl_is_a_lower_bound_of_the_exact_kl_and_agreement_is_exact():
+def test_reference_too_large_to_cache_is_rerun_with_the_same_metrics():
     rng = np.random.default_rng(1)
-    ref = rng.normal(size=(2, 5, 40)).astype(np.float32) * 2
+    ref = rng.normal(size=(5, 6, 40)).astype(np.float32) * 2
     cand = ref + rng.normal(size=ref.shape).astype(np.float32)
-    ids = rng.integers(0, 40, size=(2, 5))
+    ids = rng.integers(0, 40, size=(5, 6))
     split = _split(ids, np.ones_like(ids))
-    exact = LanguageModelTask().evaluate(_runner(cand), _runner(ref), split)
-    approx = LanguageModelTask(top_k=8, full_budget_bytes=0).evaluate(_runner(cand), _runner(ref), split)
-    assert 0.3 * exact["next_token_kl"] < approx["next_token_kl"] <= exact["next_token_kl"] + 1e-7
-    assert approx["top1_agreement"] == exact["top1_agreement"]
-    assert approx["perplexity"] == exact["perplexity"]
+    calls = []
+
+    def reference(batch):
+        calls.append(1)
+        return ref
+
+    cached = LanguageModelTask().reference_cache(reference, split)
+    rerun = LanguageModelTask(cache_bytes=0, chunk=2).reference_cache(reference, split)
+    assert isinstance(cached.detail, list) and callable(rerun.detail)
+    calls.clear()
+    exact = LanguageModelTask().evaluate(_runner(cand), None, split, reference_outputs=cached)
+    assert not calls
+    again = LanguageModelTask(cache_bytes=0, chunk=2).evaluate(_runner(cand), None, split, reference_outputs=rerun)
+    assert calls  # the reference ran again instead of being kept
+    assert again == pytest.approx(exact, rel=1e-9)
+    assert exact["next_token_kl"] > 0.05 and exact["top1_agreement"] < 1.0
 
 
 def test_padding_positions_do_not_change_the_metrics():
