@@ -158,3 +158,32 @@ def test_text_for_a_tokenizer_without_pad_token_pads_with_eos_and_masks_it():
     batch = split.batches[0]
     assert batch["input_ids"].tolist() == [[11, 12, 13], [14, 7, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_training_with_the_task_distils_a_perturbed_language_model():
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from modelpress.data import torch_runner
+    from modelpress.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32, use_cache=False)
+    teacher = transformers.GPT2LMHeadModel(cfg).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 100, (32, 12))
+    mask = torch.ones_like(ids)
+    mask[::2, 9:] = 0
+    split = DataSplit(batches=[{"input_ids": ids[i : i + 8], "attention_mask": mask[i : i + 8]} for i in range(0, 32, 8)])
+    names = ["input_ids", "attention_mask"]
+    task = LanguageModelTask()
+
+    def kl() -> float:
+        return task.evaluate(torch_runner(student, names), torch_runner(teacher, names), split)["next_token_kl"]
+
+    before = kl()
+    train(student, split, task=task, teacher=teacher, config=TrainConfig(steps=60, lr=3e-3), input_names=names)
+    assert kl() < 0.3 * before
