@@ -265,8 +265,9 @@ class LanguageModelTask(Task):
     [N, S, V] fits in ``cache_bytes`` (256 MiB: e.g. 200 sentences x 32 tokens x 10k vocabulary); a larger
     split (GPT-2's 50k vocabulary) keeps only the reference runner, and every evaluation runs the reference
     again batch by batch: one more forward of the original model per evaluation, for exact KL at about two
-    batches of logits of memory (truncating to the reference's top-k tokens was rejected: on flat
-    distributions it underestimated KL fifty-fold).
+    batches of logits of memory (measured: 200 samples x 40 tokens x 50257, 130 MB above the logits).
+    Keeping only the reference's top 64 tokens and the rest as one bucket was tried and rejected: on flat
+    50k-vocabulary distributions it underestimated KL 46-fold.
     """
 
     name: ClassVar[str] = "language-model"
