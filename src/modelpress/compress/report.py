@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-QUALITY_KEYS = ("fidelity_mean", "fidelity_min", "spearman", "accuracy", "agreement")
+QUALITY_KEYS = ("fidelity_mean", "fidelity_min", "spearman", "accuracy", "agreement",
+                "next_token_kl", "top1_agreement", "perplexity")
+# how the language-model task's metrics read in the tables (the others: the key with spaces)
+QUALITY_LABELS = {"next_token_kl": "next-token KL (vs original)", "top1_agreement": "top-1 agreement",
+                  "perplexity": "perplexity (held-out text)"}
+# KL of a good int8 model is far below 1e-4: shown with significant digits, not four decimals
+QUALITY_FORMATS = {"next_token_kl": ".3e", "perplexity": ".4g"}
 
 
 def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -34,8 +40,10 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for key in QUALITY_KEYS:
             if key in qa:
                 before = qb.get(key)
-                rows.append((key.replace("_", " "), "-" if before is None else f"{before:.4f}", f"{qa[key]:.4f}",
-                             "-" if before is None else f"{qa[key] - before:+.4f}"))
+                fmt = QUALITY_FORMATS.get(key, ".4f")
+                rows.append((QUALITY_LABELS.get(key, key.replace("_", " ")),
+                             "-" if before is None else format(before, fmt), format(qa[key], fmt),
+                             "-" if before is None else format(qa[key] - before, "+" + fmt)))
     return rows
 
 

@@ -7,6 +7,7 @@ from modelpress.data.sources import DataSplit, TaskData, load_data, packaged_sen
 from modelpress.data.tasks import (
     ClassificationTask,
     EmbeddingTask,
+    LanguageModelTask,
     ReferenceOutputs,
     Task,
     infer_task,
@@ -18,6 +19,7 @@ __all__ = [
     "ClassificationTask",
     "DataSplit",
     "EmbeddingTask",
+    "LanguageModelTask",
     "ReferenceOutputs",
     "Runner",
     "Task",

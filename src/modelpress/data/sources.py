@@ -473,15 +473,13 @@ def _text_split(
         )
     batches = []
     for start in range(0, len(lines), batch_size):
-        enc = dict(
-            tokenizer(
-                lines[start : start + batch_size],
-                padding="longest",
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
+        chunk = lines[start : start + batch_size]
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            enc = _pad_without_pad_token(tokenizer, chunk, max_length)
+        else:
+            enc = dict(
+                tokenizer(chunk, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
             )
-        )
         if "input_ids" not in enc:
             raise ModelpressError(
                 f"the tokenizer produced {sorted(enc)}, without input_ids",
@@ -491,6 +489,24 @@ def _text_split(
         batch.setdefault("input_ids", torch.as_tensor(enc["input_ids"]).to(torch.int64))
         batches.append(_complete_text_inputs(batch, input_spec))
     return DataSplit(batches=batches)
+
+
+def _pad_without_pad_token(tokenizer: Any, lines: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize ``lines`` with a tokenizer that has no pad token (GPT-2's, Llama's) and pad them here, on the
+    right, with the eos token (else id 0); ``attention_mask`` marks the padding, so models and the
+    language-model task ignore it. The tokenizer itself is left unchanged (it is saved with the model)."""
+    enc = tokenizer(lines, truncation=True, max_length=max_length)
+    rows = [list(ids) for ids in enc["input_ids"]]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else 0
+    width = max((len(r) for r in rows), default=0)
+    out: dict[str, torch.Tensor] = {}
+    for key, values in enc.items():
+        fill = pad if key == "input_ids" else 0
+        if isinstance(values, list) and all(isinstance(v, list) for v in values):
+            out[key] = torch.tensor([list(v) + [fill] * (width - len(v)) for v in values], dtype=torch.int64)
+    out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64)
+    return out
 
 
 def _array_split(arrays: dict[str, np.ndarray], labels: np.ndarray | None, batch_size: int) -> DataSplit:

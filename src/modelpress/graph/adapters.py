@@ -241,13 +241,19 @@ def head_sizes(module: nn.Module) -> list[int]:
     return sizes
 
 
+def is_transposed_linear(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a linear layer storing its weight as [in, out] (transformers' ``Conv1D``, used by
+    GPT-2 and its relatives): ``x @ weight + bias``, an ``nn.Linear`` with the weight transposed."""
+    w = getattr(mod, "weight", None)
+    return type(mod).__name__ == "Conv1D" and isinstance(w, nn.Parameter) and w.dim() == 2
+
+
 def _input_width(mod: nn.Module) -> int | None:
     for sub in mod.modules():
         if isinstance(sub, nn.Linear):
             return int(sub.in_features)
-        w = getattr(sub, "weight", None)
-        if type(sub).__name__ == "Conv1D" and w is not None and w.dim() == 2:  # GPT-2's [in, out] linear
-            return int(w.shape[0])
+        if is_transposed_linear(sub):  # GPT-2's [in, out] linear
+            return int(sub.weight.shape[0])
     return None
 
 

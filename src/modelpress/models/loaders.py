@@ -114,6 +114,7 @@ def load_hf(path: Path) -> ModelGraph:
             "the weight file may be corrupted or truncated; re-download or re-save the checkpoint",
         ) from exc
     module.eval()
+    _without_cache(module)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         try:
@@ -122,6 +123,20 @@ def load_hf(path: Path) -> ModelGraph:
             tokenizer = None
     source = {"kind": "hf", "class": cls.__name__, "config": config.to_dict(), "path": str(path.resolve())}
     return ModelGraph(module, hf_input_spec(module, tokenizer), source, tokenizer=tokenizer, name=path.name)
+
+
+def _without_cache(module: nn.Module) -> nn.Module:
+    """Switch off the key-value cache of a Hugging Face decoder (``config.use_cache = False``).
+
+    modelpress runs whole sequences (calibration, evaluation, export) and never generates token by token;
+    with the cache on, every forward also builds and returns the cache (torch.export fails on GPT-2's
+    DynamicCache output, and the traced graph carries the cache's tensors). A saved model keeps the
+    setting; pass ``use_cache=True`` to ``generate`` to decode with a cache again.
+    """
+    config = getattr(module, "config", None)
+    if config is not None and getattr(config, "use_cache", None):
+        config.use_cache = False
+    return module
 
 
 def _hf_class(config: Any) -> type:
@@ -169,7 +184,9 @@ def hf_input_spec(module: nn.Module, tokenizer: Any = None) -> InputSpec:
     names = [n for n in TEXT_INPUTS if n in params]
     if "input_ids" not in names:
         raise ModelpressError(f"{type(module).__name__} takes neither input_ids nor pixel_values", "not supported yet")
-    if getattr(config, "type_vocab_size", 2) in (0, None) and "token_type_ids" in names:
+    # token types only where the config has a token-type embedding: GPT-2's forward takes token_type_ids
+    # but has none (it would add the embedding of token 0 to every position when fed zeros)
+    if getattr(config, "type_vocab_size", None) in (0, None) and "token_type_ids" in names:
         names.remove("token_type_ids")
     seq = min(128, getattr(config, "max_position_embeddings", 128) or 128)
     defaults = input_defaults(module, tokenizer)
@@ -262,7 +279,7 @@ def build(source: dict, *, trust_pickle: bool = False) -> nn.Module:
 
         cls = getattr(transformers, source["class"])
         config = cls.config_class.from_dict(dict(source["config"]))
-        return cls(config).eval()
+        return _without_cache(cls(config).eval())
     if kind == "timm":
         import timm
 

@@ -1,4 +1,4 @@
-"""Fake-quant wrappers (Linear, Conv2d, attention matmuls), policy-driven wrapping and calibration.
+"""Fake-quant wrappers (Linear and GPT-2's transposed Conv1D, Conv2d, attention matmuls), policy-driven wrapping and calibration.
 
 ``wrap_model(model, policy, config)`` replaces each quantizable layer in place by a wrapper that keeps the
 original parameters and adds a weight quantizer (symmetric, per output channel) and an input-activation
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.graph.adapters import is_transposed_linear
 from modelpress.graph.run import call_module, eval_mode
 from modelpress.quantize import hf_attention
 from modelpress.quantize.observers import calibrate_weight, make_observer
@@ -72,19 +73,28 @@ class QuantLinear(nn.Module):
     ``input_scale``/``input_shift`` (optional buffers) apply ``x * input_scale + input_shift`` per input
     channel before the input quantizer: the consumer-side form of scale reparameterization, used where a
     norm's output is also read by something other than its consumer Linears (post-norm residuals).
+
+    A transposed linear (transformers' ``Conv1D`` in GPT-2, weight [in, out]) is wrapped too: its weight
+    is taken over as an [out, in] copy, so everything downstream (reparameterization, GPTQ, QDQ export,
+    the saved state) sees one layout; the wrapper's state-dict weight is then [out, in].
     """
 
     def __init__(
         self,
-        linear: nn.Linear,
+        linear: nn.Module,
         w_bits: int | None = 8,
         a_bits: int | None = 8,
         weight_reduce_range: bool = False,
         act_symmetric: bool = False,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
+        if is_transposed_linear(linear):
+            weight = linear.weight
+            self.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+            self.in_features, self.out_features = int(weight.shape[0]), int(weight.shape[1])
+        else:
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.weight = linear.weight
         self.bias = linear.bias
         self.weight_quantizer, self.input_quantizer = layer_quantizers(
             w_bits, a_bits, weight_reduce_range, act_symmetric
@@ -220,12 +230,13 @@ def wrap_model(
         if id(m) in wrappers:
             _set_submodule(model, name, wrappers[id(m)])
             continue
-        if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d):
+        linear = isinstance(m, nn.Linear) or is_transposed_linear(m)
+        if linear or isinstance(m, nn.Conv2d):
             spec = policy.spec(name)
             if spec.is_float:
                 applied[name] = spec
                 continue
-            cls = QuantLinear if isinstance(m, nn.Linear) else QuantConv2d
+            cls = QuantLinear if linear else QuantConv2d
             wrapped = cls(
                 m,
                 spec.w_bits,
