@@ -130,3 +130,36 @@ def test_compress_a_saved_albert_through_the_cli(tmp_path: Path, capsys):
     assert report["export"]["compressed"]["verification"]["ok"]
     assert f"{LAYER}.full_layer_layer_norm" in report["passes"][0]["reparam_refused"]
     assert report["quality"]["after"]["fidelity_mean"] > 0.99
+
+
+def test_a_head_tied_to_the_embedding_is_quantized_without_changing_the_embedding(tmp_path: Path):
+    """GPT-2's LM head holds the token embedding's tensor: folding and GPTQ rewrite the head's weight,
+    which must not change the embedding (quality lost for nothing); save/reload keeps both."""
+    from modelpress.models.saving import load_saved, save
+    from modelpress.passes import Context
+    from modelpress.quantize.passes import RepQPass
+    from tests.graph.models_zoo import build
+
+    graph = build("gpt2")
+    embedding = graph.module.transformer.wte.weight.detach().clone()
+    assert graph.module.lm_head.weight is graph.module.transformer.wte.weight
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 1000, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(2)]
+
+    class Split:
+        pass
+
+    split = Split()
+    split.batches = batches
+    ctx = Context(workdir=tmp_path, data=type("D", (), {"calibration": split, "evaluation": None})())
+    out = RepQPass({"samples": 8, "auto_channel": 0}).apply(graph, ctx).graph
+    head = out.module.lm_head
+    assert isinstance(head, QuantLinear) and head.own_weight
+    assert torch.equal(out.module.transformer.wte.weight, embedding)  # untouched
+    assert not torch.equal(head.weight, embedding)  # the head was rewritten (GPTQ / folding) in its own copy
+    reloaded = load_saved(save(out, tmp_path / "saved"))
+    inputs = {"input_ids": batches[0]["input_ids"], "attention_mask": batches[0]["attention_mask"]}
+    with torch.no_grad():
+        assert torch.allclose(reloaded.module(**inputs).logits, out.module(**inputs).logits, atol=1e-5)
+    assert torch.equal(reloaded.module.transformer.wte.weight, embedding)

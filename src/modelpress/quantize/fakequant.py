@@ -9,6 +9,7 @@ batches with every activation quantizer observing, then sets their scales.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,15 +87,19 @@ class QuantLinear(nn.Module):
         a_bits: int | None = 8,
         weight_reduce_range: bool = False,
         act_symmetric: bool = False,
+        own_weight: bool = False,
     ) -> None:
         super().__init__()
+        self.own_weight = own_weight
         if is_transposed_linear(linear):
             weight = linear.weight
             self.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
             self.in_features, self.out_features = int(weight.shape[0]), int(weight.shape[1])
         else:
             self.in_features, self.out_features = linear.in_features, linear.out_features
-            self.weight = linear.weight
+            # a weight tied to another module (an LM head tied to the input embedding) is copied: scale
+            # folding and GPTQ rewrite this layer's weight and must not change the embedding
+            self.weight = nn.Parameter(linear.weight.detach().clone()) if own_weight else linear.weight
         self.bias = linear.bias
         self.weight_quantizer, self.input_quantizer = layer_quantizers(
             w_bits, a_bits, weight_reduce_range, act_symmetric
@@ -226,6 +231,7 @@ def wrap_model(
     applied: dict[str, LayerSpec] = {}
     # a module registered under several names (shared weights) gets one wrapper, seen by every parent
     wrappers: dict[int, nn.Module] = {}
+    holders = Counter(id(p) for mod in model.modules() for p in mod.parameters(recurse=False))
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if id(m) in wrappers:
             _set_submodule(model, name, wrappers[id(m)])
@@ -236,6 +242,8 @@ def wrap_model(
             if spec.is_float:
                 applied[name] = spec
                 continue
+            tied = linear and not is_transposed_linear(m) and holders[id(m.weight)] > 1
+            kwargs = {"own_weight": True} if tied else {}
             cls = QuantLinear if linear else QuantConv2d
             wrapped = cls(
                 m,
@@ -243,6 +251,7 @@ def wrap_model(
                 spec.a_bits,
                 weight_reduce_range=config.weight_reduce_range,
                 act_symmetric=config.symmetric_activations,
+                **kwargs,
             )
             if wrapped.weight_quantizer is not None:
                 calibrate_weight(wrapped.weight_quantizer, wrapped.weight.detach(), config.weight_observer)

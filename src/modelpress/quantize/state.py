@@ -63,6 +63,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
             "input_transform": isinstance(m, QuantLinear) and m.input_scale is not None,
             "channel_params": isinstance(iq, UniformQuantizer) and iq.channel_scale is not None,
             "bias": m.bias is not None,
+            "own_weight": bool(getattr(m, "own_weight", False)),
         }
         if iq is not None and id(iq) not in owner:
             owner[id(iq)] = name
@@ -84,7 +85,7 @@ def rebuild(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
             continue
         base = model.get_submodule(name)
         cls = QuantLinear if e["type"] == "linear" else QuantConv2d
-        m = cls(base, None, None)
+        m = cls(base, None, None, own_weight=True) if e.get("own_weight") else cls(base, None, None)
         m.weight_quantizer = _make(e["weight"])
         if e["input_shared_with"] is not None:
             m.input_quantizer = built[e["input_shared_with"]].input_quantizer
