@@ -130,3 +130,23 @@ def test_inputs_the_model_does_not_take_are_left_out(tiny_bert_onnx):
     stats = report.stats("bert", 1)
     assert stats.median_ms > 0 and stats.peak_memory_mb is not None
     assert report.variants["bert"].memory_error is None
+
+
+def test_sequence_lengths_are_capped_at_the_model_positions(tmp_path):
+    """A target measuring at 128 tokens must not crash a model with a 32-position table: it runs at 32."""
+    import transformers
+
+    from modelpress.models.loaders import hf_input_spec
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()
+    spec = hf_input_spec(model)
+    assert spec.max_seq_len == 32 and spec.default_seq_len == 32
+    assert InputSpec.from_dict(spec.to_dict()).max_seq_len == 32
+    path = tmp_path / "short.onnx"
+    export_onnx(model, spec, path, optimize="none")
+    report = measure({"m": path}, spec, get_target("ort-cpu", threads=1), rounds=1, runs=2, min_time_s=0.0,
+                     batch_sizes=[1], seq_lens=[16, 128], memory=False)
+    assert [(s.batch, s.seq_len) for s in report.variants["m"].shapes] == [(1, 16), (1, 32)]

@@ -210,7 +210,8 @@ def write_json_atomic(path: os.PathLike | str, data: Any) -> Path:
 
 def _shapes(input_spec: InputSpec, batch_sizes: list[int], seq_lens: list[int] | None) -> list[tuple]:
     if input_spec.kind == "text":
-        seqs = list(seq_lens) if seq_lens else [input_spec.default_seq_len]
+        # a target's sequence lengths, capped at what the model takes (no 128 on a 64-position model)
+        seqs = sorted({input_spec.fit_seq_len(s) for s in (seq_lens or [input_spec.default_seq_len])})
         return sorted(((b, s) for b in batch_sizes for s in seqs), key=lambda bs: (bs[0] * bs[1], bs))
     return [(b, None) for b in sorted(set(batch_sizes))]
 

@@ -147,8 +147,8 @@ def infer_model_type(module: nn.Module) -> str | None:
 def default_batches(input_spec: InputSpec) -> list[dict[str, np.ndarray]]:
     """Sample inputs for verification: batch 2; for text two sequence lengths, one sample padded."""
     if input_spec.kind == "text":
-        a = input_spec.make(2, 16, seed=1)
-        b = input_spec.make(2, 37, seed=2)
+        a = input_spec.make(2, input_spec.fit_seq_len(16), seed=1)
+        b = input_spec.make(2, input_spec.fit_seq_len(37), seed=2)
         if "attention_mask" in b:
             b["attention_mask"][1, -9:] = 0
         return [a, b]

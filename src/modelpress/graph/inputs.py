@@ -32,6 +32,11 @@ class InputSpec:
     default_seq_len: int = 128
     dtypes: dict[str, str] = field(default_factory=dict)
     special_ids: dict[str, int] = field(default_factory=dict)
+    max_seq_len: int | None = None  # the longest sequence the model takes (position table), None: unknown
+
+    def fit_seq_len(self, seq_len: int) -> int:
+        """``seq_len`` capped at what the model takes (a target's 128 on a model with 64 positions)."""
+        return seq_len if self.max_seq_len is None else min(seq_len, self.max_seq_len)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         if self.kind == "text":
@@ -68,6 +73,7 @@ class InputSpec:
             "vocab_size": self.vocab_size,
             "default_seq_len": self.default_seq_len,
             "special_ids": dict(self.special_ids),
+            "max_seq_len": self.max_seq_len,
         }
 
     @classmethod
@@ -79,5 +85,6 @@ class InputSpec:
             vocab_size=int(d.get("vocab_size", FALLBACK_VOCAB_SIZE)),
             default_seq_len=int(d.get("default_seq_len", 128)),
             special_ids={str(k): int(v) for k, v in d.get("special_ids", {}).items()},
+            max_seq_len=d.get("max_seq_len"),
         )
 

@@ -188,10 +188,12 @@ def hf_input_spec(module: nn.Module, tokenizer: Any = None) -> InputSpec:
     # but has none (it would add the embedding of token 0 to every position when fed zeros)
     if getattr(config, "type_vocab_size", None) in (0, None) and "token_type_ids" in names:
         names.remove("token_type_ids")
-    seq = min(128, getattr(config, "max_position_embeddings", 128) or 128)
+    positions = getattr(config, "max_position_embeddings", None)
+    positions = positions if isinstance(positions, int) and positions > 0 else None
+    seq = min(128, positions or 128)
     defaults = input_defaults(module, tokenizer)
     return InputSpec("text", names, vocab_size=defaults.vocab_size, default_seq_len=seq,
-                     special_ids=defaults.special_ids)
+                     special_ids=defaults.special_ids, max_seq_len=positions)
 
 
 def load_timm(spec: str) -> ModelGraph:
