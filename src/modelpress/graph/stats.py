@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from modelpress.graph.adapters import is_transposed_linear
+
 if TYPE_CHECKING:
     from modelpress.graph.model_graph import ModelGraph
 
@@ -72,7 +74,8 @@ def summarize(graph: ModelGraph) -> dict:
 
 
 def norm_consumers(graph: ModelGraph) -> list[tuple[str, list[str], bool]]:
-    """LayerNorm -> Linear consumers, found in the traced aten graph (through dropout/view-like ops)."""
+    """LayerNorm -> Linear consumers (transposed linears such as GPT-2's Conv1D included), found in the
+    traced aten graph (through dropout/view-like ops)."""
     ep = graph.program
     sig = ep.graph_signature
     params = dict(sig.inputs_to_parameters)
@@ -86,15 +89,23 @@ def norm_consumers(graph: ModelGraph) -> list[tuple[str, list[str], bool]]:
         ln = params[node.args[2].name].rsplit(".", 1)[0]
         linears: list[str] = []
         other = False
-        stack = list(node.users)
+        stack = [(user, node) for user in node.users]
         while stack:
-            user = stack.pop()
+            user, src = stack.pop()
             name = str(getattr(user.target, "overloadpacket", user.target)).split(".")[-1]
             if name in _FOLLOW or "getitem" in name:
-                stack.extend(user.users)
+                stack.extend((u, user) for u in user.users)
             elif name == "linear" and getattr(user.args[1], "name", None) in params:
                 lin = params[user.args[1].name].rsplit(".", 1)[0]
                 if isinstance(modules.get(lin), nn.Linear):
+                    linears.append(lin.removeprefix("module."))
+                else:
+                    other = True
+            elif name == "addmm" and len(user.args) >= 3 and user.args[1] is src and (
+                getattr(user.args[2], "name", None) in params
+            ):  # a transposed linear (GPT-2's Conv1D): addmm(bias, x, weight[in, out])
+                lin = params[user.args[2].name].rsplit(".", 1)[0]
+                if is_transposed_linear(modules.get(lin)):
                     linears.append(lin.removeprefix("module."))
                 else:
                     other = True
