@@ -14,8 +14,9 @@ from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context, Exporter, as_graph_list
 
-# below this mean cosine to the original, the report warns that the compressed model drifted far
-LOW_FIDELITY = 0.95
+# below these agreements with the original, the report warns that the compressed model drifted far:
+# mean embedding cosine (encoders), next-token top-1 agreement (language models)
+LOW_QUALITY = {"fidelity_mean": 0.95, "top1_agreement": 0.9}
 
 
 @dataclass
@@ -136,8 +137,11 @@ class Pipeline:
         quality = {"before": before, "after": after, "samples": len(ctx.evaluation)}
         if simulated is not None:
             quality["torch_simulation"] = sim
-        if after.get("fidelity_mean", 1.0) < LOW_FIDELITY:
-            ctx.reporter.log(f"[yellow]warning[/yellow]: fidelity {after['fidelity_mean']:.3f} is low")
+        low = [f"{key} {after[key]:.3f} (below {floor})" for key, floor in LOW_QUALITY.items()
+               if key in after and after[key] < floor]
+        if low:
+            quality["warning"] = f"the compressed model drifted far from the original: {', '.join(low)}"
+            ctx.reporter.log(f"[yellow]warning[/yellow]: {quality['warning']}")
         return {"quality": quality}
 
     def _measure(self, graph: ModelGraph, base: Path, final: Path, ctx: Context) -> dict:

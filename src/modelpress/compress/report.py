@@ -108,6 +108,12 @@ def review(report: dict[str, Any]) -> dict[str, list[str]]:
                                                                ": try --recipe fp32 or --recipe prune-magnitude"))
         else:
             suggestions.append("try --recipe int8 (INT8 weights) or larger pruning ratios")
+    drift = (report.get("quality") or {}).get("warning")
+    if drift:
+        warnings.append(drift)
+        suggestions.append("keep more of the model: smaller pruning ratios, or a recipe that keeps sensitive layers "
+                           "in float (quantize.repq auto_float)" if quantized else
+                           "keep more of the model: smaller pruning ratios, or recover with distillation")
     return {"warnings": warnings, "suggestions": list(dict.fromkeys(suggestions))}
 
 
