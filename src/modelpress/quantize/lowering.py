@@ -27,6 +27,17 @@ from modelpress.errors import ModelpressError
 
 # a QDQ export vs its torch fake-quant model: integer codes match until a rounding tie, then drift slightly
 QDQ_MIN_COSINE = 0.99
+# outputs this small (e.g. random-init weights whose signal vanishes through the stages) are float rounding
+# noise: their cosine says nothing, so they are compared on absolute error instead
+VANISHING_OUTPUT = 1e-6
+
+
+def agrees(check: dict) -> bool:
+    """Whether a ``verify_qdq`` result counts as the same model (cosine; absolute error for vanishing outputs)."""
+    if check["min_cosine"] >= QDQ_MIN_COSINE:
+        return True
+    ref = check.get("reference_max_abs")
+    return ref is not None and ref < VANISHING_OUTPUT and check["max_abs_error"] < VANISHING_OUTPUT
 
 
 @dataclass
@@ -77,15 +88,20 @@ def export_quantized(graph: Any, path: Path, ctx: Any) -> QuantizedExport:
     with ctx.reporter.step("exporting the quantized model to QDQ ONNX"):
         for form in forms:
             check = tried[form] = export(form)
-            if check["min_cosine"] >= QDQ_MIN_COSINE:
+            if agrees(check):
                 break
-        if check["min_cosine"] < QDQ_MIN_COSINE:
+        if not agrees(check):
             first = check["min_cosine"]
             check, fallback = _float_fallback(graph, example, batches, form, flavour, export)
             fallback = [{**f, "model_cosine_before": first} for f in fallback]
             tried[form] = check
         kernels = ort_kernels(path, workdir=path.parent)
-    if check["min_cosine"] < QDQ_MIN_COSINE:
+    if check["min_cosine"] < QDQ_MIN_COSINE and agrees(check):
+        check["vanishing_output"] = True
+        ctx.reporter.log(f"[yellow]warning[/yellow]: the model's outputs vanish (max |output| "
+                         f"{check['reference_max_abs']:.1e}): the INT8 export was checked on absolute error, not "
+                         "cosine; random-init weights? the quality numbers of such a model mean little")
+    if not agrees(check):
         raise ModelpressError(
             f"the INT8 ONNX export disagrees with the quantized torch model (cosine {check['min_cosine']:.4f}), "
             "even with the layers at fault kept float",
@@ -127,15 +143,15 @@ def _float_fallback(
     if found:
         keep_float(graph.module, [f["layer"] for f in found])
         check = export(form)
-        if check["min_cosine"] >= QDQ_MIN_COSINE:
+        if agrees(check):
             return check, found
     last: dict = {}
 
-    def agrees() -> bool:
+    def exported_agrees() -> bool:
         last["check"] = export(form)
-        return last["check"]["min_cosine"] >= QDQ_MIN_COSINE
+        return agrees(last["check"])
 
-    prefix = bisect_layers(graph.module, agrees)
+    prefix = bisect_layers(graph.module, exported_agrees)
     if prefix is None:
         return (check or last["check"]), found
     check = export(form)  # the file on disk must be the agreeing one
