@@ -173,7 +173,7 @@ def _size(path: Path) -> int:
 def _export_info(result: Any) -> dict:
     info = {}
     keys = ("optimization", "candidates", "file_size_bytes", "export_seconds", "kernels", "integer_kernels",
-            "log_export")
+            "log_export", "float_fallback")
     for key in keys:
         if hasattr(result, key):
             info[key] = getattr(result, key)

@@ -7,6 +7,13 @@ quantizer, so a float rounding tie can flip one integer code and the difference 
 Log2 / log-sqrt2 probability quantizers have no QDQ form: they export as 8-bit uniform QDQ (the nearest
 form with integer kernels) unless that strays from the torch simulation, then as an exact float-op
 simulation; the choice and both checks go into the report.
+
+Where the export still disagrees, the layers at fault are kept float rather than failing the run
+(``quantize.fallback``): each quantized layer is exported alone and checked against its torch output;
+those that disagree lose their quantizers (in the torch model too, so the two stay the same model), the
+export is redone and verified, and ``float_fallback`` lists each layer with the reason. If no layer fails
+alone, a bisection over the layers (a prefix kept float) finds where the whole graph starts to agree.
+Only when even that does not verify does the export raise.
 """
 
 from __future__ import annotations
@@ -20,6 +27,17 @@ from modelpress.errors import ModelpressError
 
 # a QDQ export vs its torch fake-quant model: integer codes match until a rounding tie, then drift slightly
 QDQ_MIN_COSINE = 0.99
+# outputs this small (e.g. random-init weights whose signal vanishes through the stages) are float rounding
+# noise: their cosine says nothing, so they are compared on absolute error instead
+VANISHING_OUTPUT = 1e-6
+
+
+def agrees(check: dict) -> bool:
+    """Whether a ``verify_qdq`` result counts as the same model (cosine; absolute error for vanishing outputs)."""
+    if check["min_cosine"] >= QDQ_MIN_COSINE:
+        return True
+    ref = check.get("reference_max_abs")
+    return ref is not None and ref < VANISHING_OUTPUT and check["max_abs_error"] < VANISHING_OUTPUT
 
 
 @dataclass
@@ -31,6 +49,8 @@ class QuantizedExport:
     integer_kernels: int
     export_seconds: float
     log_export: dict | None = None  # how log2 probability quantizers were exported (None: there were none)
+    # layers kept float because their QDQ export disagreed: [{"layer", "reason", "cosine"}]
+    float_fallback: list[dict] | None = None
 
 
 def export_quantized(graph: Any, path: Path, ctx: Any) -> QuantizedExport:
@@ -58,19 +78,37 @@ def export_quantized(graph: Any, path: Path, ctx: Any) -> QuantizedExport:
     flavour = {"activation_dtype": "int8", "ort_fusion": False} if tensorrt else {}
     forms = ["uniform", "simulate"] if logs else ["uniform"]
     tried: dict[str, dict] = {}
+    fallback: list[dict] | None = None
+
+    def export(form: str) -> dict:
+        export_qdq(graph.module, example, path, input_names=graph.input_spec.names,
+                   dynamic_axes=graph.input_spec.dynamic_axes(), log_form=form, **flavour)
+        return verify_qdq(path, graph.module, batches)
+
     with ctx.reporter.step("exporting the quantized model to QDQ ONNX"):
         for form in forms:
-            export_qdq(graph.module, example, path, input_names=graph.input_spec.names,
-                       dynamic_axes=graph.input_spec.dynamic_axes(), log_form=form, **flavour)
-            check = tried[form] = verify_qdq(path, graph.module, batches)
-            if check["min_cosine"] >= QDQ_MIN_COSINE:
+            check = tried[form] = export(form)
+            if agrees(check):
                 break
+        if not agrees(check):
+            first = check["min_cosine"]
+            check, fallback = _float_fallback(graph, example, batches, form, flavour, export)
+            fallback = [{**f, "model_cosine_before": first} for f in fallback]
+            tried[form] = check
         kernels = ort_kernels(path, workdir=path.parent)
-    if check["min_cosine"] < QDQ_MIN_COSINE:
+    if check["min_cosine"] < QDQ_MIN_COSINE and agrees(check):
+        check["vanishing_output"] = True
+        ctx.reporter.log(f"[yellow]warning[/yellow]: the model's outputs vanish (max |output| "
+                         f"{check['reference_max_abs']:.1e}): the INT8 export was checked on absolute error, not "
+                         "cosine; random-init weights? the quality numbers of such a model mean little")
+    if not agrees(check):
         raise ModelpressError(
-            f"the INT8 ONNX export disagrees with the quantized torch model (cosine {check['min_cosine']:.4f})",
+            f"the INT8 ONNX export disagrees with the quantized torch model (cosine {check['min_cosine']:.4f}), "
+            "even with the layers at fault kept float",
             "report this with the recipe; try fewer low-bit layers",
         )
+    for f in fallback or []:
+        ctx.reporter.log(f"[yellow]warning[/yellow]: {f['layer']} kept float in the INT8 export: {f['reason']}")
     if tensorrt:
         from modelpress.export.tensorrt import tensorrt_problems
 
@@ -84,4 +122,39 @@ def export_quantized(graph: Any, path: Path, ctx: Any) -> QuantizedExport:
         ctx.reporter.log(f"log2 attention probabilities have no ONNX QDQ form: exported as {form!r} "
                          f"(cosine to the torch simulation {check['min_cosine']:.4f})")
     return QuantizedExport(path, "qdq", check, dict(kernels), integer_kernel_count(kernels),
-                           time.perf_counter() - t0, log_export)
+                           time.perf_counter() - t0, log_export, fallback)
+
+
+def _float_fallback(
+    graph: Any, example: Any, batches: list, form: str, flavour: dict, export: Any
+) -> tuple[dict, list[dict]]:
+    """Keep float the layers whose QDQ export disagrees, re-export, verify: (check, [{layer, reason}]).
+
+    First each layer alone against its own torch output; if none fails alone (a fault of the whole
+    graph), the shortest prefix of layers that makes the export agree."""
+    from functools import partial
+
+    from modelpress.quantize.fallback import bisect_layers, diverging_layers, keep_float
+    from modelpress.quantize.qdq import export_qdq, verify_qdq
+
+    layer_export = partial(export_qdq, log_form=form, **flavour)
+    found = diverging_layers(graph.module, example, layer_export, verify_qdq)
+    check = None
+    if found:
+        keep_float(graph.module, [f["layer"] for f in found])
+        check = export(form)
+        if agrees(check):
+            return check, found
+    last: dict = {}
+
+    def exported_agrees() -> bool:
+        last["check"] = export(form)
+        return agrees(last["check"])
+
+    prefix = bisect_layers(graph.module, exported_agrees)
+    if prefix is None:
+        return (check or last["check"]), found
+    check = export(form)  # the file on disk must be the agreeing one
+    reason = "the whole-graph QDQ export disagreed until this layer was kept float (found by bisection)"
+    found += [{"layer": n, "reason": reason, "cosine": None} for n in prefix if n not in {f["layer"] for f in found}]
+    return check, found

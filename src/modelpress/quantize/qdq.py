@@ -372,4 +372,5 @@ def verify_qdq(
         run_primary(model, b if isinstance(b, dict) else (b,)).float().cpu().numpy() for b in batches
     ]
     v = compare_onnx(path, feeds, reference, atol=atol, min_cosine=min_cosine, rtol=rtol, threads=2)
-    return {"max_abs_error": v.max_abs_err, "relative_error": v.relative_error, "min_cosine": v.cosine, "ok": v.ok}
+    return {"max_abs_error": v.max_abs_err, "relative_error": v.relative_error, "min_cosine": v.cosine, "ok": v.ok,
+            "reference_max_abs": v.reference_max}
