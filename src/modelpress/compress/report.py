@@ -186,6 +186,8 @@ def export_lines(report: dict[str, Any]) -> list[str]:
             cost = ", ".join(f"{k.replace('_', ' ')} {sim[k]:.4f} -> {after[k]:.4f}"
                              for k in QUALITY_KEYS if k in sim and k in after)
             lines.append(f"- cost of that form (torch simulation -> exported ONNX): {cost}")
+    for fb in comp.get("float_fallback") or []:
+        lines.append(f"- kept in float: `{fb.get('layer')}` ({fb.get('reason', 'its INT8 export disagreed')})")
     return lines
 
 
