@@ -5,13 +5,14 @@ Written to benchmarks/results/language_model.json (with the system info).
 
 **Corpus** (offline, no download): the English text of CPython's own documentation topics,
 ``pydoc_data.topics`` (the standard library's ``help()`` texts, about 0.5 MB of English prose with code
-examples; Python Software Foundation License). The topics (79 in CPython 3.12, two of which share one text, kept
+examples; Python Software Foundation License). The topics (79 in CPython 3.11, two of which share one text, kept
 once) are split *by topic* (a seeded shuffle, then filled to a share of the characters: about 12%
 evaluation, 13% calibration, 75% train): held-out evaluation, calibration and train share no text. The tokenizer and the model see only the train topics.
 
 **Model**: a byte-level BPE (``tokenizers``, vocabulary 2048) trained on the train topics, and a
 GPT-2 (``transformers.GPT2LMHeadModel``: 4 blocks, hidden 128, 4 heads, 128 positions) trained from
-scratch with ``modelpress.train.train`` (next-token cross-entropy, AdamW, cosine schedule, seeded). Both
+scratch with ``modelpress.train.train`` (next-token cross-entropy, 200 steps of 8 windows, AdamW,
+cosine schedule, seeded; ``--train-steps`` changes the budget). Both
 are cached as a Hugging Face folder under ``$MODELPRESS_CACHE`` (default ~/.cache/modelpress), keyed by
 this benchmark's model version, the seed, the step budget and a hash of the corpus and training settings,
 so a re-run skips training.
@@ -69,8 +70,8 @@ SEED = 0
 SEQ = 128
 VOCAB = 2048
 MODEL = {"n_layer": 4, "n_embd": 128, "n_head": 4}
-TRAIN_STEPS, TRAIN_STEPS_QUICK = 400, 20
-TRAIN_BATCH, TRAIN_LR = 16, 2e-3
+TRAIN_STEPS, TRAIN_STEPS_QUICK = 200, 20
+TRAIN_BATCH, TRAIN_LR = 8, 2e-3
 EVAL_SHARE, CALIBRATION_SHARE = 0.12, 0.08  # of the corpus's characters, by whole topics
 N_CALIBRATION = 64
 N_EVALUATION, N_EVALUATION_QUICK = 160, 32
@@ -210,8 +211,9 @@ def trained_model(splits: dict[str, list[str]], steps: int, reporter, seed: int 
         result = train(model, split_of(train_rows, TRAIN_BATCH), task=LanguageModelTask(), teacher=None,
                        config=cfg, input_names=["input_ids", "attention_mask"], reporter=reporter)
     partial = folder.with_name(folder.name + ".partial")
-    model.eval().save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    with quiet():  # transformers' progress bar
+        model.eval().save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     info = {
         "folder": str(folder),
         "config": {**MODEL, "vocab_size": len(tokenizer), "n_positions": SEQ},
@@ -247,7 +249,7 @@ def run(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C901
 
     started = time.perf_counter()
     splits = corpus_splits()
-    steps = TRAIN_STEPS_QUICK if args.quick else TRAIN_STEPS
+    steps = args.train_steps or (TRAIN_STEPS_QUICK if args.quick else TRAIN_STEPS)
     trained = trained_model(splits, steps, reporter)
     with reporter.step("loading the trained model"), quiet():
         graph = modelpress.load(trained["folder"])
@@ -420,6 +422,10 @@ def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
 def main(argv: list[str] | None = None) -> int:
     parser = timing_parser(__doc__, RESULTS / "language_model.json", runs=20, min_time=0.5, threads=False)
     parser.add_argument("--no-nncf", action="store_true", help="skip NNCF")
+    parser.add_argument(
+        "--train-steps", type=int, default=None,
+        help=f"training steps of the model (default {TRAIN_STEPS}; --quick: {TRAIN_STEPS_QUICK}); cached per value",
+    )
     args = parse_timing_args(parser, argv)
 
     from modelpress.bench import system_info, write_json_atomic
