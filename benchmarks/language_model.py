@@ -295,8 +295,10 @@ def run(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C901
         "config": {"options_given": options, "quantize.repq": repq.config.model_dump(mode="json")},
         "calibration_seconds": round(seconds, 2),
         "export_seconds": round(getattr(exported_q, "export_seconds", 0.0), 2),
-        "qdq_vs_torch_fake_quant": None if verification is None else vars(verification),
+        "qdq_vs_torch_fake_quant": _plain(verification),
         "channel_sites": (result.metrics.get("channel_sites") or {}).get("sites", []),
+        "kept_float": (result.metrics.get("auto_float") or {}).get("kept_float", []),
+        "layers": result.metrics.get("layers"),
     }
 
     peers: list[tuple[str, Any]] = [("ort-dynamic", OrtDynamicInt8({}))]
@@ -332,15 +334,16 @@ def run(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C901
         entry["file_size_bytes"] = onnx_file_size(p)
         try:
             with reporter.step(f"quality of {name}"), quiet():
-                entry["quality"] = {k: round(float(v), 6) for k, v in ctx.evaluate(p).metrics.items()}
+                entry["quality"] = {k: float(v) for k, v in ctx.evaluate(p).metrics.items()}
+            entry.update(_kernels(p))
         except Exception as exc:
             if name in (BASELINE, OURS):
                 raise
             info[name] = {**entry, **failure(exc)}
             paths.pop(name)
             reporter.log(f"[yellow]{name} does not run:[/yellow] {exc}")
-    for name in info:
-        info[name].setdefault("description", DESCRIPTIONS[name])
+    order = [BASELINE, OURS, *PEERS]
+    info = {name: {"description": DESCRIPTIONS[name], **info[name]} for name in order if name in info}
     build_seconds = time.perf_counter() - started
 
     with reporter.step("latency (interleaved)"), quiet():
@@ -387,22 +390,40 @@ def run(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C901
     }
 
 
+def _kernels(path: Path) -> dict[str, Any]:
+    """The kernels ONNX Runtime runs for ``path`` (from its optimized graph) and how many are integer ones."""
+    from modelpress.quantize.qdq import integer_kernel_count, ort_kernels
+
+    k = ort_kernels(path, workdir=path.parent)
+    return {"integer_kernels": integer_kernel_count(k), "kernels": dict(sorted(k.items()))}
+
+
+def _plain(verification: Any) -> dict[str, Any] | None:
+    """An export's verification (a dict from a lowering, or modelpress.export.Verification) as JSON."""
+    if verification is None or isinstance(verification, dict):
+        return verification
+    import dataclasses
+
+    return dataclasses.asdict(verification)
+
+
 def _fmt(x: Any, spec: str, suffix: str = "") -> str:
     return "-" if x is None else format(x, spec) + suffix
 
 
 def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{res['model']}\nort-cpu, {THREADS} threads, sequence {SEQ} (speedup vs fp32; ms)")
     table.add_column("variant")
     for b in BATCHES:
         table.add_column(f"b{b}", justify="right")
-    for col in ("file MB", "next-token KL", "top-1 agree", "perplexity"):
+    for col in ("file MB", "int kernels", "next-token KL", "top-1 agree", "perplexity"):
         table.add_column(col, justify="right")
     for name, e in res["variants"].items():
         if e.get("status") != "ok":
-            table.add_row(name, *["-"] * (len(BATCHES) + 3), f"{e.get('status')}: {e.get('reason', '')}")
+            table.add_row(name, *["-"] * (len(BATCHES) + 4), escape(f"{e.get('status')}: {e.get('reason', '')}"))
             continue
         lat = e.get("latency", {})
         cells = [
@@ -412,7 +433,8 @@ def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
         ]
         q = e.get("quality", {})
         table.add_row(
-            name, *cells, _fmt(e["file_size_bytes"] / 1e6, ".2f"), _fmt(q.get("next_token_kl"), ".5f"),
+            name, *cells, _fmt(e["file_size_bytes"] / 1e6, ".2f"), _fmt(e.get("integer_kernels"), "d"),
+            _fmt(q.get("next_token_kl"), ".2e"),
             _fmt(q.get("top1_agreement"), ".4f"),
             f"{_fmt(q.get('perplexity'), '.2f')} (ref {_fmt(q.get('reference_perplexity'), '.2f')})",
         )
