@@ -166,3 +166,57 @@ def timing_target(args):  # noqa: ANN001, ANN201 - modelpress.bench.Target
     if args.no_spin:
         target = target.with_session_config(**{"session.intra_op.allow_spinning": "0"})
     return target
+
+
+def dist_version(dist: str) -> str | None:
+    """The installed version of ``dist``, or None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def failure(exc: BaseException) -> dict[str, str]:
+    """A variant that could not be built or run, with why (the benchmark records it and measures the rest)."""
+    return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def recipe_options(name: str, pass_name: str = "quantize.repq") -> dict[str, Any]:
+    """The options of ``pass_name`` in a built-in recipe (so a benchmark measures what users get)."""
+    import yaml
+
+    from modelpress.compress.recipe import builtin_recipes
+
+    spec = yaml.safe_load(builtin_recipes()[name].read_text())
+    step = next(p for p in spec["passes"] if p["pass"] == pass_name)
+    return {k: v for k, v in step.items() if k not in ("pass", "default")}
+
+
+def quiet():  # noqa: ANN201 - a context manager
+    """Silence the libraries' warnings, prints and progress bars (NNCF, torch.onnx, onnxruntime)."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    @contextlib.contextmanager
+    def _quiet():  # noqa: ANN202
+        loggers = [logging.getLogger(), logging.getLogger("nncf")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+    return _quiet()

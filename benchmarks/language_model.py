@@ -1,0 +1,482 @@
+"""A small causal LM, compressed by the default recipe, ONNX Runtime dynamic INT8 and NNCF in one run.
+
+Speedup, size, next-token KL, top-1 agreement and perplexity for each, timed interleaved.
+
+Written to benchmarks/results/language_model.json (with the system info).
+
+**Corpus** (offline, no download): the English text of CPython's own documentation topics,
+``pydoc_data.topics`` (the standard library's ``help()`` texts, about 0.5 MB of English prose with code
+examples; Python Software Foundation License). The topics (79 in CPython 3.11, two of which share one text, kept
+once) are split *by topic* (a seeded shuffle, then filled to a share of the characters: about 12%
+evaluation, 13% calibration, 75% train): held-out evaluation, calibration and train share no text. The tokenizer and the model see only the train topics.
+
+**Model**: a byte-level BPE (``tokenizers``, vocabulary 2048) trained on the train topics, and a
+GPT-2 (``transformers.GPT2LMHeadModel``: 4 blocks, hidden 128, 4 heads, 128 positions) trained from
+scratch with ``modelpress.train.train`` (next-token cross-entropy, 200 steps of 8 windows, AdamW,
+cosine schedule, seeded; ``--train-steps`` changes the budget). Both
+are cached as a Hugging Face folder under ``$MODELPRESS_CACHE`` (default ~/.cache/modelpress), keyed by
+this benchmark's model version, the seed, the step budget and a hash of the corpus and training settings,
+so a re-run skips training.
+
+**Variants** (every ONNX file is built first, then all are timed interleaved):
+
+- ``fp32``: ``export_onnx(optimize="none")`` of the trained model (opset 17),
+- ``ours``: the built-in ``default`` recipe: ``quantize.repq`` with its options, lowered by the pass's own
+  exporter (QDQ, integer kernels) through ``ctx.export``,
+- ``ort-dynamic``: ``quantize.ort-dynamic`` (onnxruntime quantize_dynamic) on the FP32 file,
+- ``nncf``: ``quantize.nncf`` (nncf.quantize, transformer model type) on the FP32 file; skipped with a
+  reason when nncf is not installed or with ``--no-nncf``.
+
+Calibration: the calibration topics' 128-token windows; evaluation: the held-out topics' windows. Quality
+(``modelpress.data.LanguageModelTask`` through ``ctx.evaluate``, in ONNX Runtime, against the FP32 torch
+model): next-token KL, top-1 agreement, perplexity of the held-out text (and the reference's). Latency:
+``modelpress.bench.measure`` on ort-cpu at 2 threads, batch 1 and 8, sequence 128, round-robin with fresh
+sessions every round; speedups are medians of per-round ratios against ``fp32``.
+
+    python benchmarks/language_model.py            # the full run (trains once: a few minutes on 2 cores)
+    python benchmarks/language_model.py --quick    # a smoke run (short training, 1 round, 32 windows)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    CACHE,
+    RESULTS,
+    console,
+    dist_version,
+    failure,
+    parse_timing_args,
+    quiet,
+    recipe_options,
+    timing_kwargs,
+    timing_parser,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL_VERSION = 1  # bump when the corpus split, tokenizer or model configuration changes
+SEED = 0
+SEQ = 128
+VOCAB = 2048
+MODEL = {"n_layer": 4, "n_embd": 128, "n_head": 4}
+TRAIN_STEPS, TRAIN_STEPS_QUICK = 200, 20
+TRAIN_BATCH, TRAIN_LR = 8, 2e-3
+EVAL_SHARE, CALIBRATION_SHARE = 0.12, 0.08  # of the corpus's characters, by whole topics
+N_CALIBRATION = 64
+N_EVALUATION, N_EVALUATION_QUICK = 160, 32
+BATCHES = [1, 8]
+THREADS = 2
+BASELINE, OURS = "fp32", "ours"
+PEERS = ("ort-dynamic", "nncf")
+CORPUS = (
+    "CPython documentation topics (pydoc_data.topics, the text of help() in the Python standard library), "
+    "Python Software Foundation License; split by topic into disjoint train / calibration / evaluation"
+)
+DESCRIPTIONS = {
+    BASELINE: "FP32, export_onnx(optimize='none'), opset 17",
+    OURS: "recipe default: quantize.repq W8A8 (reparameterized per-channel scales at the norms and the Linear "
+    "inputs a fidelity scan picks, MSE activation ranges, GPTQ), exported by the pass's QDQ lowering",
+    "ort-dynamic": "quantize.ort-dynamic: onnxruntime quantize_dynamic on the FP32 file (int8 weights, "
+    "activations quantized at run time)",
+    "nncf": "quantize.nncf: nncf.quantize on the FP32 file, model_type TRANSFORMER",
+}
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+
+def corpus_splits(seed: int = SEED) -> dict[str, list[str]]:
+    """The documentation topics split by topic into ``train``, ``calibration`` and ``evaluation`` texts.
+
+    The distinct topic texts are shuffled with ``seed`` and taken in that order until the evaluation, then
+    the calibration split hold their share of the characters; the rest is train. No text is in two splits.
+    """
+    from pydoc_data.topics import topics
+
+    texts = sorted({text.strip() for text in topics.values()})  # a few topics share one text: keep it once
+    random.Random(seed).shuffle(texts)
+    total = sum(map(len, texts))
+    splits: dict[str, list[str]] = {"evaluation": [], "calibration": [], "train": []}
+    filled = {"evaluation": 0, "calibration": 0}
+    for text in texts:
+        if filled["evaluation"] < EVAL_SHARE * total:
+            key = "evaluation"
+        elif filled["calibration"] < CALIBRATION_SHARE * total:
+            key = "calibration"
+        else:
+            key = "train"
+        if key in filled:
+            filled[key] += len(text)
+        splits[key].append(text)
+    return splits
+
+
+def windows(tokenizer, texts: list[str], seq: int = SEQ):  # noqa: ANN001, ANN201 - torch.LongTensor [N, seq]
+    """The texts tokenized, joined by the end-of-text token, cut into non-overlapping ``seq``-token windows."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+        ids.append(eos)
+    n = len(ids) // seq
+    return torch.tensor(ids[: n * seq], dtype=torch.long).reshape(n, seq)
+
+
+def split_of(rows, batch_size: int = 8):  # noqa: ANN001, ANN201 - DataSplit
+    """Windows as a DataSplit of input_ids with a full attention mask."""
+    import torch
+
+    from modelpress.data import DataSplit
+
+    batches = [
+        {"input_ids": rows[i : i + batch_size], "attention_mask": torch.ones_like(rows[i : i + batch_size])}
+        for i in range(0, len(rows), batch_size)
+    ]
+    return DataSplit(batches=batches)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def _train_tokenizer(texts: list[str]):  # noqa: ANN202 - PreTrainedTokenizerFast
+    import tokenizers
+    import transformers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<eos>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def corpus_fingerprint(splits: dict[str, list[str]]) -> str:
+    """A short hash of the split texts (another Python's documentation gives another corpus)."""
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def model_dir(splits: dict[str, list[str]], steps: int, seed: int = SEED) -> Path:
+    """Where the trained model and tokenizer are cached: keyed by the model version, the seed, the steps and
+    a hash of the corpus splits and the training settings, so a changed recipe never reuses a stale model."""
+    settings = json.dumps([MODEL, VOCAB, SEQ, TRAIN_BATCH, TRAIN_LR, corpus_fingerprint(splits)])
+    key = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return CACHE / "benchmarks" / f"language-model-v{MODEL_VERSION}-seed{seed}-steps{steps}-{key}"
+
+
+def trained_model(splits: dict[str, list[str]], steps: int, reporter, seed: int = SEED) -> dict[str, Any]:  # noqa: ANN001
+    """Train (or load from the cache) the tokenizer and the GPT-2; returns the folder and how it was made."""
+    import torch
+    import transformers
+
+    from modelpress.data import LanguageModelTask
+    from modelpress.train import TrainConfig, train
+
+    folder = model_dir(splits, steps, seed)
+    info_file = folder / "modelpress-benchmark.json"
+    if info_file.exists():
+        reporter.log(f"trained model from the cache: {folder}")
+        return {**json.loads(info_file.read_text()), "cached": True}
+    with reporter.step("BPE tokenizer on the train topics"):
+        tokenizer = _train_tokenizer(splits["train"])
+    train_rows = windows(tokenizer, splits["train"])
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_positions=SEQ, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, use_cache=False, **MODEL,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    cfg = TrainConfig(
+        steps=steps, lr=TRAIN_LR, batch_size=TRAIN_BATCH, warmup_steps=min(50, steps // 10), seed=seed,
+        label_weight=0.0, log_every=max(1, steps // 10),
+    )
+    with reporter.step(f"training the GPT-2 ({steps} steps, {len(train_rows)} windows of {SEQ} tokens)"):
+        result = train(model, split_of(train_rows, TRAIN_BATCH), task=LanguageModelTask(), teacher=None,
+                       config=cfg, input_names=["input_ids", "attention_mask"], reporter=reporter)
+    partial = folder.with_name(folder.name + ".partial")
+    with quiet():  # transformers' progress bar
+        model.eval().save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+    info = {
+        "folder": str(folder),
+        "config": {**MODEL, "vocab_size": len(tokenizer), "n_positions": SEQ},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_windows": len(train_rows),
+        "train_tokens": int(train_rows.numel()),
+        "train": {**cfg.model_dump(mode="json"), "steps_run": result.steps, "seconds": round(result.seconds, 1),
+                  "final_loss": round(result.final_loss, 4), "losses": result.losses},
+        "torch_threads": torch.get_num_threads(),
+    }
+    (partial / info_file.name).write_text(json.dumps(info, indent=1) + "\n")
+    if folder.exists():  # another run finished first: keep its copy
+        import shutil
+
+        shutil.rmtree(partial)
+    else:
+        partial.replace(folder)
+    return {**info, "cached": False}
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+
+
+def run(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C901
+    import modelpress
+    from modelpress.bench import get_target, measure
+    from modelpress.data import LanguageModelTask, TaskData
+    from modelpress.export import export_onnx
+    from modelpress.export.files import onnx_file_size
+    from modelpress.passes import Context
+    from modelpress.quantize.ort_dynamic import OrtDynamicInt8
+    from modelpress.quantize.passes import NNCFQuantize, RepQPass
+
+    started = time.perf_counter()
+    splits = corpus_splits()
+    steps = args.train_steps or (TRAIN_STEPS_QUICK if args.quick else TRAIN_STEPS)
+    trained = trained_model(splits, steps, reporter)
+    with reporter.step("loading the trained model"), quiet():
+        graph = modelpress.load(trained["folder"])
+    spec = graph.input_spec
+    tokenizer = graph.tokenizer
+    n_eval = N_EVALUATION_QUICK if args.quick else N_EVALUATION
+    calibration = windows(tokenizer, splits["calibration"])[:N_CALIBRATION]
+    evaluation = windows(tokenizer, splits["evaluation"])[:n_eval]
+    data = TaskData(
+        calibration=split_of(calibration),
+        evaluation=split_of(evaluation),
+        description=f"{CORPUS}: {len(calibration)} calibration and {len(evaluation)} evaluation windows of "
+        f"{SEQ} tokens",
+    )
+    task = LanguageModelTask()
+    ctx = Context(workdir=tmp / "ctx", task=task, data=data, target=get_target("ort-cpu", threads=THREADS),
+                  reference=graph, seed=SEED, reporter=reporter)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    with reporter.step("reference next-token distributions (torch FP32)"):
+        ctx.reference_outputs()
+
+    info: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
+    with reporter.step("FP32 export"), quiet():
+        exported = export_onnx(graph.module, spec, tmp / BASELINE / "model.onnx", optimize="none")
+    paths[BASELINE] = Path(exported.path)
+    info[BASELINE] = {"status": "ok", "export_seconds": round(exported.export_seconds, 2)}
+
+    options = recipe_options("default")
+    repq = RepQPass(options)
+    with reporter.step(f"{OURS}: quantize.repq {options}"), quiet():
+        t0 = time.perf_counter()
+        result = repq.apply(graph, ctx)
+        seconds = time.perf_counter() - t0
+    path = tmp / OURS / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with reporter.step(f"{OURS}: export through the pass's lowering"), quiet():
+        exported_q = ctx.export(result.graph, path, exporter=result.exporter)
+    paths[OURS] = Path(exported_q.path)
+    verification = getattr(exported_q, "verification", None)
+    info[OURS] = {
+        "status": "ok",
+        "config": {"options_given": options, "quantize.repq": repq.config.model_dump(mode="json")},
+        "calibration_seconds": round(seconds, 2),
+        "export_seconds": round(getattr(exported_q, "export_seconds", 0.0), 2),
+        "qdq_vs_torch_fake_quant": _plain(verification),
+        "channel_sites": (result.metrics.get("channel_sites") or {}).get("sites", []),
+        "kept_float": (result.metrics.get("auto_float") or {}).get("kept_float", []),
+        "layers": result.metrics.get("layers"),
+    }
+
+    peers: list[tuple[str, Any]] = [("ort-dynamic", OrtDynamicInt8({}))]
+    if args.no_nncf:
+        info["nncf"] = {"status": "skipped", "reason": "--no-nncf"}
+    elif dist_version("nncf") is None:
+        info["nncf"] = {"status": "skipped", "reason": "nncf is not installed (pip install 'modelpress[nncf]')"}
+    else:
+        peers.append(("nncf", NNCFQuantize({"samples": len(calibration)})))
+    for name, pass_ in peers:
+        try:
+            work = tmp / name
+            work.mkdir(parents=True, exist_ok=True)
+            peer_ctx = Context(workdir=work, data=data, seed=SEED, reporter=reporter)
+            with reporter.step(f"{name}: {pass_.name}"), quiet():
+                t0 = time.perf_counter()
+                out = pass_.apply(paths[BASELINE], peer_ctx)
+                seconds = time.perf_counter() - t0
+        except Exception as exc:  # record why, measure the rest
+            info[name] = failure(exc)
+            reporter.log(f"[yellow]{name} failed:[/yellow] {exc}")
+            continue
+        paths[name] = Path(out.onnx_path)
+        info[name] = {
+            "status": "ok",
+            "config": {pass_.name: pass_.config.model_dump(mode="json")},
+            "calibration_seconds": round(seconds, 2),
+        }
+
+    for name, p in list(paths.items()):
+        entry = info[name]
+        entry["description"] = DESCRIPTIONS[name]
+        entry["file_size_bytes"] = onnx_file_size(p)
+        try:
+            with reporter.step(f"quality of {name}"), quiet():
+                entry["quality"] = {k: float(v) for k, v in ctx.evaluate(p).metrics.items()}
+            entry.update(_kernels(p))
+        except Exception as exc:
+            if name in (BASELINE, OURS):
+                raise
+            info[name] = {**entry, **failure(exc)}
+            paths.pop(name)
+            reporter.log(f"[yellow]{name} does not run:[/yellow] {exc}")
+    order = [BASELINE, OURS, *PEERS]
+    info = {name: {"description": DESCRIPTIONS[name], **info[name]} for name in order if name in info}
+    build_seconds = time.perf_counter() - started
+
+    with reporter.step("latency (interleaved)"), quiet():
+        report = measure(
+            paths, spec, get_target("ort-cpu", threads=THREADS), **timing_kwargs(args), max_time_s=30.0,
+            baseline=BASELINE, batch_sizes=BATCHES, seq_lens=[SEQ], memory=False, reporter=reporter,
+        )
+    for name, variant in report.variants.items():
+        if variant.path:
+            variant.path = f"{name}/{Path(variant.path).name}"
+        lat = info[name].setdefault("latency", {})
+        for b in BATCHES:
+            s = report.stats(name, b, SEQ)
+            lat[f"batch{b}"] = {
+                "median_ms": round(s.median_ms, 3),
+                "speedup_vs_fp32": None if s.speedup is None else round(s.speedup, 4),
+            }
+        info[name]["size_vs_fp32"] = round(info[name]["file_size_bytes"] / info[BASELINE]["file_size_bytes"], 4)
+
+    return {
+        "model": f"GPT2LMHeadModel trained from scratch by this benchmark ({MODEL['n_layer']} blocks, hidden "
+        f"{MODEL['n_embd']}, {MODEL['n_head']} heads, {SEQ} positions, byte-level BPE vocabulary "
+        f"{trained['config']['vocab_size']}, {trained['parameters']} parameters)",
+        "corpus": CORPUS,
+        "corpus_topics": {k: len(v) for k, v in splits.items()},
+        "corpus_characters": {k: sum(map(len, v)) for k, v in splits.items()},
+        "corpus_fingerprint": corpus_fingerprint(splits),
+        "training": trained,
+        "data": data.description,
+        "uniform_perplexity": trained["config"]["vocab_size"],
+        "protocol": (
+            f"every variant built first; quality in ONNX Runtime ({THREADS} threads) on {len(evaluation)} "
+            f"held-out windows of {SEQ} tokens against the FP32 torch model (LanguageModelTask: next-token KL, "
+            "top-1 agreement, perplexity); latency: ort-cpu at "
+            f"{THREADS} threads, batch {' and '.join(map(str, BATCHES))}, sequence {SEQ}, all variants "
+            f"interleaved round-robin with fresh sessions every round, {args.rounds} rounds, warm-up, >= "
+            f"{args.runs} runs and >= {args.min_time}s per variant, shape and round; medians of per-round "
+            "medians; speedups are medians of per-round ratios against fp32"
+        ),
+        "variants": info,
+        "measurements": report.to_dict(),
+        "build_seconds": round(build_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _kernels(path: Path) -> dict[str, Any]:
+    """The kernels ONNX Runtime runs for ``path`` (from its optimized graph) and how many are integer ones."""
+    from modelpress.quantize.qdq import integer_kernel_count, ort_kernels
+
+    k = ort_kernels(path, workdir=path.parent)
+    return {"integer_kernels": integer_kernel_count(k), "kernels": dict(sorted(k.items()))}
+
+
+def _plain(verification: Any) -> dict[str, Any] | None:
+    """An export's verification (a dict from a lowering, or modelpress.export.Verification) as JSON."""
+    if verification is None or isinstance(verification, dict):
+        return verification
+    import dataclasses
+
+    return dataclasses.asdict(verification)
+
+
+def _fmt(x: Any, spec: str, suffix: str = "") -> str:
+    return "-" if x is None else format(x, spec) + suffix
+
+
+def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{res['model']}\nort-cpu, {THREADS} threads, sequence {SEQ} (speedup vs fp32; ms)")
+    table.add_column("variant")
+    for b in BATCHES:
+        table.add_column(f"b{b}", justify="right")
+    for col in ("file MB", "int kernels", "next-token KL", "top-1 agree", "perplexity"):
+        table.add_column(col, justify="right")
+    for name, e in res["variants"].items():
+        if e.get("status") != "ok":
+            table.add_row(name, *["-"] * (len(BATCHES) + 4), escape(f"{e.get('status')}: {e.get('reason', '')}"))
+            continue
+        lat = e.get("latency", {})
+        cells = [
+            f"{_fmt(lat.get(f'batch{b}', {}).get('speedup_vs_fp32'), '.2f', 'x')} "
+            f"({_fmt(lat.get(f'batch{b}', {}).get('median_ms'), '.2f')})"
+            for b in BATCHES
+        ]
+        q = e.get("quality", {})
+        table.add_row(
+            name, *cells, _fmt(e["file_size_bytes"] / 1e6, ".2f"), _fmt(e.get("integer_kernels"), "d"),
+            _fmt(q.get("next_token_kl"), ".2e"),
+            _fmt(q.get("top1_agreement"), ".4f"),
+            f"{_fmt(q.get('perplexity'), '.2f')} (ref {_fmt(q.get('reference_perplexity'), '.2f')})",
+        )
+    con.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = timing_parser(__doc__, RESULTS / "language_model.json", runs=20, min_time=0.5, threads=False)
+    parser.add_argument("--no-nncf", action="store_true", help="skip NNCF")
+    parser.add_argument(
+        "--train-steps", type=int, default=None,
+        help=f"training steps of the model (default {TRAIN_STEPS}; --quick: {TRAIN_STEPS_QUICK}); cached per value",
+    )
+    args = parse_timing_args(parser, argv)
+
+    from modelpress.bench import system_info, write_json_atomic
+    from modelpress.progress import Reporter
+
+    con = console()
+    reporter = Reporter()
+    started = time.perf_counter()
+    system = system_info()
+    result: dict[str, Any] = {
+        "benchmark": "language_model",
+        "quick": args.quick,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "system": system,
+        "versions": {
+            **system["versions"],
+            **{d: dist_version(d) for d in ("nncf", "tokenizers", "transformers", "modelpress")},
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="modelpress-language-model-") as tmp:
+        result.update(run(args, Path(tmp), reporter))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    out = write_json_atomic(args.out, result)
+    con.print(f"CPU: {system['cpu_model']} | {system['cores_available']} cores")
+    print_table(con, result)
+    con.print(f"wrote {out} ({result['seconds']:.0f} s{', QUICK: smoke numbers' if args.quick else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
