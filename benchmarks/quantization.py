@@ -43,22 +43,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, console, parse_timing_args, timing_kwargs, timing_parser  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    console,
+    dist_version,
+    failure,
+    parse_timing_args,
+    quiet,
+    recipe_options,
+    timing_kwargs,
+    timing_parser,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -160,50 +166,12 @@ def ablation_methods() -> dict[str, dict[str, Any]]:
     }
 
 
-def recipe_options(name: str) -> dict[str, Any]:
-    """The quantize.repq options of a built-in recipe (so the benchmark measures what users get)."""
-    import yaml
-
-    from modelpress.compress.recipe import builtin_recipes
-
-    spec = yaml.safe_load(builtin_recipes()[name].read_text())
-    step = next(p for p in spec["passes"] if p["pass"] == "quantize.repq")
-    return {k: v for k, v in step.items() if k not in ("pass", "default")}
-
-
 def vit_policy(bits: str) -> dict[str, str]:
     """At W6/W4 the first (patch embedding) and last (classifier) layers stay at 8 bits, in every row."""
     return {} if bits == "w8a8" else dict.fromkeys(VIT_KEEP_8BIT, "w8a8")
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the libraries' warnings, prints and progress bars (NNCF, torch.onnx, onnxruntime)."""
-    loggers = [logging.getLogger(), logging.getLogger("nncf")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -216,10 +184,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _failure(exc: BaseException) -> dict[str, str]:
-    return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
 
 
 def _kernels(path: Path) -> dict[str, Any]:
@@ -246,7 +210,7 @@ def _minilm_setup(args: argparse.Namespace, workdir: Path, reporter) -> tuple:  
     from modelpress.data import EmbeddingTask, load_data
     from modelpress.targets import get_target
 
-    with reporter.step("loading all-MiniLM-L6-v2"), _quiet():
+    with reporter.step("loading all-MiniLM-L6-v2"), quiet():
         graph = modelpress.load()
     n_eval = N_EVALUATION_QUICK if args.quick else N_EVALUATION
     data = load_data(
@@ -279,7 +243,7 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
     info: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
 
-    with reporter.step("FP32 export"), _quiet():
+    with reporter.step("FP32 export"), quiet():
         exported = export_onnx(graph.module, spec, tmp / "fp32" / "model.onnx", optimize="none")
     paths[BASELINE] = exported.path
     info[BASELINE] = {
@@ -291,13 +255,13 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
     for name, config in ((OURS, recipe_options("int8")), (OURS_EXTRA, {})):
         try:
             repq = RepQPass(config)
-            with reporter.step(f"{name}: quantize.repq {config or '(defaults)'}"), _quiet():
+            with reporter.step(f"{name}: quantize.repq {config or '(defaults)'}"), quiet():
                 t0 = time.perf_counter()
                 result = repq.apply(graph, ctx)
                 seconds = time.perf_counter() - t0
             path = tmp / name / "model.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
-            with reporter.step(f"{name}: QDQ export"), _quiet():
+            with reporter.step(f"{name}: QDQ export"), quiet():
                 # the pass's own lowering (what the pipeline deploys), verified against the torch model
                 exported_q = ctx.export(result.graph, path, exporter=result.exporter)
                 export_seconds = exported_q.export_seconds
@@ -305,7 +269,7 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
         except Exception as exc:
             if name == OURS:
                 raise
-            info[name] = _failure(exc)
+            info[name] = failure(exc)
             reporter.log(f"[yellow]{name} failed:[/yellow] {exc}")
             continue
         metrics = result.metrics
@@ -337,12 +301,12 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
             work = tmp / name
             work.mkdir(parents=True, exist_ok=True)
             peer_ctx = Context(workdir=work, data=data, seed=0, reporter=reporter)
-            with reporter.step(f"{name}: {pass_.name}"), _quiet():
+            with reporter.step(f"{name}: {pass_.name}"), quiet():
                 t0 = time.perf_counter()
                 out = pass_.apply(paths[BASELINE], peer_ctx)
                 seconds = time.perf_counter() - t0
         except Exception as exc:  # record why, measure the rest
-            info[name] = _failure(exc)
+            info[name] = failure(exc)
             reporter.log(f"[yellow]{name} failed:[/yellow] {exc}")
             continue
         paths[name] = Path(out.onnx_path)
@@ -365,7 +329,7 @@ def run_minilm(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:
         except Exception as exc:
             if name in (BASELINE, OURS):
                 raise
-            info[name] = {**entry, **_failure(exc)}
+            info[name] = {**entry, **failure(exc)}
             paths.pop(name)
             reporter.log(f"[yellow]{name} does not run:[/yellow] {exc}")
     build_seconds = time.perf_counter() - started
@@ -520,7 +484,7 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
     from modelpress.train.zoo import digits_vit
 
     started = time.perf_counter()
-    with reporter.step("digits ViT (zoo, trained once and cached)"), _quiet():
+    with reporter.step("digits ViT (zoo, trained once and cached)"), quiet():
         zm = digits_vit()
     spec, names = zm.input_spec, list(zm.input_spec.names)
     graph = ModelGraph(zm.module, spec, name="digits_vit")
@@ -547,13 +511,13 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
             for bits in VIT_BITS:
                 config = {**VIT_COMMON, **overrides, "default": bits, "policy": vit_policy(bits)}
                 try:
-                    with reporter.step(f"ViT {method} {bits}"), _quiet():
+                    with reporter.step(f"ViT {method} {bits}"), quiet():
                         t0 = time.perf_counter()
                         result = RepQPass(config).apply(graph, ctx)
                         seconds = time.perf_counter() - t0
                     metrics = evaluate(torch_runner(result.graph.module, names))
                 except Exception as exc:
-                    row["bits"][bits] = _failure(exc)
+                    row["bits"][bits] = failure(exc)
                     reporter.log(f"[yellow]ViT {method} {bits} failed:[/yellow] {exc}")
                     continue
                 row["bits"][bits] = {**metrics, "calibration_seconds": round(seconds, 2)}
@@ -566,14 +530,14 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
             rows[method] = row
         # What a recipe deploys: the pass defaults (attention matmuls float, as ONNX Runtime runs them).
         try:
-            with reporter.step("ViT ours W8A8, pass defaults (attention float)"), _quiet():
+            with reporter.step("ViT ours W8A8, pass defaults (attention float)"), quiet():
                 module = RepQPass({}).apply(graph, ctx).graph.module
             modules["ours_default_w8a8"] = (module, evaluate(torch_runner(module, names))["accuracy"])
         except Exception as exc:
-            onnx_rows["ours_default_w8a8"] = _failure(exc)
+            onnx_rows["ours_default_w8a8"] = failure(exc)
 
     # NNCF (8-bit only) on the FP32 ONNX export; ours W8A8 exported to QDQ and run in ONNX Runtime.
-    with reporter.step("ViT FP32 ONNX export"), _quiet():
+    with reporter.step("ViT FP32 ONNX export"), quiet():
         fp32_onnx = export_onnx(graph.module, spec, tmp / "vit-fp32" / "model.onnx", optimize="none").path
     onnx_rows["fp32"] = {"accuracy_onnx": evaluate(onnx_runner(fp32_onnx))["accuracy"]}
     onnx_paths: dict[str, Path] = {"fp32": Path(fp32_onnx)}
@@ -585,7 +549,7 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
             work = tmp / "vit-nncf"
             work.mkdir(parents=True, exist_ok=True)
             pass_ = NNCFQuantize({"samples": N_CALIBRATION})
-            with reporter.step("ViT NNCF W8A8"), _quiet():
+            with reporter.step("ViT NNCF W8A8"), quiet():
                 t0 = time.perf_counter()
                 out = pass_.apply(fp32_onnx, Context(workdir=work, data=data, seed=0, reporter=reporter))
                 seconds = time.perf_counter() - t0
@@ -596,7 +560,7 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
             }
             nncf_row["config"] = {pass_.name: pass_.config.model_dump()}
         except Exception as exc:
-            nncf_row["bits"]["w8a8"] = _failure(exc)
+            nncf_row["bits"]["w8a8"] = failure(exc)
             reporter.log(f"[yellow]ViT NNCF failed:[/yellow] {exc}")
     for bits in VIT_BITS[1:]:
         nncf_row["bits"][bits] = "n/a: NNCF PTQ is 8-bit"
@@ -614,7 +578,7 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
             try:
                 path = tmp / f"vit-{row}" / "model.onnx"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with reporter.step(f"ViT {row}: QDQ export"), _quiet():
+                with reporter.step(f"ViT {row}: QDQ export"), quiet():
                     example = spec.make_torch(2)[names[0]]
                     export_qdq(
                         module, example, path, input_names=names, dynamic_axes=spec.dynamic_axes(), log_form=form
@@ -631,10 +595,10 @@ def run_vit(args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  #
                 }
                 onnx_paths[row] = path
             except Exception as exc:
-                onnx_rows[row] = {"description": description, **_failure(exc)}
+                onnx_rows[row] = {"description": description, **failure(exc)}
                 reporter.log(f"[yellow]ViT {row}: no QDQ export:[/yellow] {exc}")
     if len(onnx_paths) > 1:
-        with reporter.step("ViT ONNX latency (interleaved)"), _quiet():
+        with reporter.step("ViT ONNX latency (interleaved)"), quiet():
             bench = measure(
                 onnx_paths,
                 spec,
@@ -685,7 +649,7 @@ def run_minilm_ablation(args: argparse.Namespace, tmp: Path, reporter) -> dict[s
         rows[name] = {"config": config, "bits": {}}
         for bits in ABLATION_BITS:
             try:
-                with reporter.step(f"MiniLM ablation {name} {bits}"), _quiet():
+                with reporter.step(f"MiniLM ablation {name} {bits}"), quiet():
                     t0 = time.perf_counter()
                     result = RepQPass({**config, "default": bits}).apply(graph, ctx)
                     seconds = time.perf_counter() - t0
@@ -698,7 +662,7 @@ def run_minilm_ablation(args: argparse.Namespace, tmp: Path, reporter) -> dict[s
                     "channel_sites": (result.metrics.get("channel_sites") or {}).get("sites", []),
                 }
             except Exception as exc:
-                rows[name]["bits"][bits] = _failure(exc)
+                rows[name]["bits"][bits] = failure(exc)
                 reporter.log(f"[yellow]ablation {name} {bits} failed:[/yellow] {exc}")
     return {
         "model": "all-MiniLM-L6-v2, every Linear and both attention matmuls quantized at the given bits",
@@ -799,8 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_flags": system["cpu_flags"],
         "versions": {
             **system["versions"],
-            "nncf": _version("nncf"),
-            "modelpress": _version("modelpress"),
+            "nncf": dist_version("nncf"),
+            "modelpress": dist_version("modelpress"),
         },
     }
     with tempfile.TemporaryDirectory(prefix="modelpress-quantization-") as tmp:
