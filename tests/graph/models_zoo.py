@@ -62,14 +62,25 @@ class FusedViT(nn.Module):
 
 def build(family: str) -> ModelGraph:
     """A seeded small model of ``family`` as a ModelGraph."""
-    import transformers as T
-
     from modelpress.models.loaders import hf_input_spec
 
-    torch.manual_seed(0)
     if family == "fused":
+        torch.manual_seed(0)
         m = FusedViT()
         return ModelGraph(m.eval(), m.input_spec, {"kind": "factory", "target": "tests.graph.models_zoo:FusedViT"}, name=family)
+    m = hf_model(family)
+    spec = hf_input_spec(m)
+    if spec.kind == "image":
+        spec.shape = (3, 16, 16) if family == "vit" else (3, 32, 32)
+    source = {"kind": "hf", "class": type(m).__name__, "config": m.config.to_dict()}
+    return ModelGraph(m, spec, source, name=family)
+
+
+def hf_model(family: str) -> nn.Module:
+    """A seeded small Hugging Face model of ``family`` in eval mode (random weights, built from its config)."""
+    import transformers as T
+
+    torch.manual_seed(0)
     if family == "bert":
         m = T.BertModel(T.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, max_position_embeddings=64))
@@ -90,25 +101,45 @@ def build(family: str) -> ModelGraph:
             for mod in m.modules():
                 if type(mod).__name__.endswith("RMSNorm"):
                     mod.weight.uniform_(0.5, 1.5)
-    elif family == "resnet":
+    elif family == "resnet":  # image_size: the input size a loader reads from the config (ResNet has none)
         m = T.ResNetForImageClassification(T.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32],
-                                                          depths=[2, 2], layer_type="basic", num_labels=5))
+                                                          depths=[2, 2], layer_type="basic", num_labels=5,
+                                                          image_size=32))
     elif family == "convnext":
         m = T.ConvNextForImageClassification(T.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[2, 2],
                                                               num_stages=2, num_labels=5, image_size=32))
+    elif family == "roberta":  # positions offset by the padding id (2): 130 positions hold the default 128 tokens
+        m = T.RobertaModel(T.RobertaConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=130))
+    elif family == "albert":  # factorized embedding (32 -> 64), one layer group shared by both layers
+        m = T.AlbertModel(T.AlbertConfig(vocab_size=500, embedding_size=32, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=128, max_position_embeddings=64))
+    elif family == "electra":  # embedding projected 32 -> 64
+        m = T.ElectraModel(T.ElectraConfig(vocab_size=500, embedding_size=32, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=128, max_position_embeddings=64))
+    elif family == "deit":  # class and distillation tokens
+        m = T.DeiTForImageClassification(T.DeiTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, intermediate_size=128, num_labels=5))
+    elif family == "swin":  # windowed attention, patch merging between stages
+        m = T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1],
+                                                      num_heads=[2, 4], window_size=4, num_labels=5))
+    elif family == "mobilevit":  # hybrid: MobileNetV2 blocks and transformer blocks over unfolded patches
+        m = T.MobileViTForImageClassification(T.MobileViTConfig(
+            image_size=64, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+            num_attention_heads=2, patch_size=2, num_labels=5))
+    elif family == "levit":  # hybrid: conv stem, attention with BatchNorm'd linears, attention subsampling
+        m = T.LevitForImageClassification(T.LevitConfig(
+            image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], depths=[1, 1, 1],
+            key_dim=[8, 8, 8], num_labels=5))
     else:
         raise ValueError(family)
     m.eval()
     # BatchNorm running stats away from their init values, so channel edits are visible
     with torch.no_grad():
         for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 1.5)
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.uniform_(-0.2, 0.2)
-    spec = hf_input_spec(m)
-    if spec.kind == "image":
-        spec.shape = (3, 16, 16) if family == "vit" else (3, 32, 32)
-    source = {"kind": "hf", "class": type(m).__name__, "config": m.config.to_dict()}
-    return ModelGraph(m, spec, source, name=family)
+    return m
