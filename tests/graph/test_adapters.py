@@ -96,3 +96,21 @@ def test_bert_sample_inputs_unchanged(minilm):
 def test_hand_made_small_vocab_specs_stay_in_range(vocab):
     ids = InputSpec("text", ["input_ids"], vocab_size=vocab).make(3, 20, seed=0)["input_ids"]
     assert ids.min() >= 0 and ids.max() < vocab
+
+
+def test_roberta_positions_leave_room_for_the_padding_offset():
+    """RoBERTa's position ids start after the pad id: a 64-position table takes 62 tokens, and the input
+    spec (summary, export checks, latency shapes) stays within it."""
+    import transformers
+
+    from modelpress.graph import ModelGraph
+    from modelpress.graph.adapters import max_sequence_length
+    from modelpress.models.loaders import hf_input_spec
+
+    model = transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64)).eval()
+    assert max_sequence_length(model) == 62
+    spec = hf_input_spec(model)
+    assert spec.max_seq_len == 62 and spec.default_seq_len == 62
+    assert ModelGraph(model, spec).summary()["parameters"] > 0  # ran at the default length without IndexError

@@ -275,6 +275,24 @@ def hidden_size(module: nn.Module) -> int | None:
 
 # Used only when neither a tokenizer nor a config says otherwise (BERT uncased: the historic default,
 # which keeps sample inputs of hand-made InputSpecs unchanged).
+# families whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids)
+_PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "ibert",
+                             "xlm-roberta-xl", "roberta-prelayernorm", "luke", "markuplm", "esm"}
+
+
+def max_sequence_length(module: nn.Module) -> int | None:
+    """The longest input the model's position table takes (None: unknown or unbounded): the config's
+    ``max_position_embeddings``, less the padding offset where position ids start after the pad id."""
+    config = hf_config(module)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    if getattr(config, "model_type", None) in _PADDING_OFFSET_POSITIONS:
+        pad = getattr(config, "pad_token_id", None)
+        positions -= (pad if isinstance(pad, int) and pad >= 0 else 0) + 1
+    return max(1, positions)
+
+
 FALLBACK_VOCAB_SIZE = 30522
 FALLBACK_CLS_ID = 101
 _SPECIAL = ("cls", "bos", "sep", "eos", "pad")

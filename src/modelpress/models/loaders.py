@@ -18,7 +18,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.graph import InputSpec, ModelGraph
-from modelpress.graph.adapters import input_defaults
+from modelpress.graph.adapters import input_defaults, max_sequence_length
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -188,8 +188,7 @@ def hf_input_spec(module: nn.Module, tokenizer: Any = None) -> InputSpec:
     # but has none (it would add the embedding of token 0 to every position when fed zeros)
     if getattr(config, "type_vocab_size", None) in (0, None) and "token_type_ids" in names:
         names.remove("token_type_ids")
-    positions = getattr(config, "max_position_embeddings", None)
-    positions = positions if isinstance(positions, int) and positions > 0 else None
+    positions = max_sequence_length(module)
     seq = min(128, positions or 128)
     defaults = input_defaults(module, tokenizer)
     return InputSpec("text", names, vocab_size=defaults.vocab_size, default_seq_len=seq,
