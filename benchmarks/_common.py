@@ -220,3 +220,8 @@ def quiet():  # noqa: ANN201 - a context manager
                 lg.setLevel(level)
 
     return _quiet()
+
+
+def fmt(x: Any, spec: str, suffix: str = "") -> str:
+    """A table cell: ``x`` formatted with ``spec`` (and ``suffix``), "-" when missing."""
+    return "-" if x is None else format(x, spec) + suffix

@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
     console,
     dist_version,
     failure,
+    fmt,
     parse_timing_args,
     quiet,
     recipe_options,
@@ -408,10 +409,6 @@ def _plain(verification: Any) -> dict[str, Any] | None:
     return dataclasses.asdict(verification)
 
 
-def _fmt(x: Any, spec: str, suffix: str = "") -> str:
-    return "-" if x is None else format(x, spec) + suffix
-
-
 def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
     from rich.markup import escape
     from rich.table import Table
@@ -428,16 +425,16 @@ def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
             continue
         lat = e.get("latency", {})
         cells = [
-            f"{_fmt(lat.get(f'batch{b}', {}).get('speedup_vs_fp32'), '.2f', 'x')} "
-            f"({_fmt(lat.get(f'batch{b}', {}).get('median_ms'), '.2f')})"
+            f"{fmt(lat.get(f'batch{b}', {}).get('speedup_vs_fp32'), '.2f', 'x')} "
+            f"({fmt(lat.get(f'batch{b}', {}).get('median_ms'), '.2f')})"
             for b in BATCHES
         ]
         q = e.get("quality", {})
         table.add_row(
-            name, *cells, _fmt(e["file_size_bytes"] / 1e6, ".2f"), _fmt(e.get("integer_kernels"), "d"),
-            _fmt(q.get("next_token_kl"), ".2e"),
-            _fmt(q.get("top1_agreement"), ".4f"),
-            f"{_fmt(q.get('perplexity'), '.2f')} (ref {_fmt(q.get('reference_perplexity'), '.2f')})",
+            name, *cells, fmt(e["file_size_bytes"] / 1e6, ".2f"), fmt(e.get("integer_kernels"), "d"),
+            fmt(q.get("next_token_kl"), ".2e"),
+            fmt(q.get("top1_agreement"), ".4f"),
+            f"{fmt(q.get('perplexity'), '.2f')} (ref {fmt(q.get('reference_perplexity'), '.2f')})",
         )
     con.print(table)
 

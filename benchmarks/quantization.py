@@ -59,6 +59,7 @@ from _common import (  # noqa: E402
     console,
     dist_version,
     failure,
+    fmt,
     parse_timing_args,
     quiet,
     recipe_options,
@@ -806,10 +807,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fmt(x: Any, spec: str, suffix: str = "") -> str:
-    return "-" if x is None else format(x, spec) + suffix
-
-
 def print_minilm(con, res: dict[str, Any]) -> None:  # noqa: ANN001
     from rich.table import Table
 
@@ -832,17 +829,17 @@ def print_minilm(con, res: dict[str, Any]) -> None:  # noqa: ANN001
             for b in BATCHES:
                 s = lat.get(f"threads{threads}_batch{b}", {})
                 cells.append(
-                    f"{_fmt(s.get('speedup_vs_fp32'), '.2f', 'x')} ({_fmt(s.get('median_ms'), '.1f')})"
+                    f"{fmt(s.get('speedup_vs_fp32'), '.2f', 'x')} ({fmt(s.get('median_ms'), '.1f')})"
                 )
         fid = e.get("fidelity", {})
         table.add_row(
             name,
             *cells,
-            _fmt(e.get("file_size_bytes", 0) / 1e6, ".1f"),
-            _fmt(e.get("calibration_seconds"), ".1f"),
+            fmt(e.get("file_size_bytes", 0) / 1e6, ".1f"),
+            fmt(e.get("calibration_seconds"), ".1f"),
             "-" if not fid else f"{fid['fidelity_mean']:.4f} ({fid['fidelity_min']:.4f})",
-            _fmt(fid.get("spearman"), ".4f"),
-            _fmt(e.get("integer_kernels"), "d"),
+            fmt(fid.get("spearman"), ".4f"),
+            fmt(e.get("integer_kernels"), "d"),
         )
     con.print(table)
     acc = res["acceptance"]
@@ -895,7 +892,7 @@ def print_vit(con, res: dict[str, Any]) -> None:  # noqa: ANN001
     fp32 = onnx_rows.get("fp32", {}).get("accuracy_onnx")
     con.print(
         f"W8A8 QDQ ONNX in ONNX Runtime on this CPU (VNNI: {res['cpu_has_vnni']}; FP32 ONNX "
-        f"{_fmt(fp32, '.4f')}):"
+        f"{fmt(fp32, '.4f')}):"
     )
     for name, q in onnx_rows.items():
         if name == "fp32" or not q:
