@@ -7,7 +7,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import sys
 import tempfile
 import traceback
@@ -119,22 +118,6 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ModelpressError(f"output {out} exists and is not a directory", "choose another -o")
     check_writable(out)
-
-
-@contextlib.contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out`, renamed to `out` when the block completes and removed when it
-    fails: a run never leaves a half-written output folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # OS errors that come from the user's paths or machine (permissions, read-only or full disks), not from a bug

@@ -28,7 +28,6 @@ from modelpress.cli.common import (
     print_json,
     print_rich,
     reporter,
-    staged_dir,
 )
 from modelpress.errors import ModelpressError
 
@@ -55,6 +54,7 @@ def run_recipe(
         out = Path(f"compressed-{graph.name}-{recipe.name}")
         check_output_dir(out, overwrite)
     from modelpress.data import infer_task, load_data
+    from modelpress.models.saving import staged_dir
 
     task_data = load_data(data, graph.input_spec, graph.tokenizer, seed=seed, n_calibration=128)
     with staged_dir(out) as tmp:
