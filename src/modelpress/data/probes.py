@@ -19,6 +19,10 @@ can record (``stats``):
   saliencies like NViT's ``E_batches[(sum_{s in S} w_s g_s)^2]`` can be computed for any group afterwards
   (:meth:`Statistics.saliency`). Memory: ``(batches + 1) x numel x 4`` bytes per parameter; ask only for
   the parameters you will score.
+* ``"grad_sq"``: the sum over batches of each squared gradient entry (float64, one tensor per parameter,
+  never stored per batch): with one sample per batch it is the per-sample accumulator of the empirical
+  Fisher diagonal ``E[g^2]`` that Optimal Brain Damage needs (:meth:`Statistics.fisher_diagonal`).
+  Memory: ``numel x 8`` bytes per parameter.
 * ``"per_class"``: per-class mean of each layer's output units, for batches that carry labels
   (``batch[label_key]``, one integer per sample): each sample's output is averaged over its positions,
   then over the samples of each class (float64).
@@ -47,7 +51,7 @@ from modelpress.progress import QUIET, Reporter
 
 __all__ = ["STATS", "LayerStatistics", "Statistics", "collect"]
 
-STATS = frozenset({"inputs", "outputs", "xtx", "grads", "per_class"})
+STATS = frozenset({"inputs", "outputs", "xtx", "grads", "grad_sq", "per_class"})
 
 LayerSelection = Sequence[str] | Callable[[str, nn.Module], bool] | None
 Transform = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -86,7 +90,16 @@ class Statistics:
     layers: dict[str, LayerStatistics]
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> [batches, *param.shape]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> its value during the pass
+    grad_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> sum over batches of g^2
     batches: int = 0
+
+    def fisher_diagonal(self, name: str) -> torch.Tensor:
+        """``E_batches[g^2]`` of parameter ``name`` (float64); per sample when batches hold one sample."""
+        if name not in self.grad_sq:
+            raise ModelpressError(
+                f"no squared gradients were collected for {name!r}", "collect with stats={'grad_sq'}"
+            )
+        return self.grad_sq[name] / max(1, self.batches)
 
     def __getitem__(self, layer: str) -> LayerStatistics:
         return self.layers[layer]
@@ -143,12 +156,12 @@ def collect(
     """
     wanted = _check(stats, loss_fn, stop_after, max_rows)
     named = _select_layers(module, layers)
-    if wanted - {"grads"} and not named:
+    if wanted - {"grads", "grad_sq"} and not named:
         raise ModelpressError(
-            f"statistics {sorted(wanted - {'grads'})} need layers to probe", "name the layers"
+            f"statistics {sorted(wanted - {'grads', 'grad_sq'})} need layers to probe", "name the layers"
         )
     probe = _Probe(named, wanted, transform, dict(feature_dims or {}))
-    grad_params = _grad_params(module, named, params) if "grads" in wanted else {}
+    grad_params = _grad_params(module, named, params) if wanted & {"grads", "grad_sq"} else {}
     probe.result.weights = {n: p.detach().clone() for n, p in grad_params.items()}
     per_batch: dict[str, list[torch.Tensor]] = {n: [] for n in grad_params}
     items = list(batches)
@@ -164,7 +177,12 @@ def collect(
                 loss = loss_fn(_forward(module, fed, label_key), fed)
                 grads = torch.autograd.grad(loss, list(grad_params.values()), allow_unused=True)
                 for (n, p), g in zip(grad_params.items(), grads, strict=True):
-                    per_batch[n].append((torch.zeros_like(p) if g is None else g).detach().float().cpu())
+                    g = (torch.zeros_like(p) if g is None else g).detach()
+                    if "grads" in wanted:
+                        per_batch[n].append(g.float().cpu())
+                    if "grad_sq" in wanted:
+                        sq = g.double().cpu().pow(2)
+                        probe.result.grad_sq[n] = probe.result.grad_sq[n] + sq if n in probe.result.grad_sq else sq
             else:
                 with torch.no_grad():
                     try:
@@ -184,9 +202,9 @@ def _check(stats: Iterable[str], loss_fn: LossFn | None, stop_after: str | None,
     unknown = wanted - STATS
     if unknown:
         raise ModelpressError(f"unknown statistics {sorted(unknown)}", f"choose from {sorted(STATS)}")
-    if "grads" in wanted and loss_fn is None:
+    if wanted & {"grads", "grad_sq"} and loss_fn is None:
         raise ModelpressError("gradients need a loss", "pass loss_fn=(output, batch) -> scalar tensor")
-    if stop_after is not None and wanted & {"grads", "per_class", "outputs"}:
+    if stop_after is not None and wanted & {"grads", "grad_sq", "per_class", "outputs"}:
         raise ModelpressError(
             "stop_after cuts the forward short, so it only serves input statistics", "drop stop_after"
         )

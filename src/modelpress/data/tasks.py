@@ -69,6 +69,26 @@ class Task:
         """Per-sample values the metrics need from one batch's primary output."""
         raise NotImplementedError
 
+    def fisher_loss(
+        self,
+        output: torch.Tensor,
+        reference: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """A loss whose squared gradients estimate the curvature of distilling from ``reference``.
+
+        At the unpruned model the distillation loss and its gradient vanish, so squared gradients of that
+        loss carry no information. Drawing the targets from the reference's predictive distribution (a
+        Monte-Carlo Fisher) keeps the expected gradient equal to the distillation gradient while
+        ``E[(w . g)^2]`` estimates ``w^T F w``, the second-order loss change of removing ``w`` (NViT's
+        Hessian-aware saliency, label-free). ``generator`` draws the targets (seeded by the caller).
+        """
+        raise ModelpressError(
+            f"the {self.name or type(self).__name__} task has no curvature loss for gradient saliency",
+            "use saliency=magnitude, or a classification, embedding or language-model task",
+        )
+
     def metrics(
         self, candidate: np.ndarray, reference: np.ndarray | None, split: DataSplit
     ) -> dict[str, float]:  # pragma: no cover - interface
@@ -156,6 +176,26 @@ class EmbeddingTask(Task):
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         return pool(output, batch.get("attention_mask"))
 
+    def fisher_loss(
+        self,
+        output: torch.Tensor,
+        reference: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Gauss-Newton curvature of hidden-state distillation: ``0.5 * ||(out - ref) / rms(ref) - e||^2``
+        per token (mean over the attention mask's tokens), ``e ~ N(0, I)``; its squared gradients
+        estimate ``J^T J`` of the normalized hidden states (see :meth:`Task.fisher_loss`)."""
+        ref = reference.to(output.dtype)
+        scale = ref.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)
+        noise = torch.randn(ref.shape, generator=generator, dtype=output.dtype).to(output.device)
+        per_token = 0.5 * ((output - ref) / scale - noise).pow(2).sum(dim=-1)
+        mask = batch.get("attention_mask")
+        if mask is None or per_token.dim() != 2:
+            return per_token.mean()
+        m = mask.to(per_token.dtype)
+        return (per_token * m).sum() / m.sum().clamp_min(1.0)
+
     def metrics(
         self, candidate: np.ndarray, reference: np.ndarray | None, split: DataSplit
     ) -> dict[str, float]:
@@ -215,6 +255,19 @@ class ClassificationTask(Task):
             return distill
         ce = torch.nn.functional.cross_entropy(student_output, labels, label_smoothing=label_smoothing)
         return (1.0 - label_weight) * distill + label_weight * ce
+
+    def fisher_loss(
+        self,
+        output: torch.Tensor,
+        reference: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Cross-entropy against classes drawn from the reference's softmax (the true Fisher of the
+        distillation loss; see :meth:`Task.fisher_loss`)."""
+        probs = torch.softmax(reference.detach().double(), dim=-1).cpu()
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(output.device)
+        return torch.nn.functional.cross_entropy(output, drawn)
 
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         if output.ndim != 2:
@@ -316,6 +369,23 @@ class LanguageModelTask(Task):
         if ce is None or label_weight <= 0:
             return distill
         return (1.0 - label_weight) * distill + label_weight * ce
+
+    def fisher_loss(
+        self,
+        output: torch.Tensor,
+        reference: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Cross-entropy against next tokens drawn from the reference's distribution at every counted
+        position (see :meth:`Task.fisher_loss`)."""
+        weights = _next_token_weights(batch.get("attention_mask"), output.shape[:2], output.device)
+        probs = torch.softmax(reference.detach().double().reshape(-1, reference.shape[-1]), dim=-1).cpu()
+        drawn = torch.multinomial(probs, 1, generator=generator).reshape(-1).to(output.device)
+        per_token = torch.nn.functional.cross_entropy(
+            output.reshape(-1, output.shape[-1]), drawn, reduction="none"
+        )
+        return (per_token * weights.reshape(-1)).sum() / weights.sum().clamp_min(1.0)
 
     # ----- evaluation
     # Per-sample summary columns: negative log-likelihood sum, counted positions, KL sum, agreements.

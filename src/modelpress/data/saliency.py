@@ -1,0 +1,236 @@
+"""Saliency of the units of graph groups: how much the loss grows when a unit goes (higher is kept).
+
+One interface for every criterion, so pruning and search rank heads, head widths, MLP units,
+residual channels and whole blocks on one scale:
+
+* ``magnitude``: the L2 norm of each unit's weight slices, summed over the matrices and kernels it
+  touches (no data; vectors such as biases and norm scales are left out).
+* ``taylor``: ``E_batches |sum_{s in S} w_s g_s|``, first-order Taylor of removing S, batch by batch.
+* ``hessian`` (NViT, Yang et al., CVPR 2023, sec. 3.2): ``E_batches[(sum_{s in S} w_s g_s)^2]``, the mean
+  of squares over batches (not the square of the mean). With the Fisher approximation of the Hessian
+  ``H ~ E[g g^T]`` this is ``w_S^T H w_S``, twice the second-order loss increase of setting S to zero,
+  and it is comparable across layers and kinds without a normalizing constant.
+* ``obd`` (Optimal Brain Damage): ``0.5 * sum_{s in S} w_s^2 E_samples[g_s^2]``, the diagonal Fisher from
+  per-sample gradients (each sample its own backward pass; :func:`modelpress.data.probes.collect`'s
+  ``grad_sq`` accumulator).
+
+The loss ``L`` is label-free distillation against the unpruned model: :meth:`Task.fisher_loss`, whose
+targets are drawn from the reference's predictive distribution (a Monte-Carlo Fisher: at the unpruned
+model the plain distillation gradient is zero, the sampled one is not, and its squared expectation is the
+curvature). With ``label_weight > 0`` and labelled data, cross-entropy against the labels is used
+instead (NViT's setting). Batches are drawn in the data's order; each batch loss is the mean over its
+samples, so the scale of ``hessian`` depends on the batch size: compare scores from one call only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.data.probes import collect
+from modelpress.data.sources import DataSplit
+from modelpress.data.tasks import Task
+from modelpress.errors import ModelpressError
+from modelpress.graph import Group, ModelGraph
+from modelpress.graph.inputs import primary_output
+from modelpress.graph.run import call_module
+from modelpress.progress import QUIET, Reporter
+
+__all__ = ["CRITERIA", "group_saliency", "magnitude", "unit_sums"]
+
+CRITERIA = ("magnitude", "taylor", "hessian", "obd")
+_LABEL_KEY = "labels"
+
+
+def magnitude(graph: ModelGraph, group: Group) -> np.ndarray:
+    """L2 norm of each unit's weight slices, summed over the matrices/kernels it touches.
+
+    Vectors (biases, norm scales) are left out: their scale is not comparable to weights'.
+    """
+    state = graph.state()
+    scores = np.zeros(group.size, dtype=np.float64)
+    for slot in group.slots:
+        param, axis = slot
+        t = state[param].detach().float()
+        if t.dim() < 2:
+            continue
+        moved = t.movedim(axis, 0).reshape(t.shape[axis], -1)
+        sq = (moved**2).sum(1)
+        for u, unit in enumerate(group.units):
+            scores[u] += float(torch.sqrt(sq[torch.as_tensor(unit[slot])].sum()))
+    return scores
+
+
+def unit_sums(values: dict[str, torch.Tensor], group: Group, lead: int = 0) -> torch.Tensor:
+    """``sum_{s in unit} values[param][s]`` for every unit of ``group``: [*lead dims, units] float64.
+
+    ``values[param]`` has the parameter's shape, after ``lead`` leading axes (per batch, say); slots whose
+    parameter is missing from ``values`` (buffers) are skipped.
+    """
+    total: torch.Tensor | None = None
+    for param, axis in group.slots:
+        if param not in values:
+            continue
+        v = values[param].double()
+        ax = axis + lead
+        per_pos = v.movedim(ax, -1)
+        per_pos = per_pos.reshape(*per_pos.shape[:lead], -1, per_pos.shape[-1]).sum(dim=lead)  # [*lead, L]
+        owner = torch.full((per_pos.shape[-1],), group.size, dtype=torch.long)
+        for u, unit in enumerate(group.units):
+            owner[torch.as_tensor(unit[(param, axis)], dtype=torch.long)] = u
+        sums = torch.zeros(*per_pos.shape[:-1], group.size + 1, dtype=torch.float64)
+        sums.index_add_(lead, owner, per_pos)
+        part = sums[..., : group.size]
+        total = part if total is None else total + part
+    if total is None:
+        shape = (*next(iter(values.values())).shape[:lead], group.size) if values else (group.size,)
+        return torch.zeros(shape, dtype=torch.float64)
+    return total
+
+
+def group_saliency(
+    graph: ModelGraph,
+    criterion: str,
+    *,
+    groups: Sequence[Group] | None = None,
+    data: DataSplit | None = None,
+    task: Task | None = None,
+    reference: nn.Module | None = None,
+    label_weight: float = 0.0,
+    max_batches: int | None = None,
+    obd_samples: int = 64,
+    param_sets: dict[str, Sequence[str]] | None = None,
+    seed: int = 0,
+    reporter: Reporter = QUIET,
+) -> dict[str, np.ndarray]:
+    """Per-unit saliency of every group in ``groups`` (default: the graph's prunable groups), by name.
+
+    ``param_sets`` adds whole sets of parameters scored as one unit each (a block: every parameter
+    inside it, removed together), under their own names.
+
+    Gradient criteria need ``data`` (batches of the model's inputs), the ``task`` (its
+    :meth:`Task.fisher_loss`) and the ``reference`` model to distil from (default: a copy of the graph
+    as it is now). One backward pass per batch serves every group (``obd``: one per sample, at most
+    ``obd_samples``). Deterministic for ``seed``.
+    """
+    if criterion not in CRITERIA:
+        raise ModelpressError(f"unknown saliency {criterion!r}", f"choose one of {', '.join(CRITERIA)}")
+    groups = list(groups) if groups is not None else [g for g in graph.groups if g.prunable]
+    sets = {k: list(v) for k, v in (param_sets or {}).items()}
+    if criterion == "magnitude":
+        out = {g.name: magnitude(graph, g) for g in groups}
+        state = graph.state()
+        for k, names in sets.items():
+            out[k] = np.array([float(sum(state[n].detach().double().pow(2).sum() for n in names) ** 0.5)])
+        return out
+    if data is None or not len(data):
+        raise ModelpressError(f"{criterion} saliency needs data to take gradients on", "give calibration data")
+    if task is None:
+        raise ModelpressError(f"{criterion} saliency needs the task (its loss)", "pass task=")
+    if label_weight > 0 and data.labels is None:
+        raise ModelpressError(
+            "label_weight > 0 asks for labels, and the data has none", "set label_weight=0 (label-free)"
+        )
+    module = graph.module
+    teacher = reference if reference is not None else graph.copy().module
+    names = list(graph.input_spec.names)
+    params = sorted(set(_group_params(module, groups)) | {n for v in sets.values() for n in v})
+    batches = _batches(data, max_batches, label_weight > 0)
+    if criterion == "obd":
+        batches = _single_samples(batches, obd_samples)
+    loss_fn = _loss(task, teacher, names, label_weight > 0, seed)
+    wanted = {"grad_sq"} if criterion == "obd" else {"grads"}
+    was_training = module.training
+    module.eval()
+    try:
+        with _grads_enabled(module):
+            stats = collect(
+                module, batches, None, wanted, loss_fn=loss_fn, params=params, label_key=_LABEL_KEY,
+                reporter=reporter,
+            )
+    finally:
+        module.train(was_training)
+    out: dict[str, np.ndarray] = {}
+    if criterion == "obd":
+        fisher = {n: stats.weights[n].double().pow(2) * stats.fisher_diagonal(n) for n in params}
+        for g in groups:
+            out[g.name] = (0.5 * unit_sums(fisher, g)).numpy()
+        for k, names in sets.items():
+            out[k] = np.array([0.5 * float(sum(fisher[n].sum() for n in names))])
+        return out
+    wg = {n: stats.grads[n].double() * stats.weights[n].double().unsqueeze(0) for n in params}
+    for g in groups:
+        per_batch = unit_sums(wg, g, lead=1)  # [batches, units]
+        if criterion == "hessian":
+            out[g.name] = per_batch.pow(2).mean(0).numpy()
+        else:  # taylor
+            out[g.name] = per_batch.abs().mean(0).numpy()
+    for k, names in sets.items():
+        per_batch = sum(wg[n].reshape(wg[n].shape[0], -1).sum(1) for n in names)
+        value = per_batch.pow(2).mean() if criterion == "hessian" else per_batch.abs().mean()
+        out[k] = np.array([float(value)])
+    return out
+
+
+def _group_params(module: nn.Module, groups: Sequence[Group]) -> list[str]:
+    named = dict(module.named_parameters())
+    params = sorted({p for g in groups for p, _ in g.slots if p in named})
+    if not params and groups:
+        raise ModelpressError("the groups touch no trainable parameters", "score groups of weights")
+    return params
+
+
+def _batches(data: DataSplit, max_batches: int | None, with_labels: bool) -> list[dict[str, torch.Tensor]]:
+    items = list(data.batches)[: max_batches or None]
+    out = []
+    for i, b in enumerate(items):
+        b = dict(b)
+        if with_labels and data.labels is not None:
+            b[_LABEL_KEY] = data.labels[i]
+        out.append(b)
+    return out
+
+
+def _single_samples(batches: list[dict[str, torch.Tensor]], limit: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for b in batches:
+        n = len(next(iter(b.values())))
+        for i in range(n):
+            if len(out) >= limit:
+                return out
+            out.append({k: v[i : i + 1] for k, v in b.items()})
+    return out
+
+
+def _loss(task: Task, teacher: nn.Module, names: list[str], labelled: bool, seed: int) -> Any:
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = primary_output(output)
+        if labelled:
+            return task.loss(out, None, batch)
+        with torch.no_grad():
+            ref = primary_output(call_module(teacher, batch, names))
+        return task.fisher_loss(out, ref, batch, generator)
+
+    return loss
+
+
+class _grads_enabled:
+    """Temporarily mark every parameter trainable (frozen ones would get no gradient)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.params = list(module.parameters())
+        self.flags = [p.requires_grad for p in self.params]
+
+    def __enter__(self) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def __exit__(self, *exc: object) -> None:
+        for p, f in zip(self.params, self.flags, strict=True):
+            p.requires_grad_(f)

@@ -1,0 +1,140 @@
+"""What pruning saves: the resource a unit costs (parameters, MACs or latency) and the model's total.
+
+Parameters and MACs are counted from the unit's parameter slices: a slice of a Linear or convolution
+weight costs its elements times the positions the layer runs at (tokens, pixels) for MACs, and its
+elements for parameters; biases and norm vectors count as parameters only. The attention products
+(QK^T, AV) are not counted per unit (they scale with the head width and the sequence squared; the
+latency model sees them). Latency comes from a latency model over per-block widths
+(:func:`widths`), whose slope gives the saving of one unit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.graph import Group, ModelGraph
+from modelpress.graph.stats import block_widths, count_macs, embedding_width, in_block
+
+RESOURCES = ("params", "macs", "latency")
+
+
+@dataclass
+class Widths:
+    """The shape a latency model reads: per block (path) heads, head dim and MLP width; embedding width."""
+
+    blocks: dict[str, dict[str, int]]
+    embedding: int
+
+    def without(self, group: Group, n: int = 1) -> Widths:
+        """The widths after removing ``n`` units of ``group`` (its kind decides which width shrinks)."""
+        out = Widths(copy.deepcopy(self.blocks), self.embedding)
+        if group.kind == "embedding":
+            out.embedding -= n
+            return out
+        for path, row in out.blocks.items():
+            if not in_block(group.scope, path):
+                continue
+            if group.kind == "head":
+                row["heads"] = row.get("heads", 0) - n * group.heads_per_unit
+            elif group.kind == "head_dim":
+                row["head_dim"] = row.get("head_dim", 0) - n
+            elif group.kind == "mlp":
+                row["mlp"] = row.get("mlp", 0) - n
+            return out
+        return out
+
+    def without_block(self, path: str) -> Widths:
+        return Widths({k: dict(v) for k, v in self.blocks.items() if k != path}, self.embedding)
+
+
+def widths(graph: ModelGraph) -> Widths:
+    rows = {
+        r["block"]: {k: int(r[k]) for k in ("heads", "head_dim", "mlp") if k in r} for r in block_widths(graph)
+    }
+    return Widths(rows, int(embedding_width(graph) or 0))
+
+
+LatencyFn = Callable[[Widths], float]
+
+
+def _positions(graph: ModelGraph) -> dict[str, int]:
+    """Rows each Linear/conv module computes per forward at batch 1 (tokens, or output pixels)."""
+    found: dict[str, int] = {}
+    hooks = []
+    for name, mod in graph.module.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            def hook(m: nn.Module, _args: object, out: torch.Tensor, name: str = name) -> None:
+                width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+                found[name] = found.get(name, 0) + int(out.numel() // max(1, width))
+
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        seq = graph.input_spec.default_seq_len if graph.input_spec.kind == "text" else None
+        graph.forward(graph.example_inputs(1, seq))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+class Costs:
+    """Per-unit cost of every group in one resource, and the model's total."""
+
+    def __init__(self, graph: ModelGraph, resource: str, latency: LatencyFn | None = None) -> None:
+        if resource not in RESOURCES:
+            raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}")
+        self.resource = resource
+        self.latency = latency
+        self.positions = _positions(graph) if resource == "macs" else {}
+
+    def total(self, graph: ModelGraph) -> float:
+        if self.resource == "params":
+            return float(graph.num_parameters())
+        if self.resource == "macs":
+            seq = graph.input_spec.default_seq_len if graph.input_spec.kind == "text" else None
+            return float(count_macs(graph, 1, seq))
+        return float(self.latency(widths(graph)))
+
+    def units(self, graph: ModelGraph, group: Group, current: Widths | None = None) -> np.ndarray:
+        """The cost of each unit of ``group`` (the saving its removal brings)."""
+        if self.resource == "latency":
+            current = current or widths(graph)
+            step = self.latency(current) - self.latency(current.without(group, 1))
+            return np.full(group.size, max(step, 0.0))
+        per_unit = np.zeros(group.size)
+        params = dict(graph.module.named_parameters())
+        for param, axis in group.slots:
+            t = params.get(param)
+            if t is None:
+                continue
+            per_elem = t.numel() // max(1, t.shape[axis])
+            if self.resource == "macs":
+                owner = param.rsplit(".", 1)[0]
+                mod = graph.module.get_submodule(owner) if owner in self.positions else None
+                if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not param.endswith("weight"):
+                    continue
+                per_elem *= self.positions.get(owner, 0)
+            per_unit += np.array([len(u[(param, axis)]) for u in group.units]) * per_elem
+        return per_unit
+
+    def block(self, graph: ModelGraph, path: str, current: Widths | None = None) -> float:
+        """The saving of deleting block ``path``."""
+        if self.resource == "latency":
+            current = current or widths(graph)
+            return max(self.latency(current) - self.latency(current.without_block(path)), 0.0)
+        mod = graph.module.get_submodule(path)
+        if self.resource == "params":
+            return float(sum(p.numel() for p in mod.parameters()))
+        return float(
+            sum(
+                p.numel() * self.positions.get(f"{path}.{n.rsplit('.', 1)[0]}", 0)
+                for n, p in mod.named_parameters()
+                if n.endswith("weight")
+            )
+        )

@@ -1,0 +1,303 @@
+"""Global structural pruning (NViT): one ranking across every group of every kind, iterated to a target.
+
+Each iteration scores every unit of every prunable group (heads, head widths, MLP units, residual
+channels) and every removable block with one saliency criterion, ranks them on one scale, removes the
+lowest-ranked units until this iteration's share of the target is met, optionally recovers for a few
+steps, and re-scores. The target is a fraction of the original's parameters, MACs or latency (predicted
+by the Context's latency model; the pass measures the real speedup at the end when a Target is set).
+
+Ranking (``rank``):
+- ``"nvit"``: ``I_u - eta * dLat_u`` (NViT's latency-aware score; ``eta = 0`` ranks by saliency alone).
+  ``eta: auto`` makes the two terms equal at their medians over the candidate units of the first iteration
+  (reported in the metrics, so the constant is never silent).
+- ``"per_cost"``: ``I_u / cost_u``, the loss increase per unit of the target resource saved.
+Floors keep at least a fraction of every group (``floors``, per kind); kept widths are rounded to
+multiples of ``round_to`` (per kind; 8 by default for MLP, head width and residual width).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from modelpress.data.saliency import CRITERIA, group_saliency
+from modelpress.errors import ModelpressError
+from modelpress.graph import Group, ModelGraph
+from modelpress.passes import GraphPass, PassConfig, PassResult, register
+from modelpress.prune.budget import Costs, widths
+
+Kind = Literal["head", "head_dim", "mlp", "embedding", "conv", "block"]
+
+_DEFAULT_FLOORS = {"head": 0.0, "head_dim": 0.25, "mlp": 0.05, "embedding": 0.5, "conv": 0.1}
+_DEFAULT_ROUND = {"mlp": 8, "head_dim": 8, "embedding": 8, "conv": 8}
+
+
+class GlobalConfig(PassConfig):
+    saliency: Literal["magnitude", "taylor", "hessian", "obd"] = "hessian"
+    target: Literal["params", "macs", "latency"] = "params"
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # keep this fraction of the original's target resource
+    kinds: list[Kind] = Field(default_factory=lambda: ["head", "head_dim", "mlp", "embedding", "conv", "block"])
+    iterations: int = Field(4, ge=1)
+    rank: Literal["nvit", "per_cost"] = "per_cost"
+    eta: float | Literal["auto"] = 0.0
+    floors: dict[Kind, float] = Field(default_factory=dict)
+    round_to: dict[Kind, int] = Field(default_factory=dict)
+    batches: int = Field(16, ge=1)  # calibration batches the saliency averages over
+    label_weight: float = Field(0.0, ge=0.0, le=1.0)
+    recover_steps: int = Field(0, ge=0)  # distillation steps after each iteration but the last
+    recover_lr: float = Field(5e-5, gt=0)
+    tolerance: float = Field(0.02, ge=0.0)  # accept the target within this fraction of the original
+    measure: bool = True  # confirm a latency target with a real measurement on the Context's Target
+
+    def model_post_init(self, __context: object) -> None:
+        for kind, f in self.floors.items():
+            if not 0.0 <= f < 1.0:
+                raise ValueError(f"floors.{kind} must be in [0, 1), got {f}")
+        for kind, n in self.round_to.items():
+            if n < 1:
+                raise ValueError(f"round_to.{kind} must be >= 1, got {n}")
+
+
+@dataclass
+class _Candidate:
+    group: str  # group name, or block path for kind "block"
+    unit: int
+    score: float
+    cost: float
+    rank: float = 0.0
+
+
+@register
+class GlobalPrune(GraphPass):
+    """Hessian-aware global structural pruning to a parameter, MAC or latency target (NViT)."""
+
+    name = "prune.global"
+    Config = GlobalConfig
+
+    def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
+        cfg = self.config
+        floors = {**_DEFAULT_FLOORS, **cfg.floors}
+        rounding = {**_DEFAULT_ROUND, **cfg.round_to}
+        latency_fn = _latency_fn(ctx) if cfg.target == "latency" or (cfg.rank == "nvit" and cfg.eta != 0) else None
+        out = graph.copy()
+        original_sizes = {g.name: g.size for g in out.groups}
+        costs = Costs(out, cfg.target, latency_fn)
+        start = costs.total(out)
+        goal = cfg.ratio * start
+        eta = None if cfg.eta == "auto" else float(cfg.eta)
+        history: list[dict] = []
+        for it in range(cfg.iterations):
+            costs = Costs(out, cfg.target, latency_fn)
+            now = costs.total(out)
+            step_goal = start - (start - goal) * (it + 1) / cfg.iterations
+            if now <= step_goal + cfg.tolerance * start * 0.5:
+                continue
+            cands = self._candidates(out, ctx, costs, floors, original_sizes)
+            if not cands:
+                break
+            if cfg.rank == "nvit" and latency_fn is not None:
+                eta = _auto_eta(out, cands, latency_fn) if eta is None else eta
+                lat = _latency_costs(out, cands, latency_fn) if cfg.target != "latency" else None
+                for c in cands:
+                    c.rank = c.score - eta * (c.cost if lat is None else lat[(c.group, c.unit)])
+            elif cfg.rank == "nvit":
+                for c in cands:
+                    c.rank = c.score
+            else:
+                for c in cands:
+                    c.rank = c.score / max(c.cost, 1e-12)
+            plan, blocks = _select(out, cands, now - step_goal, floors, rounding, original_sizes)
+            if not plan and not blocks:
+                break
+            out.remove_many(list(plan.items()))
+            for path in sorted(blocks, key=_block_index, reverse=True):
+                out.remove_block(path)
+            after = Costs(out, cfg.target, latency_fn).total(out)
+            history.append({"iteration": it, "removed_units": {k: len(v) for k, v in plan.items()},
+                            "removed_blocks": blocks, cfg.target: after})
+            ctx.reporter.log(
+                f"  iteration {it + 1}/{cfg.iterations}: {cfg.target} {after / start:.3f} of the original"
+                f" ({sum(len(v) for v in plan.values())} units, {len(blocks)} blocks removed)"
+            )
+            if cfg.recover_steps and it < cfg.iterations - 1:
+                _recover(out, ctx, cfg)
+        final = Costs(out, cfg.target, latency_fn).total(out)
+        if final > goal + cfg.tolerance * start:
+            raise ModelpressError(
+                f"prune.global reached {final / start:.3f} of the original {cfg.target}, not the {cfg.ratio:g} asked for: "
+                "the floors and fixed groups leave no more to remove",
+                "lower the floors, allow more kinds, or ask for a larger ratio",
+            )
+        metrics = {
+            "saliency": cfg.saliency,
+            "target": cfg.target,
+            "ratio_asked": cfg.ratio,
+            "ratio_reached": final / start,
+            "params_before": graph.num_parameters(),
+            "params_after": out.num_parameters(),
+            "widths": {k: v for k, v in widths(out).blocks.items()},
+            "embedding": widths(out).embedding,
+            "iterations": history,
+        }
+        if eta is not None and cfg.rank == "nvit":
+            metrics["eta"] = eta
+        if cfg.target == "latency":
+            metrics["predicted_speedup"] = start / final
+            if cfg.measure and ctx.target is not None:
+                metrics["measured_speedup"] = _measured_speedup(graph, out, ctx)
+        return PassResult(graph=out, metrics=metrics)
+
+    def _candidates(
+        self, graph: ModelGraph, ctx, costs: Costs, floors: dict, original: dict  # noqa: ANN001
+    ) -> list[_Candidate]:
+        cfg = self.config
+        groups = [g for g in graph.groups if g.prunable and g.kind in cfg.kinds and not g.meta.get("fixed")]
+        groups = [g for g in groups if g.size > _floor(g, floors, original)]
+        block_sets = {}
+        if "block" in cfg.kinds and len(graph.blocks) > 1:
+            block_sets = {
+                f"block:{b.path}": [f"{b.path}.{n}" for n, _ in graph.module.get_submodule(b.path).named_parameters()]
+                for b in graph.blocks
+            }
+        data = ctx.calibration if ctx is not None else None
+        if data is not None and len(data.batches) > cfg.batches:
+            data = type(data)(list(data.batches)[: cfg.batches],
+                              None if data.labels is None else list(data.labels)[: cfg.batches])
+        scores = group_saliency(
+            graph, cfg.saliency, groups=groups, data=data, task=ctx.task,
+            reference=None if ctx.reference is None else ctx.reference.module,
+            label_weight=cfg.label_weight, param_sets=block_sets, seed=ctx.seed, reporter=ctx.reporter,
+        )
+        current = widths(graph)
+        cands: list[_Candidate] = []
+        for g in groups:
+            unit_cost = costs.units(graph, g, current)
+            for u in range(g.size):
+                cands.append(_Candidate(g.name, u, float(scores[g.name][u]), float(unit_cost[u])))
+        for key in block_sets:
+            path = key.removeprefix("block:")
+            cands.append(_Candidate(key, 0, float(scores[key][0]), costs.block(graph, path, current)))
+        return cands
+
+
+def _floor(group: Group, floors: dict, original: dict) -> int:
+    size = original.get(group.name, group.size)
+    return max(1, int(np.ceil(floors.get(group.kind, 0.0) * size)))
+
+
+def _round_keep(keep: int, size: int, step: int, floor: int) -> int:
+    """``keep`` rounded to a multiple of ``step`` (nearest, never below the floor nor above ``size``)."""
+    if step <= 1:
+        return max(keep, floor)
+    rounded = int(round(keep / step)) * step
+    rounded = max(rounded, int(np.ceil(floor / step)) * step, step)
+    return min(rounded, size)
+
+
+def _select(
+    graph: ModelGraph, cands: list[_Candidate], need: float, floors: dict, rounding: dict, original: dict
+) -> tuple[dict[str, list[int]], list[str]]:
+    """Lowest-ranked units until ``need`` is saved (floors kept), then kept widths rounded per group."""
+    by_name = {g.name: g for g in graph.groups}
+    take: dict[str, list[int]] = {}
+    blocks: list[str] = []
+    saved = 0.0
+    for c in sorted(cands, key=lambda c: (c.rank, c.group, c.unit)):
+        if saved >= need:
+            break
+        if c.group.startswith("block:"):
+            if len(blocks) + 1 < len(graph.blocks):
+                blocks.append(c.group.removeprefix("block:"))
+                saved += c.cost
+            continue
+        g = by_name[c.group]
+        chosen = take.setdefault(c.group, [])
+        if g.size - len(chosen) - 1 < _floor(g, floors, original):
+            continue
+        chosen.append(c.unit)
+        saved += c.cost
+    ranked = {}
+    for c in cands:
+        ranked.setdefault(c.group, []).append(c)
+    plan: dict[str, list[int]] = {}
+    for name, chosen in take.items():
+        g = by_name[name]
+        if any(_inside(g.scope, b) for b in blocks):
+            continue  # the whole block goes
+        keep = _round_keep(g.size - len(chosen), g.size, rounding.get(g.kind, 1), _floor(g, floors, original))
+        order = [c.unit for c in sorted(ranked[name], key=lambda c: (c.rank, c.unit))]
+        drop = sorted(order[: g.size - keep])
+        if drop:
+            plan[name] = drop
+    return plan, blocks
+
+
+def _inside(scope: str, path: str) -> bool:
+    return scope == path or scope.startswith(path + ".")
+
+
+def _block_index(path: str) -> int:
+    tail = path.rsplit(".", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _latency_fn(ctx):  # noqa: ANN001, ANN202
+    model = getattr(ctx, "latency_model", None)
+    if model is None:
+        raise ModelpressError(
+            "a latency target (or eta) needs a latency model on the Context",
+            "build one with `modelpress bench --latency-table CKPT` (the compress command loads it for you)",
+        )
+    return model.predict_widths
+
+
+def _latency_costs(graph: ModelGraph, cands: list[_Candidate], latency_fn) -> dict:  # noqa: ANN001
+    current = widths(graph)
+    base = latency_fn(current)
+    by_name = {g.name: g for g in graph.groups}
+    out = {}
+    for c in cands:
+        if c.group.startswith("block:"):
+            out[(c.group, c.unit)] = base - latency_fn(current.without_block(c.group.removeprefix("block:")))
+        else:
+            out[(c.group, c.unit)] = base - latency_fn(current.without(by_name[c.group]))
+    return out
+
+
+def _auto_eta(graph: ModelGraph, cands: list[_Candidate], latency_fn) -> float:  # noqa: ANN001
+    lat = _latency_costs(graph, cands, latency_fn)
+    scores = np.median([c.score for c in cands])
+    saving = np.median([max(v, 1e-12) for v in lat.values()])
+    return float(scores / saving)
+
+
+def _recover(graph: ModelGraph, ctx, cfg: GlobalConfig) -> None:  # noqa: ANN001
+    from modelpress.train import TrainConfig, train
+
+    data = ctx.train or ctx.calibration
+    if data is None or ctx.task is None or ctx.reference is None:
+        return
+    config = TrainConfig(steps=cfg.recover_steps, lr=cfg.recover_lr, warmup_steps=min(10, cfg.recover_steps - 1),
+                         seed=ctx.seed, label_weight=cfg.label_weight, batch_size=16)
+    train(graph.module, data, task=ctx.task, teacher=ctx.reference.module, config=config,
+          reporter=ctx.reporter, input_names=list(graph.input_spec.names))
+    graph.module.eval()
+
+
+def _measured_speedup(original: ModelGraph, pruned: ModelGraph, ctx) -> float:  # noqa: ANN001
+    """The pruned model's speedup over the original, measured interleaved at the latency model's shape."""
+    model = ctx.latency_model
+    batch = int(getattr(model, "batch", 1))
+    seq = getattr(model, "seq_len", None)
+    timing = {"batch_sizes": [batch]}
+    if seq is not None and original.input_spec.kind == "text":
+        timing["seq_lens"] = [int(seq)]
+    report = ctx.measure({"original": original, "pruned": pruned}, baseline="original", **timing)
+    value = report.speedup("pruned", batch, seq if "seq_lens" in timing else None)
+    return float(value) if value is not None else float("nan")
+
+
+__all__ = ["CRITERIA", "GlobalConfig", "GlobalPrune"]
