@@ -72,6 +72,8 @@ def _original_indices(pruned: ModelGraph, original: ModelGraph, param: str) -> t
     index = [np.full(n, -1) for n in shape]
     lineage = pruned.lineage
     for g in pruned.groups:
+        if g.meta.get("overlaps"):
+            continue  # head widths overlap their heads, which cover the same positions
         og = original.group(pruned.original_name(g.name))
         for j, unit in enumerate(g.units):
             src = og.units[int(lineage[g.name][j])]

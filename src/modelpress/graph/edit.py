@@ -100,6 +100,14 @@ def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[d
                 kv=(group.kv_heads, left * group.kv_heads_per_unit),
                 head_dim=group.head_dim(),
             )
+        elif group.kind == "head_dim":
+            from modelpress.graph.head_dims import head_dim_attribute_edits
+
+            reads = [s for s in group.meta.get("input_slots") or [] if s in group.units[0]]
+            heads = min(len(group.units[0][s]) for s in (reads or group.units[0]))  # query heads
+            edits += head_dim_attribute_edits(
+                root, group.scope, heads=heads, old=group.size, new=group.size - len(set(units))
+            )
     state = dict(root.named_parameters())
     state.update(dict(root.named_buffers()))
     by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)

@@ -27,8 +27,8 @@ class Group:
     A "head" unit is one key/value head with the query heads that read it: one query head under
     multi-head attention, ``heads_per_unit`` query heads under grouped-query attention (meta
     ``query_heads`` / ``kv_heads`` per unit, from the traced attention); multi-query attention (one
-    key/value head) is a single unit, so not prunable. A head is never split: there is no head-dim
-    group in any family (rotary tables are laid out per head_dim, so for rotary models it must stay so).
+    key/value head) is a single unit, so not prunable. "head_dim" groups (modelpress.graph.head_dims)
+    overlap a head group: one unit is the same dimension of every head (none for rotary models).
     """
 
     name: str
@@ -168,15 +168,19 @@ def without_units(
     and order stay as they were, so group names are stable across removals.
     """
     shift: dict[Slot, np.ndarray] = {}
+    kept: dict[Slot, np.ndarray] = {}
     for slot, gone in drop.items():
         keep = np.ones(sizes[slot], dtype=bool)
         keep[gone] = False
         shift[slot] = np.cumsum(keep) - 1
+        kept[slot] = keep
     out: list[Group] = []
     for g in groups:
         gone = set(removed.get(g.name, ()))
+        # positions removed through another group that overlaps this one (a head width inside a head)
+        # leave this group's units too
         units = [
-            {slot: (shift[slot][idx] if slot in shift else idx) for slot, idx in u.items()}
+            {slot: (shift[slot][idx[kept[slot][idx]]] if slot in shift else idx) for slot, idx in u.items()}
             for i, u in enumerate(g.units)
             if i not in gone
         ]

@@ -107,8 +107,8 @@ class Propagation:
     def without(self, drop: dict[tuple[str, int], np.ndarray]) -> Propagation:
         """The propagation after removing positions ``drop[(param, axis)]``, without re-tracing.
 
-        Removed positions must be whole components (units), as edits remove them: every kept
-        component keeps its smallest element, so its root maps to the compacted id of that element.
+        Removed positions are whole components (units) or, for a head width, part of a head's
+        component; each kept component's root becomes its smallest kept element.
         """
         keep = np.ones(len(self.roots), dtype=bool)
         spaces: list[Space] = []
@@ -120,12 +120,14 @@ class Propagation:
             size = s.size - (0 if gone is None else len(np.unique(gone)))
             spaces.append(Space(s.param, s.axis, size, start, s.role))
             start += size
-        if not keep[self.roots[keep]].all():
-            raise ValueError("removed positions split a component; re-trace instead")
         new_id = np.cumsum(keep) - 1
+        old_roots = self.roots[keep]
+        ids = new_id[keep]
+        first = np.full(len(self.roots), np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(first, old_roots, ids)  # smallest kept element of each component
         return Propagation(
             spaces,
-            new_id[self.roots[keep]],
+            first[old_roots],
             self.pinned[keep],
             self.at_output[keep],
             self.head_ids[keep],

@@ -162,7 +162,12 @@ class ModelGraph:
     def groups(self) -> list[Group]:
         """Groups of coupled dimensions, discovered by tracing and dependency propagation."""
         if self._groups is None:
-            self._groups = build_groups(self.propagation, self.module)
+            from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
+
+            groups = build_groups(self.propagation, self.module)
+            widths = head_dim_groups(groups, has_rotary(self.program))
+            check_exact(self, widths)
+            self._groups = groups + widths
         return self._groups
 
     def group(self, name: str) -> Group:

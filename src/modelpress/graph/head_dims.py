@@ -1,0 +1,162 @@
+"""Head-width groups (NViT's head alignment): dimension d of every head of one attention, removed together.
+
+A unit of a ``head_dim`` group is one index d inside the heads: the d-th query and key row of every
+head (so ``q . k`` loses the same term in every head), the d-th value row and the matching column of
+the output projection. Removing it keeps every head the same width, which is what reshaping attention
+implementations need ("head alignment").
+
+The group is derived from the traced head group: within one head unit, each parameter slot holds its
+positions sorted, in blocks of ``head_dim`` (one block per query head, or per q/k/v part of a fused
+projection), and dimension d is the d-th position of every block. Slots with one position per head (a
+per-head bias table) have no head-width axis and are left out.
+
+Ties: every attention modelpress follows reshapes q, k and v by one head size, so the query/key width
+and the value width are one group (``meta["ties"]``); no family gets separate QK and V groups.
+Rotary models get no head-width group: their position tables pair dimensions d and d + head_dim / 2.
+The attention's scale is never changed: the models modelpress follows store it at init
+(``scaling = head_dim ** -0.5``, timm's ``scale``), and keeping the trained scale is what makes removing
+zeroed dimensions exact. A model that recomputes it from the head size in its forward gets a new scale
+after a cut: :func:`check_exact` finds those groups when the graph is built (``meta["exact"] = False``,
+with the reason); they stay prunable, since pruning is lossy anyway and recovery training absorbs it.
+
+Lineage: a head-width group overlaps its head group (``meta["overlaps"]``). Unit lineage stays per
+group: after a width cut, head j holds its original head's positions at the dimensions the head-width
+group's lineage keeps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.graph.adapters import HEAD_SIZE_ATTRS, HEAD_WIDTH_ATTRS
+from modelpress.graph.groups import Group
+
+TIES = "query/key and value widths are one group: the attention reshapes q, k and v by one head size"
+
+
+def has_rotary(program: torch.export.ExportedProgram) -> bool:
+    """Whether the traced model computes position tables with cos/sin (rotary embeddings)."""
+    for node in program.graph_module.graph.nodes:
+        if node.op == "call_function" and str(node.target).split(".")[1:2] in (["cos"], ["sin"]):
+            return True
+    return False
+
+
+def head_dim_groups(groups: list[Group], rotary: bool) -> list[Group]:
+    """One ``head_dim`` group per head group whose units split into head-width blocks."""
+    if rotary:
+        return []
+    out = []
+    for g in groups:
+        if g.kind != "head" or not g.units:
+            continue
+        units = _split(g)
+        if units is None:
+            continue
+        hd = Group(f"head_dim:{g.scope}" if g.scope else "head_dim", "head_dim", g.scope, units)
+        hd.meta.update({"heads_group": g.name, "ties": TIES, "overlaps": g.name, "at_output": g.meta.get("at_output", False),
+                        "input_slots": g.meta.get("input_slots")})
+        if g.meta.get("fixed") or g.meta.get("at_output"):
+            hd.prunable, hd.reason = False, g.reason
+            hd.meta["fixed"] = bool(g.meta.get("fixed"))
+        elif len(units) < 2:
+            hd.prunable, hd.reason = False, "a single unit"
+        out.append(hd)
+    return out
+
+
+def _split(group: Group) -> list[dict] | None:
+    width = group.head_dim()
+    if width < 1:
+        return None
+    slots: dict = {}
+    for slot in group.slots:
+        lengths = {len(u[slot]) for u in group.units}
+        if len(lengths) != 1:
+            return None
+        n = lengths.pop()
+        if n < width:
+            continue  # one entry per head (a bias table): no head-width axis
+        if n % width:
+            return None
+        slots[slot] = n // width
+    if not slots:
+        return None
+    units = []
+    for d in range(width):
+        unit = {}
+        for slot, blocks in slots.items():
+            unit[slot] = np.sort(np.concatenate([
+                np.asarray(u[slot])[b * width + d : b * width + d + 1] for u in group.units for b in range(blocks)
+            ]))
+        units.append(unit)
+    return units
+
+
+def head_dim_attribute_edits(root: nn.Module, scope: str, heads: int, old: int, new: int) -> list[dict]:
+    """``setattr`` records for a head-width cut at ``scope``: head-size attributes ``old`` -> ``new`` and
+    total attention widths ``heads * old`` -> ``heads * new`` (the scale is kept; see the module)."""
+    parts = scope.split(".") if scope else []
+    wanted = [(HEAD_SIZE_ATTRS, old, new), (HEAD_WIDTH_ATTRS, heads * old, heads * new)]
+    edits: list[dict] = []
+    for depth in range(len(parts), max(-1, len(parts) - 3), -1):
+        path = ".".join(parts[:depth])
+        base = root.get_submodule(path) if path else root
+        for sub_path, mod in base.named_modules():
+            full = f"{path}.{sub_path}".strip(".") if sub_path else path
+            for names, before, after in wanted:
+                for attr in names:
+                    value = getattr(mod, attr, None)
+                    if isinstance(value, int) and not isinstance(value, bool) and value == before:
+                        edits.append({"op": "setattr", "module": full, "attr": attr, "value": after})
+        if edits:
+            return edits
+    return edits
+
+
+RESCALES = "the attention recomputes its scale from the head size, so a width cut rescales the scores"
+
+
+def check_exact(graph, groups: list[Group]) -> None:  # noqa: ANN001
+    """Mark each head-width group whose zeroed-unit removal is not exact (``meta["exact"]``).
+
+    One probe for all groups: on a copy, zero dimension 0 of every group and remove it; if the output
+    moved, test the groups one by one.
+    """
+    todo = [g for g in groups if g.kind == "head_dim" and g.prunable and g.size > 1]
+    for g in groups:
+        if g.kind == "head_dim":
+            g.meta["exact"] = True
+    if not todo:
+        return
+    bad = _inexact(graph, todo)
+    if len(bad) > 0 and len(todo) > 1:
+        bad = [g for g in todo if _inexact(graph, [g])]
+    for g in bad:
+        g.meta["exact"] = False
+        g.meta["note"] = RESCALES
+
+
+def _inexact(graph, todo: list[Group]) -> list[Group]:  # noqa: ANN001
+    from modelpress.graph import edit as _edit
+
+    module = __import__("copy").deepcopy(graph.module)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for g in todo:
+            for (p, axis), idx in g.units[0].items():
+                if p in params:
+                    params[p].index_fill_(axis, torch.as_tensor(idx), 0.0)
+    inputs = graph.example_inputs(1, 8 if graph.input_spec.kind == "text" else None, seed=2)
+    names = graph.input_spec.names
+    from modelpress.graph.inputs import PrimaryOutput
+
+    with torch.no_grad():
+        before = PrimaryOutput(module, names)(*[inputs[n] for n in names])
+        for e in _edit.remove_units(module, [(g, [0]) for g in todo]):
+            del e
+        after = PrimaryOutput(module, names)(*[inputs[n] for n in names])
+    scale = float(before.abs().max()) + 1e-6
+    return list(todo) if float((after - before).abs().max()) > 1e-4 * scale else []
