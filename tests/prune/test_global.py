@@ -1,0 +1,69 @@
+"""prune.global: one ranking across kinds, iterated to a target, on the trained digits ViT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from modelpress.data import load_data
+from modelpress.data.tasks import ClassificationTask
+from modelpress.errors import ModelpressError
+from modelpress.graph import ModelGraph
+from modelpress.passes import Context, registered_passes
+
+
+@pytest.fixture(scope="module")
+def setup(zoo_vit):  # noqa: ANN001
+    graph = ModelGraph(zoo_vit.module, zoo_vit.input_spec, name="digits-vit")
+    data = load_data("digits", graph.input_spec, batch_size=32, n_calibration=192, n_evaluation=None)
+    return graph, data
+
+
+def _run(setup, tmp_path, **config):  # noqa: ANN001, ANN202
+    graph, data = setup
+    ctx = Context(workdir=tmp_path, task=ClassificationTask(), data=data, reference=graph, seed=0)
+    cls = registered_passes()["prune.global"]
+    result = cls(cls.Config(**config)).apply(graph, ctx)
+    return result, ctx
+
+
+def test_parameter_target_is_met_with_rounded_widths(setup, tmp_path) -> None:  # noqa: ANN001
+    graph, _ = setup
+    result, ctx = _run(setup, tmp_path, saliency="hessian", target="params", ratio=0.5, iterations=2)
+    pruned = result.graph
+    m = result.metrics
+    assert m["ratio_reached"] <= 0.5 + 0.02
+    assert pruned.num_parameters() == m["params_after"] < 0.53 * graph.num_parameters()
+    for row in m["widths"].values():
+        assert row["mlp"] % 8 == 0 and row["head_dim"] % 8 == 0 and row["heads"] >= 1
+    assert graph.num_parameters() == m["params_before"]  # the input graph is untouched
+    evaluation = ctx.evaluate(pruned)  # exported, verified against torch, scored in ONNX Runtime
+    assert evaluation.export.verification.ok
+    assert evaluation.metrics["accuracy"] > 0.9
+
+
+def test_hessian_keeps_more_than_magnitude(setup, tmp_path) -> None:  # noqa: ANN001
+    scores = {}
+    for saliency in ("hessian", "magnitude"):
+        result, ctx = _run(setup, tmp_path / saliency, saliency=saliency, target="params", ratio=0.4, iterations=2)
+        scores[saliency] = ctx.evaluate(result.graph, torch_only=True).metrics["agreement"]
+    assert scores["hessian"] > scores["magnitude"], scores
+
+
+def test_macs_target_and_determinism(setup, tmp_path) -> None:  # noqa: ANN001
+    a, _ = _run(setup, tmp_path / "a", saliency="hessian", target="macs", ratio=0.6, iterations=1, kinds=["mlp", "head"])
+    b, _ = _run(setup, tmp_path / "b", saliency="hessian", target="macs", ratio=0.6, iterations=1, kinds=["mlp", "head"])
+    assert a.metrics["ratio_reached"] <= 0.62
+    assert a.metrics["widths"] == b.metrics["widths"]
+    sa, sb = a.graph.state(), b.graph.state()
+    assert all(np.array_equal(sa[k].detach().numpy(), sb[k].detach().numpy()) for k in sa)
+
+
+def test_unreachable_target_is_a_short_error(setup, tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ModelpressError, match="floors"):
+        _run(setup, tmp_path, saliency="magnitude", target="params", ratio=0.05, iterations=1, kinds=["mlp"])
+
+
+def test_latency_target_needs_a_latency_model(setup, tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ModelpressError, match="latency model"):
+        _run(setup, tmp_path, saliency="magnitude", target="latency", ratio=0.5)
