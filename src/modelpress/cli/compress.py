@@ -104,23 +104,46 @@ def compress(
 
 def prune(
     ckpt: Ckpt = None,
-    ratio: Annotated[list[str] | None, typer.Option("--ratio", help="KIND=R, e.g. mlp=0.5 head=0.25")] = None,
-    method: Annotated[str, typer.Option("--method", help="magnitude")] = "magnitude",
+    ratio: Annotated[list[str] | None, typer.Option("--ratio", help="KIND=R for --method magnitude, e.g. mlp=0.5 head=0.25")] = None,
+    method: Annotated[str, typer.Option("--method", help="global (one ranking across kinds) | magnitude (fixed ratio per kind)")] = "",
+    saliency: Annotated[str, typer.Option("--saliency", help="hessian | taylor | obd | magnitude (global pruning)")] = "hessian",
+    target_latency: Annotated[float | None, typer.Option("--target-latency", help="keep this fraction of the latency on --target")] = None,
+    target_params: Annotated[float | None, typer.Option("--target-params", help="keep this fraction of the parameters")] = None,
+    target_macs: Annotated[float | None, typer.Option("--target-macs", help="keep this fraction of the MACs")] = None,
+    iterations: Annotated[int, typer.Option("--iterations", help="score-remove rounds (global pruning)")] = 4,
+    recover_steps: Annotated[int, typer.Option("--recover-steps", help="distillation steps after pruning (0: none)")] = 0,
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
     trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
     input_shape: InputShape = None,
 ) -> None:
-    """Structured pruning only (a one-pass recipe)."""
+    """Structured pruning: global (Hessian-aware, to a latency, parameter or MAC target) or magnitude."""
     from modelpress.compress.recipe import Recipe
 
-    ratios: dict[str, float] = {}
-    for item in ratio or ["mlp=0.5", "head=0.25"]:
-        kind, _, value = item.partition("=")
-        try:
-            ratios[kind.strip()] = float(value)
-        except ValueError as exc:
-            raise ModelpressError(f"--ratio {item!r} is not KIND=NUMBER", "e.g. --ratio mlp=0.5") from exc
-    rec = Recipe.from_dict({"name": f"prune-{method}", "passes": [{"pass": f"prune.{method}", "ratios": ratios}]}, "--ratio")
+    goals = {k: v for k, v in (("latency", target_latency), ("params", target_params), ("macs", target_macs)) if v is not None}
+    method = method or ("magnitude" if ratio else "global")
+    if method == "magnitude":
+        if goals:
+            raise ModelpressError("--method magnitude prunes fixed --ratio per kind", "drop --target-*, or use --method global")
+        ratios: dict[str, float] = {}
+        for item in ratio or ["mlp=0.5", "head=0.25"]:
+            kind, _, value = item.partition("=")
+            try:
+                ratios[kind.strip()] = float(value)
+            except ValueError as exc:
+                raise ModelpressError(f"--ratio {item!r} is not KIND=NUMBER", "e.g. --ratio mlp=0.5") from exc
+        passes: list[dict[str, Any]] = [{"pass": "prune.magnitude", "ratios": ratios}]
+    elif method == "global":
+        if ratio:
+            raise ModelpressError("--ratio is for --method magnitude", "give --target-latency, --target-params or --target-macs")
+        if len(goals) > 1:
+            raise ModelpressError(f"give one target, not {len(goals)}", "one of --target-latency, --target-params, --target-macs")
+        kind, value = next(iter(goals.items())) if goals else ("latency", 0.5)
+        passes = [{"pass": "prune.global", "saliency": saliency, "target": kind, "ratio": value, "iterations": iterations}]
+    else:
+        raise ModelpressError(f"unknown pruning method {method!r}", "use --method global or --method magnitude")
+    if recover_steps > 0:
+        passes.append({"pass": "recover", "steps": recover_steps})
+    rec = Recipe.from_dict({"name": f"prune-{method}", "passes": passes}, "modelpress prune options")
     run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
 
 
