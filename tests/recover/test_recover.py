@@ -24,14 +24,6 @@ T = TypeVar("T")
 FAST = {"lr": 3e-3, "batch_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: one thread is faster on a busy machine, and bit-reproducible
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits(zoo_cnn):  # noqa: ANN001, ANN201
     """The trained digits CNN, its data (labelled), and the CNN with half its conv channels pruned."""

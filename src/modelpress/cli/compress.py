@@ -65,7 +65,13 @@ def run_recipe(
             workdir=tmp / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
             target=tgt, seed=seed, reporter=rep, checkpoints=checkpoints,
         )
-        result = Pipeline(recipe).run(graph, ctx)
+        try:
+            result = Pipeline(recipe).run(graph, ctx)
+        except KeyboardInterrupt:
+            if checkpoints.is_dir():
+                typer.echo(f"interrupted: training checkpoints kept in {checkpoints}; run the same command again "
+                           "to resume", err=True)
+            raise
         with rep.step("writing the output folder"):
             saving.write_into(result.graph, tmp)
             shutil.copyfile(result.onnx_path, tmp / "model.onnx")

@@ -196,7 +196,7 @@ def _metrics(result: TrainResult, n_samples: int, split_name: str, cfg: RecoverC
     return {
         "steps": result.steps,
         "steps_this_run": result.steps_this_run,
-        "seconds": round(result.seconds, 2),
+        "train_seconds": round(result.seconds, 2),  # training time, runs before a resume included
         "stopped_by": result.stopped_by,
         "resumed": result.resumed,
         "loss_start": losses[0] if losses else math.nan,  # mean over the first logged window (10 steps)

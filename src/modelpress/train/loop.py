@@ -296,6 +296,10 @@ def _train_split(data: DataSplit | TaskData) -> DataSplit:
     )
 
 
+# recipe fields added after checkpoints were first written, with the value older checkpoints trained with
+_ADDED_FIELDS: dict[str, Any] = {"dropout": True}
+
+
 def _task_meta(task: Task) -> dict[str, Any]:
     """What of the task a resumed training must share: its name and loss settings."""
     return {"name": task.name or type(task).__name__, "loss": task.loss_settings()}
@@ -308,7 +312,7 @@ def _check_resumable(meta: dict[str, Any], config: TrainConfig, n_samples: int, 
             f"the checkpoint was trained with another loss ({saved_task} -> {task})",
             "resume with the same task and loss settings, or use another checkpoint_dir",
         )
-    saved, now = meta.get("recipe", {}), config.recipe()
+    saved, now = {**_ADDED_FIELDS, **meta.get("recipe", {})}, config.recipe()
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
