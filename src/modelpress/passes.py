@@ -151,7 +151,9 @@ class Context:
     task: a modelpress.data.tasks.Task; data: a modelpress.data.sources.TaskData (calibration, evaluation
     and train splits); target: a modelpress.targets.Target; reference: the original graph, which passes
     distil from and which quality is measured against; latency_model: a latency lookup table on the target
-    (built by modelpress.bench for latency-aware pruning and search), or None.
+    (built by modelpress.bench for latency-aware pruning and search), or None; checkpoints: a folder for
+    training checkpoints that outlives the run when it is interrupted (the CLI keeps one beside the output
+    folder until the run completes, so the same command run again resumes), else ``workdir/checkpoints``.
     """
 
     workdir: Path
@@ -163,6 +165,7 @@ class Context:
     reporter: Reporter = QUIET
     latency_model: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    checkpoints: Path | None = None
     _reference_outputs: ReferenceOutputs | None = field(default=None, repr=False)
     _counter: itertools.count = field(default_factory=itertools.count, repr=False)
 
@@ -178,6 +181,11 @@ class Context:
     @property
     def train(self) -> DataSplit | None:
         return None if self.data is None else getattr(self.data, "train", None)
+
+    def checkpoint_dir(self, name: str) -> Path:
+        """The folder where a pass keeps its training checkpoints under ``name`` (see ``checkpoints``)."""
+        root = Path(self.checkpoints) if self.checkpoints is not None else Path(self.workdir) / "checkpoints"
+        return root / name
 
     def rng(self, salt: str = "") -> random.Random:
         """A random generator seeded from the run's seed (and ``salt``, so passes draw independent streams)."""

@@ -2,7 +2,7 @@
 
 Nothing below the methods imports them (the layers forbid it); instead the registries ask for every
 plugin here. Plugins are the ``modelpress.plugins`` entry points of the installed distributions (this
-package declares prune and quantize in pyproject.toml, other packages can add their own); when the
+package declares prune, quantize and recover in pyproject.toml, other packages can add their own); when the
 package runs from a source tree without installed metadata, the built-in list is used. A plugin that
 fails to import is an error, not a silently missing pass.
 """
@@ -15,7 +15,11 @@ from importlib import metadata
 from modelpress.errors import ModelpressError
 
 GROUP = "modelpress.plugins"
-BUILTIN = {"prune": "modelpress.prune.plugin", "quantize": "modelpress.quantize.plugin"}
+BUILTIN = {
+    "prune": "modelpress.prune.plugin",
+    "quantize": "modelpress.quantize.plugin",
+    "recover": "modelpress.recover.plugin",
+}
 
 _loaded: dict[str, str] = {}
 

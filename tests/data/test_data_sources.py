@@ -297,10 +297,10 @@ def test_tensors_train_split_is_everything_but_evaluation(tmp_path) -> None:  # 
 
 def test_text_train_splits(tmp_path, minilm_tokenizer) -> None:  # noqa: ANN001
     data = load_data(None, TEXT, minilm_tokenizer)
-    train = _decode_all(data.train, minilm_tokenizer)
-    assert len(train) == len(packaged_sentences("train")) == len(packaged_sentences("calibration"))
-    assert not set(train) & set(_decode_all(data.evaluation, minilm_tokenizer))
-    assert {s.lower() for s in packaged_sentences("evaluation")}.isdisjoint(train)
+    # calibration + the packaged corpus (its disjointness from evaluation: test_data_sentences.py)
+    assert len(data.train) == len(packaged_sentences("train")) > 30_000
+    head = DataSplit(batches=data.train.batches[: len(data.calibration.batches) * 4])
+    assert set(_decode_all(data.calibration, minilm_tokenizer)) <= set(_decode_all(head, minilm_tokenizer))
     lines = [f"This is sentence number {i} about topic {i % 7}." for i in range(30)]
     path = tmp_path / "s.txt"
     path.write_text("\n".join(lines) + "\n")

@@ -77,6 +77,32 @@ def test_embedding_loss_by_hand_and_mask() -> None:
         EmbeddingTask().loss(s, None, {})
 
 
+def test_embedding_token_losses_by_hand() -> None:
+    s = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]], requires_grad=True)  # [1, 3, 2]
+    t = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [-5.0, 7.0]]])
+    mask = torch.tensor([[1, 1, 0]])  # the third token is padding: ignored
+    pooled = 1 - 0.5 / math.sqrt(0.5)
+    tokens = ((1 - 1) + (1 - 0)) / 2  # per-token cosine 1 and 0 over the two real tokens
+    token_mse = (0.0 + (1 + 1) / 2) / 2  # per token: mean over the hidden units, then over the real tokens
+    loss = EmbeddingTask.distillation("tokens").loss(s, t, {"attention_mask": mask})
+    assert loss.item() == pytest.approx(tokens, rel=1e-6)
+    loss.backward()
+    assert s.grad is not None and torch.all(s.grad[0, 2] == 0)
+    both = EmbeddingTask.distillation("pooled+tokens", mse_weight=0.5).loss(s, t, {"attention_mask": mask})
+    assert both.item() == pytest.approx(pooled + 0.5 * (0.25 + 0.25) / 2 + tokens + 0.5 * token_mse, rel=1e-6)
+    default = EmbeddingTask.distillation().loss(s, t, {"attention_mask": mask})
+    assert default.item() == EmbeddingTask().loss(s, t, {"attention_mask": mask}).item()  # unchanged default
+    no_mask = EmbeddingTask(pooled_weight=0, token_cosine_weight=1).loss(s, t, {})
+    assert no_mask.item() == pytest.approx((0 + 1 + (1 - (-45 + 63) / (math.sqrt(162) * math.sqrt(74)))) / 3, rel=1e-6)
+    with pytest.raises(ModelpressError, match="per-token"):
+        EmbeddingTask.distillation("tokens").loss(s[:, 0], t[:, 0], {})
+    with pytest.raises(ModelpressError, match="unknown embedding distillation loss"):
+        EmbeddingTask.distillation("cls")
+    with pytest.raises(ModelpressError, match="weights"):
+        EmbeddingTask(pooled_weight=0)
+    assert EmbeddingTask.distillation("tokens").loss_settings()["token_cosine_weight"] == 1.0
+
+
 def test_pool_torch_matches_numpy_pool() -> None:
     rng = np.random.default_rng(0)
     out = rng.normal(size=(3, 5, 4)).astype(np.float32)

@@ -181,6 +181,27 @@ def test_resume_refuses_another_recipe_or_data(tmp_path) -> None:  # noqa: ANN00
     assert result.resumed and result.steps_this_run == 0  # already at its budget
 
 
+def test_resume_refuses_another_loss(tmp_path) -> None:  # noqa: ANN001
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(8, 3, 4, generator=gen)} for _ in range(2)]
+    teacher, config = nn.Linear(4, 4), TrainConfig(steps=2, schedule="constant", checkpoint_dir=tmp_path)
+    train(nn.Linear(4, 4), DataSplit(batches=batches), task=EmbeddingTask(), teacher=teacher, config=config)
+    with pytest.raises(ModelpressError, match="another loss"):
+        train(nn.Linear(4, 4), DataSplit(batches=batches), task=EmbeddingTask.distillation("tokens"),
+              teacher=teacher, config=config, resume=True)
+
+
+def test_dropout_off_trains_in_eval_mode() -> None:
+    seen: list[bool] = []
+    student = _mlp(1, dropout=0.5)
+    student.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    config = TrainConfig(steps=3, schedule="constant", dropout=False)
+    train(student, _data(), task=ClassificationTask(), teacher=_mlp(0), config=config)
+    assert seen == [False] * 3 and student.training  # restored to the mode it came in
+    train(student, _data(), task=ClassificationTask(), teacher=_mlp(0), config=config.model_copy(update={"dropout": True}))
+    assert seen[3:] == [True] * 3
+
+
 def test_resume_without_checkpoint_starts_afresh(tmp_path) -> None:  # noqa: ANN001
     config = TrainConfig(steps=3, checkpoint_dir=tmp_path / "new")
     result = train(_mlp(1), _data(), task=ClassificationTask(), teacher=_mlp(0), config=config, resume=True)

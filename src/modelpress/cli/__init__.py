@@ -7,6 +7,8 @@ they run, so `modelpress --help` stays fast.
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from modelpress.cli import bench, compress, export, inspect, recipes
@@ -27,7 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input (a user error, a command-line mistake, an unwritable output) prints a short
     message and exits with code 2, without a traceback."""
     with user_errors():
-        app(args=argv, prog_name="modelpress", standalone_mode=False)
+        code = app(args=argv, prog_name="modelpress", standalone_mode=False)
+    # typer (>= 0.20) turns Ctrl-C and typer.Exit(n) into a returned exit code when not standalone
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        if code == 130:
+            print("aborted", file=sys.stderr)
+        sys.exit(code)
 
 
 __all__ = ["app", "main"]

@@ -57,12 +57,21 @@ def run_recipe(
     from modelpress.models.saving import staged_dir
 
     task_data = load_data(data, graph.input_spec, graph.tokenizer, seed=seed, n_calibration=128)
+    # training checkpoints (recover) live beside the output until the run completes: an interrupted run
+    # leaves no output folder, and the same command run again resumes from them
+    checkpoints = out.parent / f".{out.name}.checkpoints"
     with staged_dir(out) as tmp:
         ctx = Context(
             workdir=tmp / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
-            target=tgt, seed=seed, reporter=rep,
+            target=tgt, seed=seed, reporter=rep, checkpoints=checkpoints,
         )
-        result = Pipeline(recipe).run(graph, ctx)
+        try:
+            result = Pipeline(recipe).run(graph, ctx)
+        except KeyboardInterrupt:
+            if checkpoints.is_dir():
+                typer.echo(f"interrupted: training checkpoints kept in {checkpoints}; run the same command again "
+                           "to resume", err=True)
+            raise
         with rep.step("writing the output folder"):
             saving.write_into(result.graph, tmp)
             shutil.copyfile(result.onnx_path, tmp / "model.onnx")
@@ -75,6 +84,7 @@ def run_recipe(
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=jsonable))
             (tmp / "report.md").write_text(render_markdown(report))
             shutil.rmtree(tmp / "work", ignore_errors=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     if as_json:
         print_json(report)
     else:

@@ -4,11 +4,20 @@ npz.
 ``load_data(spec, input_spec, tokenizer)`` turns a ``--data`` value into a :class:`TaskData`: splits of
 model-ready batches (keys = ``input_spec.names``), with labels where the source has them. Evaluation never
 overlaps calibration or train; train (built on first use) is everything the source has outside evaluation.
+
+Packaged English text (``sentences/``, see its README.md): ``calibration.txt`` (200 sentences) and
+``evaluation.txt`` (240), written for modelpress, and ``train.txt.gz``, 32,634 unlabeled sentences for
+recovery training that install with the package (no download): the example sentences of WordNet 3.0
+(Princeton University, WordNet 3.0 licence: use, copy, modify and distribute with its notice) and sentences of
+the CIA World Factbook's prose (a US government work, public domain). It shares no sentence with the other
+two files and no run of 8 words with the evaluation sentences (tests/data check it); it is rebuilt by
+``tools/build_train_sentences.py``.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,16 +89,30 @@ class TaskData:
 
 
 def packaged_sentences(split: str) -> list[str]:
-    """The English sentences shipped with modelpress; ``split``: "calibration", "evaluation" or "train".
+    """The English sentences shipped with modelpress; ``split``: "calibration", "evaluation", "corpus" or
+    "train".
 
-    "calibration" and "evaluation" are disjoint files; "train" is every sentence outside evaluation (today
-    the calibration file, 200 sentences: small, enough to test recovery, not to train much).
+    "calibration" and "evaluation" are disjoint files; "corpus" is the unlabeled training corpus
+    (``train.txt.gz``, see the module docstring), disjoint from both; "train" is every sentence outside
+    evaluation: the calibration sentences, then the corpus.
     """
-    if split not in ("calibration", "evaluation", "train"):
-        raise ValueError(f"split must be 'calibration', 'evaluation' or 'train', not {split!r}")
-    name = "calibration" if split == "train" else split
-    text = resources.files("modelpress.data").joinpath("sentences", f"{name}.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    if split not in ("calibration", "evaluation", "corpus", "train"):
+        raise ValueError(f"split must be 'calibration', 'evaluation', 'corpus' or 'train', not {split!r}")
+    if split == "train":
+        return _sentence_file("calibration.txt") + _sentence_file("train.txt.gz")
+    return _sentence_file("train.txt.gz" if split == "corpus" else f"{split}.txt")
+
+
+@functools.lru_cache(maxsize=4)
+def _read_sentences(name: str) -> tuple[str, ...]:
+    data = resources.files("modelpress.data").joinpath("sentences", name).read_bytes()
+    if name.endswith(".gz"):
+        data = gzip.decompress(data)
+    return tuple(line.strip() for line in data.decode("utf-8").splitlines() if line.strip())
+
+
+def _sentence_file(name: str) -> list[str]:
+    return list(_read_sentences(name))
 
 
 def load_data(

@@ -8,6 +8,7 @@ modules and ONNX files alike. The reference (original model) outputs can be comp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from modelpress.graph.inputs import InputSpec
 from modelpress.graph.run import call_module
 
 __all__ = [
+    "EMBEDDING_LOSSES",
     "ClassificationTask",
     "EmbeddingTask",
     "LanguageModelTask",
@@ -64,6 +66,10 @@ class Task:
             f"the {self.name or type(self).__name__} task has no training loss",
             "train with a task that defines one (classification, embedding, language-model)",
         )
+
+    def loss_settings(self) -> dict[str, float]:
+        """The settings that shape :meth:`loss` (a training checkpoint records them, and a resume must match)."""
+        return {}
 
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Per-sample values the metrics need from one batch's primary output."""
@@ -141,8 +147,52 @@ class EmbeddingTask(Task):
 
     name: ClassVar[str] = "embedding"
 
-    def __init__(self, mse_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        mse_weight: float = 0.0,
+        *,
+        pooled_weight: float = 1.0,
+        token_cosine_weight: float = 0.0,
+        token_mse_weight: float = 0.0,
+    ) -> None:
+        weights = {"mse_weight": mse_weight, "pooled_weight": pooled_weight,
+                   "token_cosine_weight": token_cosine_weight, "token_mse_weight": token_mse_weight}
+        bad = {k: v for k, v in weights.items() if not (float(v) >= 0 and math.isfinite(float(v)))}
+        if bad or not any(float(v) > 0 for v in weights.values()):
+            raise ModelpressError(
+                f"invalid embedding loss weights {bad or weights}",
+                "give non-negative weights, at least one of them positive",
+            )
         self.mse_weight = float(mse_weight)
+        self.pooled_weight = float(pooled_weight)
+        self.token_cosine_weight = float(token_cosine_weight)
+        self.token_mse_weight = float(token_mse_weight)
+
+    @classmethod
+    def distillation(cls, loss: str = "pooled", mse_weight: float = 0.0) -> EmbeddingTask:
+        """The embedding task with one of the named distillation losses (:data:`EMBEDDING_LOSSES`):
+
+        - ``"pooled"`` (the default): ``1 - cosine`` of the mask-pooled embeddings, the fidelity metric's
+          own measure; ``mse_weight`` adds their mean squared difference;
+        - ``"tokens"``: ``1 - cosine`` per token of the last hidden states, averaged over the tokens the
+          attention mask keeps; ``mse_weight`` adds the per-token mean squared difference;
+        - ``"pooled+tokens"``: the sum of both.
+        """
+        if loss not in EMBEDDING_LOSSES:
+            raise ModelpressError(
+                f"unknown embedding distillation loss {loss!r}", f"choose one of: {', '.join(EMBEDDING_LOSSES)}"
+            )
+        pooled, tokens = loss in ("pooled", "pooled+tokens"), loss in ("tokens", "pooled+tokens")
+        return cls(
+            mse_weight=mse_weight if pooled else 0.0,
+            pooled_weight=1.0 if pooled else 0.0,
+            token_cosine_weight=1.0 if tokens else 0.0,
+            token_mse_weight=mse_weight if tokens else 0.0,
+        )
+
+    def loss_settings(self) -> dict[str, float]:
+        return {"pooled_weight": self.pooled_weight, "mse_weight": self.mse_weight,
+                "token_cosine_weight": self.token_cosine_weight, "token_mse_weight": self.token_mse_weight}
 
     def loss(
         self,
@@ -154,11 +204,18 @@ class EmbeddingTask(Task):
         label_weight: float = 0.0,
         label_smoothing: float = 0.0,
     ) -> torch.Tensor:
-        """Mean over the batch of ``1 - cosine`` between the student's and the teacher's embeddings (both
-        pooled like :func:`pool`: mean over the attention mask's tokens), plus ``mse_weight`` times their mean
-        squared difference (0 by default: cosine only, the fidelity metric's own measure).
+        """Distillation of the teacher's embeddings, a weighted sum of (weights from the constructor):
 
-        Label-free: ``labels``, ``temperature``, ``label_weight`` and ``label_smoothing`` are ignored.
+        - ``pooled_weight`` (1 by default) times the batch mean of ``1 - cosine`` between the student's and the
+          teacher's embeddings, both pooled like :func:`pool` (mean over the attention mask's tokens);
+        - ``mse_weight`` (0 by default) times their mean squared difference;
+        - ``token_cosine_weight`` (0 by default) times ``1 - cosine`` of every token's hidden state
+          ([B, S, H] outputs), averaged over the tokens the mask keeps;
+        - ``token_mse_weight`` (0 by default) times the per-token mean squared difference, over the same
+          tokens and every hidden unit.
+
+        The defaults give the pooled cosine alone, the fidelity metric's own measure. Label-free: ``labels``,
+        ``temperature``, ``label_weight`` and ``label_smoothing`` are ignored.
         """
         if teacher_output is None:
             raise ModelpressError(
@@ -166,11 +223,31 @@ class EmbeddingTask(Task):
                 "pass teacher= (the unpruned model)",
             )
         mask = batch.get("attention_mask")
-        student = pool_torch(student_output, mask)
-        teacher = pool_torch(teacher_output.to(student.dtype), mask)
-        out = 1.0 - torch.nn.functional.cosine_similarity(student, teacher, dim=1, eps=1e-8).mean()
-        if self.mse_weight:
-            out = out + self.mse_weight * torch.nn.functional.mse_loss(student, teacher)
+        teacher_output = teacher_output.to(student_output.dtype)
+        out = student_output.new_zeros(())
+        if self.pooled_weight or self.mse_weight:
+            student = pool_torch(student_output, mask)
+            teacher = pool_torch(teacher_output, mask)
+            if self.pooled_weight:
+                cos = torch.nn.functional.cosine_similarity(student, teacher, dim=1, eps=1e-8).mean()
+                out = out + self.pooled_weight * (1.0 - cos)
+            if self.mse_weight:
+                out = out + self.mse_weight * torch.nn.functional.mse_loss(student, teacher)
+        if self.token_cosine_weight or self.token_mse_weight:
+            if student_output.ndim != 3:
+                raise ModelpressError(
+                    f"per-token distillation needs hidden states [batch, sequence, hidden]; the model's output "
+                    f"has shape {tuple(student_output.shape)}",
+                    "use the pooled loss (loss: pooled) for models that output one embedding per sample",
+                )
+            weights = _token_weights(mask, student_output)
+            count = weights.sum().clamp_min(1.0)
+            if self.token_cosine_weight:
+                cos = torch.nn.functional.cosine_similarity(student_output, teacher_output, dim=-1, eps=1e-8)
+                out = out + self.token_cosine_weight * ((1.0 - cos) * weights).sum() / count
+            if self.token_mse_weight:
+                sq = (student_output - teacher_output).pow(2).mean(dim=-1)
+                out = out + self.token_mse_weight * (sq * weights).sum() / count
         return out
 
     def summarize(self, output: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -535,6 +612,17 @@ def _nll_sums(logp: np.ndarray, batch: dict[str, np.ndarray], weights: np.ndarra
 def _perplexity(summary: np.ndarray) -> float:
     count = float(summary[:, LanguageModelTask.COUNT].sum())
     return float(np.exp(summary[:, LanguageModelTask.NLL].sum() / max(count, 1.0)))
+
+
+EMBEDDING_LOSSES = ("pooled", "tokens", "pooled+tokens")
+"""The named distillation losses of :meth:`EmbeddingTask.distillation`."""
+
+
+def _token_weights(mask: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor:
+    """1.0 at the tokens the attention mask keeps (every token without a mask), shape [B, S]."""
+    if mask is None or tuple(mask.shape) != tuple(output.shape[:2]):
+        return torch.ones(output.shape[:2], dtype=output.dtype, device=output.device)
+    return (mask.to(output.device) > 0).to(output.dtype)
 
 
 TASKS: dict[str, type[Task]] = {"embedding": EmbeddingTask, "classification": ClassificationTask,

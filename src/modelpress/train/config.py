@@ -27,6 +27,8 @@ class TrainConfig(BaseModel):
     (``steps=k`` now, the rest after a resume) so that every part follows the one schedule.
     Distillation: ``temperature`` softens the logits; ``label_weight`` mixes the labels' cross-entropy into
     the loss when the data has labels (0: pure distillation; without a teacher only labels are used).
+    ``dropout=False`` trains the student in eval mode: no dropout and frozen BatchNorm statistics, the usual
+    choice when recovering a pruned model towards its original (the student then matches the teacher's mode).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -44,6 +46,7 @@ class TrainConfig(BaseModel):
     temperature: float = Field(default=1.0, gt=0)
     label_weight: float = Field(default=0.0, ge=0, le=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    dropout: bool = True  # False: the student trains in eval mode (no dropout, BatchNorm statistics frozen)
     checkpoint_dir: Path | None = None
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=10, ge=1)
@@ -95,4 +98,5 @@ RECIPE_FIELDS = (
     "temperature",
     "label_weight",
     "label_smoothing",
+    "dropout",
 )

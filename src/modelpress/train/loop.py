@@ -84,8 +84,8 @@ def train(
     and when Ctrl-C (SIGINT, deferred to the end of the running step) stops the training, before the
     KeyboardInterrupt propagates. ``resume=True`` continues from that directory's checkpoint (when there is
     one, else starts afresh); the checkpoint must come from the same recipe (config apart from budget,
-    checkpointing and logging), student and data. An uninterrupted run and a run stopped and resumed end
-    with identical weights. The student is left in the training mode it came in.
+    checkpointing and logging), task loss, student and data. An uninterrupted run and a run stopped and
+    resumed end with identical weights. The student is left in the training mode it came in.
     """
     split = _train_split(data)
     if resume and config.checkpoint_dir is None:
@@ -110,7 +110,7 @@ def train(
         raise ModelpressError("the student has no trainable parameters", "unfreeze some (requires_grad=True)")
     device = params[0].device
 
-    with _forked_rng(device), _InterruptAtStepEnd() as interrupt, _modes(student, teacher):
+    with _forked_rng(device), _InterruptAtStepEnd() as interrupt, _modes(student, teacher, config.dropout):
         torch.manual_seed(config.seed + _GLOBAL_SEED_OFFSET)
         generator = torch.Generator().manual_seed(config.seed)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -120,7 +120,7 @@ def train(
         if resume:
             checkpoint = load_checkpoint(config.checkpoint_dir)
             if checkpoint is not None:
-                _check_resumable(checkpoint.meta, config, len(samples))
+                _check_resumable(checkpoint.meta, config, len(samples), _task_meta(task))
                 checkpoint.restore(student, optimizer, scheduler, generator)
                 state = checkpoint.state()
                 resumed = True
@@ -175,7 +175,7 @@ class _Loop:
                 scheduler=scheduler,
                 generator=generator,
                 state=state,
-                extra={"recipe": config.recipe(), "samples": len(self.samples)},
+                extra={"recipe": config.recipe(), "samples": len(self.samples), "task": _task_meta(self.task)},
             )
 
         in_step = False
@@ -296,8 +296,23 @@ def _train_split(data: DataSplit | TaskData) -> DataSplit:
     )
 
 
-def _check_resumable(meta: dict[str, Any], config: TrainConfig, n_samples: int) -> None:
-    saved, now = meta.get("recipe", {}), config.recipe()
+# recipe fields added after checkpoints were first written, with the value older checkpoints trained with
+_ADDED_FIELDS: dict[str, Any] = {"dropout": True}
+
+
+def _task_meta(task: Task) -> dict[str, Any]:
+    """What of the task a resumed training must share: its name and loss settings."""
+    return {"name": task.name or type(task).__name__, "loss": task.loss_settings()}
+
+
+def _check_resumable(meta: dict[str, Any], config: TrainConfig, n_samples: int, task: dict[str, Any]) -> None:
+    saved_task = meta.get("task")
+    if saved_task is not None and saved_task != task:
+        raise ModelpressError(
+            f"the checkpoint was trained with another loss ({saved_task} -> {task})",
+            "resume with the same task and loss settings, or use another checkpoint_dir",
+        )
+    saved, now = {**_ADDED_FIELDS, **meta.get("recipe", {})}, config.recipe()
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
@@ -322,10 +337,11 @@ def _forked_rng(device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _modes(student: nn.Module, teacher: nn.Module | None) -> Iterator[None]:
-    """Student in training mode and teacher in eval mode for the duration; their modes restored after."""
+def _modes(student: nn.Module, teacher: nn.Module | None, dropout: bool = True) -> Iterator[None]:
+    """Student in training mode (eval mode when ``dropout`` is False) and teacher in eval mode for the
+    duration; their modes restored after."""
     was = student.training, None if teacher is None else teacher.training
-    student.train()
+    student.train(dropout)
     if teacher is not None:
         teacher.eval()
     try:
