@@ -151,7 +151,9 @@ class Context:
     task: a modelpress.data.tasks.Task; data: a modelpress.data.sources.TaskData (calibration, evaluation
     and train splits); target: a modelpress.targets.Target; reference: the original graph, which passes
     distil from and which quality is measured against; latency_model: a latency lookup table on the target
-    (built by modelpress.bench for latency-aware pruning and search), or None.
+    (built by modelpress.bench for latency-aware pruning and search), or None. ``extras["artifacts"]``: name ->
+    folder under ``workdir`` that a pass made for the user (prune.classwise's split); the CLI moves each into
+    the output folder under its name.
     """
 
     workdir: Path
