@@ -23,6 +23,15 @@ FAST = {"saliency": "magnitude", "prune": {"iterations": 1}, "recover_steps": 4,
 GIVEN = [Device("edge-a", 2**20, latency_ms=[3.0, 2.0, 1.0]), Device("edge-b", 2**20, latency_ms=[3.0, 2.0, 1.0])]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: this ViT is tiny, and on a shared 2-core machine two threads ran its forward 12x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vit(zoo_vit):
     return ModelGraph(zoo_vit.module, zoo_vit.input_spec, name="digits-vit")
@@ -152,3 +161,31 @@ def test_deterministic_for_a_seed(vit, digits, split):
     fa, fb = split.fusion.state_dict(), again.fusion.state_dict()
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
     assert split.report["combined"] == again.report["combined"]
+
+
+@pytest.mark.slow
+def test_cli_writes_the_split_into_the_output_folder(tmp_path, capsys):
+    """The recipe form on the digits CNN: classwise/ lands in the output folder; a bad K leaves no folder."""
+    from modelpress.cli import main
+
+    recipe = tmp_path / "cw.yaml"
+    body = ("passes:\n  - pass: prune.classwise\n    k: {k}\n    ratio: 0.5\n    saliency: magnitude\n"
+            "    recover_steps: 4\n    fusion_steps: 20\n"
+            "    devices: [{{name: a, memory_mb: 1, latency_ms: [1.0, 2.0]}}, {{name: b, latency_ms: [1.0, 2.0]}}]\n"
+            "export:\n  optimize: none\n")
+    recipe.write_text(body.format(k=2))
+    out = tmp_path / "out"
+    main(["compress", "modelpress.train.zoo:digits_cnn_factory", "-r", str(recipe), "--data", "digits",
+          "-o", str(out), "-q", "--json"])
+    assert (out / "classwise" / "sub1" / "model.onnx").is_file() and (out / "model.onnx").is_file()
+    table = json.loads((out / "classwise" / "assignment.json").read_text())
+    assert {r["device"] for r in table["rows"]} == {"a", "b"}
+    assert not (out / "work").exists()
+    recipe.write_text(body.format(k=11))
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "modelpress.train.zoo:digits_cnn_factory", "-r", str(recipe), "--data", "digits",
+              "-o", str(bad), "-q"])
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and "K = 11 is more than the model's 10 classes" in err and "Traceback" not in err
+    assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]

@@ -77,8 +77,8 @@ Rule = Literal["concat", "fusion"]
 # prune.global settings for sub-models (``prune`` overrides them key by key): small sub-models of a small model
 # need exact widths (rounding to 8 undid most of the last iteration's embedding removals on the digits ViT) and
 # more, smaller iterations; whole blocks stay (prune.global over-counted their savings and missed 0.1 by 40%)
-PRUNE_DEFAULTS: dict[str, Any] = {"iterations": 8, "kinds": ["head", "head_dim", "mlp", "embedding"],
-                                  "round_to": {"mlp": 1, "head_dim": 1, "embedding": 1}}
+PRUNE_DEFAULTS: dict[str, Any] = {"iterations": 8, "kinds": ["head", "head_dim", "mlp", "embedding", "conv"],
+                                  "round_to": {"mlp": 1, "head_dim": 1, "embedding": 1, "conv": 1}}
 RULES: tuple[Rule, ...] = ("concat", "fusion")
 
 
@@ -240,10 +240,6 @@ def _subset_split(split: DataSplit, classes_of: np.ndarray, subset: list[int], b
     local = {c: i for i, c in enumerate(subset)}
     keep = np.flatnonzero(np.isin(classes_of, subset))
     return _select(split, keep, np.array([local[int(c)] for c in classes_of[keep]], dtype=np.int64), batch_size)
-
-
-def _with_labels(split: DataSplit, classes_of: np.ndarray, batch_size: int) -> DataSplit:
-    return _select(split, np.arange(len(classes_of)), classes_of, batch_size)
 
 
 def _train_split(data: TaskData) -> DataSplit:
@@ -521,8 +517,6 @@ def classwise_split(
     recipe mappings); default: one device per sub-model on ``target`` (ort-cpu), memory unlimited.
     ``latency_model``: for prune settings with a latency target. Everything is checked before the work starts.
     """
-    from modelpress.train import TrainConfig, train
-
     if config is None:
         try:
             config = ClasswiseConfig(**settings)
@@ -571,68 +565,12 @@ def classwise_split(
             )
     labelled = data.evaluation.labels is not None
     full_params = graph.num_parameters()
-    full_eval = _logits(graph.module, names, data.evaluation)
-    full_acc = float((full_eval.argmax(1) == classes_of["evaluation"]).mean())
+    full_acc = float((_logits(graph.module, names, data.evaluation).argmax(1) == classes_of["evaluation"]).mean())
     reporter.log(f"class-wise split of {graph.name} ({num_classes} classes) into {len(subsets)} sub-models: "
                  f"{subsets}")
-
-    subs: list[SubModel] = []
+    job = _Job(graph, group, task, cfg, data, train_split, classes_of, labelled, seed, reporter, latency_model)
     with tempfile.TemporaryDirectory(prefix="modelpress-classwise-") as scratch:
-        bs = cfg.batch_size
-        for i, subset in enumerate(subsets):
-            name = f"sub{i}"
-            sub_data = TaskData(
-                calibration=_subset_split(data.calibration, classes_of["calibration"], subset, bs),
-                evaluation=_subset_split(data.evaluation, classes_of["evaluation"], subset, bs),
-                description=f"{getattr(data, 'description', 'data')}, classes {subset}",
-                make_train=lambda subset=subset: _subset_split(train_split, classes_of["train"], subset, bs),
-            )
-            reference = _restricted(graph, group, subset)
-            info: dict[str, Any] = {"classes": subset, "samples": {"calibration": len(sub_data.calibration),
-                                                                   "evaluation": len(sub_data.evaluation),
-                                                                   "train": len(sub_data.train)}}
-            local = ratio_local = cfg.ratio * full_params / reference.num_parameters()
-            with reporter.step(f"{name}: classes {subset}, pruning to {cfg.ratio:g} of the parameters"):
-                if ratio_local < 1.0:
-                    ctx = Context(workdir=Path(scratch) / name, task=task, data=sub_data, target=None,
-                                  reference=reference, seed=seed, reporter=reporter, latency_model=latency_model)
-                    gcfg = GlobalConfig(**{**PRUNE_DEFAULTS, **cfg.prune, "ratio": ratio_local, "saliency": cfg.saliency,
-                                           "label_weight": cfg.label_weight})
-                    pruned = GlobalPrune(gcfg).apply(reference, ctx)
-                    sub = pruned.graph
-                    info["prune"] = {k: pruned.metrics[k] for k in ("ratio_reached", "widths", "embedding")
-                                     if k in pruned.metrics}
-                else:
-                    sub = reference.copy()
-                    local = 1.0
-            sub.name = f"{graph.name}-{name}"
-            if cfg.recover_steps and local < 1.0:
-                with reporter.step(f"{name}: recovering {cfg.recover_steps} steps on {len(sub_data.train)} samples"):
-                    steps = cfg.recover_steps
-                    tc = TrainConfig(steps=steps, lr=cfg.recover_lr, warmup_steps=min(steps // 10, steps - 1),
-                                     seed=seed, label_weight=cfg.label_weight, batch_size=cfg.batch_size,
-                                     log_every=max(1, steps // 4))
-                    res = train(sub.module, sub_data.train, task=task, teacher=reference.module, config=tc,
-                                reporter=reporter, input_names=names)
-                    sub.module.eval()
-                    info["recovery"] = {"steps": res.steps, "final_loss": res.final_loss}
-            ev_labels = sub_data.evaluation.all_labels()
-            before = _logits(reference.module, names, sub_data.evaluation).argmax(1)
-            after = _logits(sub.module, names, sub_data.evaluation).argmax(1)
-            key = "subset_accuracy" if labelled else "subset_agreement"
-            params = sub.num_parameters()
-            info.update({
-                "params": params,
-                "params_fraction": params / full_params,
-                "params_reduction": full_params / params,
-                "memory_bytes": _weight_bytes(sub.module),
-                key: float((after == ev_labels).mean()),
-                f"{key}_unpruned": float((before == ev_labels).mean()),
-            })
-            reporter.log(f"  {name}: {params:,} parameters ({full_params / params:.1f}x smaller), "
-                         f"{key} {info[key]:.3f} (unpruned {info[key + '_unpruned']:.3f})")
-            subs.append(SubModel(name, sub, subset, info))
-
+        subs = [job.sub_model(f"sub{i}", subset, Path(scratch)) for i, subset in enumerate(subsets)]
         latencies = _latencies(subs, device_list, Path(scratch), reporter)
 
     fit_parts = [torch.from_numpy(_logits(s.graph.module, names, fusion_split)) for s in subs]
@@ -641,45 +579,113 @@ def classwise_split(
     fusion = _fit_fusion(fit_parts, fit_target, num_classes, cfg.fusion_hidden, cfg.fusion_steps, cfg.fusion_lr,
                          seed)
     eval_parts = [torch.from_numpy(_logits(s.graph.module, names, data.evaluation)) for s in subs]
-    eval_classes = classes_of["evaluation"]
+    uncalibrated = ConcatCombiner(subsets, [1.0] * len(subs), [0.0] * len(subs))
     with torch.no_grad():
-        acc = {rule: float((comb(*eval_parts).argmax(1).numpy() == eval_classes).mean())
-               for rule, comb in (("concat", concat), ("fusion", fusion))}
-        raw = float((ConcatCombiner(subsets, [1.0] * len(subs), [0.0] * len(subs))(*eval_parts)
-                     .argmax(1).numpy() == eval_classes).mean())
+        acc = {rule: float((comb(*eval_parts).argmax(1).numpy() == classes_of["evaluation"]).mean())
+               for rule, comb in (("concat", concat), ("fusion", fusion), ("uncalibrated", uncalibrated))}
     placement = assign(latencies, [s.info["memory_bytes"] for s in subs], device_list, [s.name for s in subs])
     for i, s in enumerate(subs):
         s.info["latency_ms"] = {d.name: latencies[i][j] for j, d in enumerate(device_list)}
         s.info["device"] = placement.device[i]
     metric = "accuracy" if labelled else "agreement"
-    total = sum(s.info["params"] for s in subs)
-    report = {
+    result = ClasswiseResult(subs, num_classes, concat, fusion, placement, {},
+                             check_batch=data.evaluation.batches[0])
+    result.report = {
         "method": "prune.classwise (ED-ViT class-wise split)",
         "settings": cfg.model_dump(mode="json"),
         "seed": seed,
         "subsets": subsets,
         "full": {"params": full_params, metric: full_acc},
         "sub_models": [{"name": s.name, **s.info} for s in subs],
-        "total_params": total,
+        "total_params": sum(s.info["params"] for s in subs),
         "largest_sub_model_reduction": full_params / max(s.info["params"] for s in subs),
         "combined": {
             "metric": metric,
             "samples": len(data.evaluation),
-            "concat": {metric: acc["concat"], "uncalibrated": raw,
-                       "temperatures": None, "offsets": None},
+            "concat": {metric: acc["concat"], "uncalibrated": acc["uncalibrated"],
+                       "temperatures": (1.0 / result._per_model(concat.scale)).tolist(),
+                       "offsets": result._per_model(concat.shift).tolist()},
             "fusion": {metric: acc["fusion"], "hidden": cfg.fusion_hidden, "steps": cfg.fusion_steps},
             "full_model": full_acc,
             "fitted_on": f"{cfg.fusion_data} ({len(fusion_split)} samples)",
         },
         "assignment": placement.to_dict([s.name for s in subs]),
     }
-    result = ClasswiseResult(subs, num_classes, concat, fusion, placement, report,
-                             check_batch=data.evaluation.batches[0])
-    report["combined"]["concat"]["temperatures"] = (1.0 / result._per_model(concat.scale)).tolist()
-    report["combined"]["concat"]["offsets"] = result._per_model(concat.shift).tolist()
-    reporter.log(f"combined {metric}: concat {acc['concat']:.3f} (uncalibrated {raw:.3f}), fusion "
-                 f"{acc['fusion']:.3f}; full model {full_acc:.3f}")
+    reporter.log(f"combined {metric}: concat {acc['concat']:.3f} (uncalibrated {acc['uncalibrated']:.3f}), "
+                 f"fusion {acc['fusion']:.3f}; full model {full_acc:.3f}")
     return result
+
+
+@dataclass
+class _Job:
+    """What every sub-model of one split shares."""
+
+    graph: ModelGraph
+    group: Group
+    task: Any
+    cfg: ClasswiseConfig
+    data: TaskData
+    train_split: DataSplit
+    classes_of: dict[str, np.ndarray]
+    labelled: bool
+    seed: int
+    reporter: Reporter
+    latency_model: Any
+
+    def sub_model(self, name: str, subset: list[int], scratch: Path) -> SubModel:
+        """Restrict to ``subset``, prune with prune.global on the subset's data, recover, and score."""
+        from modelpress.train import TrainConfig, train
+
+        cfg, rep, bs = self.cfg, self.reporter, self.cfg.batch_size
+        names = list(self.graph.input_spec.names)
+        sub_data = TaskData(
+            calibration=_subset_split(self.data.calibration, self.classes_of["calibration"], subset, bs),
+            evaluation=_subset_split(self.data.evaluation, self.classes_of["evaluation"], subset, bs),
+            description=f"{getattr(self.data, 'description', 'data')}, classes {subset}",
+            make_train=lambda: _subset_split(self.train_split, self.classes_of["train"], subset, bs),
+        )
+        reference = _restricted(self.graph, self.group, subset)
+        info: dict[str, Any] = {"classes": subset, "samples": {
+            "calibration": len(sub_data.calibration), "evaluation": len(sub_data.evaluation),
+            "train": len(sub_data.train)}}
+        full_params = self.graph.num_parameters()
+        ratio = cfg.ratio * full_params / reference.num_parameters()  # of the restricted copy
+        sub = reference.copy()
+        if ratio < 1.0:
+            with rep.step(f"{name}: classes {subset}, pruning to {cfg.ratio:g} of the parameters"):
+                ctx = Context(workdir=scratch / name, task=self.task, data=sub_data, reference=reference,
+                              seed=self.seed, reporter=rep, latency_model=self.latency_model)
+                gcfg = GlobalConfig(**{**PRUNE_DEFAULTS, **cfg.prune, "ratio": ratio, "saliency": cfg.saliency,
+                                       "label_weight": cfg.label_weight})
+                pruned = GlobalPrune(gcfg).apply(reference, ctx)
+                sub = pruned.graph
+                info["prune"] = {k: pruned.metrics[k] for k in ("ratio_reached", "widths", "embedding")
+                                 if k in pruned.metrics}
+            if cfg.recover_steps:
+                steps = cfg.recover_steps
+                with rep.step(f"{name}: recovering {steps} steps on {len(sub_data.train)} samples"):
+                    tc = TrainConfig(steps=steps, lr=cfg.recover_lr, warmup_steps=min(steps // 10, steps - 1),
+                                     seed=self.seed, label_weight=cfg.label_weight, batch_size=bs,
+                                     log_every=max(1, steps // 4))
+                    res = train(sub.module, sub_data.train, task=self.task, teacher=reference.module, config=tc,
+                                reporter=rep, input_names=names)
+                    sub.module.eval()
+                    info["recovery"] = {"steps": res.steps, "final_loss": res.final_loss}
+        sub.name = f"{self.graph.name}-{name}"
+        labels = sub_data.evaluation.all_labels()
+        key = "subset_accuracy" if self.labelled else "subset_agreement"
+        params = sub.num_parameters()
+        info.update({
+            "params": params,
+            "params_fraction": params / full_params,
+            "params_reduction": full_params / params,
+            "memory_bytes": _weight_bytes(sub.module),
+            key: float((_logits(sub.module, names, sub_data.evaluation).argmax(1) == labels).mean()),
+            f"{key}_unpruned": float((_logits(reference.module, names, sub_data.evaluation).argmax(1) == labels).mean()),
+        })
+        rep.log(f"  {name}: {params:,} parameters ({full_params / params:.1f}x smaller), "
+                f"{key} {info[key]:.3f} (unpruned {info[key + '_unpruned']:.3f})")
+        return SubModel(name, sub, subset, info)
 
 
 def _weight_bytes(module: nn.Module) -> int:
