@@ -125,6 +125,8 @@ def test_bad_input_is_a_short_error(vit, digits, zoo_vit, tmp_path):
         classwise_split(vit, digits, task, k=11, **FAST)
     with pytest.raises(ModelpressError, match="exactly once"):
         classwise_split(vit, digits, task, subsets=[[0, 1, 2], [2, 3, 4, 5, 6, 7, 8, 9]], **FAST)
+    with pytest.raises(ModelpressError, match="set label_weight 0"):
+        classwise_split(vit, digits, task, k=2, recover_data="all", label_weight=0.5)
     backbone = ModelGraph(zoo_vit.module.vit, zoo_vit.input_spec, name="vit-backbone")
     with pytest.raises(ModelpressError, match="has no classifier"):
         classwise_split(backbone, digits, task, k=2, **FAST)

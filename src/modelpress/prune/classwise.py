@@ -10,7 +10,9 @@ Steps, for a classifier over C classes:
    data holds only S's samples and whose reference is the restricted copy) prunes it to ``ratio`` of the
    *full* model's parameters with saliency measured on S's data alone; then it is recovered on S's train
    samples by distilling from the restricted copy (KL on the S logits, label-free by default; with
-   ``label_weight > 0`` the labels, remapped to S's indices, are mixed in). A sample belongs to the subset
+   ``label_weight > 0`` the labels, remapped to S's indices, are mixed in). ``recover_data: all`` distils
+   the S logits on every train sample instead (the saliency stays S's): the sub-model then also learns what
+   the original says about S on the other classes' images, which keeps the K outputs comparable. A sample belongs to the subset
    of its label, or, when the data has no labels, of the original model's prediction.
 3. **Combine** the K sub-models' logits into one prediction over all C classes. Two rules, both fitted on
    the calibration split (or ``fusion_data: train``) and both measured:
@@ -92,6 +94,7 @@ class ClasswiseConfig(PassConfig):
     prune: dict[str, Any] = Field(default_factory=dict)  # prune.global settings over PRUNE_DEFAULTS
     recover_steps: int = Field(200, ge=0)
     recover_lr: float = Field(5e-4, gt=0)
+    recover_data: Literal["subset", "all"] = "subset"  # all: distil the subset's logits on every train sample
     batch_size: int = Field(32, ge=1)
     label_weight: float = Field(0.0, ge=0.0, le=1.0)
     fusion_hidden: int = Field(32, ge=0)
@@ -116,6 +119,9 @@ class ClasswiseConfig(PassConfig):
             raise ValueError(f"k is {self.k} but {len(self.subsets)} subsets are given")
         for d in self.devices:
             Device.parse(d)
+        if self.recover_data == "all" and self.label_weight > 0:
+            raise ValueError("recover_data 'all' distils only (other classes' samples have no subset label): "
+                             "set label_weight 0")
 
 
 # ------------------------------------------------------------------------------------------------ subsets
@@ -663,11 +669,12 @@ class _Job:
                                  if k in pruned.metrics}
             if cfg.recover_steps:
                 steps = cfg.recover_steps
-                with rep.step(f"{name}: recovering {steps} steps on {len(sub_data.train)} samples"):
+                recover = sub_data.train if cfg.recover_data == "subset" else DataSplit(self.train_split.batches)
+                with rep.step(f"{name}: recovering {steps} steps on {len(recover)} samples"):
                     tc = TrainConfig(steps=steps, lr=cfg.recover_lr, warmup_steps=min(steps // 10, steps - 1),
                                      seed=self.seed, label_weight=cfg.label_weight, batch_size=bs,
                                      log_every=max(1, steps // 4))
-                    res = train(sub.module, sub_data.train, task=self.task, teacher=reference.module, config=tc,
+                    res = train(sub.module, recover, task=self.task, teacher=reference.module, config=tc,
                                 reporter=rep, input_names=names)
                     sub.module.eval()
                     info["recovery"] = {"steps": res.steps, "final_loss": res.final_loss}
