@@ -154,6 +154,8 @@ class Context:
     (built by modelpress.bench for latency-aware pruning and search), or None; checkpoints: a folder for
     training checkpoints that outlives the run when it is interrupted (the CLI keeps one beside the output
     folder until the run completes, so the same command run again resumes), else ``workdir/checkpoints``.
+    ``extras["artifacts"]``: name -> folder under ``workdir`` that a pass made for the user
+    (prune.classwise's split); the CLI moves each into the output folder under its name.
     """
 
     workdir: Path

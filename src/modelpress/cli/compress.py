@@ -83,6 +83,8 @@ def run_recipe(
             report["output"] = str(out)
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=jsonable))
             (tmp / "report.md").write_text(render_markdown(report))
+            for name, folder in ctx.extras.get("artifacts", {}).items():  # what passes made for the user
+                shutil.move(str(folder), str(tmp / name))
             shutil.rmtree(tmp / "work", ignore_errors=True)
     shutil.rmtree(checkpoints, ignore_errors=True)
     if as_json:
