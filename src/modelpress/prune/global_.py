@@ -89,11 +89,14 @@ class GlobalPrune(GraphPass):
         goal = cfg.ratio * start
         eta = None if cfg.eta == "auto" else float(cfg.eta)
         history: list[dict] = []
-        for it in range(cfg.iterations):
+        # the asked iterations, then up to as many again if rounding and floors left the target unmet
+        for it in range(2 * cfg.iterations):
             costs = Costs(out, cfg.target, latency_fn)
             now = costs.total(out)
-            step_goal = start - (start - goal) * (it + 1) / cfg.iterations
+            step_goal = start - (start - goal) * min(1.0, (it + 1) / cfg.iterations)
             if now <= step_goal + cfg.tolerance * start * 0.5:
+                if it >= cfg.iterations - 1:
+                    break
                 continue
             cands = self._candidates(out, ctx, costs, floors, original_sizes)
             if not cands:
@@ -119,7 +122,7 @@ class GlobalPrune(GraphPass):
             history.append({"iteration": it, "removed_units": {k: len(v) for k, v in plan.items()},
                             "removed_blocks": blocks, cfg.target: after})
             ctx.reporter.log(
-                f"  iteration {it + 1}/{cfg.iterations}: {cfg.target} {after / start:.3f} of the original"
+                f"  iteration {it + 1}: {cfg.target} {after / start:.3f} of the original"
                 f" ({sum(len(v) for v in plan.values())} units, {len(blocks)} blocks removed)"
             )
             if cfg.recover_steps and it < cfg.iterations - 1:
@@ -189,10 +192,11 @@ def _floor(group: Group, floors: dict, original: dict) -> int:
 
 
 def _round_keep(keep: int, size: int, step: int, floor: int) -> int:
-    """``keep`` rounded to a multiple of ``step`` (nearest, never below the floor nor above ``size``)."""
+    """``keep`` rounded down to a multiple of ``step`` (so at least the chosen units go), never below the
+    floor (rounded up to a multiple) nor above ``size``."""
     if step <= 1:
         return max(keep, floor)
-    rounded = int(round(keep / step)) * step
+    rounded = (keep // step) * step
     rounded = max(rounded, int(np.ceil(floor / step)) * step, step)
     return min(rounded, size)
 
@@ -205,15 +209,22 @@ def _select(
     take: dict[str, list[int]] = {}
     blocks: list[str] = []
     saved = 0.0
+    unit_cost = {(c.group, c.unit): c.cost for c in cands}
     for c in sorted(cands, key=lambda c: (c.rank, c.group, c.unit)):
         if saved >= need:
             break
         if c.group.startswith("block:"):
+            path = c.group.removeprefix("block:")
             if len(blocks) + 1 < len(graph.blocks):
-                blocks.append(c.group.removeprefix("block:"))
-                saved += c.cost
+                blocks.append(path)
+                inside = [n for n in take if _inside(by_name[n].scope, path)]
+                saved += c.cost - sum(unit_cost[(n, u)] for n in inside for u in take[n])
+                for n in inside:
+                    del take[n]
             continue
         g = by_name[c.group]
+        if any(_inside(g.scope, b) for b in blocks):
+            continue  # its block goes as a whole
         chosen = take.setdefault(c.group, [])
         if g.size - len(chosen) - 1 < _floor(g, floors, original):
             continue
