@@ -12,6 +12,7 @@ import torch
 from modelpress.bench import latency as L
 from modelpress.bench.latency import LatencyTable, build_latency_table, compare_latency, table_key
 from modelpress.errors import ModelpressError
+from modelpress.targets import get_target
 from tests.graph.models_zoo import build
 
 GRID = {"heads": [1, 2, 4], "mlp": [32, 64, 128], "embed": [32, 64]}
@@ -29,14 +30,15 @@ def bert():
 
 @pytest.fixture(scope="module")
 def synthetic(bert) -> LatencyTable:
-    """A table for the tiny BERT filled from ``_f`` (no timing), rest 0.5 ms at 32 and 1 ms at 64, scale 1."""
+    """A table for the tiny BERT filled from ``_f`` (no timing), rest 0.5 ms at 32 and 1 ms at 64."""
     key = table_key(bert, "ort-cpu", batch=1, seq=64, grid=GRID)
     axes = key["axes"]
     values = [_f(*p) for p in itertools.product(*(axes[a] for a in L.AXES))]
-    calibration = [{"embed": e, "rest_ms": e / 64, "scale": 1.0, "full_ms": 0.0, "one_block_ms": 0.0}
+    calibration = [{"embed": e, "rest_ms": e / 64, "scale": 1.0, "full_ms": 0.0, "one_block_ms": 0.0,
+                    "block_in_model_ms": 0.0, "block_standalone_ms": 0.0}
                    for e in axes["embed"]]
     return LatencyTable(key=key, versions=L.measurement_versions(), axes=axes, block_ms_grid=values,
-                        block_cv=[0.0] * len(values), calibration=calibration)
+                        standalone_ms_grid=values, block_cv=[0.0] * len(values), calibration=calibration)
 
 
 def test_key_describes_architecture_and_grid(bert):
@@ -135,7 +137,11 @@ def test_bad_grid_is_a_short_error(bert):
 
 
 def test_measured_prediction_of_a_pruned_model(tmp_path):
-    """Build a real (small) table and compare its prediction for a pruned model with a measurement."""
+    """Build a real (small) table and compare its prediction for pruned models with a measurement.
+
+    One thread and process CPU time (``clock="cpu"``): on a shared machine wall time at two threads is
+    noise (2x swings), while CPU time at one thread predicted these speedups within 10% at a load of 8.
+    The 15% goal on wall time belongs to the benchmark, on a quiet machine."""
     import transformers as T
 
     from modelpress.graph.model_graph import ModelGraph
@@ -145,16 +151,53 @@ def test_measured_prediction_of_a_pruned_model(tmp_path):
     m = T.BertModel(T.BertConfig(vocab_size=500, hidden_size=256, num_hidden_layers=3, num_attention_heads=8,
                                  intermediate_size=1024, max_position_embeddings=128)).eval()
     g = ModelGraph(m, hf_input_spec(m), {"kind": "hf", "class": "BertModel"}, name="bert256")
-    table = build_latency_table(g, "ort-cpu", batch=1, seq=128, grid={"heads": [2, 8], "mlp": [256, 1024],
-                                "embed": [256]}, rounds=3, runs=5, min_time_s=0.05, cache_dir=tmp_path)
+    target = get_target("ort-cpu", threads=1)
+    table = build_latency_table(g, target, batch=1, seq=128, grid={"heads": [2, 8], "mlp": [256, 1024],
+                                "embed": [256]}, rounds=3, runs=5, min_time_s=0.05, clock="cpu", cache_dir=tmp_path)
     assert len(table.block_ms_grid) == 4 and all(v > 0 for v in table.block_ms_grid)
-    assert table.predict(g) == pytest.approx(table.calibration[0]["full_ms"], rel=1e-6)
-    pruned = g.copy()
+    # the level comes from the whole model: the unpruned prediction is its measured latency (medians of
+    # per-round differences, so not to the last digit)
+    assert table.predict(g) == pytest.approx(table.calibration[0]["full_ms"], rel=0.1)
+    uniform = g.copy()
     for i in range(3):
-        pruned.remove_many([(f"head:encoder.layer.{i}.attention", list(range(4, 8))),
-                            (f"mlp:encoder.layer.{i}", list(range(512, 1024)))])
-    pruned.remove_block("encoder.layer.2")
-    rows = compare_latency(table, {"full": g, "pruned": pruned}, "ort-cpu", rounds=3, min_time_s=0.2)
-    row = rows[1]
-    assert row["measured_speedup"] > 1.5
-    assert abs(row["speedup_error"]) < 0.4, rows
+        uniform.remove_many([(f"head:encoder.layer.{i}.attention", list(range(4, 8))),
+                             (f"mlp:encoder.layer.{i}", list(range(512, 1024)))])
+    mixed = uniform.copy()  # non-uniform: block 0 down to 2 heads, block 2 removed
+    mixed.remove_many([("head:encoder.layer.0.attention", [2, 3])])
+    mixed.remove_block("encoder.layer.2")
+    rows = compare_latency(table, {"full": g, "uniform": uniform, "mixed": mixed}, target, rounds=3,
+                           min_time_s=0.2)
+    assert rows[0]["speedup_error"] == 0.0
+    for row in rows[1:]:
+        assert row["measured_speedup"] > 1.3
+        assert abs(row["speedup_error"]) < 0.4, rows
+    with pytest.raises(ModelpressError, match="cpu clock needs 1 thread"):
+        table_key(g, get_target("ort-cpu", threads=2), clock="cpu")
+
+
+def test_cli_latency_table(synthetic, tmp_path, monkeypatch, capsys):
+    """`modelpress bench --latency-table CKPT` builds once (measurement faked here), then reads the cache."""
+    from modelpress.cli import main
+    from tests.graph.models_zoo import hf_model
+
+    folder = tmp_path / "bert"
+    hf_model("bert").save_pretrained(folder)
+    calls = []
+
+    def fake(graph, target, key, versions, *args):  # noqa: ANN001, ANN202
+        calls.append(key)
+        return LatencyTable.from_dict({**synthetic.to_dict(), "key": key, "versions": versions})
+
+    monkeypatch.setattr(L, "_measure_table", fake)
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    args = ["bench", "--latency-table", f"hf:{folder}", "--seq", "64", "--grid", "heads=1,2;mlp=32,64;embed=32"]
+    main([*args, "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["key"]["axes"]["heads"] == [1, 2, 4] and data["key"]["seq"] == 64
+    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
+    main([*args, "-q"])
+    out = capsys.readouterr().out
+    assert "block latency, BertModel" in out and "rest" in out and len(calls) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "model.onnx", "--latency-table", f"hf:{folder}"])
+    assert exit_.value.code == 2 and "not both" in capsys.readouterr().err

@@ -18,13 +18,16 @@ How the table is measured (``build_latency_table``), and why:
   is exported alone (its other inputs as constants) and timed with the interleaved runner. A block export
   takes a fraction of a second and times in a few milliseconds, so a 75-point MiniLM grid costs about a
   minute or two; timing whole models per grid point would cost six times the timing and far more export.
+  Each point is kept as its ratio to the full-width block of the same embedding width, the median of
+  per-round ratios (both timed in the same round), which holds up far better than absolute times when
+  the machine's load changes during the build.
 * **Calibrated by whole models.** Blocks alone are not blocks in a model (their weights stay in cache,
   each pays a session call). So per embedding width the full model (n blocks) and a one-block model are
-  timed in one interleaved run: ``(L_n - L_1) / (n - 1)`` is the in-model block latency at the original
-  widths, ``L_1`` minus it is ``rest``, and its ratio to the standalone block is ``scale``, applied to
-  every standalone point of that width (the grid gives the shape, the models the level). The unpruned
-  model is then predicted at its measured latency by construction. A single-block model gets scale 1 and
-  ``rest = L_n - block``. ``notes`` say when scale is more than 10% off 1.
+  timed in one interleaved run: per round, ``(L_n - L_1) / (n - 1)`` is the in-model block latency at
+  the original widths and ``L_1`` minus it is ``rest``; the medians over rounds set the level of every
+  grid point of that width (the grid gives the shape, the models the level), so the unpruned model is
+  predicted at its measured latency. A single-block model gets ``rest = L_n - standalone block``.
+  ``scale`` (in-model over standalone block) is recorded; ``notes`` say when it is more than 10% off 1.
 * **Interpolation.** Multilinear on the grid (latency is close to linear in heads, MLP width and head
   dim at a fixed embedding width; multilinear interpolation is exact for products of linear terms such
   as heads x embedding), linear extrapolation from the end segments outside it, clamped at 0. ``heads=0``
@@ -74,6 +77,7 @@ from modelpress.system import load_average, system_info
 from modelpress.targets import Target, get_target
 
 AXES = ("heads", "head_dim", "mlp", "embed")
+CLOCKS = ("wall", "cpu")
 FORMAT = 1
 EXPORT = {"exporter": "torch.onnx (dynamo=False)", "opset": 17, "optimize": "none", "attention": "eager"}
 
@@ -87,16 +91,17 @@ BlockSpec = tuple[float, float, float] | Mapping[str, Any]
 class LatencyTable:
     """Measured per-block latency over a grid, plus the rest of the model; see the module docstring.
 
-    ``block_ms`` / ``block_cv`` are flat row-major lists over ``axes`` in the order of ``AXES``
-    (standalone medians in ms and their coefficient of variation over rounds); ``calibration`` holds,
-    per embedding width (same order as ``axes["embed"]``), ``rest_ms``, ``scale`` and the whole-model
-    timings they came from.
+    ``block_ms_grid`` (in-model block ms), ``standalone_ms_grid`` (the standalone medians) and
+    ``block_cv`` (coefficient of variation of the per-round ratios) are flat row-major lists over ``axes``
+    in the order of ``AXES``; ``calibration`` holds, per embedding width (the order of ``axes["embed"]``),
+    ``rest_ms``, ``block_in_model_ms``, ``scale`` and the whole-model timings they came from.
     """
 
     key: dict[str, Any]
     versions: dict[str, Any]
     axes: dict[str, list[int]]
     block_ms_grid: list[float]
+    standalone_ms_grid: list[float]
     block_cv: list[float]
     calibration: list[dict[str, float]]
     notes: list[str] = field(default_factory=list)
@@ -108,7 +113,7 @@ class LatencyTable:
     def __post_init__(self) -> None:
         self.axes = {a: [int(v) for v in self.axes[a]] for a in AXES}
         sizes = [len(self.axes[a]) for a in AXES]
-        if math.prod(sizes) != len(self.block_ms_grid):
+        if not math.prod(sizes) == len(self.block_ms_grid) == len(self.standalone_ms_grid) == len(self.block_cv):
             raise ModelpressError(
                 f"latency table is inconsistent: {len(self.block_ms_grid)} block values for a "
                 f"{'x'.join(map(str, sizes))} grid",
@@ -116,7 +121,6 @@ class LatencyTable:
             )
         self._strides = [math.prod(sizes[i + 1 :]) for i in range(len(AXES))]
         self._rest = [float(c["rest_ms"]) for c in self.calibration]
-        self._scale = [float(c["scale"]) for c in self.calibration]
 
     # ----- lookups -----
     @property
@@ -127,12 +131,8 @@ class LatencyTable:
         """Latency outside the blocks at embedding width ``embed`` (interpolated, at least 0)."""
         return max(0.0, sum(w * self._rest[i] for i, w in _locate(self.axes["embed"], embed)))
 
-    def scale(self, embed: float) -> float:
-        """Standalone-to-in-model block factor at embedding width ``embed``."""
-        return sum(w * self._scale[i] for i, w in _locate(self.axes["embed"], embed))
-
-    def standalone_ms(self, heads: float, head_dim: float, mlp: float, embed: float) -> float:
-        """The standalone block latency, multilinear on the grid (extrapolated linearly), unclamped."""
+    def _interpolate(self, heads: float, head_dim: float, mlp: float, embed: float) -> float:
+        """The in-model block latency, multilinear on the grid (extrapolated linearly), unclamped."""
         locs = [
             _locate(self.axes["heads"], heads),
             _locate(self.axes["head_dim"], head_dim),
@@ -160,7 +160,7 @@ class LatencyTable:
         dims = self.axes["head_dim"]
         if len(dims) == 1 and head_dim and head_dim != dims[0]:
             heads, head_dim = heads * head_dim / dims[0], dims[0]
-        return max(0.0, self.scale(embed) * self.standalone_ms(heads, head_dim, mlp, embed))
+        return max(0.0, self._interpolate(heads, head_dim, mlp, embed))
 
     def predict_widths(self, blocks: Iterable[BlockSpec], embed: float | None = None) -> float:
         """Model latency (ms) for blocks given as (heads, head_dim, mlp) or dicts with those keys
@@ -235,6 +235,7 @@ class LatencyTable:
             "versions": self.versions,
             "axes": self.axes,
             "block_ms": self.block_ms_grid,
+            "standalone_ms": self.standalone_ms_grid,
             "block_cv": self.block_cv,
             "calibration": self.calibration,
             "notes": self.notes,
@@ -252,6 +253,7 @@ class LatencyTable:
         try:
             return cls(
                 key=d["key"], versions=d["versions"], axes=d["axes"], block_ms_grid=list(d["block_ms"]),
+                standalone_ms_grid=list(d["standalone_ms"]),
                 block_cv=list(d["block_cv"]), calibration=list(d["calibration"]), notes=list(d.get("notes", [])),
                 system=d.get("system", {}), created=d.get("created", ""), seconds=float(d.get("seconds", 0.0)),
             )
@@ -277,7 +279,7 @@ class LatencyTable:
             h, d, m, e = point
             out.append({
                 "heads": h, "head_dim": d, "mlp": m, "embed": e,
-                "standalone_ms": self.block_ms_grid[idx], "block_ms": self.block_ms(h, d, m, e),
+                "standalone_ms": self.standalone_ms_grid[idx], "block_ms": self.block_ms_grid[idx],
                 "cv": self.block_cv[idx],
             })
         return out
@@ -288,7 +290,8 @@ class LatencyTable:
 
         k, a = self.key, self.architecture
         title = (f"block latency, {a['model']} ({a['blocks']} x {a['block_type']}) on {k['target']['name']}, "
-                 f"{k['target']['threads']} threads, batch {k['batch']}, sequence {k['seq']}")
+                 f"{k['target']['threads']} threads, batch {k['batch']}, sequence {k['seq']}"
+                 + (", process CPU time" if k.get("clock") == "cpu" else ""))
         table = Table(title=title)
         for col in ("embed", "heads", "head dim", "MLP", "block ms", "standalone ms", "CV %"):
             table.add_column(col, justify="right")
@@ -573,16 +576,27 @@ def latency_cache_dir(cache_dir: os.PathLike | str | None = None) -> Path:
 
 
 def table_key(graph: ModelGraph, target: Target | str = "ort-cpu", *, batch: int = 1, seq: int | None = None,
-              grid: Mapping[str, Sequence[int]] | str | None = None) -> dict[str, Any]:
+              grid: Mapping[str, Sequence[int]] | str | None = None, clock: str = "wall") -> dict[str, Any]:
     """The cache key of the table ``build_latency_table`` would measure with these arguments."""
     t = get_target(target)
+    _check_clock(clock, t)
     arch = _architecture(graph)
     if graph.input_spec.kind == "text":
         seq = graph.input_spec.fit_seq_len(seq or t.seq_lens[0])
     else:
         seq = None
     return {"architecture": arch, "target": _target_key(t), "batch": int(batch), "seq": seq,
-            "axes": _resolve_grid(arch, grid), "export": dict(EXPORT)}
+            "axes": _resolve_grid(arch, grid), "export": dict(EXPORT), "clock": clock}
+
+
+def _check_clock(clock: str, target: Target) -> None:
+    if clock not in CLOCKS:
+        raise ModelpressError(f"unknown clock {clock!r}", f"use one of: {', '.join(CLOCKS)}")
+    if clock == "cpu" and target.threads != 1:
+        raise ModelpressError(
+            f"the cpu clock needs 1 thread (target {target.name} has {target.threads})",
+            "process CPU time counts ONNX Runtime's spinning threads; use --threads 1 or the wall clock",
+        )
 
 
 def cache_path(key: Mapping[str, Any], cache_dir: os.PathLike | str | None = None) -> Path:
@@ -601,7 +615,9 @@ def build_latency_table(
     runs: int = 10,
     min_time_s: float = 0.1,
     model_rounds: int = 5,
+    clock: str = "wall",
     cache: bool = True,
+    refresh: bool = False,
     cache_dir: os.PathLike | str | None = None,
     reporter: Reporter = QUIET,
 ) -> LatencyTable:
@@ -609,15 +625,18 @@ def build_latency_table(
 
     ``grid`` overrides axes of ``default_grid`` (a dict or ``"heads=1,6,12;mlp=384,1536"``); the full
     widths are always on it. Blocks are timed ``rounds`` interleaved rounds of at least ``runs`` runs and
-    ``min_time_s`` seconds; the calibration models ``model_rounds`` rounds. See the module docstring.
+    ``min_time_s`` seconds; the calibration models ``model_rounds`` rounds. ``cache``: read and write
+    ``$MODELPRESS_CACHE/latency`` (``refresh``: measure again and overwrite). ``clock="cpu"`` (1 thread
+    only) uses process CPU time per run instead of wall time: steadier on a busy machine, so tests use
+    it; a wall-clock table is what a target's latency means. See the module docstring.
     """
     if batch < 1:
         raise ModelpressError(f"batch must be at least 1, got {batch}")
     t = get_target(target)
-    key = table_key(graph, t, batch=batch, seq=seq, grid=grid)
+    key = table_key(graph, t, batch=batch, seq=seq, grid=grid, clock=clock)
     versions = measurement_versions()
     path = cache_path(key, cache_dir)
-    if cache and path.is_file():
+    if cache and not refresh and path.is_file():
         try:
             cached = LatencyTable.load(path)
         except ModelpressError:
@@ -668,62 +687,80 @@ def _measure_table(
                     del base
                 files: dict[str, Path] = {}
                 for h, d, m in reporter.track(points, f"exporting {len(points)} blocks at embedding {e}"):
-                    name = f"e{e}_h{h}_d{d}_m{m}"
+                    name = _point_name(e, h, d, m)
                     variant = _block_variant(one, arch, h, d, m)
                     block_specs[e] = _export_block(variant, seq, tmp / f"{name}.onnx")
                     files[name] = tmp / f"{name}.onnx"
                 block_files[e] = files
 
         medians: dict[str, float] = {}
-        cvs: dict[str, float] = {}
+        ratios: dict[str, list[float]] = {}  # per round: point / full-width block of the same embedding
         for e, files in block_files.items():
+            full_block = _point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])
             report = measure(files, block_specs[e], target, rounds=rounds, runs=runs, min_time_s=min_time_s,
-                             warmup=3, batch_sizes=[batch], memory=False, reporter=reporter)
+                             warmup=3, batch_sizes=[batch], memory=False, baseline=full_block, reporter=reporter)
+            base_cpu = report.stats(full_block, batch).cpu_ms or 0.0
             for name in files:
                 s = report.stats(name, batch)
-                medians[name], cvs[name] = s.median_ms, _round_cv(s.round_medians_ms)
+                if key["clock"] == "cpu":
+                    medians[name], ratios[name] = s.cpu_ms or 0.0, [(s.cpu_ms or 0.0) / base_cpu]
+                else:
+                    medians[name], ratios[name] = s.median_ms, [1.0 / r for r in s.speedup_rounds if r > 0]
         report = measure(model_files, graph.input_spec, target, rounds=model_rounds, runs=runs,
                          min_time_s=max(min_time_s, 0.2), warmup=3, batch_sizes=[batch],
                          seq_lens=[seq] if seq else None, memory=False, reporter=reporter)
-        model_ms = {name: report.stats(name, batch).median_ms for name in model_files}
+        model_rounds_ms = {
+            name: [report.stats(name, batch).cpu_ms or 0.0] if key["clock"] == "cpu"
+            else report.stats(name, batch).round_medians_ms
+            for name in model_files
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    grid = [medians[f"e{e}_h{h}_d{d}_m{m}"] for h, d, m, e in itertools.product(*(axes[a] for a in AXES))]
-    cv = [cvs[f"e{e}_h{h}_d{d}_m{m}"] for h, d, m, e in itertools.product(*(axes[a] for a in AXES))]
     calibration = []
     for e in axes["embed"]:
-        alone = medians[f"e{e}_h{arch['heads']}_d{arch['head_dim']}_m{arch['mlp']}"]
-        full = model_ms[f"full_e{e}"]
+        alone = medians[_point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])]
+        full_r = np.asarray(model_rounds_ms[f"full_e{e}"])
         if n > 1:
-            one = model_ms[f"one_e{e}"]
-            in_model = (full - one) / (n - 1)
+            one_r = np.asarray(model_rounds_ms[f"one_e{e}"])
+            in_model = float(np.median((full_r - one_r) / (n - 1)))
+            rest = float(np.median((n * one_r - full_r) / (n - 1)))
+            one = float(np.median(one_r))
             if in_model <= 0:
-                notes.append(f"embedding {e}: the whole model ({full:.2f} ms) was not slower than one block "
-                             f"({one:.2f} ms) - too noisy; blocks kept at their standalone latency")
-                in_model = alone
-            rest = full - n * in_model
+                notes.append(f"embedding {e}: the whole model was not slower than one block (too noisy); "
+                             "blocks kept at their standalone latency")
+                in_model, rest = alone, float(np.median(full_r)) - n * alone
         else:
-            one, in_model, rest = full, alone, full - alone
+            in_model, one = alone, float(np.median(full_r))
+            rest = one - alone
         if rest < 0:
             notes.append(f"embedding {e}: rest came out {rest:.2f} ms (noise), set to 0")
             rest = 0.0
         scale = in_model / alone if alone > 0 else 1.0
         if abs(scale - 1.0) > 0.10:
-            notes.append(f"embedding {e}: a block in the model takes {scale:.2f}x its standalone time; "
-                         "standalone points are scaled by it")
-        calibration.append({"embed": e, "rest_ms": rest, "scale": scale, "full_ms": full, "one_block_ms": one,
-                            "block_in_model_ms": in_model, "block_standalone_ms": alone})
+            notes.append(f"embedding {e}: a block in the model takes {scale:.2f}x its standalone time")
+        calibration.append({"embed": e, "rest_ms": rest, "block_in_model_ms": in_model, "scale": scale,
+                            "full_ms": float(np.median(full_r)), "one_block_ms": one, "block_standalone_ms": alone})
+    level = dict(zip(axes["embed"], (c["block_in_model_ms"] for c in calibration), strict=True))
+    names = [_point_name(e, h, d, m) for h, d, m, e in itertools.product(*(axes[a] for a in AXES))]
+    grid = [float(np.median(ratios[nm])) * level[int(nm[1:].split("_")[0])] for nm in names]
+    standalone = [medians[nm] for nm in names]
+    cv = [_cv(ratios[nm]) for nm in names]
     system = system_info(target.threads)
     system["load_average_1min"] = [load_before, load_average()]
     return LatencyTable(
-        key=key, versions=versions, axes=axes, block_ms_grid=grid, block_cv=cv, calibration=calibration,
+        key=key, versions=versions, axes=axes, block_ms_grid=grid, standalone_ms_grid=standalone, block_cv=cv,
+        calibration=calibration,
         notes=notes, system=system, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=time.perf_counter() - started,
     )
 
 
-def _round_cv(values: Sequence[float]) -> float:
+def _point_name(e: int, h: int, d: int, m: int) -> str:
+    return f"e{e}_h{h}_d{d}_m{m}"
+
+
+def _cv(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=float)
     return float(arr.std() / arr.mean()) if len(arr) > 1 and arr.mean() > 0 else 0.0
 
@@ -744,7 +781,8 @@ def compare_latency(
     """Predicted against measured latency for ``graphs`` (the first is the baseline), timed interleaved.
 
     Per graph: predicted and measured ms, and the speedups over the baseline (measured: the median of
-    per-round ratios); ``speedup_error`` is predicted / measured speedup - 1.
+    per-round ratios; on a cpu-clock table, process CPU time per run); ``speedup_error`` is predicted /
+    measured speedup - 1.
     """
     if not graphs:
         raise ModelpressError("nothing to compare: no graphs given")
@@ -766,12 +804,15 @@ def compare_latency(
         shutil.rmtree(tmp, ignore_errors=True)
     base = next(iter(graphs))
     rows = []
+    cpu = table.key.get("clock") == "cpu"
     for name in graphs:
         s = report.stats(name, batch)
+        measured = (s.cpu_ms or 0.0) if cpu else s.median_ms
+        speedup = (report.stats(base, batch).cpu_ms or 0.0) / measured if cpu and measured else s.speedup
         p_speed = predicted[base] / predicted[name]
         rows.append({
-            "name": name, "predicted_ms": predicted[name], "measured_ms": s.median_ms,
-            "predicted_speedup": p_speed, "measured_speedup": s.speedup,
-            "speedup_error": p_speed / s.speedup - 1.0 if s.speedup else None,
+            "name": name, "predicted_ms": predicted[name], "measured_ms": measured,
+            "predicted_speedup": p_speed, "measured_speedup": speedup,
+            "speedup_error": p_speed / speedup - 1.0 if speedup else None,
         })
     return rows
