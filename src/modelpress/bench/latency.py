@@ -121,6 +121,7 @@ class LatencyTable:
             )
         self._strides = [math.prod(sizes[i + 1 :]) for i in range(len(AXES))]
         self._rest = [float(c["rest_ms"]) for c in self.calibration]
+        self._memo: dict[tuple, float] = {}  # block_ms by widths: search asks for the same ones again and again
 
     # ----- lookups -----
     @property
@@ -157,10 +158,16 @@ class LatencyTable:
         counts as ``heads * head_dim / full_head_dim`` heads.
         """
         embed = self.architecture["embed"] if embed is None else embed
-        dims = self.axes["head_dim"]
-        if len(dims) == 1 and head_dim and head_dim != dims[0]:
-            heads, head_dim = heads * head_dim / dims[0], dims[0]
-        return max(0.0, self._interpolate(heads, head_dim, mlp, embed))
+        memo = (heads, head_dim, mlp, embed)
+        value = self._memo.get(memo)
+        if value is None:
+            dims = self.axes["head_dim"]
+            if len(dims) == 1 and head_dim and head_dim != dims[0]:
+                heads, head_dim = heads * head_dim / dims[0], dims[0]
+            value = self._memo[memo] = max(0.0, self._interpolate(heads, head_dim, mlp, embed))
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+        return value
 
     def predict_widths(self, blocks: Iterable[BlockSpec], embed: float | None = None) -> float:
         """Model latency (ms) for blocks given as (heads, head_dim, mlp) or dicts with those keys
