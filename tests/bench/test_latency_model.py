@@ -201,3 +201,6 @@ def test_cli_latency_table(synthetic, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "model.onnx", "--latency-table", f"hf:{folder}"])
     assert exit_.value.code == 2 and "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--threads", "2", "--clock", "cpu"])
+    assert "cpu clock needs 1 thread" in capsys.readouterr().err

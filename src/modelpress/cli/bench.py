@@ -39,6 +39,8 @@ def bench(
     grid: Annotated[str | None, typer.Option(
         "--grid", help="Latency-table grid axes, e.g. 'heads=1,6,12;mlp=384,1536;embed=384' (head_dim too).")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Measure the latency table again, ignoring the cache.")] = False,
+    clock: Annotated[str, typer.Option("--clock", help="Latency table: 'wall' time, or process 'cpu' time "
+                                       "(1 thread only; steadier on a busy machine).")] = "wall",
 ) -> None:
     """Measure ONNX Runtime latency (median, p90, p99, CV, throughput, memory, file size); table + JSON.
     With --latency-table CKPT: the per-block latency table of CKPT on the target instead."""
@@ -53,11 +55,11 @@ def bench(
         if model is not None:
             raise ModelpressError("give either MODEL or --latency-table CKPT, not both",
                                   "modelpress bench --latency-table CKPT")
-        _latency_table(latency_table, tgt, batch, seq, grid, rounds, rebuild, output, as_json, rep,
+        _latency_table(latency_table, tgt, batch, seq, grid, rounds, rebuild, clock, output, as_json, rep,
                        trust_pickle, input_shape)
         return
-    if grid is not None or rebuild:
-        raise ModelpressError("--grid and --rebuild go with --latency-table CKPT", "add --latency-table CKPT")
+    if grid is not None or rebuild or clock != "wall":
+        raise ModelpressError("--grid, --rebuild and --clock go with --latency-table CKPT", "add --latency-table CKPT")
     tmp = None
     try:
         if model and model.endswith(".onnx"):
@@ -86,7 +88,7 @@ def bench(
 
 
 def _latency_table(ckpt: str, tgt: Any, batch: list[int] | None, seq: list[int] | None, grid: str | None,
-                   rounds: int, rebuild: bool, output: Path | None, as_json: bool, rep: Any,
+                   rounds: int, rebuild: bool, clock: str, output: Path | None, as_json: bool, rep: Any,
                    trust_pickle: bool, input_shape: str | None) -> None:
     from modelpress.bench.latency import build_latency_table
 
@@ -95,7 +97,7 @@ def _latency_table(ckpt: str, tgt: Any, batch: list[int] | None, seq: list[int] 
                               "give --batch and --seq once each")
     graph = load_graph(None if ckpt == "default" else ckpt, trust_pickle, input_shape, rep)
     table = build_latency_table(graph, tgt, batch=(batch or [1])[0], seq=(seq or [None])[0], grid=grid,
-                                rounds=rounds, refresh=rebuild, reporter=rep)
+                                rounds=rounds, refresh=rebuild, clock=clock, reporter=rep)
     if output is not None:
         table.save(output)
     if as_json:
