@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,8 +33,17 @@ def bench(
     seq: Annotated[list[int] | None, typer.Option("--seq", help="Sequence lengths (text models).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds.")] = 3,
     quiet: Quiet = False, as_json: AsJson = False, trust_pickle: TrustPickle = False, input_shape: InputShape = None,
+    latency_table: Annotated[str | None, typer.Option(
+        "--latency-table", help="Build (or load from the cache) the latency table of this checkpoint ('default': "
+        "MiniLM) on the target: per-block latency over a grid of widths, for latency-aware pruning.")] = None,
+    grid: Annotated[str | None, typer.Option(
+        "--grid", help="Latency-table grid axes, e.g. 'heads=1,6,12;mlp=384,1536;embed=384' (head_dim too).")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Measure the latency table again, ignoring the cache.")] = False,
+    clock: Annotated[str, typer.Option("--clock", help="Latency table: 'wall' time, or process 'cpu' time "
+                                       "(1 thread only; steadier on a busy machine).")] = "wall",
 ) -> None:
-    """Measure ONNX Runtime latency (median, p90, p99, CV, throughput, memory, file size); table + JSON."""
+    """Measure ONNX Runtime latency (median, p90, p99, CV, throughput, memory, file size); table + JSON.
+    With --latency-table CKPT: the per-block latency table of CKPT on the target instead."""
     from modelpress.bench import get_target, input_spec_from_onnx, measure
     from modelpress.export import export_onnx
 
@@ -42,6 +51,15 @@ def bench(
         check_output_file(output)
     rep = reporter(quiet or as_json)
     tgt = get_target(target, threads=threads)
+    if latency_table is not None:
+        if model is not None:
+            raise ModelpressError("give either MODEL or --latency-table CKPT, not both",
+                                  "modelpress bench --latency-table CKPT")
+        _latency_table(latency_table, tgt, batch, seq, grid, rounds, rebuild, clock, output, as_json, rep,
+                       trust_pickle, input_shape)
+        return
+    if grid is not None or rebuild or clock != "wall":
+        raise ModelpressError("--grid, --rebuild and --clock go with --latency-table CKPT", "add --latency-table CKPT")
     tmp = None
     try:
         if model and model.endswith(".onnx"):
@@ -67,3 +85,22 @@ def bench(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _latency_table(ckpt: str, tgt: Any, batch: list[int] | None, seq: list[int] | None, grid: str | None,
+                   rounds: int, rebuild: bool, clock: str, output: Path | None, as_json: bool, rep: Any,
+                   trust_pickle: bool, input_shape: str | None) -> None:
+    from modelpress.bench.latency import build_latency_table
+
+    if len(batch or []) > 1 or len(seq or []) > 1:
+        raise ModelpressError("a latency table is for one batch size and one sequence length",
+                              "give --batch and --seq once each")
+    graph = load_graph(None if ckpt == "default" else ckpt, trust_pickle, input_shape, rep)
+    table = build_latency_table(graph, tgt, batch=(batch or [1])[0], seq=(seq or [None])[0], grid=grid,
+                                rounds=rounds, refresh=rebuild, clock=clock, reporter=rep)
+    if output is not None:
+        table.save(output)
+    if as_json:
+        print_json(table.to_dict())
+    else:
+        print_rich(table.to_table(), *([f"wrote {output}"] if output is not None else []))

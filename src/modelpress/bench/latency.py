@@ -1,0 +1,825 @@
+"""The latency model: a measured lookup table of per-block latency on a Target, interpolated.
+
+Latency-aware pruning (NViT's ``I_S - eta * (Lat(W) - Lat(W without S))``, a latency target) and search
+need the latency of many candidate architectures, each block with its own heads, head dim and MLP width,
+some blocks removed. Measuring each is far too slow; predicting from a table is pure arithmetic
+(microseconds). The model:
+
+    latency(model) = rest(E) + sum over its blocks of block_ms(heads, head_dim, mlp, E)
+
+where E is the embedding (residual) width and ``rest`` is everything outside the blocks (embeddings,
+pooler, head, session overhead).
+
+How the table is measured (``build_latency_table``), and why:
+
+* **Blocks alone.** For every grid point, a copy of the model is pruned with the graph's own edits (the
+  last units of the head / head-dim / MLP groups of its first block, the embedding groups everywhere),
+  the first block's inputs are captured by a forward pre-hook during one run of that copy, and the block
+  is exported alone (its other inputs as constants) and timed with the interleaved runner. A block export
+  takes a fraction of a second and times in a few milliseconds, so a 75-point MiniLM grid costs about a
+  minute or two; timing whole models per grid point would cost six times the timing and far more export.
+  Each point is kept as its ratio to the full-width block of the same embedding width, the median of
+  per-round ratios (both timed in the same round), which holds up far better than absolute times when
+  the machine's load changes during the build.
+* **Calibrated by whole models.** Blocks alone are not blocks in a model (their weights stay in cache,
+  each pays a session call). So per embedding width the full model (n blocks) and a one-block model are
+  timed in one interleaved run: per round, ``(L_n - L_1) / (n - 1)`` is the in-model block latency at
+  the original widths and ``L_1`` minus it is ``rest``; the medians over rounds set the level of every
+  grid point of that width (the grid gives the shape, the models the level), so the unpruned model is
+  predicted at its measured latency. A single-block model gets ``rest = L_n - standalone block``.
+  ``scale`` (in-model over standalone block) is recorded; ``notes`` say when it is more than 10% off 1.
+* **Interpolation.** Multilinear on the grid (latency is close to linear in heads, MLP width and head
+  dim at a fixed embedding width; multilinear interpolation is exact for products of linear terms such
+  as heads x embedding), linear extrapolation from the end segments outside it, clamped at 0. ``heads=0``
+  (attention gone) and ``mlp=0`` (MLP gone) extrapolate from the two smallest points.
+* **No head-dim groups.** When the graph has no "head_dim" groups the head-dim axis holds the full width
+  only; a block with another head dim is then looked up at ``heads * head_dim / full_head_dim`` heads
+  (its projections and attention products scale with heads x head dim) and the table's notes say so.
+* **Exports.** Plain ``torch.onnx`` exports (``optimize="none"``, HF models in eager attention); ONNX
+  Runtime's own graph optimizations run in every session, as when the pipeline's export is measured.
+
+A table is keyed by the architecture (model class, block type and count, full widths, vocabulary), the
+target (name, providers, threads, session config), batch, sequence length, grid and export settings, and
+records the versions and CPU that measured it; it is cached as JSON under ``$MODELPRESS_CACHE/latency``
+and reused only when key and versions match. ``check`` refuses a graph or target it was not measured for.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.bench.runner import measure, write_json_atomic
+from modelpress.errors import ModelpressError
+from modelpress.export.onnx import _attention, export_onnx
+from modelpress.graph.inputs import InputSpec, primary_output
+from modelpress.graph.model_graph import ModelGraph
+from modelpress.graph.stats import block_widths, embedding_width, in_block
+from modelpress.progress import QUIET, Reporter
+from modelpress.system import load_average, system_info
+from modelpress.targets import Target, get_target
+
+AXES = ("heads", "head_dim", "mlp", "embed")
+CLOCKS = ("wall", "cpu")
+FORMAT = 1
+EXPORT = {"exporter": "torch.onnx (dynamo=False)", "opset": 17, "optimize": "none", "attention": "eager"}
+
+BlockSpec = tuple[float, float, float] | Mapping[str, Any]
+
+
+# ------------------------------------------------------------------------------------------- table
+
+
+@dataclass
+class LatencyTable:
+    """Measured per-block latency over a grid, plus the rest of the model; see the module docstring.
+
+    ``block_ms_grid`` (in-model block ms), ``standalone_ms_grid`` (the standalone medians) and
+    ``block_cv`` (coefficient of variation of the per-round ratios) are flat row-major lists over ``axes``
+    in the order of ``AXES``; ``calibration`` holds, per embedding width (the order of ``axes["embed"]``),
+    ``rest_ms``, ``block_in_model_ms``, ``scale`` and the whole-model timings they came from.
+    """
+
+    key: dict[str, Any]
+    versions: dict[str, Any]
+    axes: dict[str, list[int]]
+    block_ms_grid: list[float]
+    standalone_ms_grid: list[float]
+    block_cv: list[float]
+    calibration: list[dict[str, float]]
+    notes: list[str] = field(default_factory=list)
+    system: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    seconds: float = 0.0
+    format: int = FORMAT
+
+    def __post_init__(self) -> None:
+        self.axes = {a: [int(v) for v in self.axes[a]] for a in AXES}
+        sizes = [len(self.axes[a]) for a in AXES]
+        if not math.prod(sizes) == len(self.block_ms_grid) == len(self.standalone_ms_grid) == len(self.block_cv):
+            raise ModelpressError(
+                f"latency table is inconsistent: {len(self.block_ms_grid)} block values for a "
+                f"{'x'.join(map(str, sizes))} grid",
+                "delete the cached table and build it again",
+            )
+        self._strides = [math.prod(sizes[i + 1 :]) for i in range(len(AXES))]
+        self._rest = [float(c["rest_ms"]) for c in self.calibration]
+        self._memo: dict[tuple, float] = {}  # block_ms by widths: search asks for the same ones again and again
+
+    # ----- lookups -----
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return self.key["architecture"]
+
+    def rest_ms(self, embed: float) -> float:
+        """Latency outside the blocks at embedding width ``embed`` (interpolated, at least 0)."""
+        return max(0.0, sum(w * self._rest[i] for i, w in _locate(self.axes["embed"], embed)))
+
+    def _interpolate(self, heads: float, head_dim: float, mlp: float, embed: float) -> float:
+        """The in-model block latency, multilinear on the grid (extrapolated linearly), unclamped."""
+        locs = [
+            _locate(self.axes["heads"], heads),
+            _locate(self.axes["head_dim"], head_dim),
+            _locate(self.axes["mlp"], mlp),
+            _locate(self.axes["embed"], embed),
+        ]
+        grid, strides = self.block_ms_grid, self._strides
+        total = 0.0
+        for corner in itertools.product(*locs):
+            weight = 1.0
+            index = 0
+            for (i, w), s in zip(corner, strides, strict=True):
+                weight *= w
+                index += i * s
+            total += weight * grid[index]
+        return total
+
+    def block_ms(self, heads: float, head_dim: float, mlp: float, embed: float | None = None) -> float:
+        """In-model latency of one block with these widths (``embed`` defaults to the full width).
+
+        ``heads=0``: attention gone; ``mlp=0``: MLP gone. With a one-point head-dim axis, another head dim
+        counts as ``heads * head_dim / full_head_dim`` heads.
+        """
+        embed = self.architecture["embed"] if embed is None else embed
+        memo = (heads, head_dim, mlp, embed)
+        value = self._memo.get(memo)
+        if value is None:
+            dims = self.axes["head_dim"]
+            if len(dims) == 1 and head_dim and head_dim != dims[0]:
+                heads, head_dim = heads * head_dim / dims[0], dims[0]
+            value = self._memo[memo] = max(0.0, self._interpolate(heads, head_dim, mlp, embed))
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+        return value
+
+    def predict_widths(self, blocks: Iterable[BlockSpec], embed: float | None = None) -> float:
+        """Model latency (ms) for blocks given as (heads, head_dim, mlp) or dicts with those keys
+        (missing heads / mlp count as 0: gone); removed blocks are simply not listed."""
+        embed = self.architecture["embed"] if embed is None else embed
+        total = self.rest_ms(embed)
+        for b in blocks:
+            if isinstance(b, Mapping):
+                h, d, m = b.get("heads", 0), b.get("head_dim", self.architecture["head_dim"]), b.get("mlp", 0)
+            else:
+                h, d, m = b
+            total += self.block_ms(h, d, m, embed)
+        return total
+
+    def predict(self, graph: ModelGraph) -> float:
+        """Predicted latency (ms) of ``graph`` from its current blocks' widths and embedding width."""
+        blocks, embed = graph_widths(graph)
+        return self.predict_widths(blocks, embed)
+
+    # ----- checks -----
+    def check(self, graph: ModelGraph | None = None, target: Target | str | None = None,
+              batch: int | None = None, seq: int | None = None) -> None:
+        """Raise ModelpressError unless this table was measured for ``graph``'s architecture (the same
+        model, possibly pruned), on ``target`` at ``batch`` and ``seq`` (arguments left None are not checked)."""
+        k = self.key
+        problems: list[str] = []
+        if target is not None:
+            t = get_target(target)
+            want = _target_key(t)
+            if want != k["target"]:
+                problems.append(f"target {t.name} ({t.threads} threads)")
+        if batch is not None and batch != k["batch"]:
+            problems.append(f"batch {batch}")
+        if seq is not None and k["seq"] is not None and seq != k["seq"]:
+            problems.append(f"sequence {seq}")
+        if graph is not None:
+            problems += self._architecture_problems(graph)
+        if problems:
+            a, t = self.architecture, k["target"]
+            raise ModelpressError(
+                f"the latency table was measured for {a['model']} ({a['blocks']} x {a['block_type']}) on "
+                f"{t['name']} ({t['threads']} threads), batch {k['batch']}, sequence {k['seq']}; "
+                f"not for {', '.join(problems)}",
+                "build a table for this model and target: modelpress bench --latency-table CKPT --target ...",
+            )
+
+    def _architecture_problems(self, graph: ModelGraph) -> list[str]:
+        a = self.architecture
+        model = _model_name(graph)
+        if model != a["model"]:
+            return [f"model {model}"]
+        if graph.input_spec.kind == "text" and graph.input_spec.vocab_size != a["vocab"]:
+            return [f"a {model} with vocabulary {graph.input_spec.vocab_size}"]
+        blocks, embed = graph_widths(graph)
+        types = {b.type for b in graph.blocks}
+        if types and types != {a["block_type"]}:
+            return [f"blocks {', '.join(sorted(types))}"]
+        if len(blocks) > a["blocks"]:
+            return [f"{len(blocks)} blocks"]
+        if embed is not None and embed > a["embed"]:
+            return [f"embedding width {embed}"]
+        for b in blocks:
+            if b.get("heads", 0) > a["heads"] or b.get("mlp", 0) > a["mlp"] or b.get("head_dim", 0) > a["head_dim"]:
+                return [f"a block of {b.get('heads')} heads x {b.get('head_dim')}, MLP {b.get('mlp')}"]
+        return []
+
+    # ----- JSON -----
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "key": self.key,
+            "versions": self.versions,
+            "axes": self.axes,
+            "block_ms": self.block_ms_grid,
+            "standalone_ms": self.standalone_ms_grid,
+            "block_cv": self.block_cv,
+            "calibration": self.calibration,
+            "notes": self.notes,
+            "system": self.system,
+            "created": self.created,
+            "seconds": round(self.seconds, 2),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LatencyTable:
+        if d.get("format") != FORMAT:
+            raise ModelpressError(
+                f"latency table format {d.get('format')!r} is not {FORMAT}", "build the table again"
+            )
+        try:
+            return cls(
+                key=d["key"], versions=d["versions"], axes=d["axes"], block_ms_grid=list(d["block_ms"]),
+                standalone_ms_grid=list(d["standalone_ms"]),
+                block_cv=list(d["block_cv"]), calibration=list(d["calibration"]), notes=list(d.get("notes", [])),
+                system=d.get("system", {}), created=d.get("created", ""), seconds=float(d.get("seconds", 0.0)),
+            )
+        except KeyError as exc:
+            raise ModelpressError(f"latency table lacks {exc}", "build the table again") from None
+
+    def save(self, path: os.PathLike | str) -> Path:
+        """Write the table as JSON atomically (temporary file, then rename)."""
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: os.PathLike | str) -> LatencyTable:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelpressError(f"cannot read latency table {path}: {exc}", "build the table again") from exc
+        return cls.from_dict(data)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per grid point: the widths, standalone and in-model ms, CV."""
+        out = []
+        for idx, point in enumerate(itertools.product(*(self.axes[a] for a in AXES))):
+            h, d, m, e = point
+            out.append({
+                "heads": h, "head_dim": d, "mlp": m, "embed": e,
+                "standalone_ms": self.standalone_ms_grid[idx], "block_ms": self.block_ms_grid[idx],
+                "cv": self.block_cv[idx],
+            })
+        return out
+
+    def to_table(self):  # noqa: ANN201 - rich.table.Table
+        """A rich table of the grid, the calibration in its caption."""
+        from rich.table import Table
+
+        k, a = self.key, self.architecture
+        title = (f"block latency, {a['model']} ({a['blocks']} x {a['block_type']}) on {k['target']['name']}, "
+                 f"{k['target']['threads']} threads, batch {k['batch']}, sequence {k['seq']}"
+                 + (", process CPU time" if k.get("clock") == "cpu" else ""))
+        table = Table(title=title)
+        for col in ("embed", "heads", "head dim", "MLP", "block ms", "standalone ms", "CV %"):
+            table.add_column(col, justify="right")
+        for r in self.rows():
+            table.add_row(str(r["embed"]), str(r["heads"]), str(r["head_dim"]), str(r["mlp"]),
+                          f"{r['block_ms']:.3f}", f"{r['standalone_ms']:.3f}", f"{100 * r['cv']:.1f}")
+        cal = "; ".join(
+            f"embed {e}: rest {c['rest_ms']:.2f} ms, scale {c['scale']:.3f}, model {c['full_ms']:.2f} ms"
+            for e, c in zip(self.axes["embed"], self.calibration, strict=True)
+        )
+        table.caption = cal + ("\n" + "\n".join(self.notes) if self.notes else "")
+        return table
+
+
+def _locate(axis: Sequence[int], x: float) -> list[tuple[int, float]]:
+    """Grid indices and weights of ``x`` on a sorted axis (linear extrapolation past the ends)."""
+    n = len(axis)
+    if n == 1:
+        return [(0, 1.0)]
+    i = min(max(bisect.bisect_right(axis, x) - 1, 0), n - 2)
+    t = (x - axis[i]) / (axis[i + 1] - axis[i])
+    return [(i, 1.0 - t), (i + 1, t)]
+
+
+# ------------------------------------------------------------------------------------- architecture
+
+
+def _model_name(graph: ModelGraph) -> str:
+    return str(graph.source.get("class") or type(graph.module).__name__)
+
+
+def _block_groups(graph: ModelGraph, path: str, kind: str) -> list:
+    return [g for g in graph.groups if g.kind == kind and in_block(g.scope, path)]
+
+
+def graph_widths(graph: ModelGraph) -> tuple[list[dict[str, Any]], int | None]:
+    """Per current block: heads, head_dim, mlp (0 when absent); and the embedding width."""
+    rows = []
+    for r in block_widths(graph):
+        row = {"heads": r.get("heads", 0), "head_dim": r.get("head_dim", 0), "mlp": r.get("mlp", 0)}
+        dims = _block_groups(graph, r["block"], "head_dim")
+        if dims:
+            row["head_dim"] = max(g.size for g in dims)
+        rows.append(row)
+    return rows, embedding_width(graph)
+
+
+def _architecture(graph: ModelGraph) -> dict[str, Any]:
+    blocks, embed = graph_widths(graph)
+    if not blocks or not any(b["heads"] or b["mlp"] for b in blocks):
+        raise ModelpressError(
+            f"{graph.name} has no transformer blocks (attention heads or MLPs) for a latency table",
+            "latency tables model transformer blocks; measure this model with modelpress bench",
+        )
+    if embed is None:
+        raise ModelpressError(f"{graph.name} has no embedding (residual) width", "latency tables model transformers")
+    widths = {(b["heads"], b["head_dim"], b["mlp"]) for b in blocks}
+    if len(widths) != 1:
+        raise ModelpressError(
+            f"{graph.name}'s blocks have different widths {sorted(widths)}",
+            "build the latency table on the unpruned model; it predicts the pruned ones",
+        )
+    first = graph.blocks[0].path
+    heads = _block_groups(graph, first, "head")
+    types = {b.type for b in graph.blocks}
+    return {
+        "model": _model_name(graph),
+        "block_type": graph.blocks[0].type if len(types) == 1 else "+".join(sorted(types)),
+        "blocks": len(blocks),
+        "heads": blocks[0]["heads"],
+        "head_dim": blocks[0]["head_dim"],
+        "mlp": blocks[0]["mlp"],
+        "embed": int(embed),
+        "heads_per_unit": heads[0].heads_per_unit if heads else 1,
+        "head_dim_groups": bool(_block_groups(graph, first, "head_dim")),
+        "vocab": graph.input_spec.vocab_size if graph.input_spec.kind == "text" else None,
+        "input": graph.input_spec.kind,
+    }
+
+
+def _target_key(t: Target) -> dict[str, Any]:
+    return {"name": t.name, "providers": list(t.providers), "threads": t.threads,
+            "session_config": dict(t.session_config)}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def measurement_versions() -> dict[str, Any]:
+    """What a table's numbers depend on besides its key: library versions and the CPU."""
+    info = system_info()
+    return {
+        "onnxruntime": _version("onnxruntime"),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "modelpress": _version("modelpress"),
+        "cpu_model": info["cpu_model"],
+        "cpu_flags": info["cpu_flags"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- grid
+
+
+def default_grid(arch: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Heads at 1, 1/4, 1/2, 3/4 and all (in whole units), MLP at 1/8 ... all, embedding at 1/2, 3/4 and
+    all, head dim at 1/2 and all when the graph has head-dim groups (else all only)."""
+    q = max(1, int(arch["heads_per_unit"]))
+    units = arch["heads"] // q
+    heads = sorted({q * max(1, round(units * f)) for f in (0, 0.25, 0.5, 0.75, 1.0)}) if units else [0]
+    mlp = sorted({max(1, round(arch["mlp"] * f)) for f in (0.125, 0.25, 0.5, 0.75, 1.0)}) if arch["mlp"] else [0]
+    dims = [arch["head_dim"]]
+    if arch["head_dim_groups"] and arch["head_dim"] >= 2:
+        dims = sorted({arch["head_dim"] // 2, arch["head_dim"]})
+    embed = sorted({max(1, round(arch["embed"] * f)) for f in (0.5, 0.75, 1.0)})
+    return {"heads": heads, "head_dim": dims, "mlp": mlp, "embed": embed}
+
+
+def parse_grid(text: str | None) -> dict[str, list[int]]:
+    """``heads=1,6,12;mlp=384,1536`` (axes separated by ';' or spaces) into a partial grid."""
+    out: dict[str, list[int]] = {}
+    if not text:
+        return out
+    for part in text.replace(";", " ").split():
+        name, sep, values = part.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in AXES:
+            raise ModelpressError(f"bad grid entry {part!r}", f"write AXIS=V1,V2,... with AXIS one of {', '.join(AXES)}")
+        try:
+            out[name] = sorted({int(v) for v in values.split(",") if v.strip()})
+        except ValueError:
+            raise ModelpressError(f"bad grid values in {part!r}", "use whole numbers, e.g. heads=3,6,12") from None
+        if not out[name]:
+            raise ModelpressError(f"grid axis {name} has no values", "e.g. heads=3,6,12")
+    return out
+
+
+def _resolve_grid(arch: Mapping[str, Any], grid: Mapping[str, Sequence[int]] | str | None) -> dict[str, list[int]]:
+    axes = default_grid(arch)
+    given = parse_grid(grid) if isinstance(grid, str) else {k: sorted({int(v) for v in vs}) for k, vs in (grid or {}).items()}
+    for name, values in given.items():
+        if name not in AXES:
+            raise ModelpressError(f"unknown grid axis {name!r}", f"use {', '.join(AXES)}")
+        axes[name] = values
+    for name in AXES:
+        full = arch[name]
+        values = sorted(set(axes[name]) | {full})
+        if name == "head_dim" and not arch["head_dim_groups"] and values != [full]:
+            raise ModelpressError(
+                f"this model has no head-dim groups, so the head-dim axis can only be {full}",
+                "leave head_dim out of --grid",
+            )
+        bad = [v for v in values if v > full or (v < 1 and full > 0)]
+        if bad:
+            raise ModelpressError(f"grid axis {name}: {bad} outside 1..{full}", f"use values between 1 and {full}")
+        if name == "heads" and any(v % arch["heads_per_unit"] for v in values):
+            raise ModelpressError(f"grid heads {values}: heads come in units of {arch['heads_per_unit']}")
+        axes[name] = values
+    return axes
+
+
+# ------------------------------------------------------------------------------------------ variants
+
+
+def _keep_last(graph: ModelGraph, groups: list, fraction: float, force: bool = False) -> None:
+    """Remove the last units of ``groups`` so each keeps ``fraction`` of its units (at least one)."""
+    plan = []
+    for g in groups:
+        keep = max(1, int(round(g.size * fraction)))
+        if keep < g.size:
+            plan.append((g.name, list(range(keep, g.size))))
+    if plan:
+        graph.remove_many(plan, force=force)
+
+
+def _with_embed(graph: ModelGraph, arch: Mapping[str, Any], embed: int) -> ModelGraph:
+    out = graph.copy()
+    if embed != arch["embed"]:
+        groups = [g for g in out.groups_of_kind("embedding", prunable_only=False) if not g.meta.get("fixed")]
+        if not groups:
+            raise ModelpressError(f"{graph.name}'s embedding width cannot be edited", "leave embed out of --grid")
+        _keep_last(out, groups, embed / arch["embed"], force=True)
+    return out
+
+
+def _block_variant(graph: ModelGraph, arch: Mapping[str, Any], heads: int, head_dim: int, mlp: int) -> ModelGraph:
+    """A copy whose first block has these widths."""
+    out = graph.copy()
+    path = out.blocks[0].path
+    if heads != arch["heads"]:
+        _keep_last(out, _block_groups(out, path, "head"), heads / arch["heads"])
+    if head_dim != arch["head_dim"]:
+        _keep_last(out, _block_groups(out, path, "head_dim"), head_dim / arch["head_dim"])
+    if mlp != arch["mlp"]:
+        _keep_last(out, _block_groups(out, path, "mlp"), mlp / arch["mlp"])
+    return out
+
+
+class _Standalone(nn.Module):
+    """One block called on its hidden states, its other captured inputs held as constants."""
+
+    def __init__(self, block: nn.Module, args: tuple, kwargs: dict, position: str | int) -> None:
+        super().__init__()
+        self.block = block
+        self.args, self.kwargs, self.position = args, kwargs, position
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = list(self.args), dict(self.kwargs)
+        if isinstance(self.position, int):
+            args[self.position] = hidden
+        else:
+            kwargs[self.position] = hidden
+        return primary_output(self.block(*args, **kwargs))
+
+
+def _capture(graph: ModelGraph, path: str, seq: int | None) -> tuple[tuple, dict, str | int, torch.Tensor]:
+    """The inputs of block ``path`` during one batch-1 run (eager attention must already be on)."""
+    block = graph.module.get_submodule(path)
+    seen: dict[str, Any] = {}
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if "args" not in seen:
+            seen["args"], seen["kwargs"] = args, kwargs
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        graph.forward(graph.example_inputs(1, seq))
+    finally:
+        handle.remove()
+    args, kwargs = seen["args"], seen["kwargs"]
+    if args and isinstance(args[0], torch.Tensor):
+        position: str | int = 0
+        hidden = args[0]
+    else:
+        position = "hidden_states" if "hidden_states" in kwargs else next(
+            k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+        hidden = kwargs[position]
+    return tuple(args), dict(kwargs), position, hidden.detach()
+
+
+def _export_block(graph: ModelGraph, seq: int | None, path: Path) -> InputSpec:
+    """Export ``graph``'s first block alone to ``path``; returns its input spec."""
+    block_path = graph.blocks[0].path
+    with _attention(graph.module, "eager"):
+        args, kwargs, position, hidden = _capture(graph, block_path, seq)
+        spec = InputSpec("tensor", ["hidden_states"], shape=tuple(hidden.shape[1:]))
+        wrapper = _Standalone(graph.module.get_submodule(block_path), args, kwargs, position).eval()
+        export_onnx(wrapper, spec, path, optimize="none", verify=True, attn_implementation=None)
+    return spec
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _one_block(graph: ModelGraph) -> ModelGraph:
+    out = graph.copy()
+    for b in list(out.blocks)[:0:-1]:
+        out.remove_block(b.path)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def latency_cache_dir(cache_dir: os.PathLike | str | None = None) -> Path:
+    """``cache_dir`` if given, else ``$MODELPRESS_CACHE/latency``, else ``~/.cache/modelpress/latency``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    root = os.environ.get("MODELPRESS_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "modelpress") / "latency"
+
+
+def table_key(graph: ModelGraph, target: Target | str = "ort-cpu", *, batch: int = 1, seq: int | None = None,
+              grid: Mapping[str, Sequence[int]] | str | None = None, clock: str = "wall") -> dict[str, Any]:
+    """The cache key of the table ``build_latency_table`` would measure with these arguments."""
+    t = get_target(target)
+    _check_clock(clock, t)
+    arch = _architecture(graph)
+    if graph.input_spec.kind == "text":
+        seq = graph.input_spec.fit_seq_len(seq or t.seq_lens[0])
+    else:
+        seq = None
+    return {"architecture": arch, "target": _target_key(t), "batch": int(batch), "seq": seq,
+            "axes": _resolve_grid(arch, grid), "export": dict(EXPORT), "clock": clock}
+
+
+def _check_clock(clock: str, target: Target) -> None:
+    if clock not in CLOCKS:
+        raise ModelpressError(f"unknown clock {clock!r}", f"use one of: {', '.join(CLOCKS)}")
+    if clock == "cpu" and target.threads != 1:
+        raise ModelpressError(
+            f"the cpu clock needs 1 thread (target {target.name} has {target.threads})",
+            "process CPU time counts ONNX Runtime's spinning threads; use --threads 1 or the wall clock",
+        )
+
+
+def cache_path(key: Mapping[str, Any], cache_dir: os.PathLike | str | None = None) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return latency_cache_dir(cache_dir) / f"{key['architecture']['model']}-{digest}.json"
+
+
+def build_latency_table(
+    graph: ModelGraph,
+    target: Target | str = "ort-cpu",
+    *,
+    batch: int = 1,
+    seq: int | None = None,
+    grid: Mapping[str, Sequence[int]] | str | None = None,
+    rounds: int = 3,
+    runs: int = 10,
+    min_time_s: float = 0.1,
+    model_rounds: int = 5,
+    clock: str = "wall",
+    cache: bool = True,
+    refresh: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    reporter: Reporter = QUIET,
+) -> LatencyTable:
+    """Measure (or load from the cache) the latency table of ``graph``'s architecture on ``target``.
+
+    ``grid`` overrides axes of ``default_grid`` (a dict or ``"heads=1,6,12;mlp=384,1536"``); the full
+    widths are always on it. Blocks are timed ``rounds`` interleaved rounds of at least ``runs`` runs and
+    ``min_time_s`` seconds; the calibration models ``model_rounds`` rounds. ``cache``: read and write
+    ``$MODELPRESS_CACHE/latency`` (``refresh``: measure again and overwrite). ``clock="cpu"`` (1 thread
+    only) uses process CPU time per run instead of wall time: steadier on a busy machine, so tests use
+    it; a wall-clock table is what a target's latency means. See the module docstring.
+    """
+    if batch < 1:
+        raise ModelpressError(f"batch must be at least 1, got {batch}")
+    t = get_target(target)
+    key = table_key(graph, t, batch=batch, seq=seq, grid=grid, clock=clock)
+    versions = measurement_versions()
+    path = cache_path(key, cache_dir)
+    if cache and not refresh and path.is_file():
+        try:
+            cached = LatencyTable.load(path)
+        except ModelpressError:
+            cached = None
+        if cached is not None and cached.key == key and cached.versions == versions:
+            reporter.log(f"latency table from the cache: {path}")
+            return cached
+        if cached is not None:
+            reporter.log("the cached latency table was measured with other versions: measuring again")
+    table = _measure_table(graph, t, key, versions, rounds, runs, min_time_s, model_rounds, reporter)
+    if cache:
+        table.save(path)
+        reporter.log(f"wrote latency table {path}")
+    return table
+
+
+def _measure_table(
+    graph: ModelGraph, target: Target, key: dict[str, Any], versions: dict[str, Any], rounds: int, runs: int,
+    min_time_s: float, model_rounds: int, reporter: Reporter,
+) -> LatencyTable:
+    started = time.perf_counter()
+    load_before = load_average()
+    target.require_available()
+    arch, axes, batch, seq = key["architecture"], key["axes"], key["batch"], key["seq"]
+    points = list(itertools.product(axes["heads"], axes["head_dim"], axes["mlp"]))
+    notes: list[str] = []
+    if not arch["head_dim_groups"]:
+        notes.append(f"no head-dim groups: the head-dim axis is {arch['head_dim']} only; other head dims are "
+                     "looked up as heads x head dim / full head dim heads")
+    tmp = Path(tempfile.mkdtemp(prefix="modelpress-latency-"))
+    try:
+        block_files: dict[int, dict[str, Path]] = {}
+        block_specs: dict[int, InputSpec] = {}
+        model_files: dict[str, Path] = {}
+        n = arch["blocks"]
+        # one torch thread while exporting: on a busy machine torch's spinning threads stall each other
+        with _torch_threads(1):
+            for e in axes["embed"]:
+                with reporter.step(f"exporting the whole model and a one-block model at embedding {e}"):
+                    base = _with_embed(graph, arch, e)
+                    model_files[f"full_e{e}"] = export_onnx(
+                        base.module, base.input_spec, tmp / f"full_e{e}.onnx", optimize="none").path
+                    one = base
+                    if n > 1:  # block variants are cut from the one-block model: smaller copies, faster runs
+                        one = _one_block(base)
+                        model_files[f"one_e{e}"] = export_onnx(
+                            one.module, one.input_spec, tmp / f"one_e{e}.onnx", optimize="none").path
+                    del base
+                files: dict[str, Path] = {}
+                for h, d, m in reporter.track(points, f"exporting {len(points)} blocks at embedding {e}"):
+                    name = _point_name(e, h, d, m)
+                    variant = _block_variant(one, arch, h, d, m)
+                    block_specs[e] = _export_block(variant, seq, tmp / f"{name}.onnx")
+                    files[name] = tmp / f"{name}.onnx"
+                block_files[e] = files
+
+        medians: dict[str, float] = {}
+        ratios: dict[str, list[float]] = {}  # per round: point / full-width block of the same embedding
+        for e, files in block_files.items():
+            full_block = _point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])
+            report = measure(files, block_specs[e], target, rounds=rounds, runs=runs, min_time_s=min_time_s,
+                             warmup=3, batch_sizes=[batch], memory=False, baseline=full_block, reporter=reporter)
+            base_cpu = report.stats(full_block, batch).cpu_ms or 0.0
+            for name in files:
+                s = report.stats(name, batch)
+                if key["clock"] == "cpu":
+                    medians[name], ratios[name] = s.cpu_ms or 0.0, [(s.cpu_ms or 0.0) / base_cpu]
+                else:
+                    medians[name], ratios[name] = s.median_ms, [1.0 / r for r in s.speedup_rounds if r > 0]
+        report = measure(model_files, graph.input_spec, target, rounds=model_rounds, runs=runs,
+                         min_time_s=max(min_time_s, 0.2), warmup=3, batch_sizes=[batch],
+                         seq_lens=[seq] if seq else None, memory=False, reporter=reporter)
+        model_rounds_ms = {
+            name: [report.stats(name, batch).cpu_ms or 0.0] if key["clock"] == "cpu"
+            else report.stats(name, batch).round_medians_ms
+            for name in model_files
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    calibration = []
+    for e in axes["embed"]:
+        alone = medians[_point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])]
+        full_r = np.asarray(model_rounds_ms[f"full_e{e}"])
+        if n > 1:
+            one_r = np.asarray(model_rounds_ms[f"one_e{e}"])
+            in_model = float(np.median((full_r - one_r) / (n - 1)))
+            rest = float(np.median((n * one_r - full_r) / (n - 1)))
+            one = float(np.median(one_r))
+            if in_model <= 0:
+                notes.append(f"embedding {e}: the whole model was not slower than one block (too noisy); "
+                             "blocks kept at their standalone latency")
+                in_model, rest = alone, float(np.median(full_r)) - n * alone
+        else:
+            in_model, one = alone, float(np.median(full_r))
+            rest = one - alone
+        if rest < 0:
+            notes.append(f"embedding {e}: rest came out {rest:.2f} ms (noise), set to 0")
+            rest = 0.0
+        scale = in_model / alone if alone > 0 else 1.0
+        if abs(scale - 1.0) > 0.10:
+            notes.append(f"embedding {e}: a block in the model takes {scale:.2f}x its standalone time")
+        calibration.append({"embed": e, "rest_ms": rest, "block_in_model_ms": in_model, "scale": scale,
+                            "full_ms": float(np.median(full_r)), "one_block_ms": one, "block_standalone_ms": alone})
+    level = dict(zip(axes["embed"], (c["block_in_model_ms"] for c in calibration), strict=True))
+    names = [_point_name(e, h, d, m) for h, d, m, e in itertools.product(*(axes[a] for a in AXES))]
+    grid = [float(np.median(ratios[nm])) * level[int(nm[1:].split("_")[0])] for nm in names]
+    standalone = [medians[nm] for nm in names]
+    cv = [_cv(ratios[nm]) for nm in names]
+    system = system_info(target.threads)
+    system["load_average_1min"] = [load_before, load_average()]
+    return LatencyTable(
+        key=key, versions=versions, axes=axes, block_ms_grid=grid, standalone_ms_grid=standalone, block_cv=cv,
+        calibration=calibration,
+        notes=notes, system=system, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _point_name(e: int, h: int, d: int, m: int) -> str:
+    return f"e{e}_h{h}_d{d}_m{m}"
+
+
+def _cv(values: Sequence[float]) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.std() / arr.mean()) if len(arr) > 1 and arr.mean() > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------- checking
+
+
+def compare_latency(
+    table: LatencyTable,
+    graphs: Mapping[str, ModelGraph],
+    target: Target | str = "ort-cpu",
+    *,
+    rounds: int = 5,
+    runs: int = 10,
+    min_time_s: float = 0.3,
+    reporter: Reporter = QUIET,
+) -> list[dict[str, Any]]:
+    """Predicted against measured latency for ``graphs`` (the first is the baseline), timed interleaved.
+
+    Per graph: predicted and measured ms, and the speedups over the baseline (measured: the median of
+    per-round ratios; on a cpu-clock table, process CPU time per run); ``speedup_error`` is predicted /
+    measured speedup - 1.
+    """
+    if not graphs:
+        raise ModelpressError("nothing to compare: no graphs given")
+    t = get_target(target)
+    batch, seq = table.key["batch"], table.key["seq"]
+    for g in graphs.values():
+        table.check(g, t, batch, seq)
+    predicted = {name: table.predict(g) for name, g in graphs.items()}
+    first = next(iter(graphs.values()))
+    tmp = Path(tempfile.mkdtemp(prefix="modelpress-latency-check-"))
+    try:
+        files = {}
+        for name, g in reporter.track(list(graphs.items()), "exporting"):
+            files[name] = export_onnx(g.module, g.input_spec, tmp / f"{len(files)}.onnx", optimize="none").path
+        report = measure(files, first.input_spec, t, rounds=rounds, runs=runs, min_time_s=min_time_s,
+                         warmup=3, batch_sizes=[batch], seq_lens=[seq] if seq else None, memory=False,
+                         reporter=reporter)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = next(iter(graphs))
+    rows = []
+    cpu = table.key.get("clock") == "cpu"
+    for name in graphs:
+        s = report.stats(name, batch)
+        measured = (s.cpu_ms or 0.0) if cpu else s.median_ms
+        speedup = (report.stats(base, batch).cpu_ms or 0.0) / measured if cpu and measured else s.speedup
+        p_speed = predicted[base] / predicted[name]
+        rows.append({
+            "name": name, "predicted_ms": predicted[name], "measured_ms": measured,
+            "predicted_speedup": p_speed, "measured_speedup": speedup,
+            "speedup_error": p_speed / speedup - 1.0 if speedup else None,
+        })
+    return rows
