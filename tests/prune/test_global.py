@@ -67,3 +67,21 @@ def test_unreachable_target_is_a_short_error(setup, tmp_path) -> None:  # noqa: 
 def test_latency_target_needs_a_latency_model(setup, tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ModelpressError, match="latency model"):
         _run(setup, tmp_path, saliency="magnitude", target="latency", ratio=0.5)
+
+
+def test_latency_target_from_a_measured_table(setup, tmp_path) -> None:  # noqa: ANN001
+    from modelpress.bench import build_latency_table, get_target
+
+    graph, _ = setup
+    target = get_target("ort-cpu", threads=1)
+    table = build_latency_table(graph, target, grid="heads=1,4;mlp=32,256;embed=64", rounds=2, runs=5,
+                                min_time_s=0.02, model_rounds=2, clock="cpu", cache_dir=tmp_path / "cache")
+    ctx_kwargs = {"latency_model": table}
+    cls = registered_passes()["prune.global"]
+    _, data = setup
+    ctx = Context(workdir=tmp_path, task=ClassificationTask(), data=data, reference=graph, seed=0, **ctx_kwargs)
+    result = cls(cls.Config(saliency="hessian", target="latency", ratio=0.6, iterations=2, measure=False)).apply(graph, ctx)
+    m = result.metrics
+    assert m["ratio_reached"] <= 0.62
+    assert table.predict(result.graph) == pytest.approx(m["ratio_reached"] * table.predict(graph), rel=1e-6)
+    assert m["predicted_speedup"] >= 1 / 0.62

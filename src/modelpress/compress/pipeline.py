@@ -54,6 +54,11 @@ class Pipeline:
         workdir = Path(ctx.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         ctx.reference = ctx.reference or graph
+        if ctx.latency_model is None and any(getattr(p, "needs_latency_model", False) for p in self.recipe.passes):
+            from modelpress.bench import build_latency_table
+
+            with rep.step("latency table on the target (measured once, then cached)"):
+                ctx.latency_model = build_latency_table(graph, ctx.target or "ort-cpu", reporter=rep)
         started = time.perf_counter()
         pass_log: list[dict] = []
         exporter: Exporter | None = None

@@ -27,7 +27,7 @@ from modelpress.data.saliency import CRITERIA, group_saliency
 from modelpress.errors import ModelpressError
 from modelpress.graph import Group, ModelGraph
 from modelpress.passes import GraphPass, PassConfig, PassResult, register
-from modelpress.prune.budget import Costs, widths
+from modelpress.prune.budget import Costs, Widths, widths
 
 Kind = Literal["head", "head_dim", "mlp", "embedding", "conv", "block"]
 
@@ -76,6 +76,12 @@ class GlobalPrune(GraphPass):
 
     name = "prune.global"
     Config = GlobalConfig
+
+    @property
+    def needs_latency_model(self) -> bool:
+        """Whether the Context must carry a latency model (the pipeline builds one on its Target)."""
+        cfg = self.config
+        return cfg.target == "latency" or (cfg.rank == "nvit" and cfg.eta != 0)
 
     def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
         cfg = self.config
@@ -262,7 +268,13 @@ def _latency_fn(ctx):  # noqa: ANN001, ANN202
             "a latency target (or eta) needs a latency model on the Context",
             "build one with `modelpress bench --latency-table CKPT` (the compress command loads it for you)",
         )
-    return model.predict_widths
+    if ctx.reference is not None and hasattr(model, "check"):
+        model.check(ctx.reference)  # measured for this architecture (a short error otherwise)
+
+    def predict(w: Widths) -> float:
+        return float(model.predict_widths(list(w.blocks.values()), w.embedding))
+
+    return predict
 
 
 def _latency_costs(graph: ModelGraph, cands: list[_Candidate], latency_fn) -> dict:  # noqa: ANN001
@@ -300,9 +312,9 @@ def _recover(graph: ModelGraph, ctx, cfg: GlobalConfig) -> None:  # noqa: ANN001
 
 def _measured_speedup(original: ModelGraph, pruned: ModelGraph, ctx) -> float:  # noqa: ANN001
     """The pruned model's speedup over the original, measured interleaved at the latency model's shape."""
-    model = ctx.latency_model
-    batch = int(getattr(model, "batch", 1))
-    seq = getattr(model, "seq_len", None)
+    key = getattr(ctx.latency_model, "key", {}) or {}
+    batch = int(key.get("batch", 1))
+    seq = key.get("seq")
     timing = {"batch_sizes": [batch]}
     if seq is not None and original.input_spec.kind == "text":
         timing["seq_lens"] = [int(seq)]
