@@ -152,6 +152,43 @@ def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[d
     """
     plan = [(g, units) for g, units in plan if units]
     drop = unit_positions(plan)
+    edits = _attribute_edits(root, plan)
+    state = dict(root.named_parameters())
+    state.update(dict(root.named_buffers()))
+    by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (param, axis), idx in drop.items():
+        by_param[param].append((axis, idx))
+    holders = tensor_holders(root)
+    with torch.no_grad():
+        for param, cuts in by_param.items():
+            t = state[param].detach()
+            for axis, idx in cuts:
+                keep = np.setdiff1d(np.arange(t.shape[axis]), idx)
+                t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
+            set_tensor(root, param, t.contiguous(), holders)
+    sync_module_attrs(root)
+    for e in edits:
+        setattr(get_submodule(root, e["module"]), e["attr"], e["value"])
+    refresh_caches(root)
+    return edits
+
+
+def _attribute_edits(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[dict]:
+    """``setattr`` records for the attention attributes the plan's head and head-width cuts change.
+
+    Where one plan cuts both the heads and the head width of one attention, a total-width attribute
+    takes the new heads times the new width (each cut alone would leave the other factor as it was).
+    """
+    from modelpress.graph.adapters import HEAD_WIDTH_ATTRS
+
+    heads_after: dict[str, int] = {}
+    width_after: dict[str, int] = {}
+    for group, units in plan:
+        left = group.size - len(set(units))
+        if group.kind == "head":
+            heads_after[group.scope] = left * group.heads_per_unit
+        elif group.kind == "head_dim":
+            width_after[group.scope] = left
     edits: list[dict] = []
     for group, units in plan:
         if group.kind == "head":
@@ -171,24 +208,17 @@ def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[d
             edits += head_dim_attribute_edits(
                 root, group.scope, heads=heads, old=group.size, new=group.size - len(set(units))
             )
-    state = dict(root.named_parameters())
-    state.update(dict(root.named_buffers()))
-    by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for (param, axis), idx in drop.items():
-        by_param[param].append((axis, idx))
-    holders = tensor_holders(root)
-    with torch.no_grad():
-        for param, cuts in by_param.items():
-            t = state[param].detach()
-            for axis, idx in cuts:
-                keep = np.setdiff1d(np.arange(t.shape[axis]), idx)
-                t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
-            set_tensor(root, param, t.contiguous(), holders)
-    sync_module_attrs(root)
+    both = set(heads_after) & set(width_after)
+    if not both:
+        return edits
+    final: dict[tuple[str, str], dict] = {}
     for e in edits:
-        setattr(get_submodule(root, e["module"]), e["attr"], e["value"])
-    refresh_caches(root)
-    return edits
+        scope = next((s for s in both if e["module"] == s or e["module"].startswith(s + ".") or s.startswith(
+            e["module"] + ".") or not e["module"]), None)
+        if scope is not None and e["attr"] in HEAD_WIDTH_ATTRS:
+            e = {**e, "value": heads_after[scope] * width_after[scope]}
+        final[(e["module"], e["attr"])] = e
+    return list(final.values())
 
 
 def permute_units(root: nn.Module, group: Group, order: list[int] | np.ndarray) -> None:

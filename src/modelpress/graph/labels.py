@@ -149,18 +149,19 @@ _ELEMENTWISE = {"add", "sub", "mul", "div", "where", "maximum", "minimum", "rsub
 _SHAPE = {
     "view", "_unsafe_view", "reshape", "transpose", "permute", "t", "unsqueeze", "squeeze", "flatten",
     "expand", "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow", "movedim",
-    "unflatten", "repeat", "expand_as", "view_as", "reshape_as", "swapaxes",
+    "unflatten", "repeat", "expand_as", "view_as", "reshape_as", "swapaxes", "roll", "flip",
 }
+# padding: padded positions carry no channel (-1); a pad along a channel axis leaves its readers pinned there
+_PAD = {"pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 # periodic functions of positions (rotary tables): inputs pinned, output carries no channels
 _POSITIONAL = {"cos", "sin"}
 _REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod"}
 _POOL = {
     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool1d", "avg_pool1d",
     "adaptive_avg_pool1d", "upsample_nearest2d", "upsample_bilinear2d", "max_pool2d_with_indices",
-    "_adaptive_avg_pool2d", "pad", "constant_pad_nd", "upsample_bicubic2d", "upsample_linear1d",
+    "_adaptive_avg_pool2d", "upsample_bicubic2d", "upsample_linear1d",
     "upsample_nearest1d", "upsample_nearest3d", "upsample_trilinear3d", "_upsample_bilinear2d_aa",
-    "_upsample_bicubic2d_aa", "_upsample_nearest_exact2d", "_upsample_nearest_exact1d", "reflection_pad2d",
-    "replication_pad2d", "avg_pool3d", "max_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "_upsample_bicubic2d_aa", "_upsample_nearest_exact2d", "_upsample_nearest_exact1d", "avg_pool3d", "max_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
 }
 # gathers along axes whose positions carry no channels (bias tables read by an index buffer)
 _INDEX = {"index", "_unsafe_index", "index_select", "gather"}
@@ -435,6 +436,8 @@ class _Propagator:
             return self.visit_shape(node, op)
         if op in _INDEX:
             return self.visit_index(node, op)
+        if op in _PAD:
+            return self.visit_pad(node, op)
         if op in _POSITIONAL:
             for a in node.all_input_nodes:
                 self.pin(self.arg_label_direct(a))
@@ -501,6 +504,19 @@ class _Propagator:
         if op == "index_select":
             return torch.index_select(x, axes[0], zeros[0]).clone()
         return torch.gather(x, axes[0], zeros[0]).clone()
+
+    def visit_pad(self, node: torch.fx.Node, op: str) -> torch.Tensor:
+        """Pad the label itself (as floats, exact for ids): constant padding adds -1, reflection copies ids."""
+        x = self.arg_label_direct(node.args[0])
+        if x is None:
+            return self.full(node)
+        args = list(node.args[1:])
+        if op == "constant_pad_nd" or (op == "pad" and (len(args) < 2 or args[1] in (None, "constant"))):
+            out = torch.nn.functional.pad(x.double(), list(args[0]), value=-1.0)
+        else:
+            mode = args[1] if op == "pad" else ("reflect" if op.startswith("reflection") else "replicate")
+            out = torch.nn.functional.pad(x.double().unsqueeze(0), list(args[0]), mode=mode).squeeze(0)
+        return out.round().long()
 
     def visit_linear(self, node: torch.fx.Node) -> torch.Tensor:
         x = self.arg_label(node, 0)
