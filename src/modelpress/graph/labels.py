@@ -672,7 +672,24 @@ class _Propagator:
             return labs[0].expand(out.shape).clone() if labs[0].dim() <= out.dim() else out
         a, b = torch.broadcast_tensors(labs[0], labs[1])
         self.uf.union_pairs(a.numpy(), b.numpy())
+        if op in ("add", "sub", "rsub"):
+            self.pin_unmatched(labs[0], labs[1])
+            self.pin_unmatched(labs[1], labs[0])
         return torch.where(a >= 0, a, b).expand(out.shape).clone()
+
+    def pin_unmatched(self, x: torch.Tensor, other: torch.Tensor) -> None:
+        """Channels of ``x`` added to positions of ``other`` that carry none (a table of fixed width, a
+        residual whose axis holds tokens) cannot shrink: ``other`` keeps its size along that axis."""
+        nd = max(x.dim(), other.dim())
+        xs = x.reshape((1,) * (nd - x.dim()) + tuple(x.shape))
+        os_ = other.reshape((1,) * (nd - other.dim()) + tuple(other.shape))
+        if not (os_ < 0).any():
+            return
+        for d in range(nd):
+            if xs.shape[d] > 1 and os_.shape[d] > 1 and not _constant(xs, d):
+                a, b = torch.broadcast_tensors(xs, os_)
+                self.pin(a[(b < 0) & (a >= 0)])
+                return
 
     def visit_reduce(self, node: torch.fx.Node) -> torch.Tensor:
         x = self.arg_label(node, 0)
