@@ -21,6 +21,9 @@ def test_inspect_default_model(capsys):
     main(["inspect"])
     table = capsys.readouterr().out
     assert "encoder.layer.5" in table and "MACs" in table
+    fixed = [g for g in s["groups"] if not g["prunable"]]
+    assert fixed and all(g["reason"] for g in fixed)
+    assert "fixed groups" in table and fixed[0]["name"] in table
 
 
 def test_export_and_bench(tmp_path, capsys):

@@ -19,7 +19,8 @@ def inspect(
     ckpt: Ckpt = None, quiet: Quiet = False, as_json: AsJson = False, trust_pickle: TrustPickle = False,
     input_shape: InputShape = None,
 ) -> None:
-    """Per block: heads, head dim, MLP width; embedding width; parameters; MACs at the default input shape."""
+    """Per block: heads, head dim, MLP width; embedding width; parameters; MACs at the default input shape;
+    the groups that stay whole (fixed), each with its reason."""
     from modelpress.compress.report import render_inspect
 
     graph = load_graph(ckpt, trust_pickle, input_shape, reporter(quiet or as_json))
@@ -27,4 +28,20 @@ def inspect(
     if as_json:
         print_json(summary)
     else:
-        print_rich(render_inspect(summary))
+        fixed = fixed_groups_table(summary["groups"])
+        print_rich(render_inspect(summary), *([fixed] if fixed is not None else []))
+
+
+def fixed_groups_table(groups: list[dict]):  # noqa: ANN201 - rich renderable, or None
+    """The groups pruning leaves whole, each with its reason (an output width, an input, a failed dry run)."""
+    from rich.table import Table
+
+    fixed = [g for g in groups if not g["prunable"]]
+    if not fixed:
+        return None
+    table = Table(title="fixed groups (not offered to pruning)")
+    for c in ("group", "kind", "units", "reason"):
+        table.add_column(c, justify="right" if c == "units" else "left", overflow="fold")
+    for g in fixed:
+        table.add_row(g["name"], g["kind"], str(g["units"]), g.get("reason") or "-")
+    return table

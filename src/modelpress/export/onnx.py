@@ -30,7 +30,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.export.files import move_onnx, onnx_file_size
-from modelpress.export.verify import Verification, compare_onnx, torch_reference
+from modelpress.export.verify import DEFAULT_RTOL, Verification, compare_onnx, torch_reference
 from modelpress.graph import adapters
 from modelpress.graph.inputs import InputSpec
 from modelpress.graph.run import PrimaryOutput, eval_mode
@@ -163,7 +163,7 @@ def verify_onnx(
     batches: Sequence[dict[str, np.ndarray]] | None = None,
     atol: float = 1e-3,
     min_cosine: float = 0.9999,
-    rtol: float = 0.0,
+    rtol: float = DEFAULT_RTOL,
 ) -> Verification:
     """Run the ONNX model in ONNX Runtime and ``module`` in torch on the same inputs and compare.
 
@@ -329,7 +329,7 @@ def export_onnx(
     atol: float = 1e-3,
     min_cosine: float = 0.9999,
     attn_implementation: str | None = "eager",
-    rtol: float = 0.0,
+    rtol: float = DEFAULT_RTOL,
 ) -> ExportResult:
     """Export ``module`` to ONNX at ``path`` with dynamic batch (and sequence, for text) axes.
 

@@ -115,7 +115,9 @@ def ort_model_type(module: nn.Module) -> str | None:
 # width, as named across model families
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads", "num_attention_heads_per_partition")
 KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads_per_partition")
-HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim", "attn_dim")
+HEAD_WIDTH_ATTRS = (
+    "all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim", "attn_dim", "val_attn_dim",
+)
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
 # projections of an attention module that keeps only its head size (Llama): heads = width / head size
 QUERY_PROJ_NAMES = ("q_proj", "query", "q_lin", "q")

@@ -19,26 +19,45 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
-def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+Holders = dict[int, list[tuple[nn.Module, str]]]
+
+
+def tensor_holders(root: nn.Module) -> Holders:
+    """For each parameter and buffer (by id): every (module, attribute) holding it (tied tensors: several)."""
+    out: Holders = {}
+    for m in root.modules():
+        for table in (m._parameters, m._buffers):
+            for a, t in table.items():
+                if t is not None:
+                    out.setdefault(id(t), []).append((m, a))
+    return out
+
+
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor, holders: Holders | None = None) -> None:
     """Replace parameter or buffer ``name`` (dotted) by ``value``, keeping its kind.
 
     Every other name of the same tensor (tied weights: an input embedding shared with the LM head)
-    gets the new tensor too, so the tie survives the edit.
+    gets the new tensor too, so the tie survives the edit. ``holders`` (``tensor_holders(root)``, for
+    many replacements in a row) saves walking the modules for each one.
     """
     mod_path, _, attr = name.rpartition(".")
     mod = get_submodule(root, mod_path)
     old = getattr(mod, attr)
+    if holders is None:
+        holders = tensor_holders(root)
+    where = holders.get(id(old), []) if isinstance(old, torch.Tensor) else []
     if isinstance(old, nn.Parameter):
         new: torch.Tensor = nn.Parameter(value, requires_grad=old.requires_grad)
-        holders = [(m, a) for m in root.modules() for a, p in m._parameters.items() if p is old]
-        for m, a in holders or [(mod, attr)]:
+        where = [(m, a) for m, a in where if a in m._parameters] or [(mod, attr)]
+        for m, a in where:
             setattr(m, a, new)
     else:
-        holders = [(m, a) for m in root.modules() for a, b in m._buffers.items() if b is old]
-        holders = holders if isinstance(old, torch.Tensor) and holders else [(mod, attr)]
-        for m, a in holders:
+        new = value
+        where = [(m, a) for m, a in where if a in m._buffers] or [(mod, attr)]
+        for m, a in where:
             persistent = a not in getattr(m, "_non_persistent_buffers_set", set())
             m.register_buffer(a, value, persistent=persistent)
+    holders[id(new)] = where
 
 
 def sync_module_attrs(root: nn.Module) -> None:
@@ -50,8 +69,7 @@ def sync_module_attrs(root: nn.Module) -> None:
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if mod.groups > 1 and w.shape[1] == 1 and mod.groups in (mod.in_channels, mod.out_channels):
-                mod.groups = int(w.shape[0])
+            mod.groups = conv_groups(mod.groups, mod.out_channels, int(w.shape[0]))
             mod.out_channels = int(w.shape[0])
             mod.in_channels = int(w.shape[1]) * mod.groups
         elif isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and isinstance(mod, nn.LayerNorm):
@@ -64,6 +82,51 @@ def sync_module_attrs(root: nn.Module) -> None:
             mod.nf = int(w.shape[1])
         elif hasattr(mod, "normalized_shape") and w.dim() == 1:  # custom LayerNorm classes
             mod.normalized_shape = (int(w.shape[0]),)
+
+
+Snapshot = list[tuple[nn.Module, dict, dict, dict, dict, set]]
+
+
+def snapshot(root: nn.Module) -> Snapshot:
+    """Every module's attributes, parameters, buffers and children (shallow: edits replace tensors)."""
+    return [
+        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules),
+         set(m._non_persistent_buffers_set))
+        for m in root.modules()
+    ]
+
+
+def restore(saved: Snapshot) -> None:
+    """Put every module of a ``snapshot`` back as it was."""
+    for m, attrs, params, buffers, children, non_persistent in saved:
+        m.__dict__.clear()
+        m.__dict__.update(attrs)
+        m._parameters, m._buffers, m._modules = dict(params), dict(buffers), dict(children)
+        m._non_persistent_buffers_set = set(non_persistent)
+
+
+def conv_groups(groups: int, old_out: int, new_out: int) -> int:
+    """A grouped convolution's ``groups`` after its output rows went from ``old_out`` to ``new_out``.
+
+    Units of grouped convolutions are whole groups (depthwise: one channel with its output rows), so
+    each group keeps its width and the count of groups follows the output rows.
+    """
+    per_group, rest = divmod(old_out, groups)
+    if groups == 1 or rest or not per_group or new_out % per_group:
+        return groups
+    return new_out // per_group
+
+
+def refresh_caches(root: nn.Module) -> None:
+    """Drop tensors that modules derive from their weights and cache in eval mode.
+
+    Modules that cache (timm's attention-bias caches in LeViT, EfficientFormer, TinyViT, EfficientViT)
+    empty their cache when switched to training mode; switching back keeps the module's mode.
+    """
+    modes = [(m, m.training) for m in root.modules()]
+    root.train(True)
+    for m, mode in modes:
+        m.training = mode
 
 
 def unit_positions(plan: list[tuple[Group, list[int]]]) -> dict[Slot, np.ndarray]:
@@ -89,6 +152,43 @@ def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[d
     """
     plan = [(g, units) for g, units in plan if units]
     drop = unit_positions(plan)
+    edits = _attribute_edits(root, plan)
+    state = dict(root.named_parameters())
+    state.update(dict(root.named_buffers()))
+    by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (param, axis), idx in drop.items():
+        by_param[param].append((axis, idx))
+    holders = tensor_holders(root)
+    with torch.no_grad():
+        for param, cuts in by_param.items():
+            t = state[param].detach()
+            for axis, idx in cuts:
+                keep = np.setdiff1d(np.arange(t.shape[axis]), idx)
+                t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
+            set_tensor(root, param, t.contiguous(), holders)
+    sync_module_attrs(root)
+    for e in edits:
+        setattr(get_submodule(root, e["module"]), e["attr"], e["value"])
+    refresh_caches(root)
+    return edits
+
+
+def _attribute_edits(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[dict]:
+    """``setattr`` records for the attention attributes the plan's head and head-width cuts change.
+
+    Where one plan cuts both the heads and the head width of one attention, a total-width attribute
+    takes the new heads times the new width (each cut alone would leave the other factor as it was).
+    """
+    from modelpress.graph.adapters import HEAD_WIDTH_ATTRS
+
+    heads_after: dict[str, int] = {}
+    width_after: dict[str, int] = {}
+    for group, units in plan:
+        left = group.size - len(set(units))
+        if group.kind == "head":
+            heads_after[group.scope] = left * group.heads_per_unit
+        elif group.kind == "head_dim":
+            width_after[group.scope] = left
     edits: list[dict] = []
     for group, units in plan:
         if group.kind == "head":
@@ -108,22 +208,17 @@ def remove_units(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> list[d
             edits += head_dim_attribute_edits(
                 root, group.scope, heads=heads, old=group.size, new=group.size - len(set(units))
             )
-    state = dict(root.named_parameters())
-    state.update(dict(root.named_buffers()))
-    by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for (param, axis), idx in drop.items():
-        by_param[param].append((axis, idx))
-    with torch.no_grad():
-        for param, cuts in by_param.items():
-            t = state[param].detach()
-            for axis, idx in cuts:
-                keep = np.setdiff1d(np.arange(t.shape[axis]), idx)
-                t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
-            set_tensor(root, param, t.contiguous().clone())
-    sync_module_attrs(root)
+    both = set(heads_after) & set(width_after)
+    if not both:
+        return edits
+    final: dict[tuple[str, str], dict] = {}
     for e in edits:
-        setattr(get_submodule(root, e["module"]), e["attr"], e["value"])
-    return edits
+        scope = next((s for s in both if e["module"] == s or e["module"].startswith(s + ".") or s.startswith(
+            e["module"] + ".") or not e["module"]), None)
+        if scope is not None and e["attr"] in HEAD_WIDTH_ATTRS:
+            e = {**e, "value": heads_after[scope] * width_after[scope]}
+        final[(e["module"], e["attr"])] = e
+    return list(final.values())
 
 
 def permute_units(root: nn.Module, group: Group, order: list[int] | np.ndarray) -> None:
@@ -138,6 +233,7 @@ def permute_units(root: nn.Module, group: Group, order: list[int] | np.ndarray) 
         raise ValueError(f"order must be a permutation of range({group.size}) for {group.name}")
     state = dict(root.named_parameters())
     state.update(dict(root.named_buffers()))
+    holders = tensor_holders(root)
     with torch.no_grad():
         for slot in group.slots:
             param, axis = slot
@@ -145,7 +241,7 @@ def permute_units(root: nn.Module, group: Group, order: list[int] | np.ndarray) 
             index = np.arange(t.shape[axis])
             for j, src in enumerate(order):
                 index[group.units[j][slot]] = group.units[int(src)][slot]
-            set_tensor(root, param, t.index_select(axis, torch.as_tensor(index)).contiguous())
+            set_tensor(root, param, t.index_select(axis, torch.as_tensor(index)).contiguous(), holders)
 
 
 def delete_block(root: nn.Module, path: str) -> dict:

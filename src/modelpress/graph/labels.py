@@ -149,16 +149,22 @@ _ELEMENTWISE = {"add", "sub", "mul", "div", "where", "maximum", "minimum", "rsub
 _SHAPE = {
     "view", "_unsafe_view", "reshape", "transpose", "permute", "t", "unsqueeze", "squeeze", "flatten",
     "expand", "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow", "movedim",
-    "unflatten", "repeat", "expand_as", "view_as", "reshape_as", "swapaxes",
+    "unflatten", "repeat", "expand_as", "view_as", "reshape_as", "swapaxes", "roll", "flip",
 }
+# padding: padded positions carry no channel (-1); a pad along a channel axis leaves its readers pinned there
+_PAD = {"pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 # periodic functions of positions (rotary tables): inputs pinned, output carries no channels
 _POSITIONAL = {"cos", "sin"}
 _REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod"}
 _POOL = {
     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool1d", "avg_pool1d",
     "adaptive_avg_pool1d", "upsample_nearest2d", "upsample_bilinear2d", "max_pool2d_with_indices",
-    "_adaptive_avg_pool2d", "pad", "constant_pad_nd",
+    "_adaptive_avg_pool2d", "upsample_bicubic2d", "upsample_linear1d",
+    "upsample_nearest1d", "upsample_nearest3d", "upsample_trilinear3d", "_upsample_bilinear2d_aa",
+    "_upsample_bicubic2d_aa", "_upsample_nearest_exact2d", "_upsample_nearest_exact1d", "avg_pool3d", "max_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
 }
+# gathers along axes whose positions carry no channels (bias tables read by an index buffer)
+_INDEX = {"index", "_unsafe_index", "index_select", "gather"}
 _NORM_LAST = {"layer_norm", "native_layer_norm", "rms_norm"}
 _NORM_CHANNEL = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
                  "native_batch_norm", "instance_norm"}
@@ -232,13 +238,17 @@ class _Propagator:
             return type(arg)(self.label_of(a) for a in arg)
         return arg
 
-    def param_label(self, node: torch.fx.Node) -> torch.Tensor | None:
-        """Generic label of a parameter used outside linear/conv/norm: its last axis of size > 1."""
+    def param_label(self, node: torch.fx.Node, skip: tuple[int, ...] = ()) -> torch.Tensor | None:
+        """Generic label of a parameter used outside linear/conv/norm: its last axis of size > 1.
+
+        ``skip``: axes that carry positions, not channels (the rows of a table read through an index),
+        so the channel axis is the last of the others (the head axis of a relative-position bias table).
+        """
         name = self.param_of[node.name]
         t = self.state[name]
         if t.dim() == 0 or not t.is_floating_point():
             return None
-        axes = [a for a in range(t.dim()) if t.shape[a] > 1]
+        axes = [a for a in range(t.dim()) if t.shape[a] > 1 and a not in skip]
         if not axes:
             return None
         axis = axes[-1]
@@ -424,6 +434,10 @@ class _Propagator:
             return out if op in ("batch_norm", "instance_norm") else (out, None, None)
         if op in _SHAPE or op in ("cat", "stack"):
             return self.visit_shape(node, op)
+        if op in _INDEX:
+            return self.visit_index(node, op)
+        if op in _PAD:
+            return self.visit_pad(node, op)
         if op in _POSITIONAL:
             for a in node.all_input_nodes:
                 self.pin(self.arg_label_direct(a))
@@ -460,6 +474,50 @@ class _Propagator:
                 self.pin(lab)
         return self.full(node)
 
+    def visit_index(self, node: torch.fx.Node, op: str) -> torch.Tensor:
+        """A gather along axes that carry no channels: the labels of the other axes follow the rows.
+
+        The labels must be constant along the gathered axes (a per-head bias table read by a position
+        index: its head axis keeps its ids, whatever the index holds), so gathering with zero indices of
+        the same shapes gives the output's labels. A gather that picks channels raises (pinned).
+        """
+        src = node.args[0]
+        ndim = len(node.args[0].meta["val"].shape)
+        if op in ("index", "_unsafe_index"):
+            index = list(node.args[1])
+            axes = tuple(i for i, a in enumerate(index) if a is not None)
+        else:
+            index = [node.args[2]]
+            axes = (int(node.args[1]) % ndim,)
+        x = self.param_label(src, axes) if _is_param(self, src) else self.arg_label_direct(src)
+        if x is None:
+            return self.full(node)
+        x = self.canon(x)
+        if not all(_constant(x, a) for a in axes):
+            raise ValueError("an index picks channels")
+        metas = [a.meta["val"] if isinstance(a, torch.fx.Node) else None for a in index]
+        if any(m is not None and m.dtype == torch.bool for m in metas):
+            raise ValueError("a boolean mask picks positions")
+        zeros = [None if m is None else torch.zeros(tuple(int(d) for d in m.shape), dtype=torch.long) for m in metas]
+        if op in ("index", "_unsafe_index"):
+            return aten.index.Tensor(x, zeros).clone()
+        if op == "index_select":
+            return torch.index_select(x, axes[0], zeros[0]).clone()
+        return torch.gather(x, axes[0], zeros[0]).clone()
+
+    def visit_pad(self, node: torch.fx.Node, op: str) -> torch.Tensor:
+        """Pad the label itself (as floats, exact for ids): constant padding adds -1, reflection copies ids."""
+        x = self.arg_label_direct(node.args[0])
+        if x is None:
+            return self.full(node)
+        args = list(node.args[1:])
+        if op == "constant_pad_nd" or (op == "pad" and (len(args) < 2 or args[1] in (None, "constant"))):
+            out = torch.nn.functional.pad(x.double(), list(args[0]), value=-1.0)
+        else:
+            mode = args[1] if op == "pad" else ("reflect" if op.startswith("reflection") else "replicate")
+            out = torch.nn.functional.pad(x.double().unsqueeze(0), list(args[0]), mode=mode).squeeze(0)
+        return out.round().long()
+
     def visit_linear(self, node: torch.fx.Node) -> torch.Tensor:
         x = self.arg_label(node, 0)
         w = node.args[1]
@@ -486,18 +544,34 @@ class _Propagator:
         if w_out is None:
             self.pin(x)
             return out
-        w_param = self.state[self.param_of[w.name]]
         if groups == 1:
             self.consume(x, 1, self.weight_space(w, 1, "in"))
-        elif w_param.shape[1] == 1 and groups == w_param.shape[0]:  # depthwise: in channel c -> out c
-            self.consume(x, 1, w_out)
-        else:  # grouped conv: channel structure we do not edit
-            self.pin(x)
-            self.pinned.append(w_out)
+        else:
+            self.couple_conv_groups(x, w_out, groups)
         self.bind_bias(bias, w_out)
         shape = [1] * out.dim()
         shape[1] = -1
         return torch.from_numpy(w_out).view(shape).expand(out.shape).clone()
+
+    def couple_conv_groups(self, x: torch.Tensor | None, w_out: np.ndarray, groups: int) -> None:
+        """Grouped convolution: a unit is one whole group (its input channels and its output rows).
+
+        Depthwise convolutions (one input channel per group) couple input channel c with its output
+        rows; removing a unit removes a whole group, and the edit lowers ``groups`` to match.
+        """
+        n_out = len(w_out)
+        vec = self.channel_vector(x, 1) if x is not None else None
+        if vec is None or n_out % groups or len(vec) % groups:
+            self.pin(x)
+            self.pinned.append(w_out)
+            return
+        per_in, per_out = len(vec) // groups, n_out // groups
+        head_in = w_out[(np.arange(len(vec)) // per_in) * per_out]
+        self.uf.union_pairs(vec, head_in)
+        self.uf.union_pairs(w_out, w_out[(np.arange(n_out) // per_out) * per_out])
+        unlabelled = (vec < 0).reshape(groups, per_in).any(1)
+        if unlabelled.any():
+            self.pinned.append(w_out.reshape(groups, per_out)[unlabelled].reshape(-1))
 
     def couple_heads(self, operands: list[torch.Tensor], nbatch: int) -> dict[int, torch.Tensor] | None:
         """Union whole slices along attention batch axes (heads); returns a representative label per axis.
@@ -598,7 +672,24 @@ class _Propagator:
             return labs[0].expand(out.shape).clone() if labs[0].dim() <= out.dim() else out
         a, b = torch.broadcast_tensors(labs[0], labs[1])
         self.uf.union_pairs(a.numpy(), b.numpy())
+        if op in ("add", "sub", "rsub"):
+            self.pin_unmatched(labs[0], labs[1])
+            self.pin_unmatched(labs[1], labs[0])
         return torch.where(a >= 0, a, b).expand(out.shape).clone()
+
+    def pin_unmatched(self, x: torch.Tensor, other: torch.Tensor) -> None:
+        """Channels of ``x`` added to positions of ``other`` that carry none (a table of fixed width, a
+        residual whose axis holds tokens) cannot shrink: ``other`` keeps its size along that axis."""
+        nd = max(x.dim(), other.dim())
+        xs = x.reshape((1,) * (nd - x.dim()) + tuple(x.shape))
+        os_ = other.reshape((1,) * (nd - other.dim()) + tuple(other.shape))
+        if not (os_ < 0).any():
+            return
+        for d in range(nd):
+            if xs.shape[d] > 1 and os_.shape[d] > 1 and not _constant(xs, d):
+                a, b = torch.broadcast_tensors(xs, os_)
+                self.pin(a[(b < 0) & (a >= 0)])
+                return
 
     def visit_reduce(self, node: torch.fx.Node) -> torch.Tensor:
         x = self.arg_label(node, 0)
@@ -609,13 +700,28 @@ class _Propagator:
         keep = bool(node.args[2]) if len(node.args) > 2 and isinstance(node.args[2], bool) else False
         res = self.canon(x)
         for d in sorted((int(d) % x.dim() for d in dims), reverse=True):
-            first = res.select(d, 0)
-            constant = bool((res == first.unsqueeze(d)).all())
-            first = first if constant else torch.full_like(first, -1)
+            first = self.reduce_axis(res, d)
             res = first.unsqueeze(d) if keep else first
         if tuple(res.shape) != tuple(out.shape):
             return out
         return res.clone()
+
+    def reduce_axis(self, label: torch.Tensor, axis: int) -> torch.Tensor:
+        """Labels after reducing ``axis``: kept where constant along it; where every position reduces
+        the same set of channels (a mean over all channels) nothing flows on; where positions reduce
+        different sets (the mean of two stacked classifier outputs), each set is coupled and flows on."""
+        moved = label.movedim(axis, -1)
+        rows = moved.reshape(-1, moved.shape[-1]).numpy()
+        first = rows[:, 0]
+        if (rows == first[:, None]).all():
+            return torch.from_numpy(first.copy()).view(moved.shape[:-1])
+        ordered = np.sort(rows, axis=1)
+        if (ordered == ordered[:1]).all():
+            return torch.full(tuple(moved.shape[:-1]), -1, dtype=torch.int64)
+        top = rows.max(axis=1)
+        for j in range(rows.shape[1]):
+            self.uf.union_pairs(top, rows[:, j])
+        return torch.from_numpy(top.copy()).view(moved.shape[:-1])
 
     def visit_shape(self, node: torch.fx.Node, op: str) -> object:
         args = list(node.args)

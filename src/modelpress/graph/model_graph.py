@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +15,14 @@ from torch import nn
 from modelpress.errors import ModelpressError
 from modelpress.graph import edit as _edit
 from modelpress.graph.adapters import layer_index_edits
+from modelpress.graph.dryrun import failing_groups, mark_fixed
 from modelpress.graph.groups import Group, build_groups, without_units
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
 from modelpress.graph.lineage import Lineage
 
 TRACE_SEQ_LEN = 8
+DRY_RUN_FRACTION = 0.3  # share of each group's units a dry run removes before the group is offered
 _WRAP = "module."
 
 
@@ -67,6 +69,7 @@ class ModelGraph:
         self._groups: list[Group] | None = None
         self._propagation: Propagation | None = None
         self._blocks: list[Block] | None = None
+        self._output_shape: tuple[int, ...] | None = None  # primary output at batch 1, as last checked
         self._lineage = Lineage.from_edits(self.edits)
         self._lineage.known = self._lineage.known and lineage_known
 
@@ -89,6 +92,7 @@ class ModelGraph:
         out._propagation = copy.deepcopy(self._propagation)
         out._groups = copy.deepcopy(self._groups)
         out._blocks = copy.deepcopy(self._blocks)
+        out._output_shape = self._output_shape
         out._lineage = copy.deepcopy(self._lineage)
         return out
 
@@ -165,10 +169,33 @@ class ModelGraph:
             from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
 
             groups = build_groups(self.propagation, self.module)
+            self._dry_run(groups)
             widths = head_dim_groups(groups, has_rotary(self.program))
+            self._dry_run(widths)
             check_exact(self, widths)
             self._groups = groups + widths
         return self._groups
+
+    def _runner(self) -> Callable[[nn.Module], torch.Tensor]:
+        """Runs a module of this architecture on fixed example inputs (batch 1), returning its primary output."""
+        inputs = self.example_inputs(1, TRACE_SEQ_LEN if self.input_spec.kind == "text" else None)
+        args = [inputs[n] for n in self.input_spec.names]
+        names = self.input_spec.names
+
+        @torch.no_grad()
+        def run(module: nn.Module) -> torch.Tensor:
+            return PrimaryOutput(module, names)(*args)
+
+        return run
+
+    def _dry_run(self, groups: list[Group]) -> None:
+        """Fix every group whose removal breaks the model (see ``modelpress.graph.dryrun``)."""
+        run = self._runner()
+        try:
+            self._output_shape = tuple(run(self.module).shape)
+        except Exception:  # noqa: BLE001 - a module that does not run as is: nothing to compare against
+            return
+        mark_fixed(groups, failing_groups(self.module, groups, run, DRY_RUN_FRACTION, self._output_shape))
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -302,7 +329,10 @@ class ModelGraph:
             records = [
                 {"op": "remove_units", "group": g.name, "size": g.size, "units": units} for g, units in resolved
             ]
+            expected = None if any(g.meta.get("at_output") for g, _ in resolved) else self._expected_shape()
+            saved = _edit.snapshot(self.module)
             attrs = _edit.remove_units(self.module, resolved)
+            self._still_runs(saved, expected, [g.name for g, _ in resolved])
             self._log(records + attrs)
             self._propagation = prop.without(drop)
             self._groups = without_units(groups, {g.name: u for g, u in resolved}, drop, sizes)
@@ -312,6 +342,27 @@ class ModelGraph:
                     for b in self._blocks
                 ]
             self._sync_config()
+
+    def _expected_shape(self) -> tuple[int, ...]:
+        if self._output_shape is None:
+            self._output_shape = tuple(self._runner()(self.module).shape)
+        return self._output_shape
+
+    def _still_runs(self, saved: _edit.Snapshot, expected: tuple[int, ...] | None, names: list[str]) -> None:
+        """Run the edited module; if it fails (or its output shape changed unasked), restore ``saved`` and raise."""
+        try:
+            shape = tuple(self._runner()(self.module).shape)
+            problem = None if expected is None or shape == expected else f"output shape {expected} -> {shape}"
+        except Exception as exc:  # noqa: BLE001 - any failure of the edited model
+            problem = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        if problem is None:
+            self._output_shape = shape
+            return
+        _edit.restore(saved)
+        raise ModelpressError(
+            f"removing units of {', '.join(names)} breaks {self.name} ({problem}); the edit was undone",
+            "leave these groups whole (modelpress inspect shows which groups are fixed and why)",
+        )
 
     def permute(self, group: Group | str, order: list[int] | np.ndarray, *, force: bool = False,
                 check: bool = False) -> None:

@@ -68,7 +68,8 @@ def summarize(graph: ModelGraph) -> dict:
         "embedding_width": embedding_width(graph),
         "blocks": block_widths(graph),
         "groups": [
-            {"name": g.name, "kind": g.kind, "units": g.size, "prunable": g.prunable} for g in graph.groups
+            {"name": g.name, "kind": g.kind, "units": g.size, "prunable": g.prunable, "reason": g.reason}
+            for g in graph.groups
         ],
     }
 
