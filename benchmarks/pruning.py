@@ -562,7 +562,7 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
     if args.quick:
         args.recover_steps, args.recover_minutes = 5, None
         args.iterations, args.saliency_batches, args.n_eval = 1, 2, 40
-        args.grid = args.grid or "heads=6;mlp=768"
+        args.grid = args.grid or "heads=6;mlp=768;head_dim=32;embed=384"
         args.vit_recover_steps, args.classwise_recover_steps = 5, 5
     if args.recover_minutes and not args.quick and "--recover-steps" not in (argv or sys.argv):
         args.recover_steps = None
