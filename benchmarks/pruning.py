@@ -90,8 +90,18 @@ def _classifier_loss(module, batch: dict):  # noqa: ANN001, ANN202
     return F.cross_entropy(logits, logits.detach().argmax(-1))
 
 
-def _is_self_attention(m) -> bool:  # noqa: ANN001
-    return all(hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads"))
+def _qkv(m) -> tuple | None:  # noqa: ANN001
+    """The q, k, v linears of an HF self-attention module (BERT: query/key/value; ViT in transformers 5:
+    q_proj/k_proj/v_proj), or None for any other module."""
+    if not hasattr(m, "num_attention_heads"):
+        return None
+    for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj")):
+        if all(hasattr(m, n) for n in names):
+            return tuple(getattr(m, n) for n in names)
+    return None
+
+
+RESIDUAL_WRITERS = ("output.dense", "o_proj", "fc2")  # BERT and ViT: the projections that write the residual
 
 
 def torch_pruning_prune(original, spec, importance: str, ratio: float, calibration=None) -> dict[str, Any]:  # noqa: ANN001
@@ -114,11 +124,10 @@ def torch_pruning_prune(original, spec, importance: str, ratio: float, calibrati
     example = {n: t for n, t in spec.make_torch(2, 16 if text else None).items() if n in spec.names}
     num_heads: dict[torch.nn.Module, int] = {}
     for m in model.modules():
-        if _is_self_attention(m):
-            for linear in (m.query, m.key, m.value):
-                num_heads[linear] = m.num_attention_heads
+        for linear in _qkv(m) or ():
+            num_heads[linear] = m.num_attention_heads
     ignored = [m for name, m in model.named_modules()
-               if name.endswith("output.dense") or name.split(".")[-1] in ("embeddings", "pooler", "classifier")]
+               if name.endswith(RESIDUAL_WRITERS) or name.split(".")[-1] in ("embeddings", "pooler", "classifier")]
 
     started = time.perf_counter()
     if importance == "magnitude":
@@ -156,10 +165,14 @@ def torch_pruning_prune(original, spec, importance: str, ratio: float, calibrati
         group.prune()
         groups += 1
     for m in model.modules():
-        if _is_self_attention(m):
-            m.num_attention_heads = pruner.num_heads[m.query]
-            m.attention_head_size = m.query.out_features // m.num_attention_heads
-            m.all_head_size = m.query.out_features
+        qkv = _qkv(m)
+        if qkv:
+            m.num_attention_heads = pruner.num_heads[qkv[0]]
+            for attr in ("attention_head_size", "head_dim"):
+                if hasattr(m, attr):
+                    setattr(m, attr, qkv[0].out_features // m.num_attention_heads)
+            if hasattr(m, "all_head_size"):
+                m.all_head_size = qkv[0].out_features
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -172,13 +185,19 @@ def _tp_widths(module) -> list[tuple[int, int, int]]:  # noqa: ANN001
     """(heads, head_dim, mlp) of every block of a (pruned) HF BERT/ViT."""
     out = []
     for name, m in module.named_modules():
-        if _is_self_attention(m):
-            layer = module.get_submodule(name.rsplit(".", 2)[0])
-            out.append((m.num_attention_heads, m.attention_head_size, layer.intermediate.dense.out_features))
+        qkv = _qkv(m)
+        if qkv:
+            path = name
+            while not any(hasattr(module.get_submodule(path), a) for a in ("intermediate", "mlp")):
+                path = path.rsplit(".", 1)[0]
+            layer = module.get_submodule(path)
+            fc1 = layer.intermediate.dense if hasattr(layer, "intermediate") else layer.mlp.fc1
+            heads = m.num_attention_heads
+            out.append((heads, qkv[0].out_features // heads, fc1.out_features))
     return out
 
 
-def bisect_ratio(measure_fn, goal: float, lo: float = 0.0, hi: float = 0.95, steps: int = 10) -> float:
+def bisect_ratio(measure_fn, goal: float, lo: float = 0.0, hi: float = 0.8, steps: int = 10) -> float:
     """The smallest uniform ratio whose ``measure_fn(ratio)`` (decreasing in ratio) is at most ``goal``."""
     if measure_fn(hi) > goal:
         return hi

@@ -272,6 +272,22 @@ class EmbeddingTask(Task):
         noise = torch.randn(ref.shape, generator=generator, dtype=out.dtype).to(out.device)
         return 0.5 * ((out - ref) / scale - noise).pow(2).sum(dim=-1).mean()
 
+    def metrics(
+        self, candidate: np.ndarray, reference: np.ndarray | None, split: DataSplit
+    ) -> dict[str, float]:
+        if reference is None:
+            raise ValueError("the embedding task compares with the original model: pass a reference")
+        if candidate.shape != reference.shape:
+            raise ValueError(
+                f"embedding shapes differ: candidate {candidate.shape}, reference {reference.shape}"
+            )
+        fidelity = _cosine_rows(candidate, reference)
+        return {
+            "fidelity_mean": float(fidelity.mean()),
+            "fidelity_min": float(fidelity.min()),
+            "spearman": similarity_spearman(candidate, reference),
+        }
+
 
 class ClassificationTask(Task):
     """Classifiers: ``accuracy`` and ``cross_entropy`` against labels, ``agreement`` (same argmax) with
