@@ -197,17 +197,23 @@ def _tp_widths(module) -> list[tuple[int, int, int]]:  # noqa: ANN001
     return out
 
 
-def bisect_ratio(measure_fn, goal: float, lo: float = 0.0, hi: float = 0.8, steps: int = 10) -> float:
-    """The smallest uniform ratio whose ``measure_fn(ratio)`` (decreasing in ratio) is at most ``goal``."""
-    if measure_fn(hi) > goal:
-        return hi
+def bisect_ratio(measure_fn, goal: float, lo: float = 0.0, hi: float = 0.95, steps: int = 10) -> float:
+    """The smallest uniform ratio whose ``measure_fn(ratio)`` (decreasing in ratio) is at most ``goal``; a
+    ratio that fails (Torch-Pruning rounds every head away) counts as too far. When no ratio tried meets
+    the goal, the largest one that worked."""
+    best = None
     for _ in range(steps):
         mid = (lo + hi) / 2
-        if measure_fn(mid) <= goal:
+        try:
+            value = measure_fn(mid)
+        except ZeroDivisionError:
             hi = mid
+            continue
+        if value <= goal:
+            hi = best = mid
         else:
             lo = mid
-    return hi
+    return best if best is not None else lo
 
 
 def tp_graph(original_graph, module, name: str):  # noqa: ANN001, ANN201 - ModelGraph
