@@ -175,7 +175,7 @@ def torch_pruning_prune(original, spec, importance: str, ratio: float, calibrati
                 m.all_head_size = qkv[0].out_features
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(True)  # recovery trains it
     model.set_attn_implementation(original.config._attn_implementation)
     return {"module": model, "seconds": time.perf_counter() - started, "pruned_groups": groups,
             "calibration_batches": calibration_batches}
