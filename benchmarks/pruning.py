@@ -1,38 +1,40 @@
-"""Structured pruning of the pretrained all-MiniLM-L6-v2: modelpress magnitude pruning vs Torch-Pruning.
+"""Structured pruning with recovery (issue 9): Hessian-aware global pruning against its peers, in one run.
 
-Every block loses 50% of its MLP units and 25% of its attention heads (12 -> 9 heads of width 32,
-1536 -> 768 MLP units; the 384-wide residual stream is kept), with no recovery training. Variants:
+Parts (``--parts minilm,vit,classwise``; each merges its results into the JSON):
 
-- ``fp32``: the original model (the baseline),
-- ``modelpress_magnitude``: ``modelpress.prune.passes.MagnitudePrune`` over the ModelGraph,
-- ``tp_magnitude``: Torch-Pruning's MetaPruner with MagnitudeImportance (L2), set up as its HF BERT
-  example does (num_heads per q/k/v linear, prune_num_heads, no head-dim pruning), the residual stream
-  left alone through ignored_layers,
-- ``tp_taylor``: the same with TaylorImportance, gradients from a few calibration batches.
+- ``minilm``: the pretrained all-MiniLM-L6-v2 pruned to 0.5x of its predicted ORT CPU latency (batch 1,
+  sequence 128, 2 threads; the latency model ``build_latency_table``, cached) by ``prune.global`` with
+  saliency ``hessian``, ``magnitude`` and ``taylor`` (the same pass, target and settings: criterion only), and
+  by Torch-Pruning (Taylor importance, uniform head/MLP ratio found by bisection on the latency model's
+  prediction); every one then gets the same ``recover`` budget (``--recover-steps``, or
+  ``--recover-minutes``). The Hessian-pruned, recovered model also goes through ``quantize.repq`` with the
+  ``int8`` recipe options. All ONNX files (exported the same way) are timed in ONE interleaved run; speedups
+  are medians of per-round ratios against FP32; fidelity is the EmbeddingTask's mean/min cosine and
+  Spearman on the held-out packaged sentences, scored on the ONNX files; the latency model's predicted
+  speedup is set beside the measured one.
+- ``vit``: the zoo's digits ViT (``modelpress.train.zoo.digits_vit``, trained by our own loop on scikit-learn
+  digits, cached), pruned to 50% and 25% of its parameters by the same methods, each recovered the same
+  short way, accuracy on the held-out digits.
+- ``classwise``: ED-ViT's class-wise split of the digits ViT, K = 2 and K = 5: per-sub-model parameter
+  reduction and latency (sub-models and full model timed in one interleaved run), combined accuracy
+  (concat and fusion) against the full model's.
 
-Each is exported the same way (``export_onnx(optimize="none")``, eager attention, opset 17, verified
-against torch), all ONNX files are timed together in one interleaved run (ort-cpu, batch 1 and 8,
-sequence 128; speedups are medians of per-round ratios against ``fp32``) and evaluated on the held-out
-packaged sentences (cosine fidelity of mean-pooled embeddings to the FP32 model, pairwise-similarity
-Spearman). Torch-Pruning's result is checked against ours: same heads / head width / MLP width per
-block, parameter count within a few percent, whole heads removed consistently from q, k, v and the
-output projection. Writes benchmarks/results/pruning.json and prints a table.
+Writes benchmarks/results/pruning.json (and pruning.png when matplotlib is importable).
 
-    python benchmarks/pruning.py              # the full run (5 rounds)
-    python benchmarks/pruning.py --quick      # a smoke run (1 round, few runs)
+    python benchmarks/pruning.py                              # the full run (quiet machine!)
+    python benchmarks/pruning.py --quick                      # smoke run: tiny budgets, a few minutes
+    python benchmarks/pruning.py --parts vit,classwise        # a subset (merged into the JSON)
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
+import json
 import os
 import sys
 import tempfile
 import time
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,213 +43,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS,
     console,
-    minilm_path,
+    dist_version,
+    failure,
+    fmt,
     parse_timing_args,
+    quiet,
+    recipe_options,
     timing_kwargs,
     timing_parser,
-    timing_target,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BASELINE = "fp32"
-OURS = "modelpress_magnitude"
-RATIOS = {"mlp": 0.5, "head": 0.25}
-BATCHES, SEQ = [1, 8], 128
-PARAM_TOLERANCE = 0.03  # "same structure": parameter counts within 3% (and identical widths per block)
+BATCH, SEQ, THREADS = 1, 128, 2
+LATENCY_RATIO = 0.5
+OUR_METHODS = ("hessian", "magnitude", "taylor")
+TP = "torch_pruning_taylor"
+INT8 = "hessian+int8"
+VIT_RATIOS = (0.5, 0.25)  # kept fraction of the parameters: 50% and 75% fewer
 TAYLOR_TEMPERATURE = 0.05  # in-batch contrastive loss scale 20, the loss all-MiniLM-L6-v2 was trained with
-
-VARIANT_DESCRIPTIONS = {
-    BASELINE: "the pretrained model, unpruned",
-    OURS: "modelpress MagnitudePrune(ratios={'mlp': 0.5, 'head': 0.25}) over the ModelGraph "
-    "(L2 norm of each unit's weight slices)",
-    "tp_magnitude": "Torch-Pruning MetaPruner, MagnitudeImportance(p=2, group_reduction='mean'), "
-    "pruning_ratio=0.5 (MLP), head_pruning_ratio=0.25, prune_num_heads=True, prune_head_dims=False",
-    "tp_taylor": "Torch-Pruning MetaPruner, TaylorImportance(group_reduction='mean'), same ratios; "
-    "gradients of an in-batch contrastive loss over the calibration sentences",
-}
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-@contextlib.contextmanager
-def _attention(module, implementation: str):  # noqa: ANN001, ANN202 - HF PreTrainedModel
-    """Switch an HF model's attention implementation for the duration of the block."""
-    before = module.config._attn_implementation
-    module.set_attn_implementation(implementation)
-    try:
-        yield module
-    finally:
-        module.set_attn_implementation(before)
-
-
-def count_macs(module, spec, batch: int = 1, seq: int = SEQ) -> int:  # noqa: ANN001
-    """MACs of one forward pass (torch's flop counter / 2) with eager attention, as exported.
-
-    Eager attention makes the counter see the attention score and context matmuls, which it does not
-    count inside CPU scaled_dot_product_attention (so this is higher than ``graph.summary()["macs"]``).
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    inputs = spec.make_torch(batch, seq)
-    counter = FlopCounterMode(display=False)
-    with _attention(module, "eager"), counter, torch.no_grad():
-        module(**{n: inputs[n] for n in spec.names})
-    return int(counter.get_total_flops() // 2)
-
-
-def num_parameters(module) -> int:  # noqa: ANN001
-    return sum(p.numel() for p in module.parameters())
-
-
-def _source_indices(original, pruned, dim: int) -> list[int] | None:  # noqa: ANN001
-    """For each slice of ``pruned`` along ``dim``, the index of the identical slice of ``original``.
-
-    Only for the peers: Torch-Pruning keeps no record of what it kept, so it is recovered from the weights.
-    Our variant's kept units come from the ModelGraph's lineage (``_lineage_indices``)."""
-    o = original.detach().movedim(dim, 0).contiguous().cpu()
-    p = pruned.detach().movedim(dim, 0).contiguous().cpu()
-    lookup: dict[bytes, int] = {}
-    for i in range(o.shape[0]):
-        lookup.setdefault(o[i].numpy().tobytes(), i)
-    found = [lookup.get(p[i].numpy().tobytes()) for i in range(p.shape[0])]
-    return None if any(i is None for i in found) else found
-
-
-def _lineage_indices(original, pruned, dim: int, claimed: list[int]) -> list[int] | None:  # noqa: ANN001
-    """``claimed`` (original indices from the lineage) if ``pruned``'s slices along ``dim`` are exactly
-    ``original``'s slices at those indices, else None (the lineage would be wrong)."""
-    import torch
-
-    idx = torch.as_tensor(claimed, dtype=torch.long)
-    same = pruned.shape[dim] == len(claimed) and torch.equal(original.detach().index_select(dim, idx), pruned.detach())
-    return claimed if same else None
-
-
-def block_structure(original, pruned, lineage=None) -> list[dict[str, Any]]:  # noqa: ANN001 - HF BertModels
-    """Per block: heads, head width, MLP width, which original heads/units were kept, and whether q, k, v,
-    the attention output projection and the MLP's two linears agree on them (whole heads, same indices,
-    the attention module's attributes matching its weights, the residual stream untouched).
-
-    ``lineage`` (a ModelGraph's, for our variant) says which original heads and units were kept; every
-    slice is then checked against the original weights. Without it (the peers) they are recovered from
-    the weights."""
-    rows = []
-    hidden = original.config.hidden_size
-    for i, (lo, lp) in enumerate(zip(original.encoder.layer, pruned.encoder.layer, strict=True)):
-        so, sp = lo.attention.self, lp.attention.self
-        head_dim = so.attention_head_size
-        if lineage is not None:
-            kept_heads = lineage[f"head:encoder.layer.{i}.attention"].tolist()
-            rows_kept = [h * head_dim + d for h in kept_heads for d in range(head_dim)]
-            units = lineage[f"mlp:encoder.layer.{i}"].tolist()
-            pairs = [
-                (so.query.weight, sp.query.weight, 0, rows_kept),
-                (so.key.weight, sp.key.weight, 0, rows_kept),
-                (so.value.weight, sp.value.weight, 0, rows_kept),
-                (lo.attention.output.dense.weight, lp.attention.output.dense.weight, 1, rows_kept),
-                (lo.intermediate.dense.weight, lp.intermediate.dense.weight, 0, units),
-                (lo.output.dense.weight, lp.output.dense.weight, 1, units),
-            ]
-            q, k, v, o, up, down = (_lineage_indices(a, b, d, c) for a, b, d, c in pairs)
-        else:
-            q = _source_indices(so.query.weight, sp.query.weight, 0)
-            k = _source_indices(so.key.weight, sp.key.weight, 0)
-            v = _source_indices(so.value.weight, sp.value.weight, 0)
-            o = _source_indices(lo.attention.output.dense.weight, lp.attention.output.dense.weight, 1)
-            up = _source_indices(lo.intermediate.dense.weight, lp.intermediate.dense.weight, 0)
-            down = _source_indices(lo.output.dense.weight, lp.output.dense.weight, 1)
-        heads: list[int] | None = None
-        whole_heads = False
-        if q is not None and len(q) % head_dim == 0:
-            blocks = [q[j : j + head_dim] for j in range(0, len(q), head_dim)]
-            whole_heads = all(
-                b == list(range(b[0], b[0] + head_dim)) and b[0] % head_dim == 0 for b in blocks
-            )
-            heads = sorted(b[0] // head_dim for b in blocks) if whole_heads else None
-        width = sp.query.out_features
-        n_heads = width // head_dim if width % head_dim == 0 else None
-        checks = {
-            "whole_heads": whole_heads,
-            "qkv_same_heads": q is not None and q == k == v,
-            "output_projection_matches": q is not None and q == o,
-            "mlp_in_out_match": up is not None and up == down,
-            "attributes_match_weights": (
-                sp.num_attention_heads == n_heads
-                and sp.all_head_size == width
-                and sp.attention_head_size == head_dim
-                and sp.key.out_features == width
-                and sp.value.out_features == width
-                and lp.attention.output.dense.in_features == width
-            ),
-            "residual_width_kept": (
-                lp.attention.output.dense.out_features == hidden
-                and lp.output.dense.out_features == hidden
-                and lp.intermediate.dense.in_features == hidden
-            ),
-        }
-        rows.append(
-            {
-                "block": f"encoder.layer.{i}",
-                "heads": n_heads,
-                "head_dim": sp.attention_head_size,
-                "num_attention_heads_attr": sp.num_attention_heads,
-                "all_head_size_attr": sp.all_head_size,
-                "mlp": lp.intermediate.dense.out_features,
-                "kept_heads": heads,
-                "kept_mlp_units": None if up is None else sorted(up),
-                "checks": checks,
-                "consistent": all(checks.values()),
-            }
-        )
-    return rows
-
-
-def compare_structures(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
-    """Does ``peer`` have our shapes (widths per block, parameters within PARAM_TOLERANCE), and how many
-    of the heads / MLP units it kept are the ones we kept."""
-    per_block = []
-    same_widths = True
-    for a, b in zip(ours["blocks"], peer["blocks"], strict=True):
-        same = (a["heads"], a["head_dim"], a["mlp"]) == (b["heads"], b["head_dim"], b["mlp"])
-        same_widths = same_widths and same
-        shared_heads = (
-            len(set(a["kept_heads"]) & set(b["kept_heads"])) if a["kept_heads"] and b["kept_heads"] else None
-        )
-        shared_units = (
-            len(set(a["kept_mlp_units"]) & set(b["kept_mlp_units"]))
-            if a["kept_mlp_units"] and b["kept_mlp_units"]
-            else None
-        )
-        per_block.append(
-            {
-                "block": a["block"],
-                "same_widths": same,
-                "kept_heads_shared_with_ours": shared_heads,
-                "kept_mlp_units_shared_with_ours": shared_units,
-            }
-        )
-    rel = abs(peer["parameters"] - ours["parameters"]) / ours["parameters"]
-    return {
-        "same_widths_every_block": same_widths,
-        "parameters_relative_difference": rel,
-        "parameters_within_tolerance": rel <= PARAM_TOLERANCE,
-        "tolerance": PARAM_TOLERANCE,
-        "all_blocks_consistent": all(r["consistent"] for r in peer["blocks"]),
-        "matches_ours": same_widths
-        and rel <= PARAM_TOLERANCE
-        and all(r["consistent"] for r in peer["blocks"]),
-        "per_block": per_block,
-    }
+PARTS = ("minilm", "vit", "classwise")
 
 
 # ------------------------------------------------------------------------------------- Torch-Pruning
@@ -266,34 +82,54 @@ def _contrastive_loss(module, batch: dict, temperature: float = TAYLOR_TEMPERATU
     return F.cross_entropy(logits, torch.arange(emb.shape[0]))
 
 
-def torch_pruning_prune(original, spec, importance: str, calibration=None) -> dict[str, Any]:  # noqa: ANN001
-    """Prune a copy of ``original`` (an HF BertModel) with Torch-Pruning 1.6 at RATIOS, per block.
+def _classifier_loss(module, batch: dict):  # noqa: ANN001, ANN202
+    """Cross-entropy against the model's own predictions (label-free, like the recovery)."""
+    import torch.nn.functional as F  # noqa: N812
+
+    logits = module(**batch).logits
+    return F.cross_entropy(logits, logits.detach().argmax(-1))
+
+
+def _qkv(m) -> tuple | None:  # noqa: ANN001
+    """The q, k, v linears of an HF self-attention module (BERT: query/key/value; ViT in transformers 5:
+    q_proj/k_proj/v_proj), or None for any other module."""
+    if not hasattr(m, "num_attention_heads"):
+        return None
+    for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj")):
+        if all(hasattr(m, n) for n in names):
+            return tuple(getattr(m, n) for n in names)
+    return None
+
+
+RESIDUAL_WRITERS = ("output.dense", "o_proj", "fc2")  # BERT and ViT: the projections that write the residual
+
+
+def torch_pruning_prune(original, spec, importance: str, ratio: float, calibration=None) -> dict[str, Any]:  # noqa: ANN001
+    """Prune a copy of ``original`` (HF BertModel or ViTForImageClassification) with Torch-Pruning 1.6,
+    removing ``ratio`` of the heads and of the MLP units of every block.
 
     Set up like Torch-Pruning's examples/transformers/prune_hf_bert.py: ``num_heads`` for every q/k/v
     linear, ``prune_num_heads=True`` with ``head_pruning_ratio``, ``prune_head_dims=False``; unlike the
     example (which also prunes the hidden size), the residual stream is kept by ignoring the layers that
-    write it (embeddings, attention output and MLP output projections, pooler), and the ratio is uniform
-    per block (``global_pruning=False``). The attention modules' num_attention_heads / all_head_size are
-    updated afterwards, as in the example.
+    write it (embeddings, attention output and MLP output projections, pooler / classifier), and the ratio is
+    uniform per block (``global_pruning=False``). The attention modules' num_attention_heads / all_head_size
+    are updated afterwards, as in the example.
     """
     import torch
     import torch_pruning as tp
-    from transformers.models.bert.modeling_bert import BertSelfAttention
 
     model = copy.deepcopy(original).eval()
     model.set_attn_implementation("eager")  # trace plain matmuls through the heads (autograd graph)
-    example = {n: t for n, t in spec.make_torch(2, 16).items() if n in spec.names}
+    text = spec.kind == "text"
+    example = {n: t for n, t in spec.make_torch(2, 16 if text else None).items() if n in spec.names}
     num_heads: dict[torch.nn.Module, int] = {}
     for m in model.modules():
-        if isinstance(m, BertSelfAttention):
-            for linear in (m.query, m.key, m.value):
-                num_heads[linear] = m.num_attention_heads
-    ignored = [model.embeddings, model.pooler]
-    for layer in model.encoder.layer:
-        ignored += [layer.attention.output.dense, layer.output.dense]
+        for linear in _qkv(m) or ():
+            num_heads[linear] = m.num_attention_heads
+    ignored = [m for name, m in model.named_modules()
+               if name.endswith(RESIDUAL_WRITERS) or name.split(".")[-1] in ("embeddings", "pooler", "classifier")]
 
     started = time.perf_counter()
-    calibration_batches = 0
     if importance == "magnitude":
         imp = tp.importance.MagnitudeImportance(p=2, group_reduction="mean")
     elif importance == "taylor":
@@ -306,20 +142,22 @@ def torch_pruning_prune(original, spec, importance: str, calibration=None) -> di
         global_pruning=False,
         importance=imp,
         iterative_steps=1,
-        pruning_ratio=RATIOS["mlp"],
+        pruning_ratio=ratio,
         num_heads=num_heads,
         prune_num_heads=True,
         prune_head_dims=False,
-        head_pruning_ratio=RATIOS["head"],
-        output_transform=lambda out: out.last_hidden_state.sum(),
+        head_pruning_ratio=ratio,
+        output_transform=(lambda out: out.last_hidden_state.sum()) if text else (lambda out: out.logits.sum()),
         ignored_layers=ignored,
     )
+    calibration_batches = 0
     if importance == "taylor":
         if calibration is None:
             raise ValueError("Taylor importance needs calibration batches")
         model.zero_grad(set_to_none=True)
         for batch in calibration.batches:
-            loss = _contrastive_loss(model, {n: batch[n] for n in spec.names if n in batch})
+            inputs = {n: batch[n] for n in spec.names if n in batch}
+            loss = _contrastive_loss(model, inputs) if text else _classifier_loss(model, inputs)
             loss.backward()
             calibration_batches += 1
     groups = 0
@@ -327,251 +165,476 @@ def torch_pruning_prune(original, spec, importance: str, calibration=None) -> di
         group.prune()
         groups += 1
     for m in model.modules():
-        if isinstance(m, BertSelfAttention):
-            m.num_attention_heads = pruner.num_heads[m.query]
-            m.attention_head_size = m.query.out_features // m.num_attention_heads
-            m.all_head_size = m.query.out_features
+        qkv = _qkv(m)
+        if qkv:
+            m.num_attention_heads = pruner.num_heads[qkv[0]]
+            for attr in ("attention_head_size", "head_dim"):
+                if hasattr(m, attr):
+                    setattr(m, attr, qkv[0].out_features // m.num_attention_heads)
+            if hasattr(m, "all_head_size"):
+                m.all_head_size = qkv[0].out_features
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
-        p.requires_grad_(False)
-    seconds = time.perf_counter() - started
+        p.requires_grad_(True)  # recovery trains it
     model.set_attn_implementation(original.config._attn_implementation)
+    return {"module": model, "seconds": time.perf_counter() - started, "pruned_groups": groups,
+            "calibration_batches": calibration_batches}
+
+
+def _tp_widths(module) -> list[tuple[int, int, int]]:  # noqa: ANN001
+    """(heads, head_dim, mlp) of every block of a (pruned) HF BERT/ViT."""
+    out = []
+    for name, m in module.named_modules():
+        qkv = _qkv(m)
+        if qkv:
+            path = name
+            while not any(hasattr(module.get_submodule(path), a) for a in ("intermediate", "mlp")):
+                path = path.rsplit(".", 1)[0]
+            layer = module.get_submodule(path)
+            fc1 = layer.intermediate.dense if hasattr(layer, "intermediate") else layer.mlp.fc1
+            heads = m.num_attention_heads
+            out.append((heads, qkv[0].out_features // heads, fc1.out_features))
+    return out
+
+
+def bisect_ratio(measure_fn, goal: float, lo: float = 0.0, hi: float = 0.95, steps: int = 10) -> float:
+    """The smallest uniform ratio whose ``measure_fn(ratio)`` (decreasing in ratio) is at most ``goal``; a
+    ratio that fails (Torch-Pruning rounds every head away) counts as too far. When no ratio tried meets
+    the goal, the largest one that worked."""
+    best = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        try:
+            value = measure_fn(mid)
+        except ZeroDivisionError:
+            hi = mid
+            continue
+        if value <= goal:
+            hi = best = mid
+        else:
+            lo = mid
+    return best if best is not None else lo
+
+
+def tp_graph(original_graph, module, name: str):  # noqa: ANN001, ANN201 - ModelGraph
+    """A Torch-Pruning result as a ModelGraph (traced afresh), so our passes and export take it."""
+    from modelpress.graph import ModelGraph
+
+    return ModelGraph(module, original_graph.input_spec, tokenizer=original_graph.tokenizer, name=name)
+
+
+# ---------------------------------------------------------------------------------------------- shared
+
+
+def _passes() -> dict:
+    from modelpress.passes import registered_passes
+
+    return registered_passes()
+
+
+def prune(graph, ctx, saliency: str, target: str, ratio: float, args) -> tuple[Any, dict]:  # noqa: ANN001
+    """``prune.global`` with ``saliency`` to ``ratio`` of ``target``; (graph, metrics, seconds)."""
+    config = {"saliency": saliency, "target": target, "ratio": ratio, "iterations": args.iterations,
+              "batches": args.saliency_batches, "measure": False}
+    t0 = time.perf_counter()
+    result = _passes()["prune.global"](config).apply(graph, ctx)
+    metrics = {k: v for k, v in result.metrics.items() if k != "iterations"}
+    metrics["config"] = config
+    metrics["prune_seconds"] = round(time.perf_counter() - t0, 1)
+    return result.graph, metrics
+
+
+def recover(graph, ctx, steps: int | None, minutes: float | None, lr: float | None = None) -> tuple[Any, dict]:  # noqa: ANN001
+    """The ``recover`` pass with the given budget (steps and/or minutes), no resume."""
+    config: dict[str, Any] = {"resume": False}
+    if steps:
+        config["steps"] = steps
+    if minutes:
+        config["minutes"] = minutes
+    if lr:
+        config["lr"] = lr
+    result = _passes()["recover"](config).apply(graph, ctx)
+    keep = ("steps", "train_seconds", "stopped_by", "loss_start", "loss_end")
+    return result.graph, {"config": config, **{k: result.metrics.get(k) for k in keep}}
+
+
+def _fidelity(metrics: dict) -> dict:
+    keys = ("fidelity_mean", "fidelity_min", "spearman", "accuracy", "agreement")
+    return {k: float(metrics[k]) for k in keys if k in metrics}
+
+
+# ---------------------------------------------------------------------------------------------- MiniLM
+
+
+def run_minilm(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+    import modelpress
+    from modelpress.bench import build_latency_table, get_target, measure
+    from modelpress.data import EmbeddingTask, load_data
+    from modelpress.passes import Context
+
+    target = get_target("ort-cpu", THREADS)
+    with reporter.step("loading all-MiniLM-L6-v2"), quiet():
+        original = modelpress.load()
+    data = load_data(None, original.input_spec, original.tokenizer, n_evaluation=args.n_eval, max_length=SEQ)
+    with reporter.step("latency table (ort-cpu, 2 threads, batch 1, sequence 128)"):
+        table = build_latency_table(original, target, batch=BATCH, seq=SEQ, grid=args.grid,
+                                    rounds=1 if args.quick else 3, model_rounds=1 if args.quick else 5,
+                                    reporter=reporter)
+    ctx = Context(workdir=tmp / "minilm", task=EmbeddingTask(), data=data, target=target, reference=original,
+                  seed=args.seed, reporter=reporter, latency_model=table)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    with reporter.step("reference embeddings (torch FP32)"):
+        ctx.reference_outputs()
+    base_ms = table.predict(original)
+    budget = {"steps": args.recover_steps, "minutes": args.recover_minutes}
+
+    graphs: dict[str, Any] = {BASELINE: original}
+    info: dict[str, dict[str, Any]] = {BASELINE: {"status": "ok", "params": original.num_parameters()}}
+    for saliency in OUR_METHODS:
+        try:
+            with reporter.step(f"prune.global {saliency} -> {LATENCY_RATIO} latency"):
+                pruned, pm = prune(original, ctx, saliency, "latency", LATENCY_RATIO, args)
+            with reporter.step(f"{saliency}: recover"):
+                graphs[saliency], rm = recover(pruned, ctx, **budget)
+            info[saliency] = {"status": "ok", "method": f"prune.global saliency={saliency}", "prune": pm,
+                              "recover": rm, "params": graphs[saliency].num_parameters()}
+        except Exception as exc:
+            if saliency == "hessian":
+                raise
+            info[saliency] = failure(exc)
+            reporter.log(f"[yellow]{saliency} failed:[/yellow] {exc}")
+
+    try:
+        info[TP], graphs[TP] = _minilm_torch_pruning(original, data, table, base_ms, ctx, budget, reporter)
+    except Exception as exc:
+        info[TP] = failure(exc)
+        reporter.log(f"[yellow]Torch-Pruning failed:[/yellow] {exc}")
+
+    paths: dict[str, Path] = {}
+    for name, graph in graphs.items():
+        with reporter.step(f"export + fidelity: {name}"), quiet():
+            ev = ctx.evaluate(graph)
+        paths[name] = ev.onnx_path
+        info[name]["fidelity"] = _fidelity(ev.metrics)
+        info[name]["predicted_ms"] = table.predict(graph)
+    try:
+        repq = _passes()["quantize.repq"](recipe_options("int8"))
+        with reporter.step("hessian + int8 (quantize.repq, recipe int8)"), quiet():
+            q = repq.apply(graphs["hessian"], ctx)
+            ev = ctx.evaluate(q.graph, exporter=q.exporter)
+        paths[INT8] = ev.onnx_path
+        info[INT8] = {"status": "ok", "method": "hessian-pruned, recovered, then quantize.repq (recipe int8)",
+                      "config": repq.config.model_dump(mode="json"), "fidelity": _fidelity(ev.metrics)}
+    except Exception as exc:
+        info[INT8] = failure(exc)
+        reporter.log(f"[yellow]int8 failed:[/yellow] {exc}")
+
+    report = measure(paths, original.input_spec, target, **timing_kwargs(args), max_time_s=30.0, baseline=BASELINE,
+                     batch_sizes=[BATCH], seq_lens=[SEQ], memory=False, reporter=reporter)
+    for name in paths:
+        s = report.stats(name, BATCH, SEQ)
+        info[name]["measured_ms"] = s.median_ms
+        info[name]["measured_speedup"] = s.speedup
+        if "predicted_ms" in info[name] and name != INT8:
+            pred = base_ms / info[name]["predicted_ms"]
+            info[name]["predicted_speedup"] = pred
+            info[name]["prediction_error"] = pred / s.speedup - 1.0 if s.speedup else None
     return {
-        "module": model,
-        "seconds": seconds,
-        "pruned_groups": groups,
-        "calibration_batches": calibration_batches,
-        "config_num_attention_heads": model.config.num_attention_heads,
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (22.7M params), output last_hidden_state",
+        "target": {"name": target.name, "threads": target.threads, "batch": BATCH, "seq": SEQ},
+        "latency_ratio": LATENCY_RATIO,
+        "recovery_budget": budget,
+        "latency_table": {"key": table.key, "notes": table.notes, "predicted_fp32_ms": base_ms},
+        "evaluation": f"{len(data.evaluation)} held-out packaged sentences",
+        "variants": info,
+        "checks": _minilm_checks(info),
+        "measurement": report.to_dict(),
     }
+
+
+def _minilm_torch_pruning(original, data, table, base_ms, ctx, budget, reporter) -> tuple[dict, Any]:  # noqa: ANN001
+    """Torch-Pruning's Taylor importance at the uniform ratio the latency model puts at 0.5x, then recovery."""
+    spec = original.input_spec
+
+    def predicted(ratio: float) -> float:
+        with quiet():
+            module = torch_pruning_prune(original.module, spec, "magnitude", ratio)["module"]
+        return table.predict_widths(_tp_widths(module))
+
+    with reporter.step("Torch-Pruning: uniform ratio for 0.5x predicted latency"):
+        ratio = bisect_ratio(predicted, LATENCY_RATIO * base_ms, steps=6)
+    with reporter.step(f"Torch-Pruning Taylor at ratio {ratio:.3f}"), quiet():
+        out = torch_pruning_prune(original.module, spec, "taylor", ratio, data.calibration)
+    graph = tp_graph(original, out.pop("module"), TP)
+    with reporter.step("Torch-Pruning: recover"):
+        graph, rm = recover(graph, ctx, **budget)
+    entry = {"status": "ok", "method": "Torch-Pruning MetaPruner, TaylorImportance, uniform head+MLP ratio",
+             "ratio": ratio, "widths": _tp_widths(graph.module), "prune_seconds": round(out["seconds"], 1),
+             "recover": rm, "params": graph.num_parameters()}
+    return entry, graph
+
+
+def _minilm_checks(info: dict) -> dict:
+    """The acceptance checks: Hessian at least as faithful as every peer at an equal or higher speedup."""
+    h = info.get("hessian", {})
+    hf, hs = (h.get("fidelity") or {}).get("fidelity_mean"), h.get("measured_speedup")
+    peers = {}
+    for name in ("magnitude", "taylor", TP):
+        p = info.get(name, {})
+        pf, ps = (p.get("fidelity") or {}).get("fidelity_mean"), p.get("measured_speedup")
+        if None not in (hf, hs, pf, ps):
+            peers[name] = {"fidelity_ge": hf >= pf, "speedup_ge": hs >= ps * 0.97}  # 3%: timing noise
+    q = info.get(INT8, {})
+    qf, qs = (q.get("fidelity") or {}).get("fidelity_mean"), q.get("measured_speedup")
+    errors = [abs(e["prediction_error"]) for e in info.values() if e.get("prediction_error") is not None]
+    return {
+        "hessian_vs_peers": peers,
+        "hessian_dominates": bool(peers) and all(v["fidelity_ge"] and v["speedup_ge"] for v in peers.values()),
+        "goal_0.97_at_2x": None if hf is None else bool(hf >= 0.97 and hs is not None and hs >= 2.0),
+        "goal_int8_3x_at_0.97": None if qf is None else bool(qf >= 0.97 and qs is not None and qs >= 3.0),
+        "latency_model_max_error": max(errors) if errors else None,
+        "goal_latency_model_within_15pct": bool(errors) and max(errors) <= 0.15,
+    }
+
+
+# ------------------------------------------------------------------------------------------- digits ViT
+
+
+def _vit_setup(args, tmp: Path, reporter, name: str):  # noqa: ANN001, ANN202
+    import modelpress
+    from modelpress.bench import get_target
+    from modelpress.data import infer_task, load_data
+    from modelpress.passes import Context
+    from modelpress.train.zoo import digits_vit
+
+    with reporter.step("digits ViT (zoo, cached)"), quiet():
+        zoo = digits_vit(seed=args.seed)
+        graph = modelpress.load(str(zoo.path))
+    data = load_data("digits", graph.input_spec, None, seed=args.seed)
+    task = infer_task(graph.input_spec, graph.module)
+    ctx = Context(workdir=tmp / name, task=task, data=data, target=get_target("ort-cpu", THREADS),
+                  reference=graph, seed=args.seed, reporter=reporter)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    return zoo, graph, data, task, ctx
+
+
+def run_vit(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+    zoo, original, data, _task, ctx = _vit_setup(args, tmp, reporter, "vit")
+    full = original.num_parameters()
+    rows: dict[str, Any] = {"full": {"params": full, **_fidelity(ctx.evaluate(original, torch_only=True).metrics)}}
+    for keep in VIT_RATIOS:
+        key = f"{1 - keep:.0%} fewer"
+        rows[key] = {}
+        for method in (*OUR_METHODS, TP):
+            try:
+                with reporter.step(f"ViT {key}: {method}"), quiet():
+                    if method == TP:
+                        def params(r: float) -> float:
+                            m = torch_pruning_prune(original.module, original.input_spec, "magnitude", r)["module"]
+                            return sum(p.numel() for p in m.parameters())
+                        ratio = bisect_ratio(params, keep * full, steps=8)
+                        out = torch_pruning_prune(original.module, original.input_spec, "taylor", ratio,
+                                                  data.calibration)
+                        pruned, pm = tp_graph(original, out["module"], TP), {"ratio": ratio}
+                    else:
+                        pruned, pm = prune(original, ctx, method, "params", keep, args)
+                    before = _fidelity(ctx.evaluate(pruned, torch_only=True).metrics)
+                    graph, rm = recover(pruned, ctx, args.vit_recover_steps, None, lr=args.vit_recover_lr)
+                    after = _fidelity(ctx.evaluate(graph, torch_only=True).metrics)
+                rows[key][method] = {"status": "ok", "params": graph.num_parameters(),
+                                     "params_fraction": graph.num_parameters() / full, "prune": pm,
+                                     "before_recovery": before, "after_recovery": after, "recover": rm}
+            except Exception as exc:
+                rows[key][method] = failure(exc)
+                reporter.log(f"[yellow]ViT {key} {method} failed:[/yellow] {exc}")
+    return {"model": f"digits ViT from the zoo ({full:,} params, test accuracy {zoo.test_accuracy:.3f})",
+            "data": data.description, "recover_steps": args.vit_recover_steps, "recover_lr": args.vit_recover_lr,
+            "results": rows}
+
+
+def run_classwise(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+    from modelpress.prune.classwise import classwise_split
+
+    _zoo, original, data, task, ctx = _vit_setup(args, tmp, reporter, "classwise")
+    settings = [(2, 0.25, "all"), (5, 0.1, "all")] + ([] if args.quick else [(5, 0.1, "subset")])
+    out: dict[str, Any] = {}
+    for k, ratio, recover_data in settings:
+        name = f"K={k}, ratio {ratio}, recover_data {recover_data}"
+        try:
+            with reporter.step(f"class-wise {name}"), quiet():
+                res = classwise_split(original, data, task, k=k, ratio=ratio, recover_data=recover_data,
+                                      recover_steps=args.classwise_recover_steps, target=ctx.target,
+                                      seed=args.seed, reporter=reporter)
+            variants = {"full": original, **{s.name: s.graph for s in res.sub_models}}
+            with reporter.step(f"class-wise {name}: timing full + sub-models interleaved"), quiet():
+                bench = ctx.measure(variants, baseline="full", batch_sizes=[1], memory=False,
+                                    **timing_kwargs(args))
+            report = res.report
+            subs = [{k2: s[k2] for k2 in ("name", "classes", "params", "params_reduction", "subset_accuracy")
+                     if k2 in s} | {"latency_ms": bench.stats(s["name"], 1).median_ms,
+                                    "speedup": bench.stats(s["name"], 1).speedup}
+                    for s in report["sub_models"]]
+            out[name] = {"status": "ok", "full": report["full"] | {"latency_ms": bench.stats("full", 1).median_ms},
+                         "sub_models": subs, "largest_sub_model_reduction": report["largest_sub_model_reduction"],
+                         "total_params": report["total_params"], "combined": report["combined"],
+                         "settings": report["settings"]}
+        except Exception as exc:
+            out[name] = failure(exc)
+            reporter.log(f"[yellow]class-wise {name} failed:[/yellow] {exc}")
+    return {"reference": "ED-ViT (Liu et al., 2024): up to 28.9x smaller at comparable accuracy", "splits": out}
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def print_tables(con, results: dict) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    m = results.get("minilm")
+    if m:
+        t = Table(title=f"MiniLM at {m['latency_ratio']}x predicted latency, recovery {m['recovery_budget']}")
+        for col in ("variant", "params M", "speedup", "predicted", "error", "fidelity mean (min)", "spearman"):
+            t.add_column(col, justify="left" if col == "variant" else "right")
+        for name, e in m["variants"].items():
+            f = e.get("fidelity") or {}
+            t.add_row(name, fmt(e.get("params") and e["params"] / 1e6, ".2f"),
+                      fmt(e.get("measured_speedup"), ".2f", "x"), fmt(e.get("predicted_speedup"), ".2f", "x"),
+                      fmt(e.get("prediction_error") and 100 * e["prediction_error"], "+.0f", "%"),
+                      "-" if "fidelity_mean" not in f else f"{f['fidelity_mean']:.3f} ({f['fidelity_min']:.3f})",
+                      fmt(f.get("spearman"), ".3f"))
+        con.print(t)
+        con.print(f"checks: {m['checks']}")
+    v = results.get("vit")
+    if v:
+        t = Table(title=f"digits ViT, {v['recover_steps']} recovery steps: accuracy before -> after recovery")
+        t.add_column("params")
+        methods = (*OUR_METHODS, TP)
+        for meth in methods:
+            t.add_column(meth, justify="right")
+        for key, row in v["results"].items():
+            if key == "full":
+                t.add_row("full", *[f"{row.get('accuracy', 0):.3f}"] * len(methods))
+                continue
+            t.add_row(key, *["-" if row[x].get("status") != "ok" else
+                             f"{row[x]['before_recovery'].get('accuracy', 0):.3f} -> "
+                             f"{row[x]['after_recovery'].get('accuracy', 0):.3f}" for x in methods])
+        con.print(t)
+    c = results.get("classwise")
+    if c:
+        t = Table(title="class-wise split of the digits ViT")
+        for col in ("split", "sub-model", "classes", "reduction", "latency ms (speedup)", "subset acc", "combined"):
+            t.add_column(col)
+        for name, s in c["splits"].items():
+            if s.get("status") != "ok":
+                t.add_row(name, "failed", "", "", "", "", s.get("reason", "")[:40])
+                continue
+            comb = s["combined"]
+            t.add_row(name, "full", "all", "1.0x", fmt(s["full"]["latency_ms"], ".2f"), "",
+                      f"full {comb['full_model']:.3f}")
+            for sub in s["sub_models"]:
+                t.add_row("", sub["name"], str(sub["classes"]), f"{sub['params_reduction']:.1f}x",
+                          f"{sub['latency_ms']:.2f} ({sub['speedup']:.2f}x)", fmt(sub.get("subset_accuracy"), ".3f"),
+                          f"concat {comb['concat'].get('accuracy', 0):.3f} / fusion {comb['fusion'].get('accuracy', 0):.3f}")
+        con.print(t)
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """Fidelity against measured speedup, one point per MiniLM variant (skipped without matplotlib)."""
+    m = results.get("minilm")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not m:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, e in m["variants"].items():
+        f, s = (e.get("fidelity") or {}).get("fidelity_mean"), e.get("measured_speedup")
+        if f is not None and s is not None:
+            ax.scatter([s], [f])
+            ax.annotate(name, (s, f), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("measured speedup over FP32 (ORT CPU, batch 1, seq 128, 2 threads)")
+    ax.set_ylabel("mean cosine to the original")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = timing_parser(__doc__, RESULTS / "pruning.json")
-    parser.add_argument("--no-taylor", action="store_true", help="skip Torch-Pruning with TaylorImportance")
+def parse_args(argv: list[str] | None):  # noqa: ANN201
+    parser = timing_parser(__doc__, RESULTS / "pruning.json", runs=20, min_time=1.0, threads=False)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--recover-steps", type=int, default=180,
+                        help="MiniLM recovery steps, the same for every method (about 1 s/step quiet)")
+    parser.add_argument("--recover-minutes", type=float, default=None,
+                        help="a MiniLM recovery time budget instead of (or with) --recover-steps")
+    parser.add_argument("--iterations", type=int, default=4, help="prune.global iterations")
+    parser.add_argument("--saliency-batches", type=int, default=16, help="calibration batches per saliency")
+    parser.add_argument("--grid", default=None, help="latency table grid (default: the table's own)")
+    parser.add_argument("--n-eval", type=int, default=200, help="held-out sentences")
+    parser.add_argument("--vit-recover-steps", type=int, default=300)
+    parser.add_argument("--vit-recover-lr", type=float, default=5e-4)
+    parser.add_argument("--classwise-recover-steps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
     args = parse_timing_args(parser, argv)
+    if args.quick:
+        args.recover_steps, args.recover_minutes = 5, None
+        args.iterations, args.saliency_batches, args.n_eval = 1, 2, 40
+        args.grid = args.grid or "heads=6;mlp=768;head_dim=32;embed=384"
+        args.vit_recover_steps, args.classwise_recover_steps = 5, 5
+    if args.recover_minutes and not args.quick and "--recover-steps" not in (argv or sys.argv):
+        args.recover_steps = None
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    return args
 
-    import modelpress
-    from modelpress.bench import measure, system_info, write_json_atomic
-    from modelpress.compress import Context
-    from modelpress.data import EmbeddingTask, load_data, onnx_runner, torch_runner
-    from modelpress.export import export_onnx
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from modelpress.bench import system_info, write_json_atomic
     from modelpress.progress import Reporter
-    from modelpress.prune.passes import MagnitudePrune
+    from modelpress.system import load_average
 
     con = console()
     reporter = Reporter()
     started = time.perf_counter()
-    target = timing_target(args)
-
-    with reporter.step("loading all-MiniLM-L6-v2"):
-        original = modelpress.load(str(minilm_path()))
-    spec = original.input_spec
-    names = list(spec.names)
-    data = load_data(None, spec, original.tokenizer)
-    task = EmbeddingTask()
-    with reporter.step("reference embeddings (torch FP32)"):
-        reference = task.reference_cache(torch_runner(original.module, names), data.evaluation)
-
-    modules: dict[str, Any] = {BASELINE: original.module}
-    info: dict[str, dict[str, Any]] = {
-        BASELINE: {"status": "ok", "macs_graph_summary": original.summary()["macs"]},
-    }
-
-    with tempfile.TemporaryDirectory(prefix="modelpress-pruning-") as tmp:
-        tmpdir = Path(tmp)
-
-        with reporter.step("modelpress magnitude pruning"):
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = previous.get("results", {}) if previous.get("benchmark") == "pruning-recovery" else {}
+    runners = {"minilm": run_minilm, "vit": run_vit, "classwise": run_classwise}
+    seconds = dict(previous.get("part_seconds", {})) if results else {}
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="modelpress-pruning-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for part in args.parts.split(","):
             t0 = time.perf_counter()
-            result = MagnitudePrune({"ratios": dict(RATIOS)}).apply(original, Context(workdir=tmpdir / "ctx"))
-            seconds = time.perf_counter() - t0
-        ours_graph = result.graph
-        modules[OURS] = ours_graph.module
-        info[OURS] = {
-            "status": "ok",
-            "prune_seconds": round(seconds, 2),
-            "macs_graph_summary": ours_graph.summary()["macs"],
-            "config_num_attention_heads": ours_graph.module.config.num_attention_heads,
-        }
-
-        peers = [("tp_magnitude", "magnitude")]
-        if args.no_taylor:
-            info["tp_taylor"] = {"status": "skipped", "reason": "--no-taylor"}
-        else:
-            peers.append(("tp_taylor", "taylor"))
-        for name, importance in peers:
-            try:
-                with reporter.step(f"Torch-Pruning ({importance})"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out = torch_pruning_prune(original.module, spec, importance, data.calibration)
-                modules[name] = out.pop("module")
-                prune_seconds = round(out.pop("seconds"), 2)
-                info[name] = {"status": "ok", "prune_seconds": prune_seconds, **out}
-            except Exception as exc:  # record why, keep measuring the rest
-                info[name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-                reporter.log(f"[yellow]Torch-Pruning ({importance}) failed:[/yellow] {exc}")
-
-        paths: dict[str, Path] = {}
-        for name, module in modules.items():
-            entry = info[name]
-            entry["description"] = VARIANT_DESCRIPTIONS[name]
-            entry["parameters"] = num_parameters(module)
-            entry["macs"] = count_macs(module, spec)
-            entry["blocks"] = block_structure(original.module, module, ours_graph.lineage if name == OURS else None)
-            try:
-                with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    exported = export_onnx(
-                        module, spec, tmpdir / name / "model.onnx", optimize="none", reporter=reporter
-                    )
-            except Exception as exc:
-                if name in (BASELINE, OURS):
-                    raise
-                entry.update(status="failed", reason=f"export: {type(exc).__name__}: {exc}")
-                reporter.log(f"[yellow]{name}: export failed:[/yellow] {exc}")
-                continue
-            paths[name] = exported.path
-            entry["file_size_bytes"] = exported.file_size_bytes
-            entry["export"] = {
-                "optimization": exported.optimization,
-                "opset": exported.opset,
-                "attn_implementation": exported.attn_implementation,
-                "seconds": round(exported.export_seconds, 2),
-                "verification": None if exported.verification is None else vars(exported.verification),
-            }
-            with reporter.step(f"fidelity of {name}"):
-                entry["fidelity"] = task.evaluate(
-                    onnx_runner(exported.path, target.threads),
-                    None,
-                    data.evaluation,
-                    reference_outputs=reference,
-                )
-
-        ours_info = info[OURS]
-        for name in ("tp_magnitude", "tp_taylor"):
-            if info.get(name, {}).get("status") == "ok":
-                info[name]["structure_vs_ours"] = compare_structures(ours_info, info[name])
-
-        report = measure(
-            paths,
-            spec,
-            target,
-            **timing_kwargs(args),
-            max_time_s=30.0,
-            baseline=BASELINE,
-            batch_sizes=BATCHES,
-            seq_lens=[SEQ],
-            reporter=reporter,
-        )
-        for name, variant in report.variants.items():
-            if variant.path:
-                variant.path = f"{name}/{Path(variant.path).name}"
-            info[name]["speedup"] = {str(b): report.stats(name, b, SEQ).speedup for b in BATCHES}
-            info[name]["median_ms"] = {str(b): report.stats(name, b, SEQ).median_ms for b in BATCHES}
-
-    system = system_info(target.threads)
-    versions = {
-        **system["versions"],
-        "torch-pruning": _version("torch-pruning"),
-        "modelpress": _version("modelpress"),
-    }
-    result_json = {
-        "benchmark": "pruning",
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (BertModel, FP32, 6 blocks x 12 heads x 32, MLP 1536), "
-        "output last_hidden_state",
-        "pruning": {
-            "ratios": RATIOS,
-            "scope": "every block, uniform; residual stream (384) kept; no recovery training",
-            "taylor_loss": f"in-batch contrastive loss on mean-pooled normalized embeddings, temperature "
-            f"{TAYLOR_TEMPERATURE}, over the {len(data.calibration)} calibration sentences",
-        },
-        "protocol": (
-            f"all variants exported the same way (modelpress export_onnx optimize='none', eager attention, "
-            f"opset 17, verified against torch), then timed together in one interleaved run on "
-            f"{target.name} ({target.threads} threads): round-robin over variants with fresh sessions each "
-            f"round, {args.rounds} rounds, warm-up, >= {args.runs} runs and >= {args.min_time}s per variant, "
-            f"shape and round; speedup = median over rounds of baseline ms / variant ms; batch "
-            f"{' and '.join(map(str, BATCHES))}, sequence {SEQ}. Fidelity: mean (min) cosine of mean-pooled "
-            f"ONNX embeddings to the FP32 torch model's on {len(data.evaluation)} held-out sentences, and "
-            f"Spearman of all pairwise similarities. MACs: torch flop counter / 2, batch 1, sequence {SEQ}, "
-            f"eager attention."
-        ),
+            results[part] = runners[part](args, Path(tmp), reporter)
+            results[part]["quick"] = args.quick
+            seconds[part] = round(time.perf_counter() - t0, 1)
+    out = {
+        "benchmark": "pruning-recovery",
+        "command": "python benchmarks/pruning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "system": system,
-        "versions": versions,
-        "target": report.target,
-        "shapes": {"batch_sizes": BATCHES, "seq_len": SEQ},
-        "baseline": BASELINE,
-        "data": data.description,
-        "variants": info,
-        "measurement": report.to_dict(),
-        "seconds": round(time.perf_counter() - started, 1),
+        "system": system_info(THREADS),
+        "versions": {"modelpress": dist_version("modelpress"), "torch-pruning": dist_version("torch-pruning"),
+                     "onnxruntime": dist_version("onnxruntime"), "torch": dist_version("torch")},
+        "load_average": {"before": load_before, "after": load_average()},
+        "part_seconds": seconds,
+        "results": results,
     }
-    out = write_json_atomic(args.out, result_json)
-
-    con.print(
-        report.to_table(title=f"MiniLM pruning on {target.name}, {target.threads} threads, sequence {SEQ}")
-    )
-    con.print(summary_table(info))
-    for name in ("tp_magnitude", "tp_taylor"):
-        cmp = info.get(name, {}).get("structure_vs_ours")
-        if cmp:
-            con.print(
-                f"{name}: matches our structure: {cmp['matches_ours']} (same widths every block: "
-                f"{cmp['same_widths_every_block']}, params differ by {cmp['parameters_relative_difference']:.2%}, "
-                f"heads/units consistent: {cmp['all_blocks_consistent']})"
-            )
-        elif name in info and info[name].get("status") != "ok":
-            con.print(f"{name}: {info[name]['status']} ({info[name].get('reason', '')})")
-    con.print(f"wrote {out}")
+    path = write_json_atomic(args.out, out)
+    print_tables(con, results)
+    png = plot(results, args.out.with_suffix(".png"))
+    con.print(f"wrote {path}" + (f" and {png}" if png else " (no matplotlib: no plot)")
+              + f" in {time.perf_counter() - started:.0f} s")
     return 0
-
-
-def summary_table(info: dict[str, dict[str, Any]]):  # noqa: ANN201 - rich.table.Table
-    from rich.table import Table
-
-    table = Table(title="MiniLM: 50% MLP units, 25% heads per block, no recovery training")
-    for col in (
-        "variant",
-        "params M",
-        "MACs M",
-        "heads x dim / MLP",
-        "file MB",
-        "speedup b1",
-        "speedup b8",
-        "fidelity mean (min)",
-        "spearman",
-        "prune s",
-    ):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-
-    def fmt(x, spec: str) -> str:  # noqa: ANN001
-        return "-" if x is None else format(x, spec)
-
-    for name, e in info.items():
-        if e.get("status") != "ok":
-            table.add_row(name, *["-"] * 9)
-            continue
-        widths = {(b["heads"], b["head_dim"], b["mlp"]) for b in e.get("blocks", [])}
-        shape = "{} x {} / {}".format(*next(iter(widths))) if len(widths) == 1 else "non-uniform"
-        fid = e.get("fidelity") or {}
-        speed = e.get("speedup") or {}
-        size = e.get("file_size_bytes")
-        table.add_row(
-            name,
-            fmt(e["parameters"] / 1e6, ".2f"),
-            fmt(e["macs"] / 1e6, ".0f"),
-            shape,
-            fmt(None if size is None else size / 1e6, ".1f"),
-            fmt(speed.get("1"), ".2f") + ("x" if speed.get("1") else ""),
-            fmt(speed.get("8"), ".2f") + ("x" if speed.get("8") else ""),
-            "-" if not fid else f"{fid['fidelity_mean']:.3f} ({fid['fidelity_min']:.3f})",
-            fmt(fid.get("spearman"), ".3f"),
-            fmt(e.get("prune_seconds"), ".1f"),
-        )
-    return table
 
 
 if __name__ == "__main__":
