@@ -165,8 +165,8 @@ class GlobalPrune(GraphPass):
         self, graph: ModelGraph, ctx, costs: Costs, floors: dict, original: dict  # noqa: ANN001
     ) -> list[_Candidate]:
         cfg = self.config
-        groups = [g for g in graph.groups if g.prunable and g.kind in cfg.kinds and not g.meta.get("fixed")]
-        groups = [g for g in groups if g.size > _floor(g, floors, original)]
+        scored = [g for g in graph.groups if g.prunable and g.kind in cfg.kinds and not g.meta.get("fixed")]
+        groups = [g for g in scored if g.size > _floor(g, floors, original)]  # at their floor: blocks only
         block_sets = {}
         if "block" in cfg.kinds and len(graph.blocks) > 1:
             block_sets = {
@@ -178,7 +178,7 @@ class GlobalPrune(GraphPass):
             data = type(data)(list(data.batches)[: cfg.batches],
                               None if data.labels is None else list(data.labels)[: cfg.batches])
         scores = group_saliency(
-            graph, cfg.saliency, groups=groups, data=data, task=ctx.task,
+            graph, cfg.saliency, groups=scored, data=data, task=ctx.task,
             reference=None if ctx.reference is None else ctx.reference.module,
             label_weight=cfg.label_weight, param_sets=block_sets, seed=ctx.seed, reporter=ctx.reporter,
         )
@@ -190,8 +190,19 @@ class GlobalPrune(GraphPass):
                 cands.append(_Candidate(g.name, u, float(scores[g.name][u]), float(unit_cost[u])))
         for key in block_sets:
             path = key.removeprefix("block:")
-            cands.append(_Candidate(key, 0, float(scores[key][0]), costs.block(graph, path, current)))
+            cands.append(_Candidate(key, 0, _block_score(graph, path, scores, key), costs.block(graph, path, current)))
         return cands
+
+
+def _block_score(graph: ModelGraph, path: str, scores: dict, key: str) -> float:
+    """A block's saliency: the sum of the saliencies of the units whose removal empties it (its heads,
+    MLP units, conv channels), the diagonal approximation of removing them together. ``(sum w g)^2`` over
+    the whole block's parameters would let thousands of terms cancel and rank deep blocks as free; it is
+    used only for blocks without scored groups."""
+    inside = [g for g in graph.groups if g.name in scores and g.kind != "embedding" and _inside(g.scope, path)]
+    if inside:
+        return float(sum(scores[g.name].sum() for g in inside if g.kind != "head_dim"))
+    return float(scores[key][0])
 
 
 def _floor(group: Group, floors: dict, original: dict) -> int:
