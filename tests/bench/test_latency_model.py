@@ -15,7 +15,7 @@ from modelpress.errors import ModelpressError
 from modelpress.targets import get_target
 from tests.graph.models_zoo import build
 
-GRID = {"heads": [1, 2, 4], "mlp": [32, 64, 128], "embed": [32, 64]}
+GRID = {"heads": [1, 2, 4], "head_dim": [16], "mlp": [32, 64, 128], "embed": [32, 64]}
 
 
 def _f(h: float, d: float, m: float, e: float) -> float:
@@ -50,7 +50,7 @@ def test_key_describes_architecture_and_grid(bert):
     assert key["seq"] == 64 and key["batch"] == 1 and key["target"]["name"] == "ort-cpu"
     default = table_key(bert, "ort-cpu")["axes"]
     assert default["heads"] == [1, 2, 3, 4] and default["mlp"] == [16, 32, 64, 96, 128]
-    assert default["embed"] == [32, 48, 64] and default["head_dim"] == [16]
+    assert default["embed"] == [32, 48, 64] and default["head_dim"] == [8, 16]  # head-width groups: half and full
 
 
 def test_json_round_trip(synthetic, tmp_path):
@@ -129,8 +129,9 @@ def test_cache_hit_does_not_measure(synthetic, bert, tmp_path, monkeypatch):
 def test_bad_grid_is_a_short_error(bert):
     with pytest.raises(ModelpressError, match="outside 1..4"):
         table_key(bert, grid={"heads": [2, 8]})
+    assert table_key(bert, grid="head_dim=8,16")["axes"]["head_dim"] == [8, 16]  # BERT has head-width groups
     with pytest.raises(ModelpressError, match="no head-dim groups"):
-        table_key(bert, grid="head_dim=8,16")
+        table_key(build("llama"), grid="head_dim=8,16")  # rotary: its heads keep their width
     with pytest.raises(ModelpressError, match="bad grid entry"):
         L.parse_grid("width=3")
     assert L.parse_grid("heads=3,6;mlp=384") == {"heads": [3, 6], "mlp": [384]}
@@ -152,7 +153,7 @@ def test_measured_prediction_of_a_pruned_model(tmp_path):
                                  intermediate_size=1024, max_position_embeddings=128)).eval()
     g = ModelGraph(m, hf_input_spec(m), {"kind": "hf", "class": "BertModel"}, name="bert256")
     target = get_target("ort-cpu", threads=1)
-    table = build_latency_table(g, target, batch=1, seq=128, grid={"heads": [2, 8], "mlp": [256, 1024],
+    table = build_latency_table(g, target, batch=1, seq=128, grid={"heads": [2, 8], "head_dim": [32], "mlp": [256, 1024],
                                 "embed": [256]}, rounds=3, runs=5, min_time_s=0.05, clock="cpu", cache_dir=tmp_path)
     assert len(table.block_ms_grid) == 4 and all(v > 0 for v in table.block_ms_grid)
     # the level comes from the whole model: the unpruned prediction is its measured latency (medians of
