@@ -35,3 +35,20 @@ def zoo_cnn():
     from modelpress.train.zoo import digits_cnn
 
     return digits_cnn()
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint_handler():
+    """Ctrl-C tests need Python's own SIGINT handler; a runner started in the background (nohup, `&`) inherits
+    SIGINT ignored, and Python then never installs it. Install it for every test and put back what was there."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
