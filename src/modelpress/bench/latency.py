@@ -47,7 +47,6 @@ and reused only when key and versions match. ``check`` refuses a graph or target
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import itertools
 import json
@@ -56,7 +55,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -66,7 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.bench.runner import measure, write_json_atomic
+from modelpress.bench.runner import _torch_threads, measure, write_json_atomic
 from modelpress.errors import ModelpressError
 from modelpress.export.onnx import _attention, export_onnx
 from modelpress.graph.inputs import InputSpec, primary_output
@@ -552,16 +551,6 @@ def _export_block(graph: ModelGraph, seq: int | None, path: Path) -> InputSpec:
         wrapper = _Standalone(graph.module.get_submodule(block_path), args, kwargs, position).eval()
         export_onnx(wrapper, spec, path, optimize="none", verify=True, attn_implementation=None)
     return spec
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _one_block(graph: ModelGraph) -> ModelGraph:

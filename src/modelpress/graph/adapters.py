@@ -183,12 +183,20 @@ def head_attribute_edits(
     depend on neither (``head_dim``, Llama's ``num_key_value_groups``: removing whole key/value groups
     keeps the queries per key/value head) stay.
     """
-    parts = scope.split(".") if scope else []
     wanted = [
         (HEAD_COUNT_ATTRS, query[0], query[1]),
         (KV_HEAD_COUNT_ATTRS, kv[0], kv[1]),
         (HEAD_WIDTH_ATTRS, query[0] * head_dim, query[1] * head_dim),
     ]
+    return attribute_edits(root, scope, wanted)
+
+
+def attribute_edits(
+    root: nn.Module, scope: str, wanted: list[tuple[tuple[str, ...], int, int]]
+) -> list[dict]:
+    """``setattr`` records turning every int attribute named in ``wanted`` (names, old, new) that holds
+    ``old`` into ``new``, in the subtree at ``scope``, else one or two levels up (the first that has any)."""
+    parts = scope.split(".") if scope else []
     edits: list[dict] = []
     for depth in range(len(parts), -1, -1):
         path = ".".join(parts[:depth])

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.graph.adapters import HEAD_SIZE_ATTRS, HEAD_WIDTH_ATTRS
+from modelpress.graph.adapters import HEAD_SIZE_ATTRS, HEAD_WIDTH_ATTRS, attribute_edits
 from modelpress.graph.groups import Group
 
 TIES = "query/key and value widths are one group: the attention reshapes q, k and v by one head size"
@@ -98,22 +98,8 @@ def _split(group: Group) -> list[dict] | None:
 def head_dim_attribute_edits(root: nn.Module, scope: str, heads: int, old: int, new: int) -> list[dict]:
     """``setattr`` records for a head-width cut at ``scope``: head-size attributes ``old`` -> ``new`` and
     total attention widths ``heads * old`` -> ``heads * new`` (the scale is kept; see the module)."""
-    parts = scope.split(".") if scope else []
     wanted = [(HEAD_SIZE_ATTRS, old, new), (HEAD_WIDTH_ATTRS, heads * old, heads * new)]
-    edits: list[dict] = []
-    for depth in range(len(parts), max(-1, len(parts) - 3), -1):
-        path = ".".join(parts[:depth])
-        base = root.get_submodule(path) if path else root
-        for sub_path, mod in base.named_modules():
-            full = f"{path}.{sub_path}".strip(".") if sub_path else path
-            for names, before, after in wanted:
-                for attr in names:
-                    value = getattr(mod, attr, None)
-                    if isinstance(value, int) and not isinstance(value, bool) and value == before:
-                        edits.append({"op": "setattr", "module": full, "attr": attr, "value": after})
-        if edits:
-            return edits
-    return edits
+    return attribute_edits(root, scope, wanted)
 
 
 RESCALES = "the attention recomputes its scale from the head size, so a width cut rescales the scores"
