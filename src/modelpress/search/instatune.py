@@ -1,0 +1,113 @@
+"""Super-network fine-tuning (InstaTune, BigNAS's sandwich rule) through the shared training loop.
+
+Each step runs, on one batch, the largest sub-network, the smallest and ``n_random`` random ones. The largest
+distils from the frozen pretrained model (label-free; the task's labels are mixed in by ``label_weight``
+when there are some); every other one distils *in place* from the largest's current output (detached).
+The loop is :func:`modelpress.train.train` (AdamW, schedule, checkpoints, resume, progress, seed): the student
+is a module that runs the sandwich and concatenates the outputs along the batch, the teacher one that
+concatenates the targets, and the task's loss is summed over the chunks. The random draws come from a
+generator seeded by the seed and a step counter kept as a buffer of the student, so a resumed training
+draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.graph.inputs import primary_output
+from modelpress.graph.run import call_module
+from modelpress.progress import QUIET, Reporter
+from modelpress.search.supernet import SuperNet
+from modelpress.train import TrainConfig, TrainResult, train
+
+
+class _SandwichStudent(nn.Module):
+    """Runs the sandwich of sub-networks inside the super-network; outputs concatenated along the batch."""
+
+    def __init__(self, net: SuperNet, n_random: int, seed: int) -> None:
+        super().__init__()
+        self.net_module = net.graph.module  # registered: its parameters are what the loop trains
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self._net, self.n_random, self.seed = net, n_random, seed
+
+    def configs(self, draw: int) -> list[dict[str, Any]]:
+        space = self._net.space
+        rng = np.random.default_rng([self.seed, draw])
+        return [space.largest(), space.smallest()] + [space.random(rng) for _ in range(self.n_random)]
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        configs = self.configs(int(self.draws))
+        if self.training:
+            self.draws += 1
+        outs = [self._net.masked_module_call(c, inputs) for c in configs]
+        return torch.cat(outs, dim=0)
+
+
+class _SandwichTeacher(nn.Module):
+    """The targets: the pretrained model's output for the largest, the largest's (detached) for the rest."""
+
+    def __init__(self, original: nn.Module, net: SuperNet, names: list[str], n_others: int) -> None:
+        super().__init__()
+        self.original = original
+        self._net, self.names, self.n_others = net, names, n_others  # the super-network: not a submodule
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        ref = primary_output(call_module(self.original, inputs, self.names))
+        largest = self._net.masked_module_call(self._net.space.largest(), inputs).detach()
+        return torch.cat([ref] + [largest] * self.n_others, dim=0)
+
+
+class _SandwichTask:
+    """The task's loss summed over the sandwich's chunks (everything else delegated to the task)."""
+
+    def __init__(self, task: Any, n: int) -> None:
+        self.task, self.n = task, n
+        self.name = task.name
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor | None, batch: dict[str, torch.Tensor],
+             **kw: Any) -> torch.Tensor:
+        s_chunks = student.chunk(self.n, dim=0)
+        t_chunks = teacher.chunk(self.n, dim=0) if teacher is not None else [None] * self.n
+        total = s_chunks[0].new_zeros(())
+        for i, (s, t) in enumerate(zip(s_chunks, t_chunks, strict=True)):
+            # only the largest sees the labels; the others learn from the largest alone
+            args = dict(kw) if i == 0 else {**kw, "label_weight": 0.0}
+            total = total + self.task.loss(s, t, batch, **args)
+        return total / self.n
+
+    def loss_settings(self) -> dict[str, Any]:
+        return {**self.task.loss_settings(), "sandwich": self.n}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+
+def finetune_supernet(
+    net: SuperNet,
+    data: Any,
+    *,
+    task: Any,
+    config: TrainConfig,
+    n_random: int = 2,
+    reference: nn.Module | None = None,
+    resume: bool = False,
+    reporter: Reporter = QUIET,
+) -> TrainResult:
+    """Fine-tune ``net``'s weights in place with the sandwich rule; see the module docstring.
+
+    ``reference``: the frozen model the largest distils from (default: a copy of the super-network as it is
+    now, i.e. the pretrained weights). ``config``: the training budget, optimizer, seed and checkpoints
+    (``config.checkpoint_dir`` + ``resume=True`` continues an interrupted fine-tuning)."""
+    names = list(net.graph.input_spec.names)
+    original = reference if reference is not None else net.graph.copy().module
+    for p in original.parameters():
+        p.requires_grad_(False)
+    student = _SandwichStudent(net, n_random, config.seed)
+    teacher = _SandwichTeacher(original, net, names, 1 + n_random)
+    sandwich = _SandwichTask(task, 2 + n_random)
+    return train(student, data, task=sandwich, teacher=teacher, config=config, reporter=reporter,
+                 input_names=names, resume=resume)
