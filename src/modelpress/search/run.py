@@ -118,6 +118,7 @@ def run_search(
     latency_table: Any = None,
     latency_grid: str | None = None,
     precision_config: dict[str, Any] | None = None,
+    int8_factor: float | None = None,
     uniform: tuple[float, ...] = (0.25, 0.5, 0.75),
     generations: int = 40,
     pop_size: int = 48,
@@ -128,7 +129,9 @@ def run_search(
 
     ``ctx`` holds the task, the data (its evaluation split scores quality) and the target. ``data_spec``
     says how workers reload that data (``load_data`` arguments). ``finetune``: TrainConfig fields for the
-    InstaTune fine-tuning (None: search the pretrained weights as they are)."""
+    InstaTune fine-tuning (None: search the pretrained weights as they are). ``int8_factor``: the INT8/float
+    block-latency ratio of the latency model (default: measured once at the start, full INT8 against full
+    float, interleaved); fixing it makes predicted latency independent of the machine's load."""
     from modelpress.search.outputs import write_outputs
 
     run = Path(run_dir)
@@ -138,12 +141,12 @@ def run_search(
     if ctx.task is None or ctx.data is None:
         raise ModelpressError("search needs a task and data to score quality on", "give --data")
     space = SearchSpace.from_graph(graph, **(space_options or {}))
-    settings = EvalSettings(objectives=list(objectives), latency=latency)
+    settings = EvalSettings(objectives=list(objectives), latency=latency, int8_factor=int8_factor)
     if precision_config:
         settings.precision_config = {**settings.precision_config, **precision_config}
     fingerprint = {
         "model": model_fingerprint(graph), "space": space.fingerprint(), "latency": latency,
-        "finetune": finetune or None, "saliency": saliency,
+        "finetune": finetune or None, "saliency": saliency, "int8_factor": int8_factor,
     }
     spec_path = run / SPEC
     if resume:
@@ -279,7 +282,9 @@ def _baselines(evaluator: Evaluator, run: Path, ex: Any, uniform: tuple[float, .
             if name in configs:
                 graph, exporter = evaluator.build(configs[name])
                 onnx[name] = str(evaluator.ctx.export(graph, folder / f"{name}.onnx", exporter=exporter).path)
-    if "full-int8" in onnx:
+    if "full-int8" in onnx and evaluator.settings.int8_factor is not None:
+        out["int8_factor"] = evaluator.settings.int8_factor
+    elif "full-int8" in onnx:
         with reporter.step("measuring full INT8 against full float (the precision factor of the latency model)"):
             ms = ex.on_target(measure_item, (str(run), {"full-int8": onnx["full-int8"]}, None))
         out["int8_factor"] = ms["full-int8"] / ms["__baseline__"]

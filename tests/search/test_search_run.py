@@ -1,0 +1,103 @@
+"""A whole search on the digits ViT: quality, predicted latency (latency model extended to precision) and
+size over widths, skipped blocks and an INT8/float gene per Linear; outputs, extraction, resume, bad input,
+and the Ray executor on a local Ray runtime."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modelpress.errors import ModelpressError
+from tests.search.conftest import DATA
+
+pytest.importorskip("pymoo")
+
+OBJ = ["quality", "latency", "size"]
+
+
+def _ctx(graph, data, tmp_path):  # noqa: ANN001, ANN202
+    from modelpress.bench import get_target
+    from modelpress.data.tasks import ClassificationTask
+    from modelpress.passes import Context
+
+    return Context(workdir=tmp_path / "w", task=ClassificationTask(), data=data, reference=graph,
+                   target=get_target("ort-cpu", threads=1), seed=0)
+
+
+def _search(graph, data, table, tmp_path, run, **kw):  # noqa: ANN001, ANN202
+    from modelpress.search.run import run_search
+
+    torch.set_num_threads(1)
+    opts = dict(objectives=OBJ, budget=8, batch_size=4, data_spec=DATA, latency_table=table, generations=8,
+                pop_size=16, uniform=(0.5,), int8_factor=0.7, space_options={"mlp_fractions": (0.25, 0.5, 1.0)})
+    opts.update(kw)
+    return run_search(graph, _ctx(graph, data, tmp_path), tmp_path / run, **opts)
+
+
+def test_search_outputs_extract_and_resume(vit_graph, vit_data, vit_table, tmp_path) -> None:  # noqa: ANN001
+    from modelpress.models.saving import load_saved
+    from modelpress.search.outputs import extract
+
+    full = _search(vit_graph, vit_data, vit_table, tmp_path, "full")
+    assert full["evaluated"] == 8 and full["pareto"] and full["hypervolume"] > 0
+    base = full["baselines"]["points"]
+    assert {"full-float", "full-int8", "uniform-0.5"} <= set(base)
+    assert base["full-float"]["objectives"]["quality"] > 0.9
+    assert base["full-int8"]["objectives"]["size"] < 0.5 * base["full-float"]["objectives"]["size"]
+    run = tmp_path / "full"
+    for name in ("pareto.csv", "pareto.json", "state.json", "search.json"):
+        assert (run / name).is_file()
+    assert full["batches"][1]["predictors"]["quality"]["model"] in ("ridge", "svr", "gbm")
+    assert all(p["predicted"] is not None or p["batch"] == 0 for p in full["pareto"])
+
+    # interrupted after one batch, resumed: the same candidates and values as the uninterrupted run
+    _search(vit_graph, vit_data, vit_table, tmp_path, "part", max_batches=1)
+    with pytest.raises(ModelpressError, match="already holds"):
+        _search(vit_graph, vit_data, vit_table, tmp_path, "part")
+    resumed = _search(vit_graph, vit_data, vit_table, tmp_path, "part", resume=True)
+    a = json.loads((run / "state.json").read_text())["records"]
+    b = json.loads((tmp_path / "part" / "state.json").read_text())["records"]
+    assert [r["config"] for r in a] == [r["config"] for r in b]
+    assert [r["objectives"] for r in a] == [r["objectives"] for r in b]
+    assert resumed["hypervolume"] == pytest.approx(full["hypervolume"])
+
+    # a run folder of another space is refused, and left as it was
+    before = (tmp_path / "part" / "state.json").read_text()
+    with pytest.raises(ModelpressError, match="another model or space"):
+        _search(vit_graph, vit_data, vit_table, tmp_path, "part", resume=True,
+                space_options={"mlp_fractions": (0.5, 1.0)})
+    assert (tmp_path / "part" / "state.json").read_text() == before
+
+    # extraction of the most accurate point: a standalone model with its ONNX, as evaluated
+    best = max(range(len(full["pareto"])), key=lambda k: full["pareto"][k]["objectives"]["quality"])
+    out = extract(run, tmp_path / "chosen", point=best)
+    assert (tmp_path / "chosen" / "model.onnx").is_file()
+    reloaded = load_saved(tmp_path / "chosen")
+    assert reloaded.num_parameters() <= vit_graph.num_parameters()
+    assert out["point"]["point"] == best
+    with pytest.raises(ModelpressError, match="no point"):
+        extract(run, tmp_path / "none", min_quality=1.5)
+
+
+def test_bad_input_is_a_short_error(vit_graph, vit_data, vit_table, tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ModelpressError, match="unknown objective 'speed'"):
+        _search(vit_graph, vit_data, vit_table, tmp_path, "a", objectives=["quality", "speed"])
+    with pytest.raises(ModelpressError, match="smaller than one batch"):
+        _search(vit_graph, vit_data, vit_table, tmp_path, "b", budget=2, batch_size=4, objectives=["quality", "size"])
+    with pytest.raises(ModelpressError, match="empty"):
+        _search(vit_graph, vit_data, vit_table, tmp_path, "c", objectives=["quality", "size"],
+                space_options={"head_fractions": (1.0,), "mlp_fractions": (1.0,), "skip_blocks": False,
+                               "precisions": ("float",)})
+
+
+def test_ray_executor_runs_a_small_search(vit_graph, vit_data, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    result = _search(vit_graph, vit_data, None, tmp_path, "ray", objectives=["quality", "size"], budget=4,
+                     batch_size=2, executor="ray", workers=2, space_options={"precisions": ("float",)})
+    assert result["evaluated"] == 4 and result["pareto"]
+    serial = _search(vit_graph, vit_data, None, tmp_path, "serial", objectives=["quality", "size"], budget=4,
+                     batch_size=2, space_options={"precisions": ("float",)})
+    assert [p["objectives"] for p in result["pareto"]] == [p["objectives"] for p in serial["pareto"]]
