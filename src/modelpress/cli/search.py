@@ -1,0 +1,106 @@
+"""`modelpress search CKPT ...`: super-network search over architecture and precision (InstaTune + LINAS);
+`modelpress search extract RUN_DIR --point N | --max-latency MS | --min-quality Q -o OUT`: write a point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelpress.cli.common import (
+    AsJson,
+    Data,
+    InputShape,
+    Quiet,
+    Seed,
+    TargetOpt,
+    Threads,
+    TrustPickle,
+    load_graph,
+    print_json,
+    print_rich,
+    reporter,
+)
+from modelpress.errors import ModelpressError
+
+
+def search(
+    ckpt: Annotated[str, typer.Argument(help="The checkpoint to search (see `compress`), or `extract`.")],
+    run_dir: Annotated[Path | None, typer.Argument(help="With `extract`: the search's run folder.")] = None,
+    objectives: Annotated[str, typer.Option("--objectives", help="quality,latency[,size]")] = "quality,latency",
+    budget: Annotated[int, typer.Option("--budget", help="Real evaluations in all.")] = 32,
+    batch: Annotated[int, typer.Option("--batch", help="Candidates measured per LINAS batch.")] = 8,
+    executor: Annotated[str, typer.Option("--executor", help="local | ray")] = "local",
+    workers: Annotated[int, typer.Option("--workers", help="Evaluation processes (local) or CPUs (local Ray).")] = 1,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="An existing Ray cluster.")] = None,
+    latency: Annotated[str, typer.Option("--latency", help="predicted (latency model) | measured (ORT)")] = "predicted",
+    precisions: Annotated[str, typer.Option("--precisions", help="Precision genes, e.g. float,int8 (float: none).")] = "float,int8",
+    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="InstaTune sandwich steps (0: none).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the search in -o.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder (search) or model folder (extract).")] = None,
+    point: Annotated[int | None, typer.Option("--point", help="extract: Pareto point N (see pareto.csv).")] = None,
+    max_latency: Annotated[float | None, typer.Option("--max-latency", help="extract: best quality under MS.")] = None,
+    min_quality: Annotated[float | None, typer.Option("--min-quality", help="extract: fastest with quality >= Q.")] = None,
+    data: Data = None,
+    target: TargetOpt = "ort-cpu",
+    threads: Threads = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+    trust_pickle: TrustPickle = False,
+    input_shape: InputShape = None,
+) -> None:
+    """Search sub-networks and per-layer precision of a checkpoint for the Pareto front of the objectives."""
+    if ckpt == "extract":
+        if run_dir is None or output is None:
+            raise ModelpressError("extract needs the run folder and -o", "modelpress search extract RUN_DIR --point 0 -o OUT")
+        from modelpress.search.outputs import extract
+
+        result = extract(run_dir, output, point=point, max_latency=max_latency, min_quality=min_quality)
+        if as_json:
+            print_json(result)
+        else:
+            print_rich(f"wrote {result['output']} (point {result['point']['point']}: {result['point']['objectives']})")
+        return
+    if output is None:
+        raise ModelpressError("search needs a run folder", "give -o RUN_DIR")
+    from modelpress.bench import get_target
+    from modelpress.data import infer_task, load_data
+    from modelpress.passes import Context
+    from modelpress.search.run import run_search
+
+    objs = [o.strip() for o in objectives.split(",") if o.strip()]
+    from modelpress.search.evaluate import check_objectives
+
+    check_objectives(objs)
+    if executor == "ray":
+        from modelpress.search.executors import require_ray
+
+        require_ray()
+    tgt = get_target(target, threads=threads)
+    rep = reporter(quiet or as_json)
+    graph = load_graph(None if ckpt in ("", "default") else ckpt, trust_pickle, input_shape, rep)
+    spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
+    task_data = load_data(data, graph.input_spec, graph.tokenizer, batch_size=32, n_calibration=64,
+                          n_evaluation=200, seed=seed)
+    ctx = Context(workdir=output / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
+                  reference=graph, target=tgt, seed=seed, reporter=rep)
+    finetune = {"steps": finetune_steps, "lr": 5e-5, "batch_size": 16} if finetune_steps else None
+    summary = run_search(
+        graph, ctx, output, objectives=objs, budget=budget, batch_size=batch, data_spec=spec, executor=executor,
+        workers=workers, ray_address=ray_address, resume=resume, latency=latency, finetune=finetune,
+        space_options={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())}, reporter=rep,
+    )
+    if as_json:
+        print_json({k: v for k, v in summary.items() if k != "batches"})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Pareto front ({summary['evaluated']} evaluated, hypervolume {summary['hypervolume']:.4g})")
+    table.add_column("point")
+    for o in objs:
+        table.add_column(o)
+    for p in summary["pareto"]:
+        table.add_row(str(p["point"]), *[f"{p['objectives'][o]:.4g}" for o in objs])
+    print_rich(table, f"outputs in {output}: pareto.csv, pareto.json, pareto.png")
