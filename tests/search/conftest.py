@@ -1,4 +1,5 @@
-"""The digits ViT (from the zoo cache) as a loadable ModelGraph, its data, and a tiny latency table."""
+"""The digits ViT (from the zoo cache) as a loadable ModelGraph, its data, and a tiny latency table (measured
+once, then from the latency cache)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ def vit_data(vit_graph):  # noqa: ANN001
 
 
 @pytest.fixture(scope="session")
-def vit_table(vit_graph, tmp_path_factory):  # noqa: ANN001
+def vit_table(vit_graph):  # noqa: ANN001
     from modelpress.bench import build_latency_table, get_target
 
     return build_latency_table(vit_graph, get_target("ort-cpu", threads=1), grid="heads=1,4;mlp=64,256;embed=64",
-                               rounds=2, runs=5, min_time_s=0.02, model_rounds=2, clock="cpu",
-                               cache_dir=tmp_path_factory.mktemp("latency"))
+                               rounds=2, runs=5, min_time_s=0.02, model_rounds=2, clock="cpu")  # cached under $MODELPRESS_CACHE

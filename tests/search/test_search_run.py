@@ -26,59 +26,74 @@ def _ctx(graph, data, tmp_path):  # noqa: ANN001, ANN202
                    target=get_target("ort-cpu", threads=1), seed=0)
 
 
+SPACE = {"head_fractions": (0.5, 1.0), "mlp_fractions": (0.25, 0.5, 1.0)}
+
+
 def _search(graph, data, table, tmp_path, run, **kw):  # noqa: ANN001, ANN202
     from modelpress.search.run import run_search
 
     torch.set_num_threads(1)
-    opts = dict(objectives=OBJ, budget=8, batch_size=4, data_spec=DATA, latency_table=table, generations=8,
-                pop_size=16, uniform=(0.5,), int8_factor=0.7, space_options={"mlp_fractions": (0.25, 0.5, 1.0)})
+    opts = dict(objectives=OBJ, budget=4, batch_size=2, data_spec=DATA, latency_table=table, generations=6,
+                pop_size=12, uniform=(0.5,), int8_factor=0.7, space_options=SPACE)
     opts.update(kw)
     return run_search(graph, _ctx(graph, data, tmp_path), tmp_path / run, **opts)
 
 
-def test_search_outputs_extract_and_resume(vit_graph, vit_data, vit_table, tmp_path) -> None:  # noqa: ANN001
-    from modelpress.models.saving import load_saved
-    from modelpress.search.outputs import extract
+@pytest.fixture(scope="module")
+def searched(vit_graph, vit_data, vit_table, tmp_path_factory):  # noqa: ANN001, ANN201
+    """One uninterrupted search (two batches) and one stopped after its first batch, shared by the tests."""
+    tmp = tmp_path_factory.mktemp("search")
+    full = _search(vit_graph, vit_data, vit_table, tmp, "full")
+    part = _search(vit_graph, vit_data, vit_table, tmp, "part", max_batches=1)
+    return tmp, full, part
 
-    full = _search(vit_graph, vit_data, vit_table, tmp_path, "full")
-    assert full["evaluated"] == 8 and full["pareto"] and full["hypervolume"] > 0
+
+def test_search_outputs(searched, vit_graph) -> None:  # noqa: ANN001
+    tmp, full, part = searched
+    assert full["evaluated"] == 4 and full["pareto"] and full["hypervolume"] > 0
+    assert part["evaluated"] == 2
     base = full["baselines"]["points"]
     assert {"full-float", "full-int8", "uniform-0.5"} <= set(base)
     assert base["full-float"]["objectives"]["quality"] > 0.9
     assert base["full-int8"]["objectives"]["size"] < 0.5 * base["full-float"]["objectives"]["size"]
-    run = tmp_path / "full"
     for name in ("pareto.csv", "pareto.json", "state.json", "search.json"):
-        assert (run / name).is_file()
+        assert (tmp / "full" / name).is_file()
     assert full["batches"][1]["predictors"]["quality"]["model"] in ("ridge", "svr", "gbm")
     assert all(p["predicted"] is not None or p["batch"] == 0 for p in full["pareto"])
 
-    # interrupted after one batch, resumed: the same candidates and values as the uninterrupted run
-    _search(vit_graph, vit_data, vit_table, tmp_path, "part", max_batches=1)
-    with pytest.raises(ModelpressError, match="already holds"):
-        _search(vit_graph, vit_data, vit_table, tmp_path, "part")
-    resumed = _search(vit_graph, vit_data, vit_table, tmp_path, "part", resume=True)
-    a = json.loads((run / "state.json").read_text())["records"]
-    b = json.loads((tmp_path / "part" / "state.json").read_text())["records"]
-    assert [r["config"] for r in a] == [r["config"] for r in b]
-    assert [r["objectives"] for r in a] == [r["objectives"] for r in b]
-    assert resumed["hypervolume"] == pytest.approx(full["hypervolume"])
 
-    # a run folder of another space is refused, and left as it was
-    before = (tmp_path / "part" / "state.json").read_text()
-    with pytest.raises(ModelpressError, match="another model or space"):
-        _search(vit_graph, vit_data, vit_table, tmp_path, "part", resume=True,
-                space_options={"mlp_fractions": (0.5, 1.0)})
-    assert (tmp_path / "part" / "state.json").read_text() == before
+def test_extract_a_point(searched, vit_graph) -> None:  # noqa: ANN001
+    from modelpress.models.saving import load_saved
+    from modelpress.search.outputs import extract
 
+    tmp, full, _ = searched
     # extraction of the most accurate point: a standalone model with its ONNX, as evaluated
     best = max(range(len(full["pareto"])), key=lambda k: full["pareto"][k]["objectives"]["quality"])
-    out = extract(run, tmp_path / "chosen", point=best)
-    assert (tmp_path / "chosen" / "model.onnx").is_file()
-    reloaded = load_saved(tmp_path / "chosen")
+    out = extract(tmp / "full", tmp / "chosen", point=best)
+    assert (tmp / "chosen" / "model.onnx").is_file()
+    reloaded = load_saved(tmp / "chosen")
     assert reloaded.num_parameters() <= vit_graph.num_parameters()
     assert out["point"]["point"] == best
     with pytest.raises(ModelpressError, match="no point"):
-        extract(run, tmp_path / "none", min_quality=1.5)
+        extract(tmp / "full", tmp / "none", min_quality=1.5)
+
+
+def test_interrupted_search_resumes_to_the_same_result(searched, vit_graph, vit_data, vit_table) -> None:  # noqa: ANN001
+    tmp, full, _ = searched
+    with pytest.raises(ModelpressError, match="already holds"):
+        _search(vit_graph, vit_data, vit_table, tmp, "part")
+    # a run folder of another space is refused, and left as it was
+    before = (tmp / "part" / "state.json").read_text()
+    with pytest.raises(ModelpressError, match="another model or space"):
+        _search(vit_graph, vit_data, vit_table, tmp, "part", resume=True, space_options={"mlp_fractions": (0.5, 1.0)})
+    assert (tmp / "part" / "state.json").read_text() == before
+    # resumed: the same candidates and values as the uninterrupted run
+    resumed = _search(vit_graph, vit_data, vit_table, tmp, "part", resume=True)
+    a = json.loads((tmp / "full" / "state.json").read_text())["records"]
+    b = json.loads((tmp / "part" / "state.json").read_text())["records"]
+    assert [r["config"] for r in a] == [r["config"] for r in b]
+    assert [r["objectives"] for r in a] == [r["objectives"] for r in b]
+    assert resumed["hypervolume"] == pytest.approx(full["hypervolume"])
 
 
 def test_bad_input_is_a_short_error(vit_graph, vit_data, vit_table, tmp_path) -> None:  # noqa: ANN001
@@ -86,6 +101,7 @@ def test_bad_input_is_a_short_error(vit_graph, vit_data, vit_table, tmp_path) ->
         _search(vit_graph, vit_data, vit_table, tmp_path, "a", objectives=["quality", "speed"])
     with pytest.raises(ModelpressError, match="smaller than one batch"):
         _search(vit_graph, vit_data, vit_table, tmp_path, "b", budget=2, batch_size=4, objectives=["quality", "size"])
+    assert not (tmp_path / "b").exists()  # refused before any work
     with pytest.raises(ModelpressError, match="empty"):
         _search(vit_graph, vit_data, vit_table, tmp_path, "c", objectives=["quality", "size"],
                 space_options={"head_fractions": (1.0,), "mlp_fractions": (1.0,), "skip_blocks": False,
@@ -95,9 +111,9 @@ def test_bad_input_is_a_short_error(vit_graph, vit_data, vit_table, tmp_path) ->
 def test_ray_executor_runs_a_small_search(vit_graph, vit_data, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
-    result = _search(vit_graph, vit_data, None, tmp_path, "ray", objectives=["quality", "size"], budget=4,
-                     batch_size=2, executor="ray", workers=2, space_options={"precisions": ("float",)})
+    small = dict(objectives=["quality", "size"], budget=4, batch_size=2, uniform=(),
+                 space_options={**SPACE, "precisions": ("float",)})
+    result = _search(vit_graph, vit_data, None, tmp_path, "ray", executor="ray", workers=1, **small)
     assert result["evaluated"] == 4 and result["pareto"]
-    serial = _search(vit_graph, vit_data, None, tmp_path, "serial", objectives=["quality", "size"], budget=4,
-                     batch_size=2, space_options={"precisions": ("float",)})
+    serial = _search(vit_graph, vit_data, None, tmp_path, "serial", **small)
     assert [p["objectives"] for p in result["pareto"]] == [p["objectives"] for p in serial["pareto"]]

@@ -218,6 +218,15 @@ def load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None
     return state
 
 
+def check_budget(budget: int, batch_size: int) -> None:
+    """A batch of at least one candidate, and a budget of at least one batch."""
+    if batch_size < 1:
+        raise ModelpressError(f"batch size must be at least 1, got {batch_size}")
+    if budget < batch_size:
+        raise ModelpressError(f"a budget of {budget} evaluations is smaller than one batch ({batch_size})",
+                              f"give --budget {batch_size} or more, or a smaller batch")
+
+
 def run_linas(
     problem: Problem,
     evaluate_batch: Callable[[list[Config]], list[dict[str, float]]],
@@ -238,11 +247,7 @@ def run_linas(
 
     ``initial``: configs measured first (e.g. the largest and smallest). ``max_batches`` stops after that
     many batches in this call (the state stays resumable)."""
-    if batch_size < 1:
-        raise ModelpressError(f"batch size must be at least 1, got {batch_size}")
-    if budget < batch_size:
-        raise ModelpressError(f"a budget of {budget} evaluations is smaller than one batch ({batch_size})",
-                              f"give --budget {batch_size} or more, or a smaller batch")
+    check_budget(budget, batch_size)
     fingerprint = {**(fingerprint or {}), "seed": seed, "batch_size": batch_size, "objectives": problem.objectives}
     state = load_state(state_path, fingerprint) if resume else None
     if state is None:

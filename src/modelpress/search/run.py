@@ -29,7 +29,7 @@ from modelpress.passes import Context
 from modelpress.progress import QUIET, Reporter
 from modelpress.search.evaluate import OBJECTIVES, EvalSettings, Evaluator, check_objectives
 from modelpress.search.executors import make_executor, require_ray
-from modelpress.search.linas import Problem, run_linas, write_json_atomic
+from modelpress.search.linas import Problem, check_budget, run_linas, write_json_atomic
 from modelpress.search.space import SearchSpace
 from modelpress.search.supernet import SuperNet
 
@@ -136,6 +136,7 @@ def run_search(
 
     run = Path(run_dir)
     check_objectives(objectives)
+    check_budget(budget, batch_size)  # before any work
     if executor == "ray":
         require_ray()  # before any work
     if ctx.task is None or ctx.data is None:
