@@ -370,7 +370,7 @@ def _measured_speedup(original: ModelGraph, pruned: ModelGraph, ctx) -> float:  
     key = getattr(ctx.latency_model, "key", {}) or {}
     batch = int(key.get("batch", 1))
     seq = key.get("seq")
-    timing = {"batch_sizes": [batch]}
+    timing = {"batch_sizes": [batch], "memory": False, "rounds": 5}
     if seq is not None and original.input_spec.kind == "text":
         timing["seq_lens"] = [int(seq)]
     report = ctx.measure({"original": original, "pruned": pruned}, baseline="original", **timing)
