@@ -87,9 +87,11 @@ def test_latency_target_from_a_measured_table(setup, tmp_path) -> None:  # noqa:
     assert m["predicted_speedup"] >= 1 / 0.62
 
 
-def test_a_measured_miss_prunes_on_until_the_measurement_meets_the_target(setup, tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    """The latency model over-predicts the saving (here: a fixed overhead it does not see); the pass measures,
-    rescales its predicted goal and prunes on until the measured latency is at the target."""
+@pytest.mark.parametrize("slower", [True, False], ids=["table-too-optimistic", "table-too-pessimistic"])
+def test_the_measured_latency_meets_the_target_when_the_table_is_off(setup, tmp_path, monkeypatch, slower) -> None:  # noqa: ANN001
+    """The latency model is off (a fixed overhead it does not see, or savings it under-counts); the pass
+    measures before its last iteration and aims that one by the measurement, then confirms and, while
+    still short, prunes on. The measured latency lands at the target either way."""
     from modelpress.bench import build_latency_table, get_target
     from modelpress.prune import global_
 
@@ -100,7 +102,8 @@ def test_a_measured_miss_prunes_on_until_the_measurement_meets_the_target(setup,
     base = table.predict(graph)
 
     def measured(original, pruned, ctx) -> float:  # noqa: ANN001
-        return 1.0 / (0.15 + 0.85 * table.predict(pruned) / base)
+        p = table.predict(pruned) / base
+        return 1.0 / (0.2 + 0.8 * p if slower else 0.85 * p)
 
     monkeypatch.setattr(global_, "_measured_speedup", measured)
     ctx = Context(workdir=tmp_path, task=ClassificationTask(), data=data, reference=graph, seed=0,
@@ -108,8 +111,13 @@ def test_a_measured_miss_prunes_on_until_the_measurement_meets_the_target(setup,
     cls = registered_passes()["prune.global"]
     m = cls(cls.Config(saliency="hessian", target="latency", ratio=0.6, iterations=2)).apply(graph, ctx).metrics
     first, last = m["confirmations"][0], m["confirmations"][-1]
-    assert 1 / first["measured_speedup"] > 0.62  # the model alone stops short
-    assert 1 / last["measured_speedup"] <= 0.62  # pruning on meets the measured target
-    assert m["measured_speedup"] == last["measured_speedup"] and m["predicted_speedup"] > last["measured_speedup"]
-    plain = cls(cls.Config(saliency="hessian", target="latency", ratio=0.6, iterations=2, confirm_rounds=0))
-    assert len(plain.apply(graph, ctx).metrics["confirmations"]) == 1  # measured and reported only
+    assert first["stage"] == "before the last iteration"
+    assert 0.56 <= 1 / last["measured_speedup"] <= 0.62  # at the target, not far past it
+    assert m["measured_speedup"] == last["measured_speedup"]
+    if slower:
+        assert m["predicted_speedup"] > last["measured_speedup"]
+        plain = cls(cls.Config(saliency="hessian", target="latency", ratio=0.6, iterations=1, confirm_rounds=0))
+        once = plain.apply(graph, ctx).metrics
+        assert len(once["confirmations"]) == 1 and 1 / once["measured_speedup"] > 0.62  # measured, reported only
+    else:
+        assert m["predicted_speedup"] < last["measured_speedup"]

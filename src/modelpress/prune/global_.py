@@ -96,16 +96,34 @@ class GlobalPrune(GraphPass):
         start = Costs(out, cfg.target, latency_fn).total(out)
         goal = cfg.ratio * start
         state = {"eta": None if cfg.eta == "auto" else float(cfg.eta), "history": []}
-        final = self._prune_to(out, ctx, goal, cfg.iterations, start, latency_fn, floors, rounding,
-                               original_sizes, state)
+        confirmations: list[dict] = []
+        measuring = cfg.target == "latency" and cfg.measure and ctx.target is not None
+        if measuring and cfg.iterations > 1:
+            # measure before the last iteration and aim that one at the predicted latency the measurement
+            # says lands on the target: the table's error is corrected both ways (too slow and too fast)
+            before = start - (start - goal) * (cfg.iterations - 1) / cfg.iterations
+            now = self._prune_to(out, ctx, before, cfg.iterations - 1, start, latency_fn, floors, rounding,
+                                 original_sizes, state)
+            if cfg.recover_steps:
+                _recover(out, ctx, cfg)
+            speedup = _measured_speedup(graph, out, ctx)
+            confirmations.append({"stage": "before the last iteration", "predicted_speedup": start / now,
+                                  "measured_speedup": speedup, "predicted_goal": goal / start})
+            ctx.reporter.log(f"  measured {speedup:.2f}x (predicted {start / now:.2f}x)")
+            if np.isfinite(speedup) and speedup > 0:
+                error = (1.0 / speedup) / (now / start)  # measured / predicted latency
+                goal = float(np.clip(goal / error, 0.5 * goal, min(2.0 * goal, now)))
+            final = self._prune_to(out, ctx, goal, 1, start, latency_fn, floors, rounding, original_sizes, state)
+        else:
+            final = self._prune_to(out, ctx, goal, cfg.iterations, start, latency_fn, floors, rounding,
+                                   original_sizes, state)
         if final > goal + cfg.tolerance * start:
             raise ModelpressError(
                 f"prune.global reached {final / start:.3f} of the original {cfg.target}, not the {cfg.ratio:g} asked for: "
                 "the floors and fixed groups leave no more to remove",
                 "lower the floors, allow more kinds, or ask for a larger ratio",
             )
-        confirmations: list[dict] = []
-        if cfg.target == "latency" and cfg.measure and ctx.target is not None:
+        if measuring:
             final = self._confirm(graph, out, ctx, goal, start, final, latency_fn, floors, rounding,
                                   original_sizes, state, confirmations)
         metrics = {
