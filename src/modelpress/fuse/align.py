@@ -90,7 +90,6 @@ def support(dist: np.ndarray, k: int, iterations: int = 6) -> np.ndarray:
 
     Starts from a greedy k-center choice (the unit nearest everything first), then alternates a balanced
     hard assignment (``ot.emd``) with moving each target to the medoid of its members."""
-    n = dist.shape[0]
     chosen = [int(np.argmin(dist.sum(1)))]
     while len(chosen) < k:
         chosen.append(int(np.argmax(dist[:, chosen].min(1))))

@@ -2,13 +2,14 @@
 
 ``couple(cost)`` returns a coupling ``T`` [n_src, n_tgt] with uniform marginals (``1/n_src`` per row,
 ``1/n_tgt`` per column): exact optimal transport (``ot.emd``, a permutation scaled by ``1/n`` for square
-costs) for ``alignment="hard"``, entropic transport (``ot.sinkhorn``, log-domain, regularisation ``reg``
+costs) for ``alignment="hard"``, entropic transport (``ot.sinkhorn``, regularisation ``reg``
 relative to the largest cost) for ``alignment="soft"``. Rectangular costs give rectangular plans: a unit
 of the wider side is spread over (or merged into) several units of the narrower one.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,10 @@ def couple(cost: np.ndarray, alignment: str = "hard", reg: float = 0.01) -> np.n
     scale = float(np.abs(cost).max()) or 1.0
     if alignment == "hard":
         return np.asarray(ot.emd(a, b, cost / scale, numItermax=1_000_000), dtype=np.float64)
-    plan = ot.sinkhorn(a, b, cost / scale, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-10)
+    method = "sinkhorn" if reg >= 0.005 else "sinkhorn_stabilized"  # plain scaling underflows below that
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # POT warns when the stopping threshold is not reached; we check below
+        plan = ot.sinkhorn(a, b, cost / scale, reg, method=method, numItermax=20000, stopThr=1e-9)
     return np.asarray(plan, dtype=np.float64)
 
 
