@@ -101,7 +101,7 @@ def target_widths(anchor: list[Space], width: dict[str, float]) -> dict[str, int
             continue
         value = width[s.kind]
         k = int(round(value * s.units)) if value <= 1 else int(value)
-        if k > s.units:
+        if k > s.units or value > 1 and value != int(value):  # a fraction above 1 asks for a wider target
             raise ModelpressError(f"target width {s.kind}={value:g} ({k} units) is wider than the anchor's "
                                   f"{s.name} ({s.units} units)", "the target can only be as wide as the anchor or narrower")
         if k < 1:
