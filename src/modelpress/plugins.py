@@ -2,7 +2,7 @@
 
 Nothing below the methods imports them (the layers forbid it); instead the registries ask for every
 plugin here. Plugins are the ``modelpress.plugins`` entry points of the installed distributions (this
-package declares prune, quantize and recover in pyproject.toml, other packages can add their own); when the
+package declares prune, quantize, recover and fuse in pyproject.toml, other packages can add their own); when the
 package runs from a source tree without installed metadata, the built-in list is used. A plugin that
 fails to import is an error, not a silently missing pass.
 """
@@ -19,6 +19,7 @@ BUILTIN = {
     "prune": "modelpress.prune.plugin",
     "quantize": "modelpress.quantize.plugin",
     "recover": "modelpress.recover.plugin",
+    "fuse": "modelpress.fuse.plugin",
 }
 
 _loaded: dict[str, str] = {}

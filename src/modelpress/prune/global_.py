@@ -53,6 +53,7 @@ class GlobalConfig(PassConfig):
     recover_lr: float = Field(3e-4, gt=0)  # the recover pass's default (best of 1e-4, 3e-4, 1e-3 on MiniLM)
     tolerance: float = Field(0.02, ge=0.0)  # accept the target within this fraction of the original
     measure: bool = True  # confirm a latency target with a real measurement on the Context's Target
+    confirm_rounds: int = Field(2, ge=0)  # prune on while the measured latency misses the target (0: report only)
 
     def model_post_init(self, __context: object) -> None:
         for kind, f in self.floors.items():
@@ -92,25 +93,80 @@ class GlobalPrune(GraphPass):
         latency_fn = _latency_fn(ctx) if cfg.target == "latency" or (cfg.rank == "nvit" and cfg.eta != 0) else None
         out = graph.copy()
         original_sizes = {g.name: g.size for g in out.groups}
-        costs = Costs(out, cfg.target, latency_fn)
-        start = costs.total(out)
+        start = Costs(out, cfg.target, latency_fn).total(out)
         goal = cfg.ratio * start
-        eta = None if cfg.eta == "auto" else float(cfg.eta)
-        history: list[dict] = []
-        # the asked iterations, then up to as many again if rounding and floors left the target unmet
-        for it in range(2 * cfg.iterations):
+        state = {"eta": None if cfg.eta == "auto" else float(cfg.eta), "history": []}
+        confirmations: list[dict] = []
+        measuring = cfg.target == "latency" and cfg.measure and ctx.target is not None
+        if measuring and cfg.iterations > 1:
+            # measure before the last iteration and aim that one at the predicted latency the measurement
+            # says lands on the target: the table's error is corrected both ways (too slow and too fast)
+            before = start - (start - goal) * (cfg.iterations - 1) / cfg.iterations
+            now = self._prune_to(out, ctx, before, cfg.iterations - 1, start, latency_fn, floors, rounding,
+                                 original_sizes, state)
+            if cfg.recover_steps:
+                _recover(out, ctx, cfg)
+            speedup = _measured_speedup(graph, out, ctx)
+            confirmations.append({"stage": "before the last iteration", "predicted_speedup": start / now,
+                                  "measured_speedup": speedup, "predicted_goal": goal / start})
+            ctx.reporter.log(f"  measured {speedup:.2f}x (predicted {start / now:.2f}x)")
+            if np.isfinite(speedup) and speedup > 0:
+                error = (1.0 / speedup) / (now / start)  # measured / predicted latency
+                goal = float(np.clip(goal / error, 0.5 * goal, min(2.0 * goal, now)))
+            final = self._prune_to(out, ctx, goal, 1, start, latency_fn, floors, rounding, original_sizes, state)
+        else:
+            final = self._prune_to(out, ctx, goal, cfg.iterations, start, latency_fn, floors, rounding,
+                                   original_sizes, state)
+        if final > goal + cfg.tolerance * start:
+            raise ModelpressError(
+                f"prune.global reached {final / start:.3f} of the original {cfg.target}, not the {cfg.ratio:g} asked for: "
+                "the floors and fixed groups leave no more to remove",
+                "lower the floors, allow more kinds, or ask for a larger ratio",
+            )
+        if measuring:
+            final = self._confirm(graph, out, ctx, goal, start, final, latency_fn, floors, rounding,
+                                  original_sizes, state, confirmations)
+        metrics = {
+            "saliency": cfg.saliency,
+            "target": cfg.target,
+            "ratio_asked": cfg.ratio,
+            "ratio_reached": final / start,
+            "params_before": graph.num_parameters(),
+            "params_after": out.num_parameters(),
+            "widths": {k: v for k, v in widths(out).blocks.items()},
+            "embedding": widths(out).embedding,
+            "iterations": state["history"],
+        }
+        if state["eta"] is not None and cfg.rank == "nvit":
+            metrics["eta"] = state["eta"]
+        if cfg.target == "latency":
+            metrics["predicted_speedup"] = start / final
+            if confirmations:
+                metrics["measured_speedup"] = confirmations[-1]["measured_speedup"]
+                metrics["confirmations"] = confirmations
+        return PassResult(graph=out, metrics=metrics)
+
+    def _prune_to(
+        self, out: ModelGraph, ctx, goal: float, iterations: int, start: float, latency_fn,  # noqa: ANN001
+        floors: dict, rounding: dict, original_sizes: dict, state: dict,
+    ) -> float:
+        """Score, remove and (optionally) recover in ``iterations`` equal steps from the current cost down to
+        ``goal`` (the asked iterations, then up to as many again if rounding and floors left it unmet)."""
+        cfg = self.config
+        begin = Costs(out, cfg.target, latency_fn).total(out)
+        for it in range(2 * iterations):
             costs = Costs(out, cfg.target, latency_fn)
             now = costs.total(out)
-            step_goal = start - (start - goal) * min(1.0, (it + 1) / cfg.iterations)
+            step_goal = begin - (begin - goal) * min(1.0, (it + 1) / iterations)
             if now <= step_goal + cfg.tolerance * start * 0.5:
-                if it >= cfg.iterations - 1:
+                if it >= iterations - 1:
                     break
                 continue
             cands = self._candidates(out, ctx, costs, floors, original_sizes)
             if not cands:
                 break
             if cfg.rank == "nvit" and latency_fn is not None:
-                eta = _auto_eta(out, cands, latency_fn) if eta is None else eta
+                eta = state["eta"] = _auto_eta(out, cands, latency_fn) if state["eta"] is None else state["eta"]
                 lat = _latency_costs(out, cands, latency_fn) if cfg.target != "latency" else None
                 for c in cands:
                     c.rank = c.score - eta * (c.cost if lat is None else lat[(c.group, c.unit)])
@@ -127,39 +183,43 @@ class GlobalPrune(GraphPass):
             for path in sorted(blocks, key=_block_index, reverse=True):
                 out.remove_block(path)
             after = Costs(out, cfg.target, latency_fn).total(out)
-            history.append({"iteration": it, "removed_units": {k: len(v) for k, v in plan.items()},
-                            "removed_blocks": blocks, cfg.target: after})
+            state["history"].append({"iteration": len(state["history"]),
+                                     "removed_units": {k: len(v) for k, v in plan.items()},
+                                     "removed_blocks": blocks, cfg.target: after})
             ctx.reporter.log(
-                f"  iteration {it + 1}: {cfg.target} {after / start:.3f} of the original"
+                f"  iteration {len(state['history'])}: {cfg.target} {after / start:.3f} of the original"
                 f" ({sum(len(v) for v in plan.values())} units, {len(blocks)} blocks removed)"
             )
-            if cfg.recover_steps and it < cfg.iterations - 1:
+            if cfg.recover_steps and it < iterations - 1:
                 _recover(out, ctx, cfg)
-        final = Costs(out, cfg.target, latency_fn).total(out)
-        if final > goal + cfg.tolerance * start:
-            raise ModelpressError(
-                f"prune.global reached {final / start:.3f} of the original {cfg.target}, not the {cfg.ratio:g} asked for: "
-                "the floors and fixed groups leave no more to remove",
-                "lower the floors, allow more kinds, or ask for a larger ratio",
-            )
-        metrics = {
-            "saliency": cfg.saliency,
-            "target": cfg.target,
-            "ratio_asked": cfg.ratio,
-            "ratio_reached": final / start,
-            "params_before": graph.num_parameters(),
-            "params_after": out.num_parameters(),
-            "widths": {k: v for k, v in widths(out).blocks.items()},
-            "embedding": widths(out).embedding,
-            "iterations": history,
-        }
-        if eta is not None and cfg.rank == "nvit":
-            metrics["eta"] = eta
-        if cfg.target == "latency":
-            metrics["predicted_speedup"] = start / final
-            if cfg.measure and ctx.target is not None:
-                metrics["measured_speedup"] = _measured_speedup(graph, out, ctx)
-        return PassResult(graph=out, metrics=metrics)
+        return Costs(out, cfg.target, latency_fn).total(out)
+
+    def _confirm(
+        self, original: ModelGraph, out: ModelGraph, ctx, goal: float, start: float, final: float,  # noqa: ANN001
+        latency_fn, floors: dict, rounding: dict, original_sizes: dict, state: dict,  # noqa: ANN001
+        confirmations: list[dict],
+    ) -> float:
+        """Measure the pruned model against the original on the Target; while the measured latency misses
+        the asked ratio (by more than ``tolerance``), rescale the predicted goal by measured / predicted and
+        prune on toward it, up to ``confirm_rounds`` times. The latency model sets where pruning goes; the
+        measurement decides when it stops."""
+        cfg = self.config
+        for round_ in range(cfg.confirm_rounds + 1):
+            speedup = _measured_speedup(original, out, ctx)
+            measured, predicted = 1.0 / speedup, final / start
+            confirmations.append({"predicted_speedup": start / final, "measured_speedup": speedup,
+                                  "predicted_goal": goal / start})
+            ctx.reporter.log(f"  measured {speedup:.2f}x (predicted {start / final:.2f}x)")
+            if not np.isfinite(speedup) or measured <= cfg.ratio + cfg.tolerance or round_ == cfg.confirm_rounds:
+                break
+            goal = goal * cfg.ratio / measured  # the predicted latency at which the measured one should land
+            if goal >= final:  # the measurement says the model is already fast enough per the model's error
+                break
+            final = self._prune_to(out, ctx, goal, max(1, cfg.iterations // 2), start, latency_fn, floors,
+                                   rounding, original_sizes, state)
+            if predicted - final / start < 1e-6:
+                break  # nothing more could be removed
+        return final
 
     def _candidates(
         self, graph: ModelGraph, ctx, costs: Costs, floors: dict, original: dict  # noqa: ANN001
@@ -328,7 +388,7 @@ def _measured_speedup(original: ModelGraph, pruned: ModelGraph, ctx) -> float:  
     key = getattr(ctx.latency_model, "key", {}) or {}
     batch = int(key.get("batch", 1))
     seq = key.get("seq")
-    timing = {"batch_sizes": [batch]}
+    timing = {"batch_sizes": [batch], "memory": False, "rounds": 5}
     if seq is not None and original.input_spec.kind == "text":
         timing["seq_lens"] = [int(seq)]
     report = ctx.measure({"original": original, "pruned": pruned}, baseline="original", **timing)

@@ -1,0 +1,171 @@
+"""Alignment costs: unit features from weights (in the target's units on every other axis) or from
+activations on a few hundred samples (standardized per unit), and how the residual stream combines them.
+
+Weights: a unit's feature is every parameter entry it owns (fc1 row and bias, fc2 column; q/k/v rows and
+output-projection columns of a head cell; every embedding, LayerNorm and reader entry of a residual
+channel), with the tensors' other axes already moved into the target's units by the maps found so far,
+so the cost of one group depends on the maps of the groups it reads and writes (the flow through the
+model).
+
+Activations: one probe pass (``modelpress.data.probes.collect``) over ``samples`` task samples records the
+inputs and outputs of every layer that owns a unit's slot: a Linear's output features for its rows, its
+input features for its columns, a LayerNorm's input (the residual stream itself). ``tokens="first"``
+keeps only the first position (a class token), ``max_rows`` subsamples positions with a seeded
+generator (the same rows in every model). Each unit's activations are standardized, so the squared
+distance of two units is ``2 (1 - correlation)``.
+
+Residual policies (the stream is one group, so one map; the policy says which sites its cost sees):
+``mean`` every site with equal weight (each slot block scaled to unit size), ``weighted`` sites weighted
+by their magnitude, ``residual`` only the stream itself (embeddings, norms; no branch writers or readers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.fuse.maps import Aligner, Map
+from modelpress.fuse.spaces import Space
+from modelpress.graph import ModelGraph
+from modelpress.graph.groups import Slot
+
+POLICIES = ("mean", "weighted", "residual")
+TOKENS = ("all", "first")
+_NORM_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm")
+
+
+class WeightFeatures:
+    """Unit features from weights (see the module)."""
+
+    def __init__(self, graph: ModelGraph, aligner: Aligner, spaces: list[Space], fixed: set[str]) -> None:
+        self.state = {k: v.detach() for k, v in graph.state().items()}
+        self.aligner = aligner
+        self.fixed = fixed
+        by_module: dict[str, list] = {}
+        for slot, names in aligner.covers.items():
+            live = [n for n in names if n not in fixed]
+            if live:
+                by_module.setdefault(slot[0].rsplit(".", 1)[0], []).append((slot, live))
+        self.by_module = by_module
+
+    def stream(self, space: Space, slot: Slot) -> bool:
+        if slot in space.inputs:
+            return False
+        for _, names in self.by_module.get(slot[0].rsplit(".", 1)[0], []):
+            if any(n != space.name for n in names):
+                return False
+        return True
+
+    def usable(self, space: Space, maps: dict[str, Map | None], policy: str) -> list[Slot]:
+        """Slots whose tensors' other axes all have maps (and, for the stream under ``residual``, stream slots)."""
+        out = []
+        for slot in space.positions:
+            if space.kind == "embedding" and policy == "residual" and not self.stream(space, slot):
+                continue
+            names = self.aligner.axis_spaces(slot[0], self.state[slot[0]].dim())
+            if all(n in maps for ax, ns in names.items() if ax != slot[1] for n in ns):
+                out.append(slot)
+        return out
+
+    def __call__(self, space: Space, slots: list[Slot], maps: dict[str, Map | None], policy: str
+                 ) -> dict[str, np.ndarray]:
+        blocks: dict[str, list[np.ndarray]] = {}
+        for slot in slots:
+            param, ax = slot
+            t = self.state[param]
+            shape = list(self.aligner.shapes.get(param, tuple(t.shape)))
+            shape[ax] = t.shape[ax]
+            at = self.aligner.transform(param, t, maps, skip=space.name, target_shape=tuple(shape))
+            pos = space.positions[slot]
+            for c in range(pos.shape[1]):
+                x = at.index_select(ax, torch.as_tensor(pos[:, c])).movedim(ax, 0).reshape(pos.shape[0], -1)
+                x = x.numpy()
+                if space.kind == "embedding" and policy == "mean":
+                    x = x / (np.sqrt((x**2).mean()) + 1e-12)
+                blocks.setdefault(space.role(slot, c), []).append(x)
+        return {r: np.concatenate(b, 1) for r, b in blocks.items()}
+
+
+class ActivationFeatures:
+    """Unit features from activations (see the module); collected once per model."""
+
+    def __init__(self, graph: ModelGraph, spaces: list[Space], batches: list, *, samples: int,
+                 tokens: str = "all", max_rows: int = 4096, seed: int = 0) -> None:
+        from modelpress.data.probes import collect
+
+        modules = dict(graph.module.named_modules())
+        self.sites: dict[tuple[str, Slot], tuple[str, str]] = {}
+        wanted: list[str] = []
+        for s in spaces:
+            if s.fixed:
+                continue
+            for slot in s.positions:
+                owner = slot[0].rsplit(".", 1)[0]
+                if owner not in modules or not owner:
+                    continue
+                mod = modules[owner]
+                side = "in" if slot in s.inputs or _is_norm(mod) else "out"
+                self.sites[(s.name, slot)] = (owner, side)
+                wanted.append(owner)
+        self.norm_in = {n for n in wanted if _is_norm(modules[n])}
+        stats = collect(graph.module, batches, list(dict.fromkeys(wanted)), {"inputs", "outputs"})
+        self.rows: dict[tuple[str, str], torch.Tensor] = {}
+        gen = np.random.default_rng(seed)
+        for name in dict.fromkeys(wanted):
+            st = stats[name]
+            for side, x in (("in", st.inputs), ("out", st.outputs)):
+                if x is None:
+                    continue
+                if tokens == "first" and x.shape[0] % samples == 0 and x.shape[0] > samples:
+                    x = x.reshape(samples, -1, x.shape[-1])[:, 0]
+                if x.shape[0] > max_rows:
+                    x = x[np.sort(gen.choice(x.shape[0], max_rows, replace=False))]
+                self.rows[(name, side)] = x.double()
+
+    def stream(self, space: Space, slot: Slot) -> bool:
+        site = self.sites.get((space.name, slot))
+        return site is not None and (site[0] in self.norm_in or slot not in space.inputs and "embed" in site[0])
+
+    def usable(self, space: Space, maps: dict[str, Map | None], policy: str) -> list[Slot]:
+        out = [slot for slot in space.positions if (space.name, slot) in self.sites]
+        if space.kind == "embedding" and policy == "residual":
+            stream = [slot for slot in out if self.stream(space, slot)]
+            out = stream or out
+        return out
+
+    def __call__(self, space: Space, slots: list[Slot], maps: dict[str, Map | None], policy: str
+                 ) -> dict[str, np.ndarray]:
+        blocks: dict[str, list[np.ndarray]] = {}
+        seen: set[tuple] = set()
+        raw_scale = []
+        for slot in slots:
+            owner, side = self.sites[(space.name, slot)]
+            x = self.rows.get((owner, side))
+            if x is None:
+                continue
+            pos = space.positions[slot]
+            for c in range(pos.shape[1]):
+                key = (owner, side, tuple(pos[:, c]))
+                if key in seen:  # a weight and its bias read the same activations
+                    continue
+                seen.add(key)
+                cols = torch.as_tensor(pos[:, c])
+                if int(cols.max()) >= x.shape[1]:
+                    continue
+                a = x[:, cols].T.numpy()  # [units, rows]
+                raw_scale.append(float(np.abs(a).mean()))
+                z = (a - a.mean(1, keepdims=True)) / (a.std(1, keepdims=True) + 1e-8) / np.sqrt(a.shape[1])
+                blocks.setdefault(space.role(slot, c), []).append((z, raw_scale[-1]))
+        out = {}
+        mean_scale = float(np.mean(raw_scale)) if raw_scale else 1.0
+        for role, parts in blocks.items():
+            if space.kind == "embedding" and policy == "weighted":
+                out[role] = np.concatenate([z * np.sqrt(s / (mean_scale + 1e-12)) for z, s in parts], 1)
+            else:
+                out[role] = np.concatenate([z for z, _ in parts], 1)
+        return out
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(_NORM_NAMES)
