@@ -1,0 +1,544 @@
+"""Multi-objective search (issue 11): our LINAS (predictors + NSGA-II) against random search and uniform width
+scaling with the same number of real evaluations, with and without InstaTune super-network fine-tuning.
+
+Parts (``--parts vit,minilm,dynast``; each merges its results into the JSON):
+
+- ``vit``: the zoo's digits ViT (``modelpress.train.zoo.digits_vit``, cached); objectives accuracy (held-out
+  digits), latency (predicted by the latency model, extended to precision) and size; genes: heads, MLP width,
+  block kept, and INT8/float per Linear.
+- ``minilm``: the pretrained all-MiniLM-L6-v2 (``modelpress.load()``); objectives fidelity (mean cosine to
+  the FP32 model's embeddings on held-out packaged sentences) and latency predicted by the cached latency
+  table (``build_latency_table(graph, get_target("ort-cpu", 2), batch=1, seq=128)``).
+- ``dynast``: DyNAS-T's own LINAS (the ``dynast`` package, in its own venv) on the ViT objective, or why not.
+
+Per model: hypervolume of each method's measured points (one reference point for all methods of the model:
+10% beyond the worst of every point measured); Kendall tau of the LINAS run's quality predictor on the
+random-search candidates (held out, measured); the latency speedup of the fastest measured sub-network whose
+quality is within 1% (relative) of the full INT8 model's, against the full INT8 model (predicted latency,
+confirmed by one interleaved ONNX Runtime measurement of the two); and the same search after a short InstaTune
+fine-tuning (same evaluation budget; the fine-tuning steps are stated).
+
+Writes benchmarks/results/search.json (and search.png when matplotlib is importable).
+
+    python benchmarks/search.py                      # vit + minilm + dynast (about 20 minutes on 2 busy cores)
+    python benchmarks/search.py --quick              # smoke run: tiny budgets
+    python benchmarks/search.py --parts vit          # a subset (merged into the JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, console, dist_version, fmt, quiet  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PARTS = ("vit", "minilm", "dynast")
+THREADS = 2
+BATCH, SEQ = 1, 128
+WITHIN = 0.01  # quality within 1% (relative) of the full INT8 model
+VIT_GRID = "heads=1,4;mlp=64,256;embed=64"
+VIT_THREADS = 1  # the ViT's block table is timed on the process CPU clock (steady under load): one thread
+DYNAST_VENV = Path("/tmp/dynast-venv")
+DYNAST_WHEEL = Path("/tmp/pkgs/dynast-1.6.0-py3-none-any.whl")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _vector(objectives: list[str], values: dict[str, float]) -> np.ndarray:
+    from modelpress.search.evaluate import as_minimize
+
+    return as_minimize(objectives, values)
+
+
+def _hv(objectives: list[str], points: list[dict[str, float]], ref: np.ndarray) -> float:
+    from modelpress.search.linas import hypervolume, pareto_mask
+
+    if not points:
+        return 0.0
+    pts = np.array([_vector(objectives, p) for p in points])
+    return float(hypervolume(pts[pareto_mask(pts)], ref))
+
+
+def _evaluate(ev, configs: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, float]]:  # noqa: ANN001
+    """Real evaluations of ``configs`` with a run's evaluator (as the search scores its candidates)."""
+    out = []
+    for c in configs:
+        with quiet():
+            r = ev.evaluate(c)
+        out.append({o: float(r["objectives"][o]) for o in objectives})
+    return out
+
+
+def _distinct(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from modelpress.search.evaluate import dedupe
+
+    return dedupe(configs, set())
+
+
+def _best_within(points: list[tuple[dict[str, Any], dict[str, float]]], q_ref: float) -> tuple | None:
+    """The fastest (config, values) whose quality is within WITHIN (relative) of ``q_ref``."""
+    ok = [p for p in points if p[1]["quality"] >= (1.0 - WITHIN) * q_ref]
+    return min(ok, key=lambda p: p[1]["latency"]) if ok else None
+
+
+def _search(graph, ctx, run: Path, args, opts: dict[str, Any], finetune: dict | None, reporter) -> dict:  # noqa: ANN001
+    from modelpress.search.run import run_search
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = run_search(graph, ctx, run, budget=args.budget, batch_size=args.batch, finetune=finetune,
+                             generations=args.generations, pop_size=args.pop_size, reporter=reporter, **opts)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetune: dict, reporter,  # noqa: ANN001
+            measure_opts: dict[str, Any], budget: int) -> dict[str, Any]:
+    """LINAS vs random vs uniform width (same real evaluations), predictor tau, best-within-1% speedup,
+    and LINAS after InstaTune."""
+    import torch
+
+    from modelpress.search.linas import fit_predictor, kendall_tau
+    from modelpress.search.outputs import reference_point
+    from modelpress.search.run import load_evaluator
+
+    torch.set_num_threads(THREADS)
+    args = argparse.Namespace(**{**vars(args), "budget": budget})
+    objectives = opts["objectives"]
+    out: dict[str, Any] = {"objectives": objectives, "budget": {
+        "evaluations_per_method": args.budget, "batch": args.batch, "generations": args.generations,
+        "pop_size": args.pop_size, "eval_samples": args.n_eval, "instatune": finetune}}
+
+    with reporter.step(f"{name}: LINAS search, {args.budget} real evaluations"):
+        linas = _search(graph, ctx, tmp / f"{name}-linas", args, opts, None, reporter)
+    # the same INT8/float factor of the latency model (measured once, by the first search) for both searches
+    factor = linas["baselines"].get("int8_factor")
+    with reporter.step(f"{name}: InstaTune ({finetune['steps']} steps) + LINAS search, {args.budget} evaluations"):
+        tuned = _search(graph, ctx, tmp / f"{name}-instatune", args, {**opts, "int8_factor": factor}, finetune,
+                        reporter)
+    ev = load_evaluator(tmp / f"{name}-linas")
+    space = ev.net.space
+    state = json.loads((tmp / f"{name}-linas" / "state.json").read_text())
+    tuned_state = json.loads((tmp / f"{name}-instatune" / "state.json").read_text())
+    sets: dict[str, list[tuple[dict, dict]]] = {
+        "linas": [(r["config"], r["objectives"]) for r in state["records"]],
+        "linas+instatune": [(r["config"], r["objectives"]) for r in tuned_state["records"]],
+    }
+    rng = np.random.default_rng(args.seed + 1)
+    random_cfgs = _distinct([space.random(rng) for _ in range(4 * args.budget)])[: args.budget]
+    with reporter.step(f"{name}: random search, {len(random_cfgs)} evaluations"):
+        t0 = time.perf_counter()
+        sets["random"] = list(zip(random_cfgs, _evaluate(ev, random_cfgs, objectives), strict=True))
+        random_s = time.perf_counter() - t0
+    precisions = [p for p in ("float", "int8") if p in space.precisions]
+    fractions = np.linspace(0.05, 1.0, max(2, args.budget // len(precisions)))
+    uniform_cfgs = _distinct([space.uniform(float(f), p) for f in fractions for p in precisions])[: args.budget]
+    with reporter.step(f"{name}: uniform width scaling, {len(uniform_cfgs)} evaluations"):
+        sets["uniform"] = list(zip(uniform_cfgs, _evaluate(ev, uniform_cfgs, objectives), strict=True))
+
+    base = linas["baselines"]["points"]
+    every = [_vector(objectives, v) for s in sets.values() for _, v in s]
+    every += [_vector(objectives, p["objectives"]) for p in base.values()]
+    ref = reference_point(np.array(every))
+    out["reference_point"] = ref.tolist()
+    out["baselines"] = {n: p["objectives"] for n, p in base.items()}
+    out["methods"] = {}
+    q_int8 = base.get("full-int8", base["full-float"])["objectives"]["quality"]
+    lat_int8 = base.get("full-int8", base["full-float"])["objectives"]["latency"]
+    for m, pts in sets.items():
+        row: dict[str, Any] = {"evaluations": len(pts), "hypervolume": _hv(objectives, [v for _, v in pts], ref),
+                               "best_quality": max(v["quality"] for _, v in pts)}
+        best = _best_within(pts, q_int8)
+        if best is not None:
+            row["best_within_1pct"] = {"config": best[0], "objectives": best[1],
+                                       "predicted_speedup_vs_int8": lat_int8 / best[1]["latency"]}
+        out["methods"][m] = row
+    out["methods"]["linas"]["seconds"] = linas["seconds"]
+    out["methods"]["linas+instatune"]["seconds"] = tuned["seconds"]
+    out["methods"]["random"]["seconds"] = round(random_s, 1)
+
+    # predictor rank correlation: fit on the LINAS run's measured candidates, score the random ones (held out)
+    lo, up = space.bounds()
+    span = np.maximum(up - lo, 1)
+    feats = (np.array([r["x"] for r in state["records"]]) - lo) / span
+    held = (np.array([space.encode(c) for c, _ in sets["random"]]) - lo) / span
+    taus = {}
+    for o in objectives:
+        if o in ev.cheap_objectives():
+            continue
+        p = fit_predictor(feats, np.array([r["objectives"][o] for r in state["records"]]), args.seed)
+        taus[o] = {"model": p.name, "kendall_tau": kendall_tau(p.predict(held), [v[o] for _, v in sets["random"]]),
+                   "train": len(feats), "held_out": len(held)}
+    out["predictor"] = taus
+    out["in_search_kendall_tau"] = [b.get("kendall_tau") for b in state["batches"][1:]]
+
+    # confirm the chosen sub-network's speedup with one interleaved ORT measurement
+    chosen = out["methods"]["linas"].get("best_within_1pct")
+    if chosen is not None and not args.no_confirm:
+        with reporter.step(f"{name}: ORT measurement of the chosen sub-network against full INT8"), quiet():
+            files = {}
+            for label, cfg in (("full-int8", space.largest("int8") if "full-int8" in base else space.largest()),
+                               ("chosen", chosen["config"])):
+                g, exporter = ev.build(cfg)
+                files[label] = Path(ev.ctx.export(g, tmp / f"{name}-{label}.onnx", exporter=exporter).path)
+            report = ev.ctx.measure(files, baseline="full-int8", **measure_opts)
+            sp = report.speedup("chosen", BATCH, measure_opts.get("seq_lens", [None])[0])
+        chosen["measured_speedup_vs_int8"] = sp
+        chosen["measured"] = {"rounds": measure_opts["rounds"], "interleaved": True,
+                              "int8_ms": report.stats("full-int8", BATCH, measure_opts.get("seq_lens", [None])[0]).median_ms}
+    out["int8_factor"] = linas["baselines"].get("int8_factor")
+    out["plot_points"] = {m: [v for _, v in pts] for m, pts in sets.items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ parts
+
+
+def run_vit(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+    import modelpress
+    from modelpress.bench import build_latency_table, get_target
+    from modelpress.data import infer_task, load_data
+    from modelpress.passes import Context
+    from modelpress.train.zoo import digits_vit
+
+    with reporter.step("digits ViT (zoo, cached)"), quiet():
+        zoo = digits_vit(seed=args.seed)
+        graph = modelpress.load(str(zoo.path))
+    data_spec = {"spec": "digits", "batch_size": 64, "n_calibration": 64, "n_evaluation": args.n_eval}
+    data = load_data("digits", graph.input_spec, None, batch_size=64, n_calibration=64, n_evaluation=args.n_eval,
+                     seed=args.seed)
+    target = get_target("ort-cpu", VIT_THREADS)
+    ctx = Context(workdir=tmp / "vit-work", task=infer_task(graph.input_spec, graph.module), data=data,
+                  target=target, reference=graph, seed=args.seed, reporter=reporter)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    with reporter.step("latency table of the digits ViT (small grid, cached)"), quiet():
+        table = build_latency_table(graph, target, batch=BATCH, grid=VIT_GRID, rounds=2, runs=5, min_time_s=0.02,
+                                    model_rounds=2, clock="cpu")
+    opts = {"objectives": ["quality", "latency", "size"], "data_spec": data_spec, "latency_table": table,
+            "uniform": (0.25, 0.5, 0.75), "space_options": {"mlp_fractions": (0.25, 0.5, 0.75, 1.0)}}
+    finetune = {"steps": args.vit_tune_steps, "lr": 1e-4, "batch_size": 32, "n_random": 2, "seed": args.seed}
+    res = compare("vit", graph, ctx, args, tmp, opts, finetune, reporter,
+                  {"rounds": args.rounds, "batch_sizes": [BATCH], "memory": False, "min_time_s": 0.1, "runs": 10},
+                  args.budget)
+    res["model"] = {"name": "digits ViT (zoo)", "params": graph.num_parameters(), "quality": "accuracy",
+                    "latency": f"predicted, ort-cpu {VIT_THREADS} thread, batch {BATCH}; block table grid {VIT_GRID}, "
+                               "CPU clock"}
+    return res
+
+
+def run_minilm(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+    import modelpress
+    from modelpress.bench import LatencyTable, get_target
+    from modelpress.bench.latency import cache_path, table_key
+    from modelpress.data import EmbeddingTask, load_data
+    from modelpress.errors import ModelpressError
+    from modelpress.passes import Context
+
+    target = get_target("ort-cpu", THREADS)
+    with reporter.step("loading all-MiniLM-L6-v2"), quiet():
+        graph = modelpress.load()
+    path = cache_path(table_key(graph, target, batch=BATCH, seq=SEQ))
+    if not path.is_file():
+        raise ModelpressError(f"no cached MiniLM latency table at {path}",
+                              "build it once: build_latency_table(graph, get_target('ort-cpu', 2), batch=1, seq=128)")
+    table = LatencyTable.load(path)  # the cached table as it is (not re-measured, whatever its versions)
+    data_spec = {"spec": None, "batch_size": 16, "n_calibration": 64, "n_evaluation": args.minilm_eval}
+    data = load_data(None, graph.input_spec, graph.tokenizer, batch_size=16, n_calibration=64,
+                     n_evaluation=args.minilm_eval, seed=args.seed)
+    ctx = Context(workdir=tmp / "minilm-work", task=EmbeddingTask(), data=data, target=target, reference=graph,
+                  seed=args.seed, reporter=reporter)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    opts = {"objectives": ["quality", "latency"], "data_spec": data_spec, "latency_table": table,
+            "uniform": (0.25, 0.5, 0.75)}
+    finetune = {"steps": args.minilm_tune_steps, "lr": 5e-5, "batch_size": 8, "n_random": 1, "seed": args.seed}
+    res = compare("minilm", graph, ctx, args, tmp, opts, finetune, reporter,
+                  {"rounds": args.rounds, "batch_sizes": [BATCH], "seq_lens": [SEQ], "memory": False,
+                   "min_time_s": 0.1, "runs": 5}, args.minilm_budget)
+    res["model"] = {"name": "all-MiniLM-L6-v2", "params": graph.num_parameters(),
+                    "quality": "fidelity_mean (cosine to FP32 embeddings)",
+                    "latency": f"predicted by the cached latency table {path.name}, ort-cpu {THREADS} threads, "
+                               f"batch {BATCH}, sequence {SEQ}"}
+    return res
+
+
+DYNAST_PROBE = """
+import json, sys
+out = {}
+try:
+    import dynast  # noqa: F401
+    out["import_dynast"] = "ok"
+except Exception as exc:  # noqa: BLE001
+    out["import_dynast"] = f"{type(exc).__name__}: {exc}"
+    for k in [k for k in sys.modules if k == "dynast" or k.startswith(("dynast.", "fairseq"))]:
+        del sys.modules[k]
+try:
+    sys.path.insert(0, sys.argv[1])
+    from _dynast_linas import import_parts
+    import_parts()
+    from dynast.predictors.dynamic_predictor import Predictor  # noqa: F401
+    from dynast.search.encoding import EncodingBase  # noqa: F401
+    from dynast.search.evolutionary import EvolutionaryManager  # noqa: F401
+    from importlib.metadata import version
+    out.update(ok=True, version=version("dynast"))
+except Exception as exc:  # noqa: BLE001
+    out.update(ok=False, reason=f"{type(exc).__name__}: {exc}")
+print(json.dumps(out))
+"""
+
+
+def _dynast_step(python: Path, request: dict[str, Any]) -> list[list[int]]:
+    proc = subprocess.run([str(python), str(Path(__file__).with_name("_dynast_linas.py"))],
+                          input=json.dumps(request), capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"DyNAS-T step failed (exit {proc.returncode}): {(proc.stderr or '').strip()[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["population"]
+
+
+def run_dynast(args, tmp: Path, reporter, results: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    """DyNAS-T's LINAS (its random start, predictors and evolutionary search, in its own venv) on the ViT
+    objective, with the same number of real evaluations; or the exact reason it cannot run here."""
+    python = DYNAST_VENV / "bin" / "python"
+    out: dict[str, Any] = {"package": "dynast 1.6.0", "wheel": str(DYNAST_WHEEL),
+                           "install": f"python3.11 -m venv {DYNAST_VENV} && {DYNAST_VENV}/bin/pip install {DYNAST_WHEEL}"}
+    if not python.is_file():
+        out.update(status="not run", reason=f"no venv at {DYNAST_VENV} (install it with the command above)")
+        return out
+    proc = subprocess.run([str(python), "-c", DYNAST_PROBE, str(Path(__file__).parent)], capture_output=True, text=True, timeout=300, check=False)
+    try:
+        probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        probe = {"ok": False, "reason": (proc.stderr or proc.stdout).strip()[-600:]}
+    out["probe"] = probe
+    if not probe["ok"]:
+        out.update(status="not run", reason=f"dynast is not importable in {DYNAST_VENV}: {probe['reason']}")
+        return out
+    from modelpress.search.outputs import reference_point
+    from modelpress.search.run import load_evaluator
+
+    run = tmp / "vit-linas"
+    if not (run / "state.json").is_file():
+        out.update(status="not run", reason="run together with the vit part (--parts vit,dynast): it reuses its "
+                                            "super-network, evaluator and reference point")
+        return out
+    ev = load_evaluator(run)
+    space = ev.net.space
+    objectives = results["vit"]["objectives"]
+    lo, up = space.bounds()
+    inner = 2 * args.batch * args.generations
+    out["adapter"] = ("DyNAS-T 1.6 LINAS.search only runs its registered super-networks; benchmarks/_dynast_linas.py "
+                      "runs the same loop with DyNAS-T's own EncodingBase (random start, one-hot features), "
+                      "Predictor (ridge/SVR grid search) and EvolutionaryManager (U-NSGA-III for 3 objectives), "
+                      "population = the LINAS batch, inner-loop evaluations = 2 x batch x generations")
+    out["budget"] = {"evaluations": args.budget, "population": args.batch, "inner_evals": inner}
+    measured: list[tuple[list[int], dict[str, float]]] = []
+    t0 = time.perf_counter()
+    loop = 0
+    seen: set[str] = set()
+    while len(measured) < args.budget:
+        with reporter.step(f"DyNAS-T LINAS loop {loop}: proposing"):
+            pop = _dynast_step(python, {"upper": (up - lo).tolist(), "population": max(args.batch, 6), "inner_evals": inner,
+                                        "seed": args.seed + loop, "measured": [
+                                            [x, _vector(objectives, v).tolist()] for x, v in measured]})
+        fresh = []
+        for x in pop:
+            k = json.dumps(x)
+            if k not in seen:
+                seen.add(k)
+                fresh.append(x)
+        fresh = fresh[: args.budget - len(measured)]
+        if not fresh:
+            break
+        configs = [space.decode(np.asarray(x) + lo) for x in fresh]
+        with reporter.step(f"DyNAS-T LINAS loop {loop}: measuring {len(configs)}"):
+            measured += list(zip(fresh, _evaluate(ev, configs, objectives), strict=True))
+        loop += 1
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    vit = results["vit"]
+    pts = [v for _, v in measured]
+    every = [_vector(objectives, p) for m in vit["plot_points"].values() for p in m]
+    every += [_vector(objectives, p) for p in vit["baselines"].values()] + [_vector(objectives, p) for p in pts]
+    ref = reference_point(np.array(every))
+    out["reference_point"] = ref.tolist()
+    out["evaluations"] = len(pts)
+    out["hypervolume_same_reference"] = {
+        "dynast-linas": _hv(objectives, pts, ref),
+        **{m: _hv(objectives, p, ref) for m, p in vit["plot_points"].items()}}
+    q_int8 = vit["baselines"].get("full-int8", vit["baselines"]["full-float"])
+    best = _best_within([(space.decode(np.asarray(x) + lo), v) for x, v in measured], q_int8["quality"])
+    if best is not None:
+        out["best_within_1pct"] = {"objectives": best[1],
+                                   "predicted_speedup_vs_int8": q_int8["latency"] / best[1]["latency"]}
+    out["best_quality"] = max(v["quality"] for v in pts)
+    out["points"] = pts
+    out["status"] = "ok"
+    return out
+
+
+# -------------------------------------------------------------------------------------------- reporting
+
+
+def print_tables(con, results: dict[str, Any]) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    for part in ("vit", "minilm"):
+        r = results.get(part)
+        if not r or "methods" not in r:
+            continue
+        t = Table(title=f"search: {r['model']['name']} ({', '.join(r['objectives'])}; "
+                        f"{r['budget']['evaluations_per_method']} evaluations per method)")
+        for col in ("method", "evals", "hypervolume", "best quality", "speedup vs INT8 @ -1% (pred)",
+                    "measured", "seconds"):
+            t.add_column(col, justify="right" if col != "method" else "left")
+        for m, row in r["methods"].items():
+            b = row.get("best_within_1pct") or {}
+            t.add_row(m, str(row["evaluations"]), fmt(row["hypervolume"], ".4g"), fmt(row["best_quality"], ".4f"),
+                      fmt(b.get("predicted_speedup_vs_int8"), ".2f", "x"),
+                      fmt(b.get("measured_speedup_vs_int8"), ".2f", "x"), fmt(row.get("seconds"), ".0f"))
+        con.print(t)
+        taus = ", ".join(f"{o}: {v['kendall_tau']:.3f} ({v['model']}, {v['train']} train / {v['held_out']} held out)"
+                         for o, v in r["predictor"].items() if v["kendall_tau"] is not None)
+        con.print(f"  predictor Kendall tau on held-out candidates: {taus or '-'}")
+        con.print("  full float / INT8: " + ", ".join(
+            f"{n} {json.dumps({k: round(v, 4) for k, v in o.items()})}" for n, o in r["baselines"].items()
+            if n.startswith("full")))
+    d = results.get("dynast")
+    if d and d.get("status") == "ok":
+        hv = ", ".join(f"{m} {v:.4g}" for m, v in d["hypervolume_same_reference"].items())
+        b = (d.get("best_within_1pct") or {}).get("predicted_speedup_vs_int8")
+        con.print(f"DyNAS-T LINAS on the digits ViT ({d['evaluations']} evaluations): hypervolume (one reference) "
+                  f"{hv}; best quality {d['best_quality']:.4f}; speedup vs INT8 @ -1% {fmt(b, '.2f', 'x')}")
+    elif d:
+        con.print(f"DyNAS-T: {d.get('status')} ({d.get('reason')})")
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    parts = [p for p in ("vit", "minilm") if p in results and "plot_points" in results[p]]
+    if not parts:
+        return None
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.4), dpi=120, squeeze=False)
+    style = {"linas": ("C0", "o"), "linas+instatune": ("C2", "s"), "random": ("C7", "x"), "uniform": ("C3", "^")}
+    for ax, part in zip(axes[0], parts, strict=True):
+        r = results[part]
+        for m, pts in r["plot_points"].items():
+            c, mk = style.get(m, ("k", "."))
+            ax.scatter([p["latency"] for p in pts], [p["quality"] for p in pts], s=18, c=c, marker=mk, label=m,
+                       alpha=0.8)
+        for n, o in r["baselines"].items():
+            if n.startswith("full"):
+                ax.scatter([o["latency"]], [o["quality"]], s=80, marker="*", c="k" if n == "full-float" else "C1",
+                           label=n, zorder=5)
+        ax.set_xlabel("predicted latency (ms, batch 1)")
+        ax.set_ylabel(r["model"]["quality"].split(" ")[0])
+        ax.set_title(r["model"]["name"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None):  # noqa: ANN201
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--budget", type=int, default=24, help="real evaluations per method on the ViT")
+    parser.add_argument("--minilm-budget", type=int, default=16, help="real evaluations per method on MiniLM")
+    parser.add_argument("--batch", type=int, default=8, help="LINAS batch (candidates measured per round)")
+    parser.add_argument("--generations", type=int, default=30, help="NSGA-II generations on the predictors")
+    parser.add_argument("--pop-size", type=int, default=40)
+    parser.add_argument("--n-eval", type=int, default=300, help="held-out digits scoring ViT accuracy")
+    parser.add_argument("--minilm-eval", type=int, default=48, help="held-out sentences scoring MiniLM fidelity")
+    parser.add_argument("--vit-tune-steps", type=int, default=60, help="InstaTune steps on the ViT")
+    parser.add_argument("--minilm-tune-steps", type=int, default=12, help="InstaTune steps on MiniLM")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the confirming measurement")
+    parser.add_argument("--no-confirm", action="store_true", help="skip the ORT measurement of the chosen point")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 evaluations, tiny fine-tuning")
+    parser.add_argument("--out", type=Path, default=RESULTS / "search.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.budget, args.minilm_budget, args.batch, args.generations, args.pop_size = 8, 8, 4, 8, 16
+        args.n_eval, args.minilm_eval, args.vit_tune_steps, args.minilm_tune_steps, args.rounds = 100, 16, 4, 2, 1
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {','.join(PARTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from modelpress.bench import system_info, write_json_atomic
+    from modelpress.progress import Reporter
+    from modelpress.system import load_average
+
+    con = console()
+    reporter = Reporter()
+    started = time.perf_counter()
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = previous.get("results", {}) if previous.get("benchmark") == "search" else {}
+    runners = {"vit": run_vit, "minilm": run_minilm,
+               "dynast": lambda a, t, r: run_dynast(a, t, r, results)}
+    seconds = dict(previous.get("part_seconds", {})) if results else {}
+    load_before = load_average()
+
+    def document() -> dict[str, Any]:
+        return {
+            "benchmark": "search",
+            "command": "python benchmarks/search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "system": system_info(THREADS),
+            "versions": {"modelpress": dist_version("modelpress"), "pymoo": dist_version("pymoo"),
+                         "scikit-learn": dist_version("scikit-learn"), "onnxruntime": dist_version("onnxruntime"),
+                         "torch": dist_version("torch")},
+            "load_average": {"before": load_before, "after": load_average()},
+            "part_seconds": seconds,
+            "results": results,
+        }
+
+    with tempfile.TemporaryDirectory(prefix="modelpress-search-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for part in args.parts.split(","):
+            t0 = time.perf_counter()
+            results[part] = runners[part](args, Path(tmp), reporter)
+            results[part]["quick"] = args.quick
+            seconds[part] = round(time.perf_counter() - t0, 1)
+            write_json_atomic(args.out, document())  # each part kept as soon as it is done
+    out = document()
+    path = write_json_atomic(args.out, out)
+    print_tables(con, results)
+    png = plot(results, args.out.with_suffix(".png"))
+    con.print(f"wrote {path}" + (f" and {png}" if png else " (no matplotlib: no plot)")
+              + f" in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
