@@ -85,7 +85,7 @@ def _evaluate(ev, configs: list[dict[str, Any]], objectives: list[str]) -> list[
 
 
 def _distinct(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from modelpress.search.evaluate import dedupe
+    from modelpress.search.space import dedupe
 
     return dedupe(configs, set())
 

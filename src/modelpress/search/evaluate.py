@@ -16,7 +16,6 @@ import numpy as np
 
 from modelpress.errors import ModelpressError
 from modelpress.passes import Context, registered_passes
-from modelpress.search.space import config_key
 from modelpress.search.supernet import SuperNet
 
 OBJECTIVES = {"quality": "max", "latency": "min", "size": "min"}
@@ -213,16 +212,6 @@ def _param_axes(net: SuperNet) -> dict[str, tuple[int, list[tuple[str, int]]]]:
         for param, _axis in g.slots:
             cuts.setdefault(param, []).append((g.name, g.size))
     return {name: (p.numel(), cuts.get(name, [])) for name, p in net.graph.module.named_parameters()}
-
-
-def dedupe(configs: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
-    out = []
-    for c in configs:
-        k = config_key(c)
-        if k not in seen:
-            seen.add(k)
-            out.append(c)
-    return out
 
 
 def as_minimize(objectives: list[str], values: dict[str, float]) -> np.ndarray:

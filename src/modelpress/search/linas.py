@@ -22,7 +22,7 @@ import numpy as np
 
 from modelpress.errors import ModelpressError
 from modelpress.progress import QUIET, Reporter
-from modelpress.search.space import config_key
+from modelpress.search.space import config_key, dedupe
 
 STATE_FORMAT = 1
 Config = dict[str, Any]
@@ -267,10 +267,10 @@ def run_linas(
         predicted: list[dict[str, float] | None]
         info: dict[str, Any] = {"batch": b}
         if b == 0:
-            picks = _fresh([*(initial or [])], seen)[:want]
+            picks = dedupe([*(initial or [])], seen)[:want]
             tries = 0
             while len(picks) < want and tries < 1000:
-                picks += _fresh([problem.decode(rng.integers(lo, up + 1))], seen)
+                picks += dedupe([problem.decode(rng.integers(lo, up + 1))], seen)
                 tries += 1
             predicted = [None] * len(picks)
         else:
@@ -286,7 +286,7 @@ def run_linas(
             picks_x = _spread([row for row in pop], problem, want, seen)
             while len(picks_x) < want:
                 row = rng.integers(lo, up + 1)
-                if _fresh([problem.decode(row)], seen):
+                if dedupe([problem.decode(row)], seen):
                     picks_x.append(row)
             picks = [problem.decode(row) for row in picks_x]
             predicted = []
@@ -314,16 +314,6 @@ def run_linas(
         write_json_atomic(state_path, state)
         ran += 1
     return state
-
-
-def _fresh(configs: list[Config], seen: set[str]) -> list[Config]:
-    out = []
-    for c in configs:
-        k = config_key(c)
-        if k not in seen:
-            seen.add(k)
-            out.append(c)
-    return out
 
 
 def _spread(pop: list[np.ndarray], problem: Problem, want: int, seen: set[str]) -> list[np.ndarray]:

@@ -250,3 +250,14 @@ def quantizable_linears(module: nn.Module, blocks: list[str]) -> list[str]:
 def config_key(config: dict[str, Any]) -> str:
     """A stable string identity of a config (for de-duplication)."""
     return json.dumps(config, sort_keys=True)
+
+
+def dedupe(configs: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
+    """The configs whose key is not in ``seen`` (first occurrence kept), adding their keys to it."""
+    out = []
+    for c in configs:
+        k = config_key(c)
+        if k not in seen:
+            seen.add(k)
+            out.append(c)
+    return out
