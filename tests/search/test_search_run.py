@@ -53,13 +53,17 @@ def test_search_outputs(searched, vit_graph) -> None:  # noqa: ANN001
     assert full["evaluated"] == 4 and full["pareto"] and full["hypervolume"] > 0
     assert part["evaluated"] == 2
     base = full["baselines"]["points"]
-    assert {"full-float", "full-int8", "uniform-0.5"} <= set(base)
+    assert {"full-float", "full-int8", "smallest-int8", "uniform-0.5-int8"} <= set(base)
     assert base["full-float"]["objectives"]["quality"] > 0.9
     assert base["full-int8"]["objectives"]["size"] < 0.5 * base["full-float"]["objectives"]["size"]
     for name in ("pareto.csv", "pareto.json", "state.json", "search.json"):
         assert (tmp / "full" / name).is_file()
     assert full["batches"][1]["predictors"]["quality"]["model"] in ("ridge", "svr", "gbm")
     assert all(p["predicted"] is not None or p["batch"] == 0 for p in full["pareto"])
+    # the first batch measures the anchors first (full float, then full INT8), reusing their baseline values
+    first = [r for r in json.loads((tmp / "full" / "state.json").read_text())["records"] if r["batch"] == 0]
+    assert [r["config"] for r in first] == [base["full-float"]["config"], base["full-int8"]["config"]]
+    assert [r["objectives"] for r in first] == [base[n]["objectives"] for n in ("full-float", "full-int8")]
 
 
 def test_extract_a_point(searched, vit_graph) -> None:  # noqa: ANN001
@@ -102,6 +106,8 @@ def test_bad_input_is_a_short_error(vit_graph, vit_data, vit_table, tmp_path) ->
     with pytest.raises(ModelpressError, match="smaller than one batch"):
         _search(vit_graph, vit_data, vit_table, tmp_path, "b", budget=2, batch_size=4, objectives=["quality", "size"])
     assert not (tmp_path / "b").exists()  # refused before any work
+    with pytest.raises(ModelpressError, match="latency batch 4 does not fit the latency table's batch 1"):
+        _search(vit_graph, vit_data, vit_table, tmp_path, "d", latency_batch=4)
     with pytest.raises(ModelpressError, match="empty"):
         _search(vit_graph, vit_data, vit_table, tmp_path, "c", objectives=["quality", "size"],
                 space_options={"head_fractions": (1.0,), "mlp_fractions": (1.0,), "skip_blocks": False,

@@ -35,6 +35,7 @@ def search(
     workers: Annotated[int, typer.Option("--workers", help="Evaluation processes (local) or CPUs (local Ray).")] = 1,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="An existing Ray cluster.")] = None,
     latency: Annotated[str, typer.Option("--latency", help="predicted (latency model) | measured (ORT)")] = "predicted",
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="Batch size latency is measured at (a compute-bound one for small models).")] = 1,
     precisions: Annotated[str, typer.Option("--precisions", help="Precision genes, e.g. float,int8 (float: none).")] = "float,int8",
     finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="InstaTune sandwich steps (0: none).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the search in -o.")] = False,
@@ -90,6 +91,7 @@ def search(
     summary = run_search(
         graph, ctx, output, objectives=objs, budget=budget, batch_size=batch, data_spec=spec, executor=executor,
         workers=workers, ray_address=ray_address, resume=resume, latency=latency, finetune=finetune,
+        latency_batch=latency_batch,
         space_options={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())}, reporter=rep,
     )
     if as_json:

@@ -51,6 +51,8 @@ class EvalSettings:
     precision_pass: str = "quantize.repq"
     precision_config: dict[str, Any] = field(default_factory=lambda: dict(FAST_REPQ))
     int8_factor: float | None = None  # predicted INT8 block latency / float (measured at the start)
+    batch: int = 1  # the latency objective's batch size (a compute-bound batch for small models)
+    seq: int | None = None  # its sequence length (text models; None: the target's first)
 
 
 class Evaluator:
@@ -179,18 +181,21 @@ class Evaluator:
 
     def measure_latency(self, onnx: dict[str, str], baseline: str, baseline_ms: float | None = None,
                         rounds: int = 3) -> dict[str, float]:
-        """Latency (ms at batch 1) of ONNX files, timed interleaved with ``baseline`` (the full float
-        model): reported as the median per-round ratio times ``baseline_ms`` (the baseline's reference
-        latency) so that batches measured under different machine load stay comparable."""
+        """Latency (ms at the settings' batch and sequence) of ONNX files, timed interleaved with
+        ``baseline`` (the full float model): reported as the median per-round ratio times ``baseline_ms``
+        (the baseline's reference latency) so that batches measured under different machine load stay
+        comparable."""
         files = {"__baseline__": baseline, **onnx}
-        report = self.ctx.measure(files, baseline="__baseline__", rounds=rounds, batch_sizes=[1], memory=False,
-                                  min_time_s=0.1, runs=5)
-        base = report.stats("__baseline__", 1)
+        b, seq = self.settings.batch, self.settings.seq
+        timing: dict[str, Any] = {"seq_lens": [seq]} if seq else {}
+        report = self.ctx.measure(files, baseline="__baseline__", rounds=rounds, batch_sizes=[b], memory=False,
+                                  min_time_s=0.1, runs=5, **timing)
+        base = report.stats("__baseline__", b, seq)
         ref = base.median_ms if baseline_ms is None else baseline_ms
         out = {}
         for name in onnx:
-            speed = report.speedup(name, 1)
-            out[name] = ref / speed if speed else report.stats(name, 1).median_ms
+            speed = report.speedup(name, b, seq)
+            out[name] = ref / speed if speed else report.stats(name, b, seq).median_ms
         out["__baseline__"] = base.median_ms
         return out
 

@@ -30,7 +30,7 @@ def write_outputs(run: Path, state: dict[str, Any], baselines: dict[str, Any], p
     front = [(i, records[i]) for i in np.flatnonzero(mask)]
     front.sort(key=lambda ir: problem.vector(ir[1]["objectives"])[0])
     ref = reference_point(np.vstack([pts, *base.values()]) if base else pts)
-    uniform = np.array([v for n, v in base.items() if n.startswith("uniform") or n == "full-float"])
+    uniform = np.array([v for n, v in base.items() if n.startswith(("uniform", "full"))])
     summary = {
         "objectives": objs,
         "evaluated": len(records),

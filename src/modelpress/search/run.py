@@ -30,7 +30,7 @@ from modelpress.progress import QUIET, Reporter
 from modelpress.search.evaluate import OBJECTIVES, EvalSettings, Evaluator, check_objectives
 from modelpress.search.executors import make_executor, require_ray
 from modelpress.search.linas import Problem, check_budget, run_linas, write_json_atomic
-from modelpress.search.space import SearchSpace
+from modelpress.search.space import SearchSpace, config_key, dedupe
 from modelpress.search.supernet import SuperNet
 
 SPEC = "search.json"
@@ -119,6 +119,8 @@ def run_search(
     latency_grid: str | None = None,
     precision_config: dict[str, Any] | None = None,
     int8_factor: float | None = None,
+    latency_batch: int | None = None,
+    latency_seq: int | None = None,
     uniform: tuple[float, ...] = (0.25, 0.5, 0.75),
     generations: int = 40,
     pop_size: int = 48,
@@ -131,7 +133,14 @@ def run_search(
     says how workers reload that data (``load_data`` arguments). ``finetune``: TrainConfig fields for the
     InstaTune fine-tuning (None: search the pretrained weights as they are). ``int8_factor``: the INT8/float
     block-latency ratio of the latency model (default: measured once at the start, full INT8 against full
-    float, interleaved); fixing it makes predicted latency independent of the machine's load."""
+    float, interleaved); fixing it makes predicted latency independent of the machine's load.
+    ``latency_batch`` / ``latency_seq``: the shape latency is measured at (default: the latency table's, else
+    batch 1 and the target's first sequence length); a small model wants a compute-bound batch.
+
+    The first batch measures the anchors first (full float, full INT8, the smallest sub-network and the
+    ``uniform`` widths in the lowest-latency precision), then random configs: the front never starts
+    behind the obvious baselines, and the predictors see the whole range. The anchors' values come from
+    the baselines evaluated before the loop (not evaluated twice); they count in the budget."""
     from modelpress.search.outputs import write_outputs
 
     run = Path(run_dir)
@@ -142,12 +151,19 @@ def run_search(
     if ctx.task is None or ctx.data is None:
         raise ModelpressError("search needs a task and data to score quality on", "give --data")
     space = SearchSpace.from_graph(graph, **(space_options or {}))
-    settings = EvalSettings(objectives=list(objectives), latency=latency, int8_factor=int8_factor)
+    key = getattr(latency_table, "key", None) or {}
+    if latency_batch is not None and (latency_batch < 1 or key.get("batch", latency_batch) != latency_batch):
+        raise ModelpressError(f"latency batch {latency_batch} does not fit"
+                              + (f" the latency table's batch {key['batch']}" if key else ""),
+                              "give a positive batch, the same as the latency table's")
+    settings = EvalSettings(objectives=list(objectives), latency=latency, int8_factor=int8_factor,
+                            batch=int(latency_batch or key.get("batch") or 1), seq=latency_seq or key.get("seq"))
     if precision_config:
         settings.precision_config = {**settings.precision_config, **precision_config}
     fingerprint = {
         "model": model_fingerprint(graph), "space": space.fingerprint(), "latency": latency,
         "finetune": finetune or None, "saliency": saliency, "int8_factor": int8_factor,
+        "latency_shape": [settings.batch, settings.seq],
     }
     spec_path = run / SPEC
     if resume:
@@ -188,20 +204,23 @@ def run_search(
     try:
         baselines = _baselines(evaluator, run, ex, uniform, reporter)
         base_ms = baselines.get("reference_ms")
+        known = {config_key(p["config"]): p["objectives"] for p in baselines["points"].values()}
 
         def evaluate_batch(configs: list[dict[str, Any]]) -> list[dict[str, float]]:
+            todo = [c for c in configs if config_key(c) not in known]
             start = len(list((run / "candidates").glob("*.onnx"))) if (run / "candidates").is_dir() else 0
             items = [(str(run), c, str(run / "candidates" / f"c{start + i:04d}.onnx")
-                      if evaluator.settings.quality_backend == "onnx" else None) for i, c in enumerate(configs)]
-            results = ex.map(evaluate_item, items)
+                      if evaluator.settings.quality_backend == "onnx" else None) for i, c in enumerate(todo)]
+            results = ex.map(evaluate_item, items) if items else []
             # cheap objectives from this process's evaluator (it holds the measured INT8 factor)
-            values = [{**r["objectives"], **evaluator.cheap(c)} for r, c in zip(results, configs, strict=True)]
-            if evaluator.settings.latency == "measured" and "latency" in objectives:
+            values = [{**r["objectives"], **evaluator.cheap(c)} for r, c in zip(results, todo, strict=True)]
+            if todo and evaluator.settings.latency == "measured" and "latency" in objectives:
                 onnx = {str(i): r["onnx"] for i, r in enumerate(results)}
                 ms = ex.on_target(measure_item, (str(run), onnx, base_ms))
                 for i, v in enumerate(values):
                     v["latency"] = ms[str(i)]
-            return [{k: float(v[k]) for k in objectives} for v in values]
+            fresh = {config_key(c): v for c, v in zip(todo, values, strict=True)}
+            return [{k: float({**known, **fresh}[config_key(c)][k]) for k in objectives} for c in configs]
 
         space_ = evaluator.net.space
         lo, up = space_.bounds()
@@ -212,12 +231,25 @@ def run_search(
         )
         state = run_linas(
             problem, evaluate_batch, run / "state.json", budget=budget, batch_size=batch_size, seed=ctx.seed,
-            fingerprint=fingerprint, initial=[space_.largest(), space_.smallest()], pop_size=pop_size,
+            fingerprint=fingerprint, initial=list(anchors(space_, uniform).values()), pop_size=pop_size,
             generations=generations, max_batches=max_batches, resume=resume, reporter=reporter,
         )
     finally:
         ex.close()
     return write_outputs(run, state, baselines, problem)
+
+
+def anchors(space: SearchSpace, uniform: tuple[float, ...]) -> dict[str, dict[str, Any]]:
+    """The baselines, which the first batch also measures first, most telling first: full float, full
+    INT8, the smallest sub-network, then the uniform widths (widest first), in INT8 when precision is
+    searched (named ``-int8``)."""
+    low = "int8" if "int8" in space.precisions else "float"
+    tag = "-int8" if low == "int8" else ""
+    named = {"full-float": space.largest("float"), "full-int8": space.largest("int8") if tag else None,
+             f"smallest{tag}": space.smallest(low)}
+    named.update({f"uniform-{f:g}{tag}": space.uniform(f, low) for f in sorted(uniform, reverse=True)})
+    seen: set[str] = set()
+    return {n: c for n, c in named.items() if c is not None and dedupe([c], seen)}
 
 
 def _prepare(graph: ModelGraph, ctx: Context, run: Path, space: SearchSpace, settings: EvalSettings,
@@ -246,7 +278,8 @@ def _prepare(graph: ModelGraph, ctx: Context, run: Path, space: SearchSpace, set
             from modelpress.bench import build_latency_table
 
             with reporter.step("latency model: measuring the block table on the target"):
-                table = build_latency_table(graph, ctx.target, grid=latency_grid, reporter=reporter)
+                table = build_latency_table(graph, ctx.target, batch=settings.batch, seq=settings.seq,
+                                            grid=latency_grid, reporter=reporter)
         table.save(run / "latency.json")
 
 
@@ -258,7 +291,7 @@ def _replace(path: Path, write: Any) -> None:
 
 def _baselines(evaluator: Evaluator, run: Path, ex: Any, uniform: tuple[float, ...],
                reporter: Reporter) -> dict[str, Any]:
-    """Full float, full INT8 (when precision is searched) and uniform-width sub-networks, evaluated once;
+    """The anchors (full float, full INT8 when precision is searched, smallest, uniform widths), evaluated once;
     with precision and predicted latency, the INT8/float latency factor is measured here (interleaved)."""
     path = run / "baselines.json"
     if path.is_file():
@@ -266,12 +299,7 @@ def _baselines(evaluator: Evaluator, run: Path, ex: Any, uniform: tuple[float, .
         if saved.get("int8_factor") is not None:
             evaluator.settings.int8_factor = saved["int8_factor"]
         return saved
-    space = evaluator.net.space
-    configs = {"full-float": space.largest("float")}
-    if "int8" in space.precisions:
-        configs["full-int8"] = space.largest("int8")
-    for f in uniform:
-        configs[f"uniform-{f:g}"] = space.uniform(f)
+    configs = anchors(evaluator.net.space, uniform)
     out: dict[str, Any] = {"points": {}}
     folder = run / "baselines"
     folder.mkdir(exist_ok=True)
