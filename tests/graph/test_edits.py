@@ -193,3 +193,28 @@ def test_check_verifies_exact_edits_and_undoes_inexact_ones():
     torch.testing.assert_close(g.forward(x), before, atol=0, rtol=0)
     with pytest.raises(ValueError, match="permutation"):
         g.permute("mlp:encoder.layer.1", [0, 0, 1])
+
+
+def test_removing_blocks_at_once_equals_one_at_a_time():
+    import transformers as T
+
+    from modelpress.models.loaders import hf_input_spec
+
+    torch.manual_seed(0)
+    m = T.BertModel(T.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                 intermediate_size=128, max_position_embeddings=64)).eval()
+    original = ModelGraph(m, hf_input_spec(m), {"kind": "hf", "class": "BertModel", "config": m.config.to_dict()})
+    paths = [b.path for b in original.blocks]
+    assert len(paths) == 4
+    at_once = original.copy()
+    at_once.remove_blocks([paths[0], paths[2]])  # any order: later blocks go first
+    one_by_one = original.copy()
+    one_by_one.remove_block(paths[2])
+    one_by_one.remove_block(paths[0])
+    x = _inputs(at_once)
+    torch.testing.assert_close(at_once.forward(x), one_by_one.forward(x), atol=0, rtol=0)
+    assert {k: v.tolist() for k, v in at_once.block_lineage.items()} == {"encoder.layer": [1] + list(range(3, len(paths)))}
+    assert at_once.module.config.num_hidden_layers == len(paths) - 2 == len(at_once.blocks)
+    _assert_weights_follow_lineage(at_once, original)
+    with pytest.raises(KeyError, match="not a removable block"):
+        at_once.remove_blocks(["encoder.layer.9"])

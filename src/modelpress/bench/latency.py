@@ -582,8 +582,7 @@ def _all_blocks(graph: ModelGraph, arch: Mapping[str, Any], heads: int, mlp: int
 
 def _one_block(graph: ModelGraph) -> ModelGraph:
     out = graph.copy()
-    for b in list(out.blocks)[:0:-1]:
-        out.remove_block(b.path)
+    out.remove_blocks([b.path for b in out.blocks[1:]])
     return out
 
 

@@ -395,8 +395,22 @@ class ModelGraph:
 
     def remove_block(self, path: str) -> None:
         """Delete a whole block (must be one of ``self.blocks``), in place; later blocks renumber."""
-        if path not in {b.path for b in self.blocks}:
-            raise KeyError(f"{path!r} is not a removable block; blocks: {[b.path for b in self.blocks]}")
+        self.remove_blocks([path])
+
+    def remove_blocks(self, paths: list[str]) -> None:
+        """Delete whole blocks (paths as they are now), in place; later blocks renumber. The model's config is
+        synced once at the end (one re-trace, not one per block)."""
+        known = {b.path for b in self.blocks}
+        bad = [p for p in paths if p not in known]
+        if bad:
+            raise KeyError(f"{bad[0]!r} is not a removable block; blocks: {[b.path for b in self.blocks]}")
+        order = {b.path: i for i, b in enumerate(self.blocks)}
+        for path in sorted(set(paths), key=order.__getitem__, reverse=True):  # later blocks first: paths stay valid
+            self._delete_block(path)
+        if paths:
+            self._sync_config()
+
+    def _delete_block(self, path: str) -> None:
         from modelpress.graph.lineage import renumber
 
         blocks = self.blocks
@@ -413,7 +427,6 @@ class ModelGraph:
             for b in blocks
             if (p := renumber(b.path, container, int(idx))) is not None
         ]
-        self._sync_config()
 
     @contextmanager
     def _checked(self, what: str, check: bool) -> Iterator[None]:

@@ -180,8 +180,7 @@ class GlobalPrune(GraphPass):
             if not plan and not blocks:
                 break
             out.remove_many(list(plan.items()))
-            for path in sorted(blocks, key=_block_index, reverse=True):
-                out.remove_block(path)
+            out.remove_blocks(list(blocks))
             after = Costs(out, cfg.target, latency_fn).total(out)
             state["history"].append({"iteration": len(state["history"]),
                                      "removed_units": {k: len(v) for k, v in plan.items()},
@@ -327,11 +326,6 @@ def _select(
 
 def _inside(scope: str, path: str) -> bool:
     return scope == path or scope.startswith(path + ".")
-
-
-def _block_index(path: str) -> int:
-    tail = path.rsplit(".", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
 
 
 def _latency_fn(ctx):  # noqa: ANN001, ANN202

@@ -95,8 +95,7 @@ class SuperNet:
         plan = [(g.name, list(range(k, g.size))) for g, k in self.cuts(config)]
         if plan:
             sub.remove_many(plan)
-        for path in sorted(self.skipped(config), key=_path_key, reverse=True):  # later blocks first
-            sub.remove_block(path)
+        sub.remove_blocks(self.skipped(config))
         sub.name = f"{self.graph.name}-sub"
         return sub
 
@@ -177,10 +176,6 @@ def _searched_groups(space: SearchSpace) -> list[str]:
     for b in space.blocks:
         names += [g for g in (b.head_group, b.mlp_group, b.head_dim_group) if g is not None]
     return names + list(space.embed_groups)
-
-
-def _path_key(path: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in path.split("."))
 
 
 def _kwargs(module: nn.Module, inputs: dict[str, torch.Tensor], graph: ModelGraph) -> dict[str, torch.Tensor]:
