@@ -219,8 +219,8 @@ def run_search(
                 ms = ex.on_target(measure_item, (str(run), onnx, base_ms))
                 for i, v in enumerate(values):
                     v["latency"] = ms[str(i)]
-            fresh = {config_key(c): v for c, v in zip(todo, values, strict=True)}
-            return [{k: float({**known, **fresh}[config_key(c)][k]) for k in objectives} for c in configs]
+            values_of = {**known, **{config_key(c): v for c, v in zip(todo, values, strict=True)}}
+            return [{k: float(values_of[config_key(c)][k]) for k in objectives} for c in configs]
 
         space_ = evaluator.net.space
         lo, up = space_.bounds()
