@@ -71,20 +71,26 @@ def test_latency_target_needs_a_latency_model(setup, tmp_path) -> None:  # noqa:
 
 def test_latency_target_from_a_measured_table(setup, tmp_path) -> None:  # noqa: ANN001
     from modelpress.bench import build_latency_table, get_target
+    from modelpress.bench.latency import graph_widths
 
     graph, _ = setup
     target = get_target("ort-cpu", threads=1)
     table = build_latency_table(graph, target, grid="heads=1,4;mlp=32,256;embed=64", rounds=2, runs=5,
                                 min_time_s=0.02, model_rounds=2, clock="cpu", cache_dir=tmp_path / "cache")
-    ctx_kwargs = {"latency_model": table}
+    # a measured table's fixed share (outside the blocks) varies with the machine's load, so the target is
+    # set between the full model and the floor this table can reach (one head, 5% MLP per block), at most 0.6
+    blocks, _ = graph_widths(graph)
+    floor = table.predict_widths([(1, b["head_dim"], max(8, round(0.05 * b["mlp"] / 8) * 8)) for b in blocks])
+    ratio = max(0.6, 0.5 * (1 + floor / table.predict(graph)))
+    assert ratio < 0.9, f"the measured table leaves almost nothing to prune (floor {floor:.3f} ms)"
     cls = registered_passes()["prune.global"]
     _, data = setup
-    ctx = Context(workdir=tmp_path, task=ClassificationTask(), data=data, reference=graph, seed=0, **ctx_kwargs)
-    result = cls(cls.Config(saliency="hessian", target="latency", ratio=0.6, iterations=2, measure=False)).apply(graph, ctx)
+    ctx = Context(workdir=tmp_path, task=ClassificationTask(), data=data, reference=graph, seed=0, latency_model=table)
+    result = cls(cls.Config(saliency="hessian", target="latency", ratio=ratio, iterations=2, measure=False)).apply(graph, ctx)
     m = result.metrics
-    assert m["ratio_reached"] <= 0.62
+    assert m["ratio_reached"] <= ratio + 0.02
     assert table.predict(result.graph) == pytest.approx(m["ratio_reached"] * table.predict(graph), rel=1e-6)
-    assert m["predicted_speedup"] >= 1 / 0.62
+    assert m["predicted_speedup"] >= 1 / (ratio + 0.02)
 
 
 @pytest.mark.parametrize("slower", [True, False], ids=["table-too-optimistic", "table-too-pessimistic"])
