@@ -1,5 +1,5 @@
 """Shared fixtures: the real pretrained MiniLM (loaded once per session), the digits zoo models (trained once
-per machine) and quiet HF logging."""
+per machine), quiet HF logging and one torch thread for the whole session."""
 
 from __future__ import annotations
 
@@ -9,6 +9,25 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Every test runs torch on one intra-op thread (ONNX Runtime keeps its target's threads).
+
+    The suite's models are tiny (and MiniLM small): on a 2-core machine that anything else also uses, two
+    torch threads wait on each other far longer than they compute. Measured on the CI machine with a second
+    job running: tests/cli/test_compress_e2e.py 961 s with two threads, 201 s with one;
+    tests/quantize/test_hybrid_export.py 83 s and 33 s. On an idle machine the two are within noise
+    (tests/quantize: 91 s and 84 s; test_compress_e2e: 138 s and 151 s). tests/train and tests/recover
+    already pinned one thread per test for the same reason; this covers every other test, module- and
+    session-scoped fixtures included (a session fixture is set up first)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
