@@ -13,7 +13,7 @@ from modelpress.bench import latency as L
 from modelpress.bench.latency import LatencyTable, build_latency_table, compare_latency, table_key
 from modelpress.errors import ModelpressError
 from modelpress.targets import get_target
-from tests.graph.models_zoo import build
+from tests.graph.models_zoo import fresh
 
 GRID = {"heads": [1, 2, 4], "head_dim": [16], "mlp": [32, 64, 128], "embed": [32, 64]}
 
@@ -25,7 +25,7 @@ def _f(h: float, d: float, m: float, e: float) -> float:
 
 @pytest.fixture(scope="module")
 def bert():
-    return build("bert")  # BertModel: 2 layers, 4 heads x 16, MLP 128, hidden 64, 64 positions
+    return fresh("bert")  # BertModel: 2 layers, 4 heads x 16, MLP 128, hidden 64, 64 positions
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_check_refuses_another_architecture_or_target(synthetic, bert):
     with pytest.raises(ModelpressError, match="sequence 32"):
         synthetic.check(bert, "ort-cpu", 1, 32)
     with pytest.raises(ModelpressError, match="model DistilBertModel"):
-        synthetic.check(build("distilbert"), "ort-cpu", 1, 64)
+        synthetic.check(fresh("distilbert"), "ort-cpu", 1, 64)
 
 
 def test_cache_hit_does_not_measure(synthetic, bert, tmp_path, monkeypatch):
@@ -131,7 +131,7 @@ def test_bad_grid_is_a_short_error(bert):
         table_key(bert, grid={"heads": [2, 8]})
     assert table_key(bert, grid="head_dim=8,16")["axes"]["head_dim"] == [8, 16]  # BERT has head-width groups
     with pytest.raises(ModelpressError, match="no head-dim groups"):
-        table_key(build("llama"), grid="head_dim=8,16")  # rotary: its heads keep their width
+        table_key(fresh("llama"), grid="head_dim=8,16")  # rotary: its heads keep their width
     with pytest.raises(ModelpressError, match="bad grid entry"):
         L.parse_grid("width=3")
     assert L.parse_grid("heads=3,6;mlp=384") == {"heads": [3, 6], "mlp": [384]}

@@ -40,10 +40,10 @@ def _registered():
 
 
 def _two_vits():
-    from tests.graph.models_zoo import build
+    from tests.graph.models_zoo import fresh
 
-    a = build("vit")
-    b = build("vit")
+    a = fresh("vit")
+    b = fresh("vit")
     torch.manual_seed(1)
     with torch.no_grad():
         for p in b.module.parameters():

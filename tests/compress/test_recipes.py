@@ -26,9 +26,9 @@ def test_graph_pass_after_onnx_pass_is_rejected():
 
 
 def test_magnitude_prunes_lowest_norm_units():
-    from tests.graph.models_zoo import build
+    from tests.graph.models_zoo import fresh
 
-    g = build("bert")
+    g = fresh("bert")
     grp = g.group("mlp:encoder.layer.0")
     with torch.no_grad():  # make units 3 and 7 tiny: they must be the ones removed
         for u in (3, 7):

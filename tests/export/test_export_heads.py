@@ -9,7 +9,7 @@ import torch
 from modelpress.errors import ModelpressError
 from modelpress.export import export_onnx, verify_onnx
 from modelpress.graph import adapters
-from tests.graph.models_zoo import build
+from tests.graph.models_zoo import build, fresh
 from tests.graph.test_adapters import tiny_gpt2
 
 _QUERY_KEY = ("query.weight", "key.weight", "q_lin.weight", "k_lin.weight", "q_proj.weight", "k_proj.weight",
@@ -35,7 +35,7 @@ def _attention_heads(path) -> list[int]:
 
 
 def test_nonuniformly_pruned_bert_fuses_with_per_layer_heads(tmp_path):
-    g = build("bert")
+    g = fresh("bert")
     _sharpen(g.module)
     g.remove("head:encoder.layer.0.attention", [0, 2])  # layer 0 keeps 2 heads, layer 1 all 4
     path = tmp_path / "bert.onnx"

@@ -12,7 +12,7 @@ pytest.importorskip("ot")
 
 from modelpress.errors import ModelpressError  # noqa: E402
 from modelpress.fuse import FusionSettings, fuse  # noqa: E402
-from tests.graph.models_zoo import build  # noqa: E402
+from tests.graph.models_zoo import fresh  # noqa: E402
 
 
 def permuted_copy(graph, seed: int = 1):  # noqa: ANN001, ANN201
@@ -40,12 +40,12 @@ def max_param_diff(a, b) -> float:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def vit():
-    return build("vit")
+    return fresh("vit")  # discovered once per session: permuted copies and fusion never re-trace
 
 
 @pytest.fixture(scope="module")
 def bert():
-    return build("bert")
+    return fresh("bert")
 
 
 @pytest.mark.parametrize("cost,qk", [("weights", "separate"), ("acts", "per-head"), ("acts", "shared")])

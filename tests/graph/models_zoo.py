@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -74,6 +76,28 @@ def build(family: str) -> ModelGraph:
         spec.shape = (3, 16, 16) if family == "vit" else (3, 32, 32)
     source = {"kind": "hf", "class": type(m).__name__, "config": m.config.to_dict()}
     return ModelGraph(m, spec, source, name=family)
+
+
+@functools.cache
+def _discovered(family: str) -> tuple[ModelGraph, torch.Tensor]:
+    graph = build(family)
+    rng = torch.get_rng_state()  # what build() leaves torch's global generator at
+    _ = graph.groups, graph.blocks  # trace, propagation, groups, dry runs (none of it draws from the global RNG)
+    return graph, rng
+
+
+def traced(family: str) -> ModelGraph:
+    """``build(family)`` with its discovery done, once per session: read it, never edit it (use ``fresh``)."""
+    return _discovered(family)[0]
+
+
+def fresh(family: str) -> ModelGraph:
+    """What ``build(family)`` gives (the same weights, torch's global RNG left where build leaves it), but a
+    copy of ``traced(family)``: the copy carries the trace, groups and blocks, so it never re-traces
+    (tests/graph/test_edits.py checks that a copy's discovery equals a fresh trace's)."""
+    graph, rng = _discovered(family)
+    torch.set_rng_state(rng)
+    return graph.copy()
 
 
 def hf_model(family: str) -> nn.Module:

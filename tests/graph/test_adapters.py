@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modelpress.graph import InputSpec, adapters
-from tests.graph.models_zoo import build
+from tests.graph.models_zoo import build, fresh
 
 
 def tiny_gpt2(vocab_size: int = 500) -> torch.nn.Module:
@@ -20,7 +20,7 @@ def tiny_gpt2(vocab_size: int = 500) -> torch.nn.Module:
 
 
 def test_heads_per_layer_follow_nonuniform_pruning():
-    g = build("bert")
+    g = fresh("bert")
     g.remove("head:encoder.layer.0.attention", [0, 2])
     g.remove("head:encoder.layer.1.attention", [3])
     assert adapters.attention_heads(g.module) == [2, 3]

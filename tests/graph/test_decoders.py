@@ -8,29 +8,28 @@ reloadable and exportable, with head counts kept right in the modules and the co
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
 
 from modelpress.graph import adapters
 from modelpress.models import load_saved, save
-from tests.graph.models_zoo import build
+from tests.graph.models_zoo import fresh, traced
 from tests.graph.test_edits import _assert_weights_follow_lineage
 
 DECODERS = ["gpt2", "llama", "llama_tied"]
 HEAD_DIM = 16
 
 
-@functools.cache
 def _original(family: str):
-    return build(family)
+    """The session's traced original (read only)."""
+    return traced(family)
 
 
 def _fresh(family: str):
-    """A copy of the traced original (discovery carried over: no re-trace per test)."""
-    return _original(family).copy()
+    """A copy of the traced original (discovery carried over: no re-trace per test). The original is traced
+    when first asked for; a cached but untraced original would let every copy trace again."""
+    return fresh(family)
 
 
 def _inputs(graph, seed: int = 3):

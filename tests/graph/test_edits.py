@@ -11,7 +11,7 @@ import torch
 from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
 from modelpress.models import load_saved, save
-from tests.graph.models_zoo import build
+from tests.graph.models_zoo import build, fresh
 from tests.graph.test_families import EXPECTED_KINDS
 
 
@@ -98,7 +98,7 @@ def _assert_weights_follow_lineage(pruned: ModelGraph, original: ModelGraph) -> 
 
 
 def test_lineage_composes_over_edits_and_survives_reload(tmp_path):
-    original = build("bert")
+    original = fresh("bert")
     g = original.copy()
     # first edit: two heads of layer 0 and every other MLP unit of layer 1
     g.remove_many([("head:encoder.layer.0.attention", [0, 2]), ("mlp:encoder.layer.1", list(range(0, 128, 2)))])
@@ -122,7 +122,7 @@ def test_lineage_composes_over_edits_and_survives_reload(tmp_path):
 
 
 def test_block_deletion_renames_lineage_and_maps_back():
-    original = build("bert")
+    original = fresh("bert")
     g = original.copy()
     g.remove("mlp:encoder.layer.1", [0, 5, 7])
     g.remove_block("encoder.layer.0")
@@ -136,7 +136,7 @@ def test_block_deletion_renames_lineage_and_maps_back():
 
 @pytest.mark.parametrize("family", ["bert", "vit", "fused", "resnet", "convnext"])
 def test_permuting_every_group_is_exact_and_reloads(family, tmp_path):
-    reference = build(family)
+    reference = fresh(family)
     g = reference.copy()
     rng = np.random.default_rng(7)
     orders = {}
@@ -159,7 +159,7 @@ def test_permuting_every_group_is_exact_and_reloads(family, tmp_path):
 
 
 def test_slice_keeps_listed_units_in_order():
-    original = build("fused")
+    original = fresh("fused")
     g = original.copy()
     g.slice("mlp:blocks.0", [100, 3, 64, 7])
     g.slice("head:blocks.1.attn", [2, 0])
@@ -174,7 +174,7 @@ def test_slice_keeps_listed_units_in_order():
 
 
 def test_check_verifies_exact_edits_and_undoes_inexact_ones():
-    g = build("bert").copy()
+    g = fresh("bert")
     state = g.state()
     with torch.no_grad():
         for u in (1, 2):  # zero MLP units 1 and 2 of layer 0: removing them is exact

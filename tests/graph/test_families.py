@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modelpress.models import load_saved, save
-from tests.graph.models_zoo import build
+from tests.graph.models_zoo import fresh, traced
 
 FAMILIES = ["bert", "vit", "distilbert", "resnet", "convnext", "fused"]
 EXPECTED_KINDS = {
@@ -26,7 +26,7 @@ def _inputs(graph, seed: int = 3):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_groups_found(family):
-    g = build(family)
+    g = traced(family)  # discovered once per session; read only
     kinds = {grp.kind for grp in g.groups if grp.prunable}
     assert EXPECTED_KINDS[family] <= kinds, [grp.describe() for grp in g.groups]
     assert g.propagation.opaque_ops == []
@@ -39,7 +39,7 @@ def test_groups_found(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_removing_zeroed_units_is_exact(family):
     """Units whose weights are zero contribute nothing: removing them must not change the output."""
-    g = build(family).copy()
+    g = fresh(family)
     targets = [grp for grp in g.groups if grp.prunable and grp.kind in ("head", "mlp", "conv")]
     assert targets
     plan = []
@@ -83,7 +83,7 @@ def _edit_everything(g):
 def test_edited_model_runs_reloads_and_exports(family, tmp_path):
     from modelpress.export import export_onnx
 
-    g = build(family).copy()
+    g = fresh(family)
     n_blocks = len(g.blocks)
     done = _edit_everything(g)
     assert "block" in done and done & {"head", "mlp", "conv"}
@@ -107,7 +107,7 @@ def test_edited_model_runs_reloads_and_exports(family, tmp_path):
 
 
 def test_hf_config_tracks_nonuniform_widths():
-    g = build("bert").copy()
+    g = fresh("bert")
     g.remove("head:encoder.layer.0.attention", [0, 2])
     g.remove("mlp:encoder.layer.1", list(range(0, 128, 2)))
     cfg = g.module.config
@@ -119,7 +119,7 @@ def test_hf_config_tracks_nonuniform_widths():
 
 
 def test_fused_qkv_heads_keep_attribute_consistent():
-    g = build("fused").copy()
+    g = fresh("fused")
     grp = g.group("head:blocks.0.attn")
     # a head spans q, k and v rows of the one fused Linear and the projection's columns
     unit = grp.units[0]
@@ -131,7 +131,7 @@ def test_fused_qkv_heads_keep_attribute_consistent():
 
 
 def test_edit_errors():
-    g = build("bert").copy()
+    g = fresh("bert")
     with pytest.raises(ValueError, match="cannot be edited"):
         g.remove("embedding", [0])  # changes the output width: needs force=True
     with pytest.raises(ValueError, match="every unit"):

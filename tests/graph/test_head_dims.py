@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modelpress.models import load_saved, save
-from tests.graph.models_zoo import build
+from tests.graph.models_zoo import fresh, traced
 
 WITH_HEAD_DIMS = ["bert", "vit", "distilbert", "fused", "gpt2"]
 
@@ -23,7 +23,7 @@ def _zero(graph, group, units) -> None:  # noqa: ANN001
 
 @pytest.mark.parametrize("family", WITH_HEAD_DIMS)
 def test_removing_zeroed_head_dims_is_exact(family: str, tmp_path) -> None:  # noqa: ANN001
-    g = build(family).copy()
+    g = fresh(family)
     dims = [x for x in g.groups if x.kind == "head_dim"]
     heads = {x.name: x for x in g.groups if x.kind == "head"}
     assert dims and all(d.meta["heads_group"] in heads for d in dims)
@@ -54,19 +54,19 @@ def test_removing_zeroed_head_dims_is_exact(family: str, tmp_path) -> None:  # n
 def test_head_dims_and_heads_combine_and_export(family: str, tmp_path) -> None:  # noqa: ANN001
     from modelpress.export import export_onnx
 
-    g = build(family).copy()
+    g = fresh(family)
     rng = np.random.default_rng(0)
     for d in [x for x in g.groups if x.kind == "head_dim" and x.prunable]:
         g.remove(d.name, rng.choice(d.size, d.size // 2, replace=False))
     h = next(x for x in g.groups if x.kind == "head" and x.prunable)
     g.remove(h.name, [0])
     widths = g.summary()["blocks"]
-    assert widths[0]["head_dim"] == build(family).summary()["blocks"][0]["head_dim"] // 2
+    assert widths[0]["head_dim"] == traced(family).summary()["blocks"][0]["head_dim"] // 2
     result = export_onnx(g.module, g.input_spec, tmp_path / "m.onnx", optimize="none")
     assert result.verification.ok, result.verification.describe()
 
 
 def test_rotary_models_keep_their_head_width() -> None:
-    g = build("llama")
+    g = traced("llama")
     assert [x for x in g.groups if x.kind == "head"]
     assert not [x for x in g.groups if x.kind == "head_dim"]

@@ -9,12 +9,12 @@ import pytest
 from modelpress.errors import ModelpressError
 from modelpress.models import load_saved, save
 from modelpress.models.loaders import SPEC_FILE
-from tests.graph.models_zoo import build
+from tests.graph.models_zoo import fresh
 
 
 @pytest.fixture(scope="module")
 def edited():
-    g = build("fused").copy()
+    g = fresh("fused")
     g.remove("mlp:blocks.0", [0, 9, 10])
     g.slice("head:blocks.1.attn", [3, 1])
     g.remove_block("blocks.0")

@@ -138,9 +138,9 @@ def test_a_head_tied_to_the_embedding_is_quantized_without_changing_the_embeddin
     from modelpress.models.saving import load_saved, save
     from modelpress.passes import Context
     from modelpress.quantize.passes import RepQPass
-    from tests.graph.models_zoo import build
+    from tests.graph.models_zoo import fresh
 
-    graph = build("gpt2")
+    graph = fresh("gpt2")
     embedding = graph.module.transformer.wte.weight.detach().clone()
     assert graph.module.lm_head.weight is graph.module.transformer.wte.weight
     g = torch.Generator().manual_seed(0)

@@ -13,9 +13,9 @@ from modelpress.quantize.repq import RepQConfig, quantize_model
 
 def test_gpt2_norms_are_reparameterized_into_their_conv1d_consumers(tmp_path: Path):
     from modelpress.passes import Context
-    from tests.graph.models_zoo import build
+    from tests.graph.models_zoo import fresh
 
-    graph = build("gpt2")
+    graph = fresh("gpt2")
     pairs = dict((n, c) for n, c, _ in graph.norm_consumers())
     assert pairs["transformer.h.0.ln_1"] == ["transformer.h.0.attn.c_attn"]
     assert pairs["transformer.h.1.ln_2"] == ["transformer.h.1.mlp.c_fc"]

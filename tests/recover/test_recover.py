@@ -143,9 +143,9 @@ def test_bad_settings_give_short_errors(tmp_path, digits) -> None:  # noqa: ANN0
 
 def test_encoder_recovery_by_hidden_states(tmp_path) -> None:  # noqa: ANN001
     """A tiny BERT with half its MLP units pruned, distilled per token: per-token and pooled fidelity rise."""
-    from tests.graph.models_zoo import build
+    from tests.graph.models_zoo import fresh
 
-    graph = build("bert")
+    graph = fresh("bert")
     gen = torch.Generator().manual_seed(0)
 
     def split(n: int) -> DataSplit:
