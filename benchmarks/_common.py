@@ -225,3 +225,54 @@ def quiet():  # noqa: ANN201 - a context manager
 def fmt(x: Any, spec: str, suffix: str = "") -> str:
     """A table cell: ``x`` formatted with ``spec`` (and ``suffix``), "-" when missing."""
     return "-" if x is None else format(x, spec) + suffix
+
+
+
+def previous_results(benchmark: str, out: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The results and part seconds of ``out`` when it holds this benchmark's JSON (else empty)."""
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    if previous.get("benchmark") != benchmark:
+        return {}, {}
+    return previous.get("results", {}), dict(previous.get("part_seconds", {}))
+
+
+def run_parts(benchmark: str, script: str, argv: list[str] | None, args, runners: dict[str, Any], *,  # noqa: ANN001
+              threads: int, dists: tuple[str, ...], reporter,  # noqa: ANN001
+              results: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
+    """Run the ``--parts`` of a benchmark script, each written into ``args.out`` as soon as it is done.
+
+    ``runners[part](args, tmp_dir, reporter)`` returns the part's result dict; ``script`` is the file name
+    the JSON's command names. The results of parts not run this time are kept from the previous JSON of
+    the same benchmark (``results``: that dict, from ``previous_results``, when a runner reads it), so one
+    part can be re-measured alone. Returns the results and the JSON path."""
+    import tempfile
+    import warnings
+
+    from modelpress.bench import system_info, write_json_atomic
+    from modelpress.system import load_average
+
+    kept, seconds = previous_results(benchmark, args.out)
+    results = kept if results is None else results
+    load_before = load_average()
+
+    def document() -> dict[str, Any]:
+        return {
+            "benchmark": benchmark,
+            "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "system": system_info(threads),
+            "versions": {d: dist_version(d) for d in ("modelpress", *dists)},
+            "load_average": {"before": load_before, "after": load_average()},
+            "part_seconds": seconds,
+            "results": results,
+        }
+
+    with tempfile.TemporaryDirectory(prefix=f"modelpress-{benchmark}-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for part in args.parts.split(","):
+            t0 = time.perf_counter()
+            results[part] = runners[part](args, Path(tmp), reporter)
+            results[part]["quick"] = args.quick
+            seconds[part] = round(time.perf_counter() - t0, 1)
+            write_json_atomic(args.out, document())  # each part kept as soon as it is done
+    return results, write_json_atomic(args.out, document())

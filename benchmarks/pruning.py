@@ -29,12 +29,9 @@ Writes benchmarks/results/pruning.json (and pruning.png when matplotlib is impor
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS,
     console,
-    dist_version,
     failure,
     fmt,
     parse_timing_args,
     quiet,
     recipe_options,
+    run_parts,
     timing_kwargs,
     timing_parser,
 )
@@ -613,37 +610,13 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from modelpress.bench import system_info, write_json_atomic
     from modelpress.progress import Reporter
-    from modelpress.system import load_average
 
     con = console()
-    reporter = Reporter()
     started = time.perf_counter()
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results = previous.get("results", {}) if previous.get("benchmark") == "pruning-recovery" else {}
     runners = {"minilm": run_minilm, "vit": run_vit, "classwise": run_classwise}
-    seconds = dict(previous.get("part_seconds", {})) if results else {}
-    load_before = load_average()
-    with tempfile.TemporaryDirectory(prefix="modelpress-pruning-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for part in args.parts.split(","):
-            t0 = time.perf_counter()
-            results[part] = runners[part](args, Path(tmp), reporter)
-            results[part]["quick"] = args.quick
-            seconds[part] = round(time.perf_counter() - t0, 1)
-    out = {
-        "benchmark": "pruning-recovery",
-        "command": "python benchmarks/pruning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "system": system_info(THREADS),
-        "versions": {"modelpress": dist_version("modelpress"), "torch-pruning": dist_version("torch-pruning"),
-                     "onnxruntime": dist_version("onnxruntime"), "torch": dist_version("torch")},
-        "load_average": {"before": load_before, "after": load_average()},
-        "part_seconds": seconds,
-        "results": results,
-    }
-    path = write_json_atomic(args.out, out)
+    results, path = run_parts("pruning-recovery", "pruning.py", argv, args, runners, threads=THREADS,
+                              reporter=Reporter(), dists=("torch-pruning", "onnxruntime", "torch"))
     print_tables(con, results)
     png = plot(results, args.out.with_suffix(".png"))
     con.print(f"wrote {path}" + (f" and {png}" if png else " (no matplotlib: no plot)")

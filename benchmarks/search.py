@@ -35,7 +35,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, console, dist_version, fmt, quiet  # noqa: E402
+from _common import RESULTS, console, fmt, previous_results, quiet, run_parts  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -523,44 +522,14 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from modelpress.bench import system_info, write_json_atomic
     from modelpress.progress import Reporter
-    from modelpress.system import load_average
 
     con = console()
-    reporter = Reporter()
     started = time.perf_counter()
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results = previous.get("results", {}) if previous.get("benchmark") == "search" else {}
-    runners = {"vit": run_vit, "minilm": run_minilm,
-               "dynast": lambda a, t, r: run_dynast(a, t, r, results)}
-    seconds = dict(previous.get("part_seconds", {})) if results else {}
-    load_before = load_average()
-
-    def document() -> dict[str, Any]:
-        return {
-            "benchmark": "search",
-            "command": "python benchmarks/search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "system": system_info(THREADS),
-            "versions": {"modelpress": dist_version("modelpress"), "pymoo": dist_version("pymoo"),
-                         "scikit-learn": dist_version("scikit-learn"), "onnxruntime": dist_version("onnxruntime"),
-                         "torch": dist_version("torch")},
-            "load_average": {"before": load_before, "after": load_average()},
-            "part_seconds": seconds,
-            "results": results,
-        }
-
-    with tempfile.TemporaryDirectory(prefix="modelpress-search-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for part in args.parts.split(","):
-            t0 = time.perf_counter()
-            results[part] = runners[part](args, Path(tmp), reporter)
-            results[part]["quick"] = args.quick
-            seconds[part] = round(time.perf_counter() - t0, 1)
-            write_json_atomic(args.out, document())  # each part kept as soon as it is done
-    out = document()
-    path = write_json_atomic(args.out, out)
+    results, _ = previous_results("search", args.out)  # dynast reads the vit part's hypervolumes
+    runners = {"vit": run_vit, "minilm": run_minilm, "dynast": lambda a, t, r: run_dynast(a, t, r, results)}
+    results, path = run_parts("search", "search.py", argv, args, runners, threads=THREADS, reporter=Reporter(),
+                              dists=("pymoo", "scikit-learn", "onnxruntime", "torch"), results=results)
     print_tables(con, results)
     png = plot(results, args.out.with_suffix(".png"))
     con.print(f"wrote {path}" + (f" and {png}" if png else " (no matplotlib: no plot)")
