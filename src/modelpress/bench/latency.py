@@ -70,9 +70,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.bench.runner import _torch_threads, measure, write_json_atomic
+from modelpress.bench.runner import measure, torch_threads, write_json_atomic
 from modelpress.errors import ModelpressError
-from modelpress.export.onnx import _attention, export_onnx
+from modelpress.export.onnx import attention_implementation, export_onnx
 from modelpress.graph.inputs import InputSpec, primary_output
 from modelpress.graph.model_graph import ModelGraph
 from modelpress.graph.stats import block_widths, embedding_width, in_block
@@ -550,7 +550,7 @@ def _capture(graph: ModelGraph, path: str, seq: int | None) -> tuple[tuple, dict
 def _export_block(graph: ModelGraph, seq: int | None, path: Path) -> InputSpec:
     """Export ``graph``'s first block alone to ``path``; returns its input spec."""
     block_path = graph.blocks[0].path
-    with _attention(graph.module, "eager"):
+    with attention_implementation(graph.module, "eager"):
         args, kwargs, position, hidden = _capture(graph, block_path, seq)
         spec = InputSpec("tensor", ["hidden_states"], shape=tuple(hidden.shape[1:]))
         wrapper = _Standalone(graph.module.get_submodule(block_path), args, kwargs, position).eval()
@@ -695,7 +695,7 @@ def _measure_table(
         model_files: dict[str, Path] = {}
         n = arch["blocks"]
         # one torch thread while exporting: on a busy machine torch's spinning threads stall each other
-        with _torch_threads(1):
+        with torch_threads(1):
             for e in axes["embed"]:
                 with reporter.step(f"exporting the whole model and a one-block model at embedding {e}"):
                     base = _with_embed(graph, arch, e)

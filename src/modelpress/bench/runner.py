@@ -221,7 +221,8 @@ def _shape_key(batch: int, seq: int | None) -> str:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with torch on ``threads`` intra-op threads, restoring the previous count after."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -334,7 +335,7 @@ def _probe_torch_memory(
     run = TorchCall(module, names, inference=True)
     weights_mb = _param_bytes(module) / 2**20
     out: dict[str, float | None] = {}
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for shape in shapes:
             gc.collect()
             try:
@@ -446,7 +447,7 @@ def measure(
         samples: dict[str, dict[tuple, list[list[float]]]] = {n: {s: [] for s in shapes} for n in names}
         cpu_samples: dict[str, dict[tuple, list[float]]] = {n: {s: [] for s in shapes} for n in names}
         jobs = [(r, names[(r + i) % len(names)]) for r in range(rounds) for i in range(len(names))]
-        with _torch_threads(target.threads):
+        with torch_threads(target.threads):
             for _, name in reporter.track(jobs, f"timing {len(names)} variants x {rounds} rounds"):
                 if name in onnx_paths:
                     run = _onnx_runner(onnx_paths[name], target, name)

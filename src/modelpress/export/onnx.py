@@ -107,7 +107,7 @@ def _hf_models(module: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def _attention(module: nn.Module, implementation: str | None) -> Iterator[str | None]:
+def attention_implementation(module: nn.Module, implementation: str | None) -> Iterator[str | None]:
     """Temporarily switch every HF model inside ``module`` to ``implementation``; yields what is in use."""
     models = _hf_models(module)
     if not models:
@@ -362,7 +362,7 @@ def export_onnx(
         plain = workdir / "none.onnx"
         with (
             reporter.step(f"exporting to ONNX (opset {opset})"),
-            _attention(module, attn_implementation) as attn,
+            attention_implementation(module, attn_implementation) as attn,
         ):
             try:
                 _torch_export(module, input_spec, plain, opset)

@@ -209,10 +209,10 @@ def pick_quality(metrics: dict[str, float]) -> float:
 
 def _param_axes(net: SuperNet) -> dict[str, tuple[int, list[tuple[str, int]]]]:
     """Per parameter: its element count and the searched groups that cut it (name, full size)."""
-    from modelpress.search.supernet import _searched_groups
+    from modelpress.search.supernet import searched_groups
 
     cuts: dict[str, list[tuple[str, int]]] = {}
-    for gname in _searched_groups(net.space):
+    for gname in searched_groups(net.space):
         g = net.graph.group(gname)
         for param, _axis in g.slots:
             cuts.setdefault(param, []).append((g.name, g.size))

@@ -57,7 +57,7 @@ class SuperNet:
 
         Gradient criteria (``hessian``, ``taylor``) need ``data`` (a DataSplit) and ``task``."""
         net = graph.copy()
-        groups = [net.group(n) for n in _searched_groups(space)]
+        groups = [net.group(n) for n in searched_groups(space)]
         with reporter.step(f"ordering {len(groups)} groups by {saliency} saliency"):
             scores = group_saliency(net, saliency, groups=groups, data=data, task=task, max_batches=max_batches,
                                     seed=seed)
@@ -171,7 +171,7 @@ class SuperNet:
         return norms
 
 
-def _searched_groups(space: SearchSpace) -> list[str]:
+def searched_groups(space: SearchSpace) -> list[str]:
     names = []
     for b in space.blocks:
         names += [g for g in (b.head_group, b.mlp_group, b.head_dim_group) if g is not None]
