@@ -79,3 +79,36 @@ def test_reparameterization_float32_codes_match():
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, name  # float32 ties only
     # a rare tie flips one code by one step; the output moves by far less than one quantization step
     assert ((out - out_ref).norm() / out_ref.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["post", "pre"])
+def test_norm_with_partly_float_readers_is_an_error_or_left_alone(kind):
+    """A policy that keeps one of q/k/v float splits its norm's readers: an error by default; with
+    ``mixed="skip"`` (the search's per-Linear genes) that norm keeps per-tensor input scales, every other
+    norm is reparameterized, and the result is still exact where it claims to be."""
+    from modelpress.errors import ModelpressError
+
+    torch.manual_seed(0)
+    model = Stack(kind=kind).double()
+    split = "blocks.1.attn.k"
+    wrap_model(model, {split: "float"}, QuantConfig(attention=False))
+    pairs = model.norm_pairs()
+    with pytest.raises(ModelpressError, match="partly float"):
+        build_groups(copy.deepcopy(model), pairs)
+    refused: dict[str, str] = {}
+    groups = build_groups(model, pairs, mixed="skip", refused=refused)
+    split_norm = next(norm for norm, consumers in pairs if split in consumers)
+    assert list(refused) == [split_norm] and "partly float" in refused[split_norm]
+    assert {g.norm_name for g in groups} == {norm for norm, _ in pairs} - {split_norm}
+    kept = model.get_submodule("blocks.1.attn.q").input_quantizer  # its own per-tensor quantizer
+    assert all(kept is not g.quantizer for g in groups) and kept.axis is None
+
+    calib = [torch.randn(4, 16, 32, dtype=torch.float64) for _ in range(4)]
+    x = torch.randn(3, 16, 32, dtype=torch.float64)
+    calibrate(model, calib, observer="minmax")
+    per_channel = copy.deepcopy(model)
+    codes_ref, out_ref = _codes_and_output(per_channel, rebind(groups, per_channel), x)
+    reparameterize(model, groups, check_batch=calib[0], mode="auto")
+    codes, out = _codes_and_output(model, groups, x)
+    assert all(torch.equal(codes[n], c) for n, c in codes_ref.items())
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)

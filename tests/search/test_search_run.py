@@ -82,6 +82,29 @@ def test_extract_a_point(searched, vit_graph) -> None:  # noqa: ANN001
         extract(tmp / "full", tmp / "none", min_quality=1.5)
 
 
+def test_precision_genes_keep_reparameterization_where_a_norms_readers_agree(searched) -> None:  # noqa: ANN001
+    """One precision gene per Linear may split the readers of one LayerNorm (one of q/k/v float, the others
+    INT8): that norm keeps per-tensor input scales, every other norm is reparameterized (its readers share
+    one quantizer), and the mixed model still scores close to full INT8."""
+    from modelpress.search.run import load_evaluator
+
+    tmp, _, _ = searched
+    ev = load_evaluator(tmp / "full")
+    shared = [consumers for _norm, consumers, *_ in ev.net.graph.norm_consumers() if len(consumers) > 1]
+    split, whole = shared[1], shared[0]
+    config = ev.net.space.largest("int8")
+    config["precision"][split[0]] = "float"
+    graph, _ = ev.build(config)  # the full widths: module names as in the super-network
+    modules = dict(graph.module.named_modules())
+    quantizers = [getattr(modules[n], "input_quantizer", None) for n in split]
+    assert quantizers[0] is None and all(q is not None for q in quantizers[1:])
+    assert len({id(q) for q in quantizers[1:]}) == len(split) - 1  # each its own per-tensor quantizer
+    assert len({id(modules[n].input_quantizer) for n in whole}) == 1  # one reparameterized quantizer
+    mixed, _ = ev.quality(config)
+    full_int8, _ = ev.quality(ev.net.space.largest("int8"))
+    assert mixed >= full_int8 - 0.03, (mixed, full_int8)
+
+
 def test_interrupted_search_resumes_to_the_same_result(searched, vit_graph, vit_data, vit_table) -> None:  # noqa: ANN001
     tmp, full, _ = searched
     with pytest.raises(ModelpressError, match="already holds"):

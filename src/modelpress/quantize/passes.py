@@ -73,6 +73,9 @@ class RepQPassConfig(PassConfig):
     probs: Literal["uniform", "log2", "logsqrt2"] = "logsqrt2"
     reparam: bool = True
     reparam_mode: Literal["auto", "fold", "affine"] = "auto"
+    # a norm whose consumers the policy splits (float and INT8, or different bits): an error, or "skip" its
+    # reparameterization (those consumers keep per-tensor input scales; the search's per-Linear genes)
+    mixed_norm_readers: Literal["error", "skip"] = "error"
     dual_clipping: bool = False
     clipping_steps: int = Field(200, ge=1)
     reconstruction: Literal["none", "gptq", "adaround"] = "gptq"

@@ -88,7 +88,8 @@ def merge_uses(pairs: Sequence[tuple]) -> tuple[list[tuple], dict[str, str]]:
     return merged, refused
 
 
-def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
+def build_groups(model: nn.Module, pairs: Sequence[tuple], *, mixed: str = "error",
+                 refused: dict[str, str] | None = None) -> list[NormGroup]:
     """Resolve (norm, consumers[, other_readers]) tuples, by module name or module, into NormGroups.
 
     ``other_readers`` (as ``ModelGraph.norm_consumers()`` reports it) says whether anything besides the
@@ -97,6 +98,10 @@ def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
 
     The consumers must be QuantLinear wrappers with input quantizers of one bit width; they are given one
     shared per-channel (axis -1) quantizer, asymmetric unless the consumers' quantizers are symmetric. Pairs whose consumers are float are skipped.
+    Consumers partly float or of different activation bits are an error, or with ``mixed="skip"`` that norm
+    is left alone (its consumers keep their own per-tensor input quantizers) and the reason goes into
+    ``refused``: a search whose precision genes are per Linear gets reparameterization wherever a norm's
+    readers agree.
     """
     names = {id(m): n for n, m in model.named_modules()}
     groups = []
@@ -117,14 +122,18 @@ def build_groups(model: nn.Module, pairs: Sequence[tuple]) -> list[NormGroup]:
         ]
         if not quantized:
             continue
-        if len(quantized) != len(consumers):
-            raise ModelpressError(
-                f"the consumers of {norm_name} are partly float ({[n for n, m in consumers if (n, m) not in quantized]})",
-                "give all consumers of one norm the same activation precision in the policy",
-            )
         bits = {m.input_quantizer.bits for _, m in quantized}
-        if len(bits) != 1:
-            raise ModelpressError(f"consumers of {norm_name} use different activation bits {sorted(bits)}")
+        problem = None
+        if len(quantized) != len(consumers):
+            problem = f"the consumers of {norm_name} are partly float ({[n for n, m in consumers if (n, m) not in quantized]})"
+        elif len(bits) != 1:
+            problem = f"the consumers of {norm_name} use different activation bits {sorted(bits)}"
+        if problem is not None:
+            if mixed != "skip":
+                raise ModelpressError(problem, "give all consumers of one norm the same activation precision in the policy")
+            if refused is not None:
+                refused[norm_name] = problem + "; they keep per-tensor input scales"
+            continue
         symmetric = all(m.input_quantizer.symmetric for _, m in quantized)
         shared = UniformQuantizer(bits.pop(), symmetric=symmetric, axis=-1)
         for _, m in quantized:

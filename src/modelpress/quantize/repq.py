@@ -47,6 +47,7 @@ class RepQConfig:
     probs: str = "logsqrt2"
     reparam: bool = True
     reparam_mode: str = "auto"
+    mixed_norm_readers: str = "error"  # error | skip: see reparam.build_groups
     dual_clipping: bool = False
     clipping_steps: int = 200
     reconstruction: str = "none"  # none | gptq | adaround
@@ -126,8 +127,9 @@ def quantize_model(
     if unmatched:
         metrics["unmatched_policy_patterns"] = unmatched
         log(f"policy patterns that match no quantizable layer: {', '.join(unmatched)}")
-    groups = build_groups(model, pairs) if (cfg.reparam or cfg.dual_clipping) else []
     _, refused = merge_uses(pairs)
+    groups = (build_groups(model, pairs, mixed=cfg.mixed_norm_readers, refused=refused)
+              if (cfg.reparam or cfg.dual_clipping) else [])
     if refused and (cfg.reparam or cfg.dual_clipping):
         metrics["reparam_refused"] = refused
         for norm, reason in refused.items():

@@ -23,10 +23,11 @@ UNITS = {"quality": "", "latency": "ms", "size": "MB"}
 QUALITY_METRICS = ("accuracy", "fidelity_mean", "agreement")
 PRECISION_SPEC = {"int8": "w8a8", "w4a8": "w4a8"}
 BYTES = {"float": 4.0, "int8": 1.0, "w4a8": 0.5}
-# reparam off: one gene per Linear lets the readers of one LayerNorm differ in precision, which RepQ's
-# post-norm reparameterization cannot take
+# RepQ's scale reparameterization wherever a norm's readers share one precision; one gene per Linear can
+# split them (q float, k INT8), and such a norm keeps per-tensor input scales ("skip"). MiniLM, full INT8,
+# 48 held-out sentences: fidelity 0.9922 without reparameterization, 0.9944 with it, at the same cost.
 FAST_REPQ = {"samples": 64, "reconstruction": "none", "act_observer": "minmax", "weight_observer": "minmax",
-             "reparam": False}
+             "reparam": True, "mixed_norm_readers": "skip"}
 
 
 def check_objectives(objectives: list[str]) -> list[str]:
