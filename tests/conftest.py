@@ -19,15 +19,24 @@ def _one_torch_thread():
     torch threads wait on each other far longer than they compute. Measured on the CI machine with a second
     job running: tests/cli/test_compress_e2e.py 961 s with two threads, 201 s with one;
     tests/quantize/test_hybrid_export.py 83 s and 33 s. On an idle machine the two are within noise
-    (tests/quantize: 91 s and 84 s; test_compress_e2e: 138 s and 151 s). tests/train and tests/recover
-    already pinned one thread per test for the same reason; this covers every other test, module- and
-    session-scoped fixtures included (a session fixture is set up first)."""
+    (tests/quantize: 91 s and 84 s; test_compress_e2e: 138 s and 151 s). Module- and session-scoped
+    fixtures are covered too (a session fixture is set up first)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_per_test(_one_torch_thread):  # noqa: ANN001, ANN202
+    """Each test starts on one thread again, whatever an earlier test left: training and recovery tests
+    check bit-identical weights across runs, which the thread count can change."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session")
