@@ -75,13 +75,15 @@ def test_latency_target_from_a_measured_table(setup, tmp_path) -> None:  # noqa:
 
     graph, _ = setup
     target = get_target("ort-cpu", threads=1)
-    table = build_latency_table(graph, target, grid="heads=1,4;mlp=32,256;embed=64", rounds=2, runs=5,
+    table = build_latency_table(graph, target, batch=64, grid="heads=1,4;mlp=32,256;embed=64", rounds=2, runs=5,
                                 min_time_s=0.02, model_rounds=2, clock="cpu", cache_dir=tmp_path / "cache")
-    # a measured table's fixed share (outside the blocks) varies with the machine's load, so the target is
-    # set between the full model and the floor this table can reach (one head, 5% MLP per block), at most 0.6
+    # at batch 1 this tiny ViT is overhead-bound (its blocks are a small share of its latency), so the table
+    # is measured at batch 64; the measured fixed share still varies with the machine's load, so the target
+    # is set between the full model and the floor this table can reach (one head, 5% MLP per block), <= 0.6
     blocks, _ = graph_widths(graph)
     floor = table.predict_widths([(1, b["head_dim"], max(8, round(0.05 * b["mlp"] / 8) * 8)) for b in blocks])
     ratio = max(0.6, 0.5 * (1 + floor / table.predict(graph)))
+    print(f"floor {floor:.3f} ms of {table.predict(graph):.3f} ms: target ratio {ratio:.3f}")
     assert ratio < 0.9, f"the measured table leaves almost nothing to prune (floor {floor:.3f} ms)"
     cls = registered_passes()["prune.global"]
     _, data = setup
