@@ -227,7 +227,6 @@ def fmt(x: Any, spec: str, suffix: str = "") -> str:
     return "-" if x is None else format(x, spec) + suffix
 
 
-
 def previous_results(benchmark: str, out: Path) -> tuple[dict[str, Any], dict[str, float]]:
     """The results and part seconds of ``out`` when it holds this benchmark's JSON (else empty)."""
     previous = json.loads(out.read_text()) if out.exists() else {}
