@@ -294,6 +294,46 @@ class Context:
         target = get_target(self.target or "ort-cpu")
         return measure(files, input_spec, target, baseline=baseline, reporter=self.reporter, **timing)
 
+    def recover(
+        self,
+        graph: ModelGraph,
+        *,
+        steps: int,
+        lr: float,
+        teacher: ModelGraph | None = None,
+        data: DataSplit | None = None,
+        batch_size: int = 32,
+        label_weight: float = 0.0,
+        name: str | None = None,
+        resume: bool = False,
+    ) -> dict[str, Any] | None:
+        """Recovery fine-tuning, the one way every pass does it: distil ``teacher`` (default: the reference)
+        into ``graph``'s module in place for ``steps`` (label-free unless ``label_weight`` > 0), on ``data``
+        (default: the train split, else the calibration split).
+
+        One set of defaults for every method: AdamW with weight decay 0.01, cosine schedule with
+        ``min(steps // 10, 100)`` warm-up steps, gradient norm clipped to 1, the student in eval mode
+        (no dropout, BatchNorm statistics frozen), seeded from the run's seed; with ``name`` training
+        checkpoints go to :meth:`checkpoint_dir` (``resume``: continue from the one there). Returns a summary (steps,
+        seconds, first and last loss), or None when there is nothing to learn from (no steps, task, data or
+        teacher).
+        """
+        from modelpress.train import TrainConfig, train
+
+        teacher = teacher if teacher is not None else self.reference
+        split = data if data is not None else (self.train or self.calibration)
+        if steps <= 0 or self.task is None or split is None or teacher is None:
+            return None
+        config = TrainConfig(steps=steps, lr=lr, warmup_steps=min(steps // 10, 100), batch_size=batch_size,
+                             seed=self.seed, label_weight=label_weight, dropout=False,
+                             checkpoint_dir=self.checkpoint_dir(name) if name else None)
+        result = train(graph.module, split, task=self.task, teacher=teacher.module, config=config,
+                       reporter=self.reporter, input_names=list(graph.input_spec.names), resume=resume and name is not None)
+        graph.module.eval()
+        losses = [v for _, v in result.losses]
+        return {"steps": result.steps, "seconds": round(result.seconds, 2),
+                "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None}
+
     # ----- helpers
     def _require_task(self) -> None:
         if self.task is None or self.data is None or self.evaluation is None:
