@@ -32,3 +32,30 @@ def test_every_package_is_in_a_layer():
     packages = {p.name for p in src.iterdir() if (p / "__init__.py").exists()}
     modules = {p.stem for p in src.glob("*.py") if p.stem != "__init__"}
     assert packages | modules <= named, f"not in any layer: {sorted((packages | modules) - named)}"
+
+
+def test_no_import_cycle_between_files_of_a_package():
+    """Inside every package, files import one way (lazy imports inside functions count): no two files of
+    one package reach each other through that package's files."""
+    grimp = pytest.importorskip("grimp", reason="import-linter (dev extra) brings grimp")
+    graph = grimp.build_graph("modelpress", cache_dir=None)
+    packages: dict[str, set[str]] = {}
+    for module in graph.modules:
+        packages.setdefault(module.rpartition(".")[0], set()).add(module)
+    cycles = []
+    for members in packages.values():
+        edges = {m: graph.find_modules_directly_imported_by(m) & members for m in members}
+        reach = {m: _reachable(m, edges) for m in members}
+        cycles += sorted(f"{a} <-> {b}" for a in members for b in reach[a] if a < b and a in reach[b])
+    assert not cycles, "import cycles between files: " + "; ".join(cycles[:20])
+
+
+def _reachable(start: str, edges: dict[str, set[str]]) -> set[str]:
+    seen: set[str] = set()
+    stack = [start]
+    while stack:
+        for nxt in edges[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen

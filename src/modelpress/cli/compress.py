@@ -60,7 +60,7 @@ def run_recipe(
     # training checkpoints (recover) live beside the output until the run completes: an interrupted run
     # leaves no output folder, and the same command run again resumes from them
     checkpoints = out.parent / f".{out.name}.checkpoints"
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         ctx = Context(
             workdir=tmp / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
             target=tgt, seed=seed, reporter=rep, checkpoints=checkpoints,

@@ -83,7 +83,7 @@ def fuse(
     from modelpress.passes import Context
 
     task_data = load_data(data, graph.input_spec, graph.tokenizer, seed=seed, n_calibration=samples)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         ctx = Context(workdir=tmp / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
                       seed=seed, reporter=rep)
         result = Pipeline(recipe).run(graph, ctx, measure=False)

