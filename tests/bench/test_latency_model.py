@@ -168,10 +168,16 @@ def test_measured_prediction_of_a_pruned_model(tmp_path):
     mixed.remove_block("encoder.layer.2")
     rows = compare_latency(table, {"full": g, "uniform": uniform, "mixed": mixed}, target, rounds=3,
                            min_time_s=0.2)
-    assert rows[0]["speedup_error"] == 0.0
-    for row in rows[1:]:
+    full, uniform_row, mixed_row = rows
+    # the table's absolute level: the unpruned model predicted at its latency measured afresh here
+    assert full["predicted_ms"] == pytest.approx(full["measured_ms"], rel=0.15), rows
+    for row in (uniform_row, mixed_row):
         assert row["measured_speedup"] > 1.3
-        assert abs(row["speedup_error"]) < 0.4, rows
+        # CPU time at one thread: within 5% at a load of 8 on 2 cores; 15% leaves room for another CPU
+        assert abs(row["speedup_error"]) < 0.15, rows
+    # the non-uniform model (fewer heads, one block fewer) is predicted and measured faster than the uniform one
+    assert mixed_row["predicted_speedup"] > uniform_row["predicted_speedup"] * 1.2
+    assert mixed_row["measured_speedup"] > uniform_row["measured_speedup"] * 1.2
     with pytest.raises(ModelpressError, match="cpu clock needs 1 thread"):
         table_key(g, get_target("ort-cpu", threads=2), clock="cpu")
 

@@ -679,112 +679,27 @@ def _measure_table(
     graph: ModelGraph, target: Target, key: dict[str, Any], versions: dict[str, Any], rounds: int, runs: int,
     min_time_s: float, model_rounds: int, reporter: Reporter,
 ) -> LatencyTable:
+    """Export every grid point's block and the whole-model references, time them, fit and calibrate."""
     started = time.perf_counter()
     load_before = load_average()
     target.require_available()
-    arch, axes, batch, seq = key["architecture"], key["axes"], key["batch"], key["seq"]
-    points = list(itertools.product(axes["heads"], axes["head_dim"], axes["mlp"]))
+    arch, axes = key["architecture"], key["axes"]
     notes: list[str] = []
     if not arch["head_dim_groups"]:
         notes.append(f"no head-dim groups: the head-dim axis is {arch['head_dim']} only; other head dims are "
                      "looked up as heads x head dim / full head dim heads")
+    timing = {"rounds": rounds, "runs": runs, "min_time_s": min_time_s, "model_rounds": model_rounds}
     tmp = Path(tempfile.mkdtemp(prefix="modelpress-latency-"))
     try:
-        block_files: dict[int, dict[str, Path]] = {}
-        block_specs: dict[int, InputSpec] = {}
-        model_files: dict[str, Path] = {}
-        n = arch["blocks"]
-        # one torch thread while exporting: on a busy machine torch's spinning threads stall each other
-        with torch_threads(1):
-            for e in axes["embed"]:
-                with reporter.step(f"exporting the whole model and a one-block model at embedding {e}"):
-                    base = _with_embed(graph, arch, e)
-                    model_files[f"full_e{e}"] = export_onnx(
-                        base.module, base.input_spec, tmp / f"full_e{e}.onnx", optimize="none").path
-                    one = base
-                    if n > 1:  # block variants are cut from the one-block model: smaller copies, faster runs
-                        one = _one_block(base)
-                        model_files[f"one_e{e}"] = export_onnx(
-                            one.module, one.input_spec, tmp / f"one_e{e}.onnx", optimize="none").path
-                    mid = _mid_point(arch, axes)
-                    if mid is not None:  # every block at about half width: the calibration's second level
-                        half = _all_blocks(base, arch, *mid)
-                        model_files[f"mid_e{e}"] = export_onnx(
-                            half.module, half.input_spec, tmp / f"mid_e{e}.onnx", optimize="none").path
-                        del half
-                    del base
-                files: dict[str, Path] = {}
-                for h, d, m in reporter.track(points, f"exporting {len(points)} blocks at embedding {e}"):
-                    name = _point_name(e, h, d, m)
-                    variant = _block_variant(one, arch, h, d, m)
-                    block_specs[e] = _export_block(variant, seq, tmp / f"{name}.onnx")
-                    files[name] = tmp / f"{name}.onnx"
-                block_files[e] = files
-
-        medians: dict[str, float] = {}
-        ratios: dict[str, list[float]] = {}  # per round: point / full-width block of the same embedding
-        for e, files in block_files.items():
-            full_block = _point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])
-            report = measure(files, block_specs[e], target, rounds=rounds, runs=runs, min_time_s=min_time_s,
-                             warmup=3, batch_sizes=[batch], memory=False, baseline=full_block, reporter=reporter)
-            base_cpu = report.stats(full_block, batch).cpu_ms or 0.0
-            for name in files:
-                s = report.stats(name, batch)
-                if key["clock"] == "cpu":
-                    medians[name], ratios[name] = s.cpu_ms or 0.0, [(s.cpu_ms or 0.0) / base_cpu]
-                else:
-                    medians[name], ratios[name] = s.median_ms, [1.0 / r for r in s.speedup_rounds if r > 0]
-        report = measure(model_files, graph.input_spec, target, rounds=model_rounds, runs=runs,
-                         min_time_s=max(min_time_s, 0.2), warmup=3, batch_sizes=[batch],
-                         seq_lens=[seq] if seq else None, memory=False, reporter=reporter)
-        model_rounds_ms = {
-            name: [report.stats(name, batch).cpu_ms or 0.0] if key["clock"] == "cpu"
-            else report.stats(name, batch).round_medians_ms
-            for name in model_files
-        }
+        files = _export_table_models(graph, arch, axes, key["seq"], tmp, reporter)
+        medians, ratios = _time_blocks(files, target, key, timing, reporter)
+        model_rounds_ms = _time_models(files.models, graph.input_spec, target, key, timing, reporter)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     fitted, fit_notes = _fit_ratios(axes, arch, ratios)
     notes += fit_notes
-    calibration = []
-    for e in axes["embed"]:
-        alone = medians[_point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])]
-        full_r = np.asarray(model_rounds_ms[f"full_e{e}"])
-        if n > 1:
-            one_r = np.asarray(model_rounds_ms[f"one_e{e}"])
-            in_model = float(np.median((full_r - one_r) / (n - 1)))
-            rest = float(np.median((n * one_r - full_r) / (n - 1)))
-            one = float(np.median(one_r))
-            if in_model <= 0:
-                notes.append(f"embedding {e}: the whole model was not slower than one block (too noisy); "
-                             "blocks kept at their standalone latency")
-                in_model, rest = alone, float(np.median(full_r)) - n * alone
-        else:
-            in_model, one = alone, float(np.median(full_r))
-            rest = one - alone
-        if rest < 0:
-            notes.append(f"embedding {e}: rest came out {rest:.2f} ms (noise), set to 0")
-            rest = 0.0
-        scale = in_model / alone if alone > 0 else 1.0
-        if abs(scale - 1.0) > 0.10:
-            notes.append(f"embedding {e}: a block in the model takes {scale:.2f}x its standalone time")
-        fixed = 0.0
-        mid = _mid_point(arch, axes)
-        if mid is not None and in_model > 0:
-            # in-model block = level x (fixed + (1 - fixed) x standalone ratio): the share of a block's time
-            # in the model that does not shrink with its widths (its launches, norms and copies between ops),
-            # set so the half-width model is predicted at its measured latency
-            r_mid = fitted[_point_name(e, mid[0], arch["head_dim"], mid[1])]
-            b_mid = (float(np.median(model_rounds_ms[f"mid_e{e}"])) - rest) / n
-            if r_mid < 0.95:
-                fixed = float(np.clip((b_mid / in_model - r_mid) / (1.0 - r_mid), 0.0, 0.95))
-            if fixed > 0.05:
-                notes.append(f"embedding {e}: {fixed:.0%} of a block's in-model time does not shrink with its widths")
-        calibration.append({"embed": e, "rest_ms": rest, "block_in_model_ms": in_model, "scale": scale,
-                            "fixed_share": fixed, "full_ms": float(np.median(full_r)), "one_block_ms": one,
-                            "block_standalone_ms": alone,
-                            **({"mid_ms": float(np.median(model_rounds_ms[f"mid_e{e}"]))} if mid else {})})
+    calibration = [_calibrate(e, arch, axes, medians, fitted, model_rounds_ms, notes) for e in axes["embed"]]
     level = {c["embed"]: c["block_in_model_ms"] for c in calibration}
     fixed_share = {c["embed"]: c["fixed_share"] for c in calibration}
     names = [_point_name(e, h, d, m) for h, d, m, e in itertools.product(*(axes[a] for a in AXES))]
@@ -792,16 +707,141 @@ def _measure_table(
     for nm in names:
         e = int(nm[1:].split("_")[0])
         grid.append(level[e] * (fixed_share[e] + (1.0 - fixed_share[e]) * fitted[nm]))
-    standalone = [medians[nm] for nm in names]
-    cv = [_cv(ratios[nm]) for nm in names]
     system = system_info(target.threads)
     system["load_average_1min"] = [load_before, load_average()]
     return LatencyTable(
-        key=key, versions=versions, axes=axes, block_ms_grid=grid, standalone_ms_grid=standalone, block_cv=cv,
-        calibration=calibration,
-        notes=notes, system=system, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        seconds=time.perf_counter() - started,
+        key=key, versions=versions, axes=axes, block_ms_grid=grid, standalone_ms_grid=[medians[nm] for nm in names],
+        block_cv=[_cv(ratios[nm]) for nm in names], calibration=calibration, notes=notes, system=system,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=time.perf_counter() - started,
     )
+
+
+@dataclass
+class _TableFiles:
+    """The ONNX files a table is measured on: per embedding width, one file per grid point's block (and the
+    input spec they share), and the whole-model references (full, one block, every block at half width)."""
+
+    blocks: dict[int, dict[str, Path]] = field(default_factory=dict)
+    block_specs: dict[int, InputSpec] = field(default_factory=dict)
+    models: dict[str, Path] = field(default_factory=dict)
+
+
+def _export_table_models(
+    graph: ModelGraph, arch: Mapping[str, Any], axes: Mapping[str, list[int]], seq: int | None, tmp: Path,
+    reporter: Reporter,
+) -> _TableFiles:
+    """Export the whole-model references and every grid point's block, per embedding width."""
+    files = _TableFiles()
+    n = arch["blocks"]
+    points = list(itertools.product(axes["heads"], axes["head_dim"], axes["mlp"]))
+    # one torch thread while exporting: on a busy machine torch's spinning threads stall each other
+    with torch_threads(1):
+        for e in axes["embed"]:
+            with reporter.step(f"exporting the whole model and a one-block model at embedding {e}"):
+                base = _with_embed(graph, arch, e)
+                files.models[f"full_e{e}"] = _export_plain(base, tmp / f"full_e{e}.onnx")
+                one = base
+                if n > 1:  # block variants are cut from the one-block model: smaller copies, faster runs
+                    one = _one_block(base)
+                    files.models[f"one_e{e}"] = _export_plain(one, tmp / f"one_e{e}.onnx")
+                mid = _mid_point(arch, axes)
+                if mid is not None:  # every block at about half width: the calibration's second level
+                    files.models[f"mid_e{e}"] = _export_plain(_all_blocks(base, arch, *mid), tmp / f"mid_e{e}.onnx")
+                del base
+            blocks: dict[str, Path] = {}
+            for h, d, m in reporter.track(points, f"exporting {len(points)} blocks at embedding {e}"):
+                name = _point_name(e, h, d, m)
+                files.block_specs[e] = _export_block(_block_variant(one, arch, h, d, m), seq, tmp / f"{name}.onnx")
+                blocks[name] = tmp / f"{name}.onnx"
+            files.blocks[e] = blocks
+    return files
+
+
+def _export_plain(graph: ModelGraph, path: Path) -> Path:
+    return Path(export_onnx(graph.module, graph.input_spec, path, optimize="none").path)
+
+
+def _time_blocks(
+    files: _TableFiles, target: Target, key: Mapping[str, Any], timing: Mapping[str, Any], reporter: Reporter,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each block's median latency and its per-round ratios to the full-width block of its embedding."""
+    arch, batch = key["architecture"], key["batch"]
+    medians: dict[str, float] = {}
+    ratios: dict[str, list[float]] = {}
+    for e, blocks in files.blocks.items():
+        full_block = _point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])
+        report = measure(blocks, files.block_specs[e], target, rounds=timing["rounds"], runs=timing["runs"],
+                         min_time_s=timing["min_time_s"], warmup=3, batch_sizes=[batch], memory=False,
+                         baseline=full_block, reporter=reporter)
+        base_cpu = report.stats(full_block, batch).cpu_ms or 0.0
+        for name in blocks:
+            s = report.stats(name, batch)
+            if key["clock"] == "cpu":
+                medians[name], ratios[name] = s.cpu_ms or 0.0, [(s.cpu_ms or 0.0) / base_cpu]
+            else:
+                medians[name], ratios[name] = s.median_ms, [1.0 / r for r in s.speedup_rounds if r > 0]
+    return medians, ratios
+
+
+def _time_models(
+    models: Mapping[str, Path], input_spec: InputSpec, target: Target, key: Mapping[str, Any],
+    timing: Mapping[str, Any], reporter: Reporter,
+) -> dict[str, list[float]]:
+    """The whole-model references' per-round medians (CPU time: one value)."""
+    batch, seq = key["batch"], key["seq"]
+    report = measure(dict(models), input_spec, target, rounds=timing["model_rounds"], runs=timing["runs"],
+                     min_time_s=max(timing["min_time_s"], 0.2), warmup=3, batch_sizes=[batch],
+                     seq_lens=[seq] if seq else None, memory=False, reporter=reporter)
+    return {
+        name: [report.stats(name, batch).cpu_ms or 0.0] if key["clock"] == "cpu"
+        else report.stats(name, batch).round_medians_ms
+        for name in models
+    }
+
+
+def _calibrate(
+    e: int, arch: Mapping[str, Any], axes: Mapping[str, list[int]], medians: Mapping[str, float],
+    fitted: Mapping[str, float], model_rounds_ms: Mapping[str, list[float]], notes: list[str],
+) -> dict[str, Any]:
+    """How the blocks at embedding ``e`` sit in the whole model: a block's in-model time (from the full and
+    one-block models), the rest of the model, and the share of a block's time that does not shrink with its
+    widths (from the half-width model). Appends what looked off to ``notes``."""
+    n = arch["blocks"]
+    alone = medians[_point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])]
+    full_r = np.asarray(model_rounds_ms[f"full_e{e}"])
+    if n > 1:
+        one_r = np.asarray(model_rounds_ms[f"one_e{e}"])
+        in_model = float(np.median((full_r - one_r) / (n - 1)))
+        rest = float(np.median((n * one_r - full_r) / (n - 1)))
+        one = float(np.median(one_r))
+        if in_model <= 0:
+            notes.append(f"embedding {e}: the whole model was not slower than one block (too noisy); "
+                         "blocks kept at their standalone latency")
+            in_model, rest = alone, float(np.median(full_r)) - n * alone
+    else:
+        in_model, one = alone, float(np.median(full_r))
+        rest = one - alone
+    if rest < 0:
+        notes.append(f"embedding {e}: rest came out {rest:.2f} ms (noise), set to 0")
+        rest = 0.0
+    scale = in_model / alone if alone > 0 else 1.0
+    if abs(scale - 1.0) > 0.10:
+        notes.append(f"embedding {e}: a block in the model takes {scale:.2f}x its standalone time")
+    fixed = 0.0
+    mid = _mid_point(arch, axes)
+    if mid is not None and in_model > 0:
+        # in-model block = level x (fixed + (1 - fixed) x standalone ratio): the share of a block's time
+        # in the model that does not shrink with its widths (its launches, norms and copies between ops),
+        # set so the half-width model is predicted at its measured latency
+        r_mid = fitted[_point_name(e, mid[0], arch["head_dim"], mid[1])]
+        b_mid = (float(np.median(model_rounds_ms[f"mid_e{e}"])) - rest) / n
+        if r_mid < 0.95:
+            fixed = float(np.clip((b_mid / in_model - r_mid) / (1.0 - r_mid), 0.0, 0.95))
+        if fixed > 0.05:
+            notes.append(f"embedding {e}: {fixed:.0%} of a block's in-model time does not shrink with its widths")
+    return {"embed": e, "rest_ms": rest, "block_in_model_ms": in_model, "scale": scale, "fixed_share": fixed,
+            "full_ms": float(np.median(full_r)), "one_block_ms": one, "block_standalone_ms": alone,
+            **({"mid_ms": float(np.median(model_rounds_ms[f"mid_e{e}"]))} if mid else {})}
 
 
 def _fit_ratios(
