@@ -223,3 +223,37 @@ def test_cli_writes_the_split_into_the_output_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "K = 11 is more than the model's 10 classes" in err and "Traceback" not in err
     assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+
+
+@pytest.mark.slow
+def test_cli_table_and_report_show_what_the_split_produced(tmp_path, capsys, monkeypatch):
+    """`compress` with a class-wise recipe on the digits CNN, the devices measured on the run's target: the
+    table and report.md compare each sub-model with the full model (not the unchanged model.onnx with
+    itself), report.json carries the split, its latencies measured in one run beside the full model's."""
+    from modelpress.cli import main
+
+    monkeypatch.setenv("COLUMNS", "220")  # one table row per line
+    recipe = tmp_path / "cw.yaml"
+    recipe.write_text("passes:\n  - pass: prune.classwise\n    k: 2\n    ratio: 0.5\n    saliency: magnitude\n"
+                      "    recover_steps: 4\n    fusion_steps: 20\nexport:\n  optimize: none\n")
+    out = tmp_path / "out"
+    main(["compress", "modelpress.train.zoo:digits_cnn_factory", "-r", str(recipe), "--data", "digits",
+          "--threads", "1", "-o", str(out), "-q"])
+    table = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    split = report["classwise"]
+    full = split["full"]
+    assert [s["classes"] for s in split["sub_models"]] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    for s in split["sub_models"]:
+        assert s["params"] < 0.53 * full["params"] and s["device"] in full["latency_ms"]
+        assert s["full_latency_ms"] == full["latency_ms"][s["device"]] > 0 and s["latency_ms"] > 0
+        assert s["speedup"] == pytest.approx(s["full_latency_ms"] / s["latency_ms"])
+    assert {"fusion", "concat", "full_model"} <= set(split["combined"])
+    markdown = (out / "report.md").read_text()
+    for text in (table, markdown):
+        assert "same size" not in text
+        assert "sub0 (classes 0-4) parameters" in text and "sub1 (classes 5-9) latency on" in text
+        assert "combined accuracy (fusion)" in text and "combined accuracy (concat)" in text
+    assert "## Class-wise split" in markdown and "slowest device" in markdown
+    rows = [r for r in markdown.splitlines() if r.startswith("| sub0 (classes 0-4) parameters")]
+    assert rows and rows[0].endswith("x smaller |")
