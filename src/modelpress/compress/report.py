@@ -131,6 +131,9 @@ def size_change(before: float, after: float) -> str:
 def review(report: dict[str, Any]) -> dict[str, list[str]]:
     """Warnings when the compressed model is slower or larger than the original on the measured target,
     and what to try instead (another recipe, another target or batch size); empty lists when it pays."""
+    split = classwise_summary(report)
+    if split is not None:  # model.onnx is the full model: the sub-models are what to judge
+        return classwise_review(split)
     warnings: list[str] = []
     suggestions: list[str] = []
     passes = [p.get("pass", "") for p in (report.get("recipe") or {}).get("passes", [])]
@@ -176,6 +179,18 @@ def review(report: dict[str, Any]) -> dict[str, list[str]]:
                            "in float (quantize.repq auto_float)" if quantized else
                            "keep more of the model: smaller pruning ratios, or recover with distillation")
     return {"warnings": warnings, "suggestions": list(dict.fromkeys(suggestions))}
+
+
+def classwise_review(split: dict[str, Any]) -> dict[str, list[str]]:
+    """A warning when sub-models measured slower than the full model on their devices, and what to try."""
+    slower = [s for s in split["sub_models"]
+              if s.get("speedup") and s["speedup"] < 1.0 and speed_change(s["speedup"]) != "same speed"]
+    if not slower:
+        return {"warnings": [], "suggestions": []}
+    where = ", ".join(f"{s['name']} on {s['device']}: {speed_change(s['speedup'])}" for s in slower)
+    return {"warnings": [f"sub-models measured slower than the full model at batch 1 ({where})"],
+            "suggestions": ["on a model this small the per-run overhead outweighs the savings: prune the "
+                            "sub-models harder (a smaller ratio), or split a larger model"]}
 
 
 def render_table(report: dict[str, Any]):  # noqa: ANN201 - rich.table.Table
