@@ -13,6 +13,7 @@ from modelpress.graph import ModelGraph
 
 @torch.no_grad()
 def logits(module: nn.Module, names: list[str], split: DataSplit) -> np.ndarray:
+    """The module's outputs on every batch of ``split``, in sample order (torch, no gradients)."""
     from modelpress.data import torch_runner
 
     run = torch_runner(module, names)
@@ -66,6 +67,7 @@ def subset_split(split: DataSplit, classes_of: np.ndarray, subset: list[int], ba
 
 
 def train_split_of(data: TaskData) -> DataSplit:
+    """The data recovery trains on: the train split, or the calibration split when there is none."""
     try:
         return data.train
     except ModelpressError:

@@ -61,7 +61,7 @@ class ClasswiseResult:
         return self.combiner(rule)(*self.sub_logits(inputs))
 
     def save(self, out_dir: str | Path, *, opset: int = 17) -> Path:
-        """Write the split into ``out_dir`` (see the module docstring), atomically: a temporary folder beside
+        """Write the split into ``out_dir`` (see the package docstring), atomically: a temporary folder beside
         it, renamed when everything is written and the combined ONNX prediction matched torch's."""
         from modelpress.models import saving
 

@@ -22,6 +22,7 @@ def balanced_subsets(num_classes: int, k: int) -> list[list[int]]:
 
 
 def check_subsets(subsets: Sequence[Sequence[int]], num_classes: int) -> list[list[int]]:
+    """Given subsets, sorted; a short error unless they cover every class exactly once."""
     out = [sorted(int(c) for c in s) for s in subsets]
     if len(out) > num_classes:
         raise ModelpressError(f"K = {len(out)} is more than the model's {num_classes} classes",
