@@ -8,9 +8,9 @@ import torch
 
 from modelpress.compress.pipeline import Pipeline
 from modelpress.compress.recipe import Recipe, builtin_recipes, load_recipe
+from modelpress.data.saliency import magnitude
 from modelpress.errors import ModelpressError
 from modelpress.passes import Context
-from modelpress.prune.saliency import magnitude
 
 
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))

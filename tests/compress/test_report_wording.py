@@ -75,3 +75,33 @@ def test_report_md_carries_warnings_and_suggestions():
     assert "| ORT latency median (batch 1) | 10.00 ms | 20.00 ms | 2.00x slower |" in md
     assert "## Warnings" in md and "- **Warning**: the compressed model is slower" in md
     assert "- Try: " in md and "--recipe fp32" in md
+
+
+def _classwise_report(speedups: list[float | None]) -> dict[str, Any]:
+    """A class-wise run's report: model.onnx is the full model (same size, same speed), the split is in the
+    pass's summary; a speedup of None is a device whose latencies were given, not measured."""
+    subs = [{"name": f"sub{i}", "classes": [2 * i, 2 * i + 1], "params": 250_000, "params_reduction": 4.0,
+             "device": f"d{i}", "latency_ms": 1.0, "full_latency_ms": None if r is None else r,
+             "speedup": r} for i, r in enumerate(speedups)]
+    split = {"output": "classwise/", "full": {"params": 1_000_000, "latency_ms": {}}, "sub_models": subs,
+             "combined": {"metric": "accuracy", "full_model": 0.98, "concat": 0.96, "fusion": 0.97},
+             "placement": {"loads_ms": {s["device"]: 1.0 for s in subs}, "makespan_ms": 1.0}}
+    report = _report([1.0, 1.0], after_bytes=4 << 20, after_params=2_000_000, recipe="prune.classwise")
+    report["passes"] = [{"pass": "prune.classwise", "classwise": split}]
+    return report
+
+
+def test_a_classwise_split_is_compared_with_the_full_model():
+    report = _classwise_report([2.5, 0.8, None])
+    rows = _changes(report)
+    assert rows["sub0 (classes 0, 1) parameters"] == "4.00x smaller"
+    assert rows["sub0 (classes 0, 1) latency on d0 (batch 1)"] == "2.50x faster"
+    assert rows["sub1 (classes 2, 3) latency on d1 (batch 1)"] == "1.25x slower"
+    assert rows["sub2 (classes 4, 5) latency on d2 (batch 1)"] == "given, not measured"
+    assert rows["combined accuracy (fusion)"] == "-0.0100" and rows["combined accuracy (concat)"] == "-0.0200"
+    assert "same size" not in rows.values() and "same speed" not in rows.values()
+    notes = review(report)
+    assert notes["warnings"] == ["sub-models measured slower than the full model at batch 1 (sub1 on d1: 1.25x slower)"]
+    assert review(_classwise_report([2.5, None])) == {"warnings": [], "suggestions": []}
+    markdown = render_markdown({**report, **notes})
+    assert "| sub1 | 2, 3 | d1 | 250,000 | 1.000 | 0.800 |" in markdown and "slowest device 1.000 ms" in markdown

@@ -33,9 +33,13 @@ def test_parameter_target_is_met_with_rounded_widths(setup, tmp_path) -> None:  
     pruned = result.graph
     m = result.metrics
     assert m["ratio_reached"] <= 0.5 + 0.02
-    assert pruned.num_parameters() == m["params_after"] < 0.53 * graph.num_parameters()
-    for row in m["widths"].values():
+    for path, row in m["widths"].items():
         assert row["mlp"] % 8 == 0 and row["head_dim"] % 8 == 0 and row["heads"] >= 1
+        block = pruned.module.get_submodule(path)  # the reported widths are the module's own
+        att = block.attention
+        assert (att.num_attention_heads, att.head_dim) == (row["heads"], row["head_dim"])
+        assert att.q_proj.out_features == att.o_proj.in_features == row["heads"] * row["head_dim"]
+        assert block.mlp.fc1.out_features == row["mlp"]
     assert graph.num_parameters() == m["params_before"]  # the input graph is untouched
     evaluation = ctx.evaluate(pruned)  # exported, verified against torch, scored in ONNX Runtime
     assert evaluation.export.verification.ok
@@ -87,12 +91,21 @@ def test_latency_target_from_a_measured_table(setup, tmp_path) -> None:  # noqa:
     assert ratio < 0.9, f"the measured table leaves almost nothing to prune (floor {floor:.3f} of {full:.3f} ms)"
     cls = registered_passes()["prune.global"]
     _, data = setup
-    ctx = Context(workdir=tmp_path, task=ClassificationTask(), data=data, reference=graph, seed=0, latency_model=table)
-    result = cls(cls.Config(saliency="hessian", target="latency", ratio=ratio, iterations=2, measure=False)).apply(graph, ctx)
+    ctx = Context(workdir=tmp_path, task=ClassificationTask(), data=data, reference=graph, seed=0, latency_model=table,
+                  target=target)
+    result = cls(cls.Config(saliency="hessian", target="latency", ratio=ratio, iterations=2, confirm_rounds=0)).apply(
+        graph, ctx)
     m = result.metrics
     assert m["ratio_reached"] <= ratio + 0.02
     assert table.predict(result.graph) == pytest.approx(m["ratio_reached"] * full, rel=1e-6)
     assert m["predicted_speedup"] >= 1 / (ratio + 0.02)
+    assert result.graph.num_parameters() < graph.num_parameters()
+    # the measurement path ran for real: measured before the last iteration, then once more at the end (confirm_rounds 0), each recorded;
+    # timings on a shared machine are noisy, so only a generous margin is asked of the measured speedup
+    confirmations = m["confirmations"]
+    assert confirmations[0]["stage"] == "before the last iteration" and len(confirmations) == 2
+    assert all(np.isfinite(c["measured_speedup"]) and c["measured_speedup"] > 0 for c in confirmations)
+    assert m["measured_speedup"] == confirmations[-1]["measured_speedup"] > 1.15
 
 
 @pytest.mark.parametrize("slower", [True, False], ids=["table-too-optimistic", "table-too-pessimistic"])
@@ -134,8 +147,12 @@ def test_the_measured_latency_meets_the_target_when_the_table_is_off(setup, tmp_
     assert m["measured_speedup"] == last["measured_speedup"]
     if slower:
         assert m["predicted_speedup"] > last["measured_speedup"]
-        plain = cls(cls.Config(saliency="hessian", target="latency", ratio=0.6, iterations=1, confirm_rounds=0))
-        once = plain.apply(graph, ctx).metrics
-        assert len(once["confirmations"]) == 1 and 1 / once["measured_speedup"] > 0.62  # measured, reported only
+        # confirm_rounds 0: measured once and reported, no pruning on, although the measurement misses the
+        # target (at 0.45 it misses wherever the one iteration lands above 0.34 of the predicted latency)
+        settings = {"saliency": "hessian", "target": "latency", "ratio": 0.45, "iterations": 1}
+        once = cls(cls.Config(**settings, confirm_rounds=0)).apply(graph, ctx).metrics
+        unmeasured = cls(cls.Config(**settings, measure=False)).apply(graph, ctx).metrics
+        assert len(once["confirmations"]) == 1 and 1 / once["measured_speedup"] > 0.45 + 0.02
+        assert once["ratio_reached"] == unmeasured["ratio_reached"]
     else:
         assert m["predicted_speedup"] < last["measured_speedup"]

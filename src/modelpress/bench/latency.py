@@ -339,14 +339,10 @@ def _block_groups(graph: ModelGraph, path: str, kind: str) -> list:
 
 
 def graph_widths(graph: ModelGraph) -> tuple[list[dict[str, Any]], int | None]:
-    """Per current block: heads, head_dim, mlp (0 when absent); and the embedding width."""
-    rows = []
-    for r in block_widths(graph):
-        row = {"heads": r.get("heads", 0), "head_dim": r.get("head_dim", 0), "mlp": r.get("mlp", 0)}
-        dims = _block_groups(graph, r["block"], "head_dim")
-        if dims:
-            row["head_dim"] = max(g.size for g in dims)
-        rows.append(row)
+    """Per current block: heads, head_dim, mlp (0 when absent); and the embedding width. The graph's own
+    widths (:func:`block_widths`, which prune's ``widths`` reads too): a block's head dim is the width its
+    attention reshapes by, not a head-width group's size."""
+    rows = [{k: int(r.get(k, 0)) for k in ("heads", "head_dim", "mlp")} for r in block_widths(graph)]
     return rows, embedding_width(graph)
 
 

@@ -40,7 +40,7 @@ def run_recipe(
     from modelpress.bench import get_target
     from modelpress.compress.pipeline import Pipeline
     from modelpress.compress.recipe import Recipe, load_recipe
-    from modelpress.compress.report import render_markdown, render_table
+    from modelpress.compress.report import classwise_summary, render_markdown, render_table
     from modelpress.models import saving
     from modelpress.passes import Context
 
@@ -76,6 +76,9 @@ def run_recipe(
             saving.write_into(result.graph, tmp)
             shutil.copyfile(result.onnx_path, tmp / "model.onnx")
             report = result.report
+            split = classwise_summary(report)
+            if split is not None:  # what the recipe produced, beside the full model's numbers
+                report["classwise"] = split
             if tgt.name == "tensorrt":
                 report["tensorrt_engine"] = _tensorrt_engine(tmp / "model.onnx", graph, tmp / "model.plan")
             report["data"] = getattr(task_data, "description", str(data))
@@ -90,7 +93,8 @@ def run_recipe(
     if as_json:
         print_json(report)
     else:
-        print_rich(render_table(report), f"wrote {out}/ (model.onnx, model.safetensors, report.json, report.md)")
+        extra = ", classwise/ (the sub-models)" if "classwise" in report else ""
+        print_rich(render_table(report), f"wrote {out}/ (model.onnx, model.safetensors, report.json, report.md{extra})")
     _print_warnings(report)
 
 

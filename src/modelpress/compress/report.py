@@ -14,7 +14,11 @@ QUALITY_FORMATS = {"next_token_kl": ".3e", "perplexity": ".4g"}
 
 
 def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(metric, before, after, change) rows shared by the terminal table and report.md."""
+    """(metric, before, after, change) rows shared by the terminal table and report.md. A class-wise split
+    compares each sub-model with the full model (its model.onnx is the full model, unchanged)."""
+    split = classwise_summary(report)
+    if split is not None:
+        return classwise_rows(split)
     rows: list[tuple[str, str, str, str]] = []
     b, a = report.get("before", {}), report.get("after", {})
     if "parameters" in b:
@@ -47,6 +51,63 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def classwise_summary(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The class-wise split a run produced (``prune.classwise``'s summary), or None."""
+    if report.get("classwise"):
+        return report["classwise"]
+    return next((p["classwise"] for p in report.get("passes") or [] if p.get("classwise")), None)
+
+
+def classwise_rows(split: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Each sub-model against the full model (parameters; batch-1 latency on the sub-model's device, both
+    measured in one run), then the combined accuracy of both rules against the full model's."""
+    full = split["full"]
+    rows: list[tuple[str, str, str, str]] = []
+    for s in split["sub_models"]:
+        label = f"{s['name']} (classes {_classes(s['classes'])})"
+        rows.append((f"{label} parameters", f"{full['params'] / 1e6:.3f} M", f"{s['params'] / 1e6:.3f} M",
+                     size_change(full["params"], s["params"])))
+        theirs = s.get("full_latency_ms")
+        rows.append((f"{label} latency on {s['device']} (batch 1)", "-" if theirs is None else f"{theirs:.3f} ms",
+                     f"{s['latency_ms']:.3f} ms", speed_change(s.get("speedup")) if theirs else "given, not measured"))
+    combined = split["combined"]
+    metric, before = combined["metric"], combined["full_model"]
+    for rule in ("fusion", "concat"):
+        rows.append((f"combined {metric} ({rule})", f"{before:.4f}", f"{combined[rule]:.4f}",
+                     f"{combined[rule] - before:+.4f}"))
+    return rows
+
+
+def classwise_placement_lines(split: dict[str, Any]) -> list[str]:
+    """report.md's placement section: which device runs which sub-model, each device's load."""
+    lines = ["", "## Class-wise split", "",
+             f"The sub-models, combiners and assignment are in `{split.get('output', 'classwise/')}`; `model.onnx` "
+             "is the full model, unchanged.", "",
+             "| sub-model | classes | device | parameters | latency (ms) | full model (ms) |",
+             "|---|---|---|---:|---:|---:|"]
+    for s in split["sub_models"]:
+        full = s.get("full_latency_ms")
+        lines.append(f"| {s['name']} | {_classes(s['classes'])} | {s['device']} | {s['params']:,} | "
+                     f"{s['latency_ms']:.3f} | {'-' if full is None else f'{full:.3f}'} |")
+    placement = split["placement"]
+    loads = ", ".join(f"{d} {ms:.3f} ms" for d, ms in placement["loads_ms"].items())
+    lines += ["", f"Device loads: {loads}; slowest device {placement['makespan_ms']:.3f} ms."]
+    return lines
+
+
+def _classes(classes: list[int]) -> str:
+    """A class list, runs shortened: [0, 1, 2, 3, 7] -> "0-3, 7"."""
+    parts, run = [], [classes[0]] if classes else []
+    for c in classes[1:]:
+        if c == run[-1] + 1:
+            run.append(c)
+            continue
+        parts.append(run)
+        run = [c]
+    parts += [run] if run else []
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in parts)
+
+
 def speed_change(speedup: float | None) -> str:
     """A speed ratio (original time / compressed time) in words: "1.25x faster", "1.32x slower", never
     "0.76x faster"."""
@@ -70,6 +131,9 @@ def size_change(before: float, after: float) -> str:
 def review(report: dict[str, Any]) -> dict[str, list[str]]:
     """Warnings when the compressed model is slower or larger than the original on the measured target,
     and what to try instead (another recipe, another target or batch size); empty lists when it pays."""
+    split = classwise_summary(report)
+    if split is not None:  # model.onnx is the full model: the sub-models are what to judge
+        return classwise_review(split)
     warnings: list[str] = []
     suggestions: list[str] = []
     passes = [p.get("pass", "") for p in (report.get("recipe") or {}).get("passes", [])]
@@ -117,6 +181,18 @@ def review(report: dict[str, Any]) -> dict[str, list[str]]:
     return {"warnings": warnings, "suggestions": list(dict.fromkeys(suggestions))}
 
 
+def classwise_review(split: dict[str, Any]) -> dict[str, list[str]]:
+    """A warning when sub-models measured slower than the full model on their devices, and what to try."""
+    slower = [s for s in split["sub_models"]
+              if s.get("speedup") and s["speedup"] < 1.0 and speed_change(s["speedup"]) != "same speed"]
+    if not slower:
+        return {"warnings": [], "suggestions": []}
+    where = ", ".join(f"{s['name']} on {s['device']}: {speed_change(s['speedup'])}" for s in slower)
+    return {"warnings": [f"sub-models measured slower than the full model at batch 1 ({where})"],
+            "suggestions": ["on a model this small the per-run overhead outweighs the savings: prune the "
+                            "sub-models harder (a smaller ratio), or split a larger model"]}
+
+
 def render_table(report: dict[str, Any]):  # noqa: ANN201 - rich.table.Table
     from rich.table import Table
 
@@ -126,7 +202,10 @@ def render_table(report: dict[str, Any]):  # noqa: ANN201 - rich.table.Table
         table.add_column(col, justify="left" if col == "metric" else "right")
     for row in comparison_rows(report):
         table.add_row(*row)
-    if report.get("quality"):
+    if classwise_summary(report) is not None:
+        table.caption = ("each sub-model vs the full model; the combined accuracy on held-out data; "
+                         "the split is in classwise/, model.onnx is the full model")
+    elif report.get("quality"):
         table.caption = "quality of the exported ONNX models vs the original torch model, on held-out data"
     return table
 
@@ -139,6 +218,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {m} | {b} | {a} | {c} |" for m, b, a, c in comparison_rows(report)]
+    split = classwise_summary(report)
+    if split is not None:
+        lines += classwise_placement_lines(split)
     warnings = report.get("warnings")
     if warnings is None:  # a report written before the review existed
         warnings = [w for w in [(report.get("latency") or {}).get("warning")] if w]

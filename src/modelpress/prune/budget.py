@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,6 +23,19 @@ from modelpress.graph import Group, ModelGraph
 from modelpress.graph.stats import block_widths, count_macs, embedding_width, in_block
 
 RESOURCES = ("params", "macs", "latency")
+
+# what a pruning config can name: the graph's group kinds, and whole blocks (each pass checks which it takes)
+Kind = Literal["head", "head_dim", "mlp", "embedding", "conv", "channel", "block"]
+
+
+def round_keep(keep: float, size: int, multiple: int = 1, floor: int = 1, *, nearest: bool = False) -> int:
+    """How many units of a group of ``size`` to keep: ``keep`` rounded to a multiple of ``multiple`` (down,
+    so that at least the units chosen for removal go; ``nearest`` for a fixed ratio), never below ``floor``
+    (rounded up to a multiple) nor one multiple, never above ``size``. The one rounding rule of prune/."""
+    if multiple > 1:
+        steps = round(keep / multiple) if nearest else keep // multiple
+        keep = max(int(steps) * multiple, -(-floor // multiple) * multiple, multiple)
+    return int(min(size, max(keep, floor)))
 
 
 @dataclass
@@ -54,6 +68,8 @@ class Widths:
 
 
 def widths(graph: ModelGraph) -> Widths:
+    """The graph's current widths, from the graph's own per-block widths (:func:`block_widths`: a block's
+    head dim is the width its attention reshapes by, which a head-width cut shrinks)."""
     rows = {
         r["block"]: {k: int(r[k]) for k in ("heads", "head_dim", "mlp") if k in r} for r in block_widths(graph)
     }

@@ -17,8 +17,8 @@ multiples of ``round_to`` (per kind; 8 by default for MLP, head width and residu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -27,9 +27,7 @@ from modelpress.data.saliency import CRITERIA, group_saliency
 from modelpress.errors import ModelpressError
 from modelpress.graph import Group, ModelGraph
 from modelpress.passes import GraphPass, PassConfig, PassResult, register
-from modelpress.prune.budget import Costs, Widths, widths
-
-Kind = Literal["head", "head_dim", "mlp", "embedding", "conv", "block"]
+from modelpress.prune.budget import Costs, Kind, LatencyFn, Widths, round_keep, widths
 
 _DEFAULT_FLOORS = {"head": 0.0, "head_dim": 0.25, "mlp": 0.05, "embedding": 0.5, "conv": 0.1}
 _DEFAULT_ROUND = {"mlp": 8, "head_dim": 8, "embedding": 8, "conv": 8}
@@ -56,12 +54,30 @@ class GlobalConfig(PassConfig):
     confirm_rounds: int = Field(2, ge=0)  # prune on while the measured latency misses the target (0: report only)
 
     def model_post_init(self, __context: object) -> None:
+        if "channel" in self.kinds:
+            raise ValueError("prune.global ranks heads, head widths, MLP units, residual and conv channels and "
+                             "blocks: 'channel' groups are not among them")
         for kind, f in self.floors.items():
             if not 0.0 <= f < 1.0:
                 raise ValueError(f"floors.{kind} must be in [0, 1), got {f}")
         for kind, n in self.round_to.items():
             if n < 1:
                 raise ValueError(f"round_to.{kind} must be >= 1, got {n}")
+
+
+@dataclass
+class _Run:
+    """What one application of the pass carries between its pruning rounds and measurements."""
+
+    ctx: Any  # the Context
+    start: float  # the original's total of the target resource
+    latency_fn: LatencyFn | None
+    floors: dict[str, float]
+    rounding: dict[str, int]
+    original_sizes: dict[str, int]  # group name -> units in the original (floors are fractions of these)
+    eta: float | None  # None until ``eta: auto`` is set by the first ranking
+    history: list[dict] = field(default_factory=list)  # one entry per removal iteration
+    confirmations: list[dict] = field(default_factory=list)  # one entry per latency measurement
 
 
 @dataclass
@@ -88,137 +104,146 @@ class GlobalPrune(GraphPass):
 
     def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
         cfg = self.config
-        floors = {**_DEFAULT_FLOORS, **cfg.floors}
-        rounding = {**_DEFAULT_ROUND, **cfg.round_to}
-        latency_fn = _latency_fn(ctx) if cfg.target == "latency" or (cfg.rank == "nvit" and cfg.eta != 0) else None
+        latency_fn = _latency_fn(ctx) if self.needs_latency_model else None
         out = graph.copy()
-        original_sizes = {g.name: g.size for g in out.groups}
-        start = Costs(out, cfg.target, latency_fn).total(out)
-        goal = cfg.ratio * start
-        state = {"eta": None if cfg.eta == "auto" else float(cfg.eta), "history": []}
-        confirmations: list[dict] = []
+        run = _Run(ctx=ctx, start=Costs(out, cfg.target, latency_fn).total(out), latency_fn=latency_fn,
+                   floors={**_DEFAULT_FLOORS, **cfg.floors}, rounding={**_DEFAULT_ROUND, **cfg.round_to},
+                   original_sizes={g.name: g.size for g in out.groups},
+                   eta=None if cfg.eta == "auto" else float(cfg.eta))
+        goal = cfg.ratio * run.start
         measuring = cfg.target == "latency" and cfg.measure and ctx.target is not None
         if measuring and cfg.iterations > 1:
-            # measure before the last iteration and aim that one at the predicted latency the measurement
-            # says lands on the target: the table's error is corrected both ways (too slow and too fast)
-            before = start - (start - goal) * (cfg.iterations - 1) / cfg.iterations
-            now = self._prune_to(out, ctx, before, cfg.iterations - 1, start, latency_fn, floors, rounding,
-                                 original_sizes, state)
-            if cfg.recover_steps:
-                _recover(out, ctx, cfg)
-            speedup = _measured_speedup(graph, out, ctx)
-            confirmations.append({"stage": "before the last iteration", "predicted_speedup": start / now,
-                                  "measured_speedup": speedup, "predicted_goal": goal / start})
-            ctx.reporter.log(f"  measured {speedup:.2f}x (predicted {start / now:.2f}x)")
-            if np.isfinite(speedup) and speedup > 0:
-                error = (1.0 / speedup) / (now / start)  # measured / predicted latency
-                goal = float(np.clip(goal / error, 0.5 * goal, min(2.0 * goal, now)))
-            final = self._prune_to(out, ctx, goal, 1, start, latency_fn, floors, rounding, original_sizes, state)
+            goal = self._aim_by_measurement(graph, out, run, goal)
+            final = self._prune_to(out, run, goal, 1)
         else:
-            final = self._prune_to(out, ctx, goal, cfg.iterations, start, latency_fn, floors, rounding,
-                                   original_sizes, state)
-        if final > goal + cfg.tolerance * start:
+            final = self._prune_to(out, run, goal, cfg.iterations)
+        if final > goal + cfg.tolerance * run.start:
             raise ModelpressError(
-                f"prune.global reached {final / start:.3f} of the original {cfg.target}, not the {cfg.ratio:g} asked for: "
+                f"prune.global reached {final / run.start:.3f} of the original {cfg.target}, not the {cfg.ratio:g} asked for: "
                 "the floors and fixed groups leave no more to remove",
                 "lower the floors, allow more kinds, or ask for a larger ratio",
             )
         if measuring:
-            final = self._confirm(graph, out, ctx, goal, start, final, latency_fn, floors, rounding,
-                                  original_sizes, state, confirmations)
-        metrics = {
+            final = self._confirm(graph, out, run, goal, final)
+        return PassResult(graph=out, metrics=self._metrics(graph, out, run, final))
+
+    def _metrics(self, graph: ModelGraph, out: ModelGraph, run: _Run, final: float) -> dict[str, Any]:
+        cfg = self.config
+        now = widths(out)
+        metrics: dict[str, Any] = {
             "saliency": cfg.saliency,
             "target": cfg.target,
             "ratio_asked": cfg.ratio,
-            "ratio_reached": final / start,
+            "ratio_reached": final / run.start,
             "params_before": graph.num_parameters(),
             "params_after": out.num_parameters(),
-            "widths": {k: v for k, v in widths(out).blocks.items()},
-            "embedding": widths(out).embedding,
-            "iterations": state["history"],
+            "widths": dict(now.blocks),
+            "embedding": now.embedding,
+            "iterations": run.history,
         }
-        if state["eta"] is not None and cfg.rank == "nvit":
-            metrics["eta"] = state["eta"]
+        if run.eta is not None and cfg.rank == "nvit":
+            metrics["eta"] = run.eta
         if cfg.target == "latency":
-            metrics["predicted_speedup"] = start / final
-            if confirmations:
-                metrics["measured_speedup"] = confirmations[-1]["measured_speedup"]
-                metrics["confirmations"] = confirmations
-        return PassResult(graph=out, metrics=metrics)
+            metrics["predicted_speedup"] = run.start / final
+            if run.confirmations:
+                metrics["measured_speedup"] = run.confirmations[-1]["measured_speedup"]
+                metrics["confirmations"] = run.confirmations
+        return metrics
 
-    def _prune_to(
-        self, out: ModelGraph, ctx, goal: float, iterations: int, start: float, latency_fn,  # noqa: ANN001
-        floors: dict, rounding: dict, original_sizes: dict, state: dict,
-    ) -> float:
+    def _aim_by_measurement(self, graph: ModelGraph, out: ModelGraph, run: _Run, goal: float) -> float:
+        """Prune all iterations but the last, measure, and return the predicted latency the last iteration
+        should aim at so that the measured one lands on the target: the table's error is corrected both ways
+        (too slow and too fast)."""
+        cfg = self.config
+        before = run.start - (run.start - goal) * (cfg.iterations - 1) / cfg.iterations
+        now = self._prune_to(out, run, before, cfg.iterations - 1)
+        if cfg.recover_steps:
+            self._recover(out, run.ctx)
+        speedup = _measured_speedup(graph, out, run.ctx)
+        run.confirmations.append({"stage": "before the last iteration", "predicted_speedup": run.start / now,
+                                  "measured_speedup": speedup, "predicted_goal": goal / run.start})
+        run.ctx.reporter.log(f"  measured {speedup:.2f}x (predicted {run.start / now:.2f}x)")
+        if np.isfinite(speedup) and speedup > 0:
+            error = (1.0 / speedup) / (now / run.start)  # measured / predicted latency
+            goal = float(np.clip(goal / error, 0.5 * goal, min(2.0 * goal, now)))
+        return goal
+
+    def _prune_to(self, out: ModelGraph, run: _Run, goal: float, iterations: int) -> float:
         """Score, remove and (optionally) recover in ``iterations`` equal steps from the current cost down to
         ``goal`` (the asked iterations, then up to as many again if rounding and floors left it unmet)."""
-        cfg = self.config
-        begin = Costs(out, cfg.target, latency_fn).total(out)
+        cfg, ctx, start = self.config, run.ctx, run.start
+        begin = Costs(out, cfg.target, run.latency_fn).total(out)
         for it in range(2 * iterations):
-            costs = Costs(out, cfg.target, latency_fn)
+            costs = Costs(out, cfg.target, run.latency_fn)
             now = costs.total(out)
             step_goal = begin - (begin - goal) * min(1.0, (it + 1) / iterations)
             if now <= step_goal + cfg.tolerance * start * 0.5:
                 if it >= iterations - 1:
                     break
                 continue
-            cands = self._candidates(out, ctx, costs, floors, original_sizes)
+            cands = self._candidates(out, ctx, costs, run.floors, run.original_sizes)
             if not cands:
                 break
-            if cfg.rank == "nvit" and latency_fn is not None:
-                eta = state["eta"] = _auto_eta(out, cands, latency_fn) if state["eta"] is None else state["eta"]
-                lat = _latency_costs(out, cands, latency_fn) if cfg.target != "latency" else None
-                for c in cands:
-                    c.rank = c.score - eta * (c.cost if lat is None else lat[(c.group, c.unit)])
-            elif cfg.rank == "nvit":
-                for c in cands:
-                    c.rank = c.score
-            else:
-                for c in cands:
-                    c.rank = c.score / max(c.cost, 1e-12)
-            plan, blocks = _select(out, cands, now - step_goal, floors, rounding, original_sizes)
+            self._rank(out, cands, run)
+            plan, blocks = _plan_removals(out, cands, now - step_goal, run.floors, run.rounding, run.original_sizes)
             if not plan and not blocks:
                 break
             out.remove_many(list(plan.items()))
             out.remove_blocks(list(blocks))
-            after = Costs(out, cfg.target, latency_fn).total(out)
-            state["history"].append({"iteration": len(state["history"]),
-                                     "removed_units": {k: len(v) for k, v in plan.items()},
-                                     "removed_blocks": blocks, cfg.target: after})
+            after = Costs(out, cfg.target, run.latency_fn).total(out)
+            run.history.append({"iteration": len(run.history),
+                                "removed_units": {k: len(v) for k, v in plan.items()},
+                                "removed_blocks": blocks, cfg.target: after})
             ctx.reporter.log(
-                f"  iteration {len(state['history'])}: {cfg.target} {after / start:.3f} of the original"
+                f"  iteration {len(run.history)}: {cfg.target} {after / start:.3f} of the original"
                 f" ({sum(len(v) for v in plan.values())} units, {len(blocks)} blocks removed)"
             )
             if cfg.recover_steps and it < iterations - 1:
-                _recover(out, ctx, cfg)
-        return Costs(out, cfg.target, latency_fn).total(out)
+                self._recover(out, ctx)
+        return Costs(out, cfg.target, run.latency_fn).total(out)
 
-    def _confirm(
-        self, original: ModelGraph, out: ModelGraph, ctx, goal: float, start: float, final: float,  # noqa: ANN001
-        latency_fn, floors: dict, rounding: dict, original_sizes: dict, state: dict,  # noqa: ANN001
-        confirmations: list[dict],
-    ) -> float:
+    def _rank(self, out: ModelGraph, cands: list[_Candidate], run: _Run) -> None:
+        """Set every candidate's rank (lowest goes first): NViT's ``I - eta * dLat``, or saliency per cost."""
+        cfg = self.config
+        if cfg.rank == "nvit" and run.latency_fn is not None:
+            if run.eta is None:
+                run.eta = _auto_eta(out, cands, run.latency_fn)
+            lat = _latency_costs(out, cands, run.latency_fn) if cfg.target != "latency" else None
+            for c in cands:
+                c.rank = c.score - run.eta * (c.cost if lat is None else lat[(c.group, c.unit)])
+        elif cfg.rank == "nvit":
+            for c in cands:
+                c.rank = c.score
+        else:
+            for c in cands:
+                c.rank = c.score / max(c.cost, 1e-12)
+
+    def _confirm(self, original: ModelGraph, out: ModelGraph, run: _Run, goal: float, final: float) -> float:
         """Measure the pruned model against the original on the Target; while the measured latency misses
         the asked ratio (by more than ``tolerance``), rescale the predicted goal by measured / predicted and
         prune on toward it, up to ``confirm_rounds`` times. The latency model sets where pruning goes; the
         measurement decides when it stops."""
-        cfg = self.config
+        cfg, start = self.config, run.start
         for round_ in range(cfg.confirm_rounds + 1):
-            speedup = _measured_speedup(original, out, ctx)
+            speedup = _measured_speedup(original, out, run.ctx)
             measured, predicted = 1.0 / speedup, final / start
-            confirmations.append({"predicted_speedup": start / final, "measured_speedup": speedup,
-                                  "predicted_goal": goal / start})
-            ctx.reporter.log(f"  measured {speedup:.2f}x (predicted {start / final:.2f}x)")
+            run.confirmations.append({"predicted_speedup": start / final, "measured_speedup": speedup,
+                                      "predicted_goal": goal / start})
+            run.ctx.reporter.log(f"  measured {speedup:.2f}x (predicted {start / final:.2f}x)")
             if not np.isfinite(speedup) or measured <= cfg.ratio + cfg.tolerance or round_ == cfg.confirm_rounds:
                 break
             goal = goal * cfg.ratio / measured  # the predicted latency at which the measured one should land
             if goal >= final:  # the measurement says the model is already fast enough per the model's error
                 break
-            final = self._prune_to(out, ctx, goal, max(1, cfg.iterations // 2), start, latency_fn, floors,
-                                   rounding, original_sizes, state)
+            final = self._prune_to(out, run, goal, max(1, cfg.iterations // 2))
             if predicted - final / start < 1e-6:
                 break  # nothing more could be removed
         return final
+
+    def _recover(self, graph: ModelGraph, ctx) -> None:  # noqa: ANN001
+        """Distil from the reference for ``recover_steps`` between iterations (the Context's recovery service)."""
+        cfg = self.config
+        ctx.recover(graph, steps=cfg.recover_steps, lr=cfg.recover_lr, label_weight=cfg.label_weight)
 
     def _candidates(
         self, graph: ModelGraph, ctx, costs: Costs, floors: dict, original: dict  # noqa: ANN001
@@ -269,17 +294,7 @@ def _floor(group: Group, floors: dict, original: dict) -> int:
     return max(1, int(np.ceil(floors.get(group.kind, 0.0) * size)))
 
 
-def _round_keep(keep: int, size: int, step: int, floor: int) -> int:
-    """``keep`` rounded down to a multiple of ``step`` (so at least the chosen units go), never below the
-    floor (rounded up to a multiple) nor above ``size``."""
-    if step <= 1:
-        return max(keep, floor)
-    rounded = (keep // step) * step
-    rounded = max(rounded, int(np.ceil(floor / step)) * step, step)
-    return min(rounded, size)
-
-
-def _select(
+def _plan_removals(
     graph: ModelGraph, cands: list[_Candidate], need: float, floors: dict, rounding: dict, original: dict
 ) -> tuple[dict[str, list[int]], list[str]]:
     """Lowest-ranked units until ``need`` is saved (floors kept), then kept widths rounded per group."""
@@ -316,7 +331,7 @@ def _select(
         g = by_name[name]
         if any(_inside(g.scope, b) for b in blocks):
             continue  # the whole block goes
-        keep = _round_keep(g.size - len(chosen), g.size, rounding.get(g.kind, 1), _floor(g, floors, original))
+        keep = round_keep(g.size - len(chosen), g.size, rounding.get(g.kind, 1), _floor(g, floors, original))
         order = [c.unit for c in sorted(ranked[name], key=lambda c: (c.rank, c.unit))]
         drop = sorted(order[: g.size - keep])
         if drop:
@@ -328,7 +343,7 @@ def _inside(scope: str, path: str) -> bool:
     return scope == path or scope.startswith(path + ".")
 
 
-def _latency_fn(ctx):  # noqa: ANN001, ANN202
+def _latency_fn(ctx) -> LatencyFn:  # noqa: ANN001
     model = getattr(ctx, "latency_model", None)
     if model is None:
         raise ModelpressError(
@@ -362,19 +377,6 @@ def _auto_eta(graph: ModelGraph, cands: list[_Candidate], latency_fn) -> float: 
     scores = np.median([c.score for c in cands])
     saving = np.median([max(v, 1e-12) for v in lat.values()])
     return float(scores / saving)
-
-
-def _recover(graph: ModelGraph, ctx, cfg: GlobalConfig) -> None:  # noqa: ANN001
-    from modelpress.train import TrainConfig, train
-
-    data = ctx.train or ctx.calibration
-    if data is None or ctx.task is None or ctx.reference is None:
-        return
-    config = TrainConfig(steps=cfg.recover_steps, lr=cfg.recover_lr, warmup_steps=min(10, cfg.recover_steps - 1),
-                         seed=ctx.seed, label_weight=cfg.label_weight, batch_size=32, dropout=False)
-    train(graph.module, data, task=ctx.task, teacher=ctx.reference.module, config=config,
-          reporter=ctx.reporter, input_names=list(graph.input_spec.names))
-    graph.module.eval()
 
 
 def _measured_speedup(original: ModelGraph, pruned: ModelGraph, ctx) -> float:  # noqa: ANN001

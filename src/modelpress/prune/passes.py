@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 from pydantic import Field
 
+from modelpress.data.saliency import magnitude
 from modelpress.graph import Group, ModelGraph
 from modelpress.passes import GraphPass, PassConfig, PassResult, register
-from modelpress.prune.saliency import SALIENCY
-
-Kind = Literal["head", "mlp", "embedding", "conv", "channel"]
+from modelpress.prune.budget import Kind, round_keep
 
 
 class MagnitudeConfig(PassConfig):
@@ -21,6 +18,9 @@ class MagnitudeConfig(PassConfig):
     allow_output_change: bool = False
 
     def model_post_init(self, __context: object) -> None:
+        if "block" in self.ratios or "block" in self.round_to:
+            raise ValueError("prune.magnitude removes units of groups, not whole blocks: "
+                             "use prune.global with kinds [block]")
         for kind, r in self.ratios.items():
             if not 0.0 <= r < 1.0:
                 raise ValueError(f"ratios.{kind} must be in [0, 1), got {r}")
@@ -31,10 +31,7 @@ class MagnitudeConfig(PassConfig):
 
 def units_to_remove(group: Group, scores: np.ndarray, ratio: float, round_to: int = 1, min_units: int = 1) -> list[int]:
     """The lowest-scoring units, so that the kept count is ~(1 - ratio) * size, a multiple of round_to."""
-    keep = int(round(group.size * (1.0 - ratio)))
-    if round_to > 1:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
-    keep = min(group.size, max(min_units, keep))
+    keep = round_keep(round(group.size * (1.0 - ratio)), group.size, round_to, min_units, nearest=True)
     order = np.argsort(scores, kind="stable")  # ascending: least salient first
     return sorted(int(u) for u in order[: group.size - keep])
 
@@ -48,7 +45,6 @@ class MagnitudePrune(GraphPass):
 
     name = "prune.magnitude"
     Config = MagnitudeConfig
-    saliency = "magnitude"
 
     def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
         cfg = self.config
@@ -61,7 +57,7 @@ class MagnitudePrune(GraphPass):
                 continue
             if not g.prunable and not (cfg.allow_output_change and g.meta.get("at_output")):
                 continue
-            scores = SALIENCY[self.saliency](out, g)
+            scores = magnitude(out, g)
             units = units_to_remove(g, scores, ratio, cfg.round_to.get(g.kind, 1), cfg.min_units)
             if units:
                 plan.append((g.name, units, g.size))
