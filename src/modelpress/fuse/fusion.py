@@ -159,7 +159,7 @@ def fuse(graphs: list[ModelGraph], settings: FusionSettings, batches: list | Non
     shapes = {k: tuple(v.shape) for k, v in target.state().items()}
     aligners = [Aligner(spaces[i], target_spaces, shapes) for i in range(len(graphs))]
     a_maps = anchor_maps(anchor_spaces, features.of(0, aligners[0]), keep, settings)
-    barycenters = TargetFeatures(a_maps, features.of(0, aligners[0]), settings.residual)
+    barycenters = TargetFeatures(anchor_spaces, a_maps, features.of(0, aligners[0]), settings.residual)
     all_maps = [a_maps]
     for i in range(1, len(graphs)):
         with reporter.step(f"aligning {graphs[i].name} to {anchor.name} ({settings.alignment}, {settings.cost})"):
@@ -196,16 +196,20 @@ class Features:
 
 class TargetFeatures:
     """The target's unit features per space and slot set: barycenters of the anchor's features under its maps
-    (computed once per key)."""
+    (computed once per key). Spaces are looked up by name among the anchor's: another model's space may have
+    other unit counts (parents of different widths)."""
 
-    def __init__(self, anchor_maps: dict[str, Map | None], anchor_features: Any, policy: str) -> None:
+    def __init__(self, spaces: list[Space], anchor_maps: dict[str, Map | None], anchor_features: Any,
+                 policy: str) -> None:
+        self.spaces = {s.name: s for s in spaces}
         self.maps, self.feats, self.policy = anchor_maps, anchor_features, policy
         self._cache: dict[tuple, dict[str, np.ndarray]] = {}
 
-    def __call__(self, s: Space, slots: list) -> dict[str, np.ndarray]:
-        key = (s.name, tuple(slots))
+    def __call__(self, name: str, slots: list) -> dict[str, np.ndarray]:
+        key = (name, tuple(slots))
         if key not in self._cache:
-            self._cache[key] = align.barycenters(self.maps[s.name], self.feats(s, slots, self.maps, self.policy))
+            feats = self.feats(self.spaces[name], slots, self.maps, self.policy)
+            self._cache[key] = align.barycenters(self.maps[name], feats)
         return self._cache[key]
 
 
@@ -259,7 +263,7 @@ def model_maps(spaces: list[Space], feats: Any, target_features: TargetFeatures,
         for s in align.order(spaces):
             slots = feats.usable(s, maps, settings.residual)
             src = align.role_features(s, feats(s, slots, maps, settings.residual), settings.qk)
-            tgt = align.role_features(s, target_features(s, slots), settings.qk)
+            tgt = align.role_features(s, target_features(s.name, slots), settings.qk)
             maps[s.name] = align.plan(s, src, tgt, tspace[s.name], settings)
     return maps
 
