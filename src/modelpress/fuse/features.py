@@ -182,24 +182,30 @@ def token_rows(graph: ModelGraph, batches: list, sites: list[tuple[str, str]], t
 
 
 def _batch_size_and_mask(batch: dict) -> tuple[int, torch.Tensor | None]:
-    """A batch's sample count and its flattened attention mask as booleans (None without one)."""
+    """A batch's sample count and its attention mask [samples, positions] as booleans (None without one)."""
     first = next(iter(batch.values()))
     mask = batch.get("attention_mask")
     if mask is None:
         return int(first.shape[0]), None
-    mask = torch.as_tensor(np.asarray(mask)) if not isinstance(mask, torch.Tensor) else mask
-    return int(mask.shape[0]), mask.reshape(-1) != 0
+    mask = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
+    return int(mask.shape[0]), mask.reshape(mask.shape[0], -1) != 0
 
 
 def _real_tokens(x: torch.Tensor, size: int, mask: torch.Tensor | None, tokens: str) -> torch.Tensor:
-    """The rows of one batch's activations ``x`` [rows, features] that stand for real tokens (see token_rows);
-    rows that are not one per token (a pooled output) pass unchanged."""
-    if x.shape[0] <= size or x.shape[0] % size:
-        return x
-    if tokens == "first":
+    """The rows of one batch's activations ``x`` [rows, features] that stand for real tokens (see token_rows).
+
+    With a mask: rows one per token lose the padding's, rows one per position (a position table) the
+    positions no sample uses, other rows (a pooled output) pass. Without one, rows that are a multiple of
+    the batch size are taken as one per token."""
+    per_token = x.shape[0] == mask.numel() if mask is not None else x.shape[0] > size and x.shape[0] % size == 0
+    if per_token and tokens == "first":
         return x.reshape(size, -1, x.shape[-1])[:, 0]
-    if mask is not None and mask.numel() == x.shape[0]:
-        return x[mask]
+    if mask is None:
+        return x
+    if per_token:
+        return x[mask.reshape(-1)]
+    if x.shape[0] == mask.shape[1]:
+        return x if tokens == "first" else x[mask.any(0)]
     return x
 
 
