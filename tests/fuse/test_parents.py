@@ -115,3 +115,17 @@ def test_first_tokens_with_fewer_samples_than_asked(parents):
     f = fuse(parents[:2], settings, batches(vit))
     x = vit.example_inputs(4, seed=9)
     torch.testing.assert_close(f.graph.forward(x), parents[1].forward(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_minilm_fuses_with_itself_on_activations(minilm):
+    """The default text model with its default activation costs: calibration batches padded to different lengths
+    (the packaged sentences, 4 a batch) fuse it back exactly."""
+    from modelpress.data import load_data
+
+    data = load_data(None, minilm.input_spec, minilm.tokenizer, batch_size=4, n_calibration=8)
+    calibration = [dict(b) for b in data.calibration.batches]
+    assert len({b["input_ids"].shape[1] for b in calibration}) > 1
+    f = fuse([minilm, minilm.copy()], FusionSettings(cost="acts", samples=8), calibration)
+    sa, sb = f.graph.state(), minilm.state()
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa if sa[k].is_floating_point()) == 0.0
