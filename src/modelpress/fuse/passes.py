@@ -66,7 +66,7 @@ class FuseOT(MergePass):
         if fusion.vanilla is not None:
             results["vanilla"] = fusion.vanilla
         metrics: dict[str, Any] = {
-            "models": [m.name for m in models], "settings": cfg.model_dump(exclude={"others"}),
+            "models": labels(models), "settings": cfg.model_dump(exclude={"others"}),
             "weights": fusion.weights, "calibration_samples": _count(batches),
             "widths": {k: list(v) for k, v in fusion.widths.items()}, "fusion_seconds": round(fusion.seconds, 2)}
         report = evaluate_all(models, ensemble, results, ctx) if cfg.evaluate else {}
@@ -116,6 +116,12 @@ def calibration_batches(models: list[ModelGraph], ctx: Context, samples: int) ->
     return out
 
 
+def labels(models: list[ModelGraph]) -> list[str]:
+    """The models' names for the report, numbered where two share one (a model fused with itself)."""
+    names = [m.name for m in models]
+    return [n if names.count(n) == 1 else f"{n} ({i + 1})" for i, n in enumerate(names)]
+
+
 def _count(batches: list[dict]) -> int:
     return sum(int(next(iter(b.values())).shape[0]) for b in batches)
 
@@ -138,7 +144,8 @@ def evaluate_all(models: list[ModelGraph], ensemble: ModelGraph, results: dict[s
     """One-shot quality of the parents, their ensemble and each result (empty without a task and held-out data)."""
     if ctx.task is None or ctx.evaluation is None:
         return {}
-    report: dict[str, Any] = {"parents": {m.name: quality(ctx, m) for m in models}, "ensemble": quality(ctx, ensemble)}
+    report: dict[str, Any] = {"parents": {name: quality(ctx, m) for name, m in zip(labels(models), models, strict=True)},
+                              "ensemble": quality(ctx, ensemble)}
     for key, g in results.items():
         report[key] = {"one_shot": quality(ctx, g)}
     return report
