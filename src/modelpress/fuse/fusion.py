@@ -87,7 +87,7 @@ def check_models(graphs: list[ModelGraph]) -> None:
         problem = _difference(graphs[0], other)
         if problem:
             raise ModelpressError(f"{other.name} and {graphs[0].name} differ: {problem}",
-                                  "fuse models of one architecture (they may differ only in head counts and widths)")
+                                  "fuse models of one architecture (only head counts, MLP and stream widths may differ)")
 
 
 def _difference(anchor: ModelGraph, other: ModelGraph) -> str | None:
@@ -158,8 +158,9 @@ def fuse(graphs: list[ModelGraph], settings: FusionSettings, batches: list | Non
     target_spaces = build_spaces(target, roles)
     shapes = {k: tuple(v.shape) for k, v in target.state().items()}
     aligners = [Aligner(spaces[i], target_spaces, shapes) for i in range(len(graphs))]
-    a_maps = anchor_maps(anchor_spaces, features.of(0, aligners[0]), keep, settings)
-    barycenters = TargetFeatures(anchor_spaces, a_maps, features.of(0, aligners[0]), settings.residual)
+    a_feats = features.of(0, aligners[0])
+    a_maps = anchor_maps(anchor_spaces, a_feats, keep, settings)
+    barycenters = TargetFeatures(anchor_spaces, a_maps, a_feats, settings.residual)
     all_maps = [a_maps]
     for i in range(1, len(graphs)):
         with reporter.step(f"aligning {graphs[i].name} to {anchor.name} ({settings.alignment}, {settings.cost})"):
@@ -326,9 +327,9 @@ def output_maps(graphs: list[ModelGraph], spaces: list[list[Space]], target: lis
 
 
 class Ensemble(nn.Module):
-    """The parents' output ensemble: mean of softmax probabilities (returned as log-probabilities, logits for
-    every loss and metric) for classifiers, else the mean output with each parent's output moved into the
-    anchor's units (``output_maps``)."""
+    """The parents' output ensemble, weighted by ``weights`` (the fusion's: default equal): weighted mean of
+    softmax probabilities (returned as log-probabilities, logits for every loss and metric) for classifiers,
+    else the weighted mean output with each parent's output moved into the anchor's units (``output_maps``)."""
 
     def __init__(self, modules: list[nn.Module], names: list[str], classify: bool,
                  output_maps: list[torch.Tensor | None] | None = None, weights: list[float] | None = None):
