@@ -1,5 +1,5 @@
 """`modelpress fuse` on bad input: models of other architectures, parents whose head widths differ, a target
-wider than the anchor (a fraction above 1, or more units than it has). A text model beside a vision one is
+wider than the anchor (a fraction above 1, or more units than it has), a Sinkhorn plan that did not converge. A text model beside a vision one is
 told apart before the data reaches it. Each is exit code 2, one short line
 naming the problem and what to do (no traceback, never "the data does not fit"), and no output folder."""
 
@@ -54,3 +54,8 @@ def test_models_that_differ_are_told_apart(checkpoints, other, problem, tmp_path
 def test_a_target_wider_than_the_anchor_is_refused(checkpoints, width, problem, tmp_path, capsys):
     err = fails_cleanly([checkpoints["a"], checkpoints["b"], "--width", width], tmp_path, capsys)
     assert problem in err and "narrower" in err
+
+
+def test_a_sinkhorn_plan_that_did_not_converge_is_refused(checkpoints, tmp_path, capsys):
+    err = fails_cleanly([checkpoints["a"], checkpoints["b"], "--alignment", "soft", "--reg", "1e-6"], tmp_path, capsys)
+    assert "the Sinkhorn plan did not converge" in err and "raise reg" in err

@@ -49,6 +49,7 @@ def fuse(
     alignment: Annotated[str, typer.Option("--alignment", help="hard (exact OT) | soft (Sinkhorn)")] = "hard",
     cost: Annotated[str, typer.Option("--cost", help="acts (activations on the data) | weights")] = "acts",
     qk: Annotated[str, typer.Option("--qk", help="separate | shared | per-head")] = "per-head",
+    reg: Annotated[float, typer.Option("--reg", help="Sinkhorn regularization for --alignment soft (relative to the largest cost)")] = 0.01,
     width: Annotated[list[str] | None, typer.Option("--width", help="narrower target, KIND=FRACTION (at most 1) or KIND=UNITS: mlp=0.5 head=2 embedding=0.75")] = None,
     recover_steps: Annotated[int, typer.Option("--recover-steps", help="distillation steps from the parents' ensemble (0: none)")] = 0,
     samples: Annotated[int, typer.Option("--samples", help="calibration samples for activation costs")] = 200,
@@ -63,7 +64,7 @@ def fuse(
     if len(ckpts) < 2:
         raise ModelpressError(f"fusion needs two or more checkpoints, got {len(ckpts)}", "modelpress fuse CKPT_A CKPT_B [...]")
     config: dict[str, Any] = {"pass": "fuse.ot", "others": list(ckpts[1:]), "alignment": alignment, "cost": cost,
-                              "qk": qk, "width": parse_widths(width), "recover_steps": recover_steps, "samples": samples}
+                              "qk": qk, "reg": reg, "width": parse_widths(width), "recover_steps": recover_steps, "samples": samples}
     try:
         FuseOTConfig(**{k: v for k, v in config.items() if k != "pass"}).check()
     except ValueError as exc:  # pydantic's validation error
