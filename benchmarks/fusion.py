@@ -88,9 +88,15 @@ def _split_parents(steps: int, seed: int) -> list:
     return out
 
 
+def recover(graph, teacher, ctx, steps: int, lr: float, batch_size: int) -> tuple[Any, Any]:  # noqa: ANN001
+    """A recovered copy of ``graph`` (distilled from ``teacher`` by the Context's service) and its summary."""
+    student = graph.copy()
+    return student, ctx.recover(student, steps=steps, lr=lr, teacher=teacher, batch_size=batch_size)
+
+
 def run_setting(name: str, parents: list, args, tmp: Path, reporter, grid: list[tuple]) -> dict[str, Any]:  # noqa: ANN001
     from modelpress.fuse import FusionSettings, fuse
-    from modelpress.fuse.passes import ensemble_graph, recover
+    from modelpress.fuse.passes import ensemble_graph
 
     ctx = _context(parents[0], tmp / name, args.seed)
     batches = [{k: v for k, v in b.items()} for b in ctx.calibration.batches]
@@ -138,14 +144,13 @@ def _heterogeneous(parents: list, ctx, batches, teacher, args, reporter, name: s
     import torch
 
     from modelpress.fuse import FusionSettings, fuse
-    from modelpress.fuse.passes import recover
     from modelpress.graph import ModelGraph
     from modelpress.passes import registered_passes
 
     steps = args.recover_steps
     out: dict[str, Any] = {}
     with reporter.step(f"{name}: fusion into half the MLP width"), quiet():
-        f = fuse(parents, FusionSettings(alignment="hard", cost="acts", qk="per-head", width=(("mlp", 0.5),)),
+        f = fuse(parents, FusionSettings(alignment="hard", cost="acts", qk="per-head", width={"mlp": 0.5}),
                  batches, seed=args.seed)
         rec, _ = recover(f.graph, teacher, ctx, steps, 5e-4, 64)
     out["ot_fusion"] = {"params": f.graph.num_parameters(), "one_shot": _acc(ctx, f.graph), "recovered": _acc(ctx, rec)}

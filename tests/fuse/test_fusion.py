@@ -88,7 +88,7 @@ def noisy(vit):
 @pytest.fixture(scope="module")
 def hetero(vit, noisy):
     settings = FusionSettings(alignment="soft", cost="acts", qk="shared", reg=0.05, samples=24,
-                              width=(("mlp", 0.5), ("head", 0.5)))
+                              width={"mlp": 0.5, "head": 0.5})
     return fuse([vit, noisy], settings, batches(vit), seed=0), settings
 
 
@@ -136,14 +136,14 @@ def test_bad_input_is_a_short_error(vit, bert):
     with pytest.raises(ModelpressError, match="two or more"):
         fuse([vit], FusionSettings(cost="weights"))
     with pytest.raises(ModelpressError, match="wider than the anchor"):
-        fuse([vit, vit.copy()], FusionSettings(cost="weights", width=(("mlp", 1.5),)))
+        fuse([vit, vit.copy()], FusionSettings(cost="weights", width={"mlp": 1.5}))
     with pytest.raises(ModelpressError, match="unknown width"):
-        fuse([vit, vit.copy()], FusionSettings(cost="weights", width=(("blocks", 0.5),)))
-    with pytest.raises(ModelpressError, match="other inputs|depth or kind"):
+        fuse([vit, vit.copy()], FusionSettings(cost="weights", width={"blocks": 0.5}))
+    with pytest.raises(ModelpressError, match="differ: inputs"):
         fuse([vit, bert], FusionSettings(cost="weights"))
     shallow = vit.copy()
     shallow.remove_block(shallow.blocks[-1].path)
-    with pytest.raises(ModelpressError, match="depth or kind"):
+    with pytest.raises(ModelpressError, match="differ: depth 1 vs 2"):
         fuse([vit, shallow], FusionSettings(cost="weights"))
 
 

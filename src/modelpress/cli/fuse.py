@@ -29,13 +29,14 @@ from modelpress.cli.common import (
 from modelpress.errors import ModelpressError
 
 
-def parse_widths(items: list[str] | None) -> dict[str, float]:
-    """``["mlp=0.5", "head=0.75"]`` -> {"mlp": 0.5, "head": 0.75}; a short error for anything else."""
-    out: dict[str, float] = {}
+def parse_widths(items: list[str] | None) -> dict[str, int | float]:
+    """``["mlp=0.5", "head=2"]`` -> {"mlp": 0.5, "head": 2}: a fraction (with a decimal point) or a whole unit
+    count; a short error for anything else."""
+    out: dict[str, int | float] = {}
     for item in items or []:
         kind, sep, value = item.partition("=")
         try:
-            out[kind.strip()] = float(value)
+            out[kind.strip()] = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
         except ValueError:
             sep = ""
         if not sep:
@@ -48,7 +49,8 @@ def fuse(
     alignment: Annotated[str, typer.Option("--alignment", help="hard (exact OT) | soft (Sinkhorn)")] = "hard",
     cost: Annotated[str, typer.Option("--cost", help="acts (activations on the data) | weights")] = "acts",
     qk: Annotated[str, typer.Option("--qk", help="separate | shared | per-head")] = "per-head",
-    width: Annotated[list[str] | None, typer.Option("--width", help="narrower target, KIND=R: mlp=0.5 head=0.5 embedding=0.75")] = None,
+    reg: Annotated[float, typer.Option("--reg", help="Sinkhorn regularization for --alignment soft (relative to the largest cost)")] = 0.01,
+    width: Annotated[list[str] | None, typer.Option("--width", help="narrower target, KIND=FRACTION (at most 1) or KIND=UNITS: mlp=0.5 head=2 embedding=0.75")] = None,
     recover_steps: Annotated[int, typer.Option("--recover-steps", help="distillation steps from the parents' ensemble (0: none)")] = 0,
     samples: Annotated[int, typer.Option("--samples", help="calibration samples for activation costs")] = 200,
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
@@ -62,9 +64,9 @@ def fuse(
     if len(ckpts) < 2:
         raise ModelpressError(f"fusion needs two or more checkpoints, got {len(ckpts)}", "modelpress fuse CKPT_A CKPT_B [...]")
     config: dict[str, Any] = {"pass": "fuse.ot", "others": list(ckpts[1:]), "alignment": alignment, "cost": cost,
-                              "qk": qk, "width": parse_widths(width), "recover_steps": recover_steps, "samples": samples}
+                              "qk": qk, "reg": reg, "width": parse_widths(width), "recover_steps": recover_steps, "samples": samples}
     try:
-        FuseOTConfig(**{k: v for k, v in config.items() if k != "pass"}).settings().check()
+        FuseOTConfig(**{k: v for k, v in config.items() if k != "pass"}).check()
     except ValueError as exc:  # pydantic's validation error
         raise ModelpressError(f"bad fusion option: {str(exc).splitlines()[-2].strip() if len(str(exc).splitlines()) > 1 else exc}",
                               "see `modelpress fuse --help`") from None

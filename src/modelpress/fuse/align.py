@@ -16,7 +16,7 @@ and the output projection.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -28,12 +28,12 @@ QK_MODES = ("separate", "shared", "per-head")
 Features = Callable[[Space, list, dict, str], dict[str, np.ndarray]]
 
 
-@dataclass(frozen=True)
-class Settings:
-    alignment: str = "hard"
-    reg: float = 0.01
-    qk: str = "per-head"
-    residual: str = "mean"
+class Settings(Protocol):
+    """What alignment reads of the fusion settings (``modelpress.fuse.FusionSettings``)."""
+
+    alignment: str
+    reg: float
+    qk: str
 
 
 def role_features(space: Space, feats: dict[str, np.ndarray], qk: str) -> dict[str, np.ndarray]:

@@ -7,11 +7,12 @@ channel), with the tensors' other axes already moved into the target's units by 
 so the cost of one group depends on the maps of the groups it reads and writes (the flow through the
 model).
 
-Activations: one probe pass (``modelpress.data.probes.collect``) over ``samples`` task samples records the
-inputs and outputs of every layer that owns a unit's slot: a Linear's output features for its rows, its
-input features for its columns, a LayerNorm's input (the residual stream itself). ``tokens="first"``
-keeps only the first position (a class token), ``max_rows`` subsamples positions with a seeded
-generator (the same rows in every model). Each unit's activations are standardized, so the squared
+Activations: a probe pass (``modelpress.data.probes.collect``) per calibration batch records the inputs and
+outputs of every layer that owns a unit's slot: a Linear's output features for its rows, its input features
+for its columns, a LayerNorm's input (the residual stream itself), one row per real token (padding, where
+the batch has an ``attention_mask``, never counts; batches may be padded to different lengths).
+``tokens="first"`` keeps only each sample's first position (a class token), ``max_rows`` subsamples
+positions with a seeded generator (the same rows in every model). Each unit's activations are standardized, so the squared
 distance of two units is ``2 (1 - correlation)``.
 
 Residual policies (the stream is one group, so one map; the policy says which sites its cost sees):
@@ -90,10 +91,8 @@ class WeightFeatures:
 class ActivationFeatures:
     """Unit features from activations (see the module); collected once per model."""
 
-    def __init__(self, graph: ModelGraph, spaces: list[Space], batches: list, *, samples: int,
-                 tokens: str = "all", max_rows: int = 4096, seed: int = 0) -> None:
-        from modelpress.data.probes import collect
-
+    def __init__(self, graph: ModelGraph, spaces: list[Space], batches: list, *, tokens: str = "all",
+                 max_rows: int = 4096, seed: int = 0) -> None:
         modules = dict(graph.module.named_modules())
         self.sites: dict[tuple[str, Slot], tuple[str, str]] = {}
         wanted: list[str] = []
@@ -109,19 +108,13 @@ class ActivationFeatures:
                 self.sites[(s.name, slot)] = (owner, side)
                 wanted.append(owner)
         self.norm_in = {n for n in wanted if _is_norm(modules[n])}
-        stats = collect(graph.module, batches, list(dict.fromkeys(wanted)), {"inputs", "outputs"})
-        self.rows: dict[tuple[str, str], torch.Tensor] = {}
+        rows = token_rows(graph, batches, sorted(set(self.sites.values())), tokens)
         gen = np.random.default_rng(seed)
-        for name in dict.fromkeys(wanted):
-            st = stats[name]
-            for side, x in (("in", st.inputs), ("out", st.outputs)):
-                if x is None:
-                    continue
-                if tokens == "first" and x.shape[0] % samples == 0 and x.shape[0] > samples:
-                    x = x.reshape(samples, -1, x.shape[-1])[:, 0]
-                if x.shape[0] > max_rows:
-                    x = x[np.sort(gen.choice(x.shape[0], max_rows, replace=False))]
-                self.rows[(name, side)] = x.double()
+        self.rows: dict[tuple[str, str], torch.Tensor] = {}
+        for key, x in rows.items():
+            if x.shape[0] > max_rows:  # the same rows in every model: one seeded draw per site, in site order
+                x = x[np.sort(gen.choice(x.shape[0], max_rows, replace=False))]
+            self.rows[key] = x.double()
 
     def stream(self, space: Space, slot: Slot) -> bool:
         site = self.sites.get((space.name, slot))
@@ -165,6 +158,55 @@ class ActivationFeatures:
             else:
                 out[role] = np.concatenate([z for z, _ in parts], 1)
         return out
+
+
+def token_rows(graph: ModelGraph, batches: list, sites: list[tuple[str, str]], tokens: str
+               ) -> dict[tuple[str, str], torch.Tensor]:
+    """Per site (module, "in" | "out"): its activation rows over ``batches``, one row per real token.
+
+    Each batch is probed on its own, so batches padded to different lengths never meet in one tensor; rows
+    of padding (``attention_mask`` 0) are dropped, and ``tokens="first"`` keeps each sample's first position
+    (every batch reshaped by its own size, however many samples the data has)."""
+    from modelpress.data.probes import collect
+
+    layers = list(dict.fromkeys(name for name, _ in sites))
+    parts: dict[tuple[str, str], list[torch.Tensor]] = {site: [] for site in sites}
+    for batch in batches:
+        stats = collect(graph.module, [batch], layers, {"inputs", "outputs"})
+        size, mask = _batch_size_and_mask(batch)
+        for name, side in sites:
+            x = stats[name].inputs if side == "in" else stats[name].outputs
+            if x is not None and x.numel():
+                parts[(name, side)].append(_real_tokens(x, size, mask, tokens))
+    return {site: torch.cat(xs) for site, xs in parts.items() if xs}
+
+
+def _batch_size_and_mask(batch: dict) -> tuple[int, torch.Tensor | None]:
+    """A batch's sample count and its attention mask [samples, positions] as booleans (None without one)."""
+    first = next(iter(batch.values()))
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return int(first.shape[0]), None
+    mask = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
+    return int(mask.shape[0]), mask.reshape(mask.shape[0], -1) != 0
+
+
+def _real_tokens(x: torch.Tensor, size: int, mask: torch.Tensor | None, tokens: str) -> torch.Tensor:
+    """The rows of one batch's activations ``x`` [rows, features] that stand for real tokens (see token_rows).
+
+    With a mask: rows one per token lose the padding's, rows one per position (a position table) the
+    positions no sample uses, other rows (a pooled output) pass. Without one, rows that are a multiple of
+    the batch size are taken as one per token."""
+    per_token = x.shape[0] == mask.numel() if mask is not None else x.shape[0] > size and x.shape[0] % size == 0
+    if per_token and tokens == "first":
+        return x.reshape(size, -1, x.shape[-1])[:, 0]
+    if mask is None:
+        return x
+    if per_token:
+        return x[mask.reshape(-1)]
+    if x.shape[0] == mask.shape[1]:
+        return x if tokens == "first" else x[mask.any(0)]
+    return x
 
 
 def _is_norm(module: nn.Module) -> bool:

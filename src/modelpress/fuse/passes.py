@@ -17,52 +17,34 @@ A recipe::
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from modelpress.data.tasks import ClassificationTask
 from modelpress.errors import ModelpressError
-from modelpress.fuse.fusion import Ensemble, Fusion, FusionSettings, fuse
+from modelpress.fuse.fusion import Ensemble, Fusion, FusionSettings, check_models, fuse
 from modelpress.graph import ModelGraph
-from modelpress.passes import Context, MergePass, PassConfig, PassResult, register
+from modelpress.graph.run import call_module
+from modelpress.passes import Context, MergePass, PassResult, as_graph_list, register
 
-__all__ = ["FuseOT", "FuseOTConfig", "recover", "quality"]
+__all__ = ["FuseOT", "FuseOTConfig", "quality"]
 
 
-class FuseOTConfig(PassConfig):
-    """``others``: checkpoints fused with the recipe's models (any ``modelpress.load`` source); ``weights``: one
-    per model (default equal); alignment, cost, QK mode, residual policy, Sinkhorn ``reg``; activation costs on
-    ``samples`` calibration samples (``tokens`` all | first, at most ``max_rows`` positions); ``width``: a
-    narrower target per group kind (fraction of the anchor or a unit count). Recovery: ``recover_steps`` of
-    distillation from the parents' ensemble (0: none) at ``lr``, ``batch_size``; ``label_weight`` > 0 mixes in
+class FuseOTConfig(FusionSettings):
+    """The fusion settings (:class:`FusionSettings`) and: ``others``, checkpoints fused with the recipe's models
+    (any ``modelpress.load`` source); recovery, ``recover_steps`` of distillation from the parents' weighted
+    ensemble (0: none) at ``lr``, ``batch_size`` (the Context's recovery service); ``label_weight`` > 0 mixes in
     labels; ``recover_vanilla`` gives vanilla averaging the same budget for the report; ``evaluate`` scores
     parents, ensemble, vanilla and fused on the held-out split (torch) for the report."""
 
     others: list[str] = Field(default_factory=list)
-    weights: list[float] | None = None
-    alignment: Literal["hard", "soft"] = "hard"
-    cost: Literal["acts", "weights"] = "acts"
-    qk: Literal["separate", "shared", "per-head"] = "per-head"
-    residual: Literal["mean", "weighted", "residual"] = "mean"
-    reg: float = Field(default=0.01, gt=0)
-    samples: int = Field(default=200, ge=2)
-    tokens: Literal["all", "first"] = "all"
-    max_rows: int = Field(default=4096, ge=2)
-    width: dict[str, float] = Field(default_factory=dict)
     recover_steps: int = Field(default=0, ge=0)
     lr: float = Field(default=5e-4, gt=0)
     batch_size: int = Field(default=32, ge=1)
     label_weight: float = Field(default=0.0, ge=0, le=1)
     recover_vanilla: bool = True
     evaluate: bool = True
-
-    def settings(self) -> FusionSettings:
-        return FusionSettings(self.alignment, self.cost, self.qk, self.residual, self.reg, self.samples, self.tokens,
-                              self.max_rows, tuple(sorted(self.width.items())),
-                              None if self.weights is None else tuple(self.weights))
 
 
 @register
@@ -74,45 +56,37 @@ class FuseOT(MergePass):
 
     def apply(self, graphs: Any, ctx: Context) -> PassResult:
         cfg: FuseOTConfig = self.config
-        from modelpress.passes import as_graph_list
-
-        models = as_graph_list(graphs)
-        if cfg.others:
-            from modelpress.models import load
-
-            for ref in cfg.others:
-                with ctx.reporter.step(f"loading {ref}"):
-                    models.append(load(ref))
-        settings = cfg.settings()
-        settings.check()
+        cfg.check()
+        models = load_models(as_graph_list(graphs), cfg.others, ctx)
+        check_models(models)  # before any data: models that differ are told apart from data that does not fit
         batches = calibration_batches(models, ctx, cfg.samples)
-        fusion = fuse(models, settings, batches, seed=ctx.seed, reporter=ctx.reporter)
-        metrics: dict[str, Any] = {"models": [m.name for m in models], "settings": cfg.model_dump(exclude={"others"}),
-                                   "widths": {k: list(v) for k, v in fusion.widths.items()},
-                                   "fusion_seconds": round(fusion.seconds, 2)}
+        fusion = fuse(models, cfg, batches, seed=ctx.seed, reporter=ctx.reporter)
         ensemble = ensemble_graph(models, fusion, ctx)
         results = {"fused": fusion.graph}
         if fusion.vanilla is not None:
             results["vanilla"] = fusion.vanilla
-        report: dict[str, Any] = {}
-        if cfg.evaluate and ctx.task is not None and ctx.evaluation is not None:
-            report["parents"] = {m.name: quality(ctx, m) for m in models}
-            report["ensemble"] = quality(ctx, ensemble)
-            for key, g in results.items():
-                report[key] = {"one_shot": quality(ctx, g)}
+        metrics: dict[str, Any] = {
+            "models": labels(models), "settings": cfg.model_dump(exclude={"others"}),
+            "weights": fusion.weights, "calibration_samples": _count(batches),
+            "widths": {k: list(v) for k, v in fusion.widths.items()}, "fusion_seconds": round(fusion.seconds, 2)}
+        report = evaluate_all(models, ensemble, results, ctx) if cfg.evaluate else {}
         if cfg.recover_steps:
-            for key in list(results):
-                if key == "vanilla" and not cfg.recover_vanilla:
-                    continue
-                results[key], info = recover(results[key], ensemble, ctx, cfg.recover_steps, cfg.lr, cfg.batch_size,
-                                             cfg.label_weight)
-                metrics.setdefault("recovery", {})[key] = info
-                if key in report:
-                    report[key]["recovered"] = quality(ctx, results[key])
+            metrics["recovery"] = recover_all(results, ensemble, cfg, ctx, report)
         if report:
             metrics["quality"] = report
             _log(ctx, report)
         return PassResult(graph=results["fused"], metrics=metrics)
+
+
+def load_models(models: list[ModelGraph], others: list[str], ctx: Context) -> list[ModelGraph]:
+    """The recipe's models followed by the checkpoints ``others`` names."""
+    if others:
+        from modelpress.models import load
+
+        for ref in others:
+            with ctx.reporter.step(f"loading {ref}"):
+                models.append(load(ref))
+    return models
 
 
 def calibration_batches(models: list[ModelGraph], ctx: Context, samples: int) -> list[dict]:
@@ -130,8 +104,8 @@ def calibration_batches(models: list[ModelGraph], ctx: Context, samples: int) ->
         n += take
         if n >= samples:
             break
-    from modelpress.graph.run import call_module
-
+    if n < samples:
+        ctx.reporter.log(f"  fusion calibrates on the {n} samples the data has (asked for {samples})")
     names = list(models[0].input_spec.names)
     for m in models:
         try:
@@ -142,11 +116,21 @@ def calibration_batches(models: list[ModelGraph], ctx: Context, samples: int) ->
     return out
 
 
+def labels(models: list[ModelGraph]) -> list[str]:
+    """The models' names for the report, numbered where two share one (a model fused with itself)."""
+    names = [m.name for m in models]
+    return [n if names.count(n) == 1 else f"{n} ({i + 1})" for i, n in enumerate(names)]
+
+
+def _count(batches: list[dict]) -> int:
+    return sum(int(next(iter(b.values())).shape[0]) for b in batches)
+
+
 def ensemble_graph(models: list[ModelGraph], fusion: Fusion, ctx: Context) -> ModelGraph:
-    """The parents' output ensemble as a ModelGraph (the teacher of recovery, a row of the report)."""
+    """The parents' output ensemble, weighted as the fusion was (the teacher of recovery, a row of the report)."""
     classify = isinstance(ctx.task, ClassificationTask)
     module = Ensemble([m.module for m in models], list(models[0].input_spec.names), classify,
-                      fusion.output_maps)
+                      fusion.output_maps, fusion.weights or None)
     return ModelGraph(module.eval(), models[0].input_spec, {"kind": "ensemble"}, name="ensemble")
 
 
@@ -155,27 +139,39 @@ def quality(ctx: Context, graph: ModelGraph) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in ctx.evaluate(graph, torch_only=True).metrics.items()}
 
 
-def recover(graph: ModelGraph, teacher: ModelGraph, ctx: Context, steps: int, lr: float, batch_size: int,
-            label_weight: float = 0.0) -> tuple[ModelGraph, dict[str, Any]]:
-    """Distil ``teacher`` (the parents' ensemble) into a copy of ``graph`` for ``steps`` (label-free unless
-    ``label_weight`` > 0) on the train split (the calibration split when there is none)."""
-    from modelpress.train import TrainConfig, train
+def evaluate_all(models: list[ModelGraph], ensemble: ModelGraph, results: dict[str, ModelGraph], ctx: Context
+                 ) -> dict[str, Any]:
+    """One-shot quality of the parents, their ensemble and each result (empty without a task and held-out data)."""
+    if ctx.task is None or ctx.evaluation is None:
+        return {}
+    report: dict[str, Any] = {"parents": {name: quality(ctx, m) for name, m in zip(labels(models), models, strict=True)},
+                              "ensemble": quality(ctx, ensemble)}
+    for key, g in results.items():
+        report[key] = {"one_shot": quality(ctx, g)}
+    return report
 
+
+def recover_all(results: dict[str, ModelGraph], ensemble: ModelGraph, cfg: FuseOTConfig, ctx: Context,
+                report: dict[str, Any]) -> dict[str, Any]:
+    """Recovery of each result (vanilla too unless ``recover_vanilla`` is off) by distillation from the ensemble,
+    on a copy, through the Context's service; the recovered quality goes into ``report``."""
     if ctx.task is None or ctx.data is None:
         raise ModelpressError("recovery needs the run's task and data", "give the run --data")
     try:
         split = ctx.data.train
-    except ModelpressError:
+    except ModelpressError:  # data without a train split (tensors given directly): recover on the calibration split
         split = ctx.calibration
-    student = graph.copy()
-    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.01, schedule="cosine", warmup_steps=min(100, steps // 10),
-                         grad_clip=1.0, batch_size=batch_size, seed=ctx.seed, label_weight=label_weight, dropout=False,
-                         checkpoint_dir=Path(ctx.workdir) / "checkpoints" / f"fuse-{graph.name}-{time.time_ns()}")
-    result = train(student.module, split, task=ctx.task, teacher=teacher.module, config=config,
-                   input_names=list(graph.input_spec.names), reporter=ctx.reporter)
-    losses = [v for _, v in result.losses]
-    return student, {"steps": result.steps, "seconds": round(result.seconds, 2),
-                     "loss_start": losses[0] if losses else None, "loss_end": losses[-1] if losses else None}
+    infos = {}
+    for key in list(results):
+        if key == "vanilla" and not cfg.recover_vanilla:
+            continue
+        student = results[key].copy()
+        infos[key] = ctx.recover(student, steps=cfg.recover_steps, lr=cfg.lr, teacher=ensemble, data=split,
+                                 batch_size=cfg.batch_size, label_weight=cfg.label_weight, name=f"fuse-{key}")
+        results[key] = student
+        if key in report:
+            report[key]["recovered"] = quality(ctx, student)
+    return infos
 
 
 def _log(ctx: Context, report: dict[str, Any]) -> None:
