@@ -182,7 +182,13 @@ class Context:
 
     @property
     def train(self) -> DataSplit | None:
-        return None if self.data is None else getattr(self.data, "train", None)
+        """The train split, or None when the data has none (recovery then falls back to calibration)."""
+        if self.data is None:
+            return None
+        try:
+            return getattr(self.data, "train", None)
+        except ModelpressError:  # TaskData without make_train
+            return None
 
     def checkpoint_dir(self, name: str) -> Path:
         """The folder where a pass keeps its training checkpoints under ``name`` (see ``checkpoints``)."""
