@@ -86,7 +86,7 @@ def test_precision_genes_keep_reparameterization_where_a_norms_readers_agree(sea
     """One precision gene per Linear may split the readers of one LayerNorm (one of q/k/v float, the others
     INT8): that norm keeps per-tensor input scales, every other norm is reparameterized (its readers share
     one quantizer), and the mixed model still scores close to full INT8."""
-    from modelpress.search.run import load_evaluator
+    from modelpress.search.workers import load_evaluator
 
     tmp, _, _ = searched
     ev = load_evaluator(tmp / "full")

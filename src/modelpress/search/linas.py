@@ -11,8 +11,6 @@ ends where an uninterrupted one does when the measurements repeat.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from modelpress.bench.runner import write_json_atomic
 from modelpress.errors import ModelpressError
 from modelpress.progress import QUIET, Reporter
 from modelpress.search.space import config_key, dedupe
@@ -190,14 +189,6 @@ def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------- the loop
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    os.replace(tmp, path)
 
 
 def load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:

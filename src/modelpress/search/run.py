@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,19 +22,20 @@ from typing import Any
 
 import numpy as np
 
+from modelpress.bench.runner import write_json_atomic
 from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context
 from modelpress.progress import QUIET, Reporter
 from modelpress.search.evaluate import OBJECTIVES, EvalSettings, Evaluator, check_objectives
 from modelpress.search.executors import make_executor, require_ray
-from modelpress.search.linas import Problem, check_budget, run_linas, write_json_atomic
+from modelpress.search.linas import Problem, check_budget, run_linas
+from modelpress.search.outputs import write_outputs
 from modelpress.search.space import SearchSpace, config_key, dedupe
 from modelpress.search.supernet import SuperNet
+from modelpress.search.workers import SPEC, evaluate_item, load_evaluator, measure_item
 
-SPEC = "search.json"
-_EVALUATORS: dict[str, Evaluator] = {}
-
+__all__ = ["SPEC", "anchors", "load_evaluator", "model_fingerprint", "run_search"]
 
 def model_fingerprint(graph: ModelGraph) -> str:
     """The architecture and a digest of the weights of ``graph``."""
@@ -45,53 +45,6 @@ def model_fingerprint(graph: ModelGraph) -> str:
         if p.is_floating_point():
             h.update(np.float64(p.detach().double().sum()).tobytes())
     return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------ workers
-
-
-def load_evaluator(run_dir: str | Path) -> Evaluator:
-    """The evaluator of a run folder (rebuilt once per process)."""
-    key = str(Path(run_dir).resolve())
-    if key in _EVALUATORS:
-        return _EVALUATORS[key]
-    from modelpress.bench import LatencyTable, get_target
-    from modelpress.data import load_data
-    from modelpress.data.tasks import task_for
-    from modelpress.models.saving import load_saved
-
-    run = Path(key)
-    spec = json.loads((run / SPEC).read_text())
-    graph = load_saved(run / "supernet")
-    reference = load_saved(run / "reference") if (run / "reference").is_dir() else graph
-    space = SearchSpace.from_dict(spec["space"])
-    d = spec["data"]
-    data = load_data(d["spec"], graph.input_spec, graph.tokenizer, batch_size=d["batch_size"],
-                     n_calibration=d["n_calibration"], n_evaluation=d["n_evaluation"], seed=spec["seed"])
-    work = run / "work" / str(os.getpid())
-    work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(workdir=work, task=task_for(spec["task"]), data=data, reference=reference,
-                  target=get_target(spec["target"]["name"], threads=spec["target"]["threads"]), seed=spec["seed"])
-    table = LatencyTable.load(run / "latency.json") if (run / "latency.json").is_file() else None
-    ev = Evaluator(SuperNet(graph, space), ctx, EvalSettings(**spec["settings"]), table)
-    _EVALUATORS[key] = ev
-    return ev
-
-
-def evaluate_item(item: tuple[str, dict[str, Any], str | None]) -> dict[str, Any]:
-    """Worker entry point: (run folder, config, ONNX path or None) -> evaluation."""
-    import torch
-
-    torch.set_num_threads(1)
-    run_dir, config, onnx = item
-    return load_evaluator(run_dir).evaluate(config, None if onnx is None else Path(onnx))
-
-
-def measure_item(item: tuple[str, dict[str, str], float | None]) -> dict[str, float]:
-    """Target-worker entry point: (run folder, name -> ONNX, baseline reference ms) -> latencies."""
-    run_dir, onnx, baseline_ms = item
-    ev = load_evaluator(run_dir)
-    return ev.measure_latency(onnx, str(Path(run_dir) / "baselines" / "full-float.onnx"), baseline_ms)
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -141,8 +94,6 @@ def run_search(
     ``uniform`` widths in the lowest-latency precision), then random configs: the front never starts
     behind the obvious baselines, and the predictors see the whole range. The anchors' values come from
     the baselines evaluated before the loop (not evaluated twice); they count in the budget."""
-    from modelpress.search.outputs import write_outputs
-
     run = Path(run_dir)
     check_objectives(objectives)
     check_budget(budget, batch_size)  # before any work
