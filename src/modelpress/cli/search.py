@@ -1,4 +1,4 @@
-"""`modelpress search CKPT ...`: super-network search over architecture and precision (InstaTune + LINAS);
+"""`modelpress search [CKPT] ...`: super-network search over architecture and precision (InstaTune + LINAS);
 `modelpress search extract RUN_DIR --point N | --max-latency MS | --min-quality Q -o OUT`: write a point."""
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from modelpress.errors import ModelpressError
 
 
 def search(
-    ckpt: Annotated[str, typer.Argument(help="The checkpoint to search (see `compress`), or `extract`.")],
+    ckpt: Annotated[str | None, typer.Argument(
+        help="The checkpoint to search (see `compress`; default: all-MiniLM-L6-v2), or `extract`.")] = None,
     run_dir: Annotated[Path | None, typer.Argument(help="With `extract`: the search's run folder.")] = None,
     objectives: Annotated[str, typer.Option("--objectives", help="quality,latency[,size]")] = "quality,latency",
     budget: Annotated[int, typer.Option("--budget", help="Real evaluations in all.")] = 32,
@@ -64,6 +65,9 @@ def search(
         else:
             print_rich(f"wrote {result['output']} (point {result['point']['point']}: {result['point']['objectives']})")
         return
+    if run_dir is not None:
+        raise ModelpressError(f"unexpected argument {str(run_dir)!r}: search takes one checkpoint",
+                              "give the run folder as -o RUN_DIR (or `modelpress search extract RUN_DIR ...`)")
     if output is None:
         raise ModelpressError("search needs a run folder", "give -o RUN_DIR")
     from modelpress.bench import get_target
@@ -72,16 +76,16 @@ def search(
     from modelpress.search.run import run_search
 
     objs = [o.strip() for o in objectives.split(",") if o.strip()]
-    from modelpress.search.evaluate import check_objectives
+    from modelpress.search.evaluate import check_latency_mode, check_objectives
 
     check_objectives(objs)
-    if executor == "ray":
-        from modelpress.search.executors import require_ray
+    check_latency_mode(latency)
+    from modelpress.search.executors import check_executor
 
-        require_ray()
+    check_executor(executor, ray_address)  # before loading anything: a dead Ray address is one line in seconds
     tgt = get_target(target, threads=threads)
     rep = reporter(quiet or as_json)
-    graph = load_graph(None if ckpt in ("", "default") else ckpt, trust_pickle, input_shape, rep)
+    graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep)
     spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
     task_data = load_data(data, graph.input_spec, graph.tokenizer, batch_size=32, n_calibration=64,
                           n_evaluation=200, seed=seed)

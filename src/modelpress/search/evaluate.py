@@ -19,6 +19,7 @@ from modelpress.passes import Context, registered_passes
 from modelpress.search.supernet import SuperNet
 
 OBJECTIVES = {"quality": "max", "latency": "min", "size": "min"}
+LATENCY_MODES = ("predicted", "measured")
 UNITS = {"quality": "", "latency": "ms", "size": "MB"}
 QUALITY_METRICS = ("accuracy", "fidelity_mean", "agreement")
 PRECISION_SPEC = {"int8": "w8a8", "w4a8": "w4a8"}
@@ -40,6 +41,13 @@ def check_objectives(objectives: list[str]) -> list[str]:
         raise ModelpressError(f"objectives {objectives} must be two or three different ones",
                               "e.g. --objectives quality,latency")
     return list(objectives)
+
+
+def check_latency_mode(latency: str) -> str:
+    """Validate the latency mode: predicted by the latency model, or measured in ONNX Runtime."""
+    if latency not in LATENCY_MODES:
+        raise ModelpressError(f"unknown latency mode {latency!r}", f"choose {' or '.join(LATENCY_MODES)}")
+    return latency
 
 
 @dataclass

@@ -27,8 +27,14 @@ from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context
 from modelpress.progress import QUIET, Reporter
-from modelpress.search.evaluate import OBJECTIVES, EvalSettings, Evaluator, check_objectives
-from modelpress.search.executors import make_executor, require_ray
+from modelpress.search.evaluate import (
+    OBJECTIVES,
+    EvalSettings,
+    Evaluator,
+    check_latency_mode,
+    check_objectives,
+)
+from modelpress.search.executors import check_executor, make_executor
 from modelpress.search.linas import Problem, check_budget, run_linas
 from modelpress.search.outputs import write_outputs
 from modelpress.search.space import SearchSpace, config_key, dedupe
@@ -96,9 +102,9 @@ def run_search(
     the baselines evaluated before the loop (not evaluated twice); they count in the budget."""
     run = Path(run_dir)
     check_objectives(objectives)
+    check_latency_mode(latency)
     check_budget(budget, batch_size)  # before any work
-    if executor == "ray":
-        require_ray()  # before any work
+    check_executor(executor, ray_address)  # before any work: Ray installed, its address answering
     if ctx.task is None or ctx.data is None:
         raise ModelpressError("search needs a task and data to score quality on", "give --data")
     space = SearchSpace.from_graph(graph, **(space_options or {}))
