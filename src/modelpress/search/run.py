@@ -279,8 +279,6 @@ def _baselines(evaluator: Evaluator, run: Path, ex: Any, uniform: tuple[float, .
         spec = json.loads((run / SPEC).read_text())  # workers started later read the factor from the spec
         spec["settings"]["int8_factor"] = out["int8_factor"]
         write_json_atomic(run / SPEC, spec)
-    elif measured:
-        out["reference_ms"] = ex.on_target(measure_item, (str(run), {}, None))["__baseline__"]
     with reporter.step(f"evaluating {len(configs)} baselines"):
         items = [(str(run), c, str(folder / f"{n}.onnx") if evaluator.settings.quality_backend == "onnx" else None)
                  for n, c in configs.items()]
@@ -290,6 +288,7 @@ def _baselines(evaluator: Evaluator, run: Path, ex: Any, uniform: tuple[float, .
     if measured:
         ms = ex.on_target(measure_item, (str(run), {n: r["onnx"] for n, r in zip(configs, results, strict=True)},
                                          out.get("reference_ms")))
+        out.setdefault("reference_ms", ms["__baseline__"])  # the reference: full float, timed with the baselines
         for n in values:
             values[n]["latency"] = ms[n]
     for n, c in configs.items():
