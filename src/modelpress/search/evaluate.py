@@ -69,8 +69,7 @@ class Evaluator:
 
     def __init__(self, net: SuperNet, ctx: Context, settings: EvalSettings, latency_model: Any = None) -> None:
         check_objectives(settings.objectives)
-        if settings.latency not in ("predicted", "measured"):
-            raise ModelpressError(f"latency must be 'predicted' or 'measured', not {settings.latency!r}")
+        check_latency_mode(settings.latency)
         if settings.latency == "predicted" and "latency" in settings.objectives and latency_model is None:
             raise ModelpressError("predicted latency needs a latency model", "build one, or use measured latency")
         if settings.latency == "measured" and "latency" in settings.objectives:
