@@ -115,3 +115,37 @@ def test_run_search_checks_the_ray_address_before_any_work(tmp_path) -> None:  #
         run_search(None, Context(workdir=tmp_path / "w"), tmp_path / "run", objectives=["quality", "size"],  # type: ignore[arg-type]
                    budget=2, batch_size=2, data_spec={}, executor="ray", ray_address=address)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def not_ray(monkeypatch):  # noqa: ANN001, ANN201
+    """An address where something answers TCP but no Ray cluster does (ray.init fails, as after its retries)."""
+    ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
+
+    def refuse(*_a, **_kw):  # noqa: ANN002, ANN003, ANN202
+        raise ConnectionError("Failed to connect to Ray cluster")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_an_address_that_is_no_ray_cluster_fails_before_loading(not_ray, loads, tmp_path, capsys) -> None:  # noqa: ANN001
+    run = tmp_path / "run"
+    err = _run(["search", "--executor", "ray", "--ray-address", not_ray, "-o", str(run)], capsys)
+    assert f"cannot reach the Ray cluster {not_ray}" in err
+    assert loads == [] and not run.exists()
+
+
+def test_run_search_connects_before_writing_anything(not_ray, vit_graph, vit_data, tmp_path) -> None:  # noqa: ANN001
+    from modelpress.data.tasks import ClassificationTask
+    from modelpress.passes import Context
+    from modelpress.search.run import run_search
+
+    ctx = Context(workdir=tmp_path / "w", task=ClassificationTask(), data=vit_data, reference=vit_graph, seed=0)
+    with pytest.raises(ModelpressError, match="cannot reach the Ray cluster"):
+        run_search(vit_graph, ctx, tmp_path / "run", objectives=["quality", "size"], budget=2, batch_size=2,
+                   data_spec={}, executor="ray", ray_address=not_ray)
+    assert not (tmp_path / "run").exists()

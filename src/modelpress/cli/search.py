@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -80,24 +81,26 @@ def search(
 
     check_objectives(objs)
     check_latency_mode(latency)
-    from modelpress.search.executors import check_executor
+    from modelpress.search.executors import make_executor
 
-    check_executor(executor, ray_address)  # before loading anything: a dead Ray address is one line in seconds
-    tgt = get_target(target, threads=threads)
-    rep = reporter(quiet or as_json)
-    graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep)
-    spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
-    task_data = load_data(data, graph.input_spec, graph.tokenizer, batch_size=32, n_calibration=64,
-                          n_evaluation=200, seed=seed)
-    ctx = Context(workdir=output / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
-                  reference=graph, target=tgt, seed=seed, reporter=rep)
-    finetune = {"steps": finetune_steps, "lr": 5e-5, "batch_size": 16} if finetune_steps else None
-    summary = run_search(
-        graph, ctx, output, objectives=objs, budget=budget, batch_size=batch, data_spec=spec, executor=executor,
-        workers=workers, ray_address=ray_address, resume=resume, latency=latency, finetune=finetune,
-        latency_batch=latency_batch,
-        space_options={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())}, reporter=rep,
-    )
+    # checked (a dead Ray address: one line in seconds) and connected before loading anything: an address that
+    # answers but is no Ray cluster fails here too; the search reuses the connection
+    with contextlib.closing(make_executor(executor, workers=workers, address=ray_address)):
+        tgt = get_target(target, threads=threads)
+        rep = reporter(quiet or as_json)
+        graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep)
+        spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
+        task_data = load_data(data, graph.input_spec, graph.tokenizer, batch_size=32, n_calibration=64,
+                              n_evaluation=200, seed=seed)
+        ctx = Context(workdir=output / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
+                      reference=graph, target=tgt, seed=seed, reporter=rep)
+        finetune = {"steps": finetune_steps, "lr": 5e-5, "batch_size": 16} if finetune_steps else None
+        summary = run_search(
+            graph, ctx, output, objectives=objs, budget=budget, batch_size=batch, data_spec=spec, executor=executor,
+            workers=workers, ray_address=ray_address, resume=resume, latency=latency, finetune=finetune,
+            latency_batch=latency_batch,
+            space_options={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())}, reporter=rep,
+        )
     if as_json:
         print_json({k: v for k, v in summary.items() if k != "batches"})
         return

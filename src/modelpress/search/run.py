@@ -13,6 +13,7 @@ Workers (processes, Ray tasks) get the run folder's path and a config, and rebui
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -136,29 +137,30 @@ def run_search(
         settings = EvalSettings(**spec["settings"])
     elif run.exists() and any(run.iterdir()):
         raise ModelpressError(f"{run} already holds files", "pass --resume to continue its search, or give another -o")
-    run.mkdir(parents=True, exist_ok=True)
-    target = ctx.target
-    if target is None:
-        from modelpress.bench import get_target
-
-        target = ctx.target = get_target("ort-cpu")
-
-    if not resume:
-        _prepare(graph, ctx, run, space, settings, saliency, finetune, latency_table, latency_grid, reporter)
-        spec = {
-            "fingerprint": fingerprint, "space": space.to_dict(), "settings": asdict(settings),
-            "task": ctx.task.name, "data": data_spec, "seed": ctx.seed,
-            "target": {"name": target.name, "threads": target.threads}, "model": graph.name,
-            "objectives": list(objectives),
-        }
-        write_json_atomic(spec_path, spec)
-        spec_path_ok = run / ".prepared"
-        spec_path_ok.write_text("ok")
-    elif not (run / ".prepared").is_file():
-        raise ModelpressError(f"{run} was interrupted before its preparation finished", "delete it and start again")
-    evaluator = load_evaluator(run)
+    # connect now: an address that answers but is no Ray cluster fails before any work or folder
     ex = make_executor(executor, workers=workers, address=ray_address, target_resource=target_resource)
-    try:
+    with contextlib.closing(ex):
+        run.mkdir(parents=True, exist_ok=True)
+        target = ctx.target
+        if target is None:
+            from modelpress.bench import get_target
+
+            target = ctx.target = get_target("ort-cpu")
+
+        if not resume:
+            _prepare(graph, ctx, run, space, settings, saliency, finetune, latency_table, latency_grid, reporter)
+            spec = {
+                "fingerprint": fingerprint, "space": space.to_dict(), "settings": asdict(settings),
+                "task": ctx.task.name, "data": data_spec, "seed": ctx.seed,
+                "target": {"name": target.name, "threads": target.threads}, "model": graph.name,
+                "objectives": list(objectives),
+            }
+            write_json_atomic(spec_path, spec)
+            spec_path_ok = run / ".prepared"
+            spec_path_ok.write_text("ok")
+        elif not (run / ".prepared").is_file():
+            raise ModelpressError(f"{run} was interrupted before its preparation finished", "delete it and start again")
+        evaluator = load_evaluator(run)
         baselines = _baselines(evaluator, run, ex, uniform, reporter)
         base_ms = baselines.get("reference_ms")
         known = {config_key(p["config"]): p["objectives"] for p in baselines["points"].values()}
@@ -191,8 +193,6 @@ def run_search(
             fingerprint=fingerprint, initial=list(anchors(space_, uniform).values()), pop_size=pop_size,
             generations=generations, max_batches=max_batches, resume=resume, reporter=reporter,
         )
-    finally:
-        ex.close()
     return write_outputs(run, state, baselines, problem)
 
 
