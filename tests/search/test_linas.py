@@ -89,3 +89,15 @@ def test_budget_smaller_than_a_batch_is_refused(tmp_path) -> None:  # noqa: ANN0
     with pytest.raises(ModelpressError, match="smaller than one batch"):
         run_linas(problem, _batch(values), tmp_path / "s.json", budget=5, batch_size=10)
     assert not (tmp_path / "s.json").exists()
+
+
+def test_a_space_smaller_than_the_budget_ends_when_every_config_is_measured(tmp_path) -> None:  # noqa: ANN001
+    """Five configs in all, a budget of eight: the loop measures each once and stops (no endless refill)."""
+    problem = Problem(
+        lower=np.zeros(1, dtype=np.int64), upper=np.full(1, 4, dtype=np.int64),
+        decode=lambda x: {"x": [int(v) for v in x]}, objectives=["f1", "f2"], maximize=[],
+        cheap=lambda c: {"f1": c["x"][0] / 4}, cheap_objectives=["f1"], encode=lambda c: np.asarray(c["x"]),
+    )
+    state = run_linas(problem, _batch(lambda c: {"f1": c["x"][0] / 4, "f2": 1 - c["x"][0] / 4}),
+                      tmp_path / "state.json", budget=8, batch_size=2, seed=0, generations=2, pop_size=4)
+    assert sorted(r["config"]["x"][0] for r in state["records"]) == [0, 1, 2, 3, 4]

@@ -1,8 +1,9 @@
-"""`modelpress search CKPT ...`: super-network search over architecture and precision (InstaTune + LINAS);
-`modelpress search extract RUN_DIR --point N | --max-latency MS | --min-quality Q -o OUT`: write a point."""
+"""`modelpress search [CKPT] ...`: super-network search over architecture and precision (InstaTune + LINAS);
+`modelpress search extract RUN_DIR --point N | --max-latency MS | --min-quality Q -o OUT [--overwrite]`: write a point."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -12,11 +13,13 @@ from modelpress.cli.common import (
     AsJson,
     Data,
     InputShape,
+    Overwrite,
     Quiet,
     Seed,
     TargetOpt,
     Threads,
     TrustPickle,
+    check_output_dir,
     load_graph,
     print_json,
     print_rich,
@@ -26,7 +29,8 @@ from modelpress.errors import ModelpressError
 
 
 def search(
-    ckpt: Annotated[str, typer.Argument(help="The checkpoint to search (see `compress`), or `extract`.")],
+    ckpt: Annotated[str | None, typer.Argument(
+        help="The checkpoint to search (see `compress`; default: all-MiniLM-L6-v2), or `extract`.")] = None,
     run_dir: Annotated[Path | None, typer.Argument(help="With `extract`: the search's run folder.")] = None,
     objectives: Annotated[str, typer.Option("--objectives", help="quality,latency[,size]")] = "quality,latency",
     budget: Annotated[int, typer.Option("--budget", help="Real evaluations in all.")] = 32,
@@ -47,6 +51,7 @@ def search(
     target: TargetOpt = "ort-cpu",
     threads: Threads = None,
     seed: Seed = 0,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
     trust_pickle: TrustPickle = False,
@@ -56,14 +61,19 @@ def search(
     if ckpt == "extract":
         if run_dir is None or output is None:
             raise ModelpressError("extract needs the run folder and -o", "modelpress search extract RUN_DIR --point 0 -o OUT")
+        check_output_dir(output, overwrite)
         from modelpress.search.outputs import extract
 
-        result = extract(run_dir, output, point=point, max_latency=max_latency, min_quality=min_quality)
+        result = extract(run_dir, output, point=point, max_latency=max_latency, min_quality=min_quality,
+                         overwrite=overwrite)
         if as_json:
             print_json(result)
         else:
             print_rich(f"wrote {result['output']} (point {result['point']['point']}: {result['point']['objectives']})")
         return
+    if run_dir is not None:
+        raise ModelpressError(f"unexpected argument {str(run_dir)!r}: search takes one checkpoint",
+                              "give the run folder as -o RUN_DIR (or `modelpress search extract RUN_DIR ...`)")
     if output is None:
         raise ModelpressError("search needs a run folder", "give -o RUN_DIR")
     from modelpress.bench import get_target
@@ -72,28 +82,30 @@ def search(
     from modelpress.search.run import run_search
 
     objs = [o.strip() for o in objectives.split(",") if o.strip()]
-    from modelpress.search.evaluate import check_objectives
+    from modelpress.search.evaluate import check_latency_mode, check_objectives
 
     check_objectives(objs)
-    if executor == "ray":
-        from modelpress.search.executors import require_ray
+    check_latency_mode(latency)
+    from modelpress.search.executors import make_executor
 
-        require_ray()
-    tgt = get_target(target, threads=threads)
-    rep = reporter(quiet or as_json)
-    graph = load_graph(None if ckpt in ("", "default") else ckpt, trust_pickle, input_shape, rep)
-    spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
-    task_data = load_data(data, graph.input_spec, graph.tokenizer, batch_size=32, n_calibration=64,
-                          n_evaluation=200, seed=seed)
-    ctx = Context(workdir=output / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
-                  reference=graph, target=tgt, seed=seed, reporter=rep)
-    finetune = {"steps": finetune_steps, "lr": 5e-5, "batch_size": 16} if finetune_steps else None
-    summary = run_search(
-        graph, ctx, output, objectives=objs, budget=budget, batch_size=batch, data_spec=spec, executor=executor,
-        workers=workers, ray_address=ray_address, resume=resume, latency=latency, finetune=finetune,
-        latency_batch=latency_batch,
-        space_options={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())}, reporter=rep,
-    )
+    # checked (a dead Ray address: one line in seconds) and connected before loading anything: an address that
+    # answers but is no Ray cluster fails here too; the search reuses the connection
+    with contextlib.closing(make_executor(executor, workers=workers, address=ray_address)):
+        tgt = get_target(target, threads=threads)
+        rep = reporter(quiet or as_json)
+        graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep)
+        spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
+        task_data = load_data(data, graph.input_spec, graph.tokenizer, batch_size=32, n_calibration=64,
+                              n_evaluation=200, seed=seed)
+        ctx = Context(workdir=output / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
+                      reference=graph, target=tgt, seed=seed, reporter=rep)
+        finetune = {"steps": finetune_steps, "lr": 5e-5, "batch_size": 16} if finetune_steps else None
+        summary = run_search(
+            graph, ctx, output, objectives=objs, budget=budget, batch_size=batch, data_spec=spec, executor=executor,
+            workers=workers, ray_address=ray_address, resume=resume, latency=latency, finetune=finetune,
+            latency_batch=latency_batch,
+            space_options={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())}, reporter=rep,
+        )
     if as_json:
         print_json({k: v for k, v in summary.items() if k != "batches"})
         return

@@ -19,6 +19,7 @@ from modelpress.passes import Context, registered_passes
 from modelpress.search.supernet import SuperNet
 
 OBJECTIVES = {"quality": "max", "latency": "min", "size": "min"}
+LATENCY_MODES = ("predicted", "measured")
 UNITS = {"quality": "", "latency": "ms", "size": "MB"}
 QUALITY_METRICS = ("accuracy", "fidelity_mean", "agreement")
 PRECISION_SPEC = {"int8": "w8a8", "w4a8": "w4a8"}
@@ -42,6 +43,13 @@ def check_objectives(objectives: list[str]) -> list[str]:
     return list(objectives)
 
 
+def check_latency_mode(latency: str) -> str:
+    """Validate the latency mode: predicted by the latency model, or measured in ONNX Runtime."""
+    if latency not in LATENCY_MODES:
+        raise ModelpressError(f"unknown latency mode {latency!r}", f"choose {' or '.join(LATENCY_MODES)}")
+    return latency
+
+
 @dataclass
 class EvalSettings:
     """How candidates are evaluated (JSON-ready: it goes into the run's spec)."""
@@ -61,8 +69,7 @@ class Evaluator:
 
     def __init__(self, net: SuperNet, ctx: Context, settings: EvalSettings, latency_model: Any = None) -> None:
         check_objectives(settings.objectives)
-        if settings.latency not in ("predicted", "measured"):
-            raise ModelpressError(f"latency must be 'predicted' or 'measured', not {settings.latency!r}")
+        check_latency_mode(settings.latency)
         if settings.latency == "predicted" and "latency" in settings.objectives and latency_model is None:
             raise ModelpressError("predicted latency needs a latency model", "build one, or use measured latency")
         if settings.latency == "measured" and "latency" in settings.objectives:

@@ -5,12 +5,17 @@ the evaluations over a cluster. No home-made cluster code."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from modelpress.errors import ModelpressError
 
 EXECUTORS = ("local", "ray")
+RAY_GCS_PORT = 6379  # `ray start --head`'s default port (HOST alone)
+RAY_CLIENT_PORT = 10001  # the Ray client server's default port (ray://HOST alone)
+CONNECT_TIMEOUT_S = 2.0
+_ADDRESS_HINT = "give --ray-address HOST:PORT or ray://HOST:PORT of a running cluster (ray status), or use --executor local"
 
 
 class LocalExecutor:
@@ -85,6 +90,7 @@ class RayExecutor:
 
 
 def require_ray() -> Any:
+    """The ray module, or a short error saying how to install it."""
     try:
         import ray
     except ImportError as exc:
@@ -93,8 +99,57 @@ def require_ray() -> Any:
     return ray
 
 
+def ray_endpoint(address: str) -> tuple[str, int]:
+    """(host, port) of a Ray address: ``HOST:PORT``, ``ray://HOST[:PORT]``, ``HOST`` or ``[IPv6]:PORT``."""
+    rest = address.strip()
+    client = rest.startswith("ray://")
+    rest = rest.removeprefix("ray://").rstrip("/")
+    default = RAY_CLIENT_PORT if client else RAY_GCS_PORT
+    if rest.startswith("["):  # [IPv6]:PORT
+        host, _, port = rest[1:].partition("]")
+        port = port.removeprefix(":")
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host, port = rest, ""
+    if not host or "://" in rest or not (port == "" or port.isdigit()) or not 0 < int(port or default) < 65536:
+        raise ModelpressError(f"--ray-address {address!r} is not HOST:PORT", _ADDRESS_HINT)
+    return host, int(port or default)
+
+
+def check_ray_address(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, before any work, when nothing answers at ``address`` (a TCP connect to its host and
+    port): ``ray.init`` would otherwise retry for minutes. None or ``auto`` (a local runtime, or the
+    cluster this machine belongs to) is left to Ray."""
+    if address is None or address.strip() in ("", "auto", "local"):
+        return
+    host, port = ray_endpoint(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else (
+            exc.strerror or type(exc).__name__).lower()
+        raise ModelpressError(f"no Ray cluster answers at {address} ({host}:{port}: {why})", _ADDRESS_HINT) from exc
+
+
+def check_executor(name: str, address: str | None = None) -> None:
+    """Everything about the executor that can be refused before any work: its name, Ray installed, and a
+    Ray address that answers; ``--ray-address`` only with the Ray executor."""
+    if name not in EXECUTORS:
+        raise ModelpressError(f"unknown executor {name!r}", f"choose one of {', '.join(EXECUTORS)}")
+    if name != "ray":
+        if address is not None:
+            raise ModelpressError("--ray-address is for the Ray executor", "add --executor ray, or drop --ray-address")
+        return
+    require_ray()
+    check_ray_address(address)
+
+
 def make_executor(name: str, *, workers: int = 1, address: str | None = None,
                   target_resource: str | None = None) -> LocalExecutor | RayExecutor:
+    """The executor ``name`` (checked with ``check_executor`` first: no Ray call on an unreachable address)."""
+    check_executor(name, address)
     if name == "local":
         return LocalExecutor(workers)
     if name == "ray":

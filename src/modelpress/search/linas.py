@@ -11,8 +11,6 @@ ends where an uninterrupted one does when the measurements repeat.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from modelpress.bench.runner import write_json_atomic
 from modelpress.errors import ModelpressError
 from modelpress.progress import QUIET, Reporter
 from modelpress.search.space import config_key, dedupe
@@ -44,6 +43,15 @@ class Problem:
 
     def vector(self, values: dict[str, float]) -> np.ndarray:
         return np.array([-values[o] if o in self.maximize else values[o] for o in self.objectives], dtype=float)
+
+    @property
+    def expensive(self) -> list[str]:
+        """The objectives that are measured (and predicted between batches)."""
+        return [o for o in self.objectives if o not in self.cheap_objectives]
+
+    def features(self, rows: np.ndarray | list) -> np.ndarray:
+        """Gene rows scaled to [0, 1] per gene: what the predictors are fitted and queried on."""
+        return (np.atleast_2d(np.asarray(rows, dtype=float)) - self.lower) / np.maximum(self.upper - self.lower, 1)
 
 
 # ------------------------------------------------------------------------------------------- predictors
@@ -98,6 +106,22 @@ def fit_predictor(features: np.ndarray, y: np.ndarray, seed: int = 0) -> Predict
     return Predictor(best[1], model, best[0] * scale, scale)
 
 
+def fit_predictors(problem: Problem, records: list[dict[str, Any]], seed: int = 0) -> dict[str, Predictor]:
+    """One predictor per expensive objective, fitted on measured ``records`` (their gene rows ``x``)."""
+    feats = problem.features([r["x"] for r in records])
+    return {o: fit_predictor(feats, np.array([r["objectives"][o] for r in records], dtype=float), seed)
+            for o in problem.expensive}
+
+
+def predict(problem: Problem, predictors: dict[str, Predictor], rows: np.ndarray | list) -> list[dict[str, float]]:
+    """The predicted expensive objectives of gene ``rows``, one dict per row."""
+    if not len(rows):
+        return []
+    feats = problem.features(rows)
+    values = {o: p.predict(feats) for o, p in predictors.items()}
+    return [{o: float(v[i]) for o, v in values.items()} for i in range(len(feats))]
+
+
 def kendall_tau(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> float | None:
     """Kendall's tau-b between two sequences (None with fewer than 3 pairs or no variation)."""
     if len(a) < 3:
@@ -127,16 +151,13 @@ def nsga2(problem: Problem, predictors: dict[str, Predictor], *, seed: int, pop_
         raise ModelpressError(f"search needs pymoo ({exc})", "pip install 'modelpress[search]'") from exc
 
     lo, up = problem.lower, problem.upper
-    span = np.maximum(up - lo, 1)
 
     def objective_matrix(x: np.ndarray) -> np.ndarray:
         x = np.asarray(np.round(x), dtype=np.int64)
-        feats = (x - lo) / span
-        predicted = {o: p.predict(feats) for o, p in predictors.items()}
         rows = []
-        for i, row in enumerate(x):
+        for row, predicted in zip(x, predict(problem, predictors, x), strict=True):
             values = problem.cheap(problem.decode(row)) if problem.cheap_objectives else {}
-            values.update({o: float(v[i]) for o, v in predicted.items()})
+            values.update(predicted)
             rows.append(problem.vector(values))
         return np.array(rows)
 
@@ -190,14 +211,6 @@ def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------- the loop
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    os.replace(tmp, path)
 
 
 def load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
@@ -256,9 +269,8 @@ def run_linas(
         state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "budget": budget, "records": [], "batches": []}
     state["budget"] = budget
     seen = {config_key(r["config"]) for r in state["records"]}
-    expensive = [o for o in problem.objectives if o not in problem.cheap_objectives]
+    expensive = problem.expensive
     lo, up = problem.lower, problem.upper
-    span = np.maximum(up - lo, 1)
     ran = 0
     while len(state["records"]) < budget and (max_batches is None or ran < max_batches):
         b = len(state["batches"])
@@ -274,25 +286,19 @@ def run_linas(
                 tries += 1
             predicted = [None] * len(picks)
         else:
-            xs = np.array([r["x"] for r in state["records"]])
-            feats = (xs - lo) / span
-            predictors = {}
-            for o in expensive:
-                y = np.array([r["objectives"][o] for r in state["records"]], dtype=float)
-                predictors[o] = fit_predictor(feats, y, seed)
+            predictors = fit_predictors(problem, state["records"], seed)
             info["predictors"] = {o: {"model": p.name, "cv_mae": p.cv_error} for o, p in predictors.items()}
             with reporter.step(f"batch {b}: NSGA-II on predictors ({generations} generations)"):
                 pop = nsga2(problem, predictors, seed=seed * 1009 + b, pop_size=pop_size, generations=generations)
             picks_x = _spread([row for row in pop], problem, want, seen)
-            while len(picks_x) < want:
+            tries = 0
+            while len(picks_x) < want and tries < 1000:  # a small space may hold fewer unseen configs
                 row = rng.integers(lo, up + 1)
                 if dedupe([problem.decode(row)], seen):
                     picks_x.append(row)
+                tries += 1
             picks = [problem.decode(row) for row in picks_x]
-            predicted = []
-            for row in picks_x:
-                f = ((np.asarray(row) - lo) / span)[None, :]
-                predicted.append({o: float(p.predict(f)[0]) for o, p in predictors.items()})
+            predicted = predict(problem, predictors, picks_x)
         if not picks:
             reporter.log("the space has no candidate left to measure")
             break

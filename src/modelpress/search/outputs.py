@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from modelpress.bench.runner import write_json_atomic
 from modelpress.errors import ModelpressError
-from modelpress.search.linas import Problem, hypervolume, pareto_mask, write_json_atomic
+from modelpress.search.linas import Problem, hypervolume, pareto_mask
+from modelpress.search.workers import load_evaluator
 
 
 def reference_point(points: np.ndarray) -> np.ndarray:
@@ -22,6 +24,7 @@ def reference_point(points: np.ndarray) -> np.ndarray:
 
 
 def write_outputs(run: Path, state: dict[str, Any], baselines: dict[str, Any], problem: Problem) -> dict[str, Any]:
+    """pareto.json (the summary returned), pareto.csv and pareto.png of a finished (or stopped) search."""
     records = state["records"]
     objs = problem.objectives
     pts = np.array([problem.vector(r["objectives"]) for r in records])
@@ -124,11 +127,10 @@ def choose(summary: dict[str, Any], *, point: int | None = None, max_latency: fl
 
 
 def extract(run_dir: str | Path, out: str | Path, *, point: int | None = None, max_latency: float | None = None,
-            min_quality: float | None = None) -> dict[str, Any]:
+            min_quality: float | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write the chosen sub-network as a standalone model (safetensors + spec, quantized when its precision
     says so) with its verified ONNX into ``out`` (staged, then renamed)."""
     from modelpress.models.saving import staged_dir, write_into
-    from modelpress.search.run import load_evaluator
 
     run = Path(run_dir)
     if not (run / "pareto.json").is_file():
@@ -138,7 +140,7 @@ def extract(run_dir: str | Path, out: str | Path, *, point: int | None = None, m
     ev = load_evaluator(run)
     graph, exporter = ev.build(chosen["config"])
     target = Path(out)
-    with staged_dir(target) as tmp:
+    with staged_dir(target, overwrite=overwrite) as tmp:
         write_into(graph, tmp)
         exported = ev.ctx.export(graph, tmp / "model.onnx", exporter=exporter)
         (tmp / "search_point.json").write_text(json.dumps(chosen, indent=1))

@@ -13,9 +13,9 @@ Workers (processes, Ray tasks) get the run folder's path and a config, and rebui
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,19 +23,26 @@ from typing import Any
 
 import numpy as np
 
+from modelpress.bench.runner import write_json_atomic
 from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context
 from modelpress.progress import QUIET, Reporter
-from modelpress.search.evaluate import OBJECTIVES, EvalSettings, Evaluator, check_objectives
-from modelpress.search.executors import make_executor, require_ray
-from modelpress.search.linas import Problem, check_budget, run_linas, write_json_atomic
+from modelpress.search.evaluate import (
+    OBJECTIVES,
+    EvalSettings,
+    Evaluator,
+    check_latency_mode,
+    check_objectives,
+)
+from modelpress.search.executors import check_executor, make_executor
+from modelpress.search.linas import Problem, check_budget, run_linas
+from modelpress.search.outputs import write_outputs
 from modelpress.search.space import SearchSpace, config_key, dedupe
 from modelpress.search.supernet import SuperNet
+from modelpress.search.workers import SPEC, evaluate_item, load_evaluator, measure_item
 
-SPEC = "search.json"
-_EVALUATORS: dict[str, Evaluator] = {}
-
+__all__ = ["SPEC", "anchors", "load_evaluator", "model_fingerprint", "run_search"]
 
 def model_fingerprint(graph: ModelGraph) -> str:
     """The architecture and a digest of the weights of ``graph``."""
@@ -45,53 +52,6 @@ def model_fingerprint(graph: ModelGraph) -> str:
         if p.is_floating_point():
             h.update(np.float64(p.detach().double().sum()).tobytes())
     return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------ workers
-
-
-def load_evaluator(run_dir: str | Path) -> Evaluator:
-    """The evaluator of a run folder (rebuilt once per process)."""
-    key = str(Path(run_dir).resolve())
-    if key in _EVALUATORS:
-        return _EVALUATORS[key]
-    from modelpress.bench import LatencyTable, get_target
-    from modelpress.data import load_data
-    from modelpress.data.tasks import task_for
-    from modelpress.models.saving import load_saved
-
-    run = Path(key)
-    spec = json.loads((run / SPEC).read_text())
-    graph = load_saved(run / "supernet")
-    reference = load_saved(run / "reference") if (run / "reference").is_dir() else graph
-    space = SearchSpace.from_dict(spec["space"])
-    d = spec["data"]
-    data = load_data(d["spec"], graph.input_spec, graph.tokenizer, batch_size=d["batch_size"],
-                     n_calibration=d["n_calibration"], n_evaluation=d["n_evaluation"], seed=spec["seed"])
-    work = run / "work" / str(os.getpid())
-    work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(workdir=work, task=task_for(spec["task"]), data=data, reference=reference,
-                  target=get_target(spec["target"]["name"], threads=spec["target"]["threads"]), seed=spec["seed"])
-    table = LatencyTable.load(run / "latency.json") if (run / "latency.json").is_file() else None
-    ev = Evaluator(SuperNet(graph, space), ctx, EvalSettings(**spec["settings"]), table)
-    _EVALUATORS[key] = ev
-    return ev
-
-
-def evaluate_item(item: tuple[str, dict[str, Any], str | None]) -> dict[str, Any]:
-    """Worker entry point: (run folder, config, ONNX path or None) -> evaluation."""
-    import torch
-
-    torch.set_num_threads(1)
-    run_dir, config, onnx = item
-    return load_evaluator(run_dir).evaluate(config, None if onnx is None else Path(onnx))
-
-
-def measure_item(item: tuple[str, dict[str, str], float | None]) -> dict[str, float]:
-    """Target-worker entry point: (run folder, name -> ONNX, baseline reference ms) -> latencies."""
-    run_dir, onnx, baseline_ms = item
-    ev = load_evaluator(run_dir)
-    return ev.measure_latency(onnx, str(Path(run_dir) / "baselines" / "full-float.onnx"), baseline_ms)
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -141,13 +101,11 @@ def run_search(
     ``uniform`` widths in the lowest-latency precision), then random configs: the front never starts
     behind the obvious baselines, and the predictors see the whole range. The anchors' values come from
     the baselines evaluated before the loop (not evaluated twice); they count in the budget."""
-    from modelpress.search.outputs import write_outputs
-
     run = Path(run_dir)
     check_objectives(objectives)
+    check_latency_mode(latency)
     check_budget(budget, batch_size)  # before any work
-    if executor == "ray":
-        require_ray()  # before any work
+    check_executor(executor, ray_address)  # before any work: Ray installed, its address answering
     if ctx.task is None or ctx.data is None:
         raise ModelpressError("search needs a task and data to score quality on", "give --data")
     space = SearchSpace.from_graph(graph, **(space_options or {}))
@@ -179,29 +137,30 @@ def run_search(
         settings = EvalSettings(**spec["settings"])
     elif run.exists() and any(run.iterdir()):
         raise ModelpressError(f"{run} already holds files", "pass --resume to continue its search, or give another -o")
-    run.mkdir(parents=True, exist_ok=True)
-    target = ctx.target
-    if target is None:
-        from modelpress.bench import get_target
-
-        target = ctx.target = get_target("ort-cpu")
-
-    if not resume:
-        _prepare(graph, ctx, run, space, settings, saliency, finetune, latency_table, latency_grid, reporter)
-        spec = {
-            "fingerprint": fingerprint, "space": space.to_dict(), "settings": asdict(settings),
-            "task": ctx.task.name, "data": data_spec, "seed": ctx.seed,
-            "target": {"name": target.name, "threads": target.threads}, "model": graph.name,
-            "objectives": list(objectives),
-        }
-        write_json_atomic(spec_path, spec)
-        spec_path_ok = run / ".prepared"
-        spec_path_ok.write_text("ok")
-    elif not (run / ".prepared").is_file():
-        raise ModelpressError(f"{run} was interrupted before its preparation finished", "delete it and start again")
-    evaluator = load_evaluator(run)
+    # connect now: an address that answers but is no Ray cluster fails before any work or folder
     ex = make_executor(executor, workers=workers, address=ray_address, target_resource=target_resource)
-    try:
+    with contextlib.closing(ex):
+        run.mkdir(parents=True, exist_ok=True)
+        target = ctx.target
+        if target is None:
+            from modelpress.bench import get_target
+
+            target = ctx.target = get_target("ort-cpu")
+
+        if not resume:
+            _prepare(graph, ctx, run, space, settings, saliency, finetune, latency_table, latency_grid, reporter)
+            spec = {
+                "fingerprint": fingerprint, "space": space.to_dict(), "settings": asdict(settings),
+                "task": ctx.task.name, "data": data_spec, "seed": ctx.seed,
+                "target": {"name": target.name, "threads": target.threads}, "model": graph.name,
+                "objectives": list(objectives),
+            }
+            write_json_atomic(spec_path, spec)
+            spec_path_ok = run / ".prepared"
+            spec_path_ok.write_text("ok")
+        elif not (run / ".prepared").is_file():
+            raise ModelpressError(f"{run} was interrupted before its preparation finished", "delete it and start again")
+        evaluator = load_evaluator(run)
         baselines = _baselines(evaluator, run, ex, uniform, reporter)
         base_ms = baselines.get("reference_ms")
         known = {config_key(p["config"]): p["objectives"] for p in baselines["points"].values()}
@@ -234,8 +193,6 @@ def run_search(
             fingerprint=fingerprint, initial=list(anchors(space_, uniform).values()), pop_size=pop_size,
             generations=generations, max_batches=max_batches, resume=resume, reporter=reporter,
         )
-    finally:
-        ex.close()
     return write_outputs(run, state, baselines, problem)
 
 
@@ -322,8 +279,6 @@ def _baselines(evaluator: Evaluator, run: Path, ex: Any, uniform: tuple[float, .
         spec = json.loads((run / SPEC).read_text())  # workers started later read the factor from the spec
         spec["settings"]["int8_factor"] = out["int8_factor"]
         write_json_atomic(run / SPEC, spec)
-    elif measured:
-        out["reference_ms"] = ex.on_target(measure_item, (str(run), {}, None))["__baseline__"]
     with reporter.step(f"evaluating {len(configs)} baselines"):
         items = [(str(run), c, str(folder / f"{n}.onnx") if evaluator.settings.quality_backend == "onnx" else None)
                  for n, c in configs.items()]
@@ -333,6 +288,7 @@ def _baselines(evaluator: Evaluator, run: Path, ex: Any, uniform: tuple[float, .
     if measured:
         ms = ex.on_target(measure_item, (str(run), {n: r["onnx"] for n, r in zip(configs, results, strict=True)},
                                          out.get("reference_ms")))
+        out.setdefault("reference_ms", ms["__baseline__"])  # the reference: full float, timed with the baselines
         for n in values:
             values[n]["latency"] = ms[n]
     for n, c in configs.items():

@@ -184,7 +184,6 @@ class SearchSpace:
                 raise ModelpressError(f"precision {name}={p!r} is not in the space")
 
     def largest(self, precision: str = "float") -> dict[str, Any]:
-        _, up = self.bounds()
         return self._uniform(lambda choices: len(choices) - 1, precision)
 
     def smallest(self, precision: str = "float") -> dict[str, Any]:

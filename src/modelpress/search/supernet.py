@@ -27,7 +27,6 @@ from modelpress.data.saliency import group_saliency
 from modelpress.errors import ModelpressError
 from modelpress.graph import Group, ModelGraph
 from modelpress.graph.inputs import primary_output
-from modelpress.graph.run import call_module
 from modelpress.progress import QUIET, Reporter
 from modelpress.search.space import SearchSpace
 
@@ -210,6 +209,3 @@ def _narrow_norm(embed: int) -> Any:
 
     return hook
 
-
-def run_primary(module: nn.Module, inputs: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    return primary_output(call_module(module, inputs, names))
