@@ -10,6 +10,7 @@ from torch import nn
 from modelpress.graph.adapters import is_transposed_linear
 
 if TYPE_CHECKING:
+    from modelpress.graph.groups import Group
     from modelpress.graph.model_graph import ModelGraph
 
 _FOLLOW = {"dropout", "clone", "contiguous", "alias", "detach", "view", "reshape", "_to_copy", "to"}
@@ -30,11 +31,11 @@ def block_widths(graph: ModelGraph) -> list[dict]:
     """Heads (query heads), key/value heads where fewer, head dim and MLP width of every removable block."""
     rows = []
     for b in graph.blocks:
-        inside = [g for g in graph.groups if in_block(g.scope, b.path)]
+        inside = [g for g in graph.groups if in_block(g.scope, b.path) or _spans(g, b.path)]
         heads = [g for g in inside if g.kind == "head"]
         mlps = [g for g in inside if g.kind == "mlp"]
         convs = [g for g in inside if g.kind == "conv"]
-        row = {"block": b.path, "type": b.type, "params": b.params}
+        row = {"block": b.path, "type": b.type, "params": b.params, "removal": b.removal}
         if heads:
             row["heads"] = sum(g.query_heads for g in heads)
             row["head_dim"] = heads[0].head_dim()
@@ -51,6 +52,13 @@ def block_widths(graph: ModelGraph) -> list[dict]:
 
 def in_block(scope: str, block: str) -> bool:
     return scope == block or scope.startswith(block + ".")
+
+
+def _spans(group: Group, block: str) -> bool:
+    """Whether a head group of several blocks (heads that share one per-head table) has slices in ``block``."""
+    return group.kind in ("head", "head_dim") and in_block(block, group.scope) and any(
+        p.startswith(block + ".") for p, _ in group.slots
+    )
 
 
 def embedding_width(graph: ModelGraph) -> int | None:
