@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.graph.adapters import head_attribute_edits
+from modelpress.graph.family import HEAD_WIDTH_ATTRS, head_attribute_edits, head_dim_attribute_edits
 from modelpress.graph.groups import Group, Slot
 
 # edit records that change only which original unit sits where (see modelpress.graph.lineage)
@@ -213,8 +213,6 @@ def _attribute_edits(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> li
     Where one plan cuts both the heads and the head width of one attention, a total-width attribute
     takes the new heads times the new width (each cut alone would leave the other factor as it was).
     """
-    from modelpress.graph.adapters import HEAD_WIDTH_ATTRS
-
     heads_after: dict[str, int] = {}
     width_after: dict[str, int] = {}
     for group, units in plan:
@@ -235,8 +233,6 @@ def _attribute_edits(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> li
                 head_dim=group.head_dim(),
             )
         elif group.kind == "head_dim":
-            from modelpress.graph.head_dims import head_dim_attribute_edits
-
             reads = [s for s in group.meta.get("input_slots") or [] if s in group.units[0]]
             heads = min(len(group.units[0][s]) for s in (reads or group.units[0]))  # query heads
             edits += head_dim_attribute_edits(

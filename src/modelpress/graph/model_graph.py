@@ -14,12 +14,15 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.graph import edit as _edit
-from modelpress.graph.adapters import layer_index_edits
+from modelpress.graph.adapters import sync_config
 from modelpress.graph.dryrun import failing_groups, mark_fixed
+from modelpress.graph.family import layer_index_edits
 from modelpress.graph.groups import Group, build_groups, without_units
+from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
-from modelpress.graph.lineage import Lineage
+from modelpress.graph.lineage import Lineage, renumber
+from modelpress.graph.stats import norm_consumers, summarize
 
 TRACE_SEQ_LEN = 8
 DRY_RUN_FRACTION = 0.3  # share of each group's units a dry run removes before the group is offered
@@ -188,8 +191,6 @@ class ModelGraph:
     def groups(self) -> list[Group]:
         """Groups of coupled dimensions, discovered by tracing and dependency propagation."""
         if self._groups is None:
-            from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
-
             groups = build_groups(self.propagation, self.module)
             self._dry_run(groups)
             widths = head_dim_groups(groups, has_rotary(self.program))
@@ -487,8 +488,6 @@ class ModelGraph:
             self._sync_config()
 
     def _delete_block(self, path: str) -> None:
-        from modelpress.graph.lineage import renumber
-
         blocks = self.blocks
         record = _edit.delete_block(self.module, path)
         container, _, idx = path.rpartition(".")
@@ -527,8 +526,6 @@ class ModelGraph:
             )
 
     def _sync_config(self) -> None:
-        from modelpress.graph.adapters import sync_config
-
         sync_config(self)
 
     # ----- checks and summaries -----
@@ -546,14 +543,10 @@ class ModelGraph:
 
     def summary(self) -> dict:
         """Per block: heads, head dim, MLP width; embedding width; parameters; MACs at the default shape."""
-        from modelpress.graph.stats import summarize
-
         return summarize(self)
 
     def norm_consumers(self) -> list[tuple[str, list[str], bool]]:
         """For each LayerNorm: the Linear modules reading its output directly, and whether anything else does."""
-        from modelpress.graph.stats import norm_consumers
-
         return norm_consumers(self)
 
     def __repr__(self) -> str:
