@@ -43,6 +43,13 @@ def test_lone_residual_block_goes_by_an_identity():
     assert isinstance(rebuilt.stages[1].blocks[0], nn.Identity)
 
 
+def test_inspect_says_how_a_lone_block_goes(capsys):
+    main(["inspect", FACTORIES["one_block_stage"], "-q"])
+    out = capsys.readouterr().out
+    table = out[out.index("blocks alone in their container"):]
+    assert "stages.1.blocks.0" in table and "identity" in table and "stages.0.blocks" not in table
+
+
 def test_a_container_keeps_one_item_and_the_last_becomes_lone():
     g = load(FACTORIES["one_block_stage"])
     assert not g.can_remove_blocks(["stages.0.blocks.0", "stages.0.blocks.1"])
