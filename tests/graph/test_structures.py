@@ -259,3 +259,23 @@ def test_remove_many_undoes_an_edit_that_fails_half_way():
     with pytest.raises(ModelpressError, match="the edit was undone"):
         g.remove(head.name, [0])
     _assert_same(before, _state(g.module))
+
+
+def test_t5_heads_share_the_relative_bias_table(tmp_path):
+    """The family that showed item 3: T5 computes the bias in layer 0 and passes it to sdpa in every layer."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8)
+    transformers.T5EncoderModel(config).eval().save_pretrained(tmp_path)
+    g = load(f"hf:{tmp_path}")
+    heads = [x for x in g.groups if x.kind == "head"]
+    assert len(heads) == 1 and heads[0].prunable
+    assert ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", 1) in heads[0].slots
+    width = next(x for x in g.groups if x.kind == "head_dim")
+    assert width.prunable and width.meta["exact"]  # T5's head size attribute (key_value_proj_dim) follows the cut
+    x = g.example_inputs(2, 8)
+    shape = g.forward(x).shape
+    g.remove_many([(heads[0].name, [1]), (width.name, [0, 5])])
+    assert g.forward(x).shape == shape and g.module.config.num_heads == 3
+    assert g.module.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape[1] == 3

@@ -70,7 +70,7 @@ KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num
 HEAD_WIDTH_ATTRS = (
     "all_head_size", "inner_dim", "split_size", "hidden_size_per_partition", "attention_dim", "attn_dim", "val_attn_dim",
 )
-HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")
 # projections of an attention module that keeps only its head size (Llama): heads = width / head size
 QUERY_PROJ_NAMES = ("q_proj", "query", "q_lin", "q")
 KEY_PROJ_NAMES = ("k_proj", "key", "k_lin", "k")
