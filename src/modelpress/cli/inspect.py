@@ -28,8 +28,26 @@ def inspect(
     if as_json:
         print_json(summary)
     else:
-        fixed = fixed_groups_table(summary["groups"])
-        print_rich(render_inspect(summary), *([fixed] if fixed is not None else []))
+        extra = [t for t in (lone_blocks_table(summary["blocks"]), fixed_groups_table(summary["groups"])) if t]
+        print_rich(render_inspect(summary), *extra)
+
+
+def lone_blocks_table(blocks: list[dict]):  # noqa: ANN201 - rich renderable, or None
+    """The blocks alone in their container, and whether pruning may replace them by an identity or keeps them
+    (the other blocks are deleted from their container when pruning removes them)."""
+    from rich.table import Table
+
+    from modelpress.graph.model_graph import REMOVALS
+
+    lone = [b for b in blocks if b.get("removal", "delete") != "delete"]
+    if not lone:
+        return None
+    table = Table(title="blocks alone in their container")
+    for c in ("block", "removal", "why"):
+        table.add_column(c, overflow="fold")
+    for b in lone:
+        table.add_row(b["block"], b["removal"], REMOVALS[b["removal"]])
+    return table
 
 
 def fixed_groups_table(groups: list[dict]):  # noqa: ANN201 - rich renderable, or None

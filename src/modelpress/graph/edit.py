@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import numpy as np
 import torch
 from torch import nn
 
-from modelpress.graph.adapters import head_attribute_edits
+from modelpress.graph.family import HEAD_WIDTH_ATTRS, head_attribute_edits, head_dim_attribute_edits
 from modelpress.graph.groups import Group, Slot
 
 # edit records that change only which original unit sits where (see modelpress.graph.lineage)
@@ -84,25 +85,58 @@ def sync_module_attrs(root: nn.Module) -> None:
             mod.normalized_shape = (int(w.shape[0]),)
 
 
-Snapshot = list[tuple[nn.Module, dict, dict, dict, dict, set]]
+_REGISTRIES = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+
+
+class Snapshot:
+    """A module tree as it was: every module's attributes (mutable containers copied), parameters, buffers and
+    children, the version counter of every tensor, and a copy of every buffer's data.
+
+    Edits replace tensors (never write into them), so a shallow record restores them; a forward run in
+    between may write into a buffer in place (a BatchNorm's running statistics in training mode, a cache),
+    which the buffer copies undo. A parameter written in place cannot be restored and raises.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.modules = [
+            (m, {k: _copied(v) for k, v in m.__dict__.items() if k not in _REGISTRIES}, dict(m._parameters),
+             dict(m._buffers), dict(m._modules), set(m._non_persistent_buffers_set))
+            for m in root.modules()
+        ]
+        self.versions = {id(t): (t, t._version) for m in self.modules for t in (*m[2].values(), *m[3].values())
+                         if t is not None}
+        self.buffers = {id(t): t.detach().clone() for m in self.modules for t in m[3].values() if t is not None}
+
+    def restore(self) -> None:
+        """Put every module back as it was, buffers' data included (see the class)."""
+        for m, attrs, params, buffers, children, non_persistent in self.modules:
+            m.__dict__.clear()
+            m.__dict__.update({k: _copied(v) for k, v in attrs.items()})
+            m._parameters, m._buffers, m._modules = dict(params), dict(buffers), dict(children)
+            m._non_persistent_buffers_set = set(non_persistent)
+        with torch.no_grad():
+            for key, (t, version) in self.versions.items():
+                if t._version == version:
+                    continue
+                if key not in self.buffers:
+                    raise RuntimeError(f"a parameter of shape {tuple(t.shape)} was written in place during an edit")
+                t.copy_(self.buffers[key])
+                self.versions[key] = (t, t._version)
+
+
+def _copied(value: object) -> object:
+    """A copy of a mutable container (a list of split sizes, a dict of settings); anything else as is."""
+    return copy.copy(value) if isinstance(value, (list, dict, set)) else value
 
 
 def snapshot(root: nn.Module) -> Snapshot:
-    """Every module's attributes, parameters, buffers and children (shallow: edits replace tensors)."""
-    return [
-        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules),
-         set(m._non_persistent_buffers_set))
-        for m in root.modules()
-    ]
+    """Every module of ``root`` as it is now (see ``Snapshot``)."""
+    return Snapshot(root)
 
 
 def restore(saved: Snapshot) -> None:
     """Put every module of a ``snapshot`` back as it was."""
-    for m, attrs, params, buffers, children, non_persistent in saved:
-        m.__dict__.clear()
-        m.__dict__.update(attrs)
-        m._parameters, m._buffers, m._modules = dict(params), dict(buffers), dict(children)
-        m._non_persistent_buffers_set = set(non_persistent)
+    saved.restore()
 
 
 def conv_groups(groups: int, old_out: int, new_out: int) -> int:
@@ -179,8 +213,6 @@ def _attribute_edits(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> li
     Where one plan cuts both the heads and the head width of one attention, a total-width attribute
     takes the new heads times the new width (each cut alone would leave the other factor as it was).
     """
-    from modelpress.graph.adapters import HEAD_WIDTH_ATTRS
-
     heads_after: dict[str, int] = {}
     width_after: dict[str, int] = {}
     for group, units in plan:
@@ -201,8 +233,6 @@ def _attribute_edits(root: nn.Module, plan: list[tuple[Group, list[int]]]) -> li
                 head_dim=group.head_dim(),
             )
         elif group.kind == "head_dim":
-            from modelpress.graph.head_dims import head_dim_attribute_edits
-
             reads = [s for s in group.meta.get("input_slots") or [] if s in group.units[0]]
             heads = min(len(group.units[0][s]) for s in (reads or group.units[0]))  # query heads
             edits += head_dim_attribute_edits(
@@ -257,12 +287,24 @@ def delete_block(root: nn.Module, path: str) -> dict:
     return {"op": "delete_block", "path": path, "size": size}
 
 
+def skip_block(root: nn.Module, path: str) -> dict:
+    """Replace block ``path`` (the only item of its container, residual) by an identity; returns its record."""
+    parent_path, _, idx = path.rpartition(".")
+    parent = get_submodule(root, parent_path)
+    if not isinstance(parent, (nn.ModuleList, nn.Sequential)) or not idx.isdigit():
+        raise ValueError(f"{path} is not an item of a ModuleList or Sequential")
+    parent[int(idx)] = nn.Identity()
+    return {"op": "skip_block", "path": path}
+
+
 def apply_edit(root: nn.Module, edit: dict) -> None:
     """Replay one recorded structural edit (used when reloading a saved model)."""
     if edit["op"] in LINEAGE_ONLY:
         return  # the saved weights already carry these; they are replayed for the lineage only
     if edit["op"] == "delete_block":
         delete_block(root, edit["path"])
+    elif edit["op"] == "skip_block":
+        skip_block(root, edit["path"])
     elif edit["op"] == "setattr":
         setattr(get_submodule(root, edit["module"]), edit["attr"], edit["value"])
     else:

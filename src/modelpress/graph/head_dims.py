@@ -26,12 +26,14 @@ group's lineage keeps.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
-from torch import nn
 
-from modelpress.graph.adapters import HEAD_SIZE_ATTRS, HEAD_WIDTH_ATTRS, attribute_edits
+from modelpress.graph import edit as _edit
 from modelpress.graph.groups import Group
+from modelpress.graph.run import PrimaryOutput
 
 TIES = "query/key and value widths are one group: the attention reshapes q, k and v by one head size"
 
@@ -95,13 +97,6 @@ def _split(group: Group) -> list[dict] | None:
     return units
 
 
-def head_dim_attribute_edits(root: nn.Module, scope: str, heads: int, old: int, new: int) -> list[dict]:
-    """``setattr`` records for a head-width cut at ``scope``: head-size attributes ``old`` -> ``new`` and
-    total attention widths ``heads * old`` -> ``heads * new`` (the scale is kept; see the module)."""
-    wanted = [(HEAD_SIZE_ATTRS, old, new), (HEAD_WIDTH_ATTRS, heads * old, heads * new)]
-    return attribute_edits(root, scope, wanted)
-
-
 RESCALES = "the attention recomputes its scale from the head size, so a width cut rescales the scores"
 
 
@@ -126,9 +121,7 @@ def check_exact(graph, groups: list[Group]) -> None:  # noqa: ANN001
 
 
 def _inexact(graph, todo: list[Group]) -> list[Group]:  # noqa: ANN001
-    from modelpress.graph import edit as _edit
-
-    module = __import__("copy").deepcopy(graph.module)
+    module = copy.deepcopy(graph.module)
     params = dict(module.named_parameters())
     with torch.no_grad():
         for g in todo:
@@ -137,8 +130,6 @@ def _inexact(graph, todo: list[Group]) -> list[Group]:  # noqa: ANN001
                     params[p].index_fill_(axis, torch.as_tensor(idx), 0.0)
     inputs = graph.example_inputs(1, 8 if graph.input_spec.kind == "text" else None, seed=2)
     names = graph.input_spec.names
-    from modelpress.graph.inputs import PrimaryOutput
-
     with torch.no_grad():
         before = PrimaryOutput(module, names)(*[inputs[n] for n in names])
         for e in _edit.remove_units(module, [(g, [0]) for g in todo]):

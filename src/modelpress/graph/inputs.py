@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from modelpress.graph.adapters import FALLBACK_VOCAB_SIZE, start_token_id
+from modelpress.graph.family import FALLBACK_VOCAB_SIZE, start_token_id
 
 # The primary output and the export wrapper live with the torch runner (graph.run); re-exported here.
 from modelpress.graph.run import PrimaryOutput, primary_output

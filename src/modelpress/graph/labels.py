@@ -622,9 +622,21 @@ class _Propagator:
         qd, kd = q.select(-2, 0).unsqueeze(-2), k.select(-2, 0).unsqueeze(-2)
         a, b = torch.broadcast_tensors(qd, kd)
         self.uf.union_pairs(a.numpy(), b.numpy())
-        self.couple_heads([q, k, v], q.dim() - 2)
+        self.couple_heads([q, k, v, *self.sdpa_mask(node, q.dim())], q.dim() - 2)
         vv = v.select(-2, 0).unsqueeze(-2)
         return vv.expand(out.shape).clone()
+
+    def sdpa_mask(self, node: torch.fx.Node, dims: int) -> list[torch.Tensor]:
+        """The labels of sdpa's additive mask, as [batch, heads, queries, keys], if it carries channels.
+
+        A per-head bias passed as the mask (T5 computes one from a table and passes it to every layer)
+        adds to head h's scores, so its head h and the table column it came from join head h's unit.
+        """
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        label = self.label_of(mask) if isinstance(mask, torch.fx.Node) else None
+        if not isinstance(label, torch.Tensor) or not bool((label >= 0).any()) or label.dim() > dims:
+            return []
+        return [self.canon(label.reshape((1,) * (dims - label.dim()) + tuple(label.shape)))]
 
     def visit_matmul(self, node: torch.fx.Node, op: str) -> torch.Tensor:
         out = self.full(node)

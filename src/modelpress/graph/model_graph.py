@@ -14,25 +14,50 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.graph import edit as _edit
-from modelpress.graph.adapters import layer_index_edits
+from modelpress.graph.adapters import sync_config
 from modelpress.graph.dryrun import failing_groups, mark_fixed
+from modelpress.graph.family import layer_index_edits
 from modelpress.graph.groups import Group, build_groups, without_units
+from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
-from modelpress.graph.lineage import Lineage
+from modelpress.graph.lineage import Lineage, renumber
+from modelpress.graph.stats import norm_consumers, summarize
 
 TRACE_SEQ_LEN = 8
 DRY_RUN_FRACTION = 0.3  # share of each group's units a dry run removes before the group is offered
 _WRAP = "module."
 
 
+# how a block goes: deleted from its container (later items renumber), replaced by an identity (the only item
+# of its container, whose residual carries the input through), or not at all (alone, and an identity breaks
+# the model: its caller passes more arguments or reads more outputs than an identity has)
+REMOVALS = {
+    "delete": "one of several items of its container: deleted",
+    "identity": "alone in its container: replaced by an identity (its residual carries the input)",
+    "none": "alone in its container, and an identity in its place breaks the model: kept",
+}
+
+
 @dataclass
 class Block:
-    """A removable block: an item of a ModuleList/Sequential whose output has its input's shape."""
+    """A residual block: an item of a ModuleList/Sequential whose output has its input's shape.
+
+    ``removal`` says how it can go (a key of ``REMOVALS``); ``removable`` is False for "none".
+    """
 
     path: str
     type: str
     params: int
+    removal: str = "delete"
+
+    @property
+    def container(self) -> str:
+        return self.path.rpartition(".")[0]
+
+    @property
+    def removable(self) -> bool:
+        return self.removal != "none"
 
 
 class ModelGraph:
@@ -166,8 +191,6 @@ class ModelGraph:
     def groups(self) -> list[Group]:
         """Groups of coupled dimensions, discovered by tracing and dependency propagation."""
         if self._groups is None:
-            from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
-
             groups = build_groups(self.propagation, self.module)
             self._dry_run(groups)
             widths = head_dim_groups(groups, has_rotary(self.program))
@@ -248,8 +271,41 @@ class ModelGraph:
         # innermost residual blocks only: a stage that contains removable blocks is not itself one
         keep = [p for p in residual if not any(q != p and q.startswith(p + ".") for q in residual)]
         return [
-            Block(p, type(candidates[p]).__name__, sum(x.numel() for x in candidates[p].parameters())) for p in keep
+            Block(p, type(candidates[p]).__name__, sum(x.numel() for x in candidates[p].parameters()), self._removal(p))
+            for p in keep
         ]
+
+    def _removal(self, path: str) -> str:
+        """How block ``path`` can go now (see ``REMOVALS``): an identity is tried only for a lone block."""
+        container, _, idx = path.rpartition(".")
+        items = _edit.get_submodule(self.module, container)
+        if len(items) > 1:
+            return "delete"
+        return "identity" if self._identity_runs(items, int(idx)) else "none"
+
+    def _identity_runs(self, items: nn.Module, index: int) -> bool:
+        """Whether the model runs, with its output shape, with item ``index`` of ``items`` an identity."""
+        expected = self._expected_shape()
+        block = items[index]
+        items[index] = nn.Identity()
+        try:
+            return tuple(self._runner()(self.module).shape) == expected
+        except Exception:  # noqa: BLE001 - any failure: the caller needs more than an identity gives
+            return False
+        finally:
+            items[index] = block
+
+    def can_remove_blocks(self, paths: list[str]) -> bool:
+        """Whether blocks ``paths`` can go together: each is removable and no container loses every item
+        (a lone block goes by an identity, which keeps its container's one item)."""
+        by_path = {b.path: b for b in self.blocks}
+        if any(p not in by_path or not by_path[p].removable for p in paths):
+            return False
+        deleted: dict[str, int] = {}
+        for p in set(paths):
+            if by_path[p].removal == "delete":
+                deleted[by_path[p].container] = deleted.get(by_path[p].container, 0) + 1
+        return all(n < len(_edit.get_submodule(self.module, c)) for c, n in deleted.items())
 
     # ----- lineage -----
     @property
@@ -331,14 +387,15 @@ class ModelGraph:
             ]
             expected = None if any(g.meta.get("at_output") for g, _ in resolved) else self._expected_shape()
             saved = _edit.snapshot(self.module)
-            attrs = _edit.remove_units(self.module, resolved)
+            attrs = self._edited(saved, resolved)
             self._still_runs(saved, expected, [g.name for g, _ in resolved])
             self._log(records + attrs)
             self._propagation = prop.without(drop)
             self._groups = without_units(groups, {g.name: u for g, u in resolved}, drop, sizes)
             if self._blocks is not None:
                 self._blocks = [
-                    Block(b.path, b.type, sum(p.numel() for p in self.module.get_submodule(b.path).parameters()))
+                    Block(b.path, b.type, sum(p.numel() for p in self.module.get_submodule(b.path).parameters()),
+                          b.removal)
                     for b in self._blocks
                 ]
             self._sync_config()
@@ -347,6 +404,18 @@ class ModelGraph:
         if self._output_shape is None:
             self._output_shape = tuple(self._runner()(self.module).shape)
         return self._output_shape
+
+    def _edited(self, saved: _edit.Snapshot, plan: list[tuple[Group, list[int]]]) -> list[dict]:
+        """Remove units in place; if the edit itself fails half-way, restore ``saved`` before raising."""
+        try:
+            return _edit.remove_units(self.module, plan)
+        except Exception as exc:
+            _edit.restore(saved)
+            raise ModelpressError(
+                f"removing units of {', '.join(g.name for g, _ in plan)} failed on {self.name} ({type(exc).__name__}: "
+                f"{(str(exc).strip().splitlines() or [''])[0][:200]}); the edit was undone",
+                "leave these groups whole (modelpress inspect shows which groups are fixed and why)",
+            ) from exc
 
     def _still_runs(self, saved: _edit.Snapshot, expected: tuple[int, ...] | None, names: list[str]) -> None:
         """Run the edited module; if it fails (or its output shape changed unasked), restore ``saved`` and raise."""
@@ -400,19 +469,25 @@ class ModelGraph:
     def remove_blocks(self, paths: list[str]) -> None:
         """Delete whole blocks (paths as they are now), in place; later blocks renumber. The model's config is
         synced once at the end (one re-trace, not one per block)."""
-        known = {b.path for b in self.blocks}
+        known = {b.path: b for b in self.blocks}
         bad = [p for p in paths if p not in known]
         if bad:
             raise KeyError(f"{bad[0]!r} is not a removable block; blocks: {[b.path for b in self.blocks]}")
+        if not self.can_remove_blocks(paths):
+            raise ModelpressError(
+                f"blocks {sorted(set(paths))} cannot go together from {self.name}",
+                "keep one item of each container, and the blocks inspect marks as kept",
+            )
         order = {b.path: i for i, b in enumerate(self.blocks)}
         for path in sorted(set(paths), key=order.__getitem__, reverse=True):  # later blocks first: paths stay valid
-            self._delete_block(path)
+            if known[path].removal == "identity":
+                self._skip_block(path)
+            else:
+                self._delete_block(path)
         if paths:
             self._sync_config()
 
     def _delete_block(self, path: str) -> None:
-        from modelpress.graph.lineage import renumber
-
         blocks = self.blocks
         record = _edit.delete_block(self.module, path)
         container, _, idx = path.rpartition(".")
@@ -423,10 +498,17 @@ class ModelGraph:
         # module names changed: re-trace on the next query, but the other blocks are known
         self.invalidate()
         self._blocks = [
-            Block(p, b.type, b.params)
+            Block(p, b.type, b.params, self._removal(p) if b.container == container else b.removal)
             for b in blocks
             if (p := renumber(b.path, container, int(idx))) is not None
         ]
+
+    def _skip_block(self, path: str) -> None:
+        """Replace the lone block ``path`` by an identity (no renumbering); re-trace on the next query."""
+        blocks = self.blocks
+        self._log([_edit.skip_block(self.module, path)])
+        self.invalidate()
+        self._blocks = [b for b in blocks if b.path != path]
 
     @contextmanager
     def _checked(self, what: str, check: bool) -> Iterator[None]:
@@ -444,8 +526,6 @@ class ModelGraph:
             )
 
     def _sync_config(self) -> None:
-        from modelpress.graph.adapters import sync_config
-
         sync_config(self)
 
     # ----- checks and summaries -----
@@ -463,14 +543,10 @@ class ModelGraph:
 
     def summary(self) -> dict:
         """Per block: heads, head dim, MLP width; embedding width; parameters; MACs at the default shape."""
-        from modelpress.graph.stats import summarize
-
         return summarize(self)
 
     def norm_consumers(self) -> list[tuple[str, list[str], bool]]:
         """For each LayerNorm: the Linear modules reading its output directly, and whether anything else does."""
-        from modelpress.graph.stats import norm_consumers
-
         return norm_consumers(self)
 
     def __repr__(self) -> str:

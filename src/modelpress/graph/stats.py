@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from modelpress.graph.adapters import is_transposed_linear
+from modelpress.graph.family import is_transposed_linear
+from modelpress.graph.groups import Group
+from modelpress.graph.inputs import InputSpec
 
-if TYPE_CHECKING:
-    from modelpress.graph.model_graph import ModelGraph
+
+class GraphView(Protocol):
+    """What summaries read of a ``ModelGraph`` (``model_graph`` sits above this module and imports it)."""
+
+    name: str
+    module: nn.Module
+    input_spec: InputSpec
+
+    @property
+    def blocks(self) -> list[Any]: ...  # model_graph.Block: path, type, params, removal
+
+    @property
+    def groups(self) -> list[Group]: ...
+
+    @property
+    def program(self) -> torch.export.ExportedProgram: ...
+
+    def example_inputs(self, batch: int = 1, seq_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]: ...
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def wrapped(self) -> nn.Module: ...
+
+    def num_parameters(self) -> int: ...
 
 _FOLLOW = {"dropout", "clone", "contiguous", "alias", "detach", "view", "reshape", "_to_copy", "to"}
 
 
-def count_macs(graph: ModelGraph, batch: int = 1, seq_len: int | None = None) -> int:
+def count_macs(graph: GraphView, batch: int = 1, seq_len: int | None = None) -> int:
     """Multiply-accumulates of one forward pass at the default input shape (torch's flop counter / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -26,15 +50,15 @@ def count_macs(graph: ModelGraph, batch: int = 1, seq_len: int | None = None) ->
     return int(counter.get_total_flops() // 2)
 
 
-def block_widths(graph: ModelGraph) -> list[dict]:
+def block_widths(graph: GraphView) -> list[dict]:
     """Heads (query heads), key/value heads where fewer, head dim and MLP width of every removable block."""
     rows = []
     for b in graph.blocks:
-        inside = [g for g in graph.groups if in_block(g.scope, b.path)]
+        inside = [g for g in graph.groups if in_block(g.scope, b.path) or _spans(g, b.path)]
         heads = [g for g in inside if g.kind == "head"]
         mlps = [g for g in inside if g.kind == "mlp"]
         convs = [g for g in inside if g.kind == "conv"]
-        row = {"block": b.path, "type": b.type, "params": b.params}
+        row = {"block": b.path, "type": b.type, "params": b.params, "removal": b.removal}
         if heads:
             row["heads"] = sum(g.query_heads for g in heads)
             row["head_dim"] = heads[0].head_dim()
@@ -53,12 +77,19 @@ def in_block(scope: str, block: str) -> bool:
     return scope == block or scope.startswith(block + ".")
 
 
-def embedding_width(graph: ModelGraph) -> int | None:
+def _spans(group: Group, block: str) -> bool:
+    """Whether a head group of several blocks (heads that share one per-head table) has slices in ``block``."""
+    return group.kind in ("head", "head_dim") and in_block(block, group.scope) and any(
+        p.startswith(block + ".") for p, _ in group.slots
+    )
+
+
+def embedding_width(graph: GraphView) -> int | None:
     emb = [g for g in graph.groups if g.kind == "embedding"]
     return max((g.size for g in emb), default=None)
 
 
-def summarize(graph: ModelGraph) -> dict:
+def summarize(graph: GraphView) -> dict:
     seq = graph.input_spec.default_seq_len if graph.input_spec.kind == "text" else None
     return {
         "name": graph.name,
@@ -74,7 +105,7 @@ def summarize(graph: ModelGraph) -> dict:
     }
 
 
-def norm_consumers(graph: ModelGraph) -> list[tuple[str, list[str], bool]]:
+def norm_consumers(graph: GraphView) -> list[tuple[str, list[str], bool]]:
     """LayerNorm -> Linear consumers (transposed linears such as GPT-2's Conv1D included), found in the
     traced aten graph (through dropout/view-like ops)."""
     ep = graph.program

@@ -256,6 +256,7 @@ class GlobalPrune(GraphPass):
             block_sets = {
                 f"block:{b.path}": [f"{b.path}.{n}" for n, _ in graph.module.get_submodule(b.path).named_parameters()]
                 for b in graph.blocks
+                if b.removable
             }
         data = ctx.calibration if ctx is not None else None
         if data is not None and len(data.batches) > cfg.batches:
@@ -308,7 +309,7 @@ def _plan_removals(
             break
         if c.group.startswith("block:"):
             path = c.group.removeprefix("block:")
-            if len(blocks) + 1 < len(graph.blocks):
+            if len(blocks) + 1 < len(graph.blocks) and graph.can_remove_blocks([*blocks, path]):
                 blocks.append(path)
                 inside = [n for n in take if _inside(by_name[n].scope, path)]
                 saved += c.cost - sum(unit_cost[(n, u)] for n in inside for u in take[n])
