@@ -41,6 +41,9 @@ class BlockSpace:
     mlp: list[int] = field(default_factory=list)
     head_dim: list[int] = field(default_factory=list)
     skippable: bool = True
+    # the container this block is one of several items of (None: alone in it), so that skipping never
+    # empties a container (a stage of a hierarchical model)
+    container: str | None = None
 
 
 @dataclass
@@ -76,7 +79,8 @@ class SearchSpace:
         for b in graph.blocks:
             inside = [g for g in graph.groups if in_block(g.scope, b.path) and g.prunable]
             first = {k: next((g for g in inside if g.kind == k), None) for k in ("head", "mlp", "head_dim")}
-            bs = BlockSpace(b.path, skippable=skip_blocks)
+            bs = BlockSpace(b.path, skippable=skip_blocks and b.removable,
+                            container=b.container if b.removal == "delete" else None)
             if first["head"] is not None:
                 bs.head_group, bs.heads = first["head"].name, _counts(first["head"].size, head_fractions, 1)
             if first["mlp"] is not None:
@@ -121,7 +125,8 @@ class SearchSpace:
         return int(np.prod([u + 1 for u in self.bounds()[1].tolist()], dtype=object)) if self.n_genes else 1
 
     def decode(self, x: np.ndarray | list[int]) -> dict[str, Any]:
-        """Gene vector -> config (at least one block is kept: if none is, the last one is)."""
+        """Gene vector -> config (at least one block is kept, and one of every container's: if none is, the
+        last one is)."""
         x = [int(v) for v in np.asarray(x).tolist()]
         i = 0
         blocks = []
@@ -137,6 +142,9 @@ class SearchSpace:
             if b.skippable:
                 row["keep"], i = bool(x[i]), i + 1
             blocks.append(row)
+        for items in _by_container(self.blocks).values():  # a container keeps one of its blocks
+            if not any(blocks[k]["keep"] for k in items):
+                blocks[items[-1]]["keep"] = True
         if blocks and not any(r["keep"] for r in blocks):
             blocks[-1]["keep"] = True
         embed = None
@@ -177,6 +185,9 @@ class SearchSpace:
                 raise ModelpressError(f"block {b.path} cannot be skipped in this space")
         if not any(r.get("keep", True) for r in rows):
             raise ModelpressError("the config keeps no block", "keep at least one")
+        for container, items in _by_container(self.blocks).items():
+            if not any(rows[k].get("keep", True) for k in items):
+                raise ModelpressError(f"the config skips every block of {container}", "keep one of them")
         if self.embed and (config.get("embed") or self.embed[-1]) not in self.embed:
             raise ModelpressError(f"embed={config.get('embed')} is not one of {self.embed}")
         for name, p in (config.get("precision") or {}).items():
@@ -259,4 +270,13 @@ def dedupe(configs: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]
         if k not in seen:
             seen.add(k)
             out.append(c)
+    return out
+
+
+def _by_container(blocks: list[BlockSpace]) -> dict[str, list[int]]:
+    """Container -> the indices of its skippable blocks (blocks alone in their container left out)."""
+    out: dict[str, list[int]] = {}
+    for k, b in enumerate(blocks):
+        if b.container is not None and b.skippable:
+            out.setdefault(b.container, []).append(k)
     return out
