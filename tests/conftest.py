@@ -80,3 +80,22 @@ def _python_sigint_handler():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def short_timing(monkeypatch):
+    """Latency measured with few runs per round (3, at least 50 ms) for end-to-end tests that check a latency
+    is measured and reported, not its value: on MiniLM at batch 8 the default 10-12 runs per round and
+    variant are most of a command's time. Tests that assert on speed never use this."""
+    from modelpress import bench
+    from modelpress.bench import candidates, runner
+
+    real = runner.measure
+
+    def measure(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        kwargs["runs"] = min(kwargs.get("runs", 10), 3)
+        kwargs["min_time_s"] = min(kwargs.get("min_time_s", 0.3), 0.05)
+        return real(*args, **kwargs)
+
+    for module in (bench, candidates, runner):
+        monkeypatch.setattr(module, "measure", measure)

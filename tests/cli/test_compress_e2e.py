@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import modelpress
 from modelpress.cli import main
 
 
+@pytest.mark.usefixtures("short_timing")
 def test_prune_minilm_through_cli(tmp_path, capsys):
     out = tmp_path / "pruned"
     main(["compress", "--recipe", "prune-magnitude", "-o", str(out), "--json", "-q"])
@@ -41,6 +43,7 @@ def test_prune_minilm_through_cli(tmp_path, capsys):
     assert "| ORT latency median" in (out / "report.md").read_text()
 
 
+@pytest.mark.usefixtures("short_timing")
 def test_quantize_minilm_through_cli(tmp_path, capsys):
     """`modelpress quantize --method repq --bits w8a8` (the int8 recipe, also the default): every Linear
     INT8 on integer kernels, fidelity on held-out sentences above every peer's (NNCF: 0.9976), and the

@@ -52,6 +52,7 @@ def test_conv1d_is_quantized_like_a_linear():
         torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("short_timing")
 def test_compress_gpt2_with_text(tmp_path, capsys):
     torch.manual_seed(0)
     ckpt = tmp_path / "gpt2"
@@ -83,6 +84,7 @@ def test_compress_gpt2_with_text(tmp_path, capsys):
                                atol=2e-2)
 
 
+@pytest.mark.usefixtures("short_timing")
 def test_compress_llama_with_grouped_query_attention(tmp_path, capsys):
     torch.manual_seed(0)
     ckpt = tmp_path / "llama"

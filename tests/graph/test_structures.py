@@ -207,6 +207,7 @@ def _onnx_runs(folder, graph: ModelGraph) -> None:  # noqa: ANN001
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("short_timing")
 @pytest.mark.parametrize("kind", sorted(FACTORIES))
 def test_inspect_compress_and_prune_through_the_cli(kind, tmp_path, capsys):
     ckpt, data = FACTORIES[kind], _data(kind, tmp_path / "data.npz")

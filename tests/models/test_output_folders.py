@@ -41,6 +41,7 @@ def test_saved_folder_follows_the_umask(tmp_path, umask, mask, dir_mode, file_mo
     assert load_saved(out).name  # and it still reloads
 
 
+@pytest.mark.usefixtures("short_timing")
 def test_cli_output_folder_follows_the_umask(tmp_path, umask):
     from modelpress.cli import main
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from modelpress.quantize.fakequant import QuantLinear
@@ -107,6 +108,7 @@ def test_magnitude_pruning_of_the_shared_block_removes_units_in_every_use(tmp_pa
     assert report["after"]["parameters"] < report["before"]["parameters"]
 
 
+@pytest.mark.usefixtures("short_timing")
 def test_compress_a_saved_albert_through_the_cli(tmp_path: Path, capsys):
     """The default recipe (RepQ W8A8) on a saved tiny ALBERT with its tokenizer exits 0."""
     import json
