@@ -157,16 +157,12 @@ def recover_all(results: dict[str, ModelGraph], ensemble: ModelGraph, cfg: FuseO
     on a copy, through the Context's service; the recovered quality goes into ``report``."""
     if ctx.task is None or ctx.data is None:
         raise ModelpressError("recovery needs the run's task and data", "give the run --data")
-    try:
-        split = ctx.data.train
-    except ModelpressError:  # data without a train split (tensors given directly): recover on the calibration split
-        split = ctx.calibration
     infos = {}
     for key in list(results):
         if key == "vanilla" and not cfg.recover_vanilla:
             continue
         student = results[key].copy()
-        infos[key] = ctx.recover(student, steps=cfg.recover_steps, lr=cfg.lr, teacher=ensemble, data=split,
+        infos[key] = ctx.recover(student, steps=cfg.recover_steps, lr=cfg.lr, teacher=ensemble,
                                  batch_size=cfg.batch_size, label_weight=cfg.label_weight, name=f"fuse-{key}")
         results[key] = student
         if key in report:
