@@ -297,6 +297,35 @@ def skip_block(root: nn.Module, path: str) -> dict:
     return {"op": "skip_block", "path": path}
 
 
+def fold_norm(root: nn.Module, layer: str, norm: str, *, values: bool = True) -> dict:
+    """Fold the BatchNorm ``norm`` (in eval form: running statistics) into the Conv/Linear ``layer`` it
+    follows, in place, and put an identity where the norm was; returns its record.
+
+    ``W' = W * g / sqrt(var + eps)`` per output channel, ``b' = (b - mean) * g / sqrt(var + eps) + beta``:
+    the same function, one op fewer, and per-channel weight scales computed on the folded weights.
+    ``values=False`` (replay on reload) only reshapes the modules; the saved weights are loaded after."""
+    mod, bn = get_submodule(root, layer), get_submodule(root, norm)
+    out = int(mod.weight.shape[0])
+    if int(bn.num_features) != out:
+        raise ValueError(f"{norm} normalizes {bn.num_features} channels but {layer} writes {out}")
+    with torch.no_grad():
+        w = mod.weight.detach()
+        b = mod.bias.detach() if mod.bias is not None else torch.zeros(out, dtype=w.dtype)
+        if values:
+            var = bn.running_var if bn.running_var is not None else torch.ones(out)
+            mean = bn.running_mean if bn.running_mean is not None else torch.zeros(out)
+            gamma = bn.weight.detach() if bn.weight is not None else torch.ones(out)
+            beta = bn.bias.detach() if bn.bias is not None else torch.zeros(out)
+            k = (gamma.double() / torch.sqrt(var.double() + bn.eps))
+            w = (w.double() * k.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+            b = ((b.double() - mean.double()) * k + beta.double()).to(w.dtype)
+        mod.weight = nn.Parameter(w.clone(), requires_grad=mod.weight.requires_grad)
+        mod.bias = nn.Parameter(b.clone(), requires_grad=mod.weight.requires_grad)
+    parent_path, _, child = norm.rpartition(".")
+    setattr(get_submodule(root, parent_path), child, nn.Identity())
+    return {"op": "fold_norm", "layer": layer, "norm": norm}
+
+
 def apply_edit(root: nn.Module, edit: dict) -> None:
     """Replay one recorded structural edit (used when reloading a saved model)."""
     if edit["op"] in LINEAGE_ONLY:
@@ -305,6 +334,8 @@ def apply_edit(root: nn.Module, edit: dict) -> None:
         delete_block(root, edit["path"])
     elif edit["op"] == "skip_block":
         skip_block(root, edit["path"])
+    elif edit["op"] == "fold_norm":
+        fold_norm(root, edit["layer"], edit["norm"], values=False)
     elif edit["op"] == "setattr":
         setattr(get_submodule(root, edit["module"]), edit["attr"], edit["value"])
     else:

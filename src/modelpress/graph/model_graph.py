@@ -22,7 +22,7 @@ from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
 from modelpress.graph.lineage import Lineage, renumber
-from modelpress.graph.stats import norm_consumers, summarize
+from modelpress.graph.stats import foldable_norms, norm_consumers, summarize
 
 TRACE_SEQ_LEN = 8
 DRY_RUN_FRACTION = 0.3  # share of each group's units a dry run removes before the group is offered
@@ -509,6 +509,16 @@ class ModelGraph:
         self._log([_edit.skip_block(self.module, path)])
         self.invalidate()
         self._blocks = [b for b in blocks if b.path != path]
+
+    def fold_norms(self) -> list[tuple[str, str]]:
+        """Fold every BatchNorm that directly follows a Conv/Linear (and reads nothing else) into it, in
+        place and exactly (``edit.fold_norm``); logged, so a reload replays it. Returns the folded pairs."""
+        pairs = foldable_norms(self)
+        if not pairs:
+            return []
+        self._log([_edit.fold_norm(self.module, layer, norm) for layer, norm in pairs])
+        self.invalidate()
+        return pairs
 
     @contextmanager
     def _checked(self, what: str, check: bool) -> Iterator[None]:

@@ -153,3 +153,44 @@ def norm_consumers(graph: GraphView) -> list[tuple[str, list[str], bool]]:
         out.append((ln.removeprefix("module."), sorted(set(linears)), other))
     return out
 
+
+
+_BATCH_NORMS = ("_native_batch_norm_legit_no_training", "batch_norm", "_native_batch_norm_legit")
+_FOLDABLE = {"conv2d": nn.Conv2d, "conv1d": nn.Conv1d, "linear": nn.Linear}
+
+
+def foldable_norms(graph: GraphView) -> list[tuple[str, str]]:
+    """(layer, batch norm) pairs where the norm reads only the layer's output and nothing else reads that
+    output: a Conv1d/Conv2d or Linear followed by a BatchNorm, the pair that folds exactly into the layer
+    (found in the traced aten graph). Pairs whose norm is applied more than once are left out."""
+    ep = graph.program
+    params = dict(ep.graph_signature.inputs_to_parameters)
+    buffers = dict(ep.graph_signature.inputs_to_buffers)
+    modules = dict(graph.wrapped().named_modules())
+    pairs: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for node in ep.graph_module.graph.nodes:
+        name = str(getattr(node.target, "overloadpacket", node.target)).split(".")[-1]
+        if node.op != "call_function" or name not in _BATCH_NORMS or len(node.args) < 4:
+            continue
+        src, running_mean = node.args[0], node.args[3]  # a norm without running statistics does not fold
+        if getattr(running_mean, "name", None) not in buffers:
+            continue
+        norm = buffers[running_mean.name].rsplit(".", 1)[0].removeprefix("module.")
+        seen[norm] = seen.get(norm, 0) + 1
+        if not isinstance(src, torch.fx.Node) or len(src.users) != 1:
+            continue
+        kind = str(getattr(src.target, "overloadpacket", src.target)).split(".")[-1]
+        layer_weight = src.args[1] if len(src.args) > 1 else None
+        if kind not in _FOLDABLE or getattr(layer_weight, "name", None) not in params:
+            continue
+        layer = params[layer_weight.name].rsplit(".", 1)[0].removeprefix("module.")
+        if type(modules.get("module." + layer)) is not _FOLDABLE[kind]:
+            continue
+        if not isinstance(modules.get("module." + norm), nn.modules.batchnorm._BatchNorm):
+            continue
+        pairs.append((layer, norm))
+    uses: dict[str, int] = {}
+    for layer, _ in pairs:
+        uses[layer] = uses.get(layer, 0) + 1
+    return [(lay, n) for lay, n in pairs if seen[n] == 1 and uses[lay] == 1]
