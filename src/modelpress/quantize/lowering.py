@@ -51,10 +51,18 @@ class QuantizedExport:
     log_export: dict | None = None  # how log2 probability quantizers were exported (None: there were none)
     # layers kept float because their QDQ export disagreed: [{"layer", "reason", "cosine"}]
     float_fallback: list[dict] | None = None
+    # where the QDQ pairs went: ONNX Runtime's conv placement (placement.py) or the transformer form (qdq.py)
+    placement: dict | None = None
 
 
-def export_quantized(graph: Any, path: Path, ctx: Any) -> QuantizedExport:
-    """Write the fake-quant ``graph`` as QDQ ONNX at ``path``, verified against the torch model."""
+def export_quantized(graph: Any, path: Path, ctx: Any, placement: str = "auto",
+                     calibration_samples: int = 128) -> QuantizedExport:
+    """Write the fake-quant ``graph`` as QDQ ONNX at ``path``, verified against the torch model.
+
+    ``placement``: "conv" puts the QDQ pairs where ONNX Runtime fuses convolutional networks (placement.py),
+    "linear" uses the transformer form (every quantized layer's input and weight), "auto" the conv form
+    where it applies (two or more quantized convolutions, no quantized attention) and verifies, else linear.
+    """
     from modelpress.quantize.qdq import (
         export_qdq,
         integer_kernel_count,
@@ -85,12 +93,17 @@ def export_quantized(graph: Any, path: Path, ctx: Any) -> QuantizedExport:
                    dynamic_axes=graph.input_spec.dynamic_axes(), log_form=form, **flavour)
         return verify_qdq(path, graph.module, batches)
 
+    placed = None
+    if placement != "linear" and not tensorrt:
+        placed = _export_conv_placement(graph, path, ctx, example, batches, placement, calibration_samples)
     with ctx.reporter.step("exporting the quantized model to QDQ ONNX"):
-        for form in forms:
+        for form in ([] if placed else forms):
             check = tried[form] = export(form)
             if agrees(check):
                 break
-        if not agrees(check):
+        if placed:
+            check = placed.pop("check")
+        elif not agrees(check):
             first = check["min_cosine"]
             check, fallback = _float_fallback(graph, example, batches, form, flavour, export)
             fallback = [{**f, "model_cosine_before": first} for f in fallback]
@@ -122,7 +135,36 @@ def export_quantized(graph: Any, path: Path, ctx: Any) -> QuantizedExport:
         ctx.reporter.log(f"log2 attention probabilities have no ONNX QDQ form: exported as {form!r} "
                          f"(cosine to the torch simulation {check['min_cosine']:.4f})")
     return QuantizedExport(path, "qdq", check, dict(kernels), integer_kernel_count(kernels),
-                           time.perf_counter() - t0, log_export, fallback)
+                           time.perf_counter() - t0, log_export, fallback, placed or {"placement": "linear"})
+
+
+def _export_conv_placement(graph: Any, path: Path, ctx: Any, example: Any, batches: list, placement: str,
+                           samples: int) -> dict | None:
+    """The conv placement's export and check, or None (the reason logged) where it does not apply."""
+    from modelpress.quantize.fakequant import weight_quantizers
+    from modelpress.quantize.placement import export_placed, onnx_feeds, placement_applies
+    from modelpress.quantize.qdq import verify_qdq
+
+    fits, why = placement_applies(graph.module)
+    if not fits:
+        if placement == "conv":
+            ctx.reporter.log(f"conv QDQ placement does not apply ({why}): exporting in the transformer form")
+        return None
+    split = getattr(ctx, "calibration", None)
+    feeds = onnx_feeds(split.batches if split is not None else [], graph.input_spec.names, samples)
+    if not feeds:
+        ctx.reporter.log("conv QDQ placement needs calibration data: exporting in the transformer form")
+        return None
+    reduce = any(q.qmax < 127 for _, _, q in weight_quantizers(graph.module))
+    with ctx.reporter.step("exporting the quantized model to QDQ ONNX (ONNX Runtime's conv placement)"):
+        info = export_placed(graph.module, example, path, feeds, input_names=graph.input_spec.names,
+                             dynamic_axes=graph.input_spec.dynamic_axes(), weight_reduce_range=reduce)
+        check = verify_qdq(path, graph.module, batches)
+    if agrees(check):
+        return {**info, "check": check}
+    ctx.reporter.log(f"[yellow]warning[/yellow]: the conv QDQ placement strays from the torch model (cosine "
+                     f"{check['min_cosine']:.4f}): exporting in the transformer form instead")
+    return None
 
 
 def _float_fallback(

@@ -9,10 +9,12 @@ Context: ``ctx.calibration.batches`` (list of dicts of tensors), ``ctx.reporter`
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
+from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.passes import GraphPass, OnnxPass, PassConfig, PassResult, register
@@ -91,6 +93,10 @@ class RepQPassConfig(PassConfig):
     channel_floor: float = Field(0.25, ge=0.0, le=1.0)
     channel_min_gain: float = Field(0.1, ge=0.0, le=1.0)
     norm_floor: float | Literal["auto"] = "auto"  # see repq.AUTO_NORM_FLOOR
+    # fold each BatchNorm into the Conv/Linear before it (exact; logged as an edit) before calibrating
+    fold_norms: bool = True
+    # where the QDQ pairs go in the export: see lowering.export_quantized
+    placement: Literal["auto", "conv", "linear"] = "auto"
 
 
 @register
@@ -110,13 +116,19 @@ class RepQPass(GraphPass):
         cfg = self.config
         batches = calibration_batches(ctx, cfg.samples)
         out = graph.copy()
+        folded = out.fold_norms() if cfg.fold_norms and hasattr(out, "fold_norms") else []
         pairs = out.norm_consumers() if hasattr(out, "norm_consumers") else []
         blocks = (
             [b.path for b in (out.blocks() if callable(out.blocks) else out.blocks)]
             if cfg.granularity == "block" and hasattr(out, "blocks")
             else None
         )
-        values = {k: v for k, v in cfg.model_dump().items() if k != "samples"}
+        values = {k: v for k, v in cfg.model_dump().items() if k not in ("samples", "fold_norms", "placement")}
+        convolutional = cfg.placement != "linear" and sum(isinstance(m, nn.Conv2d) for m in out.module.modules()) >= 2
+        if convolutional:
+            # ONNX Runtime's conv placement quantizes every tensor per tensor: per-channel reparameterized
+            # Linear inputs (a transformer's fix for outlier channels) have no form there
+            values["auto_channel"], values["channel_sites"] = 0, []
         if values["weight_reduce_range"] == "auto":
             # U8S8 integer kernels saturate on CPUs without VNNI unless weights use 7 bits
             values["weight_reduce_range"] = not cpu_has_vnni()
@@ -133,7 +145,9 @@ class RepQPass(GraphPass):
         metrics["calibration_samples"] = sum(
             int(next(iter(b.values())).shape[0]) if isinstance(b, dict) else int(b.shape[0]) for b in batches
         )
-        return PassResult(graph=out, metrics=metrics, exporter=export_quantized)
+        metrics["folded_norms"] = len(folded)
+        exporter = partial(export_quantized, placement=cfg.placement, calibration_samples=cfg.samples)
+        return PassResult(graph=out, metrics=metrics, exporter=exporter)
 
 
 class NNCFConfig(PassConfig):
