@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from modelpress.errors import ModelpressError
@@ -103,13 +104,45 @@ class Target:
         self, path: os.PathLike | str, *, level: str = "all", optimized_path: os.PathLike | str | None = None
     ):  # noqa: ANN201 - onnxruntime.InferenceSession
         """A fresh InferenceSession for ``path`` on this target: the one place sessions are built."""
+
+        self.require_available()
+        return self.session_with_options(path, self.session_options(level=level, optimized_path=optimized_path))
+
+    def node_times(self, path: os.PathLike | str, feeds: dict[str, Any], runs: int = 10) -> dict[str, float]:
+        """Median milliseconds per run of each node of ``path``'s optimized graph on this target (ONNX
+        Runtime's profiler, after two warm-up runs): where a model spends its time, node by node."""
+        import json
+        import tempfile
+
+        import numpy as np
+
+        with tempfile.TemporaryDirectory(prefix="modelpress-profile-") as tmp:
+            so = self.session_options()
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tmp) / "profile")
+            session = self.session_with_options(path, so)
+            for _ in range(2):
+                session.run(None, feeds)
+            for _ in range(runs):
+                session.run(None, feeds)
+            events = json.loads(Path(session.end_profiling()).read_text())
+        per_run: dict[str, list[float]] = {}
+        runs_seen = 0
+        for e in events:
+            if e.get("cat") == "Session" and e.get("name") == "model_run":
+                runs_seen += 1
+            elif e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and runs_seen >= 2:
+                per_run.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1000.0)
+        return {name: float(np.median(v)) for name, v in per_run.items()}
+
+    def session_with_options(self, path: os.PathLike | str, options: Any):  # noqa: ANN201
+        """An InferenceSession for ``path`` with these SessionOptions on this target's providers."""
         import onnxruntime as ort
 
         self.require_available()
         kwargs: dict[str, Any] = {"providers": list(self.providers)}
         if self.provider_options:
             kwargs["provider_options"] = [dict(o) for o in self.provider_options]
-        options = self.session_options(level=level, optimized_path=optimized_path)
         return ort.InferenceSession(str(path), options, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from modelpress.graph import ModelGraph
 from modelpress.passes import Context, Exporter, as_graph_list
 
 # below these agreements with the original, the report warns that the compressed model drifted far:
-# mean embedding cosine (encoders), next-token top-1 agreement (language models)
-LOW_QUALITY = {"fidelity_mean": 0.95, "top1_agreement": 0.9}
+# mean embedding cosine (encoders), next-token top-1 agreement (language models), top-1 agreement and mean
+# logit cosine (classifiers)
+LOW_QUALITY = {"fidelity_mean": 0.95, "top1_agreement": 0.9, "agreement": 0.9, "logit_cosine": 0.9}
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _size(path: Path) -> int:
 def _export_info(result: Any) -> dict:
     info = {}
     keys = ("optimization", "candidates", "file_size_bytes", "export_seconds", "kernels", "integer_kernels",
-            "log_export", "float_fallback")
+            "log_export", "float_fallback", "placement")
     for key in keys:
         if hasattr(result, key):
             info[key] = getattr(result, key)

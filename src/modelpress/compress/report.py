@@ -163,6 +163,14 @@ def review(report: dict[str, Any]) -> dict[str, list[str]]:
                                "or with a bigger batch where each operator does more work")
         else:
             suggestions.append("measure with a bigger batch or on --target ort-cpu (all cores, batch 1 and 8)")
+    guard = (((report.get("export") or {}).get("compressed") or {}).get("placement") or {}).get("speed_guard") or {}
+    if guard.get("decision") == "float":
+        warnings.append(f"INT8 did not pay on {target}: {guard['reason']}; the float model was handed back")
+        suggestions.append("INT8 pays on bigger models and batches: measure with --target at the batch size you "
+                           "serve, or try --recipe prune-magnitude")
+    elif guard.get("blocks_kept_float"):
+        warnings.append(f"INT8 lost on {target} in {len(guard['blocks_kept_float'])} block(s), kept float: "
+                        + ", ".join(b or "(outside blocks)" for b in guard["blocks_kept_float"]))
     b, a = report.get("before", {}), report.get("after", {})
     if b.get("file_bytes") and a.get("file_bytes") and size_change(b["file_bytes"], a["file_bytes"]).endswith("larger"):
         warnings.append(f"the compressed ONNX file is {size_change(b['file_bytes'], a['file_bytes'])} than the original")

@@ -374,6 +374,8 @@ class ClassificationTask(Task):
             out["cross_entropy"] = float(-logp[np.arange(len(labels)), labels].mean())
         if reference is not None:
             out["agreement"] = float((pred == reference.argmax(axis=1)).mean())
+            cos = _cosine_rows(candidate, reference)
+            out["logit_cosine"], out["logit_cosine_min"] = float(cos.mean()), float(cos.min())
         return out
 
 

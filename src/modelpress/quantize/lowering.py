@@ -56,12 +56,13 @@ class QuantizedExport:
 
 
 def export_quantized(graph: Any, path: Path, ctx: Any, placement: str = "auto",
-                     calibration_samples: int = 128) -> QuantizedExport:
+                     calibration_samples: int = 128, keep_faster: bool = True) -> QuantizedExport:
     """Write the fake-quant ``graph`` as QDQ ONNX at ``path``, verified against the torch model.
 
     ``placement``: "conv" puts the QDQ pairs where ONNX Runtime fuses convolutional networks (placement.py),
     "linear" uses the transformer form (every quantized layer's input and weight), "auto" the conv form
     where it applies (two or more quantized convolutions, no quantized attention) and verifies, else linear.
+    ``keep_faster``: measure INT8 against float on ``ctx.target`` and keep float what loses (``speed.py``).
     """
     from modelpress.quantize.qdq import (
         export_qdq,
@@ -129,13 +130,79 @@ def export_quantized(graph: Any, path: Path, ctx: Any, placement: str = "auto",
         if problems:
             raise ModelpressError(f"the quantized export is not TensorRT-ready: {problems[0]}",
                                   "leave quantize.repq's symmetric_activations at auto (or true) for --target tensorrt")
+    guard = None
+    if keep_faster and not tensorrt and getattr(ctx, "target", None) is not None:
+        def redo() -> None:
+            nonlocal check
+            again = placed and _export_conv_placement(graph, path, ctx, example, batches, placement,
+                                                      calibration_samples)
+            check = again.pop("check") if again else export(form if logs else "uniform")
+
+        guard = _speed_guard(graph, path, ctx, redo)
+        if guard["decision"] == "float":
+            check = verify_qdq(path, graph.module, batches)
+        kernels = ort_kernels(path, workdir=path.parent)
     log_export = None
     if logs:
         log_export = {"quantizers": logs, "form": form, "description": LOG_FORMS[form], "checks": tried}
         ctx.reporter.log(f"log2 attention probabilities have no ONNX QDQ form: exported as {form!r} "
                          f"(cosine to the torch simulation {check['min_cosine']:.4f})")
+    where = {**(placed or {"placement": "linear"}), **({"speed_guard": guard} if guard else {})}
     return QuantizedExport(path, "qdq", check, dict(kernels), integer_kernel_count(kernels),
-                           time.perf_counter() - t0, log_export, fallback, placed or {"placement": "linear"})
+                           time.perf_counter() - t0, log_export, fallback, where)
+
+
+def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
+    """``speed.keep_faster`` on the real target: INT8 against this model in float, interleaved; the
+    profiler's node times when INT8 loses; this graph's quantizers turned off where it gives up."""
+
+    from modelpress.quantize.fakequant import quant_layers, set_quant_state
+    from modelpress.quantize.fallback import keep_float
+    from modelpress.quantize.placement import export_float
+    from modelpress.quantize.speed import block_of, keep_faster
+
+    float_path = path.with_name(path.stem + ".float-twin.onnx")
+    names = graph.input_spec.names
+    text = graph.input_spec.kind == "text"
+
+    def export_plain(to: Path) -> None:
+        set_quant_state(graph.module, weights=False, activations=False)
+        try:
+            export_float(graph.module, graph.example_inputs(2, 16 if text else None), to, names,
+                         graph.input_spec.dynamic_axes())
+        finally:
+            set_quant_state(graph.module, weights=True, activations=True)
+
+    try:
+        blocks = [b.path for b in graph.blocks]
+    except Exception:  # noqa: BLE001 - block discovery on a fake-quant module is best effort here
+        blocks = []
+    quantized = [n for n, m in quant_layers(graph.module) if _has_quantizer(m)]
+    feeds = {k: v.numpy() for k, v in graph.example_inputs(1, 128 if text else None).items()}
+    target = ctx.target if not isinstance(ctx.target, str) else None
+    if target is None:
+        from modelpress.targets import get_target
+
+        target = get_target(ctx.target)
+
+    def give_up() -> None:  # every quantizer removed, as the float fallback does: a reload stays float
+        keep_float(graph.module, [n for n, m in quant_layers(graph.module) if _has_quantizer(m)])
+        export_float(graph.module, graph.example_inputs(2, 16 if text else None), path, names,
+                     graph.input_spec.dynamic_axes())
+
+    try:
+        export_plain(float_path)
+        with ctx.reporter.step("checking that INT8 pays on the target"):
+            return keep_faster(
+                measure=lambda: ctx.measure({"float": float_path, "int8": path}, baseline="float").to_dict(),
+                profile=lambda: (target.node_times(path, feeds), target.node_times(float_path, feeds)),
+                layers_in=lambda bs: [n for n in quantized if block_of(n, blocks) in set(bs)],
+                keep_float=lambda layers: keep_float(graph.module, layers),
+                reexport=reexport, give_up=give_up, blocks=blocks, log=ctx.reporter.log,
+            )
+    finally:
+        float_path.unlink(missing_ok=True)
+
 
 
 def _export_conv_placement(graph: Any, path: Path, ctx: Any, example: Any, batches: list, placement: str,
@@ -200,3 +267,8 @@ def _float_fallback(
     reason = "the whole-graph QDQ export disagreed until this layer was kept float (found by bisection)"
     found += [{"layer": n, "reason": reason, "cosine": None} for n in prefix if n not in {f["layer"] for f in found}]
     return check, found
+
+
+def _has_quantizer(m: Any) -> bool:
+    return any(getattr(m, a, None) is not None for a in ("weight_quantizer", "input_quantizer", "a_quantizer",
+                                                          "b_quantizer"))

@@ -97,6 +97,8 @@ class RepQPassConfig(PassConfig):
     fold_norms: bool = True
     # where the QDQ pairs go in the export: see lowering.export_quantized
     placement: Literal["auto", "conv", "linear"] = "auto"
+    # measure INT8 against float on the run's target; keep float the blocks where INT8 loses, or the model
+    keep_faster: bool = True
 
 
 @register
@@ -123,7 +125,7 @@ class RepQPass(GraphPass):
             if cfg.granularity == "block" and hasattr(out, "blocks")
             else None
         )
-        values = {k: v for k, v in cfg.model_dump().items() if k not in ("samples", "fold_norms", "placement")}
+        values = {k: v for k, v in cfg.model_dump().items() if k not in ("samples", "fold_norms", "placement", "keep_faster")}
         convolutional = cfg.placement != "linear" and sum(isinstance(m, nn.Conv2d) for m in out.module.modules()) >= 2
         if convolutional:
             # ONNX Runtime's conv placement quantizes every tensor per tensor: per-channel reparameterized
@@ -146,7 +148,8 @@ class RepQPass(GraphPass):
             int(next(iter(b.values())).shape[0]) if isinstance(b, dict) else int(b.shape[0]) for b in batches
         )
         metrics["folded_norms"] = len(folded)
-        exporter = partial(export_quantized, placement=cfg.placement, calibration_samples=cfg.samples)
+        exporter = partial(export_quantized, placement=cfg.placement, calibration_samples=cfg.samples,
+                           keep_faster=cfg.keep_faster)
         return PassResult(graph=out, metrics=metrics, exporter=exporter)
 
 

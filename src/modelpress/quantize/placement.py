@@ -38,7 +38,7 @@ from torch import nn
 from modelpress.graph.run import PrimaryOutput, eval_mode
 from modelpress.quantize.fakequant import QuantConv2d, QuantLinear, QuantMatMul, _set_submodule, quant_layers
 
-__all__ = ["export_placed", "onnx_feeds", "placement_applies"]
+__all__ = ["export_float", "export_placed", "onnx_feeds", "placement_applies"]
 
 # ONNX ops whose QDQ form ONNX Runtime's CPU provider fuses into integer kernels (or runs on uint8
 # directly); everything else (Erf, HardSigmoid, Softmax ...) stays float between a DQ and a Q
@@ -110,8 +110,9 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
     return twin, weights
 
 
-def _export_float(model: nn.Module, example: Any, path: Path, names: Sequence[str],
-                  dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
+def export_float(model: nn.Module, example: Any, path: Path, names: Sequence[str],
+                  dynamic_axes: dict[str, dict[int, str]], opset: int = 17) -> None:
+    """Export ``model`` (float, or fake-quant with its quantizers off) to plain ONNX at ``path``."""
     args = tuple(example[n] for n in names) if isinstance(example, dict) else (example,)
     with eval_mode(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -169,14 +170,20 @@ def export_placed(
     """Export the fake-quant ``model`` as QDQ ONNX at ``path`` with ONNX Runtime's conv placement and
     modelpress's weights and input scales (module doc). ``calibration``: ONNX feeds for ORT's calibrator
     (the tensors modelpress did not calibrate). Returns what was overridden."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     path = Path(path)
     twin, weights = float_twin(model)
     raw, pre = path.with_suffix(".float.onnx"), path.with_suffix(".pre.onnx")
     try:
-        _export_float(twin, example, raw, input_names, dynamic_axes, opset)
+        export_float(twin, example, raw, input_names, dynamic_axes, opset)
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
