@@ -19,7 +19,7 @@ class ProfiledTarget(Target):
 
 
 def bench(*speedups: float) -> dict:
-    return {"variants": {"int8": {"shapes": [{"batch": b, "speedup": s} for b, s in zip((1, 8), speedups)]}}}
+    return {"variants": {"int8": {"shapes": [{"batch": b, "speedup": s} for b, s in zip((1, 8), speedups, strict=False)]}}}
 
 
 BLOCKS = ["layer1.0", "layer1.1", "layer2.0"]
