@@ -47,3 +47,21 @@ def test_a_classifier_whose_agreement_collapses_is_warned(tmp_path):
     assert any("drifted far" in w for w in out["warnings"]) and any("auto_float" in s for s in out["suggestions"])
     metrics["final"] = {"accuracy": 0.7, "agreement": 0.97, "logit_cosine": 0.998}
     assert "warning" not in Pipeline(load_recipe("default"))._evaluate(None, "base", "final", ctx)["quality"]
+
+
+def test_an_original_whose_outputs_are_noise_is_named_as_such():
+    """Random-init MobileNetV3's logits are ~1e-10: its own float ONNX export agrees with torch at a logit
+    cosine near 0, so "drifted far" would blame the compression for noise."""
+    from types import SimpleNamespace
+
+    from modelpress.compress.pipeline import Pipeline
+    from modelpress.compress.recipe import load_recipe
+    from modelpress.progress import Reporter
+
+    metrics = {"base": {"agreement": 1.0, "logit_cosine": 0.0008}, "final": {"agreement": 0.0, "logit_cosine": 0.0005}}
+    ctx = SimpleNamespace(evaluation=[0] * 10, reporter=Reporter(quiet=True),
+                          evaluate=lambda path, **_: SimpleNamespace(metrics=metrics[str(path)]))
+    quality = Pipeline(load_recipe("default"))._evaluate(None, "base", "final", ctx)["quality"]
+    assert "rounding noise" in quality["warning"] and "drifted" not in quality["warning"]
+    out = review({"recipe": {"passes": [{"pass": "quantize.repq"}]}, "quality": quality})
+    assert any("trained weights" in s for s in out["suggestions"])

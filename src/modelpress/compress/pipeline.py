@@ -145,7 +145,13 @@ class Pipeline:
             quality["torch_simulation"] = sim
         low = [f"{key} {after[key]:.3f} (below {floor})" for key, floor in LOW_QUALITY.items()
                if key in after and after[key] < floor]
-        if low:
+        noise = [f"{key} {before[key]:.3f}" for key, floor in LOW_QUALITY.items() if key in before and before[key] < floor]
+        if noise:  # the original's own export disagrees with torch: its outputs are rounding noise
+            quality["warning"] = (f"the original model's own ONNX export agrees poorly with torch ({', '.join(noise)}): "
+                                  "its outputs are rounding noise (vanishing activations, random weights?), so these "
+                                  "quality numbers mean little")
+            ctx.reporter.log(f"[yellow]warning[/yellow]: {quality['warning']}")
+        elif low:
             quality["warning"] = f"the compressed model drifted far from the original: {', '.join(low)}"
             ctx.reporter.log(f"[yellow]warning[/yellow]: {quality['warning']}")
         return {"quality": quality}

@@ -181,7 +181,10 @@ def review(report: dict[str, Any]) -> dict[str, list[str]]:
         else:
             suggestions.append("try --recipe int8 (INT8 weights) or larger pruning ratios")
     drift = (report.get("quality") or {}).get("warning")
-    if drift:
+    if drift and "rounding noise" in drift:
+        warnings.append(drift)
+        suggestions.append("judge compression on a model with trained weights (e.g. torchvision:NAME@DEFAULT)")
+    elif drift:
         warnings.append(drift)
         suggestions.append("keep more of the model: smaller pruning ratios, or a recipe that keeps sensitive layers "
                            "in float (quantize.repq auto_float)" if quantized else

@@ -173,10 +173,14 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
         finally:
             set_quant_state(graph.module, weights=True, activations=True)
 
-    try:
-        blocks = [b.path for b in graph.blocks]
-    except Exception:  # noqa: BLE001 - block discovery on a fake-quant module is best effort here
-        blocks = []
+    blocks: list[str] = []
+    for source in (getattr(ctx, "reference", None), graph):  # the float original first: same block paths
+        try:
+            blocks = [b.path for b in source.blocks] if source is not None else []
+        except Exception:  # noqa: BLE001, S112 - block discovery is best effort here: the rest is one block
+            continue
+        if blocks:
+            break
     quantized = [n for n, m in quant_layers(graph.module) if _has_quantizer(m)]
     feeds = {k: v.numpy() for k, v in graph.example_inputs(1, 128 if text else None).items()}
     target = ctx.target if not isinstance(ctx.target, str) else None

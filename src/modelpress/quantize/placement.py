@@ -145,7 +145,10 @@ def _overrides(path: Path, weights: dict[str, nn.Module], activation_dtype: str)
         out[node.input[1]] = [{"axis": 0, "scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}
                                for s in scales]
         iq = getattr(layer, "input_quantizer", None)
-        if iq is not None and iq.enabled and iq.calibrated and node.input[0] not in out:
+        # a scale at the quantizer's floor (1e-8) would zero a vanishing signal (random-init networks whose
+        # activations shrink stage by stage): ORT's calibrator keeps the true range there
+        if (iq is not None and iq.enabled and iq.calibrated and node.input[0] not in out
+                and float(iq.scale.reshape(())) > 1e-8):
             zero = int(round(float(iq.zero_point.reshape(()))))
             if activation_dtype != "uint8":
                 zero -= 128 if not iq.symmetric else 0
