@@ -82,3 +82,11 @@ def test_when_every_layer_loses_it_goes_straight_to_float():
     target = ProfiledTarget({"int8.onnx": slow, "float.onnx": {k: 1.0 for k in FP32}})
     decision, calls = run([bench(0.5, 0.6)], target)
     assert calls == [("give_up",)] and decision["decision"] == "float"
+
+
+def test_units_are_container_items_for_any_family():
+    from modelpress.quantize.speed import layer_units
+
+    layers = ["features.0.0", "features.3.block.0.0", "features.3.block.2.fc1", "classifier.0", "conv1",
+              "layer2.0.downsample.0", "encoder.layer.11.attention.self.query"]
+    assert layer_units(layers) == ["classifier.0", "encoder.layer.11", "features.0", "features.3", "layer2.0"]

@@ -159,7 +159,7 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
     from modelpress.quantize.fakequant import quant_layers, set_quant_state
     from modelpress.quantize.fallback import keep_float
     from modelpress.quantize.placement import export_float
-    from modelpress.quantize.speed import block_of, keep_faster
+    from modelpress.quantize.speed import block_of, keep_faster, layer_units
 
     float_path = path.with_name(path.stem + ".float-twin.onnx")
     names = graph.input_spec.names
@@ -173,15 +173,8 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
         finally:
             set_quant_state(graph.module, weights=True, activations=True)
 
-    blocks: list[str] = []
-    for source in (getattr(ctx, "reference", None), graph):  # the float original first: same block paths
-        try:
-            blocks = [b.path for b in source.blocks] if source is not None else []
-        except Exception:  # noqa: BLE001, S112 - block discovery is best effort here: the rest is one block
-            continue
-        if blocks:
-            break
     quantized = [n for n, m in quant_layers(graph.module) if _has_quantizer(m)]
+    blocks = layer_units(quantized)
     feeds = {k: v.numpy() for k, v in graph.example_inputs(1, 128 if text else None).items()}
     target = ctx.target if not isinstance(ctx.target, str) else None
     if target is None:

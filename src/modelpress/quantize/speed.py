@@ -31,6 +31,21 @@ def module_path(node_name: str) -> str:
     return ".".join(names)
 
 
+def layer_units(layers: Sequence[str]) -> list[str]:
+    """The units the guard decides on: for each layer, its path up to the first item index (an item of an
+    nn.Sequential / nn.ModuleList: "features.3.block.0.0" -> "features.3", "layer2.0.conv1" -> "layer2.0");
+    layers outside every container (a stem conv, the classifier) share the unit "". One rule for ResNet
+    stages, MobileNet feature lists and transformer layer lists, residual or not."""
+    units = set()
+    for name in layers:
+        parts = name.split(".")
+        for i, p in enumerate(parts):
+            if p.isdigit():
+                units.add(".".join(parts[: i + 1]))
+                break
+    return sorted(units)
+
+
 def block_of(path: str, blocks: Sequence[str]) -> str:
     """The longest block path that ``path`` lies in ("" when none)."""
     inside = [b for b in blocks if path == b or path.startswith(b + ".")]
