@@ -88,3 +88,38 @@ def test_fold_keeps_residual_conv_blocks_exact():
     assert g.fold_norms()
     assert (g.forward(_inputs(g)) - ref).abs().max() < 1e-5
     assert structures  # the factories module is what FACTORIES names
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm + activation module (timm.layers.BatchNormAct2d): normalize, then drop and act."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledBN(nn.BatchNorm2d):
+    """A BatchNorm subclass whose forward does something else: not folded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_norm_with_its_own_activation_keeps_it_and_unknown_subclasses_stay():
+    class ConvNormAct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), ScaledBN(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3))
+
+    g = ModelGraph(_perturbed(ConvNormAct()), InputSpec("tensor", ["x"], shape=(3, 8, 8)), name="norm_act")
+    ref = g.forward(_inputs(g))
+    assert g.fold_norms() == [("conv1", "bn1")]
+    assert isinstance(g.module.bn2, ScaledBN) and isinstance(g.module.bn1[1], nn.ReLU)
+    assert (g.forward(_inputs(g)) - ref).abs().max() < 1e-5

@@ -9,7 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.graph.family import HEAD_WIDTH_ATTRS, head_attribute_edits, head_dim_attribute_edits
+from modelpress.graph.family import (
+    HEAD_WIDTH_ATTRS,
+    head_attribute_edits,
+    head_dim_attribute_edits,
+    norm_remainder,
+)
 from modelpress.graph.groups import Group, Slot
 
 # edit records that change only which original unit sits where (see modelpress.graph.lineage)
@@ -302,9 +307,13 @@ def fold_norm(root: nn.Module, layer: str, norm: str, *, values: bool = True) ->
     follows, in place, and put an identity where the norm was; returns its record.
 
     ``W' = W * g / sqrt(var + eps)`` per output channel, ``b' = (b - mean) * g / sqrt(var + eps) + beta``:
-    the same function, one op fewer, and per-channel weight scales computed on the folded weights.
+    the same function, one op fewer, and per-channel weight scales computed on the folded weights. What
+    the norm module did after normalizing (timm's BatchNormAct2d: its activation) stays in its place.
     ``values=False`` (replay on reload) only reshapes the modules; the saved weights are loaded after."""
     mod, bn = get_submodule(root, layer), get_submodule(root, norm)
+    remainder = norm_remainder(bn)
+    if remainder is None:
+        raise ValueError(f"{norm} ({type(bn).__name__}) is not a BatchNorm whose forward is known")
     out = int(mod.weight.shape[0])
     if int(bn.num_features) != out:
         raise ValueError(f"{norm} normalizes {bn.num_features} channels but {layer} writes {out}")
@@ -322,7 +331,7 @@ def fold_norm(root: nn.Module, layer: str, norm: str, *, values: bool = True) ->
         mod.weight = nn.Parameter(w.clone(), requires_grad=mod.weight.requires_grad)
         mod.bias = nn.Parameter(b.clone(), requires_grad=mod.weight.requires_grad)
     parent_path, _, child = norm.rpartition(".")
-    setattr(get_submodule(root, parent_path), child, nn.Identity())
+    setattr(get_submodule(root, parent_path), child, remainder)
     return {"op": "fold_norm", "layer": layer, "norm": norm}
 
 

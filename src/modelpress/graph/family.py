@@ -317,3 +317,18 @@ def start_token_id(special_ids: dict[str, int], vocab_size: int) -> int:
         if name in special_ids and 0 <= special_ids[name] < vocab_size:
             return special_ids[name]
     return FALLBACK_CLS_ID if vocab_size > 1000 else 0
+
+
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def norm_remainder(norm: nn.Module) -> nn.Module | None:
+    """What is left of a BatchNorm module once its normalization is folded into the layer before it: an
+    identity for torch's own; for timm's norm+activation modules (BatchNormAct2d: normalize, then its
+    ``drop`` and ``act``) those two; None for any other subclass (not folded: its forward is unknown)."""
+    if type(norm) in _PLAIN_BATCH_NORMS:
+        return nn.Identity()
+    if (isinstance(norm, nn.modules.batchnorm._BatchNorm) and type(norm).__name__.startswith("BatchNormAct")
+            and isinstance(getattr(norm, "act", None), nn.Module) and isinstance(getattr(norm, "drop", None), nn.Module)):
+        return nn.Sequential(norm.drop, norm.act)
+    return None

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from modelpress.graph.family import is_transposed_linear
+from modelpress.graph.family import is_transposed_linear, norm_remainder
 from modelpress.graph.groups import Group
 from modelpress.graph.inputs import InputSpec
 
@@ -187,7 +187,7 @@ def foldable_norms(graph: GraphView) -> list[tuple[str, str]]:
         layer = params[layer_weight.name].rsplit(".", 1)[0].removeprefix("module.")
         if type(modules.get("module." + layer)) is not _FOLDABLE[kind]:
             continue
-        if not isinstance(modules.get("module." + norm), nn.modules.batchnorm._BatchNorm):
+        if norm_remainder(modules.get("module." + norm)) is None:
             continue
         pairs.append((layer, norm))
     uses: dict[str, int] = {}
