@@ -38,7 +38,11 @@ Slot = tuple[str, int]
 
 def _positions(original: ModelGraph, pruned: ModelGraph) -> dict[Slot, np.ndarray]:
     """For every (pruned parameter, axis) some group covers: the original-graph position of each current one
-    (-1 where no group says)."""
+    (-1 where the groups do not say).
+
+    A position may lie in several groups' units (a head and a head width overlap): its original position is
+    in the intersection of the original positions of all of them. Positions covered by the same units are
+    matched to that intersection in order (removal keeps the order inside a unit)."""
     # the original graph's groups by their unedited name, with the unedited index of each of their units
     by_root: dict[str, tuple] = {}
     orig_lineage = original.lineage
@@ -47,7 +51,8 @@ def _positions(original: ModelGraph, pruned: ModelGraph) -> dict[Slot, np.ndarra
         by_root[original.original_name(g.name)] = (g, where)
     orig_params = {original.original_path(n): n for n, _ in original.module.named_parameters()}
     sizes = {n: p.shape for n, p in pruned.module.named_parameters()}
-    out: dict[Slot, np.ndarray] = {}
+    cover: dict[Slot, list[list[int]]] = {}  # per slot and current position: the unit keys covering it
+    origin: dict[int, np.ndarray] = {}  # unit key -> its original positions on that slot
     lineage = pruned.lineage
     for g in pruned.groups:
         found = by_root.get(pruned.original_name(g.name))
@@ -62,8 +67,26 @@ def _positions(original: ModelGraph, pruned: ModelGraph) -> dict[Slot, np.ndarra
                 oparam = orig_params.get(pruned.original_path(param))
                 if oparam is None or param not in sizes or (oparam, axis) not in og.units[src]:
                     continue
-                pos = out.setdefault((param, axis), np.full(sizes[param][axis], -1, dtype=np.int64))
-                pos[idx] = og.units[src][(oparam, axis)]
+                key = len(origin)
+                origin[key] = np.asarray(og.units[src][(oparam, axis)])
+                lists = cover.setdefault((param, axis), [[] for _ in range(sizes[param][axis])])
+                for p in np.asarray(idx).tolist():
+                    lists[p].append(key)
+    out: dict[Slot, np.ndarray] = {}
+    for slot, lists in cover.items():
+        pos = np.full(len(lists), -1, dtype=np.int64)
+        by_sig: dict[tuple[int, ...], list[int]] = {}
+        for p, keys in enumerate(lists):
+            if keys:
+                by_sig.setdefault(tuple(keys), []).append(p)
+        for keys, current in by_sig.items():
+            candidates = origin[keys[0]]
+            for k in keys[1:]:
+                candidates = np.intersect1d(candidates, origin[k])
+            candidates = np.sort(candidates)
+            if len(candidates) == len(current):
+                pos[current] = candidates
+        out[slot] = pos
     return out
 
 
