@@ -1,0 +1,55 @@
+"""Which original channels each pruned layer kept, read from the unit lineage: checked against the weights
+themselves (before any refit, a pruned reader's weight is the original's at the mapped rows and columns)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modelpress.graph import ModelGraph
+from modelpress.reconstruct import layer_map
+
+
+@pytest.fixture(scope="module")
+def vit(zoo_vit):  # noqa: ANN001
+    return ModelGraph(zoo_vit.module, zoo_vit.input_spec, name="digits-vit")
+
+
+def _check(original: ModelGraph, pruned: ModelGraph) -> dict:
+    readers, skipped = layer_map(original, pruned)
+    assert not skipped, skipped
+    for name, m in readers.items():
+        w = pruned.module.get_submodule(name).weight.detach()
+        ow = original.module.get_submodule(m.original).weight.detach()
+        assert torch.equal(w, ow[torch.as_tensor(m.outputs)][:, torch.as_tensor(m.inputs)]), name
+    return readers
+
+
+def _drop(graph: ModelGraph, name: str, share: float, seed: int) -> tuple[str, list[int]]:
+    g = graph.group(name)
+    rng = np.random.default_rng(seed)
+    return name, sorted(rng.choice(g.size, int(g.size * share), replace=False).tolist())
+
+
+def test_maps_of_overlapping_heads_widths_mlp_and_stream(vit) -> None:  # noqa: ANN001
+    pruned = vit.copy()
+    pruned.remove_many([_drop(pruned, n, s, i) for i, (n, s) in enumerate([
+        ("head:vit.layers.0.attention", 0.5), ("head_dim:vit.layers.0.attention", 0.25),
+        ("head_dim:vit.layers.1.attention", 0.5), ("mlp:vit.layers.2.mlp", 0.5), ("embedding", 0.25)])])
+    readers = _check(vit, pruned)
+    assert {"vit.layers.0.attention.o_proj", "vit.layers.1.attention.o_proj", "vit.layers.2.mlp.fc2",
+            "vit.layers.3.attention.q_proj", "classifier"} <= set(readers)
+    assert "vit.layers.3.mlp.fc2" not in readers  # reads all its hidden units; only its output rows went
+    assert len(readers["vit.layers.0.attention.o_proj"].inputs) == 2 * 12
+
+
+def test_maps_through_a_block_deletion_and_an_edited_input_graph(vit) -> None:  # noqa: ANN001
+    start = vit.copy()
+    start.remove_many([_drop(start, "mlp:vit.layers.3.mlp", 0.25, 0)])  # an earlier pass of a recipe
+    pruned = start.copy()
+    pruned.remove_blocks(["vit.layers.1"])
+    pruned.remove_many([_drop(pruned, "mlp:vit.layers.2.mlp", 0.5, 1), _drop(pruned, "head:vit.layers.0.attention", 0.5, 2)])
+    readers = _check(start, pruned)
+    assert readers["vit.layers.2.mlp.fc2"].original == "vit.layers.3.mlp.fc2"  # renumbered after the deletion
+    assert set(readers) == {"vit.layers.2.mlp.fc2", "vit.layers.0.attention.o_proj"}
