@@ -53,3 +53,26 @@ def test_maps_through_a_block_deletion_and_an_edited_input_graph(vit) -> None:  
     readers = _check(start, pruned)
     assert readers["vit.layers.2.mlp.fc2"].original == "vit.layers.3.mlp.fc2"  # renumbered after the deletion
     assert set(readers) == {"vit.layers.2.mlp.fc2", "vit.layers.0.attention.o_proj"}
+
+
+def test_gpt2_conv1d_readers_are_mapped_refit_and_the_tied_head_is_left_alone() -> None:
+    from modelpress.reconstruct import reconstruct_graph
+    from modelpress.reconstruct.layers import input_axis
+    from tests.graph.models_zoo import fresh, traced
+
+    original, pruned = traced("gpt2"), fresh("gpt2")
+    pruned.remove_many([(g.name, list(range(0, g.size, 4 if g.kind == "embedding" else 2))) for g in pruned.groups
+                        if g.prunable and g.kind in ("mlp", "head", "embedding")])
+    readers, skipped = layer_map(original, pruned)
+    assert set(skipped) == {"lm_head"} and "tied" in skipped["lm_head"]
+    assert "transformer.h.0.attn.c_attn" in readers and "transformer.h.1.mlp.c_proj" in readers
+    for name, m in readers.items():
+        mod = pruned.module.get_submodule(name)
+        assert input_axis(mod) == 0  # Conv1D: [in, out]
+        ow = original.module.get_submodule(m.original).weight.detach()
+        assert torch.equal(mod.weight.detach(), ow[torch.as_tensor(m.inputs)][:, torch.as_tensor(m.outputs)])
+    tied = pruned.module.lm_head.weight.detach().clone()
+    result = reconstruct_graph(original, pruned, [original.example_inputs(4, 12, seed=s) for s in range(3)])
+    assert set(result["layers"]) == set(readers)
+    assert all(r["applied"] and r["error_after"] < r["error_before"] for r in result["layers"].values())
+    assert torch.equal(pruned.module.lm_head.weight.detach(), tied)

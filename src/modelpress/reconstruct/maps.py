@@ -105,10 +105,15 @@ def layer_map(original: ModelGraph, pruned: ModelGraph) -> tuple[dict[str, Layer
     orig_modules = {original.original_path(n): (n, m) for n, m in original.module.named_modules()}
     readers: dict[str, LayerMap] = {}
     skipped: dict[str, str] = {}
+    holders: dict[int, int] = {}
+    for m in pruned.module.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
     for name, mod in pruned.module.named_modules():
         w = getattr(mod, "weight", None)
-        if not isinstance(w, nn.Parameter) or w.dim() < 2:
-            continue
+        if not isinstance(w, nn.Parameter) or w.dim() < 2 or isinstance(mod, nn.Embedding):
+            continue  # an embedding's width is what it writes, not what it reads
         found = orig_modules.get(pruned.original_path(name))
         if found is None:
             continue
@@ -121,6 +126,8 @@ def layer_map(original: ModelGraph, pruned: ModelGraph) -> tuple[dict[str, Layer
         if ins is not None and np.array_equal(ins, np.arange(ow.shape[ia])):
             continue  # reads every original input channel, in order: not a reader of removed units
         reason = skip_reason(mod)
+        if reason is None and holders.get(id(w), 0) > 1:
+            reason = "its weight is tied to another module's (an embedding): a refit would change both"
         outs = _axis_map(positions, f"{name}.weight", oa, w.shape[oa], ow.shape[oa])
         if reason is None and (ins is None or outs is None):
             reason = "the lineage does not say which original channels it kept"
