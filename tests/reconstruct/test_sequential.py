@@ -35,8 +35,12 @@ def test_conv_after_input_channel_removal_matches_numpy_lstsq() -> None:
         pruned[0].bias = nn.Parameter(original[0].bias[kept].clone())
         pruned[2].weight = nn.Parameter(original[2].weight[:, kept].clone())
     batches = [torch.randn(4, 3, 7, 7, dtype=torch.float64) for _ in range(3)]
-    result = reconstruct_layers(original, pruned, {"2": LayerMap("2", kept, np.arange(4))}, batches, damp=0.0)
+    independent = copy.deepcopy(pruned)  # its conv2 reads exactly the original's kept channels: same refit
+    maps = {"2": LayerMap("2", kept, np.arange(4))}
+    result = reconstruct_layers(original, pruned, maps, batches, damp=0.0)
     assert result["2"].applied and result["2"].error_after < result["2"].error_before
+    reconstruct_layers(original, independent, maps, batches, damp=0.0, sequential=False)  # kept im2col columns
+    torch.testing.assert_close(independent[2].weight, pruned[2].weight)
     with torch.no_grad():
         acts = [original[1](original[0](b)).numpy() for b in batches]
         targets = [original(b).numpy() for b in batches]

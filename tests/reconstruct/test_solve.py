@@ -106,7 +106,8 @@ def test_fewer_rows_than_columns_is_damped_finite_and_warned() -> None:
     assert any("calibration rows" in str(c.message) for c in caught)
     assert torch.isfinite(fit.weight).all() and torch.isfinite(fit.bias).all()
     assert any("rows" in n for n in fit.notes)
-    assert fit.error_after <= fit.error_before
+    assert fit.applied and fit.error_after < 0.5 * fit.error_before  # damped, still a useful refit
+    assert fit.weight.abs().max() < 10 * w.abs().max()  # damping keeps the solution small (no blow-up)
 
 
 def test_a_non_finite_refit_leaves_the_layer_unchanged() -> None:
