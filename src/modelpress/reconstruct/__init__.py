@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from modelpress.reconstruct.graphs import reconstruct_graph
 from modelpress.reconstruct.maps import LayerMap, layer_map
+from modelpress.reconstruct.rearrange import mask_fisher, mask_scores, rearrange, removal_loss
 from modelpress.reconstruct.sequential import LayerResult, reconstruct_layers
 from modelpress.reconstruct.solve import (
     DEFAULT_DAMP,
@@ -31,10 +32,14 @@ __all__ = [
     "PairStats",
     "Refit",
     "layer_map",
+    "mask_fisher",
+    "mask_scores",
     "obs_update",
     "output_error",
     "reconstruct_graph",
     "reconstruct_layers",
+    "rearrange",
+    "removal_loss",
     "refit",
     "stats_from_gram",
 ]
