@@ -53,3 +53,13 @@ def test_global_with_reconstruct_refits_each_iteration(setup, tmp_path) -> None:
     assert refit.metrics["reconstruct"]["refit"] >= 1
     print(f"agreement without / with reconstruct: {a_plain:.3f} / {a_refit:.3f}")
     assert a_refit > a_plain, (a_plain, a_refit)
+
+
+def test_global_rearrange_keeps_the_counts_and_lowers_the_fisher_loss(setup, tmp_path) -> None:  # noqa: ANN001
+    config = {"saliency": "hessian", "target": "params", "ratio": 0.4, "iterations": 1, "kinds": ["mlp", "head"]}
+    plain, _ = _prune(setup, tmp_path / "plain", "prune.global", **config)
+    moved, _ = _prune(setup, tmp_path / "moved", "prune.global", **config, rearrange=True, rearrange_samples=32)
+    assert moved.metrics["widths"] == plain.metrics["widths"]  # the same count per group, other units
+    report = moved.metrics["iterations"][0]["rearrange"]
+    assert report and all(r["loss_after"] <= r["loss_before"] for r in report.values())
+    assert sum(r["swapped"] for r in report.values()) > 0

@@ -59,3 +59,20 @@ def test_mask_scores_are_the_gradients_of_a_mask_on_each_unit() -> None:
         (g,) = torch.autograd.grad(loss(out, None), mask)
         order = [int(u[("2.weight", 1)][0]) for u in group.units]  # unit -> its hidden index
         np.testing.assert_allclose(scores[i], g.detach().numpy()[order], rtol=1e-5, atol=1e-6)
+
+
+def test_collected_mask_scores_match_the_probed_ones() -> None:
+    from modelpress.reconstruct.rearrange import collect_mask_scores
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    graph = ModelGraph(model, InputSpec(kind="tensor", names=["x"], shape=(6,)))
+    group = next(g for g in graph.groups if g.kind == "mlp")
+    samples = [{"x": torch.randn(1, 6)} for _ in range(4)]
+
+    def loss(out, _batch):  # noqa: ANN001, ANN202
+        return out.pow(3).sum()
+
+    stats = probes.collect(model, [s["x"] for s in samples], None, {"grads"}, loss_fn=loss, params=["2.weight"])
+    got = collect_mask_scores(model, [group], samples, loss, ["x"])[group.name]
+    np.testing.assert_allclose(got, mask_scores(stats, group), rtol=1e-6, atol=1e-9)

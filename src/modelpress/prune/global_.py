@@ -28,7 +28,7 @@ from modelpress.errors import ModelpressError
 from modelpress.graph import Group, ModelGraph
 from modelpress.passes import GraphPass, PassConfig, PassResult, register
 from modelpress.prune.budget import Costs, Kind, LatencyFn, Widths, round_keep, widths
-from modelpress.prune.reconstruction import reconstruct_pruned
+from modelpress.prune.reconstruction import rearranged_plan, reconstruct_pruned
 from modelpress.reconstruct import DEFAULT_DAMP
 
 _DEFAULT_FLOORS = {"head": 0.0, "head_dim": 0.25, "mlp": 0.05, "embedding": 0.5, "conv": 0.1}
@@ -58,6 +58,10 @@ class GlobalConfig(PassConfig):
     # input graph's outputs on the calibration split (modelpress.reconstruct); off until measured
     reconstruct: bool = False
     reconstruct_damp: float = Field(DEFAULT_DAMP, ge=0.0)
+    # re-choose which units of each head/MLP/conv group go (same counts) with the group's Fisher block of unit
+    # masks (Kwon et al. 2022's mask rearrangement), on up to rearrange_samples calibration samples; off until measured
+    rearrange: bool = False
+    rearrange_samples: int = Field(64, ge=1)
 
     def model_post_init(self, __context: object) -> None:
         if "channel" in self.kinds:
@@ -198,12 +202,17 @@ class GlobalPrune(GraphPass):
             plan, blocks = _plan_removals(out, cands, now - step_goal, run.floors, run.rounding, run.original_sizes)
             if not plan and not blocks:
                 break
+            rearranged = None
+            if cfg.rearrange:
+                plan, rearranged = rearranged_plan(out, plan, ctx, cfg.rearrange_samples)
             out.remove_many(list(plan.items()))
             out.remove_blocks(list(blocks))
             after = Costs(out, cfg.target, run.latency_fn).total(out)
             run.history.append({"iteration": len(run.history),
                                 "removed_units": {k: len(v) for k, v in plan.items()},
                                 "removed_blocks": blocks, cfg.target: after})
+            if rearranged:
+                run.history[-1]["rearrange"] = rearranged
             if cfg.reconstruct:
                 run.history[-1]["reconstruct"] = reconstruct_pruned(run.original, out, ctx, cfg.reconstruct_damp)
             ctx.reporter.log(

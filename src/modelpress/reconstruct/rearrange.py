@@ -17,19 +17,24 @@ columns is scaling the unit's output. :func:`mask_scores` takes it from probed p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import torch
+from torch import nn
 
 from modelpress.data.probes import Statistics
 from modelpress.graph.groups import Group
+from modelpress.graph.run import as_tensors, call_module, primary_output
 
-__all__ = ["mask_fisher", "mask_scores", "rearrange", "removal_loss"]
+__all__ = ["collect_mask_scores", "mask_fisher", "mask_scores", "rearrange", "removal_loss"]
 
 
 def mask_scores(stats: Statistics, group: Group) -> np.ndarray:
     """Per-sample (per-batch) mask gradient of each unit of ``group``: ``[batches, units]`` (float64), from the
     gradients ``stats`` holds for the group's reading parameters (``group.meta["input_slots"]``)."""
-    reads = [s for s in group.meta.get("input_slots") or [] if s[0] in stats.grads]
+    reads = _reads(group, stats.grads)
     if not reads:
         raise ValueError(f"no gradients of {group.name}'s reading parameters were collected")
     cols = []
@@ -38,6 +43,55 @@ def mask_scores(stats: Statistics, group: Group) -> np.ndarray:
                  for param, axis in reads if (param, axis) in unit]
         cols.append(stats.group_scores(parts).numpy())
     return np.stack(cols, axis=1)
+
+
+def _reads(group: Group, names: Iterable[str]) -> list[tuple[str, int]]:
+    have = set(names)
+    return [s for s in group.meta.get("input_slots") or [] if s[0] in have]
+
+
+def collect_mask_scores(
+    module: nn.Module,
+    groups: Sequence[Group],
+    samples: Iterable[Mapping[str, Any]],
+    loss_fn: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor],
+    input_names: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Per-sample mask gradients ``[samples, units]`` of each group (by name), one backward per sample.
+
+    ``samples``: single-sample batches (dicts of tensors); ``loss_fn(output, sample)`` the loss whose Fisher is
+    wanted (a Monte-Carlo Fisher loss: targets drawn from the model's own predictions). Each sample's gradients
+    are reduced to one number per unit at once, so memory is one gradient of the reading weights, never one per
+    sample (``probes``' ``"grads"`` keeps every sample's)."""
+    params = dict(module.named_parameters())
+    reads = {g.name: _reads(g, params) for g in groups}
+    names = sorted({p for slots in reads.values() for p, _ in slots})
+    if not names:
+        return {g.name: np.zeros((0, g.size)) for g in groups}
+    flags = {n: params[n].requires_grad for n in names}
+    rows: dict[str, list[np.ndarray]] = {g.name: [] for g in groups}
+    like = params[names[0]]
+    was = module.training
+    module.eval()
+    try:
+        for n in names:
+            params[n].requires_grad_(True)
+        for sample in samples:
+            fed = as_tensors(sample, input_names, like)
+            loss = loss_fn(primary_output(call_module(module, fed, list(fed))), sample)
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            wg = {n: (torch.zeros_like(params[n]) if g is None else g).detach().double() * params[n].detach().double()
+                  for n, g in zip(names, grads, strict=True)}
+            for g in groups:
+                rows[g.name].append(np.array([
+                    float(sum(wg[p].index_select(axis, torch.as_tensor(unit[(p, axis)])).sum()
+                              for p, axis in reads[g.name] if (p, axis) in unit))
+                    for unit in g.units]))
+    finally:
+        for n, f in flags.items():
+            params[n].requires_grad_(f)
+        module.train(was)
+    return {k: np.stack(v) if v else np.zeros((0, 0)) for k, v in rows.items()}
 
 
 def mask_fisher(scores: np.ndarray) -> np.ndarray:
