@@ -62,4 +62,9 @@ def test_global_rearrange_keeps_the_counts_and_lowers_the_fisher_loss(setup, tmp
     assert moved.metrics["widths"] == plain.metrics["widths"]  # the same count per group, other units
     report = moved.metrics["iterations"][0]["rearrange"]
     assert report and all(r["loss_after"] <= r["loss_before"] for r in report.values())
-    assert sum(r["swapped"] for r in report.values()) > 0
+    swapped = [name for name, r in report.items() if r["swapped"]]
+    assert swapped
+    for name in swapped:  # the removal followed the rearrangement: other original units are kept
+        kept_plain, kept_moved = plain.graph.lineage[name], moved.graph.lineage[name]
+        assert len(kept_plain) == len(kept_moved)
+        assert len(set(kept_moved.tolist()) - set(kept_plain.tolist())) == report[name]["swapped"]
