@@ -68,3 +68,20 @@ def test_global_rearrange_keeps_the_counts_and_lowers_the_fisher_loss(setup, tmp
         kept_plain, kept_moved = plain.graph.lineage[name], moved.graph.lineage[name]
         assert len(kept_plain) == len(kept_moved)
         assert len(set(kept_moved.tolist()) - set(kept_plain.tolist())) == report[name]["swapped"]
+
+
+def test_classwise_passes_reconstruct_to_each_sub_model(setup) -> None:  # noqa: ANN001
+    from modelpress.prune.classwise import ClasswiseConfig, classwise_split
+    from modelpress.prune.placement import Device
+
+    with pytest.raises(ValueError, match="top level"):
+        ClasswiseConfig(k=2, prune={"reconstruct": True})
+    graph, _ = setup
+    data = load_data("digits", graph.input_spec, n_calibration=64, n_evaluation=64)
+    devices = [Device("a", 2**20, latency_ms=[1.0, 1.0]), Device("b", 2**20, latency_ms=[1.0, 1.0])]
+    split = classwise_split(graph, data, ClassificationTask(), k=2, ratio=0.5, devices=devices, saliency="magnitude",
+                            prune={"iterations": 1}, recover_steps=0, fusion_steps=10, batch_size=32,
+                            reconstruct=True)
+    for sub in split.sub_models:
+        layers = sub.info["prune"]["reconstruct"]["layers"]
+        assert layers and all(r["error_after"] <= r["error_before"] for r in layers.values())
