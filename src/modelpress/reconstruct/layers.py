@@ -20,7 +20,7 @@ from torch import nn
 
 from modelpress.graph.family import is_transposed_linear
 
-__all__ = ["bias_of", "columns", "input_axis", "matrix", "output_axis", "rows", "set_matrix", "skip_reason"]
+__all__ = ["bias_of", "can_add_bias", "columns", "input_axis", "matrix", "output_axis", "rows", "set_matrix", "skip_reason"]
 
 
 def skip_reason(module: nn.Module) -> str | None:
@@ -65,6 +65,11 @@ def matrix(module: nn.Module) -> torch.Tensor:
     if is_transposed_linear(module):
         return w.t()
     return w.reshape(w.shape[0], -1)
+
+
+def can_add_bias(module: nn.Module) -> bool:
+    """Whether a bias-less layer can be given one (``graph.edit.add_bias``: Linear and convolutions)."""
+    return isinstance(module, (nn.Linear, nn.Conv2d)) and getattr(module, "bias", None) is None
 
 
 def bias_of(module: nn.Module) -> torch.Tensor | None:

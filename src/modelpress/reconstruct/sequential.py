@@ -15,7 +15,7 @@ one pair of partial forwards per batch collects their shared statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +179,7 @@ def reconstruct_layers(
     damp: float = DEFAULT_DAMP,
     intercept: bool = True,
     sequential: bool = True,
+    add_bias: Callable[[str], None] | None = None,
     reporter: Reporter = QUIET,
 ) -> dict[str, LayerResult]:
     """Refit every layer of ``layer_map`` (pruned path -> :class:`LayerMap`) in ``pruned_module``, in place, so
@@ -188,7 +189,10 @@ def reconstruct_layers(
     ``labels``), tuples or tensors. ``sequential=False`` refits every layer on the ORIGINAL model's inputs
     (its kept columns: the independent per-layer variant, the structured-OBS update; the pruned model is not
     run and later layers do not see earlier edits or refits).
-    ``damp`` / ``intercept``: see :func:`modelpress.reconstruct.solve.refit`. Returns a
+    ``damp`` / ``intercept``: see :func:`modelpress.reconstruct.solve.refit`. ``add_bias(path)``: gives a
+    bias-less Linear or Conv2d a zero bias (``ModelGraph.add_bias``, recorded for reloading), called only when
+    the refit with an intercept is applied; without it such layers are refit with their bias fixed at none
+    (noted). Returns a
     :class:`LayerResult` per layer; a layer that never runs on the batches is left out.
     """
     batches = list(batches)
@@ -218,7 +222,7 @@ def reconstruct_layers(
             stats = _collect(original_module, source, first, omod, kept_cols, batches, input_names)
             for n in todo:
                 results[n] = _refit_one(n, pruned_module.get_submodule(n), original_module.get_submodule(maps[n].original),
-                                        maps[n], stats, damp, intercept)
+                                        maps[n], stats, damp, intercept, add_bias)
                 reporter.log(f"  reconstructed {n}: output error {results[n].error_before:.4g} -> "
                              f"{results[n].error_after:.4g}{'' if results[n].applied else ' (kept)'}")
             del stats
@@ -229,12 +233,21 @@ def reconstruct_layers(
 
 
 def _refit_one(name: str, pmod: nn.Module, omod: nn.Module, m: LayerMap, stats: PairStats, damp: float,
-               intercept: bool) -> LayerResult:
+               intercept: bool, add_bias: Callable[[str], None] | None) -> LayerResult:
     outs = torch.as_tensor(m.outputs, dtype=torch.long)
     w = L.matrix(omod)[outs]
     b = L.bias_of(omod)
     b = None if b is None else b[outs]
-    fit = refit(stats, w, b, L.matrix(pmod), L.bias_of(pmod), damp=damp, intercept=intercept, name=name)
+    current = L.matrix(pmod)
+    bias = L.bias_of(pmod)
+    new_bias = intercept and bias is None and add_bias is not None and L.can_add_bias(pmod)
+    if new_bias:
+        bias = torch.zeros(current.shape[0], dtype=current.dtype)  # what a zero bias gives: the same function
+    fit = refit(stats, w, b, current, bias, damp=damp, intercept=intercept, name=name)
+    notes = list(fit.notes)
     if fit.applied:
+        if new_bias:
+            add_bias(name)
+            notes.append("bias added (bias compensation)")
         L.set_matrix(pmod, fit.weight, fit.bias)
-    return LayerResult(fit.error_before, fit.error_after, fit.applied, fit.notes)
+    return LayerResult(fit.error_before, fit.error_after, fit.applied, notes)
