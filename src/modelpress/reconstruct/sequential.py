@@ -139,7 +139,7 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
     pmod = omod if pruned is None else pruned.get_submodule(first)
     box: dict[str, torch.Tensor] = {}
     full = L.matrix(omod).shape[1]
-    stats = PairStats.zeros(len(kept_cols), full)
+    stats: PairStats | None = None  # on the device of the first rows (a GPU model sums on the GPU)
 
     def grab(key: str, mod: nn.Module):  # noqa: ANN202
         def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -160,13 +160,16 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
             finally:
                 h.remove()
         xo = box.pop("orig", None)
-        xp = box.pop("pruned", None) if pruned is not None else (None if xo is None else xo[:, torch.as_tensor(kept_cols)])
+        xp = box.pop("pruned", None) if pruned is not None else (
+            None if xo is None else xo[:, torch.as_tensor(kept_cols, device=xo.device)])
         if xo is None or xp is None:
             continue  # a batch that does not reach the layer
         if xo.shape[0] != xp.shape[0]:
             raise ValueError(f"{first}: {xp.shape[0]} pruned rows against {xo.shape[0]} original rows")
-        stats.add(xp.cpu(), xo.cpu())
-    return stats
+        if stats is None:
+            stats = PairStats.zeros(len(kept_cols), full, device=xo.device)
+        stats.add(xp.to(xo.device), xo)
+    return stats if stats is not None else PairStats.zeros(len(kept_cols), full)
 
 
 def reconstruct_layers(
