@@ -131,19 +131,39 @@ def _stages(order_p: dict, order_o: dict, maps: Mapping[str, LayerMap]) -> list[
     return stages
 
 
+def _valid_rows(batch: Any, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """Which of a ``[batch, seq, features]`` input's rows are real tokens (the batch's ``attention_mask``), so
+    padding does not weigh in the fit; None for any other layout (every row counts)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape) or rows != x.shape[0] * x.shape[1]:
+        return None
+    return torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).reshape(-1).to(x.device) > 0
+
+
+def _target(omod: nn.Module, outs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The original layer's outputs ``X W^T + b`` on its input rows, at the kept outputs (float64)."""
+    w = L.matrix(omod)[outs.to(rows.device)].double()
+    y = rows.double() @ w.t()
+    b = L.bias_of(omod)
+    return y if b is None else y + b[outs.to(b.device)].double()
+
+
 def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn.Module, kept_cols: np.ndarray,
-             batches: list, input_names: Sequence[str] | None) -> PairStats:
-    """The paired statistics of one stage: per batch, the original's input to ``omod`` and the pruned model's
+             layers: list[tuple[str, nn.Module, torch.Tensor]], batches: list,
+             input_names: Sequence[str] | None) -> dict[str, PairStats]:
+    """The statistics of one stage (``layers``: name, original layer, kept outputs; all reading one input): per
+    batch, the original's input to ``omod`` (turned into each layer's target outputs) and the pruned model's
     input to ``first`` (each forward stopped there); with ``pruned`` None, the original's kept columns stand
-    for the pruned input (the independent variant)."""
+    for the pruned input (the independent variant). The input moments are summed once and shared."""
     pmod = omod if pruned is None else pruned.get_submodule(first)
     box: dict[str, torch.Tensor] = {}
-    full = L.matrix(omod).shape[1]
-    stats: PairStats | None = None  # on the device of the first rows (a GPU model sums on the GPU)
+    out: dict[str, PairStats] = {}
 
     def grab(key: str, mod: nn.Module):  # noqa: ANN202
         def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            box[key] = L.rows(mod, _first_tensor(args, kwargs).detach())
+            x = _first_tensor(args, kwargs).detach()
+            box[key] = L.rows(mod, x)
+            box[key + ":shape"] = x
             raise _Stop
         return pre
 
@@ -159,17 +179,30 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
                 _run(pruned, batch, input_names)
             finally:
                 h.remove()
-        xo = box.pop("orig", None)
+        xo, shaped = box.pop("orig", None), box.pop("orig:shape", None)
         xp = box.pop("pruned", None) if pruned is not None else (
             None if xo is None else xo[:, torch.as_tensor(kept_cols, device=xo.device)])
+        box.clear()
         if xo is None or xp is None:
             continue  # a batch that does not reach the layer
         if xo.shape[0] != xp.shape[0]:
             raise ValueError(f"{first}: {xp.shape[0]} pruned rows against {xo.shape[0]} original rows")
-        if stats is None:
-            stats = PairStats.zeros(len(kept_cols), full, device=xo.device)
-        stats.add(xp.to(xo.device), xo)
-    return stats if stats is not None else PairStats.zeros(len(kept_cols), full)
+        valid = None if isinstance(omod, nn.Conv2d) else _valid_rows(batch, shaped, xo.shape[0])
+        if valid is not None:
+            xo, xp = xo[valid], xp[valid]
+        xp = xp.to(xo.device)
+        for i, (name, lmod, outs) in enumerate(layers):
+            if name not in out:
+                shared = next(iter(out.values()), None)
+                fresh = PairStats.zeros(len(kept_cols), len(outs), device=xo.device)
+                if shared is not None:  # one input: share its moments
+                    fresh.gram, fresh.sum_pruned = shared.gram, shared.sum_pruned
+                out[name] = fresh
+            out[name].add(xp, _target(lmod, outs, xo), inputs=i == 0)
+    first_stats = next(iter(out.values()), None)
+    for st in out.values():
+        st.rows = first_stats.rows
+    return out
 
 
 def reconstruct_layers(
@@ -222,10 +255,13 @@ def reconstruct_layers(
                 continue
             kept_cols = L.columns(pmod, maps[first].inputs)
             source = pruned_module if sequential else None
-            stats = _collect(original_module, source, first, omod, kept_cols, batches, input_names)
+            layers = [(n, original_module.get_submodule(maps[n].original),
+                       torch.as_tensor(maps[n].outputs, dtype=torch.long)) for n in todo]
+            stats = _collect(original_module, source, first, omod, kept_cols, layers, batches, input_names)
             for n in todo:
-                results[n] = _refit_one(n, pruned_module.get_submodule(n), original_module.get_submodule(maps[n].original),
-                                        maps[n], stats, damp, intercept, add_bias)
+                if n not in stats:
+                    continue  # the batches never reached it
+                results[n] = _refit_one(n, pruned_module.get_submodule(n), stats[n], damp, intercept, add_bias)
                 reporter.log(f"  reconstructed {n}: output error {results[n].error_before:.4g} -> "
                              f"{results[n].error_after:.4g}{'' if results[n].applied else ' (kept)'}")
             del stats
@@ -235,18 +271,14 @@ def reconstruct_layers(
         pruned_module.train(was[1])
 
 
-def _refit_one(name: str, pmod: nn.Module, omod: nn.Module, m: LayerMap, stats: PairStats, damp: float,
-               intercept: bool, add_bias: Callable[[str], None] | None) -> LayerResult:
-    outs = torch.as_tensor(m.outputs, dtype=torch.long)
-    w = L.matrix(omod)[outs]
-    b = L.bias_of(omod)
-    b = None if b is None else b[outs]
+def _refit_one(name: str, pmod: nn.Module, stats: PairStats, damp: float, intercept: bool,
+               add_bias: Callable[[str], None] | None) -> LayerResult:
     current = L.matrix(pmod)
     bias = L.bias_of(pmod)
     new_bias = intercept and bias is None and add_bias is not None and L.can_add_bias(pmod)
     if new_bias:
         bias = torch.zeros(current.shape[0], dtype=current.dtype)  # what a zero bias gives: the same function
-    fit = refit(stats, w, b, current, bias, damp=damp, intercept=intercept, name=name)
+    fit = refit(stats, current, bias, damp=damp, intercept=intercept, name=name)
     notes = list(fit.notes)
     if fit.applied:
         if new_bias:
