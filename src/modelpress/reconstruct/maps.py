@@ -69,7 +69,9 @@ def _positions(original: ModelGraph, pruned: ModelGraph) -> dict[Slot, np.ndarra
                     continue
                 key = len(origin)
                 origin[key] = np.asarray(og.units[src][(oparam, axis)])
-                lists = cover.setdefault((param, axis), [[] for _ in range(sizes[param][axis])])
+                if (param, axis) not in cover:
+                    cover[(param, axis)] = [[] for _ in range(sizes[param][axis])]
+                lists = cover[(param, axis)]
                 for p in np.asarray(idx).tolist():
                     lists[p].append(key)
     out: dict[Slot, np.ndarray] = {}
