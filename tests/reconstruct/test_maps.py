@@ -76,3 +76,21 @@ def test_gpt2_conv1d_readers_are_mapped_refit_and_the_tied_head_is_left_alone() 
     assert set(result["layers"]) == set(readers)
     assert all(r["applied"] and r["error_after"] < r["error_before"] for r in result["layers"].values())
     assert torch.equal(pruned.module.lm_head.weight.detach(), tied)
+
+
+def test_no_removal_no_reader_and_a_permutation_is_mapped_and_left_exact(vit) -> None:  # noqa: ANN001
+    from modelpress.reconstruct import reconstruct_graph
+
+    assert layer_map(vit, vit.copy()) == ({}, {})
+    permuted = vit.copy()
+    order = np.random.default_rng(0).permutation(permuted.group("mlp:vit.layers.1.mlp").size)
+    permuted.permute("mlp:vit.layers.1.mlp", order)
+    readers = _check(vit, permuted)
+    assert set(readers) == {"vit.layers.1.mlp.fc2"}
+    np.testing.assert_array_equal(readers["vit.layers.1.mlp.fc2"].inputs, order)
+    before = {k: v.clone() for k, v in permuted.state().items()}
+    batches = [{"pixel_values": torch.randn(16, 1, 8, 8)} for _ in range(2)]  # 544 rows for 257 unknowns
+    result = reconstruct_graph(vit, permuted, batches)
+    layer = result["layers"]["vit.layers.1.mlp.fc2"]
+    assert not layer["applied"] and layer["error_before"] < 1e-10  # exact already: nothing to refit
+    assert all(torch.equal(before[k], v) for k, v in permuted.state().items())
