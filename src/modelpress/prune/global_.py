@@ -13,6 +13,11 @@ Ranking (``rank``):
 - ``"per_cost"``: ``I_u / cost_u``, the loss increase per unit of the target resource saved.
 Floors keep at least a fraction of every group (``floors``, per kind); kept widths are rounded to
 multiples of ``round_to`` (per kind; 8 by default for MLP, head width and residual width).
+
+Options (off by default): ``rearrange`` re-chooses which units of each head, MLP and conv group go (same
+counts) with the group's Fisher block of unit masks (Kwon et al., 2022); ``reconstruct`` refits, after each
+iteration's removals and before its recovery, every layer that reads removed units to the input graph's
+outputs on the calibration split (:mod:`modelpress.reconstruct`; per-layer output errors in the metrics).
 """
 
 from __future__ import annotations

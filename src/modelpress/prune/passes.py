@@ -46,7 +46,8 @@ def units_to_remove(group: Group, scores: np.ndarray, ratio: float, round_to: in
 class MagnitudePrune(GraphPass):
     """Remove the lowest-magnitude units of every group of the given kinds, at a fixed ratio per kind.
 
-    The baseline that Hessian-aware global pruning is measured against.
+    The baseline that Hessian-aware global pruning is measured against. ``reconstruct``: refit the layers
+    that read removed units to the input graph's outputs on the calibration split (modelpress.reconstruct).
     """
 
     name = "prune.magnitude"
