@@ -5,9 +5,11 @@ removal, an MLP's second Linear after hidden-unit removal, a convolution after i
 Linear reading the residual stream after residual-channel removal), hooks on BOTH models record, on the same
 calibration batches, the pruned model's input to the layer (computed by the pruned layers before it, already
 refit, as GPTQ does, so errors do not compound unseen) and the original model's input to its layer (the target
-is the original layer's output on it). Each forward stops at the layer (a hook raises): the rest is not needed.
-Only one stage's statistics are held at a time (:class:`~modelpress.reconstruct.solve.PairStats`: a
-``k x k``, a ``k x n`` and an ``n x n`` float64 matrix), never a copy of the rows per batch.
+is the original layer's output on it, computed batch by batch). Each forward stops at the layer (a hook
+raises): the rest is not needed. Only one stage's statistics are held at a time
+(:class:`~modelpress.reconstruct.solve.PairStats`: a ``k x k`` Gram of the ``k`` kept inputs and a ``k x m``
+cross term per layer of ``m`` outputs, float64), never a copy of the rows per batch. Padding tokens (the
+batch's ``attention_mask``) are left out of the rows.
 
 Layers that read the same input tensor (the query, key and value projections after one norm) form one stage:
 one pair of partial forwards per batch collects their shared statistics.
@@ -67,7 +69,7 @@ def _run(module: nn.Module, batch: Any, names: Sequence[str] | None) -> None:
     elif isinstance(batch, torch.Tensor):
         fed = batch.to(like.device) if like is not None else batch
     else:
-        fed = tuple(batch)
+        fed = tuple(v.to(like.device) if isinstance(v, torch.Tensor) and like is not None else v for v in batch)
     with torch.no_grad():
         try:
             call_module(module, fed, list(fed) if isinstance(fed, dict) else None)
@@ -118,7 +120,7 @@ def _first_sample(batch: Any) -> Any:
 def _stages(order_p: dict, order_o: dict, maps: Mapping[str, LayerMap]) -> list[list[str]]:
     """Readers in the pruned model's forward order, consecutive ones sharing an input (in both models, with the
     same kept channels) grouped into one stage."""
-    names = sorted(order_p, key=lambda n: order_p[n][0])
+    names = sorted(maps, key=lambda n: order_p[n][0])
     stages: list[list[str]] = []
     for n in names:
         prev = stages[-1][-1] if stages else None
