@@ -19,7 +19,8 @@ When the pruned layer sees exactly the original's kept columns (``X' = X[:, K]``
 everything follows from the original Gram ``G = X^T X`` (:func:`stats_from_gram`) and the refit is the
 structured OBS update of ZipLM / SlimGPT, ``V = W[:, K] + W[:, R] G[R, K] G[K, K]^-1`` (:func:`obs_update`).
 
-Damping: ``lambda = damp * mean(diag(G'))`` (``damp`` 0.01 by default, GPTQ's), added before a Cholesky solve;
+Damping: ``lambda = damp * mean(diag(G'))`` (``damp`` 0.01 by default, GPTQ's; ``G'`` mean-centred when the
+bias is fitted, and the intercept itself is never damped), added before a Cholesky solve;
 if the factorisation fails the damping grows tenfold (three times), then a pseudo-inverse solve is used. A
 refit that is not finite, or that does not lower the output error on the calibration rows, is not applied:
 the layer keeps its pruned weight and the result says why.
