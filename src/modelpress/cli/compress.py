@@ -128,6 +128,7 @@ def prune(
     target_macs: Annotated[float | None, typer.Option("--target-macs", help="keep this fraction of the MACs")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="score-remove rounds (global pruning)")] = 4,
     recover_steps: Annotated[int, typer.Option("--recover-steps", help="distillation steps after pruning (0: none)")] = 0,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="refit the layers that read removed units to the original's outputs on the calibration data (least squares, before recovery)")] = False,
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
     trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
     input_shape: InputShape = None,
@@ -147,14 +148,15 @@ def prune(
                 ratios[kind.strip()] = float(value)
             except ValueError as exc:
                 raise ModelpressError(f"--ratio {item!r} is not KIND=NUMBER", "e.g. --ratio mlp=0.5") from exc
-        passes: list[dict[str, Any]] = [{"pass": "prune.magnitude", "ratios": ratios}]
+        passes: list[dict[str, Any]] = [{"pass": "prune.magnitude", "ratios": ratios, "reconstruct": reconstruct}]
     elif method == "global":
         if ratio:
             raise ModelpressError("--ratio is for --method magnitude", "give --target-latency, --target-params or --target-macs")
         if len(goals) > 1:
             raise ModelpressError(f"give one target, not {len(goals)}", "one of --target-latency, --target-params, --target-macs")
         kind, value = next(iter(goals.items())) if goals else ("latency", 0.5)
-        passes = [{"pass": "prune.global", "saliency": saliency, "target": kind, "ratio": value, "iterations": iterations}]
+        passes = [{"pass": "prune.global", "saliency": saliency, "target": kind, "ratio": value, "iterations": iterations,
+                   "reconstruct": reconstruct}]
     else:
         raise ModelpressError(f"unknown pruning method {method!r}", "use --method global or --method magnitude")
     if recover_steps > 0:

@@ -335,6 +335,22 @@ def fold_norm(root: nn.Module, layer: str, norm: str, *, values: bool = True) ->
     return {"op": "fold_norm", "layer": layer, "norm": norm}
 
 
+BIAS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def add_bias(root: nn.Module, path: str) -> dict:
+    """Give layer ``path`` (a Linear or convolution without a bias) a zero bias, in place; returns its record.
+
+    The function is unchanged; a later refit can then shift the layer's outputs (reconstruction's bias
+    compensation)."""
+    mod = get_submodule(root, path)
+    if not isinstance(mod, BIAS_TYPES) or getattr(mod, "bias", None) is not None:
+        raise ValueError(f"{path} is not a Linear or convolution without a bias")
+    w = mod.weight
+    mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=w.requires_grad)
+    return {"op": "add_bias", "module": path, "size": int(w.shape[0])}
+
+
 def apply_edit(root: nn.Module, edit: dict) -> None:
     """Replay one recorded structural edit (used when reloading a saved model)."""
     if edit["op"] in LINEAGE_ONLY:
@@ -345,6 +361,8 @@ def apply_edit(root: nn.Module, edit: dict) -> None:
         skip_block(root, edit["path"])
     elif edit["op"] == "fold_norm":
         fold_norm(root, edit["layer"], edit["norm"], values=False)
+    elif edit["op"] == "add_bias":
+        add_bias(root, edit["module"])
     elif edit["op"] == "setattr":
         setattr(get_submodule(root, edit["module"]), edit["attr"], edit["value"])
     else:

@@ -462,6 +462,15 @@ class ModelGraph:
             self.remove_many([(g.name, drop)], force=force)
             self.permute(g.name, np.searchsorted(np.sort(keep), keep), force=force)
 
+    def add_bias(self, path: str) -> None:
+        """Give layer ``path`` (a Linear or convolution without one) a zero bias, in place (recorded, so a saved
+        model reloads with it). The function is unchanged; groups are discovered again on the next query (the
+        bias joins its layer's output units)."""
+        self._log([_edit.add_bias(self.module, path)])
+        self._program = None
+        self._propagation = None
+        self._groups = None
+
     def remove_block(self, path: str) -> None:
         """Delete a whole block (must be one of ``self.blocks``), in place; later blocks renumber."""
         self.remove_blocks([path])

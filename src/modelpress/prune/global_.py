@@ -13,6 +13,11 @@ Ranking (``rank``):
 - ``"per_cost"``: ``I_u / cost_u``, the loss increase per unit of the target resource saved.
 Floors keep at least a fraction of every group (``floors``, per kind); kept widths are rounded to
 multiples of ``round_to`` (per kind; 8 by default for MLP, head width and residual width).
+
+Options (off by default): ``rearrange`` re-chooses which units of each head, MLP and conv group go (same
+counts) with the group's Fisher block of unit masks (Kwon et al., 2022); ``reconstruct`` refits, after each
+iteration's removals and before its recovery, every layer that reads removed units to the input graph's
+outputs on the calibration split (:mod:`modelpress.reconstruct`; per-layer output errors in the metrics).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from modelpress.errors import ModelpressError
 from modelpress.graph import Group, ModelGraph
 from modelpress.passes import GraphPass, PassConfig, PassResult, register
 from modelpress.prune.budget import Costs, Kind, LatencyFn, Widths, round_keep, widths
+from modelpress.prune.reconstruction import rearranged_plan, reconstruct_pruned
+from modelpress.reconstruct import DEFAULT_DAMP
 
 _DEFAULT_FLOORS = {"head": 0.0, "head_dim": 0.25, "mlp": 0.05, "embedding": 0.5, "conv": 0.1}
 _DEFAULT_ROUND = {"mlp": 8, "head_dim": 8, "embedding": 8, "conv": 8}
@@ -52,6 +59,14 @@ class GlobalConfig(PassConfig):
     tolerance: float = Field(0.02, ge=0.0)  # accept the target within this fraction of the original
     measure: bool = True  # confirm a latency target with a real measurement on the Context's Target
     confirm_rounds: int = Field(2, ge=0)  # prune on while the measured latency misses the target (0: report only)
+    # after each iteration's removals (before its recovery): refit the layers that read removed units to the
+    # input graph's outputs on the calibration split (modelpress.reconstruct); off until measured
+    reconstruct: bool = False
+    reconstruct_damp: float = Field(DEFAULT_DAMP, ge=0.0)
+    # re-choose which units of each head/MLP/conv group go (same counts) with the group's Fisher block of unit
+    # masks (Kwon et al. 2022's mask rearrangement), on up to rearrange_samples calibration samples; off until measured
+    rearrange: bool = False
+    rearrange_samples: int = Field(64, ge=1)
 
     def model_post_init(self, __context: object) -> None:
         if "channel" in self.kinds:
@@ -70,6 +85,7 @@ class _Run:
     """What one application of the pass carries between its pruning rounds and measurements."""
 
     ctx: Any  # the Context
+    original: ModelGraph  # the pass's input graph (what reconstruction refits toward)
     start: float  # the original's total of the target resource
     latency_fn: LatencyFn | None
     floors: dict[str, float]
@@ -106,7 +122,7 @@ class GlobalPrune(GraphPass):
         cfg = self.config
         latency_fn = _latency_fn(ctx) if self.needs_latency_model else None
         out = graph.copy()
-        run = _Run(ctx=ctx, start=Costs(out, cfg.target, latency_fn).total(out), latency_fn=latency_fn,
+        run = _Run(ctx=ctx, original=graph, start=Costs(out, cfg.target, latency_fn).total(out), latency_fn=latency_fn,
                    floors={**_DEFAULT_FLOORS, **cfg.floors}, rounding={**_DEFAULT_ROUND, **cfg.round_to},
                    original_sizes={g.name: g.size for g in out.groups},
                    eta=None if cfg.eta == "auto" else float(cfg.eta))
@@ -143,6 +159,9 @@ class GlobalPrune(GraphPass):
         }
         if run.eta is not None and cfg.rank == "nvit":
             metrics["eta"] = run.eta
+        refits = [h["reconstruct"] for h in run.history if "reconstruct" in h]
+        if refits:
+            metrics["reconstruct"] = refits[-1]
         if cfg.target == "latency":
             metrics["predicted_speedup"] = run.start / final
             if run.confirmations:
@@ -188,12 +207,19 @@ class GlobalPrune(GraphPass):
             plan, blocks = _plan_removals(out, cands, now - step_goal, run.floors, run.rounding, run.original_sizes)
             if not plan and not blocks:
                 break
+            rearranged = None
+            if cfg.rearrange:
+                plan, rearranged = rearranged_plan(out, plan, ctx, cfg.rearrange_samples)
             out.remove_many(list(plan.items()))
             out.remove_blocks(list(blocks))
             after = Costs(out, cfg.target, run.latency_fn).total(out)
             run.history.append({"iteration": len(run.history),
                                 "removed_units": {k: len(v) for k, v in plan.items()},
                                 "removed_blocks": blocks, cfg.target: after})
+            if rearranged:
+                run.history[-1]["rearrange"] = rearranged
+            if cfg.reconstruct:
+                run.history[-1]["reconstruct"] = reconstruct_pruned(run.original, out, ctx, cfg.reconstruct_damp)
             ctx.reporter.log(
                 f"  iteration {len(run.history)}: {cfg.target} {after / start:.3f} of the original"
                 f" ({sum(len(v) for v in plan.values())} units, {len(blocks)} blocks removed)"

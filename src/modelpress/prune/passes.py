@@ -9,6 +9,8 @@ from modelpress.data.saliency import magnitude
 from modelpress.graph import Group, ModelGraph
 from modelpress.passes import GraphPass, PassConfig, PassResult, register
 from modelpress.prune.budget import Kind, round_keep
+from modelpress.prune.reconstruction import reconstruct_pruned
+from modelpress.reconstruct import DEFAULT_DAMP
 
 
 class MagnitudeConfig(PassConfig):
@@ -16,6 +18,10 @@ class MagnitudeConfig(PassConfig):
     round_to: dict[Kind, int] = Field(default_factory=dict)
     min_units: int = Field(1, ge=1)
     allow_output_change: bool = False
+    # refit the layers that read removed units to the original's outputs on the calibration split
+    # (modelpress.reconstruct: sequential least squares with bias compensation); off until measured
+    reconstruct: bool = False
+    reconstruct_damp: float = Field(DEFAULT_DAMP, ge=0.0)
 
     def model_post_init(self, __context: object) -> None:
         if "block" in self.ratios or "block" in self.round_to:
@@ -40,7 +46,8 @@ def units_to_remove(group: Group, scores: np.ndarray, ratio: float, round_to: in
 class MagnitudePrune(GraphPass):
     """Remove the lowest-magnitude units of every group of the given kinds, at a fixed ratio per kind.
 
-    The baseline that Hessian-aware global pruning is measured against.
+    The baseline that Hessian-aware global pruning is measured against. ``reconstruct``: refit the layers
+    that read removed units to the input graph's outputs on the calibration split (modelpress.reconstruct).
     """
 
     name = "prune.magnitude"
@@ -66,7 +73,8 @@ class MagnitudePrune(GraphPass):
         for name, units, size in plan:
             ctx.reporter.log(f"  {name}: {size} -> {size - len(units)}")
         after = out.num_parameters()
-        return PassResult(
-            graph=out,
-            metrics={"removed_units": removed, "params_before": before, "params_after": after},
-        )
+        metrics = {"removed_units": removed, "params_before": before, "params_after": after}
+        if cfg.reconstruct:
+            metrics["reconstruct"] = reconstruct_pruned(graph, out, ctx, cfg.reconstruct_damp)
+        return PassResult(graph=out, metrics=metrics)
+

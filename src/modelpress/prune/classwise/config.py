@@ -38,11 +38,12 @@ class ClasswiseConfig(PassConfig):
     fusion_lr: float = Field(1e-2, gt=0)
     fusion_data: Literal["calibration", "train"] = "calibration"
     devices: list[dict[str, Any]] = Field(default_factory=list)  # name, memory_mb, target | latency_ms
+    reconstruct: bool = False  # prune.global's reconstruct: refit each sub-model's readers of removed units
 
     @field_validator("prune")
     @classmethod
     def _prune_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
-        clash = {"ratio", "saliency", "label_weight"} & set(value)
+        clash = {"ratio", "saliency", "label_weight", "reconstruct"} & set(value)
         if clash:
             raise ValueError(f"set {sorted(clash)} at the top level, not under prune")
         GlobalConfig(**{**PRUNE_DEFAULTS, **value})  # unknown keys and bad values fail here, before anything runs

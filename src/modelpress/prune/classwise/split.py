@@ -195,10 +195,10 @@ class _Job:
                           seed=self.seed, reporter=rep, latency_model=self.latency_model)
             with rep.step(f"{name}: classes {subset}, pruning to {cfg.ratio:g} of the parameters"):
                 gcfg = GlobalConfig(**{**PRUNE_DEFAULTS, **cfg.prune, "ratio": ratio, "saliency": cfg.saliency,
-                                       "label_weight": cfg.label_weight})
+                                       "label_weight": cfg.label_weight, "reconstruct": cfg.reconstruct})
                 pruned = GlobalPrune(gcfg).apply(reference, ctx)
                 sub = pruned.graph
-                info["prune"] = {k: pruned.metrics[k] for k in ("ratio_reached", "widths", "embedding")
+                info["prune"] = {k: pruned.metrics[k] for k in ("ratio_reached", "widths", "embedding", "reconstruct")
                                  if k in pruned.metrics}
             if cfg.recover_steps:
                 recover = sub_data.train if cfg.recover_data == "subset" else DataSplit(self.train_split.batches)

@@ -1,0 +1,290 @@
+"""Sequential reconstruction: refit the reader layers of a pruned model one after another, in forward order.
+
+For each reader (a layer whose input channels were removed: an attention output projection after head
+removal, an MLP's second Linear after hidden-unit removal, a convolution after input-channel removal, every
+Linear reading the residual stream after residual-channel removal), hooks on BOTH models record, on the same
+calibration batches, the pruned model's input to the layer (computed by the pruned layers before it, already
+refit, as GPTQ does, so errors do not compound unseen) and the original model's input to its layer (the target
+is the original layer's output on it, computed batch by batch). Each forward stops at the layer (a hook
+raises): the rest is not needed. Only one stage's statistics are held at a time
+(:class:`~modelpress.reconstruct.solve.PairStats`: a ``k x k`` Gram of the ``k`` kept inputs and a ``k x m``
+cross term per layer of ``m`` outputs, float64), never a copy of the rows per batch. Padding tokens (the
+batch's ``attention_mask``) are left out of the rows.
+
+Layers that read the same input tensor (the query, key and value projections after one norm) form one stage:
+one pair of partial forwards per batch collects their shared statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.graph.run import as_tensors, call_module
+from modelpress.progress import QUIET, Reporter
+from modelpress.reconstruct import layers as L  # noqa: N812
+from modelpress.reconstruct.maps import LayerMap
+from modelpress.reconstruct.solve import DEFAULT_DAMP, PairStats, refit
+
+__all__ = ["LayerResult", "reconstruct_layers"]
+
+
+@dataclass
+class LayerResult:
+    """What reconstruction did to one layer: relative output error on the calibration rows before and after,
+    whether the refit was applied, and notes (why not, damping, no bias)."""
+
+    error_before: float
+    error_after: float
+    applied: bool
+    notes: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error_before": self.error_before, "error_after": self.error_after, "applied": self.applied,
+                **({"notes": self.notes} if self.notes else {})}
+
+
+class _Stop(Exception):
+    """Raised by a hook once the last input a stage needs was recorded."""
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError("layer called without a tensor")
+
+
+def _run(module: nn.Module, batch: Any, names: Sequence[str] | None) -> None:
+    """One forward of ``module`` on ``batch`` without autograd, stopped by a hook (or run to the end)."""
+    like = next(module.parameters(), None)
+    if isinstance(batch, Mapping):
+        keys = list(names) if names is not None else [k for k in batch if k != "labels"]
+        fed: Any = as_tensors(batch, keys, like)
+    elif isinstance(batch, torch.Tensor):
+        fed = batch.to(like.device) if like is not None else batch
+    else:
+        fed = tuple(v.to(like.device) if isinstance(v, torch.Tensor) and like is not None else v for v in batch)
+    with torch.no_grad():
+        try:
+            call_module(module, fed, list(fed) if isinstance(fed, dict) else None)
+        except _Stop:
+            pass
+
+
+def _order(module: nn.Module, names: Sequence[str], batch: Any, input_names: Sequence[str] | None) -> dict[str, tuple]:
+    """For each named layer that runs on ``batch``: (call index of its first call, calls, identity of its
+    input tensor), from one full forward on the batch's first sample. The inputs are held until the end, so
+    a freed tensor's address cannot be reused by another and pass for the same input."""
+    seen: dict[str, list] = {}
+    held: list[torch.Tensor] = []
+    handles = []
+
+    def hook(name: str):  # noqa: ANN202
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_tensor(args, kwargs)
+            if name in seen:
+                seen[name][1] += 1
+            else:
+                seen[name] = [len(seen), 1, (x.data_ptr(), tuple(x.shape), tuple(x.stride()))]
+                held.append(x)
+        return pre
+
+    for n in names:
+        handles.append(module.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True))
+    try:
+        _run(module, _first_sample(batch), input_names)
+    finally:
+        for h in handles:
+            h.remove()
+    held.clear()
+    return {n: tuple(v) for n, v in seen.items()}
+
+
+def _first_sample(batch: Any) -> Any:
+    """The batch cut to its first sample (tensors and arrays with a leading batch axis)."""
+    def cut(v: Any) -> Any:
+        return v[:1] if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim else v
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return tuple(cut(v) for v in batch)
+    return cut(batch)
+
+
+def _stages(order_p: dict, order_o: dict, maps: Mapping[str, LayerMap]) -> list[list[str]]:
+    """Readers in the pruned model's forward order, consecutive ones sharing an input (in both models, with the
+    same kept channels) grouped into one stage."""
+    names = sorted(maps, key=lambda n: order_p[n][0])
+    stages: list[list[str]] = []
+    for n in names:
+        prev = stages[-1][-1] if stages else None
+        if (prev is not None and order_p[n][2] == order_p[prev][2]
+                and order_o[maps[n].original][2] == order_o[maps[prev].original][2]
+                and np.array_equal(maps[n].inputs, maps[prev].inputs)):
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+    return stages
+
+
+def _valid_rows(batch: Any, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """Which of a ``[batch, seq, features]`` input's rows are real tokens (the batch's ``attention_mask``), so
+    padding does not weigh in the fit; None for any other layout (every row counts)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape) or rows != x.shape[0] * x.shape[1]:
+        return None
+    return torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).reshape(-1).to(x.device) > 0
+
+
+def _target(omod: nn.Module, outs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The original layer's outputs ``X W^T + b`` on its input rows, at the kept outputs (float64)."""
+    w = L.matrix(omod)[outs.to(rows.device)].double()
+    y = rows.double() @ w.t()
+    b = L.bias_of(omod)
+    return y if b is None else y + b[outs.to(b.device)].double()
+
+
+def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn.Module, kept_cols: np.ndarray,
+             layers: list[tuple[str, nn.Module, torch.Tensor]], batches: list,
+             input_names: Sequence[str] | None) -> dict[str, PairStats]:
+    """The statistics of one stage (``layers``: name, original layer, kept outputs; all reading one input): per
+    batch, the original's input to ``omod`` (turned into each layer's target outputs) and the pruned model's
+    input to ``first`` (each forward stopped there); with ``pruned`` None, the original's kept columns stand
+    for the pruned input (the independent variant). The input moments are summed once and shared."""
+    pmod = omod if pruned is None else pruned.get_submodule(first)
+    box: dict[str, torch.Tensor] = {}
+    out: dict[str, PairStats] = {}
+
+    def grab(key: str, mod: nn.Module):  # noqa: ANN202
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_tensor(args, kwargs).detach()
+            box[key] = L.rows(mod, x)
+            box[key + ":shape"] = x
+            raise _Stop
+        return pre
+
+    for batch in batches:
+        h = omod.register_forward_pre_hook(grab("orig", omod), with_kwargs=True)
+        try:
+            _run(original, batch, input_names)
+        finally:
+            h.remove()
+        if pruned is not None:
+            h = pmod.register_forward_pre_hook(grab("pruned", pmod), with_kwargs=True)
+            try:
+                _run(pruned, batch, input_names)
+            finally:
+                h.remove()
+        xo, shaped = box.pop("orig", None), box.pop("orig:shape", None)
+        xp = box.pop("pruned", None) if pruned is not None else (
+            None if xo is None else xo[:, torch.as_tensor(kept_cols, device=xo.device)])
+        box.clear()
+        if xo is None or xp is None:
+            continue  # a batch that does not reach the layer
+        if xo.shape[0] != xp.shape[0]:
+            raise ValueError(f"{first}: {xp.shape[0]} pruned rows against {xo.shape[0]} original rows")
+        valid = None if isinstance(omod, nn.Conv2d) else _valid_rows(batch, shaped, xo.shape[0])
+        if valid is not None:
+            xo, xp = xo[valid], xp[valid]
+        xp = xp.to(xo.device)
+        for i, (name, lmod, outs) in enumerate(layers):
+            if name not in out:
+                shared = next(iter(out.values()), None)
+                fresh = PairStats.zeros(len(kept_cols), len(outs), device=xo.device)
+                if shared is not None:  # one input: share its moments
+                    fresh.gram, fresh.sum_pruned = shared.gram, shared.sum_pruned
+                out[name] = fresh
+            out[name].add(xp, _target(lmod, outs, xo), inputs=i == 0)
+    first_stats = next(iter(out.values()), None)
+    for st in out.values():
+        st.rows = first_stats.rows
+    return out
+
+
+def reconstruct_layers(
+    original_module: nn.Module,
+    pruned_module: nn.Module,
+    layer_map: Mapping[str, LayerMap],
+    batches: Iterable[Any],
+    *,
+    input_names: Sequence[str] | None = None,
+    damp: float = DEFAULT_DAMP,
+    intercept: bool = True,
+    sequential: bool = True,
+    add_bias: Callable[[str], None] | None = None,
+    reporter: Reporter = QUIET,
+) -> dict[str, LayerResult]:
+    """Refit every layer of ``layer_map`` (pruned path -> :class:`LayerMap`) in ``pruned_module``, in place, so
+    that its output on the calibration ``batches`` matches its original in ``original_module``.
+
+    ``batches``: dicts of input tensors (``input_names`` picks the model inputs; else every key but
+    ``labels``), tuples or tensors. ``sequential=False`` refits every layer on the ORIGINAL model's inputs
+    (its kept columns: the independent per-layer variant, the structured-OBS update; the pruned model is not
+    run and later layers do not see earlier edits or refits).
+    ``damp`` / ``intercept``: see :func:`modelpress.reconstruct.solve.refit`. ``add_bias(path)``: gives a
+    bias-less Linear or Conv2d a zero bias (``ModelGraph.add_bias``, recorded for reloading), called only when
+    the refit with an intercept is applied; without it such layers are refit with their bias fixed at none
+    (noted). Returns a
+    :class:`LayerResult` per layer; a layer that never runs on the batches is left out.
+    """
+    batches = list(batches)
+    if not layer_map or not batches:
+        return {}
+    was = (original_module.training, pruned_module.training)
+    original_module.eval()
+    pruned_module.eval()
+    try:
+        order_p = _order(pruned_module, list(layer_map), batches[0], input_names)
+        order_o = _order(original_module, sorted({m.original for m in layer_map.values()}), batches[0], input_names)
+        maps = {n: m for n, m in layer_map.items() if n in order_p and m.original in order_o}
+        stages = _stages(order_p, order_o, maps)
+        results: dict[str, LayerResult] = {}
+        for stage in reporter.track(stages, "reconstructing layers", total=len(stages)):
+            first = stage[0]
+            omod = original_module.get_submodule(maps[first].original)
+            pmod = pruned_module.get_submodule(first)
+            many = [n for n in stage if order_p[n][1] > 1 or order_o[maps[n].original][1] > 1]
+            for n in many:
+                results[n] = LayerResult(0.0, 0.0, False, ["called more than once per forward: not refit"])
+            todo = [n for n in stage if n not in many]
+            if not todo:
+                continue
+            kept_cols = L.columns(pmod, maps[first].inputs)
+            source = pruned_module if sequential else None
+            layers = [(n, original_module.get_submodule(maps[n].original),
+                       torch.as_tensor(maps[n].outputs, dtype=torch.long)) for n in todo]
+            stats = _collect(original_module, source, first, omod, kept_cols, layers, batches, input_names)
+            for n in todo:
+                if n not in stats:
+                    continue  # the batches never reached it
+                results[n] = _refit_one(n, pruned_module.get_submodule(n), stats[n], damp, intercept, add_bias)
+                reporter.log(f"  reconstructed {n}: output error {results[n].error_before:.4g} -> "
+                             f"{results[n].error_after:.4g}{'' if results[n].applied else ' (kept)'}")
+            del stats
+        return results
+    finally:
+        original_module.train(was[0])
+        pruned_module.train(was[1])
+
+
+def _refit_one(name: str, pmod: nn.Module, stats: PairStats, damp: float, intercept: bool,
+               add_bias: Callable[[str], None] | None) -> LayerResult:
+    current = L.matrix(pmod)
+    bias = L.bias_of(pmod)
+    new_bias = intercept and bias is None and add_bias is not None and L.can_add_bias(pmod)
+    if new_bias:
+        bias = torch.zeros(current.shape[0], dtype=current.dtype)  # what a zero bias gives: the same function
+    fit = refit(stats, current, bias, damp=damp, intercept=intercept, name=name)
+    notes = list(fit.notes)
+    if fit.applied:
+        if new_bias:
+            add_bias(name)
+            notes.append("bias added (bias compensation)")
+        L.set_matrix(pmod, fit.weight, fit.bias)
+    return LayerResult(fit.error_before, fit.error_after, fit.applied, notes)
