@@ -166,7 +166,8 @@ def test_classification_without_labels() -> None:
     def run(batch: dict[str, np.ndarray]) -> np.ndarray:
         return _logits_for(np.zeros(len(batch["x"]), int))
 
-    assert ClassificationTask().evaluate(run, run, split) == {"agreement": 1.0}
+    out = ClassificationTask().evaluate(run, run, split)
+    assert out == pytest.approx({"agreement": 1.0, "logit_cosine": 1.0, "logit_cosine_min": 1.0})
     with pytest.raises(ModelpressError, match="labels"):
         ClassificationTask().evaluate(run, None, split)
 

@@ -290,8 +290,8 @@ class EmbeddingTask(Task):
 
 
 class ClassificationTask(Task):
-    """Classifiers: ``accuracy`` and ``cross_entropy`` against labels, ``agreement`` (same argmax) with
-    the reference when one is given."""
+    """Classifiers: ``accuracy`` and ``cross_entropy`` against labels; with a reference, ``agreement`` (same
+    argmax) and ``logit_cosine`` / ``logit_cosine_min`` (per-sample cosine of the centered logits)."""
 
     name: ClassVar[str] = "classification"
 
@@ -374,7 +374,9 @@ class ClassificationTask(Task):
             out["cross_entropy"] = float(-logp[np.arange(len(labels)), labels].mean())
         if reference is not None:
             out["agreement"] = float((pred == reference.argmax(axis=1)).mean())
-            cos = _cosine_rows(candidate, reference)
+            # logits are defined up to a per-sample constant (softmax ignores it; an ensemble returns
+            # log-probabilities): compare them centered
+            cos = _cosine_rows(candidate - candidate.mean(1, keepdims=True), reference - reference.mean(1, keepdims=True))
             out["logit_cosine"], out["logit_cosine_min"] = float(cos.mean()), float(cos.min())
         return out
 
