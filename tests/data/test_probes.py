@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from modelpress.data.probes import collect
+from modelpress.data.probes import UnitSums, collect
 from modelpress.errors import ModelpressError
+from modelpress.progress import Reporter
 
 
 class TextLike(nn.Module):
@@ -209,3 +212,113 @@ def test_bad_requests_are_user_errors():
         collect(
             model, [{k: v for k, v in b.items() if k != "labels"} for b in batches], ["fc1"], {"per_class"}
         )
+
+
+def _text_units(model: nn.Module) -> dict:
+    """An MLP-unit read-out (fc1 rows and bias, fc2 columns: 10 units, two positions left out), a residual
+    read-out over every matrix touching the 6 channels, and a whole-parameters set (a block)."""
+    mlp = torch.tensor([0, 1, 2, 8, 3, 4, 5, 6, 7, 1])  # unit 1 has two positions, position 3 none (8)
+    res = torch.arange(6)
+    return {
+        "mlp": UnitSums(8, (("fc1.weight", 0, mlp), ("fc1.bias", 0, mlp), ("fc2.weight", 1, mlp))),
+        "res": UnitSums(6, (("embed.weight", 1, res), ("fc1.weight", -1, res), ("fc2.weight", 0, res),
+                            ("head.weight", 1, res))),
+        "block": UnitSums(1, (("fc1.weight", None, None), ("fc1.bias", None, None), ("fc2.weight", None, None))),
+    }
+
+
+def _stored_unit_values(stats, spec) -> torch.Tensor:  # noqa: ANN001
+    """[batches, units] ``sum_{s in u} w_s g_s`` from the stored per-batch gradients (the reference path)."""
+    total = torch.zeros(stats.batches, spec.size + 1, dtype=torch.float64)
+    for name, axis, owner in spec.parts:
+        wg = stats.grads[name].double() * stats.weights[name].double().unsqueeze(0)
+        if axis is None:
+            total[:, 0] += wg.reshape(stats.batches, -1).sum(1)
+            continue
+        ax = axis % (wg.dim() - 1) + 1
+        per_pos = wg.movedim(ax, -1).reshape(stats.batches, -1, wg.shape[ax]).sum(1)
+        total.index_add_(1, owner, per_pos)
+    return total[:, : spec.size]
+
+
+def _stored_unit_diag(stats, spec) -> torch.Tensor:  # noqa: ANN001
+    """Per unit ``sum_b sum_{s in u} (w_s g_s)^2`` from the stored gradients."""
+    total = torch.zeros(spec.size + 1, dtype=torch.float64)
+    for name, axis, owner in spec.parts:
+        wg2 = (stats.grads[name].double() * stats.weights[name].double().unsqueeze(0)).pow(2).sum(0)
+        if axis is None:
+            total[0] += wg2.sum()
+            continue
+        ax = axis % wg2.dim()
+        total.index_add_(0, owner, wg2.movedim(ax, -1).reshape(-1, wg2.shape[ax]).sum(0))
+    return total[: spec.size]
+
+
+def test_unit_moments_reduced_per_batch_equal_the_stored_gradients():
+    """The batch-reduced NViT / Taylor / diagonal-Fisher sums equal what the stored per-batch gradients give,
+    to float64 round-off, for read-outs spanning several parameters, axes and whole parameters."""
+    model, batches = TextLike(), numpy_batches(n=7)
+    units = _text_units(model)
+    params = sorted({p for u in units.values() for p, _, _ in u.parts})
+    stored = collect(model, batches, params=params, stats={"grads"}, loss_fn=loss_fn)
+    reduced = collect(model, batches, stats={"unit_wg", "unit_fisher"}, units=units, loss_fn=loss_fn)
+    assert reduced.batches == stored.batches == 7 and not reduced.grads and not reduced.weights
+    for key, spec in units.items():
+        v = _stored_unit_values(stored, spec)
+        m = reduced.units[key]
+        assert m.batches == 7
+        torch.testing.assert_close(m.wg, v.sum(0), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(m.hessian(), v.pow(2).mean(0), rtol=1e-12, atol=1e-18)
+        torch.testing.assert_close(m.taylor(), v.abs().mean(0), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(m.fisher(), _stored_unit_diag(stored, spec) / 7, rtol=1e-12, atol=1e-18)
+        assert torch.all(m.hessian() > 0)
+    # the stored path's own group read-out agrees (unit 2 is fc1 row 2, its bias and fc2 column 2)
+    group = [("fc1.weight", slice(2, 3)), ("fc1.bias", slice(2, 3)), ("fc2.weight", (slice(None), slice(2, 3)))]
+    assert float(reduced.units["mlp"].hessian()[2]) == pytest.approx(stored.saliency(group), rel=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_unit_moments_hold_the_same_bytes_for_one_batch_or_many():
+    """Memory: what the probe holds after 12 batches is what it holds after one (the reduced path); the
+    stored-gradients path grows with every batch (the check can fail)."""
+    model = TextLike()
+    units = _text_units(model)
+    one = collect(model, numpy_batches(n=1), stats={"unit_wg", "unit_fisher"}, units=units, loss_fn=loss_fn)
+    many = collect(model, numpy_batches(n=12), stats={"unit_wg", "unit_fisher"}, units=units, loss_fn=loss_fn)
+    assert many.batches == 12 and many.nbytes() == one.nbytes() == 4 * (8 + 6 + 1) * 8
+    params = sorted({p for u in units.values() for p, _, _ in u.parts})
+    g1 = collect(model, numpy_batches(n=1), params=params, stats={"grads"}, loss_fn=loss_fn)
+    g12 = collect(model, numpy_batches(n=12), params=params, stats={"grads"}, loss_fn=loss_fn)
+    assert g12.nbytes() > 6 * g1.nbytes()
+
+
+class _LiveTensorBytes(Reporter):
+    """A quiet reporter that, at every batch boundary of the probe's loop, records the bytes of every live
+    tensor in the process (parameters included): what a pass holds while it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.seen: list[int] = []
+
+    def track(self, items, description, total=None):  # noqa: ANN001, ANN201
+        for item in items:
+            yield item
+            gc.collect()
+            self.seen.append(sum(
+                o.numel() * o.element_size() for o in gc.get_objects()
+                if issubclass(type(o), torch.Tensor) and o.layout == torch.strided and o.device.type == "cpu"
+            ))
+
+
+def test_a_pass_holds_one_gradient_at_a_time_whatever_the_batches():
+    """Live tensor bytes during the pass stay flat from the first batch to the 16th (no per-batch copy), and
+    with the stored-gradients path they grow by a model's gradients per batch (the count can fail)."""
+    model = TextLike(vocab=2000, dim=32, hidden=64)  # embeddings dominate: 64k parameters
+    units = {"res": UnitSums(32, (("embed.weight", 1, torch.arange(32)),))}
+    rep = _LiveTensorBytes()
+    collect(model, numpy_batches(n=16), stats={"unit_wg"}, units=units, loss_fn=loss_fn, reporter=rep)
+    assert len(rep.seen) == 16
+    assert max(rep.seen) - rep.seen[0] < 16 * 1024, rep.seen  # a few small vectors, not 256 kB per batch
+    stored = _LiveTensorBytes()
+    collect(model, numpy_batches(n=16), stats={"grads"}, params=["embed.weight"], loss_fn=loss_fn, reporter=stored)
+    assert stored.seen[-1] - stored.seen[0] >= 15 * 2000 * 32 * 4
