@@ -97,6 +97,24 @@ def test_subsampled_rows_are_seeded_and_inputs_pair_with_outputs():
         torch.testing.assert_close(model.fc1(a["fc1"].inputs), a["fc1"].outputs)
 
 
+def test_subsampled_rows_are_drawn_as_they_arrive(monkeypatch):
+    """With max_rows, no more than max_rows rows per layer and side are held after any batch."""
+    from modelpress.data import sampling
+
+    held: list[int] = []
+    add = sampling.RowSample.add
+
+    def counting_add(self, x):  # noqa: ANN001, ANN202
+        add(self, x)
+        held.append(self.held)
+
+    monkeypatch.setattr(sampling.RowSample, "add", counting_add)
+    model = TextLike()
+    stats = collect(model, numpy_batches(n=12), ["fc1", "fc2"], {"inputs", "outputs"}, max_rows=7, seed=1)
+    assert len(held) == 12 * 4 and max(held) == 7  # 20 rows arrive per batch
+    assert stats["fc2"].outputs.shape == (7, 6)
+
+
 def test_gradients_equal_autograd_per_batch_and_leave_the_model_as_it_was():
     model, batches = TextLike(), numpy_batches()
     model.fc2.weight.requires_grad_(False)

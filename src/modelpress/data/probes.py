@@ -6,11 +6,11 @@ can record (``stats``):
 
 * ``"inputs"`` / ``"outputs"``: each layer's input / output activations as float32 rows ``[rows, features]``
   (every position of every sample is a row; the feature axis is the last one, or axis 1 for convolutions
-  and batch norms). With ``max_rows`` a random subset of rows is kept, drawn after the pass with one
-  generator seeded by ``seed`` and used layer by layer in the order the layers were given (inputs first,
-  outputs reuse the inputs' rows when both have as many). Memory: every row is held until the end of the
-  pass, ``rows x features x 4`` bytes per layer and side. Used by clipping and, later, activation-based
-  fusion costs.
+  and batch norms). With ``max_rows`` a uniform random subset of rows is kept, drawn as the batches
+  arrive (:class:`modelpress.data.sampling.RowSample`, seeded by ``(seed, i)`` for the ``i``-th layer
+  given, the same for its inputs and outputs, so their rows pair when each batch gives both as many).
+  Memory: at most ``max_rows`` rows (plus one batch's) per layer and side; without ``max_rows`` every
+  row, ``rows x features x 4`` bytes. Used by clipping and activation-based fusion costs.
 * ``"xtx"``: ``X^T X`` of each layer's input rows, summed in float64, with the row count: the GPTQ / OBS
   Hessian ``H = X^T X / n`` (:meth:`LayerStatistics.hessian`). For a convolution it is the Gram matrix
   of its input channels, not the im2col Hessian.
@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelpress.data.sampling import RowSample
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import primary_output
 from modelpress.graph.run import call_module
@@ -223,7 +224,7 @@ def collect(
         raise ModelpressError(
             f"statistics {sorted(wanted - _GRAD_STATS)} need layers to probe", "name the layers"
         )
-    probe = _Probe(named, wanted, transform, dict(feature_dims or {}))
+    probe = _Probe(named, wanted, transform, dict(feature_dims or {}), max_rows, seed)
     if params is None and units and not wanted & {"grads", "grad_sq"}:
         params = sorted({part[0] for u in units.values() for part in u.parts})
     grad_params = _grad_params(module, named, params) if wanted & _GRAD_STATS else {}
@@ -251,7 +252,7 @@ def collect(
             probe.result.batches += 1
     if reducer is not None:
         reducer.finish()
-    probe.finish_rows(max_rows, seed)
+    probe.finish_rows()
     return probe.result
 
 
@@ -435,13 +436,14 @@ class _Probe:
     """The hooks of one pass and what they record."""
 
     def __init__(
-        self, named: dict[str, nn.Module], wanted: set, transform: Transform | None, dims: dict[str, int]
+        self, named: dict[str, nn.Module], wanted: set, transform: Transform | None, dims: dict[str, int],
+        max_rows: int | None = None, seed: int = 0,
     ) -> None:
         self.named, self.wanted, self.transform = named, wanted, transform
         self.dims = {n: dims.get(n, _feature_dim(m)) for n, m in named.items()}
         self.result = Statistics({name: LayerStatistics() for name in named})
-        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in named}
-        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in named}
+        self.inputs = {n: RowSample(max_rows, (seed, i)) for i, n in enumerate(named)}
+        self.outputs = {n: RowSample(max_rows, (seed, i)) for i, n in enumerate(named)}
         self.labels: torch.Tensor | None = None
 
     @contextlib.contextmanager
@@ -481,7 +483,7 @@ class _Probe:
                     x = self.transform(m, x)
                 x = _rows(x.detach(), fd)
                 if "inputs" in self.wanted:
-                    store.append(x.float().cpu())
+                    store.add(x.float().cpu())
                 if "xtx" in self.wanted:
                     xd = x.double()
                     if st.xtx is None:
@@ -500,23 +502,24 @@ class _Probe:
             except TypeError:
                 raise ModelpressError(f"{name} returns no tensor to record", "probe another layer") from None
             if "outputs" in self.wanted:
-                store.append(_rows(y, fd).float().cpu())
+                store.add(_rows(y, fd).float().cpu())
             if "per_class" in self.wanted:
                 _add_class_sums(name, st, y, fd, self.labels)
 
         return hook
 
-    def finish_rows(self, max_rows: int | None, seed: int) -> None:
-        """Concatenate each layer's rows and draw the ``max_rows`` subsets (one generator, layers in order)."""
-        gen = torch.Generator().manual_seed(seed)
+    def finish_rows(self) -> None:
+        """Each layer's sampled rows (an empty [0, 0] tensor where none arrived)."""
         for name, st in self.result.layers.items():
-            pick, input_rows = None, None
             if "inputs" in self.wanted:
-                input_rows = sum(t.shape[0] for t in self.inputs[name])
-                st.inputs, pick = _subsample(self.inputs[name], max_rows, gen)
+                st.inputs = _rows_or_empty(self.inputs[name])
             if "outputs" in self.wanted:
-                same_rows = sum(t.shape[0] for t in self.outputs[name]) == input_rows
-                st.outputs, _ = _subsample(self.outputs[name], max_rows, gen, pick if same_rows else None)
+                st.outputs = _rows_or_empty(self.outputs[name])
+
+
+def _rows_or_empty(sample: RowSample) -> torch.Tensor:
+    rows = sample.rows()
+    return torch.empty(0, 0) if rows is None else rows
 
 
 def _submodule(module: nn.Module, name: str) -> nn.Module:
@@ -630,18 +633,3 @@ def _forward(module: nn.Module, fed: Any, label_key: str | None) -> Any:
     if isinstance(fed, tuple):
         return module(*fed)
     return module(fed)
-
-
-def _subsample(
-    chunks: list[torch.Tensor],
-    max_rows: int | None,
-    gen: torch.Generator,
-    pick: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All rows, or ``max_rows`` of them: the rows ``pick`` names, else a fresh draw from ``gen``."""
-    if not chunks:
-        return torch.empty(0, 0), None
-    x = torch.cat(chunks)
-    if pick is None and max_rows is not None and x.shape[0] > max_rows:
-        pick = torch.randperm(x.shape[0], generator=gen)[:max_rows]
-    return (x if pick is None else x[pick]), pick
