@@ -272,9 +272,15 @@ def _stored_unit_diag(stats, spec) -> torch.Tensor:  # noqa: ANN001
     return total[: spec.size]
 
 
-def test_unit_moments_reduced_per_batch_equal_the_stored_gradients():
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_unit_moments_reduced_per_batch_equal_the_stored_gradients(chunk, monkeypatch):  # noqa: ANN001
     """The batch-reduced NViT / Taylor / diagonal-Fisher sums equal what the stored per-batch gradients give,
-    to float64 round-off, for read-outs spanning several parameters, axes and whole parameters."""
+    to float64 round-off, for read-outs spanning several parameters, axes and whole parameters (also when
+    each parameter's products are formed a few rows at a time: ``chunk``)."""
+    if chunk is not None:
+        from modelpress.data import probes
+
+        monkeypatch.setattr(probes, "_CHUNK", chunk)
     model, batches = TextLike(), numpy_batches(n=7)
     units = _text_units(model)
     params = sorted({p for u in units.values() for p, _, _ in u.parts})

@@ -62,7 +62,7 @@ __all__ = ["STATS", "LayerStatistics", "Statistics", "UnitMoments", "UnitSums", 
 
 STATS = frozenset({"inputs", "outputs", "xtx", "grads", "grad_sq", "unit_wg", "unit_fisher", "per_class"})
 _GRAD_STATS = frozenset({"grads", "grad_sq", "unit_wg", "unit_fisher"})
-_CHUNK = 1 << 22  # entries of one parameter multiplied in float64 at a time (32 MiB)
+_CHUNK = 1 << 20  # entries of one parameter multiplied in float64 at a time (8 MiB per temporary)
 
 LayerSelection = Sequence[str] | Callable[[str, nn.Module], bool] | None
 Transform = Callable[[nn.Module, torch.Tensor], torch.Tensor]
