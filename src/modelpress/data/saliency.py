@@ -12,7 +12,7 @@ residual channels and whole blocks on one scale:
   and it is comparable across layers and kinds without a normalizing constant.
 * ``obd`` (Optimal Brain Damage): ``0.5 * sum_{s in S} w_s^2 E_samples[g_s^2]``, the diagonal Fisher from
   per-sample gradients (each sample its own backward pass; :func:`modelpress.data.probes.collect`'s
-  ``grad_sq`` accumulator).
+  ``unit_fisher`` sums, reduced per sample as the gradients arrive).
 
 The loss ``L`` is label-free distillation against the unpruned model: :meth:`Task.fisher_loss`, whose
 targets are drawn from the reference's predictive distribution (a Monte-Carlo Fisher: at the unpruned
