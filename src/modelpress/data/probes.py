@@ -57,6 +57,7 @@ from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import primary_output
 from modelpress.graph.run import call_module
 from modelpress.progress import QUIET, Reporter
+from modelpress.system import release_freed_memory
 
 __all__ = ["STATS", "LayerStatistics", "Statistics", "UnitMoments", "UnitSums", "collect"]
 
@@ -252,6 +253,7 @@ def collect(
             probe.result.batches += 1
     if reducer is not None:
         reducer.finish()
+        release_freed_memory()  # the last backward's activations, freed inside glibc's heap
     probe.finish_rows()
     return probe.result
 
