@@ -346,3 +346,49 @@ def test_a_pass_holds_one_gradient_at_a_time_whatever_the_batches():
     stored = _LiveTensorBytes()
     collect(model, numpy_batches(n=16), stats={"grads"}, params=["embed.weight"], loss_fn=loss_fn, reporter=stored)
     assert stored.seen[-1] - stored.seen[0] >= 15 * 2000 * 32 * 4
+
+
+def _saved_bytes_per_forward(model: nn.Module, run) -> list[int]:  # noqa: ANN001
+    """Bytes autograd saves for the backward in each forward of ``model`` during ``run()``."""
+    per_forward: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if per_forward:
+            per_forward[-1] += t.numel() * t.element_size()
+        return t
+
+    start = model.register_forward_pre_hook(lambda *_: per_forward.append(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    start.remove()
+    return per_forward
+
+
+def test_micro_batches_give_the_batch_gradient_and_hold_a_micro_batch_of_activations():
+    """unit_wg with micro_batch: the batch's loss (targets drawn once per batch) pulled back a few samples at
+    a time gives the whole-batch sums (to float32 round-off), and each backward saves a micro-batch's
+    activations, not the batch's."""
+    model = TextLike(vocab=50, dim=16, hidden=64)
+    batches = numpy_batches(n=3, batch=16, seq=12)
+    units = _text_units(TextLike()) | {"wide": UnitSums(64, (("fc1.weight", 0, torch.arange(64)),))}
+    units = {k: v for k, v in units.items() if k in ("block", "wide")}
+    gen = torch.Generator()
+
+    def noisy_loss(out, batch):  # noqa: ANN001, ANN202 - draws from a generator, as the Fisher losses do
+        noise = torch.randn(out.shape, generator=gen)
+        return nn.functional.cross_entropy(out + 0.1 * noise, batch["labels"])
+
+    def run(micro):  # noqa: ANN001, ANN202
+        gen.manual_seed(0)
+        return collect(model, batches, stats={"unit_wg"}, units=units, loss_fn=noisy_loss, micro_batch=micro)
+
+    whole, split = run(None), run(4)
+    for key in units:
+        torch.testing.assert_close(split.units[key].wg, whole.units[key].wg, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(split.units[key].hessian(), whole.units[key].hessian(), rtol=1e-5, atol=1e-12)
+        assert torch.any(whole.units[key].hessian() > 0)
+    full = max(_saved_bytes_per_forward(model, lambda: run(None)))
+    micro = _saved_bytes_per_forward(model, lambda: run(4))
+    assert 0 < max(micro) <= full / 3  # 4 of 16 samples' activations per backward
+    with pytest.raises(ModelpressError, match="micro_batch"):
+        collect(model, batches, stats={"unit_wg", "unit_fisher"}, units=units, loss_fn=loss_fn, micro_batch=4)

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from modelpress.data.sampling import RowSample
 from modelpress.errors import ModelpressError
@@ -206,6 +207,7 @@ def collect(
     stop_after: str | None = None,
     feature_dims: Mapping[str, int] | None = None,
     units: Mapping[str, UnitSums] | None = None,
+    micro_batch: int | None = None,
     reporter: Reporter = QUIET,
 ) -> Statistics:
     """Run ``module`` once over ``batches`` and return the asked-for statistics of ``layers``.
@@ -216,10 +218,16 @@ def collect(
     as labels), tuples (passed positionally) or single tensors. ``loss_fn(output, batch)`` gives the
     scalar whose gradients ``"grads"`` records. ``feature_dims`` overrides a layer's feature axis by name.
     ``units``: the read-outs ``"unit_wg"`` / ``"unit_fisher"`` reduce (their parameters are differentiated
-    unless ``params`` names them). ``batches`` may be a generator: it is consumed once, a batch at a time.
+    unless ``params`` names them). ``micro_batch`` (``"unit_wg"`` alone): each batch's gradient is taken
+    ``micro_batch`` samples at a time, so the backward holds one micro-batch's activations: the loss is
+    computed once on the whole batch's output (a forward without gradients), its gradient with respect to
+    that output is cut into micro-batches and pulled back through each micro-batch's forward, and the
+    per-unit ``w * g`` sums of the pieces add up to the whole batch's (linear in ``g``; equal up to float32
+    round-off of batched versus split forwards). Needs samples that do not interact in the forward (eval
+    mode) and outputs whose tensors start with the batch axis; other batches run whole. ``batches`` may be a generator: it is consumed once, a batch at a time.
     See the module docstring for each statistic.
     """
-    wanted = _check(stats, loss_fn, stop_after, max_rows, units)
+    wanted = _check(stats, loss_fn, stop_after, max_rows, units, micro_batch)
     named = _select_layers(module, layers)
     if wanted - _GRAD_STATS and not named:
         raise ModelpressError(
@@ -240,9 +248,10 @@ def collect(
                     "give labelled batches or drop per_class",
                 )
             if reducer is not None:
-                loss = loss_fn(_forward(module, fed, label_key), fed)
-                torch.autograd.backward(loss, inputs=list(grad_params.values()))  # the hooks reduce each grad
-                del loss
+                if not _split_backward(module, fed, label_key, loss_fn, grad_params, micro_batch):
+                    loss = loss_fn(_forward(module, fed, label_key), fed)
+                    torch.autograd.backward(loss, inputs=list(grad_params.values()))  # the hooks reduce each grad
+                    del loss
                 reducer.end_batch()
             else:
                 with torch.no_grad():
@@ -260,7 +269,7 @@ def collect(
 
 def _check(
     stats: Iterable[str], loss_fn: LossFn | None, stop_after: str | None, max_rows: int | None,
-    units: Mapping[str, UnitSums] | None,
+    units: Mapping[str, UnitSums] | None, micro_batch: int | None = None,
 ) -> set:
     wanted = set(stats)
     unknown = wanted - STATS
@@ -276,7 +285,65 @@ def _check(
         )
     if max_rows is not None and max_rows < 1:
         raise ModelpressError(f"max_rows must be at least 1, not {max_rows}")
+    if micro_batch is not None and (micro_batch < 1 or wanted != {"unit_wg"}):
+        raise ModelpressError(
+            f"micro_batch={micro_batch} needs a positive size and stats={{'unit_wg'}} alone",
+            "the other statistics are not linear in each batch's gradient: drop micro_batch",
+        )
     return wanted
+
+
+def _split_backward(
+    module: nn.Module, fed: Any, label_key: str | None, loss_fn: LossFn, params: dict[str, nn.Parameter],
+    micro_batch: int | None,
+) -> bool:
+    """One batch's backward a micro-batch at a time (see :func:`collect`); False, having done nothing, when
+    the batch is not larger than ``micro_batch`` or cannot be cut (then it runs whole)."""
+    size = _batch_size(fed, label_key)
+    if micro_batch is None or size is None or size <= micro_batch:
+        return False
+    with torch.no_grad():
+        leaves, spec = tree_flatten(_forward(module, fed, label_key))
+    slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not slots or any(leaves[i].dim() == 0 or leaves[i].shape[0] != size for i in slots):
+        return False
+    for i in slots:
+        leaves[i] = leaves[i].detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(tree_unflatten(leaves, spec), fed)
+        outer = torch.autograd.grad(loss, [leaves[i] for i in slots], allow_unused=True)
+    used = [(i, g) for i, g in zip(slots, outer, strict=True) if g is not None]
+    del loss, leaves, outer
+    if not used:
+        return False
+    for lo in range(0, size, micro_batch):
+        part = _rows_of(fed, size, lo, lo + micro_batch)
+        out, _ = tree_flatten(_forward(module, part, label_key))
+        torch.autograd.backward(
+            [out[i] for i, _ in used], [g[lo : lo + micro_batch] for _, g in used], inputs=list(params.values())
+        )
+        del out
+    return True
+
+
+def _batch_size(fed: Any, label_key: str | None) -> int | None:
+    """The sample count of a prepared batch: the first axis its tensors share (None if they do not)."""
+    values = [v for k, v in fed.items() if k != label_key] if isinstance(fed, dict) else (
+        list(fed) if isinstance(fed, tuple) else [fed])
+    sizes = {v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _rows_of(fed: Any, size: int, lo: int, hi: int) -> Any:
+    """Samples ``lo:hi`` of a prepared batch (tensors whose first axis is the batch's; the rest as is)."""
+    def cut(v: Any) -> Any:
+        return v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
+
+    if isinstance(fed, dict):
+        return {k: cut(v) for k, v in fed.items()}
+    if isinstance(fed, tuple):
+        return tuple(cut(v) for v in fed)
+    return cut(fed)
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
@@ -337,7 +404,13 @@ class _GradReducer:
             acc[name] = acc[name] + sq if name in acc else sq
         if name in self.axes:
             for axis, sums in _axis_sums(w, g, self.axes[name], self.fisher).items():
-                self.sums[(name, axis)] = sums
+                held = self.sums.get((name, axis))
+                if held is None:
+                    self.sums[(name, axis)] = sums
+                else:  # another micro-batch of the same batch: the sums are linear in g
+                    held[0].add_(sums[0])
+                    if held[1] is not None:
+                        held[1].add_(sums[1])
 
     def end_batch(self) -> None:
         for name, p in self.params.items():  # parameters the loss does not reach have a zero gradient

@@ -43,6 +43,7 @@ from modelpress.progress import QUIET, Reporter
 __all__ = ["CRITERIA", "group_saliency", "group_units", "magnitude", "unit_sums"]
 
 CRITERIA = ("magnitude", "taylor", "hessian", "obd")
+MICRO_BATCH = 4  # samples per backward: one micro-batch's activations are held, not a batch's
 _LABEL_KEY = "labels"
 
 
@@ -121,6 +122,7 @@ def group_saliency(
     obd_samples: int = 64,
     param_sets: dict[str, Sequence[str]] | None = None,
     seed: int = 0,
+    micro_batch: int | None = MICRO_BATCH,
     reporter: Reporter = QUIET,
 ) -> dict[str, np.ndarray]:
     """Per-unit saliency of every group in ``groups`` (default: the graph's prunable groups), by name.
@@ -129,9 +131,14 @@ def group_saliency(
     inside it, removed together), under their own names.
 
     Gradient criteria need ``data`` (batches of the model's inputs), the ``task`` (its
-    :meth:`Task.fisher_loss`) and the ``reference`` model to distil from (default: a copy of the graph
-    as it is now). One backward pass per batch serves every group (``obd``: one per sample, at most
-    ``obd_samples``). Deterministic for ``seed``.
+    :meth:`Task.fisher_loss`) and the ``reference`` model to distil from (default: the graph as it is now,
+    its own module run without gradients: no copy). One backward pass per batch serves every group
+    (``obd``: one per sample, at most ``obd_samples``), each gradient reduced to per-unit sums as it
+    arrives (``"unit_wg"`` of :func:`modelpress.data.probes.collect`): memory is the model and one
+    gradient, whatever the number of batches. ``hessian`` and ``taylor`` take each batch's gradient
+    ``micro_batch`` samples at a time (the batch's loss and targets unchanged; see ``collect``), so the
+    backward holds the activations of ``micro_batch`` samples, not of the batch (None: whole batches).
+    Deterministic for ``seed``.
     """
     if criterion not in CRITERIA:
         raise ModelpressError(f"unknown saliency {criterion!r}", f"choose one of {', '.join(CRITERIA)}")
@@ -172,7 +179,7 @@ def group_saliency(
         with _grads_enabled(module):
             stats = collect(
                 module, batches, None, wanted, loss_fn=loss_fn, units=units, label_key=_LABEL_KEY,
-                reporter=reporter,
+                micro_batch=None if criterion == "obd" else micro_batch, reporter=reporter,
             )
     finally:
         module.train(was_training)
