@@ -224,8 +224,8 @@ def collect(
     that output is cut into micro-batches and pulled back through each micro-batch's forward, and the
     per-unit ``w * g`` sums of the pieces add up to the whole batch's (linear in ``g``; equal up to float32
     round-off of batched versus split forwards). Needs samples that do not interact in the forward (eval
-    mode) and outputs whose tensors start with the batch axis; other batches run whole. ``batches`` may be a generator: it is consumed once, a batch at a time.
-    See the module docstring for each statistic.
+    mode) and outputs whose tensors start with the batch axis; other batches run whole. ``batches`` may
+    be a generator: it is consumed once, a batch at a time. See the module docstring for each statistic.
     """
     wanted = _check(stats, loss_fn, stop_after, max_rows, units, micro_batch)
     named = _select_layers(module, layers)
