@@ -13,6 +13,10 @@ download); calibration tokens are random ids.
     python benchmarks/pruning_memory.py                  # BERT-base (writes results/pruning_memory.json)
     python benchmarks/pruning_memory.py --llama-1b       # and the 1B case (8 sequences of 64 tokens)
 
+BERT-base is calibrated on 128 sequences of 64 tokens in batches of 16 (the CLI's sample count and batch
+size); one pruning iteration by default (``--iterations``; the CLI's default is 4, which repeats the same
+steps on smaller models). ``--case NAME`` runs one case in this process and prints its row.
+
 Run with ``PYTHONPATH`` pointing at another checkout's ``src`` to measure that code (the "before" column).
 """
 
