@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from modelpress.data.probes import collect
+from modelpress.data.probes import UnitSums, collect
 from modelpress.errors import ModelpressError
+from modelpress.progress import Reporter
 
 
 class TextLike(nn.Module):
@@ -92,6 +95,24 @@ def test_subsampled_rows_are_seeded_and_inputs_pair_with_outputs():
     assert not torch.equal(a["fc1"].inputs, c["fc1"].inputs)
     with torch.no_grad():  # row i of the outputs is the layer applied to row i of the inputs
         torch.testing.assert_close(model.fc1(a["fc1"].inputs), a["fc1"].outputs)
+
+
+def test_subsampled_rows_are_drawn_as_they_arrive(monkeypatch):
+    """With max_rows, no more than max_rows rows per layer and side are held after any batch."""
+    from modelpress.data import sampling
+
+    held: list[int] = []
+    add = sampling.RowSample.add
+
+    def counting_add(self, x):  # noqa: ANN001, ANN202
+        add(self, x)
+        held.append(self.held)
+
+    monkeypatch.setattr(sampling.RowSample, "add", counting_add)
+    model = TextLike()
+    stats = collect(model, numpy_batches(n=12), ["fc1", "fc2"], {"inputs", "outputs"}, max_rows=7, seed=1)
+    assert len(held) == 12 * 4 and max(held) == 7  # 20 rows arrive per batch
+    assert stats["fc2"].outputs.shape == (7, 6)
 
 
 def test_gradients_equal_autograd_per_batch_and_leave_the_model_as_it_was():
@@ -209,3 +230,165 @@ def test_bad_requests_are_user_errors():
         collect(
             model, [{k: v for k, v in b.items() if k != "labels"} for b in batches], ["fc1"], {"per_class"}
         )
+
+
+def _text_units(model: nn.Module) -> dict:
+    """An MLP-unit read-out (fc1 rows and bias, fc2 columns: 10 units, two positions left out), a residual
+    read-out over every matrix touching the 6 channels, and a whole-parameters set (a block)."""
+    mlp = torch.tensor([0, 1, 2, 8, 3, 4, 5, 6, 7, 1])  # unit 1 has two positions, position 3 none (8)
+    res = torch.arange(6)
+    return {
+        "mlp": UnitSums(8, (("fc1.weight", 0, mlp), ("fc1.bias", 0, mlp), ("fc2.weight", 1, mlp))),
+        "res": UnitSums(6, (("embed.weight", 1, res), ("fc1.weight", -1, res), ("fc2.weight", 0, res),
+                            ("head.weight", 1, res))),
+        "block": UnitSums(1, (("fc1.weight", None, None), ("fc1.bias", None, None), ("fc2.weight", None, None))),
+    }
+
+
+def _stored_unit_values(stats, spec) -> torch.Tensor:  # noqa: ANN001
+    """[batches, units] ``sum_{s in u} w_s g_s`` from the stored per-batch gradients (the reference path)."""
+    total = torch.zeros(stats.batches, spec.size + 1, dtype=torch.float64)
+    for name, axis, owner in spec.parts:
+        wg = stats.grads[name].double() * stats.weights[name].double().unsqueeze(0)
+        if axis is None:
+            total[:, 0] += wg.reshape(stats.batches, -1).sum(1)
+            continue
+        ax = axis % (wg.dim() - 1) + 1
+        per_pos = wg.movedim(ax, -1).reshape(stats.batches, -1, wg.shape[ax]).sum(1)
+        total.index_add_(1, owner, per_pos)
+    return total[:, : spec.size]
+
+
+def _stored_unit_diag(stats, spec) -> torch.Tensor:  # noqa: ANN001
+    """Per unit ``sum_b sum_{s in u} (w_s g_s)^2`` from the stored gradients."""
+    total = torch.zeros(spec.size + 1, dtype=torch.float64)
+    for name, axis, owner in spec.parts:
+        wg2 = (stats.grads[name].double() * stats.weights[name].double().unsqueeze(0)).pow(2).sum(0)
+        if axis is None:
+            total[0] += wg2.sum()
+            continue
+        ax = axis % wg2.dim()
+        total.index_add_(0, owner, wg2.movedim(ax, -1).reshape(-1, wg2.shape[ax]).sum(0))
+    return total[: spec.size]
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_unit_moments_reduced_per_batch_equal_the_stored_gradients(chunk, monkeypatch):  # noqa: ANN001
+    """The batch-reduced NViT / Taylor / diagonal-Fisher sums equal what the stored per-batch gradients give,
+    to float64 round-off, for read-outs spanning several parameters, axes and whole parameters (also when
+    each parameter's products are formed a few rows at a time: ``chunk``)."""
+    if chunk is not None:
+        from modelpress.data import probes
+
+        monkeypatch.setattr(probes, "_CHUNK", chunk)
+    model, batches = TextLike(), numpy_batches(n=7)
+    units = _text_units(model)
+    params = sorted({p for u in units.values() for p, _, _ in u.parts})
+    stored = collect(model, batches, params=params, stats={"grads"}, loss_fn=loss_fn)
+    reduced = collect(model, batches, stats={"unit_wg", "unit_fisher"}, units=units, loss_fn=loss_fn)
+    assert reduced.batches == stored.batches == 7 and not reduced.grads and not reduced.weights
+    for key, spec in units.items():
+        v = _stored_unit_values(stored, spec)
+        m = reduced.units[key]
+        assert m.batches == 7
+        torch.testing.assert_close(m.wg, v.sum(0), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(m.hessian(), v.pow(2).mean(0), rtol=1e-12, atol=1e-18)
+        torch.testing.assert_close(m.taylor(), v.abs().mean(0), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(m.fisher(), _stored_unit_diag(stored, spec) / 7, rtol=1e-12, atol=1e-18)
+        assert torch.all(m.hessian() > 0)
+    # the stored path's own group read-out agrees (unit 2 is fc1 row 2, its bias and fc2 column 2)
+    group = [("fc1.weight", slice(2, 3)), ("fc1.bias", slice(2, 3)), ("fc2.weight", (slice(None), slice(2, 3)))]
+    assert float(reduced.units["mlp"].hessian()[2]) == pytest.approx(stored.saliency(group), rel=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_unit_moments_hold_the_same_bytes_for_one_batch_or_many():
+    """Memory: what the probe holds after 12 batches is what it holds after one (the reduced path); the
+    stored-gradients path grows with every batch (the check can fail)."""
+    model = TextLike()
+    units = _text_units(model)
+    one = collect(model, numpy_batches(n=1), stats={"unit_wg", "unit_fisher"}, units=units, loss_fn=loss_fn)
+    many = collect(model, numpy_batches(n=12), stats={"unit_wg", "unit_fisher"}, units=units, loss_fn=loss_fn)
+    assert many.batches == 12 and many.nbytes() == one.nbytes() == 4 * (8 + 6 + 1) * 8
+    params = sorted({p for u in units.values() for p, _, _ in u.parts})
+    g1 = collect(model, numpy_batches(n=1), params=params, stats={"grads"}, loss_fn=loss_fn)
+    g12 = collect(model, numpy_batches(n=12), params=params, stats={"grads"}, loss_fn=loss_fn)
+    assert g12.nbytes() > 6 * g1.nbytes()
+
+
+class _LiveTensorBytes(Reporter):
+    """A quiet reporter that, at every batch boundary of the probe's loop, records the bytes of every live
+    tensor in the process (parameters included): what a pass holds while it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.seen: list[int] = []
+
+    def track(self, items, description, total=None):  # noqa: ANN001, ANN201
+        for item in items:
+            yield item
+            gc.collect()
+            self.seen.append(sum(
+                o.numel() * o.element_size() for o in gc.get_objects()
+                if issubclass(type(o), torch.Tensor) and o.layout == torch.strided and o.device.type == "cpu"
+            ))
+
+
+def test_a_pass_holds_one_gradient_at_a_time_whatever_the_batches():
+    """Live tensor bytes during the pass stay flat from the first batch to the 16th (no per-batch copy), and
+    with the stored-gradients path they grow by a model's gradients per batch (the count can fail)."""
+    model = TextLike(vocab=2000, dim=32, hidden=64)  # embeddings dominate: 64k parameters
+    units = {"res": UnitSums(32, (("embed.weight", 1, torch.arange(32)),))}
+    rep = _LiveTensorBytes()
+    collect(model, numpy_batches(n=16), stats={"unit_wg"}, units=units, loss_fn=loss_fn, reporter=rep)
+    assert len(rep.seen) == 16
+    assert max(rep.seen) - rep.seen[0] < 16 * 1024, rep.seen  # a few small vectors, not 256 kB per batch
+    stored = _LiveTensorBytes()
+    collect(model, numpy_batches(n=16), stats={"grads"}, params=["embed.weight"], loss_fn=loss_fn, reporter=stored)
+    assert stored.seen[-1] - stored.seen[0] >= 15 * 2000 * 32 * 4
+
+
+def _saved_bytes_per_forward(model: nn.Module, run) -> list[int]:  # noqa: ANN001
+    """Bytes autograd saves for the backward in each forward of ``model`` during ``run()``."""
+    per_forward: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if per_forward:
+            per_forward[-1] += t.numel() * t.element_size()
+        return t
+
+    start = model.register_forward_pre_hook(lambda *_: per_forward.append(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    start.remove()
+    return per_forward
+
+
+def test_micro_batches_give_the_batch_gradient_and_hold_a_micro_batch_of_activations():
+    """unit_wg with micro_batch: the batch's loss (targets drawn once per batch) pulled back a few samples at
+    a time gives the whole-batch sums (to float32 round-off), and each backward saves a micro-batch's
+    activations, not the batch's."""
+    model = TextLike(vocab=50, dim=16, hidden=64)
+    batches = numpy_batches(n=3, batch=16, seq=12)
+    units = _text_units(TextLike()) | {"wide": UnitSums(64, (("fc1.weight", 0, torch.arange(64)),))}
+    units = {k: v for k, v in units.items() if k in ("block", "wide")}
+    gen = torch.Generator()
+
+    def noisy_loss(out, batch):  # noqa: ANN001, ANN202 - draws from a generator, as the Fisher losses do
+        noise = torch.randn(out.shape, generator=gen)
+        return nn.functional.cross_entropy(out + 0.1 * noise, batch["labels"])
+
+    def run(micro):  # noqa: ANN001, ANN202
+        gen.manual_seed(0)
+        return collect(model, batches, stats={"unit_wg"}, units=units, loss_fn=noisy_loss, micro_batch=micro)
+
+    whole, split = run(None), run(4)
+    for key in units:
+        torch.testing.assert_close(split.units[key].wg, whole.units[key].wg, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(split.units[key].hessian(), whole.units[key].hessian(), rtol=1e-5, atol=1e-12)
+        assert torch.any(whole.units[key].hessian() > 0)
+    full = max(_saved_bytes_per_forward(model, lambda: run(None)))
+    micro = _saved_bytes_per_forward(model, lambda: run(4))
+    assert 0 < max(micro) <= full / 3  # 4 of 16 samples' activations per backward
+    with pytest.raises(ModelpressError, match="micro_batch"):
+        collect(model, batches, stats={"unit_wg", "unit_fisher"}, units=units, loss_fn=loss_fn, micro_batch=4)

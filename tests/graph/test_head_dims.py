@@ -70,3 +70,43 @@ def test_rotary_models_keep_their_head_width() -> None:
     g = traced("llama")
     assert [x for x in g.groups if x.kind == "head"]
     assert not [x for x in g.groups if x.kind == "head_dim"]
+
+
+@pytest.mark.parametrize("family", ["bert", "fused"])
+def test_exactness_probe_edits_the_model_in_place_and_puts_it_back(family: str, monkeypatch) -> None:  # noqa: ANN001
+    """Group discovery probes head-width exactness on the model itself (no copy of its weights: memory is
+    part of the contract) and leaves every tensor, attribute and output as it was."""
+    import copy
+
+    from modelpress.graph import head_dims
+    from tests.graph.models_zoo import build
+
+    g = build(family)
+    state = {k: v.detach().clone() for k, v in g.module.state_dict().items()}
+    x = g.example_inputs(2, seed=4)
+    out = g.forward(x)
+    deep = copy.deepcopy
+
+    def no_module_copies(value, memo=None):  # noqa: ANN001, ANN202
+        assert not isinstance(value, torch.nn.Module), "the exactness probe copied the model"
+        return deep(value, memo)
+
+    probe = head_dims.check_exact
+
+    def probed(graph, groups):  # noqa: ANN001, ANN202
+        monkeypatch.setattr(copy, "deepcopy", no_module_copies)
+        try:
+            return probe(graph, groups)
+        finally:
+            monkeypatch.setattr(copy, "deepcopy", deep)
+
+    monkeypatch.setattr(head_dims, "check_exact", probed)
+    monkeypatch.setattr("modelpress.graph.model_graph.check_exact", probed, raising=False)
+    dims = [d for d in g.groups if d.kind == "head_dim" and d.prunable]
+    flags = [d.meta["exact"] for d in dims]
+    assert flags == ([False, True] if family == "fused" else [True] * len(dims))  # as probed on a copy before
+    after = g.module.state_dict()
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(after[k], v), k
+    torch.testing.assert_close(g.forward(x), out, atol=0, rtol=0)

@@ -98,11 +98,14 @@ def test_clipping_inputs_are_the_consumers_prepared_inputs_subsampled_by_seed():
         h.remove()
     for g in groups:
         g.quantizer.enabled = True
-    gen = torch.Generator().manual_seed(3)
+    from modelpress.data.sampling import RowSample
+
     expected = []
-    for g in groups:
-        rows = torch.cat(seen[g.consumers[0][0]])
-        expected.append(rows[torch.randperm(rows.shape[0], generator=gen)[:20]])
+    for i, g in enumerate(groups):  # sampled as the batches arrive, seeded (seed, i) for the i-th layer
+        sample = RowSample(20, (3, i))
+        for rows in seen[g.consumers[0][0]]:
+            sample.add(rows)
+        expected.append(sample.rows())
     got = collect_group_inputs(model, groups, x, max_rows=20, seed=3)
     assert len(got) == len(groups)
     for e, g in zip(expected, got, strict=True):

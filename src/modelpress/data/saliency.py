@@ -12,7 +12,7 @@ residual channels and whole blocks on one scale:
   and it is comparable across layers and kinds without a normalizing constant.
 * ``obd`` (Optimal Brain Damage): ``0.5 * sum_{s in S} w_s^2 E_samples[g_s^2]``, the diagonal Fisher from
   per-sample gradients (each sample its own backward pass; :func:`modelpress.data.probes.collect`'s
-  ``grad_sq`` accumulator).
+  ``unit_fisher`` sums, reduced per sample as the gradients arrive).
 
 The loss ``L`` is label-free distillation against the unpruned model: :meth:`Task.fisher_loss`, whose
 targets are drawn from the reference's predictive distribution (a Monte-Carlo Fisher: at the unpruned
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.data.probes import collect
+from modelpress.data.probes import UnitSums, collect
 from modelpress.data.sources import DataSplit
 from modelpress.data.tasks import Task
 from modelpress.errors import ModelpressError
@@ -40,9 +40,10 @@ from modelpress.graph.inputs import primary_output
 from modelpress.graph.run import call_module
 from modelpress.progress import QUIET, Reporter
 
-__all__ = ["CRITERIA", "group_saliency", "magnitude", "unit_sums"]
+__all__ = ["CRITERIA", "group_saliency", "group_units", "magnitude", "unit_sums"]
 
 CRITERIA = ("magnitude", "taylor", "hessian", "obd")
+MICRO_BATCH = 4  # samples per backward: one micro-batch's activations are held, not a batch's
 _LABEL_KEY = "labels"
 
 
@@ -79,9 +80,7 @@ def unit_sums(values: dict[str, torch.Tensor], group: Group, lead: int = 0) -> t
         ax = axis + lead
         per_pos = v.movedim(ax, -1)
         per_pos = per_pos.reshape(*per_pos.shape[:lead], -1, per_pos.shape[-1]).sum(dim=lead)  # [*lead, L]
-        owner = torch.full((per_pos.shape[-1],), group.size, dtype=torch.long)
-        for u, unit in enumerate(group.units):
-            owner[torch.as_tensor(unit[(param, axis)], dtype=torch.long)] = u
+        owner = _owner(group, (param, axis), per_pos.shape[-1])
         sums = torch.zeros(*per_pos.shape[:-1], group.size + 1, dtype=torch.float64)
         sums.index_add_(lead, owner, per_pos)
         part = sums[..., : group.size]
@@ -90,6 +89,24 @@ def unit_sums(values: dict[str, torch.Tensor], group: Group, lead: int = 0) -> t
         shape = (*next(iter(values.values())).shape[:lead], group.size) if values else (group.size,)
         return torch.zeros(shape, dtype=torch.float64)
     return total
+
+
+def _owner(group: Group, slot: tuple[str, int], length: int) -> torch.Tensor:
+    """Which unit of ``group`` each position of ``slot``'s axis belongs to (``group.size``: none)."""
+    owner = torch.full((length,), group.size, dtype=torch.long)
+    for u, unit in enumerate(group.units):
+        owner[torch.as_tensor(unit[slot], dtype=torch.long)] = u
+    return owner
+
+
+def group_units(module: nn.Module, group: Group) -> UnitSums:
+    """``group``'s units as the probe's :class:`UnitSums` (slots on buffers or tied copies are left out)."""
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    parts = tuple(
+        (param, axis, _owner(group, (param, axis), shapes[param][axis]))
+        for param, axis in group.slots if param in shapes
+    )
+    return UnitSums(group.size, parts)
 
 
 def group_saliency(
@@ -105,6 +122,7 @@ def group_saliency(
     obd_samples: int = 64,
     param_sets: dict[str, Sequence[str]] | None = None,
     seed: int = 0,
+    micro_batch: int | None = MICRO_BATCH,
     reporter: Reporter = QUIET,
 ) -> dict[str, np.ndarray]:
     """Per-unit saliency of every group in ``groups`` (default: the graph's prunable groups), by name.
@@ -113,9 +131,14 @@ def group_saliency(
     inside it, removed together), under their own names.
 
     Gradient criteria need ``data`` (batches of the model's inputs), the ``task`` (its
-    :meth:`Task.fisher_loss`) and the ``reference`` model to distil from (default: a copy of the graph
-    as it is now). One backward pass per batch serves every group (``obd``: one per sample, at most
-    ``obd_samples``). Deterministic for ``seed``.
+    :meth:`Task.fisher_loss`) and the ``reference`` model to distil from (default: the graph as it is now,
+    its own module run without gradients: no copy). One backward pass per batch serves every group
+    (``obd``: one per sample, at most ``obd_samples``), each gradient reduced to per-unit sums as it
+    arrives (``"unit_wg"`` of :func:`modelpress.data.probes.collect`): memory is the model and one
+    gradient, whatever the number of batches. ``hessian`` and ``taylor`` take each batch's gradient
+    ``micro_batch`` samples at a time (the batch's loss and targets unchanged; see ``collect``), so the
+    backward holds the activations of ``micro_batch`` samples, not of the batch (None: whole batches).
+    Deterministic for ``seed``.
     """
     if criterion not in CRITERIA:
         raise ModelpressError(f"unknown saliency {criterion!r}", f"choose one of {', '.join(CRITERIA)}")
@@ -136,44 +159,32 @@ def group_saliency(
             "label_weight > 0 asks for labels, and the data has none", "set label_weight=0 (label-free)"
         )
     module = graph.module
-    teacher = reference if reference is not None else graph.copy().module
+    teacher = reference if reference is not None else module
     names = list(graph.input_spec.names)
-    params = sorted(set(_group_params(module, groups)) | {n for v in sets.values() for n in v})
+    _group_params(module, groups)
+    units = {g.name: group_units(module, g) for g in groups}
+    named = dict(module.named_parameters())
+    for k, members in sets.items():
+        if k in units:
+            raise ModelpressError(f"parameter set {k!r} has the name of a group", "name it apart")
+        units[k] = UnitSums(1, tuple((n, None, None) for n in members if n in named))
     batches = _batches(data, max_batches, label_weight > 0)
     if criterion == "obd":
         batches = _single_samples(batches, obd_samples)
     loss_fn = _loss(task, teacher, names, label_weight > 0, seed)
-    wanted = {"grad_sq"} if criterion == "obd" else {"grads"}
+    wanted = {"unit_fisher"} if criterion == "obd" else {"unit_wg"}
     was_training = module.training
     module.eval()
     try:
         with _grads_enabled(module):
             stats = collect(
-                module, batches, None, wanted, loss_fn=loss_fn, params=params, label_key=_LABEL_KEY,
-                reporter=reporter,
+                module, batches, None, wanted, loss_fn=loss_fn, units=units, label_key=_LABEL_KEY,
+                micro_batch=None if criterion == "obd" else micro_batch, reporter=reporter,
             )
     finally:
         module.train(was_training)
-    out: dict[str, np.ndarray] = {}
-    if criterion == "obd":
-        fisher = {n: stats.weights[n].double().pow(2) * stats.fisher_diagonal(n) for n in params}
-        for g in groups:
-            out[g.name] = (0.5 * unit_sums(fisher, g)).numpy()
-        for k, names in sets.items():
-            out[k] = np.array([0.5 * float(sum(fisher[n].sum() for n in names))])
-        return out
-    wg = {n: stats.grads[n].double() * stats.weights[n].double().unsqueeze(0) for n in params}
-    for g in groups:
-        per_batch = unit_sums(wg, g, lead=1)  # [batches, units]
-        if criterion == "hessian":
-            out[g.name] = per_batch.pow(2).mean(0).numpy()
-        else:  # taylor
-            out[g.name] = per_batch.abs().mean(0).numpy()
-    for k, names in sets.items():
-        per_batch = sum(wg[n].reshape(wg[n].shape[0], -1).sum(1) for n in names)
-        value = per_batch.pow(2).mean() if criterion == "hessian" else per_batch.abs().mean()
-        out[k] = np.array([float(value)])
-    return out
+    reduce = {"obd": lambda m: 0.5 * m.fisher(), "hessian": lambda m: m.hessian(), "taylor": lambda m: m.taylor()}
+    return {k: reduce[criterion](stats.units[k]).numpy() for k in units}
 
 
 def _group_params(module: nn.Module, groups: Sequence[Group]) -> list[str]:

@@ -12,7 +12,8 @@ outputs of every layer that owns a unit's slot: a Linear's output features for i
 for its columns, a LayerNorm's input (the residual stream itself), one row per real token (padding, where
 the batch has an ``attention_mask``, never counts; batches may be padded to different lengths).
 ``tokens="first"`` keeps only each sample's first position (a class token), ``max_rows`` subsamples
-positions with a seeded generator (the same rows in every model). Each unit's activations are standardized, so the squared
+positions as the batches arrive (:class:`modelpress.data.sampling.RowSample`, seeded per site: the same
+rows in every model fed the same batches; at most ``max_rows`` rows per site and one batch are held). Each unit's activations are standardized, so the squared
 distance of two units is ``2 (1 - correlation)``.
 
 Residual policies (the stream is one group, so one map; the policy says which sites its cost sees):
@@ -108,13 +109,8 @@ class ActivationFeatures:
                 self.sites[(s.name, slot)] = (owner, side)
                 wanted.append(owner)
         self.norm_in = {n for n in wanted if _is_norm(modules[n])}
-        rows = token_rows(graph, batches, sorted(set(self.sites.values())), tokens)
-        gen = np.random.default_rng(seed)
-        self.rows: dict[tuple[str, str], torch.Tensor] = {}
-        for key, x in rows.items():
-            if x.shape[0] > max_rows:  # the same rows in every model: one seeded draw per site, in site order
-                x = x[np.sort(gen.choice(x.shape[0], max_rows, replace=False))]
-            self.rows[key] = x.double()
+        rows = token_rows(graph, batches, sorted(set(self.sites.values())), tokens, max_rows=max_rows, seed=seed)
+        self.rows: dict[tuple[str, str], torch.Tensor] = {key: x.double() for key, x in rows.items()}
 
     def stream(self, space: Space, slot: Slot) -> bool:
         site = self.sites.get((space.name, slot))
@@ -160,25 +156,29 @@ class ActivationFeatures:
         return out
 
 
-def token_rows(graph: ModelGraph, batches: list, sites: list[tuple[str, str]], tokens: str
-               ) -> dict[tuple[str, str], torch.Tensor]:
-    """Per site (module, "in" | "out"): its activation rows over ``batches``, one row per real token.
+def token_rows(graph: ModelGraph, batches: list, sites: list[tuple[str, str]], tokens: str, *,
+               max_rows: int | None = None, seed: int = 0) -> dict[tuple[str, str], torch.Tensor]:
+    """Per site (module, "in" | "out"): its activation rows over ``batches``, one row per real token
+    (at most ``max_rows`` of them, sampled as the batches arrive: site ``i`` of ``sites`` draws with seed
+    ``(seed, i)``, so the rows kept depend on the seed and on the row counts, never on the values).
 
     Each batch is probed on its own, so batches padded to different lengths never meet in one tensor; rows
     of padding (``attention_mask`` 0) are dropped, and ``tokens="first"`` keeps each sample's first position
     (every batch reshaped by its own size, however many samples the data has)."""
     from modelpress.data.probes import collect
+    from modelpress.data.sampling import RowSample
 
     layers = list(dict.fromkeys(name for name, _ in sites))
-    parts: dict[tuple[str, str], list[torch.Tensor]] = {site: [] for site in sites}
+    samples = {site: RowSample(max_rows, (seed, i)) for i, site in enumerate(sites)}
     for batch in batches:
         stats = collect(graph.module, [batch], layers, {"inputs", "outputs"})
         size, mask = _batch_size_and_mask(batch)
         for name, side in sites:
             x = stats[name].inputs if side == "in" else stats[name].outputs
             if x is not None and x.numel():
-                parts[(name, side)].append(_real_tokens(x, size, mask, tokens))
-    return {site: torch.cat(xs) for site, xs in parts.items() if xs}
+                samples[(name, side)].add(_real_tokens(x, size, mask, tokens))
+        del stats
+    return {site: rows for site, s in samples.items() if (rows := s.rows()) is not None}
 
 
 def _batch_size_and_mask(batch: dict) -> tuple[int, torch.Tensor | None]:

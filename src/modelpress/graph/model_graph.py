@@ -23,6 +23,7 @@ from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
 from modelpress.graph.lineage import Lineage, renumber
 from modelpress.graph.stats import foldable_norms, norm_consumers, summarize
+from modelpress.system import release_freed_memory
 
 TRACE_SEQ_LEN = 8
 DRY_RUN_FRACTION = 0.3  # share of each group's units a dry run removes before the group is offered
@@ -197,6 +198,7 @@ class ModelGraph:
             self._dry_run(widths)
             check_exact(self, widths)
             self._groups = groups + widths
+            release_freed_memory()  # the dry runs' cut copies of the weights, freed inside glibc's heap
         return self._groups
 
     def _runner(self) -> Callable[[nn.Module], torch.Tensor]:

@@ -121,6 +121,7 @@ class GlobalPrune(GraphPass):
     def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
         cfg = self.config
         latency_fn = _latency_fn(ctx) if self.needs_latency_model else None
+        _ = graph.groups, graph.blocks  # discovered on the original (one model in memory), carried by the copy
         out = graph.copy()
         run = _Run(ctx=ctx, original=graph, start=Costs(out, cfg.target, latency_fn).total(out), latency_fn=latency_fn,
                    floors={**_DEFAULT_FLOORS, **cfg.floors}, rounding={**_DEFAULT_ROUND, **cfg.round_to},

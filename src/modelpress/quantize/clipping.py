@@ -31,8 +31,8 @@ def collect_group_inputs(
     max_rows: int = 4096,
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """Float inputs [rows, channels] of each group's consumers (a random subset of tokens, drawn by one
-    generator seeded with ``seed``, group by group); the groups' quantizers pass through meanwhile."""
+    """Float inputs [rows, channels] of each group's consumers (a random subset of tokens, sampled as the
+    batches arrive, seeded by ``seed`` group by group); the groups' quantizers pass through meanwhile."""
     names = {id(m): n for n, m in model.named_modules()}
     layers = [names[id(g.consumers[0][1])] for g in groups]
     enabled = [g.quantizer.enabled for g in groups]

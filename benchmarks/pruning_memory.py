@@ -1,0 +1,275 @@
+"""Peak memory of global pruning (``modelpress prune --target-params``): random-weight BERT-base, and with
+``--llama-1b`` a random-weight ~1B-parameter Llama-style LM, pruned to 0.6 of their parameters with Hessian
+saliency through the CLI's own pieces (``load_data`` on a ``tensors:FILE.npz``, the CLI's Context, the
+recipe ``modelpress prune`` builds, the ``prune.global`` pass applied as the Pipeline applies it, with the
+original as ``ctx.reference``). ONNX export and the report, which follow the pass in the CLI, are not run.
+
+Each case runs in its own process; the result is its peak resident set (``VmHWM``, checked against the
+parent's ``RUSAGE_CHILDREN`` ``ru_maxrss``) over the FP32 weight bytes, the resident set after the model
+is built (imports + weights: the floor), the peak per phase (sampled every 20 ms, phases named by the
+reporter's steps), and the wall time (indicative only: the machine is shared). Weights are random (no
+download); calibration tokens are random ids.
+
+    python benchmarks/pruning_memory.py                  # BERT-base (writes results/pruning_memory.json)
+    python benchmarks/pruning_memory.py --llama-1b       # and the 1B case (8 sequences of 64 tokens)
+
+BERT-base is calibrated on 128 sequences of 64 tokens in batches of 16 (the CLI's sample count and batch
+size); one pruning iteration by default (``--iterations``; the CLI's default is 4, which repeats the same
+steps on smaller models). ``--case NAME`` runs one case in this process and prints its row.
+
+Run with ``PYTHONPATH`` pointing at another checkout's ``src`` to measure that code (the "before" column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+CASES = {
+    # calibration: the CLI's 128 samples in batches of 16 (prune.global averages over up to 16 batches)
+    "bert-base": {"arch": "bert", "samples": 128, "seq": 64, "batch": 16},
+    # 8 sequences of 64 tokens: one batch (the CPU time of a 1B backward on two cores)
+    "llama-1b": {"arch": "llama", "samples": 8, "seq": 64, "batch": 16,
+                 "config": {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 16,
+                            "num_attention_heads": 16, "num_key_value_heads": 16}},
+    # the same shape at 1/8 of the parameters: a quick look at where the 1B case's memory goes
+    "llama-small": {"arch": "llama", "samples": 8, "seq": 64, "batch": 16,
+                    "config": {"hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 8,
+                               "num_attention_heads": 8, "num_key_value_heads": 8}},
+}
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status memory field in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Sampler:
+    """Samples VmRSS every ``period`` seconds; keeps the peak per phase and a timeline of phase spans
+    (phase, resident set at entry, peak during the span), since a phase's peak alone also counts memory an
+    earlier phase left resident."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.phase = "start"
+        self.peaks: dict[str, int] = {}
+        self.spans: list[list] = [["start", 0, 0]]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(period)
+
+    def sample(self) -> int:
+        rss = _status("VmRSS")
+        with self._lock:
+            if rss > self.peaks.get(self.phase, 0):
+                self.peaks[self.phase] = rss
+            self.spans[-1][2] = max(self.spans[-1][2], rss)
+        return rss
+
+    def set(self, phase: str) -> None:
+        self.sample()
+        with self._lock:
+            self.phase = phase
+        rss = self.sample()
+        with self._lock:
+            if self.spans[-1][0] == phase and self.spans[-1][2] <= rss:
+                return
+            self.spans.append([phase, rss, rss])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def top_spans(self, n: int = 8) -> list[dict]:
+        """The ``n`` spans that grew the resident set most above its value at their entry."""
+        grown = sorted(self.spans, key=lambda s: s[2] - s[1], reverse=True)[:n]
+        return [{"phase": p, "rss_at_entry": a, "peak": b, "growth": b - a} for p, a, b in grown]
+
+
+def _model(arch: str, sizes: dict | None = None):  # noqa: ANN202 - an nn.Module
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        config = transformers.BertConfig(architectures=["BertModel"])
+        return transformers.BertModel(config).eval()
+    config = transformers.LlamaConfig(
+        **(sizes or {}), vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _instrument(sampler: _Sampler) -> None:
+    """Name the sampler's phases after the prune pass's big steps (copies, tracing, scoring, removal) by
+    wrapping them (measurement only: the wrapped functions run unchanged)."""
+    import functools
+
+    from modelpress.graph import ModelGraph
+    from modelpress.prune import global_
+
+    def wrap(owner: object, attr: str, phase: str) -> None:
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            before = sampler.phase
+            sampler.set(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sampler.set(before)
+
+        setattr(owner, attr, wrapped)
+
+    wrap(ModelGraph, "copy", "graph.copy")
+    wrap(ModelGraph, "remove_many", "remove units")
+    wrap(ModelGraph, "remove_blocks", "remove blocks")
+    wrap(global_, "group_saliency", "saliency")
+    wrap(global_, "Costs", "costs")
+
+
+def run_case(name: str, iterations: int) -> dict:
+    """One case in this process (called in a child): build, load calibration data as the CLI does, prune."""
+    sampler = _Sampler()
+    t0 = time.perf_counter()
+    sampler.set("imports")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import numpy as np
+    import torch
+
+    from modelpress.bench import get_target
+    from modelpress.compress.recipe import Recipe
+    from modelpress.data import infer_task, load_data
+    from modelpress.graph import ModelGraph
+    from modelpress.models.loaders import _without_cache, hf_input_spec
+    from modelpress.passes import Context
+    from modelpress.progress import Reporter
+
+    spec = CASES[name]
+    sampler.set("build")
+    module = _without_cache(_model(spec["arch"], spec.get("config")))
+    params = sum(p.numel() for p in module.parameters())
+    graph = ModelGraph(module, hf_input_spec(module), {"kind": "hf", "class": type(module).__name__,
+                                                       "config": module.config.to_dict()}, name=name)
+    built_rss = _status("VmRSS")
+    sampler.set("data")
+
+    class PhaseReporter(Reporter):
+        """Quiet; names the sampler's phase after the step or loop running."""
+
+        def __init__(self) -> None:
+            super().__init__(quiet=True)
+
+        def track(self, items, description, total=None):  # noqa: ANN001, ANN202
+            sampler.set(description)
+            yield from items
+            sampler.set("pruning")
+
+        def step(self, description):  # noqa: ANN001, ANN202
+            sampler.set(description)
+            return super().step(description)
+
+        def log(self, message: str) -> None:
+            sampler.set("pruning")
+
+    _instrument(sampler)
+    with tempfile.TemporaryDirectory(prefix="sal-prune-mem-") as tmp:
+        rng = np.random.default_rng(0)
+        n = spec["samples"] + 2  # two evaluation samples (load_data splits calibration / evaluation)
+        ids = rng.integers(1000, graph.input_spec.vocab_size or 30000, (n, spec["seq"]))
+        arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "token_type_ids" in graph.input_spec.names:
+            arrays["token_type_ids"] = np.zeros_like(ids)
+        np.savez(Path(tmp) / "data.npz", **arrays)
+        data = load_data(f"tensors:{tmp}/data.npz", graph.input_spec, None, seed=0, n_calibration=spec["samples"],
+                         n_evaluation=2, batch_size=spec["batch"])
+        rep = PhaseReporter()
+        ctx = Context(workdir=Path(tmp) / "work", task=infer_task(graph.input_spec, graph.module), data=data,
+                      target=get_target("ort-cpu", threads=None), seed=0, reporter=rep,
+                      checkpoints=Path(tmp) / "checkpoints")
+        ctx.reference = graph  # as the Pipeline does
+        # the recipe `modelpress prune --target-params 0.6 --iterations N` builds
+        recipe = Recipe.from_dict({"name": "prune-global", "passes": [
+            {"pass": "prune.global", "saliency": "hessian", "target": "params", "ratio": 0.6,
+             "iterations": iterations}]}, "benchmark")
+        the_pass = recipe.passes[0]
+        sampler.set("pruning")
+        t1 = time.perf_counter()
+        result = the_pass.apply(graph, ctx)
+        t2 = time.perf_counter()
+    sampler.stop()
+    weights = 4 * params
+    peak = _status("VmHWM")
+    return {
+        "case": name, "params": params, "fp32_weight_bytes": weights,
+        "calibration": {"samples": spec["samples"], "seq": spec["seq"], "batch": spec["batch"],
+                        "batches": len(data.calibration.batches)},
+        "iterations": iterations,
+        "params_after": result.graph.num_parameters(),
+        "ratio_reached": result.metrics.get("ratio_reached"),
+        "peak_rss_bytes": peak, "peak_over_fp32_weights": round(peak / weights, 2),
+        "rss_after_build_bytes": built_rss, "rss_after_build_over_fp32_weights": round(built_rss / weights, 2),
+        "peak_rss_by_phase_bytes": sampler.peaks,
+        "largest_growth_spans": sampler.top_spans(),
+        "seconds_pruning": round(t2 - t1, 1), "seconds_total": round(t2 - t0, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-1b", action="store_true", help="also the ~1B-parameter Llama-style LM")
+    ap.add_argument("--only-llama-1b", action="store_true", help="the 1B case alone")
+    ap.add_argument("--iterations", type=int, default=1, help="prune.global iterations (the CLI's default is 4)")
+    ap.add_argument("--label", default="after", help="key under which the results are stored (before / after)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "pruning_memory.json")
+    ap.add_argument("--case", help="run this one case in this process and print its row")
+    args = ap.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.iterations)))
+        return
+    names = [] if args.only_llama_1b else ["bert-base"]
+    if args.llama_1b or args.only_llama_1b:
+        names.append("llama-1b")
+    stored = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, "--case", name, "--iterations", str(args.iterations)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["children_ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        row["pythonpath"] = os.environ.get("PYTHONPATH", "")
+        stored.setdefault(name, {})[args.label] = row
+        print(f"{name} [{args.label}]: {row['params'] / 1e6:.0f}M params, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
+              f" = {row['peak_over_fp32_weights']}x FP32 weights (after build {row['rss_after_build_over_fp32_weights']}x),"
+              f" pruning {row['seconds_pruning']} s")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(stored, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
