@@ -296,7 +296,9 @@ def _per_round_ratio(report, faster: str, slower: str, batch: int) -> float:  # 
 def verdict(key: str, variants: dict[str, Any], report, batches: list[int]) -> dict[str, Any]:  # noqa: ANN001
     """modelpress >= ort-static in speed (per batch) and fidelity, and never slower than fp32."""
     ours, peer = variants.get(OURS, {}), variants.get("ort-static", {})
-    if report is None or OURS not in report.variants:
+    if report is None:
+        return {"passed": None, "reason": "not timed (--skip-latency)"}
+    if OURS not in report.variants:
         return {"passed": None, "reason": "modelpress variant missing"}
     out: dict[str, Any] = {"batches": {}}
     for b in batches:
@@ -323,12 +325,31 @@ def verdict(key: str, variants: dict[str, Any], report, batches: list[int]) -> d
     return out
 
 
+def time_variants(paths: dict[str, Path], spec, info: dict[str, dict[str, Any]], args: argparse.Namespace,  # noqa: ANN001
+                  reporter, key: str):  # noqa: ANN001, ANN201 - BenchReport
+    """Time one model's variants interleaved; each variant's latency goes into ``info``."""
+    from modelpress.bench import get_target, measure
+
+    with reporter.step(f"{key}: latency, {len(paths)} variants interleaved"), quiet():
+        report = measure(paths, spec, get_target("ort-cpu", threads=args.threads), rounds=args.rounds,
+                         runs=args.runs, min_time_s=args.min_time, max_time_s=args.max_time, baseline=BASELINE,
+                         batch_sizes=args.batches, memory=False)
+    for name in paths:
+        lat = info[name].setdefault("latency", {})
+        for b in args.batches:
+            s = report.stats(name, b)
+            lat[f"batch{b}"] = {"median_ms": round(s.median_ms, 3),
+                                "speedup_vs_fp32": None if s.speedup is None else round(s.speedup, 4),
+                                "round_medians_ms": [round(x, 3) for x in s.round_medians_ms],
+                                "cv": round(s.cv, 4), "runs": s.runs}
+    return report
+
+
 # ------------------------------------------------------------------------------------------------ model
 
 
 def run_model(key: str, args: argparse.Namespace, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     import modelpress
-    from modelpress.bench import get_target, measure
     from modelpress.export import export_onnx
     from modelpress.export.files import onnx_file_size
     from modelpress.system import system_info
@@ -393,18 +414,7 @@ def run_model(key: str, args: argparse.Namespace, tmp: Path, reporter) -> dict[s
                 reporter.log(f"[yellow]{key}: {name} does not run:[/yellow] {str(exc)[:300]}")
     build_seconds = time.perf_counter() - started
 
-    with reporter.step(f"{key}: latency, {len(paths)} variants interleaved"), quiet():
-        report = measure(paths, graph.input_spec, get_target("ort-cpu", threads=args.threads),
-                         rounds=args.rounds, runs=args.runs, min_time_s=args.min_time, max_time_s=args.max_time,
-                         baseline=BASELINE, batch_sizes=args.batches, memory=False)
-    for name in paths:
-        lat = info[name].setdefault("latency", {})
-        for b in args.batches:
-            s = report.stats(name, b)
-            lat[f"batch{b}"] = {"median_ms": round(s.median_ms, 3),
-                                "speedup_vs_fp32": None if s.speedup is None else round(s.speedup, 4),
-                                "round_medians_ms": [round(x, 3) for x in s.round_medians_ms],
-                                "cv": round(s.cv, 4), "runs": s.runs}
+    report = None if args.skip_latency else time_variants(paths, graph.input_spec, info, args, reporter, key)
     return {
         "spec": spec,
         "parameters": sum(p.numel() for p in graph.module.parameters()),
@@ -508,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=64, help="calibration crops (default 64)")
     parser.add_argument("--fidelity", type=int, default=64, help="fidelity crops (default 64)")
     parser.add_argument("--no-nncf", action="store_true", help="skip NNCF")
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="build and score every variant, time nothing (which models quantize with which peer)")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet18 + digits CNN, 1 round, 3 runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "cnn.json")
     args = parser.parse_args(argv)
