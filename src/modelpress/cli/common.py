@@ -71,8 +71,9 @@ def print_rich(*renderables: Any) -> None:
         out.print(r)
 
 
-def load_graph(ckpt: str | None, trust_pickle: bool, input_shape: str | None, rep: Any) -> Any:
-    """Load the checkpoint argument as a ModelGraph, parsing --input-shape first."""
+def load_graph(ckpt: str | None, trust_pickle: bool, input_shape: str | None, rep: Any, seed: int = 0) -> Any:
+    """Load the checkpoint argument as a ModelGraph, parsing --input-shape first; ``seed`` (the command's
+    --seed, 0 for commands without one) draws the random weights of timm/torchvision models without weights."""
     from modelpress.models import load
 
     shape = None
@@ -82,7 +83,7 @@ def load_graph(ckpt: str | None, trust_pickle: bool, input_shape: str | None, re
         except ValueError as exc:
             raise ModelpressError(f"--input-shape {input_shape!r} is not a list of integers", "e.g. --input-shape 3,224,224") from exc
     with rep.step(f"loading {ckpt or 'the default model (all-MiniLM-L6-v2)'}"):
-        return load(ckpt, trust_pickle=trust_pickle, input_shape=shape)
+        return load(ckpt, trust_pickle=trust_pickle, input_shape=shape, seed=seed)
 
 
 def check_writable(path: Path) -> None:

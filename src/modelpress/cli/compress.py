@@ -49,7 +49,7 @@ def run_recipe(
     if out is not None:  # a bad -o fails before the model loads
         check_output_dir(out, overwrite)
     rep = reporter(quiet)
-    graph = load_graph(ckpt, trust_pickle, input_shape, rep)
+    graph = load_graph(ckpt, trust_pickle, input_shape, rep, seed)
     if out is None:
         out = Path(f"compressed-{graph.name}-{recipe.name}")
         check_output_dir(out, overwrite)

@@ -74,7 +74,7 @@ def fuse(
     if output is not None:
         check_output_dir(output, overwrite)
     rep = reporter(quiet or as_json)
-    graph = load_graph(ckpts[0], trust_pickle, None, rep)
+    graph = load_graph(ckpts[0], trust_pickle, None, rep, seed)
     out = output or Path(f"fused-{graph.name}")
     if output is None:
         check_output_dir(out, overwrite)

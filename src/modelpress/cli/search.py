@@ -93,7 +93,7 @@ def search(
     with contextlib.closing(make_executor(executor, workers=workers, address=ray_address)):
         tgt = get_target(target, threads=threads)
         rep = reporter(quiet or as_json)
-        graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep)
+        graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep, seed)
         spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
         task_data = load_data(data, graph.input_spec, graph.tokenizer, batch_size=32, n_calibration=64,
                               n_evaluation=200, seed=seed)

@@ -85,7 +85,7 @@ def load_models(models: list[ModelGraph], others: list[str], ctx: Context) -> li
 
         for ref in others:
             with ctx.reporter.step(f"loading {ref}"):
-                models.append(load(ref))
+                models.append(load(ref, seed=ctx.seed))
     return models
 
 

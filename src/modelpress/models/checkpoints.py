@@ -22,12 +22,17 @@ from modelpress.models.loaders import (
 from modelpress.models.saving import load_saved
 
 
-def load(source: str | os.PathLike | None = None, *, trust_pickle: bool = False, input_shape: tuple | None = None) -> ModelGraph:
+def load(
+    source: str | os.PathLike | None = None, *, trust_pickle: bool = False, input_shape: tuple | None = None,
+    seed: int = 0,
+) -> ModelGraph:
     """Load a checkpoint as a ModelGraph.
 
     source: ``hf:DIR`` or a folder with config.json; a folder saved by modelpress; ``timm:NAME[@weights]``;
     ``torchvision:NAME[@weights]``; ``package.module:factory``; a ``.pt``/``.pth`` file (needs
     ``trust_pickle=True``); None for the default model (all-MiniLM-L6-v2 from the ``demo`` extra).
+    ``seed``: the random initialization of timm and torchvision models loaded without weights (the run's
+    seed), so two loads of the same spec and seed give the same model.
     """
     if source is None:
         return load_default()
@@ -35,9 +40,9 @@ def load(source: str | os.PathLike | None = None, *, trust_pickle: bool = False,
     if text.startswith("hf:"):
         return load_hf(Path(text[3:]).expanduser())
     if text.startswith("timm:"):
-        return load_timm(text[5:])
+        return load_timm(text[5:], seed=seed)
     if text.startswith("torchvision:"):
-        return load_torchvision(text[12:])
+        return load_torchvision(text[12:], seed=seed)
     path = Path(text).expanduser()
     if path.suffix in (".pt", ".pth", ".bin") and not path.is_dir():
         return load_pickled(path, trust_pickle=trust_pickle, input_shape=input_shape)

@@ -6,10 +6,12 @@ without pickle (see ``build``), so a compressed model can be saved as safetensor
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,32 +164,48 @@ def hf_input_spec(module: nn.Module, tokenizer: Any = None) -> InputSpec:
                      special_ids=defaults.special_ids, max_seq_len=positions)
 
 
-def load_timm(spec: str) -> ModelGraph:
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Draw random weights from ``seed``: torch's CPU generator is seeded inside ``fork_rng``, so the
+    global random state is the same after the block as before it (only the CPU generator is touched:
+    ``torch.manual_seed`` would also reseed every CUDA device, outside the fork)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        yield
+
+
+def load_timm(spec: str, *, seed: int = 0) -> ModelGraph:
+    """``NAME[@weights]``; without weights the random initialization is drawn from ``seed``, so two loads
+    of the same spec and seed give the same model."""
     name, _, weights = spec.partition("@")
     try:
         import timm
     except ImportError as exc:
         raise ModelpressError("timm is not installed", "pip install 'modelpress[vision]'") from exc
     try:
-        module = timm.create_model(name, pretrained=bool(weights), **({"pretrained_cfg_overlay": {"tag": weights}} if weights and weights != "pretrained" else {}))
+        with seeded_init(seed):
+            module = timm.create_model(name, pretrained=bool(weights), **({"pretrained_cfg_overlay": {"tag": weights}} if weights and weights != "pretrained" else {}))
     except Exception as exc:
         raise ModelpressError(f"timm cannot build {name!r}: {_first_line(exc)}", "check the model name (timm.list_models())") from exc
     shape = tuple(module.pretrained_cfg.get("input_size", (3, 224, 224)))
-    source = {"kind": "timm", "name": name}
+    source = {"kind": "timm", "name": name, "seed": seed}
     return ModelGraph(module.eval(), InputSpec("image", ["pixel_values"], shape=shape), source, name=name)
 
 
-def load_torchvision(spec: str) -> ModelGraph:
+def load_torchvision(spec: str, *, seed: int = 0) -> ModelGraph:
+    """``NAME[@weights]``; without weights the random initialization is drawn from ``seed``, so two loads
+    of the same spec and seed give the same model."""
     name, _, weights = spec.partition("@")
     try:
         import torchvision
     except Exception as exc:
         raise ModelpressError(f"torchvision is not usable here ({_first_line(exc)})", "pip install 'modelpress[vision]'") from exc
     try:
-        module = torchvision.models.get_model(name, weights=weights or None)
+        with seeded_init(seed):
+            module = torchvision.models.get_model(name, weights=weights or None)
     except Exception as exc:
         raise ModelpressError(f"torchvision cannot build {name!r}: {_first_line(exc)}", "check the model name") from exc
-    source = {"kind": "torchvision", "name": name}
+    source = {"kind": "torchvision", "name": name, "seed": seed}
     return ModelGraph(module.eval(), InputSpec("image", ["pixel_values"], shape=(3, 224, 224)), source, name=name)
 
 
@@ -239,7 +257,12 @@ def load_pickled(path: Path, *, trust_pickle: bool, input_shape: tuple | None = 
 
 
 def build(source: dict, *, trust_pickle: bool = False) -> nn.Module:
-    """Rebuild the original architecture (random or pretrained weights) from a ``source`` dict."""
+    """Rebuild the original architecture from a ``source`` dict.
+
+    timm and torchvision models get the random weights their load drew (``source["seed"]``, 0 for sources
+    saved before it was recorded); pretrained weights are not fetched again. ``load_saved`` loads every
+    saved weight over the rebuilt module (a missing one is an error), so the rebuilt weights never reach a
+    reloaded model: seeding only makes ``build`` itself repeatable."""
     kind = source.get("kind")
     if kind == "hf":
         _hf_quiet()
@@ -251,11 +274,13 @@ def build(source: dict, *, trust_pickle: bool = False) -> nn.Module:
     if kind == "timm":
         import timm
 
-        return timm.create_model(source["name"], pretrained=False).eval()
+        with seeded_init(source.get("seed", 0)):
+            return timm.create_model(source["name"], pretrained=False).eval()
     if kind == "torchvision":
         import torchvision
 
-        return torchvision.models.get_model(source["name"], weights=None).eval()
+        with seeded_init(source.get("seed", 0)):
+            return torchvision.models.get_model(source["name"], weights=None).eval()
     if kind == "factory":
         mod_name, _, attr = source["target"].partition(":")
         return getattr(importlib.import_module(mod_name), attr)().eval()
