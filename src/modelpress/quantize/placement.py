@@ -10,7 +10,8 @@ fake-quant model whose weights already hold their quantized values, and override
 choose with the ones modelpress calibrated and reconstructed:
 
 * every quantized layer's weight: its int8 codes and per-output-channel scales exactly as in the torch
-  model (GPTQ-reconstructed, 7-bit on CPUs without VNNI), through ORT's per-channel ``TensorQuantOverrides``;
+  model (on the BatchNorm-folded weights; GPTQ-reconstructed for Linear layers, min-max for convolutions,
+  7-bit on CPUs without VNNI), through ORT's per-channel ``TensorQuantOverrides``;
 * every quantized layer's input: the scale and zero point its input quantizer calibrated;
 * the remaining tensors (conv outputs feeding an Add, the Add outputs, pooling): ORT's calibrator on the
   same calibration samples.
