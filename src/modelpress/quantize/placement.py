@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,17 +184,20 @@ def export_placed(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    path = Path(path)
+    path = Path(path).resolve()
     twin, weights = float_twin(model)
     raw, pre = path.with_suffix(".float.onnx"), path.with_suffix(".pre.onnx")
     try:
         export_float(twin, example, raw, input_names, dynamic_axes, opset)
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                quant_pre_process(str(raw), str(pre), skip_symbolic_shape=False)
-        except Exception:  # symbolic shape inference fails on some graphs: ONNX's own inference then
-            quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
+        # ORT's symbolic shape inference dumps "sym_shape_infer_temp.onnx" (and its external data) into the
+        # working directory when it gives up: run it in a scratch directory, never the user's
+        with tempfile.TemporaryDirectory(prefix="modelpress-shapes-") as scratch, contextlib.chdir(scratch):
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    quant_pre_process(str(raw), str(pre), skip_symbolic_shape=False)
+            except Exception:  # symbolic shape inference fails on some graphs: ONNX's own inference then
+                quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
         overrides = _overrides(pre, weights, activation_dtype)
         feeds = list(calibration)
 
