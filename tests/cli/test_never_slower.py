@@ -13,9 +13,11 @@ from modelpress.cli import main
 from modelpress.quantize.speed import SAME_SPEED
 
 
-def test_default_int8_on_a_tiny_cnn_is_never_slower_than_float(tmp_path, capsys, short_timing):
+def test_default_int8_on_a_tiny_cnn_is_never_slower_than_float(tmp_path, capsys, short_timing, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "int8"
     main(["compress", "modelpress.train.zoo:digits_cnn_factory", "--data", "digits", "-o", str(out), "-q"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]  # nothing left in the working directory
     captured = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     placement = report["export"]["compressed"]["placement"]

@@ -23,10 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from modelpress.errors import ModelpressError
 
 # a QDQ export vs its torch fake-quant model: integer codes match until a rounding tie, then drift slightly
 QDQ_MIN_COSINE = 0.99
+# the conv placement quantizes every tensor between integer kernels (ONNX Runtime's placement: conv outputs
+# feeding an Add, the Add outputs, pooling), which the torch simulation (each layer's input) does not: its
+# check against the simulation leaves room for that extra rounding, still far from a broken export
+PLACED_MIN_COSINE = 0.95
 # outputs this small (e.g. random-init weights whose signal vanishes through the stages) are float rounding
 # noise: their cosine says nothing, so they are compared on absolute error instead
 VANISHING_OUTPUT = 1e-6
@@ -220,11 +226,15 @@ def _export_conv_placement(graph: Any, path: Path, ctx: Any, example: Any, batch
         ctx.reporter.log("conv QDQ placement needs calibration data: exporting in the transformer form")
         return None
     reduce = any(q.qmax < 127 for _, _, q in weight_quantizers(graph.module))
+    # checked on calibration samples (the ranges are theirs; random inputs overflow them), not random ones
+    real = [{k: torch.from_numpy(v) for k, v in f.items()} for f in feeds[:2]]
+    if graph.input_spec.kind != "text":
+        real = [f[graph.input_spec.names[0]] for f in real]
     with ctx.reporter.step("exporting the quantized model to QDQ ONNX (ONNX Runtime's conv placement)"):
         info = export_placed(graph.module, example, path, feeds, input_names=graph.input_spec.names,
                              dynamic_axes=graph.input_spec.dynamic_axes(), weight_reduce_range=reduce)
-        check = verify_qdq(path, graph.module, batches)
-    if agrees(check):
+        check = verify_qdq(path, graph.module, real or batches)
+    if check["min_cosine"] >= PLACED_MIN_COSINE or agrees(check):
         return {**info, "check": check}
     ctx.reporter.log(f"[yellow]warning[/yellow]: the conv QDQ placement strays from the torch model (cosine "
                      f"{check['min_cosine']:.4f}): exporting in the transformer form instead")
