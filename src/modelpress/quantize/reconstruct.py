@@ -23,9 +23,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from modelpress.data import probes
-from modelpress.quantize.fakequant import QuantLinear, forward_all
+from modelpress.quantize.fakequant import QuantConv2d, QuantLinear, forward_all
 from modelpress.quantize.quantizers import UniformQuantizer
 
 
@@ -125,12 +126,35 @@ def adaround_weight(
         return (torch.clamp(floor + hard, quantizer.qmin, quantizer.qmax) * scale).to(weight.dtype)
 
 
-def quantized_input(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """What a QuantLinear's weight multiplies: its input after the input transform and quantizer."""
+def quantized_input(m: QuantLinear | QuantConv2d, x: torch.Tensor) -> torch.Tensor:
+    """What a layer's weight multiplies: a QuantLinear's input after its input transform and quantizer; a
+    QuantConv2d's quantized input unfolded into patches [batch, positions, in * kh * kw] (im2col, channel
+    major like ``weight.reshape(out, -1)``), so that X^T X is the convolution's GPTQ Hessian."""
+    if isinstance(m, QuantConv2d):
+        if m.input_quantizer is not None:
+            x = m.input_quantizer(x)
+        c = m.conv
+        return F.unfold(x, c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride).transpose(1, 2)
     x = m.prepare_input(x)
     if m.input_quantizer is not None:
         x = m.input_quantizer(x)
     return x
+
+
+def _reconstructable(m: torch.nn.Module) -> bool:
+    """QuantLinear layers, and ungrouped zero-padded QuantConv2d layers (im2col), with a calibrated weight."""
+    if isinstance(m, QuantConv2d):
+        c = m.conv
+        ok = c.groups == 1 and c.padding_mode == "zeros" and not isinstance(c.padding, str)
+    else:
+        ok = isinstance(m, QuantLinear)
+    return ok and m.weight_quantizer is not None and m.weight_quantizer.calibrated
+
+
+def _matrix(m: torch.nn.Module) -> torch.Tensor:
+    """The weight as GPTQ sees it: [out, in] (a convolution's flattened to [out, in * kh * kw])."""
+    w = m.weight.detach()
+    return w.reshape(w.shape[0], -1)
 
 
 def _collect(
@@ -142,7 +166,7 @@ def _collect(
     out = []
     for n in names:
         if stats[n].xtx is None:
-            size = model.get_submodule(n).in_features
+            size = _matrix(model.get_submodule(n)).shape[1]
             out.append(torch.zeros(size, size, dtype=torch.float64))
         else:
             out.append(stats[n].hessian())
@@ -150,8 +174,8 @@ def _collect(
 
 
 @torch.no_grad()
-def _set_weight(m: QuantLinear, wq: torch.Tensor) -> None:
-    m.weight.copy_(wq)
+def _set_weight(m: QuantLinear | QuantConv2d, wq: torch.Tensor) -> None:
+    m.weight.copy_(wq.reshape(m.weight.shape))
 
 
 def reconstruct(
@@ -163,7 +187,7 @@ def reconstruct(
     reporter: Any = None,
     **kwargs: Any,
 ) -> dict[str, float]:
-    """Reconstruct the quantized weights of every QuantLinear with a weight quantizer.
+    """Reconstruct the quantized weights of every QuantLinear and ungrouped QuantConv2d with a weight quantizer.
 
     method: "gptq" or "adaround"; granularity: "layer" or "block" (``blocks``: module paths in execution
     order, e.g. ``ModelGraph.blocks()`` paths; layers outside every block are done in a final layer-wise
@@ -174,11 +198,7 @@ def reconstruct(
     if granularity not in ("layer", "block"):
         raise ValueError("granularity must be layer or block")
     batches = list(batches)
-    layers = {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, QuantLinear) and m.weight_quantizer is not None and m.weight_quantizer.calibrated
-    }
+    layers = {n: m for n, m in model.named_modules() if _reconstructable(m)}
     fn = gptq_weight if method == "gptq" else adaround_weight
     # during collection weights are float except where already reconstructed
     for m in layers.values():
@@ -203,7 +223,7 @@ def reconstruct(
             hs = _collect(model, names, batches, stop_after=stop_at)
             for n, h in zip(names, hs, strict=True):
                 m = layers[n]
-                w0 = m.weight.detach().clone()
+                w0 = _matrix(m).clone()
                 wq = fn(w0, h, m.weight_quantizer, **kwargs)
                 _set_weight(m, wq)
                 m.weight_quantizer.enabled = True
@@ -219,16 +239,12 @@ def reconstruct(
 
 def rtn_errors(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, float]:
     """Relative output error of plain round-to-nearest weights (the baseline reconstruction improves on)."""
-    layers = {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, QuantLinear) and m.weight_quantizer is not None
-    }
+    layers = {n: m for n, m in model.named_modules() if _reconstructable(m)}
     hs = _collect(model, list(layers), list(batches))
     out = {}
     for (n, m), h in zip(layers.items(), hs, strict=True):
-        w = m.weight.detach().double()
-        d = w - m.weight_quantizer.fake_quant(m.weight.detach()).double()
+        w = _matrix(m).double()
+        d = w - m.weight_quantizer.fake_quant(_matrix(m)).double()
         out[n] = float(
             torch.einsum("oi,ij,oj->", d, h, d) / torch.einsum("oi,ij,oj->", w, h, w).clamp(min=1e-30)
         )
