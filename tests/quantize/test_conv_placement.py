@@ -117,3 +117,18 @@ def test_weights_carry_modelpress_codes(quantized, tmp_path: Path):
     exported = [v for k, v in inits.items() if v.dtype == np.int8 and v.shape == codes.shape]
     assert any(np.array_equal(v, codes) for v in exported)
     assert int(np.abs(codes).max()) <= 63  # 7-bit weights as configured, kept through ORT's quantizer
+
+
+def test_the_placement_is_kept_when_its_extra_rounding_stays_within_its_check(quantized, tmp_path: Path, monkeypatch):
+    """The placement quantizes tensors the torch simulation does not (conv outputs feeding an Add, the Add
+    outputs): on depthwise-heavy nets it measures 0.97-0.99 against the simulation, which must not fail the
+    run (ResNet-50 and MobileNetV2 did) nor push it back to the slow transformer form."""
+    from modelpress.quantize import qdq
+    from modelpress.quantize.lowering import PLACED_MIN_COSINE
+
+    graph, _, ctx = quantized
+    real = qdq.verify_qdq
+    monkeypatch.setattr(qdq, "verify_qdq", lambda *a, **k: {**real(*a, **k), "min_cosine": 0.97})
+    out = export_quantized(graph, tmp_path / "q.onnx", ctx)
+    assert PLACED_MIN_COSINE < 0.97 and out.placement["placement"] == "onnxruntime-qdq"
+    assert out.kernels.get("QLinearConv") == 6 and not out.float_fallback
