@@ -3,21 +3,16 @@ fidelity draws disjoint, normalized) and the verdict (modelpress against ort-sta
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "cnn.py"
+from tests.bench.scripts import load_benchmark
 
 
 def _benchmark():  # noqa: ANN202 - the benchmark script as a module
-    spec = importlib.util.spec_from_file_location("cnn_benchmark", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cnn")
 
 
 def test_photo_crops_are_seeded_disjoint_and_normalized():

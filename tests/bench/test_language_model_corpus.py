@@ -3,17 +3,11 @@ so its perplexity and fidelity are measured on text the tokenizer and the model 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "language_model.py"
+from tests.bench.scripts import load_benchmark
 
 
 def _benchmark():  # noqa: ANN202 - the benchmark script as a module
-    spec = importlib.util.spec_from_file_location("language_model_benchmark", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("language_model")
 
 
 def test_corpus_splits_are_disjoint_by_topic_and_cover_the_corpus():
