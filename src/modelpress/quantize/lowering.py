@@ -236,7 +236,8 @@ def _export_conv_placement(graph: Any, path: Path, ctx: Any, example: Any, batch
                              dynamic_axes=graph.input_spec.dynamic_axes(), weight_reduce_range=reduce)
         check = verify_qdq(path, graph.module, real or batches)
     if check["min_cosine"] >= PLACED_MIN_COSINE or agrees(check):
-        return {**info, "check": check}
+        # verified at the placement's own threshold (verify_qdq's "ok" is its stricter default)
+        return {**info, "check": {**check, "ok": True, "min_cosine_required": PLACED_MIN_COSINE}}
     ctx.reporter.log(f"[yellow]warning[/yellow]: the conv QDQ placement strays from the torch model (cosine "
                      f"{check['min_cosine']:.4f}): exporting in the transformer form instead")
     return None
