@@ -167,6 +167,7 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
     from modelpress.quantize.fallback import keep_float
     from modelpress.quantize.placement import export_float
     from modelpress.quantize.speed import block_of, keep_faster, layer_units
+    from modelpress.targets import get_target
 
     float_path = path.with_name(path.stem + ".float-twin.onnx")
     names = graph.input_spec.names
@@ -183,16 +184,11 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
     quantized = [n for n, m in quant_layers(graph.module) if _has_quantizer(m)]
     blocks = layer_units(quantized)
     feeds = {k: v.numpy() for k, v in graph.example_inputs(1, 128 if text else None).items()}
-    target = ctx.target if not isinstance(ctx.target, str) else None
-    if target is None:
-        from modelpress.targets import get_target
-
-        target = get_target(ctx.target)
+    target = get_target(ctx.target)
 
     def give_up() -> None:  # every quantizer removed, as the float fallback does: a reload stays float
-        keep_float(graph.module, [n for n, m in quant_layers(graph.module) if _has_quantizer(m)])
-        export_float(graph.module, graph.example_inputs(2, 16 if text else None), path, names,
-                     graph.input_spec.dynamic_axes())
+        keep_float(graph.module, quantized)
+        export_plain(path)
 
     try:
         export_plain(float_path)
