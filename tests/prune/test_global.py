@@ -156,3 +156,34 @@ def test_the_measured_latency_meets_the_target_when_the_table_is_off(setup, tmp_
         assert once["ratio_reached"] == unmeasured["ratio_reached"]
     else:
         assert m["predicted_speedup"] < last["measured_speedup"]
+
+
+@pytest.mark.parametrize("first", ["block", "embedding"])
+def test_a_plan_with_a_block_and_residual_channels_saves_what_it_counts(setup, first) -> None:  # noqa: ANN001
+    """A residual channel's slices inside a removed block are saved once: the plan's counted saving is the
+    parameters the edited model really loses, whichever of the two the ranking takes first."""
+    from modelpress.prune.budget import Costs
+    from modelpress.prune.global_ import _Candidate, _plan_removals
+
+    graph, _ = setup
+    work = graph.copy()
+    costs = Costs(work, "params")
+    emb = next(g for g in work.groups if g.kind == "embedding")
+    path = work.blocks[0].path
+    block_cost = costs.block(work, path)
+    unit_cost = costs.units(work, emb)
+    inside = costs.units_inside(work, emb, [path], unit_cost)[path]
+    assert 0 < inside[0] < unit_cost[0]  # a residual channel has slices inside and outside every block
+    n = emb.size // 4
+    # "embedding": n channels rank before the block, the rest after it; "block": the block ranks first
+    block_rank = 0.0 if first == "block" else n + 0.5
+    cands = [_Candidate(f"block:{path}", 0, 0.0, block_cost, rank=block_rank)]
+    cands += [_Candidate(emb.name, u, 0.0, float(unit_cost[u]), rank=float(u) + (u >= n) * 1.0,
+                         inside={path: float(inside[u])}) for u in range(emb.size)]
+    need = block_cost + n * (unit_cost[0] - inside[0]) + 1.0  # the block and n + 1 channels outside it
+    plan, blocks = _plan_removals(work, cands, need, {}, {}, {g.name: g.size for g in work.groups})
+    assert blocks == [path] and len(plan[emb.name]) == n + 1
+    before = work.num_parameters()
+    work.remove_many(list(plan.items()))
+    work.remove_blocks(blocks)
+    assert before - work.num_parameters() >= need

@@ -123,14 +123,40 @@ class Costs:
             current = current or widths(graph)
             step = self.latency(current) - self.latency(current.without(group, 1))
             return np.full(group.size, max(step, 0.0))
+        return self._slices(graph, group, self.resource)
+
+    def units_inside(
+        self, graph: ModelGraph, group: Group, paths: list[str], unit_cost: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """The part of each unit's cost that lies inside each block of ``paths``: what removing that block
+        already saves of the unit (a residual-stream channel's slices in the block's norms and projections),
+        so a plan that removes both counts it once. Exact for parameters and MACs; a latency cost is split
+        in the proportion of the unit's parameters inside each block."""
+        out: dict[str, np.ndarray] = {}
+        if self.resource == "latency":
+            total = self._slices(graph, group, "params")
+            cost = self.units(graph, group) if unit_cost is None else unit_cost
+            for path in paths:
+                inside = self._slices(graph, group, "params", path)
+                if inside.any():
+                    out[path] = cost * np.divide(inside, total, out=np.zeros_like(inside), where=total > 0)
+            return out
+        for path in paths:
+            inside = self._slices(graph, group, self.resource, path)
+            if inside.any():
+                out[path] = inside
+        return out
+
+    def _slices(self, graph: ModelGraph, group: Group, resource: str, within: str | None = None) -> np.ndarray:
+        """Per unit: the parameters (or MACs) of the group's slices, only those inside block ``within`` if given."""
         per_unit = np.zeros(group.size)
         params = dict(graph.module.named_parameters())
         for param, axis in group.slots:
             t = params.get(param)
-            if t is None:
+            if t is None or (within is not None and not in_block(param, within)):
                 continue
             per_elem = t.numel() // max(1, t.shape[axis])
-            if self.resource == "macs":
+            if resource == "macs":
                 owner = param.rsplit(".", 1)[0]
                 mod = graph.module.get_submodule(owner) if owner in self.positions else None
                 if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not param.endswith("weight"):

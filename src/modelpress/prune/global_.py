@@ -103,6 +103,7 @@ class _Candidate:
     score: float
     cost: float
     rank: float = 0.0
+    inside: dict[str, float] = field(default_factory=dict)  # block path -> the part of ``cost`` inside it
 
 
 @register
@@ -295,11 +296,15 @@ class GlobalPrune(GraphPass):
             label_weight=cfg.label_weight, param_sets=block_sets, seed=ctx.seed, reporter=ctx.reporter,
         )
         current = widths(graph)
+        paths = [k.removeprefix("block:") for k in block_sets]
         cands: list[_Candidate] = []
         for g in groups:
             unit_cost = costs.units(graph, g, current)
+            spans = [p for p in paths if not _inside(g.scope, p)] if paths else []
+            inside = costs.units_inside(graph, g, spans, unit_cost) if spans else {}
             for u in range(g.size):
-                cands.append(_Candidate(g.name, u, float(scores[g.name][u]), float(unit_cost[u])))
+                cands.append(_Candidate(g.name, u, float(scores[g.name][u]), float(unit_cost[u]),
+                                        inside={p: float(v[u]) for p, v in inside.items()}))
         for key in block_sets:
             path = key.removeprefix("block:")
             cands.append(_Candidate(key, 0, _block_score(graph, path, scores, key), costs.block(graph, path, current)))
@@ -330,7 +335,7 @@ def _plan_removals(
     take: dict[str, list[int]] = {}
     blocks: list[str] = []
     saved = 0.0
-    unit_cost = {(c.group, c.unit): c.cost for c in cands}
+    by_unit = {(c.group, c.unit): c for c in cands}
     for c in sorted(cands, key=lambda c: (c.rank, c.group, c.unit)):
         if saved >= need:
             break
@@ -339,7 +344,11 @@ def _plan_removals(
             if len(blocks) + 1 < len(graph.blocks) and graph.can_remove_blocks([*blocks, path]):
                 blocks.append(path)
                 inside = [n for n in take if _inside(by_name[n].scope, path)]
-                saved += c.cost - sum(unit_cost[(n, u)] for n in inside for u in take[n])
+                # what is already counted: the units inside the block, and the slices inside it of units that
+                # span it (residual channels: their norm and projection slices go with the block)
+                counted = sum(by_unit[(n, u)].cost for n in inside for u in take[n])
+                counted += sum(by_unit[(n, u)].inside.get(path, 0.0) for n in take if n not in inside for u in take[n])
+                saved += c.cost - counted
                 for n in inside:
                     del take[n]
             continue
@@ -350,7 +359,7 @@ def _plan_removals(
         if g.size - len(chosen) - 1 < _floor(g, floors, original):
             continue
         chosen.append(c.unit)
-        saved += c.cost
+        saved += c.cost - sum(c.inside.get(b, 0.0) for b in blocks)  # a removed block's slices are saved already
     ranked = {}
     for c in cands:
         ranked.setdefault(c.group, []).append(c)
