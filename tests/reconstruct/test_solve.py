@@ -122,3 +122,37 @@ def test_a_non_finite_refit_leaves_the_layer_unchanged() -> None:
     fit = refit(stats, w[:, kept], b)
     assert not fit.applied and torch.equal(fit.weight, w[:, kept])
     assert any("not finite" in n for n in fit.notes)
+
+
+def test_scale_refit_equals_numpy_lstsq_over_one_scale_per_column() -> None:
+    """Kwon et al.'s mask tuning: one scale per kept input column, fitted over every row and output at once."""
+    x, w, b = _data()
+    kept = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    xp = x[:, kept] * 1.1
+    y = x @ w.t() + b
+    v = w[:, kept]
+    fit = refit(_stats(xp, y), v, b, damp=0.0, intercept=False, mode="scales")
+    # design: one column per kept input u, whose entries over (row r, output o) are x'[r, u] * v[o, u]
+    design = (xp[:, None, :] * v[None, :, :]).reshape(-1, len(kept)).numpy()
+    scales, *_ = np.linalg.lstsq(design, (y - b).reshape(-1).numpy(), rcond=None)
+    np.testing.assert_allclose(fit.weight.numpy(), (v * torch.from_numpy(scales)[None, :]).numpy(), atol=1e-8)
+    assert fit.applied and fit.error_after < fit.error_before
+    # with the intercept: the scales of the centred problem, and the bias that matches the means
+    with_bias = refit(_stats(xp, y), v, b, damp=0.0, intercept=True, mode="scales")
+    xc, yc = xp - xp.mean(0), y - y.mean(0)
+    design_c = (xc[:, None, :] * v[None, :, :]).reshape(-1, len(kept)).numpy()
+    sc, *_ = np.linalg.lstsq(design_c, yc.reshape(-1).numpy(), rcond=None)
+    np.testing.assert_allclose(with_bias.weight.numpy(), (v * torch.from_numpy(sc)[None, :]).numpy(), atol=1e-8)
+    np.testing.assert_allclose(with_bias.bias.numpy(), (y.mean(0) - xp.mean(0) @ with_bias.weight.t()).numpy(),
+                               atol=1e-8)
+
+
+def test_scale_refit_is_damped_toward_the_layer_as_it_is() -> None:
+    x, w, b = _data()
+    kept = torch.tensor([1, 4, 6, 9])
+    stats = _stats(x[:, kept], x @ w.t() + b)
+    heavy = refit(stats, w[:, kept], b, damp=1e6, intercept=False, mode="scales")
+    assert heavy.error_after <= heavy.error_before
+    np.testing.assert_allclose(heavy.weight.numpy(), w[:, kept].numpy(), rtol=1e-3)  # scales ~1, not ~0
+    fit = refit(_stats(x, x @ w.t() + b), w, b, damp=0.01, mode="scales")  # nothing removed: nothing to do
+    assert not fit.applied and torch.equal(fit.weight, w)

@@ -63,6 +63,8 @@ class GlobalConfig(PassConfig):
     # input graph's outputs on the calibration split (modelpress.reconstruct); off until measured
     reconstruct: bool = False
     reconstruct_damp: float = Field(DEFAULT_DAMP, ge=0.0)
+    # "scales": one scale per kept input column (Kwon et al.'s mask tuning); "weights": every kept weight
+    reconstruct_mode: Literal["scales", "weights"] = "weights"
     # re-choose which units of each head/MLP/conv group go (same counts) with the group's Fisher block of unit
     # masks (Kwon et al. 2022's mask rearrangement), on up to rearrange_samples calibration samples; off until measured
     rearrange: bool = False
@@ -221,7 +223,8 @@ class GlobalPrune(GraphPass):
             if rearranged:
                 run.history[-1]["rearrange"] = rearranged
             if cfg.reconstruct:
-                run.history[-1]["reconstruct"] = reconstruct_pruned(run.original, out, ctx, cfg.reconstruct_damp)
+                run.history[-1]["reconstruct"] = reconstruct_pruned(run.original, out, ctx, cfg.reconstruct_damp,
+                                                                       cfg.reconstruct_mode)
             ctx.reporter.log(
                 f"  iteration {len(run.history)}: {cfg.target} {after / start:.3f} of the original"
                 f" ({sum(len(v) for v in plan.values())} units, {len(blocks)} blocks removed)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from pydantic import Field
 
@@ -22,6 +24,8 @@ class MagnitudeConfig(PassConfig):
     # (modelpress.reconstruct: sequential least squares with bias compensation); off until measured
     reconstruct: bool = False
     reconstruct_damp: float = Field(DEFAULT_DAMP, ge=0.0)
+    # "scales": one scale per kept input column (Kwon et al.'s mask tuning); "weights": every kept weight
+    reconstruct_mode: Literal["scales", "weights"] = "weights"
 
     def model_post_init(self, __context: object) -> None:
         if "block" in self.ratios or "block" in self.round_to:
@@ -75,6 +79,6 @@ class MagnitudePrune(GraphPass):
         after = out.num_parameters()
         metrics = {"removed_units": removed, "params_before": before, "params_after": after}
         if cfg.reconstruct:
-            metrics["reconstruct"] = reconstruct_pruned(graph, out, ctx, cfg.reconstruct_damp)
+            metrics["reconstruct"] = reconstruct_pruned(graph, out, ctx, cfg.reconstruct_damp, cfg.reconstruct_mode)
         return PassResult(graph=out, metrics=metrics)
 

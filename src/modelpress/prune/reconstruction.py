@@ -23,12 +23,14 @@ def _calibration(ctx) -> Any:  # noqa: ANN001
     return data
 
 
-def reconstruct_pruned(original: ModelGraph, pruned: ModelGraph, ctx, damp: float = DEFAULT_DAMP) -> dict:  # noqa: ANN001
+def reconstruct_pruned(original: ModelGraph, pruned: ModelGraph, ctx, damp: float = DEFAULT_DAMP,  # noqa: ANN001
+                       mode: str = "weights") -> dict:
     """Refit ``pruned``'s readers of removed units to ``original``'s outputs on the Context's calibration split
-    (in place); the per-layer output errors before and after, for the pass's metrics."""
+    (in place; ``mode``: one scale per kept input column, or every kept weight); the per-layer output errors
+    before and after, for the pass's metrics."""
     data = _calibration(ctx)
     with ctx.reporter.step("reconstructing the layers that read removed units"):
-        return reconstruct_graph(original, pruned, data.batches, damp=damp, reporter=ctx.reporter)
+        return reconstruct_graph(original, pruned, data.batches, damp=damp, reporter=ctx.reporter, mode=mode)
 
 
 def rearranged_plan(graph: ModelGraph, plan: dict[str, list[int]], ctx, samples: int = 64,  # noqa: ANN001

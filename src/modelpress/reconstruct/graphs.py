@@ -27,6 +27,7 @@ def reconstruct_graph(
     create_bias: bool = True,
     input_names: Sequence[str] | None = None,
     reporter: Reporter = QUIET,
+    mode: str = "weights",
 ) -> dict[str, Any]:
     """Refit, in place, every layer of ``pruned`` that reads removed units so its outputs on ``batches`` match
     ``original``'s (see :func:`modelpress.reconstruct.sequential.reconstruct_layers`); which original
@@ -39,10 +40,11 @@ def reconstruct_graph(
     names = list(input_names) if input_names is not None else list(pruned.input_spec.names)
     results = reconstruct_layers(original.module, pruned.module, readers, batches, input_names=names, damp=damp,
                                  intercept=intercept, sequential=sequential,
-                                 add_bias=pruned.add_bias if create_bias and intercept else None, reporter=reporter)
+                                 add_bias=pruned.add_bias if create_bias and intercept else None, reporter=reporter,
+                                 mode=mode)
     layers = {n: r.as_dict() for n, r in results.items()}
     out: dict[str, Any] = {"layers": layers, "skipped": skipped, "damp": damp, "intercept": intercept,
-                           "sequential": sequential}
+                           "sequential": sequential, "mode": mode}
     if results:
         out["error_before_mean"] = float(np.mean([r.error_before for r in results.values()]))
         out["error_after_mean"] = float(np.mean([r.error_after for r in results.values()]))

@@ -219,6 +219,7 @@ def reconstruct_layers(
     sequential: bool = True,
     add_bias: Callable[[str], None] | None = None,
     reporter: Reporter = QUIET,
+    mode: str = "weights",
 ) -> dict[str, LayerResult]:
     """Refit every layer of ``layer_map`` (pruned path -> :class:`LayerMap`) in ``pruned_module``, in place, so
     that its output on the calibration ``batches`` matches its original in ``original_module``.
@@ -263,7 +264,7 @@ def reconstruct_layers(
             for n in todo:
                 if n not in stats:
                     continue  # the batches never reached it
-                results[n] = _refit_one(n, pruned_module.get_submodule(n), stats[n], damp, intercept, add_bias)
+                results[n] = _refit_one(n, pruned_module.get_submodule(n), stats[n], damp, intercept, add_bias, mode)
                 reporter.log(f"  reconstructed {n}: output error {results[n].error_before:.4g} -> "
                              f"{results[n].error_after:.4g}{'' if results[n].applied else ' (kept)'}")
             del stats
@@ -274,13 +275,13 @@ def reconstruct_layers(
 
 
 def _refit_one(name: str, pmod: nn.Module, stats: PairStats, damp: float, intercept: bool,
-               add_bias: Callable[[str], None] | None) -> LayerResult:
+               add_bias: Callable[[str], None] | None, mode: str = "weights") -> LayerResult:
     current = L.matrix(pmod)
     bias = L.bias_of(pmod)
     new_bias = intercept and bias is None and add_bias is not None and L.can_add_bias(pmod)
     if new_bias:
         bias = torch.zeros(current.shape[0], dtype=current.dtype)  # what a zero bias gives: the same function
-    fit = refit(stats, current, bias, damp=damp, intercept=intercept, name=name)
+    fit = refit(stats, current, bias, damp=damp, intercept=intercept, name=name, mode=mode)
     notes = list(fit.notes)
     if fit.applied:
         if new_bias:

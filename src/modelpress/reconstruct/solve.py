@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_DAMP = 0.01
+REFIT_MODES = ("weights", "scales")
 
-__all__ = ["DEFAULT_DAMP", "PairStats", "Refit", "obs_update", "output_error", "refit", "stats_from_gram"]
+__all__ = ["DEFAULT_DAMP", "REFIT_MODES", "PairStats", "Refit", "obs_update", "output_error", "refit", "stats_from_gram"]
 
 
 @dataclass
@@ -131,22 +132,27 @@ def _solve_spd(a: torch.Tensor, rhs: torch.Tensor, damp: float, notes: list[str]
 
 
 def refit(stats: PairStats, current_weight: torch.Tensor, current_bias: torch.Tensor | None, *,
-          damp: float = DEFAULT_DAMP, intercept: bool = True, name: str = "layer") -> Refit:
+          damp: float = DEFAULT_DAMP, intercept: bool = True, name: str = "layer", mode: str = "weights") -> Refit:
     """Refit a pruned layer to the original layer's outputs (see the module docstring).
 
     ``stats``: the pruned inputs against the original outputs; ``current_weight`` [out, k] / ``current_bias``:
     the pruned layer as it is (the error before, and what is kept when the refit is not applied; a fixed bias
     when not refit). ``intercept``: refit the bias too (bias compensation; the layer must have one:
-    ``current_bias`` not None, else it is noted). ``damp``: relative damping (default 0.01). Warns
-    (``warnings``) when there are fewer calibration rows than unknowns per output.
+    ``current_bias`` not None, else it is noted). ``damp``: relative damping (default 0.01). ``mode``:
+    ``"weights"`` refits every kept weight (``k`` unknowns per output); ``"scales"`` refits one scale per kept
+    input column (Kwon et al. 2022's mask tuning: ``V diag(s)``, ``k`` unknowns for the whole layer, so it
+    generalises from few calibration rows). Warns (``warnings``) when there are fewer calibration rows than
+    unknowns per output (``"weights"``).
     """
+    if mode not in REFIT_MODES:
+        raise ValueError(f"mode must be one of {REFIT_MODES}, got {mode!r}")
     notes: list[str] = []
     k = stats.gram.shape[0]
     fit_bias = intercept and current_bias is not None
     if intercept and current_bias is None:
         notes.append("no bias: the mean shift is not compensated")
     need = k + (1 if fit_bias else 0)
-    if stats.rows < need:
+    if mode == "weights" and stats.rows < need:
         msg = f"{name}: {stats.rows} calibration rows for {need} unknowns per output: the refit is damped, not exact"
         notes.append(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -160,7 +166,16 @@ def refit(stats: PairStats, current_weight: torch.Tensor, current_bias: torch.Te
     else:
         a = s.gram
         rhs = s.cross if cur_b is None else s.cross - torch.outer(s.sum_pruned, cur_b)
-    v = _solve_spd(a, rhs, damp, notes).t()
+    if mode == "scales":
+        # min_s ||X' diag(s) V^T - Y||^2: normal equations (G o V^T V) s = rowsum(C o V^T), V the pruned weight;
+        # damped toward s = 1 (the layer as it is), not toward 0
+        cur = current_weight.detach().double().cpu()
+        m = a * (cur.t() @ cur)
+        ones = torch.ones(k, 1, dtype=torch.float64)
+        step = _solve_spd(m, (rhs * cur.t()).sum(1, keepdim=True) - m @ ones, damp, notes)
+        v = cur * (ones + step).flatten()[None, :]
+    else:
+        v = _solve_spd(a, rhs, damp, notes).t()
     c = my - v @ mp if fit_bias else cur_b
     before = output_error(s, current_weight, current_bias)
     finite = bool(torch.isfinite(v).all()) and (c is None or bool(torch.isfinite(c).all()))
@@ -168,9 +183,9 @@ def refit(stats: PairStats, current_weight: torch.Tensor, current_bias: torch.Te
     rel = 1.0 / s.energy if s.energy > 0 else 1.0
     if not finite:
         notes.append("refit not finite: weights left as they were")
-    elif not after < before:
+    elif not after < before - 1e-12 * s.energy:  # rounding-level gains (nothing removed) are not a refit
         notes.append(f"refit does not lower the output error ({after * rel:.3g} >= {before * rel:.3g}): not applied")
-    applied = finite and after < before
+    applied = finite and after < before - 1e-12 * s.energy
     if not applied:
         return Refit(current_weight.detach().clone(), None if current_bias is None else current_bias.detach().clone(),
                      before * rel, before * rel, False, notes)
