@@ -113,7 +113,8 @@ def create_app(settings: AgentSettings, store: Store) -> Any:
             "default_providers": list(settings.providers), "default_threads": settings.threads,
             "max_threads": max(cpu_count(), settings.threads), "max_upload_bytes": store.max_upload,
             "memory_available_bytes": _memory_available(), "busy": state.busy, "waiting": state.waiting,
-            "measurements": state.measurements, "refused": state.refused, "system": system,
+            "measurements": state.measurements, "refused": state.refused, "uploads": store.uploads,
+            "files": len(store.kinds), "system": system,
         })
 
     async def head_file(request: Request) -> Response:

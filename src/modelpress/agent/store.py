@@ -44,6 +44,7 @@ class Store:
         self.max_upload = int(max_upload)
         self.max_cache = int(max_cache)
         self.kinds: dict[str, str] = {}
+        self.uploads = 0  # files received and stored
 
     def path(self, sha: str) -> Path | None:
         """The stored file with this digest, or None."""
@@ -89,6 +90,7 @@ class Store:
             dst = self.files / sha
             os.replace(tmp, dst)
             self.kinds[sha] = kind
+            self.uploads += 1
             self._evict(keep=dst)
         finally:
             with contextlib.suppress(FileNotFoundError):

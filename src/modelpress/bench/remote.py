@@ -96,20 +96,22 @@ class RemoteRun:
     digests: dict[str, dict[str, str]]
     target: dict[str, Any]
     system: dict[str, Any]
-    started: float
+    started: float  # the device's clock (time.time()) when the timing began, ended, and the request arrived
     finished: float
+    arrived: float = 0.0
 
 
 class AgentClient:
     """Requests to one device's agent, with the token, TLS when the address is https, and retries."""
 
     def __init__(self, target: Target, token: str | None = None,
-                 retry_delays_s: Sequence[float] | None = None) -> None:
+                 retry_delays_s: Sequence[float] | None = None, reporter: Reporter = QUIET) -> None:
         if not target.remote:
             raise ModelpressError(f"target {target.name} is not a device", "use remote:HOST:PORT")
         self.target = target
         self.token = token or agent_token(target.name)
         self.delays = tuple(RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s)
+        self.reporter = reporter  # where retries are logged
         parts = urlsplit(str(target.address))
         self.scheme, self.host, self.port = parts.scheme, str(parts.hostname), int(parts.port or 0)
 
@@ -131,7 +133,7 @@ class AgentClient:
             conn.close()
 
     def request(self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None,
-                timeout: float = 60.0, reporter: Reporter = QUIET) -> tuple[int, Any]:
+                timeout: float = 60.0) -> tuple[int, Any]:
         """One request, tried again after each of the retry delays while the device does not answer.
         Returns the status and the decoded JSON body (None when empty); 401 raises ModelpressError."""
         started = time.monotonic()
@@ -158,7 +160,7 @@ class AgentClient:
                         "nothing was written",
                     ) from None
                 delay = self.delays[tries - 1]
-                reporter.log(f"device {self.target.name}: {reason}; trying again in {delay:g} s")
+                self.reporter.log(f"device {self.target.name}: {reason}; trying again in {delay:g} s")
                 time.sleep(delay)
         if status == 401:
             raise ModelpressError(f"the device {self.target.name} refused the token (401)", _TOKEN_HINT)
@@ -180,7 +182,7 @@ class AgentClient:
                                   "check the host and port")
         return data
 
-    def upload(self, sha: str, kind: str, source: Path | bytes, name: str, reporter: Reporter = QUIET) -> None:
+    def upload(self, sha: str, kind: str, source: Path | bytes, name: str) -> None:
         """Send one file unless the device has it already (same SHA-256 and kind)."""
         status, _ = self.request("HEAD", f"/files/{sha}", headers={"X-Modelpress-Kind": kind})
         if status == 200:
@@ -188,7 +190,7 @@ class AgentClient:
         size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
         headers = {"X-Modelpress-Kind": kind, "Content-Length": str(size), "Content-Type": "application/octet-stream"}
         if size > 2**20:
-            reporter.log(f"uploading {name} ({size / 2**20:.1f} MiB) to {self.target.name}")
+            self.reporter.log(f"uploading {name} ({size / 2**20:.1f} MiB) to {self.target.name}")
         if isinstance(source, bytes):
             status, data = self.request("PUT", f"/files/{sha}", body=source, headers=headers, timeout=600.0)
         else:
@@ -244,7 +246,7 @@ def measure_remote(
     reporter: Reporter = QUIET,
 ) -> RemoteRun:
     """Time ONNX files interleaved on ``target``'s device; see the module docstring."""
-    client = AgentClient(target)
+    client = AgentClient(target, reporter=reporter)
     info = client.info()
     limit = int(info.get("max_upload_bytes") or 0)
     files: dict[str, tuple[str, Path | bytes, str]] = {}  # sha -> kind, source, name
@@ -277,11 +279,10 @@ def measure_remote(
     for _ in range(3):  # the device may lose its cache (restarted, evicted) between uploads and the request
         for sha in pending:
             kind, source, fname = files[sha]
-            client.upload(sha, kind, source, fname, reporter)
+            client.upload(sha, kind, source, fname)
         with reporter.step(f"measuring {len(variants)} variants x {rounds} rounds on {target.name}"):
             status, data = client.request("POST", "/measure", body=body,
-                                          headers={"Content-Type": "application/json"}, timeout=timeout,
-                                          reporter=reporter)
+                                          headers={"Content-Type": "application/json"}, timeout=timeout)
         if status == 409 and isinstance(data, dict):
             pending = [s for s in data.get("missing", []) if s in files]
             if pending:
@@ -301,5 +302,5 @@ def measure_remote(
         target={**target.to_dict(), "threads": device_target.get("threads", target.threads),
                 "providers": device_target.get("providers", list(target.providers)), "device": info.get("device")},
         system=dict(data.get("system") or {}), started=float(data.get("started", 0.0)),
-        finished=float(data.get("finished", 0.0)),
+        finished=float(data.get("finished", 0.0)), arrived=float(data.get("arrived", 0.0)),
     )
