@@ -61,7 +61,7 @@ def start_agent(token_file: Path, threads: int, *extra: str) -> Agent:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+) ", line)
+    match = re.search(r"https?://127\.0\.0\.1:(\d+) ", line)
     if not match:
         proc.kill()
         raise RuntimeError(f"agent did not start: {line!r} {proc.stderr.read()[-2000:]}")

@@ -159,7 +159,7 @@ def _zip_bytes(tmp_path: Path) -> bytes:
 def test_an_agent_killed_mid_measurement_is_retried_then_named(fresh_agent, mlp_files, monkeypatch, capsys,
                                                                 tmp_path):
     files, spec = mlp_files
-    agent = fresh_agent(1)
+    agent = fresh_agent(1, "--cache-dir", str(tmp_path / "cache"))  # killed: its folder is left to the test
     monkeypatch.setattr(remote_mod, "RETRY_DELAYS_S", (0.1, 0.2, 0.4))
 
     def kill_when_busy() -> None:
