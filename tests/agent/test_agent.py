@@ -108,7 +108,8 @@ def test_missing_or_wrong_token_is_refused_and_nothing_runs(devices, mlp_files, 
 
 def test_uploads_over_the_limit_or_not_onnx_are_refused(fresh_agent, mlp_files, tmp_path):
     files, spec = mlp_files
-    agent = fresh_agent(1, "--max-upload-mb", "0.05")  # 51 KiB: the narrow MLP fits, the wide one's data not
+    cache = tmp_path / "cache"
+    agent = fresh_agent(1, "--max-upload-mb", "0.05", "--cache-dir", str(cache))  # 51 KiB: the narrow MLP fits
     token = {"Authorization": "Bearer " + agent.client().token}
     limit = agent.info()["max_upload_bytes"]
     # declared too large: refused before the body is read
@@ -147,6 +148,11 @@ def test_uploads_over_the_limit_or_not_onnx_are_refused(fresh_agent, mlp_files, 
     # the real ONNX file that fits is accepted and measured
     report = measure({"narrow": files["narrow"]}, spec, get_target(agent.target), batch_sizes=[1], **FAST)
     assert report.stats("narrow", 1).median_ms > 0
+    # every measurement's folder and every refused upload are gone; the cache holds the two accepted files
+    assert not list((cache / "work").iterdir()) and not list((cache / "incoming").iterdir())
+    assert len(list((cache / "files").iterdir())) == 2
+    agent.stop()
+    assert not (cache / "work").exists() and agent.proc.returncode == 0
 
 
 def _zip_bytes(tmp_path: Path) -> bytes:

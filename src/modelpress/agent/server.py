@@ -19,11 +19,13 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +227,10 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _exit_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def serve(settings: AgentSettings, announce: Any = None) -> None:
     """Bind, print where the agent listens, and serve until interrupted; the cache folder (a temporary one
     unless ``cache_dir``) is removed at exit. ``announce`` receives the printed lines (default: stdout)."""
@@ -263,6 +269,10 @@ def serve(settings: AgentSettings, announce: Any = None) -> None:
         shown = f"[{settings.host.strip('[]')}]" if family == socket.AF_INET6 else settings.host
         say(f"modelpress agent {settings.name}: listening on {scheme}://{shown}:{port} "
             f"({settings.threads} threads, {', '.join(settings.providers)}; pid {os.getpid()})")
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: with this handler that ends
+        # in SystemExit, so the cache folder below is still removed
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
