@@ -129,13 +129,17 @@ class Target:
 
     def node_times(self, path: os.PathLike | str, feeds: dict[str, Any], runs: int = 10) -> dict[str, float]:
         """Median milliseconds per run of each node of ``path``'s optimized graph on this target (ONNX
-        Runtime's profiler, after two warm-up runs): where a model spends its time, node by node."""
+        Runtime's profiler, after two warm-up runs): where a model spends its time, node by node. A remote
+        target profiles on its device (through the client modelpress.bench.remote registers)."""
         import json
         import tempfile
 
         import numpy as np
 
-        self._local_only("node profiling")
+        if self.remote:
+            if _REMOTE_PROFILER is None:
+                raise ModelpressError(f"no client for the device {self.name} is loaded", "import modelpress.bench")
+            return _REMOTE_PROFILER(self, path, feeds, runs)
         with tempfile.TemporaryDirectory(prefix="modelpress-profile-") as tmp:
             so = self.session_options()
             so.enable_profiling = True
@@ -229,6 +233,17 @@ def list_targets() -> list[str]:
 def cpu_session(path: os.PathLike | str, threads: int | None = None, **kwargs: Any):  # noqa: ANN201
     """An ONNX Runtime CPU session (the ``ort-cpu`` target, all usable cores unless ``threads``)."""
     return get_target("ort-cpu", threads).session(path, **kwargs)
+
+
+# The remote client (modelpress.bench.remote, a layer above) registers how a device profiles a model here:
+# (target, path, feeds, runs) -> node times.
+_REMOTE_PROFILER: Any = None
+
+
+def set_remote_profiler(profiler: Any) -> None:
+    """Register the function that runs :meth:`Target.node_times` on a device (called by the remote client)."""
+    global _REMOTE_PROFILER
+    _REMOTE_PROFILER = profiler
 
 
 REMOTE_PREFIX = "remote:"

@@ -65,6 +65,10 @@ def test_remote_measurement_has_the_local_output_digest(devices, mlp_files):
     assert uploads == 4  # two models, one external data file, the inputs
     measure(files, spec, tgt, batch_sizes=[1, 8], memory=False, **FAST)
     assert one.info()["uploads"] == uploads
+    # node profiling (the INT8 speed guard's) runs on the device too: the same optimized graph's nodes
+    remote_nodes = tgt.node_times(files["narrow"], spec.make(1), runs=3)
+    assert set(remote_nodes) == set(local.node_times(files["narrow"], spec.make(1), runs=3))
+    assert remote_nodes and all(v >= 0 for v in remote_nodes.values())
     # the device process never loaded torch
     maps = Path(f"/proc/{one.proc.pid}/maps")
     if maps.exists():

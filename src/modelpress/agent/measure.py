@@ -33,7 +33,8 @@ SESSION_CONFIG_PREFIXES = ("session.intra_op.", "session.inter_op.", "session.se
 # Provider options a client may set: none writes files on the device (no engine cache paths).
 PROVIDER_OPTION_KEYS = {"device_id", "trt_fp16_enable", "trt_int8_enable", "trt_max_workspace_size",
                         "trt_builder_optimization_level", "cudnn_conv_algo_search", "do_copy_in_default_stream"}
-LIMITS = {"rounds": (1, 100), "runs": (1, 100_000), "warmup": (0, 1000), "max_runs": (1, 1_000_000)}
+LIMITS = {"rounds": (1, 100), "runs": (1, 100_000), "warmup": (0, 1000), "max_runs": (1, 1_000_000),
+          "profile_runs": (1, 1000)}
 TIME_LIMITS = {"min_time_s": (0.0, 60.0), "max_time_s": (0.01, 600.0)}
 
 
@@ -55,6 +56,7 @@ class Request:
     timing: dict[str, Any]
     memory: bool
     digests: bool
+    profile: bool = False  # ONNX Runtime's per-node times of each variant at the first shape
 
     def files(self) -> dict[str, str]:
         """Every file the request needs: sha -> kind."""
@@ -131,14 +133,14 @@ def parse_request(body: Any, available: list[str], default_providers: tuple[str,
     if bad:
         raise BadRequest(f"provider options {bad} are not allowed on this agent")
     timing = {k: _number(body, k, d, *LIMITS[k], int) for k, d in
-              (("rounds", 3), ("runs", 10), ("warmup", 3), ("max_runs", 10_000))}
+              (("rounds", 3), ("runs", 10), ("warmup", 3), ("max_runs", 10_000), ("profile_runs", 10))}
     timing.update({k: _number(body, k, d, *TIME_LIMITS[k], float) for k, d in
                    (("min_time_s", 0.3), ("max_time_s", 60.0))})
     return Request(
         variants=checked, inputs=_sha(body.get("inputs"), "inputs"), shapes=shapes, providers=tuple(providers),
         threads=threads, session_config=tuple(sorted((str(k), v) for k, v in config.items())),
         provider_options=tuple(dict(o) for o in options), timing=timing, memory=bool(body.get("memory", True)),
-        digests=bool(body.get("digests", True)),
+        digests=bool(body.get("digests", True)), profile=bool(body.get("profile", False)),
     )
 
 
@@ -167,6 +169,9 @@ def run_measurement(req: Request, store: Store, device: str, extra_system: Mappi
                     except Exception as exc:  # a failed probe must not lose the timings
                         memory_errors[name] = f"{type(exc).__name__}: {exc}"
         digests = {name: onnx_digests(paths[name], target, feeds, name) for name in names} if req.digests else {}
+        first = feeds[req.shapes[0]]
+        node_times = ({name: target.node_times(paths[name], first, runs=req.timing["profile_runs"]) for name in names}
+                      if req.profile else {})
         samples, cpu = interleave(
             names, lambda name: onnx_runner(paths[name], target, name), lambda _name: feeds, req.shapes,
             rounds=req.timing["rounds"], warmup=req.timing["warmup"], runs=req.timing["runs"],
@@ -184,6 +189,7 @@ def run_measurement(req: Request, store: Store, device: str, extra_system: Mappi
         "peak": peak,
         "memory_errors": memory_errors,
         "digests": digests,
+        "node_times": node_times,
         "started": started,
         "finished": finished,
     }

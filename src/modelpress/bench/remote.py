@@ -32,7 +32,7 @@ import numpy as np
 from modelpress.errors import ModelpressError
 from modelpress.export.files import external_data_files
 from modelpress.progress import QUIET, Reporter
-from modelpress.targets import Target
+from modelpress.targets import Target, set_remote_profiler
 from modelpress.timing import parse_shape_key, shape_key
 
 TOKEN_ENV = "MODELPRESS_AGENT_TOKEN"
@@ -246,6 +246,47 @@ def measure_remote(
     reporter: Reporter = QUIET,
 ) -> RemoteRun:
     """Time ONNX files interleaved on ``target``'s device; see the module docstring."""
+    data, info = _run_on_device(target, onnx_paths, feeds, shapes, reporter, {
+        "rounds": rounds, "runs": runs, "warmup": warmup, "max_runs": max_runs, "min_time_s": min_time_s,
+        "max_time_s": max_time_s, "memory": memory, "digests": True,
+    })
+    by_key = {shape_key(*s): s for s in shapes}
+
+    def shaped(per_variant: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[tuple, Any]]:
+        return {n: {by_key.get(k, parse_shape_key(k)): v for k, v in per.items()} for n, per in per_variant.items()}
+
+    device_target = dict(data.get("target") or {})
+    return RemoteRun(
+        samples=shaped(data["samples"]), cpu=shaped(data["cpu"]), peak=dict(data.get("peak") or {}),
+        memory_errors=dict(data.get("memory_errors") or {}), digests=dict(data.get("digests") or {}),
+        target={**target.to_dict(), "threads": device_target.get("threads", target.threads),
+                "providers": device_target.get("providers", list(target.providers)), "device": info.get("device")},
+        system=dict(data.get("system") or {}), started=float(data.get("started", 0.0)),
+        finished=float(data.get("finished", 0.0)), arrived=float(data.get("arrived", 0.0)),
+    )
+
+
+def node_times(target: Target, path: os.PathLike | str, feeds: Mapping[str, np.ndarray], runs: int = 10
+               ) -> dict[str, float]:
+    """:meth:`Target.node_times` on the device: ONNX Runtime's per-node median milliseconds there."""
+    first = next(iter(feeds.values()))
+    shape = (int(np.shape(first)[0]) if np.ndim(first) else 1, None)
+    data, _ = _run_on_device(target, {"model": Path(path)}, {shape: dict(feeds)}, [shape], QUIET, {
+        "rounds": 1, "runs": 1, "warmup": 0, "min_time_s": 0.0, "memory": False, "digests": False,
+        "profile": True, "profile_runs": runs,
+    })
+    return {k: float(v) for k, v in data["node_times"]["model"].items()}
+
+
+set_remote_profiler(node_times)
+
+
+def _run_on_device(
+    target: Target, onnx_paths: Mapping[str, Path], feeds: Mapping[tuple[int, int | None], Mapping[str, np.ndarray]],
+    shapes: Sequence[tuple[int, int | None]], reporter: Reporter, settings: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Upload what the device lacks and run one measurement request there; returns its answer and the
+    device's info."""
     client = AgentClient(target, reporter=reporter)
     info = client.info()
     limit = int(info.get("max_upload_bytes") or 0)
@@ -270,8 +311,7 @@ def measure_remote(
         "variants": variants, "inputs": inputs_sha, "shapes": [shape_key(*s) for s in shapes],
         "threads": target.threads, "providers": list(target.providers),
         "session_config": dict(target.session_config), "provider_options": [dict(o) for o in target.provider_options],
-        "rounds": rounds, "runs": runs, "warmup": warmup, "max_runs": max_runs, "min_time_s": min_time_s,
-        "max_time_s": max_time_s, "memory": memory, "digests": True,
+        **settings,
     }
     body = json.dumps(payload).encode()
     timeout = float(os.environ.get(TIMEOUT_ENV, 3600))
@@ -280,7 +320,7 @@ def measure_remote(
         for sha in pending:
             kind, source, fname = files[sha]
             client.upload(sha, kind, source, fname)
-        with reporter.step(f"measuring {len(variants)} variants x {rounds} rounds on {target.name}"):
+        with reporter.step(f"measuring {len(variants)} variants x {settings['rounds']} rounds on {target.name}"):
             status, data = client.request("POST", "/measure", body=body,
                                           headers={"Content-Type": "application/json"}, timeout=timeout)
         if status == 409 and isinstance(data, dict):
@@ -290,17 +330,4 @@ def measure_remote(
         break
     if status != 200 or not isinstance(data, dict):
         raise client._refused("the measurement", status, data)
-    by_key = {shape_key(*s): s for s in shapes}
-
-    def shaped(per_variant: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[tuple, Any]]:
-        return {n: {by_key.get(k, parse_shape_key(k)): v for k, v in per.items()} for n, per in per_variant.items()}
-
-    device_target = dict(data.get("target") or {})
-    return RemoteRun(
-        samples=shaped(data["samples"]), cpu=shaped(data["cpu"]), peak=dict(data.get("peak") or {}),
-        memory_errors=dict(data.get("memory_errors") or {}), digests=dict(data.get("digests") or {}),
-        target={**target.to_dict(), "threads": device_target.get("threads", target.threads),
-                "providers": device_target.get("providers", list(target.providers)), "device": info.get("device")},
-        system=dict(data.get("system") or {}), started=float(data.get("started", 0.0)),
-        finished=float(data.get("finished", 0.0)), arrived=float(data.get("arrived", 0.0)),
-    )
+    return data, info
