@@ -35,8 +35,8 @@ class Target:
     # spinning off helps a lot on an oversubscribed machine (2 threads on 2 busy cores ran 2x slower).
     session_config: tuple[tuple[str, str], ...] = ()
     # A device running `modelpress agent` (``http://HOST:PORT`` or ``https://...``): measurements run there,
-    # through modelpress.bench.remote, with the same interleaved protocol. ``threads`` 0 means the
-    # device's own default (its usable cores, or the agent's --threads).
+    # through modelpress.bench.remote, with the same interleaved protocol, on the providers the agent was
+    # started with (its --providers). ``threads`` 0 means the device's own default (the agent's --threads).
     address: str | None = None
 
     @property

@@ -309,7 +309,7 @@ def _run_on_device(
                 f"{limit / 2**20:.1f} MiB", "start the agent with a larger --max-upload-mb")
     payload = {
         "variants": variants, "inputs": inputs_sha, "shapes": [shape_key(*s) for s in shapes],
-        "threads": target.threads, "providers": list(target.providers),
+        "threads": target.threads,  # 0: the device's default; providers: always the device's (agent --providers)
         "session_config": dict(target.session_config), "provider_options": [dict(o) for o in target.provider_options],
         **settings,
     }
