@@ -226,3 +226,23 @@ def test_concurrent_measurements_on_one_device_are_serialized(devices, mlp_files
         assert end <= start, f"{a} and {b} overlapped"
     # the two later ones arrived while the first was timing, and waited for it
     assert all(runs[n].arrived < runs["first"].finished <= runs[n].started for n in ("next0", "next1"))
+
+
+def test_bench_command_on_a_device_prints_the_table_and_the_device(devices, mlp_files, token_file, tmp_path,
+                                                                  monkeypatch, capsys):
+    from modelpress.cli import main
+
+    files, _ = mlp_files
+    agent = devices[1]
+    monkeypatch.delenv("MODELPRESS_AGENT_TOKEN_FILE")  # the option, not the environment, carries the token
+    out = tmp_path / "bench.json"
+    main(["bench", str(files["narrow"]), "--target", agent.target, "--token-file", str(token_file), "--batch", "1",
+          "--rounds", "1", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert f"latency on {agent.target} (2 threads)" in printed and "narrow" in printed
+    data = json.loads(out.read_text())
+    assert data["target"]["address"] == f"http://127.0.0.1:{agent.port}" and data["target"]["threads"] == 2
+    system = data["system"]
+    assert system["threads"] == 2 and system["cpu_model"] and "accelerators" in system
+    assert system["ort_version"] == system["versions"]["onnxruntime"] and "CPUExecutionProvider" in system["ort_providers"]
+    assert data["variants"]["narrow"]["output_digests"]["b1"]

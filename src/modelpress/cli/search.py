@@ -90,10 +90,12 @@ def search(
     check_latency_mode(latency)
     from modelpress.search.executors import make_executor
 
+    # a device target is asked first (one line in seconds when its address or token is wrong), and its token
+    # file is in the environment before worker processes start
+    tgt = resolve_target(target, threads, token_file)
     # checked (a dead Ray address: one line in seconds) and connected before loading anything: an address that
     # answers but is no Ray cluster fails here too; the search reuses the connection
     with contextlib.closing(make_executor(executor, workers=workers, address=ray_address)):
-        tgt = resolve_target(target, threads, token_file)
         rep = reporter(quiet or as_json)
         graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep, seed)
         spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
