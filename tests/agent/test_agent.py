@@ -149,14 +149,43 @@ def test_uploads_over_the_limit_or_not_onnx_are_refused(fresh_agent, mlp_files, 
                       "shapes": ["b1"]}).encode()
     assert _raw(agent.port, "POST", "/v1/measure", bad, token) == 400
     assert agent.info()["measurements"] == 0
+    # an ONNX model whose external data points outside its folder: the client refuses to send it, and the
+    # device's ONNX Runtime refuses to load it (422), so no file outside the work folder is ever read
+    evil = _outside_data_model(tmp_path / "evil.onnx")
+    with pytest.raises(ModelpressError, match="external data outside its folder"):
+        measure({"evil": evil}, spec, get_target(agent.target), batch_sizes=[1], **FAST)
+    esha = hashlib.sha256(evil.read_bytes()).hexdigest()
+    assert _raw(agent.port, "PUT", f"/v1/files/{esha}", evil.read_bytes(), {**token, "X-Modelpress-Kind": "model"}) == 201
+    inputs = remote_mod.inputs_archive({(1, None): {"x": spec.make(1)["x"][:, :4].copy()}})
+    isha = hashlib.sha256(inputs).hexdigest()
+    assert _raw(agent.port, "PUT", f"/v1/files/{isha}", inputs, {**token, "X-Modelpress-Kind": "inputs"}) == 201
+    body = json.dumps({"variants": {"evil": {"model": esha}}, "inputs": isha, "shapes": ["b1"]}).encode()
+    assert _raw(agent.port, "POST", "/v1/measure", body, token) == 422
     # the real ONNX file that fits is accepted and measured
     report = measure({"narrow": files["narrow"]}, spec, get_target(agent.target), batch_sizes=[1], **FAST)
     assert report.stats("narrow", 1).median_ms > 0
     # every measurement's folder and every refused upload are gone; the cache holds the two accepted files
     assert not list((cache / "work").iterdir()) and not list((cache / "incoming").iterdir())
-    assert len(list((cache / "files").iterdir())) == 2
+    assert len(list((cache / "files").iterdir())) == 4  # the evil model and its inputs, the MLP and its inputs
     agent.stop()
     assert not (cache / "work").exists() and agent.proc.returncode == 0
+
+
+def _outside_data_model(path: Path) -> Path:
+    """y = x + w with w's external data at /etc/hostname."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((4,), np.float32), "w")
+    w.data_location = TensorProto.EXTERNAL
+    w.ClearField("raw_data")
+    for key, value in (("location", "/etc/hostname"), ("offset", "0"), ("length", "4")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", io[:1], io[1:], [w])
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
 
 
 def _zip_bytes(tmp_path: Path) -> bytes:

@@ -223,10 +223,17 @@ def _variant_files(path: Path) -> tuple[str, dict[str, tuple[str, Path]]]:
     """A model's SHA-256 and its external data files: relative name -> (SHA-256, path)."""
     data = {}
     for f in external_data_files(path):
+        try:
+            rel = f.relative_to(path.parent).as_posix()
+        except ValueError:
+            rel = ""
+        if not rel or ".." in Path(rel).parts:
+            raise ModelpressError(f"{path.name} refers to external data outside its folder ({f})",
+                                  "save the model with its .data file beside it")
         if not f.is_file():
             raise ModelpressError(f"{path.name} refers to external data {f.name}, which is missing",
                                   "keep the .data file beside the model")
-        data[f.relative_to(path.parent).as_posix()] = (file_sha256(f), f)
+        data[rel] = (file_sha256(f), f)
     return file_sha256(path), data
 
 

@@ -23,7 +23,7 @@ def agent(
     keyfile: Annotated[Path | None, typer.Option("--keyfile", help="TLS private key (PEM).")] = None,
 ) -> None:
     """Measurement agent for a device: times uploaded ONNX models here, one measurement at a time, for
-    `--target remote:HOST:PORT` on another machine. Needs `pip install 'modelpress[agent]'`."""
+    `--target remote:HOST:PORT` on another machine. Needs the agent extra (starlette and uvicorn)."""
     from modelpress.agent.cli import run
 
     run(host=host, port=port, token_file=token_file, threads=threads, providers=providers, name=name,
