@@ -169,6 +169,9 @@ def create_app(settings: AgentSettings, store: Store) -> Any:
             return error(400, str(exc))
         except ModelpressError as exc:
             return error(422, exc.problem)
+        except Exception as exc:  # e.g. ONNX Runtime failing on the inputs: answered, and the agent serves on
+            first = (str(exc).splitlines() or [""])[0][:500]
+            return error(500, f"the measurement failed: {type(exc).__name__}: {first}")
         finally:
             state.busy = False
             state.lock.release()
