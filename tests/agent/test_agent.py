@@ -164,6 +164,11 @@ def test_uploads_over_the_limit_or_not_onnx_are_refused(fresh_agent, mlp_files, 
     # the real ONNX file that fits is accepted and measured
     report = measure({"narrow": files["narrow"]}, spec, get_target(agent.target), batch_sizes=[1], **FAST)
     assert report.stats("narrow", 1).median_ms > 0
+    # inputs the model cannot take (4 features, not 64): one short answer, and the agent serves on
+    nsha = hashlib.sha256(Path(files["narrow"]).read_bytes()).hexdigest()
+    body = json.dumps({"variants": {"narrow": {"model": nsha}}, "inputs": isha, "shapes": ["b1"]}).encode()
+    assert _raw(agent.port, "POST", "/v1/measure", body, token) == 500
+    assert agent.info()["busy"] is False
     # every measurement's folder and every refused upload are gone; the cache holds the two accepted files
     assert not list((cache / "work").iterdir()) and not list((cache / "incoming").iterdir())
     assert len(list((cache / "files").iterdir())) == 4  # the evil model and its inputs, the MLP and its inputs
