@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -70,11 +71,9 @@ def load_average() -> float | None:
 
 
 def _torch_threads() -> int | None:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return None
-    return torch.get_num_threads()
+    """torch's thread count when torch is loaded (never imported here: the measurement agent has none)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.get_num_threads()
 
 
 def system_info(threads: int | None = None) -> dict[str, Any]:

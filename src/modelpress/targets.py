@@ -34,6 +34,15 @@ class Target:
     # ONNX Runtime session config entries, e.g. (("session.intra_op.allow_spinning", "0"),): turning
     # spinning off helps a lot on an oversubscribed machine (2 threads on 2 busy cores ran 2x slower).
     session_config: tuple[tuple[str, str], ...] = ()
+    # A device running `modelpress agent` (``http://HOST:PORT`` or ``https://...``): measurements run there,
+    # through modelpress.bench.remote, with the same interleaved protocol, on the providers the agent was
+    # started with (its --providers). ``threads`` 0 means the device's own default (the agent's --threads).
+    address: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether this target is a device reached through its measurement agent."""
+        return self.address is not None
 
     @property
     def provider(self) -> str:
@@ -46,7 +55,10 @@ class Target:
         return "cpu" if self.provider == "CPUExecutionProvider" else "cuda"
 
     def available(self) -> bool:
-        """Whether the installed ONNX Runtime offers this target's provider."""
+        """Whether the installed ONNX Runtime offers this target's provider (a remote target: True; its
+        device says what it offers when it is first asked to measure)."""
+        if self.remote:
+            return True
         import onnxruntime as ort
 
         return self.provider in ort.get_available_providers()
@@ -61,6 +73,13 @@ class Target:
                 f"(available: {', '.join(ort.get_available_providers())})",
                 "install onnxruntime-gpu (and TensorRT for 'tensorrt') on a machine with a GPU, "
                 "or use the 'ort-cpu' target",
+            )
+
+    def _local_only(self, what: str) -> None:
+        if self.remote:
+            raise ModelpressError(
+                f"{what} runs in this process, not on the device {self.name}",
+                "measure on the device with modelpress.bench.measure (the agent times ONNX files there)",
             )
 
     def with_threads(self, threads: int | None) -> Target:
@@ -104,18 +123,23 @@ class Target:
         self, path: os.PathLike | str, *, level: str = "all", optimized_path: os.PathLike | str | None = None
     ):  # noqa: ANN201 - onnxruntime.InferenceSession
         """A fresh InferenceSession for ``path`` on this target: the one place sessions are built."""
-
+        self._local_only("an ONNX Runtime session")
         self.require_available()
         return self.session_with_options(path, self.session_options(level=level, optimized_path=optimized_path))
 
     def node_times(self, path: os.PathLike | str, feeds: dict[str, Any], runs: int = 10) -> dict[str, float]:
         """Median milliseconds per run of each node of ``path``'s optimized graph on this target (ONNX
-        Runtime's profiler, after two warm-up runs): where a model spends its time, node by node."""
+        Runtime's profiler, after two warm-up runs): where a model spends its time, node by node. A remote
+        target profiles on its device (through the client modelpress.bench.remote registers)."""
         import json
         import tempfile
 
         import numpy as np
 
+        if self.remote:
+            if _REMOTE_PROFILER is None:
+                raise ModelpressError(f"no client for the device {self.name} is loaded", "import modelpress.bench")
+            return _REMOTE_PROFILER(self, path, feeds, runs)
         with tempfile.TemporaryDirectory(prefix="modelpress-profile-") as tmp:
             so = self.session_options()
             so.enable_profiling = True
@@ -139,6 +163,7 @@ class Target:
         """An InferenceSession for ``path`` with these SessionOptions on this target's providers."""
         import onnxruntime as ort
 
+        self._local_only("an ONNX Runtime session")
         self.require_available()
         kwargs: dict[str, Any] = {"providers": list(self.providers)}
         if self.provider_options:
@@ -146,7 +171,9 @@ class Target:
         return ort.InferenceSession(str(path), options, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
+        """The target as JSON (a remote target adds its address)."""
         return {
+            **({"address": self.address} if self.remote else {}),
             "name": self.name,
             "providers": list(self.providers),
             "threads": self.threads,
@@ -208,15 +235,61 @@ def cpu_session(path: os.PathLike | str, threads: int | None = None, **kwargs: A
     return get_target("ort-cpu", threads).session(path, **kwargs)
 
 
+# The remote client (modelpress.bench.remote, a layer above) registers how a device profiles a model here:
+# (target, path, feeds, runs) -> node times.
+_REMOTE_PROFILER: Any = None
+
+
+def set_remote_profiler(profiler: Any) -> None:
+    """Register the function that runs :meth:`Target.node_times` on a device (called by the remote client)."""
+    global _REMOTE_PROFILER
+    _REMOTE_PROFILER = profiler
+
+
+REMOTE_PREFIX = "remote:"
+_REMOTE_HINT = "write remote:HOST:PORT (e.g. remote:127.0.0.1:8765), or remote:https://HOST:PORT for TLS"
+
+
+def remote_target(spec: str) -> Target:
+    """The Target of a device running ``modelpress agent``: ``remote:HOST:PORT``, ``remote:[IPv6]:PORT``
+    or ``remote:https://HOST:PORT`` (http unless https is written). No connection is made here."""
+    from urllib.parse import urlsplit
+
+    rest = spec[len(REMOTE_PREFIX):] if spec.startswith(REMOTE_PREFIX) else spec
+    url = rest if "://" in rest else f"http://{rest}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ModelpressError(f"target {spec!r} is not a device address", _REMOTE_HINT) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ModelpressError(f"target {spec!r} is not a device address", _REMOTE_HINT)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    address = f"{parts.scheme}://{host}:{port}"
+    shown = f"{host}:{port}" if parts.scheme == "http" else address
+    return Target(
+        name=f"{REMOTE_PREFIX}{shown}",
+        providers=("CPUExecutionProvider",),
+        threads=0,
+        batch_sizes=(1, 8),
+        seq_lens=(128,),
+        description=f"a device running `modelpress agent` at {address}",
+        address=address,
+    )
+
+
 def get_target(name: str | Target, threads: int | None = None) -> Target:
-    """The target called ``name`` (optionally with another thread count)."""
+    """The target called ``name`` (optionally with another thread count); ``remote:HOST:PORT`` is a device
+    running ``modelpress agent`` (see :func:`remote_target`)."""
     if isinstance(name, Target):
         return name.with_threads(threads)
+    if name.startswith(REMOTE_PREFIX):
+        return remote_target(name).with_threads(threads)
     try:
         target = TARGETS[name]
     except KeyError:
         raise ModelpressError(
             f"unknown target {name!r}",
-            f"use one of: {', '.join(list_targets())}",
+            f"use one of: {', '.join(list_targets())}, or remote:HOST:PORT (a device running `modelpress agent`)",
         ) from None
     return target.with_threads(threads)

@@ -19,8 +19,6 @@ import contextlib
 import gc
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +37,7 @@ from modelpress.graph.run import TorchCall, eval_mode
 from modelpress.progress import QUIET, Reporter
 from modelpress.system import load_average, system_info
 from modelpress.targets import Target, get_target
+from modelpress.timing import interleave, onnx_runner, probe_onnx_memory, shape_key
 
 Variant = os.PathLike | str | nn.Module
 
@@ -84,6 +83,9 @@ class VariantResult:
     file_size_bytes: int | None  # ONNX: file + external data; torch: parameter + buffer bytes
     shapes: list[ShapeStats]
     memory_error: str | None = None
+    # SHA-256 of the outputs per shape (b1_s128: digest), from a device: compare with a local run's
+    # (modelpress.timing.onnx_digests) to check the device computes the same thing
+    output_digests: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -216,10 +218,6 @@ def _shapes(input_spec: InputSpec, batch_sizes: list[int], seq_lens: list[int] |
     return [(b, None) for b in sorted(set(batch_sizes))]
 
 
-def _shape_key(batch: int, seq: int | None) -> str:
-    return f"b{batch}" if seq is None else f"b{batch}_s{seq}"
-
-
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Run the block with torch on ``threads`` intra-op threads, restoring the previous count after."""
@@ -229,52 +227,6 @@ def torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _onnx_runner(path: Path, target: Target, name: str) -> Callable[[Any], Any]:
-    try:
-        sess = target.session(path)
-    except ModelpressError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelpressError(f"ONNX Runtime cannot load variant {name!r} ({path}): {exc}") from exc
-    wanted = [i.name for i in sess.get_inputs()]
-    return lambda feed: sess.run(None, {k: feed[k] for k in wanted})
-
-
-def _time_runs(
-    run: Callable[[Any], Any],
-    feed: Any,
-    warmup: int,
-    runs: int,
-    min_time_s: float,
-    max_time_s: float,
-    max_runs: int,
-) -> tuple[list[float], list[float]]:
-    """Warm up, then time at least ``runs`` runs for at least ``min_time_s`` (at most ``max_time_s``).
-
-    Returns wall-clock and process CPU milliseconds per run.
-    """
-    start = time.perf_counter()
-    for _ in range(warmup):
-        run(feed)
-        if time.perf_counter() - start > max_time_s:
-            break
-    times: list[float] = []
-    cpu: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_runs:
-        elapsed = time.perf_counter() - start
-        if times and elapsed >= max_time_s:
-            break
-        if len(times) >= runs and elapsed >= min_time_s:
-            break
-        c0, t0 = time.process_time(), time.perf_counter()
-        run(feed)
-        t1, c1 = time.perf_counter(), time.process_time()
-        times.append((t1 - t0) * 1000.0)
-        cpu.append((c1 - c0) * 1000.0)
-    return times, cpu
 
 
 def _param_bytes(module: nn.Module) -> int:
@@ -298,37 +250,6 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
-def _probe_onnx_memory(
-    path: Path, target: Target, feeds: dict[tuple, dict[str, np.ndarray]], shapes: list[tuple], workdir: Path
-) -> dict[str, float | None]:
-    inputs = workdir / "inputs.npz"
-    if not inputs.exists():
-        arrays = {f"{_shape_key(*shape)}::{k}": v for shape in shapes for k, v in feeds[shape].items()}
-        np.savez(inputs, **arrays)
-    cfg = {
-        "path": str(path),
-        "providers": list(target.providers),
-        "provider_options": [dict(o) for o in target.provider_options],
-        "threads": target.threads,
-        "session_config": [list(kv) for kv in target.session_config],
-        "inputs": str(inputs),
-        "shapes": [_shape_key(*s) for s in shapes],
-    }
-    script = Path(__file__).with_name("_memprobe.py")
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            (proc.stderr or proc.stdout).strip().splitlines()[-1:] or f"exit {proc.returncode}"
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])["shapes"]
-
-
 def _probe_torch_memory(
     module: nn.Module, names: list[str], feeds: dict[tuple, tuple], shapes: list[tuple], threads: int
 ) -> dict[str, float | None]:
@@ -342,12 +263,12 @@ def _probe_torch_memory(
                 with open("/proc/self/clear_refs", "w") as fh:
                     fh.write("5")
             except OSError:
-                out[_shape_key(*shape)] = None
+                out[shape_key(*shape)] = None
                 continue
             base = _status_kb("VmRSS")
             run(feeds[shape])
             hwm = _status_kb("VmHWM")
-            out[_shape_key(*shape)] = (
+            out[shape_key(*shape)] = (
                 None if base is None or hwm is None else weights_mb + (hwm - base) / 1024.0
             )
     return out
@@ -424,7 +345,44 @@ def measure(
     shapes = _shapes(input_spec, list(batch_sizes or target.batch_sizes), seq_lens or list(target.seq_lens))
     np_feeds = {s: input_spec.make(s[0], s[1]) for s in shapes}
     torch_feeds = {s: tuple(torch.from_numpy(np_feeds[s][n]) for n in input_spec.names) for s in shapes}
+    target_info, system, digests = target.to_dict(), None, {}
 
+    if target.address is not None:  # a device running `modelpress agent`: the same protocol, run there
+        if modules:
+            raise ModelpressError(
+                f"torch variants ({', '.join(modules)}) cannot be measured on the device {target.name}",
+                "export them to ONNX first; the agent runs ONNX files only",
+            )
+        from modelpress.bench.remote import measure_remote
+
+        remote = measure_remote(
+            target, onnx_paths, np_feeds, shapes, rounds=rounds, runs=runs, min_time_s=min_time_s,
+            warmup=warmup, max_runs=max_runs, max_time_s=max_time_s, memory=memory, reporter=reporter,
+        )
+        samples, cpu_samples, peak, memory_errors = remote.samples, remote.cpu, remote.peak, remote.memory_errors
+        target_info, system, digests = remote.target, remote.system, remote.digests
+    else:
+        samples, cpu_samples, peak, memory_errors = _measure_here(
+            names, target, input_spec, onnx_paths, modules, shapes, np_feeds, torch_feeds, rounds=rounds, runs=runs,
+            min_time_s=min_time_s, warmup=warmup, max_runs=max_runs, max_time_s=max_time_s, memory=memory,
+            reporter=reporter,
+        )
+    return _report(names, baseline, shapes, samples, cpu_samples, peak, memory_errors, onnx_paths, modules,
+                   target_info, system if system is not None else system_info(target.threads), digests, rounds,
+                   started, load_before)
+
+
+Samples = dict[str, dict[tuple, list[list[float]]]]
+CpuSamples = dict[str, dict[tuple, list[float]]]
+
+
+def _measure_here(
+    names: list[str], target: Target, input_spec: InputSpec, onnx_paths: dict[str, Path], modules: dict[str, nn.Module],
+    shapes: list[tuple], np_feeds: dict[tuple, dict[str, np.ndarray]], torch_feeds: dict[tuple, tuple], *,
+    rounds: int, runs: int, min_time_s: float, warmup: int, max_runs: int, max_time_s: float, memory: bool,
+    reporter: Reporter,
+) -> tuple[Samples, CpuSamples, dict[str, dict[str, float | None]], dict[str, str]]:
+    """Probe memory, then time the variants interleaved in this process."""
     with _eval_modules(list(modules.values())):
         # Memory first, so the probes' allocations do not sit inside the timed rounds.
         peak: dict[str, dict[str, float | None]] = {}
@@ -434,7 +392,7 @@ def measure(
                 for name in reporter.track(names, "probing memory"):
                     try:
                         if name in onnx_paths:
-                            peak[name] = _probe_onnx_memory(
+                            peak[name] = probe_onnx_memory(
                                 onnx_paths[name], target, np_feeds, shapes, Path(tmp)
                             )
                         else:
@@ -444,24 +402,27 @@ def measure(
                     except Exception as exc:  # a failed probe must not lose the timings
                         memory_errors[name] = f"{type(exc).__name__}: {exc}"
 
-        samples: dict[str, dict[tuple, list[list[float]]]] = {n: {s: [] for s in shapes} for n in names}
-        cpu_samples: dict[str, dict[tuple, list[float]]] = {n: {s: [] for s in shapes} for n in names}
-        jobs = [(r, names[(r + i) % len(names)]) for r in range(rounds) for i in range(len(names))]
-        with torch_threads(target.threads):
-            for _, name in reporter.track(jobs, f"timing {len(names)} variants x {rounds} rounds"):
-                if name in onnx_paths:
-                    run = _onnx_runner(onnx_paths[name], target, name)
-                    feeds: dict[tuple, Any] = np_feeds
-                else:
-                    run = TorchCall(modules[name], input_spec.names, inference=True)
-                    feeds = torch_feeds
-                for shape in shapes:
-                    wall, cpu = _time_runs(run, feeds[shape], warmup, runs, min_time_s, max_time_s, max_runs)
-                    samples[name][shape].append(wall)
-                    cpu_samples[name][shape].extend(cpu)
-                del run
-                gc.collect()
+        def make_run(name: str) -> Callable[[Any], Any]:
+            if name in onnx_paths:
+                return onnx_runner(onnx_paths[name], target, name)
+            return TorchCall(modules[name], input_spec.names, inference=True)
 
+        with torch_threads(target.threads):
+            samples, cpu_samples = interleave(
+                names, make_run, lambda name: np_feeds if name in onnx_paths else torch_feeds, shapes,
+                rounds=rounds, warmup=warmup, runs=runs, min_time_s=min_time_s, max_time_s=max_time_s,
+                max_runs=max_runs, track=reporter.track,
+            )
+    return samples, cpu_samples, peak, memory_errors
+
+
+def _report(
+    names: list[str], baseline: str, shapes: list[tuple], samples: Samples, cpu_samples: CpuSamples,
+    peak: dict[str, dict[str, float | None]], memory_errors: dict[str, str], onnx_paths: dict[str, Path],
+    modules: dict[str, nn.Module], target_info: dict[str, Any], system: dict[str, Any],
+    digests: dict[str, dict[str, str]], rounds: int, started: float, load_before: float | None,
+) -> BenchReport:
+    """The statistics of every variant and shape from the per-round samples (local or a device's)."""
     results: dict[str, VariantResult] = {}
     for name in names:
         stats = []
@@ -486,7 +447,7 @@ def measure(
                     round_medians_ms=medians,
                     speedup=float(np.median(ratios)) if ratios else None,
                     speedup_rounds=ratios,
-                    peak_memory_mb=peak.get(name, {}).get(_shape_key(*shape)),
+                    peak_memory_mb=peak.get(name, {}).get(shape_key(*shape)),
                     cpu_ms=float(np.median(cpu_samples[name][shape])),
                 )
             )
@@ -494,11 +455,12 @@ def measure(
             kind, path, size = "onnx", str(onnx_paths[name]), onnx_file_size(onnx_paths[name])
         else:
             kind, path, size = "torch", None, _param_bytes(modules[name])
-        results[name] = VariantResult(name, kind, path, size, stats, memory_errors.get(name))
+        results[name] = VariantResult(name, kind, path, size, stats, memory_errors.get(name),
+                                      dict(digests.get(name, {})))
 
     return BenchReport(
-        target=target.to_dict(),
-        system=system_info(target.threads),
+        target=target_info,
+        system=system,
         baseline=baseline,
         rounds=rounds,
         variants=results,

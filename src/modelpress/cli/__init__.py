@@ -1,4 +1,4 @@
-"""The `modelpress` command: compress, prune, quantize, fuse, search, inspect, export, bench, recipes.
+"""The `modelpress` command: compress, prune, quantize, fuse, search, inspect, export, bench, recipes, agent.
 
 One module per command (as optimum's `optimum/commands/`); what they share (options, reporter, output
 preparation, printing, error handling) lives in `cli.common`. The commands import nothing heavy until
@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from modelpress.cli import bench, compress, export, fuse, inspect, recipes, search
+from modelpress.cli import agent, bench, compress, export, fuse, inspect, recipes, search
 from modelpress.cli.common import user_errors
 
 app = typer.Typer(
@@ -21,7 +21,7 @@ app = typer.Typer(
     help="Make trained neural networks smaller and faster, and measure what they gained.",
 )
 for command in (compress.compress, compress.prune, compress.quantize, fuse.fuse, inspect.inspect, export.export,
-                bench.bench, recipes.recipes, search.search):
+                bench.bench, recipes.recipes, search.search, agent.agent):
     app.command()(command)
 
 

@@ -15,12 +15,14 @@ from modelpress.cli.common import (
     Quiet,
     TargetOpt,
     Threads,
+    TokenFile,
     TrustPickle,
     check_output_file,
     load_graph,
     print_json,
     print_rich,
     reporter,
+    resolve_target,
 )
 from modelpress.errors import ModelpressError
 
@@ -28,7 +30,7 @@ from modelpress.errors import ModelpressError
 def bench(
     model: Annotated[str | None, typer.Argument(help="MODEL.onnx or a checkpoint (exported first)")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON file (default bench-NAME.json).")] = None,
-    target: TargetOpt = "ort-cpu", threads: Threads = None,
+    target: TargetOpt = "ort-cpu", threads: Threads = None, token_file: TokenFile = None,
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Batch sizes.")] = None,
     seq: Annotated[list[int] | None, typer.Option("--seq", help="Sequence lengths (text models).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds.")] = 3,
@@ -44,13 +46,13 @@ def bench(
 ) -> None:
     """Measure ONNX Runtime latency (median, p90, p99, CV, throughput, memory, file size); table + JSON.
     With --latency-table CKPT: the per-block latency table of CKPT on the target instead."""
-    from modelpress.bench import get_target, input_spec_from_onnx, measure
+    from modelpress.bench import input_spec_from_onnx, measure
     from modelpress.export import export_onnx
 
     if output is not None:  # a bad -o fails before anything is measured
         check_output_file(output)
     rep = reporter(quiet or as_json)
-    tgt = get_target(target, threads=threads)
+    tgt = resolve_target(target, threads, token_file)
     if latency_table is not None:
         if model is not None:
             raise ModelpressError("give either MODEL or --latency-table CKPT, not both",

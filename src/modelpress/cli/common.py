@@ -29,7 +29,11 @@ TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading
 Data = Annotated[str | None, typer.Option("--data", help="digits | text:FILE | images:DIR | tensors:FILE.npz")]
 Out = Annotated[Path | None, typer.Option("--output", "-o", help="Output directory (default: ./compressed-NAME).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
-TargetOpt = Annotated[str, typer.Option("--target", help="ort-cpu | edge")]
+TargetOpt = Annotated[str, typer.Option(
+    "--target", help="ort-cpu | edge | ort-cuda | tensorrt | remote:HOST:PORT (a device running `modelpress agent`; "
+    "its token from MODELPRESS_AGENT_TOKEN or --token-file)")]
+TokenFile = Annotated[Path | None, typer.Option(
+    "--token-file", help="With --target remote:HOST:PORT: file holding the agent's token.")]
 Threads = Annotated[int | None, typer.Option("--threads", help="Threads for ONNX Runtime (default: the target's).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 InputShape = Annotated[str | None, typer.Option("--input-shape", help="C,H,W for modules that do not say.")]
@@ -69,6 +73,27 @@ def print_rich(*renderables: Any) -> None:
     out = console()
     for r in renderables:
         out.print(r)
+
+
+def resolve_target(target: str, threads: int | None, token_file: Path | None = None) -> Any:
+    """The command's Target. A device (``remote:HOST:PORT``) is asked once now, so a wrong address or token
+    fails in one line before any slow work; ``--token-file`` is passed on to worker processes through
+    ``MODELPRESS_AGENT_TOKEN_FILE``."""
+    from modelpress.targets import get_target
+
+    if token_file is not None:
+        if not token_file.is_file():
+            raise ModelpressError(f"token file not found: {token_file}", "give the file the agent was started with")
+        os.environ["MODELPRESS_AGENT_TOKEN_FILE"] = str(token_file.absolute())
+        os.environ.pop("MODELPRESS_AGENT_TOKEN", None)  # the file given on the command line wins
+    tgt = get_target(target, threads=threads)
+    if tgt.remote:
+        from modelpress.bench.remote import resolve
+
+        tgt = resolve(tgt, threads)
+    elif token_file is not None:
+        raise ModelpressError("--token-file goes with --target remote:HOST:PORT")
+    return tgt
 
 
 def load_graph(ckpt: str | None, trust_pickle: bool, input_shape: str | None, rep: Any, seed: int = 0) -> Any:

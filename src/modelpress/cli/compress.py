@@ -21,6 +21,7 @@ from modelpress.cli.common import (
     Seed,
     TargetOpt,
     Threads,
+    TokenFile,
     TrustPickle,
     check_output_dir,
     jsonable,
@@ -28,6 +29,7 @@ from modelpress.cli.common import (
     print_json,
     print_rich,
     reporter,
+    resolve_target,
 )
 from modelpress.errors import ModelpressError
 
@@ -35,9 +37,9 @@ from modelpress.errors import ModelpressError
 def run_recipe(
     recipe_ref: Any, ckpt: str | None, data: str | None, out: Path | None, overwrite: bool, quiet: bool,
     as_json: bool, trust_pickle: bool, target: str, threads: int | None, seed: int, input_shape: str | None,
+    token_file: Path | None = None,
 ) -> None:
     """Shared body of compress/prune/quantize: load, run the pipeline, write the output folder atomically."""
-    from modelpress.bench import get_target
     from modelpress.compress.pipeline import Pipeline
     from modelpress.compress.recipe import Recipe, load_recipe
     from modelpress.compress.report import classwise_summary, render_markdown, render_table
@@ -45,7 +47,7 @@ def run_recipe(
     from modelpress.passes import Context
 
     recipe = recipe_ref if isinstance(recipe_ref, Recipe) else load_recipe(recipe_ref)
-    tgt = get_target(target, threads=threads)
+    tgt = resolve_target(target, threads, token_file)
     if out is not None:  # a bad -o fails before the model loads
         check_output_dir(out, overwrite)
     rep = reporter(quiet)
@@ -112,10 +114,11 @@ def compress(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or YAML file.")] = "default",
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
     trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
-    input_shape: InputShape = None,
+    input_shape: InputShape = None, token_file: TokenFile = None,
 ) -> None:
     """Compress a checkpoint with a recipe; print a before/after table and write the output folder."""
-    run_recipe(recipe, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
+    run_recipe(recipe, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape,
+               token_file)
 
 
 def prune(
@@ -131,7 +134,7 @@ def prune(
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="refit the layers that read removed units to the original's outputs on the calibration data (least squares, before recovery)")] = False,
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
     trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
-    input_shape: InputShape = None,
+    input_shape: InputShape = None, token_file: TokenFile = None,
 ) -> None:
     """Structured pruning: global (Hessian-aware, to a latency, parameter or MAC target) or magnitude."""
     from modelpress.compress.recipe import Recipe
@@ -162,7 +165,8 @@ def prune(
     if recover_steps > 0:
         passes.append({"pass": "recover", "steps": recover_steps})
     rec = Recipe.from_dict({"name": f"prune-{method}", "passes": passes}, "modelpress prune options")
-    run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
+    run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape,
+               token_file)
 
 
 def quantize(
@@ -171,7 +175,7 @@ def quantize(
     bits: Annotated[str, typer.Option("--bits", help="w8a8, w6a6, w4a8, w4a4 (repq); w8a8 for the others")] = "w8a8",
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
     trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
-    input_shape: InputShape = None,
+    input_shape: InputShape = None, token_file: TokenFile = None,
 ) -> None:
     """Post-training quantization only (a one-pass recipe)."""
     from modelpress.compress.recipe import Recipe
@@ -188,7 +192,8 @@ def quantize(
     elif bits != "w8a8":
         raise ModelpressError(f"--method {method} quantizes to w8a8 only (got --bits {bits})", "use --method repq for other bit widths")
     rec = Recipe.from_dict({"name": f"quantize-{method}-{bits}", "passes": [entry]}, "--method/--bits")
-    run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape)
+    run_recipe(rec, ckpt, data, output, overwrite, quiet, as_json, trust_pickle, target, threads, seed, input_shape,
+               token_file)
 
 
 def _tensorrt_engine(onnx_path: Path, graph: Any, engine_path: Path) -> dict[str, Any]:

@@ -18,12 +18,14 @@ from modelpress.cli.common import (
     Seed,
     TargetOpt,
     Threads,
+    TokenFile,
     TrustPickle,
     check_output_dir,
     load_graph,
     print_json,
     print_rich,
     reporter,
+    resolve_target,
 )
 from modelpress.errors import ModelpressError
 
@@ -50,6 +52,7 @@ def search(
     data: Data = None,
     target: TargetOpt = "ort-cpu",
     threads: Threads = None,
+    token_file: TokenFile = None,
     seed: Seed = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -76,7 +79,6 @@ def search(
                               "give the run folder as -o RUN_DIR (or `modelpress search extract RUN_DIR ...`)")
     if output is None:
         raise ModelpressError("search needs a run folder", "give -o RUN_DIR")
-    from modelpress.bench import get_target
     from modelpress.data import infer_task, load_data
     from modelpress.passes import Context
     from modelpress.search.run import run_search
@@ -88,10 +90,12 @@ def search(
     check_latency_mode(latency)
     from modelpress.search.executors import make_executor
 
+    # a device target is asked first (one line in seconds when its address or token is wrong), and its token
+    # file is in the environment before worker processes start
+    tgt = resolve_target(target, threads, token_file)
     # checked (a dead Ray address: one line in seconds) and connected before loading anything: an address that
     # answers but is no Ray cluster fails here too; the search reuses the connection
     with contextlib.closing(make_executor(executor, workers=workers, address=ray_address)):
-        tgt = get_target(target, threads=threads)
         rep = reporter(quiet or as_json)
         graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep, seed)
         spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}

@@ -1,9 +1,10 @@
 """What placement needs of each sub-model: its weight memory and its latency on each device (beside the full
-model's, measured in the same interleaved run, so the report can say how much faster each sub-model is)."""
+model's, measured in the same interleaved run, so the report can say how much faster each sub-model is), and
+of each device measured through its agent, the memory it reports available when no budget is given."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,19 @@ def measure_latencies(graph: ModelGraph, subs: list[SubModel], devices: list[Dev
             measured[key] = ([bench.stats(s.name, 1).median_ms for s in subs], bench.stats(FULL, 1).median_ms)
         out[:, j], full[j] = measured[key]
     return Latencies(out.tolist(), full)
+
+
+def device_memory(device: Device) -> Device:
+    """A device measured through its agent (a ``remote:HOST:PORT`` target) without a memory budget gets the
+    memory the agent reports available; other devices are returned as they are."""
+    if device.memory_bytes is not None or device.target is None:
+        return device
+    from modelpress.targets import get_target
+
+    tgt = get_target(device.target)
+    if not tgt.remote:
+        return device
+    from modelpress.bench.remote import AgentClient
+
+    available = AgentClient(tgt).info().get("memory_available_bytes")
+    return replace(device, memory_bytes=int(available)) if available else device

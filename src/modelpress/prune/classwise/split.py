@@ -20,7 +20,7 @@ from modelpress.progress import QUIET, Reporter
 from modelpress.prune.classwise.combiners import ConcatCombiner, fit_concat, fit_fusion
 from modelpress.prune.classwise.config import PRUNE_DEFAULTS, ClasswiseConfig
 from modelpress.prune.classwise.data import logits, sample_classes, subset_split, train_split_of
-from modelpress.prune.classwise.measure import measure_latencies, weight_bytes
+from modelpress.prune.classwise.measure import device_memory, measure_latencies, weight_bytes
 from modelpress.prune.classwise.result import ClasswiseResult, SubModel
 from modelpress.prune.classwise.subsets import balanced_subsets, check_subsets, classifier_group, restricted
 from modelpress.prune.global_ import GlobalConfig, GlobalPrune
@@ -137,7 +137,7 @@ def _devices(cfg: ClasswiseConfig, devices: Sequence[Device | dict[str, Any]] | 
         if d.latency_ms is not None and len(d.latency_ms) != n:
             raise ModelpressError(f"device {d.name!r} gives {len(d.latency_ms)} latencies for {n} "
                                   "sub-models", "give one latency per sub-model, in the subsets' order")
-    return out
+    return [device_memory(d) for d in out]
 
 
 def _classes_of(graph: ModelGraph, data: TaskData, train_split: DataSplit, fusion_data: str,
