@@ -14,7 +14,7 @@ from __future__ import annotations
 from modelpress.reconstruct.graphs import reconstruct_graph
 from modelpress.reconstruct.maps import LayerMap, layer_map
 from modelpress.reconstruct.rearrange import mask_fisher, mask_scores, rearrange, removal_loss
-from modelpress.reconstruct.sequential import LayerResult, reconstruct_layers
+from modelpress.reconstruct.sequential import LayerResult, reconstruct_layers, residual_consumer
 from modelpress.reconstruct.solve import (
     DEFAULT_DAMP,
     PairStats,
@@ -38,6 +38,7 @@ __all__ = [
     "output_error",
     "reconstruct_graph",
     "reconstruct_layers",
+    "residual_consumer",
     "rearrange",
     "removal_loss",
     "refit",

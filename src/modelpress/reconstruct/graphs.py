@@ -28,6 +28,7 @@ def reconstruct_graph(
     input_names: Sequence[str] | None = None,
     reporter: Reporter = QUIET,
     mode: str = "weights",
+    residual: bool = False,
 ) -> dict[str, Any]:
     """Refit, in place, every layer of ``pruned`` that reads removed units so its outputs on ``batches`` match
     ``original``'s (see :func:`modelpress.reconstruct.sequential.reconstruct_layers`); which original
@@ -41,10 +42,11 @@ def reconstruct_graph(
     results = reconstruct_layers(original.module, pruned.module, readers, batches, input_names=names, damp=damp,
                                  intercept=intercept, sequential=sequential,
                                  add_bias=pruned.add_bias if create_bias and intercept else None, reporter=reporter,
-                                 mode=mode)
+                                 mode=mode, residual=residual)
     layers = {n: r.as_dict() for n, r in results.items()}
     out: dict[str, Any] = {"layers": layers, "skipped": skipped, "damp": damp, "intercept": intercept,
-                           "sequential": sequential, "mode": mode}
+                           "sequential": sequential, "mode": mode,
+                           "residual": residual}
     if results:
         out["error_before_mean"] = float(np.mean([r.error_before for r in results.values()]))
         out["error_after_mean"] = float(np.mean([r.error_after for r in results.values()]))

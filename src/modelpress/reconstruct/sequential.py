@@ -31,7 +31,7 @@ from modelpress.reconstruct import layers as L  # noqa: N812
 from modelpress.reconstruct.maps import LayerMap
 from modelpress.reconstruct.solve import DEFAULT_DAMP, PairStats, refit
 
-__all__ = ["LayerResult", "reconstruct_layers"]
+__all__ = ["LayerResult", "reconstruct_layers", "residual_consumer"]
 
 
 @dataclass
@@ -106,6 +106,70 @@ def _order(module: nn.Module, names: Sequence[str], batch: Any, input_names: Seq
     return {n: tuple(v) for n, v in seen.items()}
 
 
+def residual_consumer(module: nn.Module, name: str, batch: Any, input_names: Sequence[str] | None = None,
+                      ) -> str | None:
+    """The module whose input is ``name``'s output plus another tensor (the residual stream it writes into:
+    BERT's LayerNorm after the sum, a pre-norm block's next norm), found by probing: a perturbation added to
+    the layer's output reaches that module's input unchanged, and its input is not the layer's output itself
+    (a dropout in between). None when no module reads such a sum (the output is not added to a stream)."""
+    sample = _first_sample(batch)
+    order: list[str] = []
+    seen: dict[str, torch.Tensor] = {}
+    state = {"after": False, "out": None, "delta": None}
+    handles = []
+    target = module.get_submodule(name)
+
+    def out_hook(_m: nn.Module, _args: tuple, out: Any) -> Any:
+        if not isinstance(out, torch.Tensor) or state["after"]:
+            return None
+        state["after"] = True
+        if state["delta"] is not None:
+            out = out + state["delta"]
+        state["out"] = out.detach()
+        return out
+
+    def pre(key: str):  # noqa: ANN202
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not state["after"] or key in seen:
+                return
+            try:
+                x = _first_tensor(args, kwargs)
+            except TypeError:
+                return
+            seen[key] = x.detach().clone()
+            order.append(key)
+        return hook
+
+    handles.append(target.register_forward_hook(out_hook))
+    for n, m in module.named_modules():
+        if n and n != name and not n.startswith(name + "."):
+            handles.append(m.register_forward_pre_hook(pre(n), with_kwargs=True))
+    try:
+        _run(module, sample, input_names)
+        base, y = dict(seen), state["out"]
+        if y is None:
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        delta = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device) * (y.abs().mean() + 1e-3)
+        seen.clear()
+        order_base = list(order)
+        order.clear()
+        state.update(after=False, out=None, delta=delta)
+        _run(module, sample, input_names)
+    finally:
+        for h in handles:
+            h.remove()
+    for key in order_base:
+        a, b = base.get(key), seen.get(key)
+        if a is None or b is None or a.shape != y.shape or b.shape != y.shape:
+            continue
+        if torch.allclose(a, y, atol=1e-6, rtol=1e-5):
+            continue  # the layer's own output (a dropout, an identity): not yet the sum
+        if torch.allclose(b - a, delta, atol=1e-4 * float(delta.abs().max()) + 1e-6, rtol=1e-3):
+            return key
+    return None
+
+
 def _first_sample(batch: Any) -> Any:
     """The batch cut to its first sample (tensors and arrays with a leading batch axis)."""
     def cut(v: Any) -> Any:
@@ -152,7 +216,7 @@ def _target(omod: nn.Module, outs: torch.Tensor, rows: torch.Tensor) -> torch.Te
 
 def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn.Module, kept_cols: np.ndarray,
              layers: list[tuple[str, nn.Module, torch.Tensor]], batches: list,
-             input_names: Sequence[str] | None) -> dict[str, PairStats]:
+             input_names: Sequence[str] | None, consumers: tuple[str, str] | None = None) -> dict[str, PairStats]:
     """The statistics of one stage (``layers``: name, original layer, kept outputs; all reading one input): per
     batch, the original's input to ``omod`` (turned into each layer's target outputs) and the pruned model's
     input to ``first`` (each forward stopped there); with ``pruned`` None, the original's kept columns stand
@@ -169,13 +233,47 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
             raise _Stop
         return pre
 
+    def keep(key: str, stop: bool):  # noqa: ANN202
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if key not in box:
+                box[key] = _first_tensor(args, kwargs).detach()
+            if stop:
+                raise _Stop
+        return pre
+
+    def keep_out(key: str):  # noqa: ANN202
+        def post(_m: nn.Module, _args: tuple, out: Any) -> None:
+            if key not in box and isinstance(out, torch.Tensor):
+                box[key] = out.detach()
+        return post
+
+    residual = consumers is not None and pruned is not None
     for batch in batches:
-        h = omod.register_forward_pre_hook(grab("orig", omod), with_kwargs=True)
+        if residual:  # run on to the module reading the sum: the stream the layer writes into
+            hs = [omod.register_forward_pre_hook(keep("orig:x", False), with_kwargs=True),
+                  original.get_submodule(consumers[1]).register_forward_pre_hook(keep("orig:sum", True),
+                                                                                 with_kwargs=True)]
+        else:
+            hs = [omod.register_forward_pre_hook(grab("orig", omod), with_kwargs=True)]
         try:
             _run(original, batch, input_names)
         finally:
-            h.remove()
-        if pruned is not None:
+            for h in hs:
+                h.remove()
+        if residual:
+            hs = [pmod.register_forward_pre_hook(keep("pruned:x", False), with_kwargs=True),
+                  pmod.register_forward_hook(keep_out("pruned:y")),
+                  pruned.get_submodule(consumers[0]).register_forward_pre_hook(keep("pruned:sum", True),
+                                                                               with_kwargs=True)]
+            try:
+                _run(pruned, batch, input_names)
+            finally:
+                for h in hs:
+                    h.remove()
+            if "orig:x" in box and "pruned:x" in box:
+                box["orig"], box["orig:shape"] = L.rows(omod, box["orig:x"]), box["orig:x"]
+                box["pruned"] = L.rows(pmod, box["pruned:x"])
+        elif pruned is not None:
             h = pmod.register_forward_pre_hook(grab("pruned", pmod), with_kwargs=True)
             try:
                 _run(pruned, batch, input_names)
@@ -184,6 +282,12 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
         xo, shaped = box.pop("orig", None), box.pop("orig:shape", None)
         xp = box.pop("pruned", None) if pruned is not None else (
             None if xo is None else xo[:, torch.as_tensor(kept_cols, device=xo.device)])
+        stream = None
+        if residual and xo is not None and all(k in box for k in ("orig:sum", "pruned:sum", "pruned:y")):
+            # the target the pruned layer should write: the original stream's value minus what the pruned
+            # model's stream already holds (its residual), so the layer also repairs the drift upstream
+            held = box["pruned:sum"] - box["pruned:y"]
+            stream = (box["orig:sum"], held)
         box.clear()
         if xo is None or xp is None:
             continue  # a batch that does not reach the layer
@@ -200,7 +304,15 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
                 if shared is not None:  # one input: share its moments
                     fresh.gram, fresh.sum_pruned = shared.gram, shared.sum_pruned
                 out[name] = fresh
-            out[name].add(xp, _target(lmod, outs, xo), inputs=i == 0)
+            if stream is not None and len(layers) == 1:
+                o = outs.to(xo.device)
+                whole, held = (t.reshape(-1, t.shape[-1]) for t in stream)
+                if valid is not None:
+                    whole, held = whole[valid], held[valid]
+                y = whole[:, o].double() - held.double()
+            else:
+                y = _target(lmod, outs, xo)
+            out[name].add(xp, y, inputs=i == 0)
     first_stats = next(iter(out.values()), None)
     for st in out.values():
         st.rows = first_stats.rows
@@ -220,6 +332,7 @@ def reconstruct_layers(
     add_bias: Callable[[str], None] | None = None,
     reporter: Reporter = QUIET,
     mode: str = "weights",
+    residual: bool = False,
 ) -> dict[str, LayerResult]:
     """Refit every layer of ``layer_map`` (pruned path -> :class:`LayerMap`) in ``pruned_module``, in place, so
     that its output on the calibration ``batches`` matches its original in ``original_module``.
@@ -260,7 +373,13 @@ def reconstruct_layers(
             source = pruned_module if sequential else None
             layers = [(n, original_module.get_submodule(maps[n].original),
                        torch.as_tensor(maps[n].outputs, dtype=torch.long)) for n in todo]
-            stats = _collect(original_module, source, first, omod, kept_cols, layers, batches, input_names)
+            consumers = None
+            if residual and sequential and len(todo) == 1:
+                cp = residual_consumer(pruned_module, first, batches[0], input_names)
+                co = residual_consumer(original_module, maps[first].original, batches[0], input_names)
+                consumers = (cp, co) if cp is not None and co is not None else None
+            stats = _collect(original_module, source, first, omod, kept_cols, layers, batches, input_names,
+                             consumers)
             for n in todo:
                 if n not in stats:
                     continue  # the batches never reached it
