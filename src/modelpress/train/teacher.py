@@ -155,7 +155,10 @@ class CachedTeacher:
     def _fill(self, k: int) -> None:
         """Run the teacher on the eligible samples of the first epoch's batch ``k`` and store them."""
         ids = self.first_order[k * self.batch_size : (k + 1) * self.batch_size]
-        ids = ids[self.eligible[ids]]
+        self._store_batch(ids[self.eligible[ids]])
+
+    def _store_batch(self, ids: torch.Tensor) -> None:
+        """Run the teacher on samples ``ids`` as one batch and store the targets of those not stored yet."""
         out, hidden = self.live(self.samples.batch(ids))
         for row, i in enumerate(ids.tolist()):
             if i in self.store:
