@@ -14,6 +14,18 @@ benchmarks/results/recovery.json.
 
 The committed result: --threads 1 on a busy 2-core machine (load 7), with lr 3e-4, the best of 1e-4, 3e-4
 and 1e-3 (``lr_sweep``: each 3 minutes; chosen on these evaluation sentences, so read it as a tuned number).
+
+``--study distill`` (issue 20, item 5; the JSON's ``distill`` key): what hidden-state distillation and the
+cached teacher give, at one fixed step budget for every variant. MiniLM pruned by ``prune.global`` (hessian)
+to 0.55 of its parameters (0.5 is below what its floors allow: it stops at 0.536), then the ``recover`` pass
+for ``--distill-steps`` steps (150, batch 16) on the first ``--train-samples`` (800) training sentences, so the
+budget passes over them 3 times and a cache has something to reuse: outputs only with the live teacher and with the
+cache, then outputs + hidden states at each ``--weights``, cached. Per-step times are recorded for every step
+(medians, first epoch apart from the rest: the first epoch fills the cache); quality is the held-out mean/min
+cosine and the hidden-state distance (normalized MSE of matched blocks) on held-out sentences. Then the digits
+ViT (zoo) pruned the same way to 0.5 of its parameters, outputs only and each weight.
+
+    python benchmarks/recovery.py --study distill --threads 1
 """
 
 from __future__ import annotations
@@ -36,6 +48,11 @@ RATIOS = {"mlp": 0.5, "head": 0.25}
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="budget", choices=["budget", "distill"])
+    parser.add_argument("--distill-steps", type=int, default=150)
+    parser.add_argument("--train-samples", type=int, default=800)
+    parser.add_argument("--distill-batch", type=int, default=16)
+    parser.add_argument("--weights", default="0.3,1", help="hidden-state weights to compare (distill study)")
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=None, help="a step budget too (cosine schedule over it)")
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -46,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "recovery.json")
     args = parser.parse_args(argv)
+    if args.study == "distill":
+        return run_distill(args)
 
     import tempfile
 
@@ -90,12 +109,230 @@ def main(argv: list[str] | None = None) -> dict:
         "fidelity_after_recovery_onnx": onnx_after,
         "machine": {**system_info(), "python": platform.python_version()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str))
+    _write(args.out, "budget", out)
     b, a = m["quality_before"], m["quality_after"]
     print(f"fidelity_mean {b['fidelity_mean']:.4f} -> {a['fidelity_mean']:.4f} (min {b['fidelity_min']:.4f} -> "
           f"{a['fidelity_min']:.4f}, spearman {b['spearman']:.4f} -> {a['spearman']:.4f}) after {m['steps']} steps "
           f"in {m['train_seconds']:.0f} s; ONNX {onnx_after['fidelity_mean']:.4f}; wrote {args.out}")
+    return out
+
+
+
+def _write(path: Path, key: str, result: dict) -> None:
+    """Update one study's key of the results file (a file from before the studies had keys is ``budget``)."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old and not set(old) <= {"budget", "distill"}:
+        old = {"budget": old}
+    old[key] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(old, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class _StepClock:
+    """A reporter that records when every training step starts (the loop's ``track``), quiet otherwise."""
+
+    def __new__(cls):  # noqa: ANN204 - a Reporter subclass built lazily (modelpress imported after the args)
+        from modelpress.progress import Reporter
+
+        class Clock(Reporter):
+            def __init__(self) -> None:
+                super().__init__(quiet=True)
+                self.marks: list[float] = []
+                self.lines: list[str] = []
+
+            def log(self, message: str) -> None:
+                self.lines.append(message)
+
+            def track(self, items, description, total=None):  # noqa: ANN001, ANN202
+                self.marks = []
+                for item in items:
+                    self.marks.append(time.perf_counter())
+                    yield item
+                self.marks.append(time.perf_counter())
+
+        return Clock()
+
+
+def _step_times(marks: list[float], steps_per_epoch: int) -> dict:
+    import statistics
+
+    times = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    first, rest = times[:steps_per_epoch], times[steps_per_epoch:]
+    return {"steps": len(times), "total_s": round(sum(times), 2),
+            "median_step_s_epoch1": round(statistics.median(first), 4) if first else None,
+            "median_step_s_later": round(statistics.median(rest), 4) if rest else None}
+
+
+def _interleaved_timing(pruned, teacher, train_split, names, pairs, args, weight: float, rounds: int = 3,  # noqa: ANN001
+                        steps: int = 12, samples: int = 48) -> dict:
+    """Seconds per step of the live and the cached teacher (outputs only) and of the cached teacher with hidden
+    states, in short runs taken round-robin (``rounds`` rounds, each variant ``steps`` steps on ``samples``
+    samples: the cached runs' steps after the first epoch are the ones timed), so load drift hits all alike."""
+    import statistics
+
+    from modelpress.data import EmbeddingTask
+    from modelpress.data.sources import DataSplit
+    from modelpress.train import TrainConfig, train
+
+    batch = args.distill_batch
+    flat = {k: torch_cat([b[k] for b in train_split.batches]) for k in train_split.batches[0]}
+    data = DataSplit(batches=[{k: v[i : i + batch] for k, v in flat.items()} for i in range(0, samples, batch)])
+    epoch = -(-samples // batch)
+    variants = {"live": (0.0, "off"), "cached": (0.0, "float32"), f"cached + hidden x{weight:g}": (weight, "float32")}
+    per_round: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, (w, cache) in variants.items():
+            clock = _StepClock()
+            config = TrainConfig(steps=steps, lr=3e-4, batch_size=batch, dropout=False, hidden_weight=w,
+                                 teacher_cache=cache, seed=args.seed)
+            train(pruned.copy().module, data, task=EmbeddingTask(), teacher=teacher.module, config=config,
+                  input_names=names, hidden=pairs if w else None, reporter=clock)
+            times = [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)]
+            per_round[name].append(statistics.median(times if cache == "off" else times[epoch:]))
+    live = per_round["live"]
+    return {"rounds": rounds, "steps": steps, "samples": samples, "batch_size": batch,
+            "median_step_s": {k: round(statistics.median(v), 4) for k, v in per_round.items()},
+            "speedup_vs_live": {k: round(statistics.median([a / b for a, b in zip(live, v, strict=True)]), 2)
+                                for k, v in per_round.items()}}
+
+
+def torch_cat(parts):  # noqa: ANN001, ANN201
+    """Concatenate text batches of different lengths (right-padded with zeros to the longest)."""
+    import torch
+
+    length = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, length - p.shape[1])) for p in parts])
+
+
+def run_distill(args) -> dict:  # noqa: ANN001
+    """Hidden-state distillation and the cached teacher, each measured at one fixed step budget."""
+    import math
+    import tempfile
+
+    import torch
+
+    import modelpress
+    from modelpress.data import EmbeddingTask, infer_task, load_data
+    from modelpress.data.sources import DataSplit, TaskData
+    from modelpress.passes import Context, registered_passes
+    from modelpress.system import system_info
+    from modelpress.train import DEFAULT_HIDDEN_WEIGHT, hidden_distance, hidden_pairs
+    from modelpress.train.zoo import digits_vit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    passes = registered_passes()
+    weights = [float(w) for w in args.weights.split(",") if w]
+    started = time.perf_counter()
+    out: dict = {"machine": {**system_info(), "python": platform.python_version(),
+                             "load_average_at_start": os.getloadavg()}}
+
+    def recover(pruned, ctx, clock, steps_per_epoch, **cfg):  # noqa: ANN001, ANN003, ANN202
+        config = {"steps": args.distill_steps, "batch_size": args.distill_batch, "resume": False, **cfg}
+        result = passes["recover"](config).apply(pruned, ctx)
+        cache = next((line for line in clock.lines if line.startswith("teacher cache")), None)
+        return result.graph, {"config": config, "loss_start": result.metrics["loss_start"],
+                              "loss_end": result.metrics["loss_end"], "teacher_cache": cache,
+                              **_step_times(clock.marks, steps_per_epoch)}
+
+    # ---- MiniLM
+    graph = modelpress.load()
+    names = list(graph.input_spec.names)
+    data = load_data(None, graph.input_spec, graph.tokenizer, seed=args.seed, n_calibration=128)
+    batches, n = [], 0
+    for b in data.train.batches:
+        if n >= args.train_samples:
+            break
+        batches.append(b)
+        n += len(next(iter(b.values())))
+    train = DataSplit(batches=batches)
+    sub = TaskData(calibration=data.calibration, evaluation=data.evaluation, description="packaged sentences",
+                   make_train=lambda: train)
+    steps_per_epoch = math.ceil(n / args.distill_batch)
+    held_out = data.evaluation.batches[:4]
+    rows: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = _StepClock()
+        ctx = Context(workdir=Path(tmp), task=EmbeddingTask(), data=sub, reference=graph, seed=args.seed,
+                      reporter=clock)
+        t0 = time.perf_counter()
+        prune = {"saliency": "hessian", "target": "params", "ratio": 0.55, "measure": False}
+        pruned = passes["prune.global"](prune).apply(graph, ctx).graph
+        prune_s = time.perf_counter() - t0
+        pairs = hidden_pairs(pruned, graph)
+
+        def quality(g) -> dict:  # noqa: ANN001
+            m = ctx.evaluate(g, torch_only=True).metrics
+            hd = hidden_distance(g.module, graph.module, pairs, held_out, names)
+            return {"fidelity_mean": m["fidelity_mean"], "fidelity_min": m["fidelity_min"],
+                    "spearman": m["spearman"], "hidden_distance": [round(x, 4) for x in hd]}
+
+        rows["pruned, no recovery"] = quality(pruned)
+        variants = [("outputs, live teacher", {"hidden_weight": 0.0, "teacher_cache": "off"}),
+                    ("outputs, cached teacher", {"hidden_weight": 0.0, "teacher_cache": "auto"})]
+        variants += [(f"outputs + hidden x{w:g}, cached teacher", {"hidden_weight": w, "teacher_cache": "auto"})
+                     for w in weights]
+        for name, cfg in variants:
+            g, info = recover(pruned, ctx, clock, steps_per_epoch, **cfg)
+            rows[name] = {**info, **quality(g)}
+            print(f"{name}: mean {rows[name]['fidelity_mean']:.4f} min {rows[name]['fidelity_min']:.4f} "
+                  f"hidden {rows[name]['hidden_distance']} step {info['median_step_s_epoch1']}/"
+                  f"{info['median_step_s_later']} s ({time.perf_counter() - started:.0f} s)", flush=True)
+        timing = _interleaved_timing(pruned, graph, train, names, pairs, args, max(weights))
+    live, cached = rows["outputs, live teacher"], rows["outputs, cached teacher"]
+    out["minilm"] = {
+        "model": "all-MiniLM-L6-v2", "prune": {**prune, "params_fraction": pruned.num_parameters() / graph.num_parameters(),
+                                               "blocks_left": [b.path for b in pruned.blocks],
+                                               "matched_pairs": pairs, "seconds": round(prune_s, 1)},
+        "train_samples": n, "steps_per_epoch": steps_per_epoch, "batch_size": args.distill_batch,
+        "evaluation": f"{len(data.evaluation)} held-out sentences (hidden distance: the first {len(held_out)} batches)",
+        "variants": rows,
+        "cache_speedup_later_epochs_150_step_runs": round(live["median_step_s_later"] / cached["median_step_s_later"], 2),
+        "cache_speedup_whole_150_step_runs": round(live["total_s"] / cached["total_s"], 2),
+        "interleaved_timing": timing,
+    }
+
+    # ---- digits ViT
+    zoo = digits_vit(seed=args.seed)
+    vit = modelpress.load(str(zoo.path))
+    vdata = load_data("digits", vit.input_spec, None, seed=args.seed)
+    vrows: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = _StepClock()
+        ctx = Context(workdir=Path(tmp), task=infer_task(vit.input_spec, vit.module), data=vdata, reference=vit,
+                      seed=args.seed, reporter=clock)
+        vprune = {"saliency": "hessian", "target": "params", "ratio": 0.5, "measure": False}
+        vpruned = passes["prune.global"](vprune).apply(vit, ctx).graph
+        vpairs = hidden_pairs(vpruned, vit)
+        vheld = vdata.evaluation.batches[:4]
+        vnames = list(vit.input_spec.names)
+        n_train = len(ctx.train or vdata.calibration)
+
+        def vquality(g) -> dict:  # noqa: ANN001
+            m = ctx.evaluate(g, torch_only=True).metrics
+            return {**{k: float(v) for k, v in m.items()},
+                    "hidden_distance": [round(x, 4) for x in hidden_distance(g.module, vit.module, vpairs, vheld, vnames)]}
+
+        vrows["full"] = {k: float(v) for k, v in ctx.evaluate(vit, torch_only=True).metrics.items()}
+        vrows["pruned, no recovery"] = vquality(vpruned)
+        vvariants = [("outputs, cached teacher", {"hidden_weight": 0.0})]
+        vvariants += [(f"outputs + hidden x{w:g}, cached teacher", {"hidden_weight": w}) for w in weights]
+        for name, cfg in vvariants:
+            g, info = recover(vpruned, ctx, clock, math.ceil(n_train / args.distill_batch), lr=5e-4, **cfg)
+            vrows[name] = {**info, **vquality(g)}
+            print(f"ViT {name}: {vrows[name]} ({time.perf_counter() - started:.0f} s)", flush=True)
+    widths = [(s, t) for s, t in vpairs]
+    out["digits_vit"] = {"model": f"digits ViT (zoo, {vit.num_parameters():,} params)",
+                         "prune": {**vprune, "params_fraction": vpruned.num_parameters() / vit.num_parameters(),
+                                   "matched_pairs": widths,
+                                   "hidden_size": getattr(vpruned.module.config, "hidden_size", None)},
+                         "train_samples": n_train, "recover_lr": 5e-4, "variants": vrows}
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    out["default_hidden_weight_when_run"] = DEFAULT_HIDDEN_WEIGHT
+    _write(args.out, "distill", out)
+    print(f"wrote {args.out} in {out['seconds']:.0f} s")
     return out
 
 

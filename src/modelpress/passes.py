@@ -312,6 +312,7 @@ class Context:
         label_weight: float = 0.0,
         name: str | None = None,
         resume: bool = False,
+        hidden_weight: float | None = None,
     ) -> dict[str, Any] | None:
         """Recovery fine-tuning, the one way every pass does it: distil ``teacher`` (default: the reference)
         into ``graph``'s module in place for ``steps`` (label-free unless ``label_weight`` > 0), on ``data``
@@ -322,19 +323,27 @@ class Context:
         (no dropout, BatchNorm statistics frozen), seeded from the run's seed; with ``name`` training
         checkpoints go to :meth:`checkpoint_dir` (``resume``: continue from the one there). Returns a summary (steps,
         seconds, first and last loss), or None when there is nothing to learn from (no steps, task, data or
-        teacher).
+        teacher). ``hidden_weight``: hidden-state distillation of the graphs' matched blocks (0: outputs only);
+        by default :data:`modelpress.train.DEFAULT_HIDDEN_WEIGHT` when distilling the reference, else 0 (another
+        teacher, an ensemble, need not have the blocks the graph descends from).
         """
-        from modelpress.train import TrainConfig, train
+        from modelpress.train import DEFAULT_HIDDEN_WEIGHT, TrainConfig, hidden_pairs, train
 
+        if hidden_weight is None:
+            hidden_weight = DEFAULT_HIDDEN_WEIGHT if teacher is None else 0.0
         teacher = teacher if teacher is not None else self.reference
         split = data if data is not None else (self.train or self.calibration)
         if steps <= 0 or self.task is None or split is None or teacher is None:
             return None
+        weight = hidden_weight
+        pairs = hidden_pairs(graph, teacher) if weight > 0 else []
         config = TrainConfig(steps=steps, lr=lr, warmup_steps=min(steps // 10, 100), batch_size=batch_size,
                              seed=self.seed, label_weight=label_weight, dropout=False,
+                             hidden_weight=weight if pairs else 0.0,
                              checkpoint_dir=self.checkpoint_dir(name) if name else None)
         result = train(graph.module, split, task=self.task, teacher=teacher.module, config=config,
-                       reporter=self.reporter, input_names=list(graph.input_spec.names), resume=resume and name is not None)
+                       reporter=self.reporter, input_names=list(graph.input_spec.names),
+                       resume=resume and name is not None, hidden=pairs)
         graph.module.eval()
         losses = [v for _, v in result.losses]
         return {"steps": result.steps, "seconds": round(result.seconds, 2),

@@ -171,3 +171,4 @@ def test_encoder_recovery_by_hidden_states(tmp_path) -> None:  # noqa: ANN001
     after = ctx.evaluate(result.graph, torch_only=True).metrics["fidelity_mean"]
     assert after > before + 0.5 * (1 - before)
     assert token_loss(result.graph) < 0.5 * token_loss(pruned)
+    assert result.metrics["hidden_pairs"] == 2 and result.metrics["hidden_weight"] > 0  # both blocks matched

@@ -56,6 +56,7 @@ class GlobalConfig(PassConfig):
     label_weight: float = Field(0.0, ge=0.0, le=1.0)
     recover_steps: int = Field(0, ge=0)  # distillation steps after each iteration but the last
     recover_lr: float = Field(3e-4, gt=0)  # the recover pass's default (best of 1e-4, 3e-4, 1e-3 on MiniLM)
+    recover_hidden_weight: float | None = Field(None, ge=0)  # hidden-state distillation; None: recovery's default
     tolerance: float = Field(0.02, ge=0.0)  # accept the target within this fraction of the original
     measure: bool = True  # confirm a latency target with a real measurement on the Context's Target
     confirm_rounds: int = Field(2, ge=0)  # prune on while the measured latency misses the target (0: report only)
@@ -274,7 +275,8 @@ class GlobalPrune(GraphPass):
     def _recover(self, graph: ModelGraph, ctx) -> None:  # noqa: ANN001
         """Distil from the reference for ``recover_steps`` between iterations (the Context's recovery service)."""
         cfg = self.config
-        ctx.recover(graph, steps=cfg.recover_steps, lr=cfg.recover_lr, label_weight=cfg.label_weight)
+        ctx.recover(graph, steps=cfg.recover_steps, lr=cfg.recover_lr, label_weight=cfg.label_weight,
+                    hidden_weight=cfg.recover_hidden_weight)
 
     def _candidates(
         self, graph: ModelGraph, ctx, costs: Costs, floors: dict, original: dict  # noqa: ANN001

@@ -3,6 +3,9 @@
 It runs :func:`modelpress.train.train` (the one training loop) with the original model (``ctx.reference``)
 as teacher: KL on logits for classifiers, cosine (and optionally MSE) of pooled embeddings or per-token
 hidden states for encoders, next-token KL for language models; labels only when ``label_weight`` > 0.
+Beside the output, every block of the compressed model is matched to the original block it descends from
+(``hidden_weight``: normalized MSE of their outputs, a learned map where the residual width was pruned), and
+the original's targets are computed once per training sample and reused every epoch (``teacher_cache``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from modelpress.data.tasks import EmbeddingTask, Task
 from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context, GraphPass, PassConfig, PassResult, register
-from modelpress.train import TrainConfig, TrainResult, train
+from modelpress.train import DEFAULT_HIDDEN_WEIGHT, TrainConfig, TrainResult, hidden_pairs, train
 
 __all__ = ["Recover", "RecoverConfig"]
 
@@ -37,7 +40,11 @@ class RecoverConfig(PassConfig):
     ``loss`` and ``mse_weight`` for encoders (see ``EmbeddingTask.distillation``), ``dropout`` (False: the
     student trains in eval mode, like the teacher). Checkpoints every ``checkpoint_every`` steps into
     ``checkpoint_dir`` (default: the run's checkpoint folder, one subfolder per student and settings);
-    ``resume`` continues from one there. ``evaluate``: score the held-out split before and after (torch)."""
+    ``resume`` continues from one there. ``evaluate``: score the held-out split before and after (torch).
+    ``hidden_weight``: weight of hidden-state distillation (every block of the student matched to the original
+    block it descends from, normalized MSE, a learned map where widths differ; 0: outputs only).
+    ``teacher_cache``/``teacher_cache_mb``: the teacher's targets computed once per sample and reused every
+    epoch, in memory up to the budget (see :class:`modelpress.train.TrainConfig`)."""
 
     steps: int | None = Field(default=None, ge=1)
     minutes: float | None = Field(default=None, gt=0)
@@ -51,6 +58,9 @@ class RecoverConfig(PassConfig):
     loss: Literal["pooled", "tokens", "pooled+tokens"] = "pooled"
     mse_weight: float = Field(default=0.0, ge=0)
     dropout: bool = False
+    hidden_weight: float = Field(default=DEFAULT_HIDDEN_WEIGHT, ge=0)
+    teacher_cache: Literal["auto", "float32", "float16", "off"] = "auto"
+    teacher_cache_mb: float = Field(default=1024.0, gt=0)
     checkpoint_every: int = Field(default=50, ge=1)
     checkpoint_dir: Path | None = None
     resume: bool = True
@@ -64,8 +74,9 @@ class RecoverConfig(PassConfig):
             raise ValueError(f"warmup ({self.warmup}) must be below steps ({self.steps})")
         return self
 
-    def train_config(self, seed: int, checkpoint_dir: Path) -> TrainConfig:
-        """The loop's settings: cosine over ``steps`` when given, else a constant rate after warm-up."""
+    def train_config(self, seed: int, checkpoint_dir: Path, hidden: bool = True) -> TrainConfig:
+        """The loop's settings: cosine over ``steps`` when given, else a constant rate after warm-up;
+        ``hidden=False``: no hidden-state loss (no blocks to match)."""
         if self.warmup is not None:
             warmup = self.warmup
         else:
@@ -83,6 +94,9 @@ class RecoverConfig(PassConfig):
             temperature=self.temperature,
             label_weight=self.label_weight,
             dropout=self.dropout,
+            hidden_weight=self.hidden_weight if hidden else 0.0,
+            teacher_cache=self.teacher_cache,
+            teacher_cache_mb=self.teacher_cache_mb,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=self.checkpoint_every,
         )
@@ -113,7 +127,10 @@ class Recover(GraphPass):
         teacher = ctx.reference.module
         names = list(graph.input_spec.names)
         folder = cfg.checkpoint_dir or ctx.checkpoint_dir(f"recover-{_fingerprint(student, cfg, ctx.seed, len(split))}")
-        config = cfg.train_config(ctx.seed, Path(folder))
+        pairs = hidden_pairs(student, ctx.reference) if cfg.hidden_weight > 0 else []
+        if cfg.hidden_weight > 0 and not pairs:
+            ctx.reporter.log("  no blocks to match between the model and the original: distilling outputs only")
+        config = cfg.train_config(ctx.seed, Path(folder), hidden=bool(pairs))
         budget = " and ".join(
             x for x in (cfg.steps and f"{cfg.steps} steps", cfg.minutes and f"{cfg.minutes:g} minutes") if x
         )
@@ -126,12 +143,13 @@ class Recover(GraphPass):
         try:
             result = train(
                 student.module, split, task=task, teacher=teacher, config=config, reporter=rep,
-                input_names=names, resume=cfg.resume,
+                input_names=names, resume=cfg.resume, hidden=pairs,
             )
         except KeyboardInterrupt:
             rep.log(f"  recovery interrupted; its checkpoint is in {folder}: run the same command again to resume")
             raise
         metrics = _metrics(result, len(split), split_name, cfg)
+        metrics["hidden_weight"], metrics["hidden_pairs"] = config.hidden_weight, len(pairs)
         rep.log(
             f"  recovered {result.steps} steps in {result.seconds:.0f} s"
             + (f" (resumed from a checkpoint, {result.steps_this_run} steps now)" if result.resumed else "")
@@ -216,7 +234,8 @@ def _short(metrics: dict[str, float]) -> str:
 
 
 def _describe(task: Task, cfg: RecoverConfig) -> str:
+    hidden = f" + {cfg.hidden_weight:g} x hidden-state MSE" if cfg.hidden_weight else ""
     if isinstance(task, EmbeddingTask):
-        return f"{cfg.loss} cosine" + (f" + {cfg.mse_weight:g} x MSE" if cfg.mse_weight else "")
+        return f"{cfg.loss} cosine" + (f" + {cfg.mse_weight:g} x MSE" if cfg.mse_weight else "") + hidden
     what = {"classification": "KL on logits", "language-model": "next-token KL"}.get(task.name, task.name)
-    return what + (f", {cfg.label_weight:g} x label cross-entropy" if cfg.label_weight else ", label-free")
+    return what + hidden + (f", {cfg.label_weight:g} x label cross-entropy" if cfg.label_weight else ", label-free")

@@ -2,12 +2,14 @@
 checkpoints to resume from; and the digits model zoo, trained through it."""
 
 from modelpress.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from modelpress.train.config import TrainConfig
+from modelpress.train.config import DEFAULT_HIDDEN_WEIGHT, TrainConfig
+from modelpress.train.distill import hidden_distance, hidden_pairs
 from modelpress.train.loop import Augment, TrainResult, train
 from modelpress.train.zoo import DigitsCNN, ZooModel, digits_cnn, digits_cnn_factory, digits_vit, zoo_dir
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "DEFAULT_HIDDEN_WEIGHT",
     "Augment",
     "DigitsCNN",
     "TrainConfig",
@@ -16,6 +18,8 @@ __all__ = [
     "digits_cnn",
     "digits_cnn_factory",
     "digits_vit",
+    "hidden_distance",
+    "hidden_pairs",
     "load_checkpoint",
     "train",
     "zoo_dir",

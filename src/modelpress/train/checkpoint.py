@@ -40,6 +40,7 @@ class TrainState:
     epoch: int = 0  # epochs started
     position: int = 0  # next sample within the epoch's order
     order: torch.Tensor | None = None  # the epoch's sample order
+    first_order: torch.Tensor | None = None  # the first epoch's (the teacher cache's canonical batches)
     seconds: float = 0.0  # training time so far, earlier runs included
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last log)
     window: tuple[float, int] = (0.0, 0)  # loss sum and count since the last logged step
@@ -61,6 +62,7 @@ class Checkpoint:
             epoch=int(m["epoch"]),
             position=int(m["position"]),
             order=self.tensors.get("data.order"),
+            first_order=self.tensors.get("data.first_order"),
             seconds=float(m["seconds"]),
             losses=[(int(s), float(v)) for s, v in m["losses"]],
             window=(float(m["window"][0]), int(m["window"][1])),
@@ -73,11 +75,17 @@ class Checkpoint:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         generator: torch.Generator,
+        maps: torch.nn.Module | None = None,
     ) -> None:
-        """Load weights, optimizer and scheduler state, and the data and global RNG states."""
+        """Load weights (and the hidden-state maps'), optimizer and scheduler state, and the RNG states."""
         weights = {k[len("student.") :]: v for k, v in self.tensors.items() if k.startswith("student.")}
+        map_weights = {k[len("maps.") :]: v for k, v in self.tensors.items() if k.startswith("maps.")}
         try:
             student.load_state_dict(weights)
+            if maps is not None or map_weights:
+                if maps is None:
+                    raise RuntimeError("the checkpoint has hidden-state maps and this training none")
+                maps.load_state_dict(map_weights)
         except RuntimeError as err:
             raise ModelpressError(
                 f"the checkpoint {self.path} does not fit the student ({str(err).splitlines()[0]})",
@@ -108,11 +116,15 @@ def save_checkpoint(
     generator: torch.Generator,
     state: TrainState,
     extra: dict[str, Any],
+    maps: torch.nn.Module | None = None,
 ) -> Path:
-    """Write the checkpoint atomically (temporary file, fsync, rename); ``extra``: more JSON metadata."""
+    """Write the checkpoint atomically (temporary file, fsync, rename); ``extra``: more JSON metadata;
+    ``maps``: the hidden-state maps trained beside the student."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {f"student.{k}": v for k, v in student.state_dict().items()}
+    if maps is not None:
+        tensors.update({f"maps.{k}": v for k, v in maps.state_dict().items()})
     opt = optimizer.state_dict()
     state_json: dict[str, dict[str, Any]] = {}
     for idx, values in opt["state"].items():
@@ -128,6 +140,8 @@ def save_checkpoint(
             tensors[f"rng.cuda.{i}"] = rng
     if state.order is not None:
         tensors["data.order"] = state.order
+    if state.first_order is not None:
+        tensors["data.first_order"] = state.first_order
     meta = {
         "version": FORMAT_VERSION,
         "step": state.step,

@@ -7,7 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["RECIPE_FIELDS", "TrainConfig"]
+__all__ = ["DEFAULT_HIDDEN_WEIGHT", "RECIPE_FIELDS", "TrainConfig"]
+
+# recovery's hidden-state weight: of 0, 0.1, 0.3 and 1 (150 steps, benchmarks/recovery.py --study distill), 1 kept
+# the best held-out mean and min cosine on MiniLM at 0.55 of its parameters and the best logit cosine on the digits ViT
+DEFAULT_HIDDEN_WEIGHT = 1.0
 
 
 class TrainConfig(BaseModel):
@@ -29,6 +33,12 @@ class TrainConfig(BaseModel):
     the loss when the data has labels (0: pure distillation; without a teacher only labels are used).
     ``dropout=False`` trains the student in eval mode: no dropout and frozen BatchNorm statistics, the usual
     choice when recovering a pruned model towards its original (the student then matches the teacher's mode).
+    ``hidden_weight`` > 0 adds hidden-state distillation (the normalized MSE of matched block outputs, see
+    :mod:`modelpress.train.distill`; :data:`DEFAULT_HIDDEN_WEIGHT` is what recovery uses).
+    ``teacher_cache``: the teacher's targets are computed once per training sample and reused every epoch, in
+    memory, at most ``teacher_cache_mb`` MiB (the samples beyond run live); ``auto`` stores float32 when all
+    samples fit the budget in float32, else float16; ``off`` runs the teacher every step. A float32 cache
+    changes nothing but rounding, so it is no part of the recipe a resume must match.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -47,6 +57,9 @@ class TrainConfig(BaseModel):
     label_weight: float = Field(default=0.0, ge=0, le=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     dropout: bool = True  # False: the student trains in eval mode (no dropout, BatchNorm statistics frozen)
+    hidden_weight: float = Field(default=0.0, ge=0)  # weight of the hidden-state loss (needs train(hidden=...))
+    teacher_cache: Literal["auto", "float32", "float16", "off"] = "auto"
+    teacher_cache_mb: float = Field(default=1024.0, gt=0)
     checkpoint_dir: Path | None = None
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=10, ge=1)
@@ -99,4 +112,5 @@ RECIPE_FIELDS = (
     "label_weight",
     "label_smoothing",
     "dropout",
+    "hidden_weight",
 )

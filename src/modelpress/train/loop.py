@@ -28,7 +28,9 @@ from modelpress.progress import QUIET, Reporter
 from modelpress.train.batches import Samples
 from modelpress.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from modelpress.train.config import TrainConfig
+from modelpress.train.distill import HiddenMaps, capture, hidden_loss, token_weights
 from modelpress.train.schedule import make_scheduler
+from modelpress.train.teacher import CachedTeacher, LiveTeacher, Targets
 
 __all__ = ["Augment", "TrainResult", "train"]
 
@@ -68,6 +70,7 @@ def train(
     input_names: list[str] | None = None,
     resume: bool = False,
     augment: Augment | None = None,
+    hidden: list[tuple[str, str]] | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on ``data`` (a split, or a TaskData's ``train`` split) and report how.
 
@@ -79,6 +82,13 @@ def train(
     afterwards, so the same inputs give bit-identical weights on the same machine and thread count.
     ``input_names``: the batch keys fed to the models (default: all the data's inputs). ``augment``:
     optional random jitter per batch, drawing from the batch-order generator.
+
+    Hidden-state distillation (``config.hidden_weight`` > 0): ``hidden`` pairs (student module path, teacher
+    module path), usually :func:`modelpress.train.hidden_pairs` of the two graphs' blocks; the loss adds
+    ``hidden_weight`` times the normalized MSE of the pairs' outputs (:mod:`modelpress.train.distill`), with a
+    learned linear map per pair whose widths differ (trained with the student, started by least squares on the
+    first samples, saved in checkpoints). ``config.teacher_cache``: the teacher's targets are computed once per
+    sample and reused every epoch (:mod:`modelpress.train.teacher`; not with ``augment``, whose batches change).
 
     With ``config.checkpoint_dir``, a checkpoint is written every ``checkpoint_every`` steps, at the end,
     and when Ctrl-C (SIGINT, deferred to the end of the running step) stops the training, before the
@@ -109,8 +119,19 @@ def train(
     if not params:
         raise ModelpressError("the student has no trainable parameters", "unfreeze some (requires_grad=True)")
     device = params[0].device
+    pairs = list(hidden or []) if config.hidden_weight > 0 else []
+    if config.hidden_weight > 0 and (teacher is None or not pairs):
+        raise ModelpressError(
+            f"hidden_weight is {config.hidden_weight}, but there is no "
+            + ("teacher" if teacher is None else "pair of student and teacher blocks (hidden=)") + " to match",
+            "give teacher= and hidden= (train.hidden_pairs(student_graph, teacher_graph)), or set hidden_weight=0",
+        )
+    live = None if teacher is None else LiveTeacher(teacher, names, [t for _, t in pairs], device)
 
     with _forked_rng(device), _InterruptAtStepEnd() as interrupt, _modes(student, teacher, config.dropout):
+        maps = _hidden_maps(student, live, pairs, samples, names, device) if pairs else None
+        if maps is not None:
+            params = params + list(maps.parameters())
         torch.manual_seed(config.seed + _GLOBAL_SEED_OFFSET)
         generator = torch.Generator().manual_seed(config.seed)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -121,12 +142,45 @@ def train(
             checkpoint = load_checkpoint(config.checkpoint_dir)
             if checkpoint is not None:
                 _check_resumable(checkpoint.meta, config, len(samples), _task_meta(task))
-                checkpoint.restore(student, optimizer, scheduler, generator)
+                checkpoint.restore(student, optimizer, scheduler, generator, maps=maps)
                 state = checkpoint.state()
                 resumed = True
                 reporter.log(f"resuming training at step {state.step} from {checkpoint.path}")
-        loop = _Loop(student, teacher, task, config, samples, names, device, augment)
-        return loop.run(state, optimizer, scheduler, generator, interrupt, reporter, resumed)
+        loop = _Loop(student, live, task, config, samples, names, device, augment, maps, pairs, reporter)
+        with capture(student, [s for s, _ in pairs]) as found:
+            loop.student_hidden = found
+            return loop.run(state, optimizer, scheduler, generator, interrupt, reporter, resumed)
+
+
+_MAP_SAMPLES = 64  # samples the hidden maps' least-squares start is fitted on (the first, by index)
+
+
+def _hidden_maps(
+    student: nn.Module,
+    live: LiveTeacher | None,
+    pairs: list[tuple[str, str]],
+    samples: Samples,
+    names: list[str],
+    device: torch.device,
+) -> HiddenMaps:
+    """The maps of the pairs, sized (and started by least squares) on the first samples: the student runs in
+    eval mode without gradients, so neither its state nor any RNG moves."""
+    assert live is not None
+    batch = samples.batch(torch.arange(min(len(samples), _MAP_SAMPLES)))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was = student.training
+    student.eval()
+    try:
+        with torch.no_grad(), capture(student, [s for s, _ in pairs]) as found:
+            call_module(student, batch, names)
+            student_hidden = [found[s] for s, _ in pairs]
+    finally:
+        student.train(was)
+    _, teacher_hidden = live(batch)
+    live.calls = live.samples_run = 0
+    maps = HiddenMaps(pairs, student_hidden, teacher_hidden).to(device)
+    maps.fit(student_hidden, teacher_hidden, token_weights(batch, student_hidden[0]))
+    return maps
 
 
 class _Loop:
@@ -135,18 +189,41 @@ class _Loop:
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None,
+        live: LiveTeacher | None,
         task: Task,
         config: TrainConfig,
         samples: Samples,
         names: list[str],
         device: torch.device,
         augment: Augment | None,
+        maps: HiddenMaps | None,
+        pairs: list[tuple[str, str]],
+        reporter: Reporter,
     ) -> None:
-        self.student, self.teacher, self.task, self.config = student, teacher, task, config
+        self.student, self.live, self.task, self.config = student, live, task, config
         self.samples, self.names, self.device, self.augment = samples, names, device, augment
-        teacher_param = None if teacher is None else next(teacher.parameters(), None)
-        self.teacher_device = device if teacher_param is None else teacher_param.device
+        self.maps, self.pairs, self.reporter = maps, pairs, reporter
+        self.student_hidden: dict[str, torch.Tensor] = {}
+        self.cache: CachedTeacher | None = None
+        self.cache_tried = False
+
+    def _teacher_cache(self, state: TrainState) -> CachedTeacher | None:
+        """The cache, built on first use once the first epoch's order is known (None: run the teacher live)."""
+        if self.cache is None and not self.cache_tried:
+            self.cache_tried = True
+            config = self.config
+            if config.teacher_cache == "off" or self.live is None:
+                return None
+            if self.augment is not None or state.first_order is None:
+                why = "the batches are augmented" if self.augment is not None else "the checkpoint predates it"
+                self.reporter.log(f"teacher cache off: {why}")
+                return None
+            self.cache = CachedTeacher(
+                self.live, self.samples, state.first_order, config.batch_size,
+                dtype=config.teacher_cache, budget_bytes=int(config.teacher_cache_mb * 2**20),
+            )
+            self.reporter.log(self.cache.describe())
+        return self.cache
 
     def run(
         self,
@@ -175,6 +252,7 @@ class _Loop:
                 scheduler=scheduler,
                 generator=generator,
                 state=state,
+                maps=self.maps,
                 extra={"recipe": config.recipe(), "samples": len(self.samples), "task": _task_meta(self.task)},
             )
 
@@ -250,17 +328,15 @@ class _Loop:
             state.order = torch.randperm(n, generator=generator)
             state.position = 0
             state.epoch += 1
+            if state.epoch == 1:
+                state.first_order = state.order
         index = state.order[state.position : state.position + size]
         state.position = min(state.position + size, n)
         batch = self.samples.batch(index)
         if self.augment is not None:
             batch = self.augment(batch, generator)
+        teacher_out, teacher_hidden = self._targets(state, index, batch)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        teacher_out = None
-        if self.teacher is not None:
-            inputs = {k: v.to(self.teacher_device) for k, v in batch.items()}
-            with torch.no_grad():
-                teacher_out = primary_output(call_module(self.teacher, inputs, self.names)).to(self.device)
         student_out = primary_output(call_module(self.student, batch, self.names))
         loss = self.task.loss(
             student_out,
@@ -270,6 +346,9 @@ class _Loop:
             label_weight=self.config.label_weight,
             label_smoothing=self.config.label_smoothing,
         )
+        if self.maps is not None:
+            student_hidden = [self.student_hidden[s] for s, _ in self.pairs]
+            loss = loss + self.config.hidden_weight * hidden_loss(self.maps, student_hidden, teacher_hidden, batch)
         if not torch.isfinite(loss):
             raise ModelpressError(
                 f"the training loss became {float(loss)} at step {state.step}",
@@ -285,6 +364,16 @@ class _Loop:
         scheduler.step()
         return float(loss.detach())
 
+    def _targets(
+        self, state: TrainState, index: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The teacher's output and matched hidden states for this batch (cached or live; none without one)."""
+        if self.live is None:
+            return None, []
+        cache = self._teacher_cache(state)
+        targets: Targets = cache(index, batch) if cache is not None else self.live(batch)
+        return targets
+
 
 def _train_split(data: DataSplit | TaskData) -> DataSplit:
     if isinstance(data, TaskData):
@@ -297,7 +386,7 @@ def _train_split(data: DataSplit | TaskData) -> DataSplit:
 
 
 # recipe fields added after checkpoints were first written, with the value older checkpoints trained with
-_ADDED_FIELDS: dict[str, Any] = {"dropout": True}
+_ADDED_FIELDS: dict[str, Any] = {"dropout": True, "hidden_weight": 0.0}
 
 
 def _task_meta(task: Task) -> dict[str, Any]:
