@@ -24,13 +24,28 @@ def _calibration(ctx) -> Any:  # noqa: ANN001
 
 
 def reconstruct_pruned(original: ModelGraph, pruned: ModelGraph, ctx, damp: float = DEFAULT_DAMP,  # noqa: ANN001
-                       mode: str = "weights") -> dict:
+                       mode: str = "weights", target: str = "stream", samples: int = 0) -> dict:
     """Refit ``pruned``'s readers of removed units to ``original``'s outputs on the Context's calibration split
-    (in place; ``mode``: one scale per kept input column, or every kept weight); the per-layer output errors
-    before and after, for the pass's metrics."""
+    (in place), plus up to ``samples`` samples of its train split (more rows than unknowns: a full refit
+    overfits a small calibration set). ``mode``: one scale per kept input column, or every kept weight;
+    ``target``: ``"stream"`` fits a residual writer to the original stream's value (repairing the drift
+    upstream), ``"layer"`` to the original layer's output. Returns the per-layer output errors before and
+    after, for the pass's metrics."""
     data = _calibration(ctx)
+    batches = list(data.batches)
+    extra = 0
+    if samples > 0:
+        train = ctx.train
+        for b in ([] if train is None else train.batches):
+            if extra >= samples:
+                break
+            batches.append(b)
+            extra += len(next(iter(b.values()))) if isinstance(b, dict) else len(b[0] if isinstance(b, (tuple, list)) else b)
     with ctx.reporter.step("reconstructing the layers that read removed units"):
-        return reconstruct_graph(original, pruned, data.batches, damp=damp, reporter=ctx.reporter, mode=mode)
+        out = reconstruct_graph(original, pruned, batches, damp=damp, reporter=ctx.reporter, mode=mode,
+                                residual=target == "stream")
+    out["train_samples"] = extra
+    return out
 
 
 def rearranged_plan(graph: ModelGraph, plan: dict[str, list[int]], ctx, samples: int = 64,  # noqa: ANN001
