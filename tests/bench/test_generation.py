@@ -104,3 +104,35 @@ def test_cli_refuses_generation_for_a_model_without_lm_head(tmp_path, capsys):
     code, err = run_cli(["export", str(bert), "--decoder", "-o", str(tmp_path / "x" / "d.onnx"), "-q"], capsys)
     assert_clean_error(code, err, "not a causal language model")
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.usefixtures("short_timing")
+def test_compress_writes_the_decoder_and_reports_generation(tmp_path, capsys):
+    from modelpress.compress.report import render_markdown
+
+    ckpt = tmp_path / "llama"
+    causal_lm("llama").save_pretrained(ckpt)
+    ids = np.random.default_rng(0).integers(3, 1000, size=(24, 24))
+    np.savez(tmp_path / "ids.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    out = tmp_path / "out"
+    main(["compress", str(ckpt), "--recipe", "prune-magnitude", "--data", f"tensors:{tmp_path / 'ids.npz'}",
+          "-o", str(out), "--json", "-q"])
+    report = json.loads(capsys.readouterr().out)
+    v = report["decoder"]["compressed"]["verification"]
+    assert v["ok"] and v["uncached_tokens_equal"] and v["max_abs_err"] < 1e-4, v
+    assert report["decoder"]["genai"]["written"][:2] == ["decoder.onnx", "genai_config.json"]
+    gen = report["generation"]["variants"]
+    assert set(gen) == {"original", "compressed"}
+    assert [s["batch"] for s in gen["compressed"]["stats"]] == [1, 8]  # the ort-cpu target's batch sizes
+    md = (out / "report.md").read_text()
+    assert "decode tokens/s (batch 1)" in md and "prefill latency (batch 8, prompt 96)" in md
+    assert "decode tokens/s (batch 8)" in render_markdown(report)
+    pruned = layout_from_onnx(out / "decoder.onnx")
+    assert pruned.max_positions == 128 and sum(pruned.kv_heads) <= 4
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(out))  # the folder runs under ONNX Runtime GenAI unchanged
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    gen_ = og.Generator(model, params)
+    gen_.append_tokens(ids[:1, :8])
+    gen_.generate_next_token()

