@@ -10,8 +10,8 @@ medians of per-round medians and speedups as medians of per-round ratios against
 
 Per variant and batch size: ``prefill_ms`` (the prompt's forward pass, producing the first token),
 ``decode_ms`` (one decode step, median over the steps), ``tokens_per_s`` (batch x 1000 / decode_ms), peak
-memory and file size. Torch's decode time is (time of ``generate`` for N tokens - time for 1 token) / (N-1),
-so it is ``generate`` as users call it, overhead included.
+memory and file size. Torch variants are timed inside ``generate`` as users call it (its overhead included): a
+logits processor that does nothing but read the clock marks each step.
 """
 
 from __future__ import annotations
@@ -292,26 +292,21 @@ class _Runner:
             self.decoder = OrtDecoder(target.session(Path(path)), layout,
                                       None if prefill is None else target.session(Path(prefill)))
 
-    def prefill(self, ids: np.ndarray) -> float:
-        """Seconds of the prompt's forward pass (the first token)."""
-        if self.module is not None:
-            t0 = time.perf_counter()
-            torch_greedy(self.module, ids, np.ones_like(ids), 1)
-            return time.perf_counter() - t0
+    def _steps(self, ids: np.ndarray, new_tokens: int) -> list[float]:
         times: list[float] = []
-        self.decoder.generate(ids, None, 1, times)
-        return times[0]
+        if self.module is not None:  # generate's own steps, clocked by a logits processor
+            torch_greedy(self.module, ids, np.ones_like(ids), new_tokens, times)
+        else:
+            self.decoder.generate(ids, None, new_tokens, times)
+        return times
 
-    def decode(self, ids: np.ndarray, new_tokens: int, prefill_s: float) -> list[float]:
-        """Seconds per decode step over ``new_tokens`` tokens (torch: generate's total less its prefill)."""
-        if self.module is not None:
-            t0 = time.perf_counter()
-            torch_greedy(self.module, ids, np.ones_like(ids), new_tokens)
-            total = time.perf_counter() - t0
-            return [max(total - prefill_s, 0.0) / max(new_tokens - 1, 1)]
-        times: list[float] = []
-        self.decoder.generate(ids, None, new_tokens, times)
-        return times[1:]
+    def prefill(self, ids: np.ndarray) -> float:
+        """Seconds of the prompt's forward pass (to the first token's logits)."""
+        return self._steps(ids, 1)[0]
+
+    def decode(self, ids: np.ndarray, new_tokens: int) -> list[float]:
+        """Seconds of each decode step after the prefill over ``new_tokens`` tokens."""
+        return self._steps(ids, new_tokens)[1:]
 
 
 def _size(value: Any) -> tuple[str, str | None, int | None]:
@@ -388,7 +383,7 @@ def measure_generation(
                 try:
                     with _peak_rss() as mem:
                         runner = _Runner(variants[name], layout, target)
-                        runner.decode(prompts[batches[-1]], new_tokens, 0.0)
+                        runner.decode(prompts[batches[-1]], new_tokens)
                     extra = _size(variants[name])[2] if isinstance(variants[name], nn.Module) else 0
                     peak[name] = None if mem["mb"] is None else mem["mb"] + (extra or 0) / 2**20
                     del runner
@@ -397,12 +392,12 @@ def measure_generation(
         jobs = [(r, names[(r + i) % len(names)]) for r in range(rounds) for i in range(len(names))]
         for _, name in reporter.track(jobs, f"timing generation of {len(names)} variants x {rounds} rounds"):
             runner = _Runner(variants[name], layout, target)
-            runner.decode(prompts[batches[0]][:, : min(prompt_len, 8)], 2, 0.0)  # warm-up
+            runner.decode(prompts[batches[0]][:, : min(prompt_len, 8)], 2)  # warm-up
             for b in batches:
                 runner.prefill(prompts[b])  # warm-up at this shape
                 pre = float(np.median([runner.prefill(prompts[b]) for _ in range(prefill_runs)]))
                 prefill[name][b].append(pre * 1000.0)
-                decode[name][b].append([s * 1000.0 for s in runner.decode(prompts[b], new_tokens, pre)])
+                decode[name][b].append([s * 1000.0 for s in runner.decode(prompts[b], new_tokens)])
             del runner
             gc.collect()
 

@@ -264,17 +264,35 @@ def greedy_onnx(session: Any, layout: DecoderLayout, input_ids: np.ndarray, atte
     return np.stack(tokens, axis=1), logits
 
 
-def torch_greedy(module: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
-    """torch ``generate`` (greedy, with its cache, no early stop at end-of-text): the new tokens."""
-    from transformers import GenerationConfig
+class _StepClock:
+    """A logits processor that only records when ``generate`` reaches each step (after each forward pass)."""
+
+    def __init__(self, times: list[float]) -> None:
+        self.times = times
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def torch_greedy(module: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
+                 times: list[float] | None = None) -> np.ndarray:
+    """torch ``generate`` (greedy, with its cache, no early stop at end-of-text): the new tokens. ``times``
+    receives each step's seconds as ``generate`` runs it (the first: from the call to the first token's logits)."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     like = next(module.parameters())
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=like.device)
     mask = torch.as_tensor(attention_mask, dtype=torch.long, device=like.device)
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False, num_beams=1, use_cache=True,
                            pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    stamps: list[float] = []
+    processors = LogitsProcessorList([_StepClock(stamps)]) if times is not None else None
     with torch.inference_mode(), eval_mode(module):
-        out = module.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        start = time.perf_counter()
+        out = module.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, logits_processor=processors)
+    if times is not None:
+        times.extend(np.diff([start, *stamps]).tolist())
     return out[:, ids.shape[1]:].cpu().numpy()
 
 
