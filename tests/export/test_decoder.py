@@ -158,3 +158,14 @@ def test_genai_config_refuses_a_model_without_end_of_text_token():
     layout.eos_token_id = None
     with pytest.raises(ModelpressError, match="end-of-text"):
         write_genai_config("/nonexistent", layout)
+
+
+def test_a_tied_head_is_stored_once(tmp_path):
+    import onnx
+
+    model = causal_lm("llama")  # tie_word_embeddings: the LM head is the token embedding
+    result = export_decoder(model, tmp_path / "decoder.onnx", verify=False)
+    vocab_sized = [i for i in onnx.load(str(result.path)).graph.initializer if 1000 in i.dims]
+    assert len(vocab_sized) == 1
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    assert result.file_size_bytes < weights + 128 * 1024  # the weights once plus the graph; a head copy is 250 KB
