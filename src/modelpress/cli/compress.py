@@ -96,6 +96,8 @@ def run_recipe(
         print_json(report)
     else:
         extra = ", classwise/ (the sub-models)" if "classwise" in report else ""
+        if "written" in ((report.get("decoder") or {}).get("genai") or {}):
+            extra += ", decoder.onnx + genai_config.json (cached decoder for onnxruntime-genai)"
         print_rich(render_table(report), f"wrote {out}/ (model.onnx, model.safetensors, report.json, report.md{extra})")
     _print_warnings(report)
 
