@@ -43,8 +43,18 @@ def bench(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Measure the latency table again, ignoring the cache.")] = False,
     clock: Annotated[str, typer.Option("--clock", help="Latency table: 'wall' time, or process 'cpu' time "
                                        "(1 thread only; steadier on a busy machine).")] = "wall",
+    generate: Annotated[bool | None, typer.Option(
+        "--generate/--no-generate", help="Causal LMs (a checkpoint, or a decoder .onnx with past_key_values "
+        "inputs): time greedy generation through the key-value cache, prefill ms, decode ms/token, tokens/s "
+        "(default for them); a checkpoint is compared with torch generate.")] = None,
+    prompt: Annotated[int | None, typer.Option("--prompt", help="Generation: prompt tokens (default 128, "
+                                               "capped at the model's positions).")] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Generation: tokens to generate.")] = 32,
+    two_graphs: Annotated[bool, typer.Option("--two-graphs", help="Generation of a checkpoint: also time the "
+                                             "two-graph form (a prefill graph without past inputs).")] = False,
 ) -> None:
     """Measure ONNX Runtime latency (median, p90, p99, CV, throughput, memory, file size); table + JSON.
+    Causal LMs: generation (prefill, per-token decode, tokens/s) through the key-value cache.
     With --latency-table CKPT: the per-block latency table of CKPT on the target instead."""
     from modelpress.bench import input_spec_from_onnx, measure
     from modelpress.export import export_onnx
@@ -62,6 +72,11 @@ def bench(
         return
     if grid is not None or rebuild or clock != "wall":
         raise ModelpressError("--grid, --rebuild and --clock go with --latency-table CKPT", "add --latency-table CKPT")
+    if generate is not False and _generation(model, generate, tgt, batch, rounds, prompt, new_tokens, two_graphs,
+                                             output, as_json, rep, trust_pickle, input_shape):
+        return
+    if prompt is not None or two_graphs:
+        raise ModelpressError("--prompt and --two-graphs go with generation (a causal LM)", "drop them")
     tmp = None
     try:
         if model and model.endswith(".onnx"):
@@ -106,3 +121,54 @@ def _latency_table(ckpt: str, tgt: Any, batch: list[int] | None, seq: list[int] 
         print_json(table.to_dict())
     else:
         print_rich(table.to_table(), *([f"wrote {output}"] if output is not None else []))
+
+
+def _generation(model: str | None, generate: bool | None, tgt: Any, batch: list[int] | None, rounds: int,
+                prompt: int | None, new_tokens: int, two_graphs: bool, output: Path | None, as_json: bool, rep: Any,
+                trust_pickle: bool, input_shape: str | None) -> bool:
+    """Time generation when asked (``generate``) or when the model is a causal LM; False: not one, bench as usual."""
+    from modelpress.bench.generation import layout_from_onnx, measure_generation
+    from modelpress.export.decoder import export_decoder, is_causal_lm, require_causal_lm
+
+    tmp = None
+    try:
+        if model and model.endswith(".onnx"):
+            path = Path(model)
+            if not path.exists():
+                raise ModelpressError(f"ONNX file not found: {model}", "check the path")
+            if generate is None:
+                import onnx
+
+                names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+                if not any(n.startswith("past_key_values.") for n in names):
+                    return False
+            layout = layout_from_onnx(path)
+            if two_graphs:
+                raise ModelpressError("--two-graphs needs a checkpoint (it exports both forms)", "bench the checkpoint")
+            variants: dict[str, Any] = {"onnx": path}
+            name = path.stem
+        else:
+            graph = load_graph(model, trust_pickle, input_shape, rep)
+            if generate is None and not is_causal_lm(graph.module):
+                return False
+            require_causal_lm(graph.module)
+            tmp = Path(tempfile.mkdtemp(prefix="modelpress-bench-"))
+            result = export_decoder(graph.module, tmp / "decoder.onnx", two_graphs=two_graphs, reporter=rep)
+            layout, name = result.layout, graph.name
+            variants = {"onnx": result.path}
+            if result.prefill_path is not None:
+                variants["onnx-two-graphs"] = (result.path, result.prefill_path)
+            variants["torch-generate"] = graph.module
+        out = output or Path(f"bench-{name}-generation.json")
+        check_output_file(out)
+        report = measure_generation(variants, tgt, layout=layout, prompt_len=prompt, new_tokens=new_tokens,
+                                    batch_sizes=batch or None, rounds=rounds, reporter=rep)
+        report.write_json(out)
+        if as_json:
+            print_json(report.to_dict())
+        else:
+            print_rich(report.to_table(), f"wrote {out}")
+        return True
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

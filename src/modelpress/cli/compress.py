@@ -77,6 +77,8 @@ def run_recipe(
         with rep.step("writing the output folder"):
             saving.write_into(result.graph, tmp)
             shutil.copyfile(result.onnx_path, tmp / "model.onnx")
+            if result.decoder is not None:  # causal LMs: the cached decoder, runnable under ONNX Runtime GenAI
+                _write_decoder(result, graph, tmp)
             report = result.report
             split = classwise_summary(report)
             if split is not None:  # what the recipe produced, beside the full model's numbers
@@ -96,8 +98,24 @@ def run_recipe(
         print_json(report)
     else:
         extra = ", classwise/ (the sub-models)" if "classwise" in report else ""
+        if "written" in ((report.get("decoder") or {}).get("genai") or {}):
+            extra += ", decoder.onnx + genai_config.json (cached decoder for onnxruntime-genai)"
         print_rich(render_table(report), f"wrote {out}/ (model.onnx, model.safetensors, report.json, report.md{extra})")
     _print_warnings(report)
+
+
+def _write_decoder(result: Any, graph: Any, folder: Path) -> None:
+    """decoder.onnx, genai_config.json and the checkpoint's tokenizer files into the output folder."""
+    from modelpress.export.decoder import copy_decoder, write_genai_config
+
+    copy_decoder(result.decoder.path, folder / "decoder.onnx")
+    source = graph.source.get("path") if isinstance(graph.source, dict) else None
+    try:
+        written = write_genai_config(folder, result.decoder.layout, "decoder.onnx", tokenizer_dir=source,
+                                     tokenizer=graph.tokenizer)
+        result.report.setdefault("decoder", {})["genai"] = {"written": ["decoder.onnx", *written]}
+    except ModelpressError as exc:  # decoder.onnx runs in ONNX Runtime; GenAI's config is what is missing
+        result.report.setdefault("decoder", {})["genai"] = {"error": exc.problem}
 
 
 def _print_warnings(report: dict[str, Any]) -> None:

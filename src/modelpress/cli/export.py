@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,10 +17,12 @@ from modelpress.cli.common import (
     Threads,
     TrustPickle,
     check_output_file,
+    check_writable,
     load_graph,
     print_json,
     reporter,
 )
+from modelpress.errors import ModelpressError
 
 
 def export(
@@ -29,14 +31,28 @@ def export(
     optimize: Annotated[str, typer.Option("--optimize", help="auto | none | ort | transformer | onnxslim")] = "auto",
     overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False, trust_pickle: TrustPickle = False,
     target: TargetOpt = "ort-cpu", threads: Threads = None, input_shape: InputShape = None,
+    decoder: Annotated[bool | None, typer.Option(
+        "--decoder/--no-decoder", help="Causal LMs: write the decoder with a key-value cache (ONNX Runtime GenAI "
+        "naming, verified by greedy generation) plus genai_config.json and the tokenizer files beside it "
+        "(default for causal LMs); --no-decoder writes the full-sequence graph.")] = None,
+    two_graphs: Annotated[bool, typer.Option(
+        "--two-graphs", help="With --decoder: also write NAME.prefill.onnx, a prefill graph without past inputs.")] = False,
 ) -> None:
-    """Export to ONNX (verified against torch), with the graph optimizations that measure fastest."""
+    """Export to ONNX (verified against torch), with the graph optimizations that measure fastest; causal LMs
+    as a decoder with a key-value cache that runs under ONNX Runtime GenAI."""
     from modelpress.bench import candidate_timer, get_target
     from modelpress.export import export_onnx
+    from modelpress.export.decoder import is_causal_lm, require_causal_lm
 
     check_output_file(output, overwrite)
     rep = reporter(quiet or as_json)
     graph = load_graph(ckpt, trust_pickle, input_shape, rep)
+    if decoder or (decoder is None and is_causal_lm(graph.module)):
+        require_causal_lm(graph.module)
+        _export_decoder(graph, output, two_graphs, overwrite, as_json, rep)
+        return
+    if two_graphs:
+        raise ModelpressError("--two-graphs goes with the decoder export of a causal LM", "drop --two-graphs")
     result = export_onnx(
         graph.module, graph.input_spec, output, optimize=optimize, timer=candidate_timer(get_target(target, threads)), reporter=rep,
     )
@@ -49,3 +65,31 @@ def export(
         print_json(info)
     else:
         typer.echo(f"wrote {output} ({info['optimization']}; max abs err {info.get('max_abs_err', float('nan')):.2e})")
+
+
+def _export_decoder(graph: Any, output: Path, two_graphs: bool, overwrite: bool, as_json: bool, rep: Any) -> None:
+    """The decoder at ``output``, genai_config.json and the checkpoint's tokenizer files beside it."""
+    from modelpress.export.decoder import export_decoder, write_genai_config
+
+    config = output.parent / "genai_config.json"
+    if config.exists() and not overwrite:
+        raise ModelpressError(f"{config} already exists", "pass --overwrite to replace it, or choose another -o folder")
+    check_writable(config)
+    result = export_decoder(graph.module, output, two_graphs=two_graphs, reporter=rep)
+    info: dict[str, Any] = {"path": str(output), "form": "two graphs" if two_graphs else "one graph",
+                            "file_size_bytes": result.file_size_bytes, **result.to_dict()}
+    source = graph.source.get("path") if isinstance(graph.source, dict) else None
+    try:
+        info["written"] = write_genai_config(output.parent, result.layout, output.name, tokenizer_dir=source,
+                                             tokenizer=graph.tokenizer)
+    except ModelpressError as exc:  # the decoder runs in ONNX Runtime; only GenAI's config is missing
+        info["genai_config"] = f"not written: {exc}"
+    if as_json:
+        print_json(info)
+        return
+    v = result.verification
+    typer.echo(f"wrote {output} (decoder with a key-value cache; {v.describe() if v else 'not verified'})")
+    if "written" in info:
+        typer.echo(f"wrote {', '.join(info['written'])} in {output.parent}/ (runs under onnxruntime_genai.Model)")
+    else:
+        typer.echo(info["genai_config"], err=True)

@@ -11,6 +11,7 @@ from typing import Any
 from modelpress.compress.recipe import Recipe
 from modelpress.compress.report import review, speed_change
 from modelpress.errors import ModelpressError
+from modelpress.export.decoder import is_causal_lm
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context, Exporter, as_graph_list
 
@@ -26,6 +27,7 @@ class PipelineResult:
     onnx_path: Path
     baseline_onnx: Path
     report: dict[str, Any] = field(default_factory=dict)
+    decoder: Any = None  # causal LMs: the compressed model's cached decoder (export.decoder.DecoderExport)
 
 
 class Pipeline:
@@ -125,9 +127,54 @@ class Pipeline:
             report.update(self._evaluate(graph, Path(base.path), onnx_path, ctx, simulated))
         if measure and ctx.target is not None:
             report["latency"] = self._measure(graph, Path(base.path), onnx_path, ctx)
+        decoder = None
+        if is_causal_lm(graph.module):  # LM users generate: the cached decoders, and their generation speed
+            decoders = self._decoders(graph, current, workdir, ctx, report, quantized=exporter is not None)
+            decoder = decoders.get("compressed")
+            if measure and ctx.target is not None:
+                report["generation"] = self._measure_generation(decoders, ctx)
         report.update(review(report))  # warnings (slower, larger) and what to try; the CLI shows them
         report["seconds"] = time.perf_counter() - started
-        return PipelineResult(current, onnx_path, Path(base.path), report)
+        return PipelineResult(current, onnx_path, Path(base.path), report, decoder)
+
+    def _decoders(self, graph: ModelGraph, current: ModelGraph, workdir: Path, ctx: Context,
+                  report: dict[str, Any], *, quantized: bool = False) -> dict[str, Any]:
+        """The original's and the compressed model's decoders with a key-value cache, each verified against its
+        own torch model by greedy generation; a compressed model whose decoder cannot be exported or verified
+        (a quantized form the cached export does not lower yet) is reported, not written."""
+        from modelpress.export.decoder import export_decoder
+
+        opset = self.recipe.spec.export.opset
+        info: dict[str, Any] = {}
+        decoders: dict[str, Any] = {}
+        for name, g in (("original", graph), ("compressed", current)):
+            if name == "compressed" and current is graph:
+                decoders[name], info[name] = decoders["original"], info["original"]
+                break
+            try:
+                with ctx.reporter.step(f"exporting the {name} model's decoder with a key-value cache"):
+                    decoders[name] = export_decoder(g.module, workdir / f"decoder-{name}.onnx", opset=opset)
+                info[name] = decoders[name].to_dict()
+            except ModelpressError as exc:
+                info[name] = {"error": exc.problem}
+                ctx.reporter.log(f"[yellow]no cached decoder for the {name} model[/yellow]: {info[name]['error']}")
+        if quantized and "compressed" in decoders:
+            info["compressed"]["form"] = ("the quantized torch model traced with its cache: fake-quant ops on float "
+                                          "weights, not model.onnx's integer-kernel lowering")
+        report["decoder"] = info
+        return decoders
+
+    def _measure_generation(self, decoders: dict[str, Any], ctx: Context) -> dict:
+        from modelpress.bench.generation import measure_generation
+
+        if "original" not in decoders:
+            return {}
+        variants = {n: d.path for n, d in decoders.items() if n == "original" or d is not decoders["original"]}
+        with ctx.reporter.step("measuring generation (prefill, decode tokens/s; interleaved rounds)"):
+            out = measure_generation(variants, ctx.target, layout=decoders["original"].layout,
+                                     batch_sizes=list(ctx.target.batch_sizes), baseline="original",
+                                     reporter=ctx.reporter)
+        return out.to_dict()
 
     def _evaluate(
         self, graph: ModelGraph, base: Path, final: Path, ctx: Context, simulated: ModelGraph | None = None

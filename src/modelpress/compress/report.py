@@ -38,6 +38,7 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             speed = sa.get("speedup") if comp is not base else 1.0
             rows.append((f"ORT latency median ({shape})", f"{sb['median_ms']:.2f} ms", f"{sa['median_ms']:.2f} ms",
                          speed_change(speed)))
+    rows += generation_rows(report)
     quality = report.get("quality")
     if quality:
         qb, qa = quality.get("before", {}), quality.get("after", {})
@@ -48,6 +49,35 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 rows.append((QUALITY_LABELS.get(key, key.replace("_", " ")),
                              "-" if before is None else format(before, fmt), format(qa[key], fmt),
                              "-" if before is None else format(qa[key] - before, "+" + fmt)))
+    return rows
+
+
+def generation_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Causal LMs: prefill latency, decode latency per token, tokens/s (per batch size) and peak memory of
+    greedy generation through the key-value cache, original vs compressed decoder, measured interleaved."""
+    gen = report.get("generation") or {}
+    variants = gen.get("variants") or {}
+    base = variants.get("original")
+    if not base:
+        return []
+    comp = variants.get("compressed", base)
+    same = comp is base
+    rows: list[tuple[str, str, str, str]] = []
+    for sb in base.get("stats", []):
+        sa = next((s for s in comp.get("stats", []) if s["batch"] == sb["batch"]), sb)
+        b = sb["batch"]
+        rows.append((f"prefill latency (batch {b}, prompt {sb['prompt_len']})", f"{sb['prefill_ms']:.2f} ms",
+                     f"{sa['prefill_ms']:.2f} ms", speed_change(1.0 if same else sa.get("prefill_speedup"))))
+        rows.append((f"decode latency per token (batch {b})", f"{sb['decode_ms']:.2f} ms", f"{sa['decode_ms']:.2f} ms",
+                     speed_change(1.0 if same else sa.get("decode_speedup"))))
+        rows.append((f"decode tokens/s (batch {b})", f"{sb['tokens_per_s']:.1f}", f"{sa['tokens_per_s']:.1f}",
+                     speed_change(1.0 if same else sa.get("decode_speedup"))))
+        if sb.get("peak_memory_mb") is not None and sa.get("peak_memory_mb") is not None:
+            rows.append((f"generation peak memory (batch {b})", f"{sb['peak_memory_mb']:.0f} MiB",
+                         f"{sa['peak_memory_mb']:.0f} MiB", size_change(sb["peak_memory_mb"], sa["peak_memory_mb"])))
+    if base.get("file_size_bytes") and comp.get("file_size_bytes"):
+        rows.append(("decoder file (with cache)", f"{base['file_size_bytes'] / 2**20:.1f} MiB",
+                     f"{comp['file_size_bytes'] / 2**20:.1f} MiB", size_change(base["file_size_bytes"], comp["file_size_bytes"])))
     return rows
 
 

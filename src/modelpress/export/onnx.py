@@ -391,6 +391,9 @@ def export_onnx(
                 if name != "none":
                     with reporter.step(f"building candidate {name!r}"):
                         builders[name](plain, dst)
+                    # ORT's "extended" level writes its own ops (e.g. SimplifiedLayerNormalization on Llama) into
+                    # the ONNX domain, where onnx.checker refuses them: such a file is no candidate
+                    _check(dst)
                 paths[name] = plain if name == "none" else dst
                 candidates[name] = Candidate(
                     name, build_seconds=time.perf_counter() - t0, file_size_bytes=onnx_file_size(paths[name])
