@@ -519,10 +519,12 @@ def run_vit(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     for keep in VIT_RATIOS:
         key = f"{1 - keep:.0%} fewer"
         rows[key] = {}
-        for method in (*OUR_METHODS, TP):
+        for method in (RECON, *OUR_METHODS, TP):
             try:
                 with reporter.step(f"ViT {key}: {method}"), quiet():
-                    if method == TP:
+                    if method == RECON:
+                        pruned, pm = prune(original, ctx, "hessian", "params", keep, args, **recon_options(args))
+                    elif method == TP:
                         def params(r: float) -> float:
                             m = torch_pruning_prune(original.module, original.input_spec, "magnitude", r)["module"]
                             return sum(p.numel() for p in m.parameters())
@@ -602,14 +604,14 @@ def print_tables(con, results: dict) -> None:  # noqa: ANN001
     if v:
         t = Table(title=f"digits ViT, {v['recover_steps']} recovery steps: accuracy before -> after recovery")
         t.add_column("params")
-        methods = (*OUR_METHODS, TP)
+        methods = (RECON, *OUR_METHODS, TP)
         for meth in methods:
             t.add_column(meth, justify="right")
         for key, row in v["results"].items():
             if key == "full":
                 t.add_row("full", *[f"{row.get('accuracy', 0):.3f}"] * len(methods))
                 continue
-            t.add_row(key, *["-" if row[x].get("status") != "ok" else
+            t.add_row(key, *["-" if row.get(x, {}).get("status") != "ok" else
                              f"{row[x]['before_recovery'].get('accuracy', 0):.3f} -> "
                              f"{row[x]['after_recovery'].get('accuracy', 0):.3f}" for x in methods])
         con.print(t)
