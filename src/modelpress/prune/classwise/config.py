@@ -14,7 +14,8 @@ Rule = Literal["concat", "fusion"]
 
 # prune.global settings for sub-models (``prune`` overrides them key by key): small sub-models of a small model
 # need exact widths (rounding to 8 undid most of the last iteration's embedding removals on the digits ViT) and
-# more, smaller iterations; whole blocks stay (prune.global over-counted their savings and missed 0.1 by 40%)
+# more, smaller iterations; whole blocks may go (prune.global counts a residual channel's slices inside a removed
+# block once since issue 20; before, it over-counted their savings and missed 0.1 by 40%, so blocks were off)
 PRUNE_DEFAULTS: dict[str, Any] = {"iterations": 8, "kinds": ["head", "head_dim", "mlp", "embedding", "conv", "block"],
                                   "round_to": {"mlp": 1, "head_dim": 1, "embedding": 1, "conv": 1}}
 RULES: tuple[Rule, ...] = ("concat", "fusion")
