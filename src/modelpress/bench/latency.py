@@ -625,7 +625,7 @@ def _sources(arch: Mapping[str, Any], axes: Mapping[str, list[int]]) -> dict[tup
     for p in itertools.product(axes["heads"], axes["head_dim"], axes["mlp"]):
         fits = [i for i, s in enumerate(shapes) if all(a <= b for a, b in zip(p, s, strict=True))]
         if fits:
-            out[p] = min(fits, key=lambda i: (shapes[i][0] * shapes[i][1] * 2 + shapes[i][2], i))
+            out[p] = min(fits, key=lambda i: (_work(*shapes[i]), i))
     for i, s in enumerate(shapes):
         if (s[0] or s[2]) and s not in out:
             out[s] = i
@@ -1015,7 +1015,7 @@ def _measure_convs(
     with torch_threads(1), reporter.step(f"exporting conv channel variants of {len(full)} groups"):
         files = conv_latency.export_variants(graph, full, tmp, _export_plain)
     report = measure({k: v[0] for k, v in files.items()}, graph.input_spec, target, rounds=timing["model_rounds"],
-                     runs=timing["runs"], min_time_s=max(timing["min_time_s"], 0.2), warmup=3, batch_sizes=[batch],
+                     runs=timing["runs"], min_time_s=max(timing["min_time_s"], 0.1), warmup=3, batch_sizes=[batch],
                      seq_lens=[seq] if seq else None, memory=False, baseline="full", reporter=reporter)
     cpu = key["clock"] == "cpu"
     full_ms = (report.stats("full", batch).cpu_ms or 0.0) if cpu else report.stats("full", batch).median_ms
