@@ -5,36 +5,43 @@ need the latency of many candidate architectures, each block with its own heads,
 some blocks removed. Measuring each is far too slow; predicting from a table is pure arithmetic
 (microseconds). The model:
 
-    latency(model) = rest(E) + sum over its blocks of block_ms(heads, head_dim, mlp, E)
+    latency(model) = rest(E) + sum over its blocks of block_ms(heads, head_dim, mlp, E) [+ conv part]
 
 where E is the embedding (residual) width and ``rest`` is everything outside the blocks (embeddings,
-pooler, head, session overhead).
+pooler, head, session overhead). Widths are read from the graph's groups, block by block, so the model it
+is built on may already be pruned (blocks of different widths, blocks removed): the grid's top is then its
+widest block, and the table predicts that model and anything pruned from it. Conv channels (a CNN's conv
+groups) have a measured part of their own, fitted per stage: :mod:`modelpress.bench.conv_latency`.
 
 How the table is measured (``build_latency_table``), and why:
 
-* **Blocks alone.** For every grid point, a copy of the model is pruned with the graph's own edits (the
-  last units of the head / head-dim / MLP groups of its first block, the embedding groups everywhere),
-  the first block's inputs are captured by a forward pre-hook during one run of that copy, and the block
-  is exported alone (its other inputs as constants) and timed with the interleaved runner. A block export
+* **Blocks alone.** For every grid point, a one-block copy of the model is pruned with the graph's own
+  edits (the last units of the head / head-dim / MLP groups of the block, the embedding groups
+  everywhere), the block's inputs are captured by a forward pre-hook during one run of that copy, and the
+  block is exported alone (its other inputs as constants) and timed with the interleaved runner. The block
+  a point is cut from is the narrowest one at least as wide as the point (on an unpruned model, the first);
+  every block's own widths are measured too, and points no block reaches (the widest heads and the widest
+  MLP in different blocks) are left to the fit (their CV is recorded as -1). A block export
   takes a fraction of a second and times in a few milliseconds, so a 75-point MiniLM grid costs about a
   minute or two; timing whole models per grid point would cost six times the timing and far more export.
-  Each point is kept as its ratio to the full-width block of the same embedding width, the median of
-  per-round ratios (both timed in the same round), which holds up far better than absolute times when
-  the machine's load changes during the build.
+  Each point is kept as its ratio to the widest measured block of the same embedding width, the median
+  of per-round ratios (both timed in the same round), which holds up far better than absolute times when
+  the machine's load changes during the build. The ratios are fitted (non-negative least squares) by
+  ``c0 + c1 heads x head_dim + c2 heads + c3 mlp``, 1 at the grid's top widths.
 * **Calibrated by whole models.** Blocks alone are not blocks in a model (their weights stay in cache,
-  each pays a session call). So per embedding width the full model (n blocks) and a one-block model are
-  timed in one interleaved run: per round, ``(L_n - L_1) / (n - 1)`` is the in-model block latency at
-  the original widths and ``L_1`` minus it is ``rest``; the medians over rounds set the level of every
-  grid point of that width (the grid gives the shape, the models the level), so the unpruned model is
-  predicted at its measured latency. A single-block model gets ``rest = L_n - standalone block``.
-  ``scale`` (in-model over standalone block) is recorded; ``notes`` say when it is more than 10% off 1.
-  A third whole model, every block at about half its heads and MLP width, sets the **fixed share** of
-  a block's in-model time (what does not shrink with its widths: kernel launches, norms, copies between
-  ops; on MiniLM a block in the model took 1.5-2x its standalone time): a grid point is predicted at
-  ``level x (fixed + (1 - fixed) x standalone ratio)``. With the level alone (format 1), narrow blocks were
+  each pays a session call). So per embedding width the model as given (n blocks), a one-block model
+  (its first block) and a model with every block at about half its own heads and MLP width are timed in
+  one interleaved run. A block of standalone ratio ``r`` takes ``level x (fixed + (1 - fixed) x r)`` in
+  the model: ``L_n - L_1`` and ``L_n - L_half`` (medians over rounds), summed over the blocks' own
+  ratios, give ``level`` (the in-model time of a block at the top widths) and the **fixed share** (what
+  does not shrink with widths: kernel launches, norms, copies between ops; on MiniLM a block in the model
+  took 1.5-2x its standalone time); ``rest`` puts the model as given at its measured latency. On a
+  uniform model this is ``(L_n - L_1) / (n - 1)`` per block, as before. A single-block model uses its
+  standalone time for the first equation. ``scale`` (in-model over standalone block) is recorded;
+  ``notes`` say when it is more than 10% off 1. With the level alone (format 1), narrow blocks were
   predicted too fast and pruned MiniLMs' speedups over-predicted by 14-43%.
-* **Interpolation.** Multilinear on the grid (latency is close to linear in heads, MLP width and head
-  dim at a fixed embedding width; multilinear interpolation is exact for products of linear terms such
+* **Interpolation.** Multilinear on the grid of fitted values (latency is close to linear in heads, MLP
+  width and head dim at a fixed embedding width; multilinear interpolation is exact for products of linear terms such
   as heads x embedding), linear extrapolation from the end segments outside it, clamped at 0. ``heads=0``
   (attention gone) and ``mlp=0`` (MLP gone) extrapolate from the two smallest points.
 * **No head-dim groups.** When the graph has no "head_dim" groups the head-dim axis holds the full width
@@ -43,7 +50,8 @@ How the table is measured (``build_latency_table``), and why:
 * **Exports.** Plain ``torch.onnx`` exports (``optimize="none"``, HF models in eager attention); ONNX
   Runtime's own graph optimizations run in every session, as when the pipeline's export is measured.
 
-A table is keyed by the architecture (model class, block type and count, full widths, vocabulary), the
+A table is keyed by the architecture (model class, block type and count, widest widths, every block's
+widths where they differ, conv groups' channels, vocabulary), the
 target (name, providers, threads, session config), batch, sequence length, grid and export settings, and
 records the versions and CPU that measured it; it is cached as JSON under ``$MODELPRESS_CACHE/latency``
 and reused only when key and versions match. ``check`` refuses a graph or target it was not measured for.
