@@ -213,3 +213,159 @@ def test_cli_latency_table(synthetic, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--threads", "2", "--clock", "cpu"])
     assert "cpu clock needs 1 thread" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- non-uniform models, conv channels
+
+
+def test_architecture_of_a_pruned_model_and_where_points_are_cut(bert):
+    """A pruned (non-uniform) model: the grid's top is the widest block, every block's widths are in the key,
+    and each standalone point is cut from the narrowest block that reaches it (none: fitted, not measured)."""
+    pruned = bert.copy()
+    pruned.remove_many([("head:encoder.layer.0.attention", [2, 3]), ("mlp:encoder.layer.1", list(range(32, 128)))])
+    arch = table_key(pruned, "ort-cpu", seq=64)["architecture"]
+    assert (arch["heads"], arch["head_dim"], arch["mlp"]) == (4, 16, 128)
+    assert arch["shapes"] == [[2, 16, 128], [4, 16, 32]]
+    assert "shapes" not in table_key(bert, "ort-cpu", seq=64)["architecture"]  # uniform: the key as before
+    axes = {"heads": [1, 2, 4], "head_dim": [16], "mlp": [32, 64, 128], "embed": [64]}
+    sources = L._sources(arch, axes)
+    assert sources[(2, 16, 128)] == 0 and sources[(4, 16, 32)] == 1  # each block's own widths
+    assert sources[(1, 16, 32)] == 1  # both reach it: the narrower block (4 x 16 heads, 32 MLP) is cut less
+    assert sources[(2, 16, 32)] == 1 and sources[(1, 16, 128)] == 0
+    assert (4, 16, 128) not in sources and (4, 16, 64) not in sources  # no block is that wide
+
+
+def test_calibration_recovers_in_model_costs_of_non_uniform_blocks():
+    """Whole-model timings made from known per-block costs (fixed share + width share) and rest over blocks
+    of different widths: the calibration gives back the level, the fixed share and the rest."""
+    arch = {"heads": 4, "head_dim": 16, "mlp": 128, "blocks": 3}
+    fit = [0.1, 0.5, 0.1, 0.3]  # standalone ratio to the top widths
+    files = L._TableFiles()
+    files.widths = {
+        "full_e64": [{"heads": 4, "head_dim": 16, "mlp": 64}, {"heads": 2, "head_dim": 16, "mlp": 128},
+                     {"heads": 3, "head_dim": 16, "mlp": 96}],
+        "one_e64": [{"heads": 4, "head_dim": 16, "mlp": 64}],
+        "mid_e64": [{"heads": 2, "head_dim": 16, "mlp": 32}, {"heads": 1, "head_dim": 16, "mlp": 64},
+                    {"heads": 2, "head_dim": 16, "mlp": 48}],
+    }
+    level, fixed, rest = 2.0, 0.3, 0.7
+
+    def model_ms(name: str) -> list[float]:
+        r = [L._ratio(fit, arch, b["heads"], b["head_dim"], b["mlp"]) for b in files.widths[name]]
+        return [rest + sum(level * (fixed + (1 - fixed) * x) for x in r)] * 3
+
+    rounds = {name: model_ms(name) for name in files.widths}
+    notes: list[str] = []
+    cal = L._calibrate(64, arch, files, fit, 1.5, rounds, notes)
+    assert cal["block_in_model_ms"] == pytest.approx(level)
+    assert cal["fixed_share"] == pytest.approx(fixed)
+    assert cal["rest_ms"] == pytest.approx(rest)
+    assert cal["scale"] == pytest.approx(level / 1.5)
+
+
+def _small_bert(hidden: int = 192, layers: int = 3, heads: int = 6, mlp: int = 768):
+    import transformers as T
+
+    from modelpress.graph.model_graph import ModelGraph
+    from modelpress.models.loaders import hf_input_spec
+
+    torch.manual_seed(0)
+    m = T.BertModel(T.BertConfig(vocab_size=500, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                 intermediate_size=mlp, max_position_embeddings=128)).eval()
+    return ModelGraph(m, hf_input_spec(m), {"kind": "hf", "class": "BertModel"}, name=f"bert{hidden}")
+
+
+def test_table_built_on_a_pruned_model_predicts_further_pruning(tmp_path):
+    """The table built on an already-pruned, non-uniform model (main's latency.py refused it: "blocks have
+    different widths") predicts models pruned further from it: the predicted order matches the measured one
+    and speedups are within 25% (CPU time at one thread; loose, since CI machines are shared)."""
+    g = _small_bert(hidden=128, heads=4, mlp=512)
+    pruned = g.copy()  # non-uniform: 2, 4, 3 heads; MLP 512, 128, 384
+    pruned.remove_many([("head:encoder.layer.0.attention", [2, 3]), ("mlp:encoder.layer.1", list(range(128, 512))),
+                        ("head:encoder.layer.2.attention", [3]), ("mlp:encoder.layer.2", list(range(384, 512)))])
+    target = get_target("ort-cpu", threads=1)
+    table = build_latency_table(pruned, target, batch=1, seq=128, grid={"heads": [1, 4], "head_dim": [32],
+                                "mlp": [64, 512], "embed": [128]}, rounds=3, runs=5, min_time_s=0.03,
+                                model_rounds=3, clock="cpu", cache_dir=tmp_path)
+    assert table.key["architecture"]["shapes"] == [[2, 32, 512], [4, 32, 128], [3, 32, 384]]
+    assert all(v > 0 for v in table.block_ms_grid) and table.block_cv[-1] == -1.0  # (4, 512): no block has both
+    further = pruned.copy()  # every block narrower, unevenly
+    further.remove_many([("head:encoder.layer.1.attention", [1, 2, 3]), ("mlp:encoder.layer.0", list(range(64, 512))),
+                         ("mlp:encoder.layer.2", list(range(192, 384)))])
+    gone = further.copy()
+    gone.remove_block("encoder.layer.0")
+    rows = compare_latency(table, {"pruned": pruned, "further": further, "gone": gone}, target, rounds=3,
+                           min_time_s=0.1)
+    base, further_row, gone_row = rows
+    assert base["predicted_ms"] == pytest.approx(base["measured_ms"], rel=0.25), rows
+    for row in (further_row, gone_row):
+        assert row["measured_speedup"] > 1.25, rows
+        assert abs(row["speedup_error"]) < 0.25, rows
+    assert gone_row["predicted_speedup"] > further_row["predicted_speedup"] * 1.1
+    assert gone_row["measured_speedup"] > further_row["measured_speedup"] * 1.1
+
+
+def test_conv_channels_have_a_measured_cost(zoo_cnn, tmp_path):
+    """The digits CNN: each conv group's channels cost a measured, positive amount, monotone in the channels;
+    half the channels are predicted within 30% of the measured speedup; prune's latency costs see them."""
+    from modelpress.graph.model_graph import ModelGraph
+    from modelpress.prune.budget import Costs
+
+    g = ModelGraph(zoo_cnn.module, zoo_cnn.input_spec, {"kind": "zoo", "class": "DigitsCNN"}, name="digits_cnn")
+    target = get_target("ort-cpu", threads=1)
+    table = build_latency_table(g, target, batch=32, rounds=3, runs=5, min_time_s=0.03, model_rounds=3,
+                                clock="cpu", cache_dir=tmp_path)
+    groups = table.conv["groups"]
+    assert groups == {"conv": 32, "conv#1": 64}
+    assert table.predict(g) == pytest.approx(table.conv["full_ms"], rel=0.1)
+    for name, size in groups.items():
+        sizes = [size, size * 3 // 4, size // 2, size // 4, 1]
+        ms = [table.predict_widths([], None, {**groups, name: k}) for k in sizes]
+        assert all(a > b for a, b in itertools.pairwise(ms)), (name, ms)  # every channel costs something
+    costs = Costs(g, "latency", lambda w: table.predict_widths(list(w.blocks.values()), w.embedding, w.convs))
+    for grp in g.groups_of_kind("conv"):
+        assert costs.units(g, grp).min() > 0, grp.name  # prune.global no longer treats channels as free
+    half = g.copy()
+    half.remove_many([("conv", list(range(16, 32))), ("conv#1", list(range(32, 64)))])
+    full_row, half_row = compare_latency(table, {"full": g, "half": half}, target, rounds=3, min_time_s=0.1)
+    assert half_row["measured_speedup"] > 1.3, half_row
+    assert abs(half_row["speedup_error"]) < 0.3, half_row
+
+
+def test_a_model_without_groups_is_a_short_error():
+    from torch import nn
+
+    from modelpress.graph.inputs import InputSpec
+    from modelpress.graph.model_graph import ModelGraph
+
+    g = ModelGraph(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(), InputSpec("image", ["pixel_values"],
+                   shape=(1, 8, 8)), {"kind": "factory"}, name="linear")
+    with pytest.raises(ModelpressError, match="no attention heads, MLP units or conv channels") as err:
+        build_latency_table(g, "ort-cpu", cache=False)
+    assert len(str(err.value)) < 250 and "Traceback" not in str(err.value)
+
+
+def test_conv_part_reads_groups_from_the_graph_and_removed_blocks_cost_nothing():
+    """The conv part of a torchvision-free ResNet (HF, random weights): stages and their layers come from the
+    graph's conv groups; a conv between two groups scales with both widths; a removed block's groups count
+    0 channels, in the table's prediction and in prune's widths."""
+    from modelpress.bench import conv_latency as C
+    from modelpress.prune.budget import widths
+
+    g = fresh("resnet")
+    full = C.conv_groups(g)
+    assert len(full) == 6 and all(n.startswith("conv") for n in full)
+    stages = C.conv_stages(g)
+    assert set(stages) == set(full) and all(abs(sum(s for s, _ in v) - 1) < 1e-9 for v in stages.values() if v)
+    part = {"groups": full, "stages": stages, "coef": [0.5] + [1.0] * len(full) + [0.1] * len(full)}
+    both = [name for name, layers in stages.items() if any(len(f) == 2 and f[0] != f[1] for _, f in layers)]
+    assert both, stages  # some conv reads one group and writes another
+    name = both[0]
+    other = next(f[1] for _, f in stages[name] if len(f) == 2 and f[0] != f[1])
+    half = {**full, name: full[name] // 2, other: full[other] // 2}
+    assert C.predict_ms(part, half) < C.predict_ms(part, {**full, name: full[name] // 2})
+    block = g.blocks[0].path
+    w = widths(g)
+    inside = [n for n, s in w.conv_scopes.items() if s == block or s.startswith(block + ".")]
+    assert inside and all(n not in w.without_block(block).convs for n in inside)
+    assert C.predict_ms(part, w.without_block(block).convs) < C.predict_ms(part, w.convs)

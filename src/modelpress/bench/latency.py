@@ -5,36 +5,43 @@ need the latency of many candidate architectures, each block with its own heads,
 some blocks removed. Measuring each is far too slow; predicting from a table is pure arithmetic
 (microseconds). The model:
 
-    latency(model) = rest(E) + sum over its blocks of block_ms(heads, head_dim, mlp, E)
+    latency(model) = rest(E) + sum over its blocks of block_ms(heads, head_dim, mlp, E) [+ conv part]
 
 where E is the embedding (residual) width and ``rest`` is everything outside the blocks (embeddings,
-pooler, head, session overhead).
+pooler, head, session overhead). Widths are read from the graph's groups, block by block, so the model it
+is built on may already be pruned (blocks of different widths, blocks removed): the grid's top is then its
+widest block, and the table predicts that model and anything pruned from it. Conv channels (a CNN's conv
+groups) have a measured part of their own, fitted per stage: :mod:`modelpress.bench.conv_latency`.
 
 How the table is measured (``build_latency_table``), and why:
 
-* **Blocks alone.** For every grid point, a copy of the model is pruned with the graph's own edits (the
-  last units of the head / head-dim / MLP groups of its first block, the embedding groups everywhere),
-  the first block's inputs are captured by a forward pre-hook during one run of that copy, and the block
-  is exported alone (its other inputs as constants) and timed with the interleaved runner. A block export
+* **Blocks alone.** For every grid point, a one-block copy of the model is pruned with the graph's own
+  edits (the last units of the head / head-dim / MLP groups of the block, the embedding groups
+  everywhere), the block's inputs are captured by a forward pre-hook during one run of that copy, and the
+  block is exported alone (its other inputs as constants) and timed with the interleaved runner. The block
+  a point is cut from is the narrowest one at least as wide as the point (on an unpruned model, the first);
+  every block's own widths are measured too, and points no block reaches (the widest heads and the widest
+  MLP in different blocks) are left to the fit (their CV is recorded as -1). A block export
   takes a fraction of a second and times in a few milliseconds, so a 75-point MiniLM grid costs about a
   minute or two; timing whole models per grid point would cost six times the timing and far more export.
-  Each point is kept as its ratio to the full-width block of the same embedding width, the median of
-  per-round ratios (both timed in the same round), which holds up far better than absolute times when
-  the machine's load changes during the build.
+  Each point is kept as its ratio to the widest measured block of the same embedding width, the median
+  of per-round ratios (both timed in the same round), which holds up far better than absolute times when
+  the machine's load changes during the build. The ratios are fitted (non-negative least squares) by
+  ``c0 + c1 heads x head_dim + c2 heads + c3 mlp``, 1 at the grid's top widths.
 * **Calibrated by whole models.** Blocks alone are not blocks in a model (their weights stay in cache,
-  each pays a session call). So per embedding width the full model (n blocks) and a one-block model are
-  timed in one interleaved run: per round, ``(L_n - L_1) / (n - 1)`` is the in-model block latency at
-  the original widths and ``L_1`` minus it is ``rest``; the medians over rounds set the level of every
-  grid point of that width (the grid gives the shape, the models the level), so the unpruned model is
-  predicted at its measured latency. A single-block model gets ``rest = L_n - standalone block``.
-  ``scale`` (in-model over standalone block) is recorded; ``notes`` say when it is more than 10% off 1.
-  A third whole model, every block at about half its heads and MLP width, sets the **fixed share** of
-  a block's in-model time (what does not shrink with its widths: kernel launches, norms, copies between
-  ops; on MiniLM a block in the model took 1.5-2x its standalone time): a grid point is predicted at
-  ``level x (fixed + (1 - fixed) x standalone ratio)``. With the level alone (format 1), narrow blocks were
+  each pays a session call). So per embedding width the model as given (n blocks), a one-block model
+  (its first block) and a model with every block at about half its own heads and MLP width are timed in
+  one interleaved run. A block of standalone ratio ``r`` takes ``level x (fixed + (1 - fixed) x r)`` in
+  the model: ``L_n - L_1`` and ``L_n - L_half`` (medians over rounds), summed over the blocks' own
+  ratios, give ``level`` (the in-model time of a block at the top widths) and the **fixed share** (what
+  does not shrink with widths: kernel launches, norms, copies between ops; on MiniLM a block in the model
+  took 1.5-2x its standalone time); ``rest`` puts the model as given at its measured latency. On a
+  uniform model this is ``(L_n - L_1) / (n - 1)`` per block, as before. A single-block model uses its
+  standalone time for the first equation. ``scale`` (in-model over standalone block) is recorded;
+  ``notes`` say when it is more than 10% off 1. With the level alone (format 1), narrow blocks were
   predicted too fast and pruned MiniLMs' speedups over-predicted by 14-43%.
-* **Interpolation.** Multilinear on the grid (latency is close to linear in heads, MLP width and head
-  dim at a fixed embedding width; multilinear interpolation is exact for products of linear terms such
+* **Interpolation.** Multilinear on the grid of fitted values (latency is close to linear in heads, MLP
+  width and head dim at a fixed embedding width; multilinear interpolation is exact for products of linear terms such
   as heads x embedding), linear extrapolation from the end segments outside it, clamped at 0. ``heads=0``
   (attention gone) and ``mlp=0`` (MLP gone) extrapolate from the two smallest points.
 * **No head-dim groups.** When the graph has no "head_dim" groups the head-dim axis holds the full width
@@ -43,7 +50,8 @@ How the table is measured (``build_latency_table``), and why:
 * **Exports.** Plain ``torch.onnx`` exports (``optimize="none"``, HF models in eager attention); ONNX
   Runtime's own graph optimizations run in every session, as when the pipeline's export is measured.
 
-A table is keyed by the architecture (model class, block type and count, full widths, vocabulary), the
+A table is keyed by the architecture (model class, block type and count, widest widths, every block's
+widths where they differ, conv groups' channels, vocabulary), the
 target (name, providers, threads, session config), batch, sequence length, grid and export settings, and
 records the versions and CPU that measured it; it is cached as JSON under ``$MODELPRESS_CACHE/latency``
 and reused only when key and versions match. ``check`` refuses a graph or target it was not measured for.
@@ -70,6 +78,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelpress.bench import conv_latency
+from modelpress.bench.conv_latency import conv_groups, conv_widths
 from modelpress.bench.runner import measure, torch_threads, write_json_atomic
 from modelpress.errors import ModelpressError
 from modelpress.export.onnx import attention_implementation, export_onnx
@@ -82,7 +92,7 @@ from modelpress.targets import Target, get_target
 
 AXES = ("heads", "head_dim", "mlp", "embed")
 CLOCKS = ("wall", "cpu")
-FORMAT = 2
+FORMAT = 3  # 3: optional conv part, grids fitted from non-uniform models; format 2 tables still load
 EXPORT = {"exporter": "torch.onnx (dynamo=False)", "opset": 17, "optimize": "none", "attention": "eager"}
 
 BlockSpec = tuple[float, float, float] | Mapping[str, Any]
@@ -113,6 +123,7 @@ class LatencyTable:
     created: str = ""
     seconds: float = 0.0
     format: int = FORMAT
+    conv: dict[str, Any] | None = None  # the conv part (modelpress.bench.conv_latency), when the model has conv groups
 
     def __post_init__(self) -> None:
         self.axes = {a: [int(v) for v in self.axes[a]] for a in AXES}
@@ -166,18 +177,20 @@ class LatencyTable:
         value = self._memo.get(memo)
         if value is None:
             dims = self.axes["head_dim"]
-            if len(dims) == 1 and head_dim and head_dim != dims[0]:
+            if len(dims) == 1 and head_dim and dims[0] and head_dim != dims[0]:
                 heads, head_dim = heads * head_dim / dims[0], dims[0]
             value = self._memo[memo] = max(0.0, self._interpolate(heads, head_dim, mlp, embed))
             if len(self._memo) > 100_000:
                 self._memo.clear()
         return value
 
-    def predict_widths(self, blocks: Iterable[BlockSpec], embed: float | None = None) -> float:
+    def predict_widths(self, blocks: Iterable[BlockSpec], embed: float | None = None,
+                       convs: Mapping[str, float] | None = None) -> float:
         """Model latency (ms) for blocks given as (heads, head_dim, mlp) or dicts with those keys
-        (missing heads / mlp count as 0: gone); removed blocks are simply not listed."""
+        (missing heads / mlp count as 0: gone); removed blocks are simply not listed. ``convs``: conv group
+        name -> channels (a group not listed has 0: its block is gone); None: the channels measured."""
         embed = self.architecture["embed"] if embed is None else embed
-        total = self.rest_ms(embed)
+        total = self.rest_ms(embed) + self.conv_ms(convs)
         for b in blocks:
             if isinstance(b, Mapping):
                 h, d, m = b.get("heads", 0), b.get("head_dim", self.architecture["head_dim"]), b.get("mlp", 0)
@@ -186,10 +199,21 @@ class LatencyTable:
             total += self.block_ms(h, d, m, embed)
         return total
 
+    def conv_ms(self, convs: Mapping[str, float] | None = None) -> float:
+        """What the conv channels add (ms): on a table of conv channels only, the model's latency; beside
+        transformer blocks, the change from the channels measured (0 without conv groups or ``convs=None``)."""
+        if self.conv is None:
+            return 0.0
+        if not _transformer(self.architecture):
+            return conv_latency.predict_ms(self.conv, self.conv["groups"] if convs is None else convs)
+        if convs is None:
+            return 0.0
+        return conv_latency.predict_ms(self.conv, convs) - conv_latency.predict_ms(self.conv, self.conv["groups"])
+
     def predict(self, graph: ModelGraph) -> float:
-        """Predicted latency (ms) of ``graph`` from its current blocks' widths and embedding width."""
+        """Predicted latency (ms) of ``graph`` from its current blocks' widths, embedding width and conv channels."""
         blocks, embed = graph_widths(graph)
-        return self.predict_widths(blocks, embed)
+        return self.predict_widths(blocks, embed, conv_widths(graph) if self.conv is not None else None)
 
     # ----- checks -----
     def check(self, graph: ModelGraph | None = None, target: Target | str | None = None,
@@ -227,8 +251,11 @@ class LatencyTable:
             return [f"a {model} with vocabulary {graph.input_spec.vocab_size}"]
         blocks, embed = graph_widths(graph)
         types = {b.type for b in graph.blocks}
-        if types and types != {a["block_type"]}:
+        if types and not types <= set(a["block_type"].split("+")):
             return [f"blocks {', '.join(sorted(types))}"]
+        for name, size in conv_widths(graph).items() if "convs" in a else ():
+            if size > a["convs"].get(name, 0):
+                return [f"conv group {name} of {size} channels"]
         if len(blocks) > a["blocks"]:
             return [f"{len(blocks)} blocks"]
         if embed is not None and embed > a["embed"]:
@@ -253,11 +280,12 @@ class LatencyTable:
             "system": self.system,
             "created": self.created,
             "seconds": round(self.seconds, 2),
+            "conv": self.conv,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LatencyTable:
-        if d.get("format") != FORMAT:
+        if d.get("format") not in (2, FORMAT):
             raise ModelpressError(
                 f"latency table format {d.get('format')!r} is not {FORMAT}", "build the table again"
             )
@@ -267,6 +295,7 @@ class LatencyTable:
                 standalone_ms_grid=list(d["standalone_ms"]),
                 block_cv=list(d["block_cv"]), calibration=list(d["calibration"]), notes=list(d.get("notes", [])),
                 system=d.get("system", {}), created=d.get("created", ""), seconds=float(d.get("seconds", 0.0)),
+                format=int(d["format"]), conv=d.get("conv"),
             )
         except KeyError as exc:
             raise ModelpressError(f"latency table lacks {exc}", "build the table again") from None
@@ -313,6 +342,9 @@ class LatencyTable:
             f"embed {e}: rest {c['rest_ms']:.2f} ms, scale {c['scale']:.3f}, model {c['full_ms']:.2f} ms"
             for e, c in zip(self.axes["embed"], self.calibration, strict=True)
         )
+        if self.conv is not None:
+            cal += (f"; conv channels ({len(self.conv['groups'])} groups): model {self.conv['full_ms']:.2f} ms, "
+                    f"fit residual {self.conv['residual']:.0%}")
         table.caption = cal + ("\n" + "\n".join(self.notes) if self.notes else "")
         return table
 
@@ -347,36 +379,52 @@ def graph_widths(graph: ModelGraph) -> tuple[list[dict[str, Any]], int | None]:
 
 
 def _architecture(graph: ModelGraph) -> dict[str, Any]:
+    """What a table is measured for, read from the graph's groups: the block count and type, the widest
+    block's widths (heads, head dim, MLP: the grid's top), the embedding width, and where the blocks differ
+    (an already-pruned model) every block's widths as ``shapes``; the prunable conv groups' channels as
+    ``convs``. A model with neither transformer blocks nor conv groups is refused (short error)."""
     blocks, embed = graph_widths(graph)
-    if not blocks or not any(b["heads"] or b["mlp"] for b in blocks):
+    transformer = any(b["heads"] or b["mlp"] for b in blocks)
+    convs = conv_groups(graph)
+    if not transformer and not convs:
         raise ModelpressError(
-            f"{graph.name} has no transformer blocks (attention heads or MLPs) for a latency table",
-            "latency tables model transformer blocks; measure this model with modelpress bench",
+            f"{graph.name} has no attention heads, MLP units or conv channels (no prunable groups) to model",
+            "a latency table predicts pruned widths; time the model itself with modelpress bench",
         )
-    if embed is None:
+    if transformer and embed is None:
         raise ModelpressError(f"{graph.name} has no embedding (residual) width", "latency tables model transformers")
-    widths = {(b["heads"], b["head_dim"], b["mlp"]) for b in blocks}
-    if len(widths) != 1:
-        raise ModelpressError(
-            f"{graph.name}'s blocks have different widths {sorted(widths)}",
-            "build the latency table on the unpruned model; it predicts the pruned ones",
-        )
-    first = graph.blocks[0].path
-    heads = _block_groups(graph, first, "head")
-    types = {b.type for b in graph.blocks}
-    return {
+    types = sorted({b.type for b in graph.blocks})
+    heads = [g for g in graph.groups if g.kind == "head"]
+    arch: dict[str, Any] = {
         "model": _model_name(graph),
-        "block_type": graph.blocks[0].type if len(types) == 1 else "+".join(sorted(types)),
+        "block_type": "+".join(types) if types else "none",
         "blocks": len(blocks),
-        "heads": blocks[0]["heads"],
-        "head_dim": blocks[0]["head_dim"],
-        "mlp": blocks[0]["mlp"],
-        "embed": int(embed),
+        "heads": max((b["heads"] for b in blocks), default=0) if transformer else 0,
+        "head_dim": max((b["head_dim"] for b in blocks), default=0) if transformer else 0,
+        "mlp": max((b["mlp"] for b in blocks), default=0) if transformer else 0,
+        "embed": int(embed) if transformer else 0,
         "heads_per_unit": heads[0].heads_per_unit if heads else 1,
-        "head_dim_groups": bool(_block_groups(graph, first, "head_dim")),
+        "head_dim_groups": any(g.kind == "head_dim" for g in graph.groups),
         "vocab": graph.input_spec.vocab_size if graph.input_spec.kind == "text" else None,
         "input": graph.input_spec.kind,
     }
+    shapes = [[b["heads"], b["head_dim"], b["mlp"]] for b in blocks]
+    if transformer and any(s != shapes[0] for s in shapes):
+        arch["shapes"] = shapes  # non-uniform (pruned): only then, so uniform models keep their cached tables
+    if convs:
+        arch["convs"] = convs
+    return arch
+
+
+def _transformer(arch: Mapping[str, Any]) -> bool:
+    return bool(arch["heads"] or arch["mlp"])
+
+
+def _shapes(arch: Mapping[str, Any]) -> list[tuple[int, int, int]]:
+    """Every block's (heads, head dim, MLP) as measured (uniform tables: the widths, once per block)."""
+    if "shapes" in arch:
+        return [tuple(s) for s in arch["shapes"]]
+    return [(arch["heads"], arch["head_dim"], arch["mlp"])] * arch["blocks"]
 
 
 def _target_key(t: Target) -> dict[str, Any]:
@@ -441,8 +489,12 @@ def parse_grid(text: str | None) -> dict[str, list[int]]:
 
 
 def _resolve_grid(arch: Mapping[str, Any], grid: Mapping[str, Sequence[int]] | str | None) -> dict[str, list[int]]:
-    axes = default_grid(arch)
     given = parse_grid(grid) if isinstance(grid, str) else {k: sorted({int(v) for v in vs}) for k, vs in (grid or {}).items()}
+    if not _transformer(arch):  # conv channels only: a one-point grid of nothing (the conv part holds the model)
+        if given:
+            raise ModelpressError(f"{arch['model']} has no transformer blocks for a grid", "leave --grid out")
+        return {a: [0] for a in AXES}
+    axes = default_grid(arch)
     for name, values in given.items():
         if name not in AXES:
             raise ModelpressError(f"unknown grid axis {name!r}", f"use {', '.join(AXES)}")
@@ -488,16 +540,17 @@ def _with_embed(graph: ModelGraph, arch: Mapping[str, Any], embed: int) -> Model
     return out
 
 
-def _block_variant(graph: ModelGraph, arch: Mapping[str, Any], heads: int, head_dim: int, mlp: int) -> ModelGraph:
-    """A copy whose first block has these widths."""
+def _block_variant(graph: ModelGraph, source: Sequence[int], heads: int, head_dim: int, mlp: int) -> ModelGraph:
+    """A copy whose first block (of widths ``source`` = heads, head dim, MLP) is cut to these widths."""
     out = graph.copy()
     path = out.blocks[0].path
-    if heads != arch["heads"]:
-        _keep_last(out, _block_groups(out, path, "head"), heads / arch["heads"])
-    if head_dim != arch["head_dim"]:
-        _keep_last(out, _block_groups(out, path, "head_dim"), head_dim / arch["head_dim"])
-    if mlp != arch["mlp"]:
-        _keep_last(out, _block_groups(out, path, "mlp"), mlp / arch["mlp"])
+    h0, d0, m0 = source
+    if heads != h0:
+        _keep_last(out, _block_groups(out, path, "head"), heads / h0)
+    if head_dim != d0:
+        _keep_last(out, _block_groups(out, path, "head_dim"), head_dim / d0)
+    if mlp != m0:
+        _keep_last(out, _block_groups(out, path, "mlp"), mlp / m0)
     return out
 
 
@@ -554,31 +607,36 @@ def _export_block(graph: ModelGraph, seq: int | None, path: Path) -> InputSpec:
     return spec
 
 
-def _mid_point(arch: Mapping[str, Any], axes: Mapping[str, list[int]]) -> tuple[int, int] | None:
-    """The grid's (heads, mlp) nearest half of the full widths, or None when the grid has no such point."""
-    def nearest(axis: str) -> int:
-        return min(axes[axis], key=lambda v: (abs(v - arch[axis] / 2), v))
-
-    heads, mlp = nearest("heads"), nearest("mlp")
-    if (heads, mlp) == (arch["heads"], arch["mlp"]) or min(heads, mlp) < 1:
-        return None
-    return heads, mlp
-
-
-def _all_blocks(graph: ModelGraph, arch: Mapping[str, Any], heads: int, mlp: int) -> ModelGraph:
-    """A copy with every block at ``heads`` heads and ``mlp`` MLP units."""
+def _half_blocks(graph: ModelGraph) -> ModelGraph:
+    """A copy with every block at about half its own heads and MLP width (the calibration's second level)."""
     out = graph.copy()
     for b in out.blocks:
-        if heads != arch["heads"]:
-            _keep_last(out, _block_groups(out, b.path, "head"), heads / arch["heads"])
-        if mlp != arch["mlp"]:
-            _keep_last(out, _block_groups(out, b.path, "mlp"), mlp / arch["mlp"])
+        _keep_last(out, _block_groups(out, b.path, "head"), 0.5)
+        _keep_last(out, _block_groups(out, b.path, "mlp"), 0.5)
     return out
 
 
-def _one_block(graph: ModelGraph) -> ModelGraph:
+def _one_block(graph: ModelGraph, keep: int = 0) -> ModelGraph:
+    """A copy with only block ``keep`` (it becomes the first block)."""
     out = graph.copy()
-    out.remove_blocks([b.path for b in out.blocks[1:]])
+    out.remove_blocks([b.path for i, b in enumerate(out.blocks) if i != keep])
+    return out
+
+
+def _sources(arch: Mapping[str, Any], axes: Mapping[str, list[int]]) -> dict[tuple[int, int, int], int]:
+    """Which block each standalone point is cut from: every grid point (heads, head dim, MLP) some block is at
+    least as wide as (the narrowest such block: the least cut), and every block's own widths. Grid points no
+    block reaches (a pruned model whose widest heads and widest MLP are in different blocks) are not measured:
+    the fit over the measured points gives them."""
+    shapes = _shapes(arch)
+    out: dict[tuple[int, int, int], int] = {}
+    for p in itertools.product(axes["heads"], axes["head_dim"], axes["mlp"]):
+        fits = [i for i, s in enumerate(shapes) if all(a <= b for a, b in zip(p, s, strict=True))]
+        if fits:
+            out[p] = min(fits, key=lambda i: (_work(*shapes[i]), i))
+    for i, s in enumerate(shapes):
+        if (s[0] or s[2]) and s not in out:
+            out[s] = i
     return out
 
 
@@ -675,82 +733,120 @@ def _measure_table(
     graph: ModelGraph, target: Target, key: dict[str, Any], versions: dict[str, Any], rounds: int, runs: int,
     min_time_s: float, model_rounds: int, reporter: Reporter,
 ) -> LatencyTable:
-    """Export every grid point's block and the whole-model references, time them, fit and calibrate."""
+    """Export every standalone block and the whole-model references, time them, fit and calibrate; and the
+    conv channel variants when the model has conv groups."""
     started = time.perf_counter()
     load_before = load_average()
     target.require_available()
     arch, axes = key["architecture"], key["axes"]
     notes: list[str] = []
-    if not arch["head_dim_groups"]:
+    transformer = _transformer(arch)
+    if transformer and not arch["head_dim_groups"]:
         notes.append(f"no head-dim groups: the head-dim axis is {arch['head_dim']} only; other head dims are "
                      "looked up as heads x head dim / full head dim heads")
+    if "shapes" in arch:
+        notes.append(f"blocks of different widths {sorted({tuple(s) for s in arch['shapes']})}: standalone points "
+                     "cut from the narrowest block that reaches them")
     timing = {"rounds": rounds, "runs": runs, "min_time_s": min_time_s, "model_rounds": model_rounds}
+    conv = None
     tmp = Path(tempfile.mkdtemp(prefix="modelpress-latency-"))
     try:
-        files = _export_table_models(graph, arch, axes, key["seq"], tmp, reporter)
-        medians, ratios = _time_blocks(files, target, key, timing, reporter)
-        model_rounds_ms = _time_models(files.models, graph.input_spec, target, key, timing, reporter)
+        if transformer:
+            files = _export_table_models(graph, arch, axes, key["seq"], tmp, reporter)
+            medians, ratios = _time_blocks(files, target, key, timing, reporter)
+            model_rounds_ms = _time_models(files.models, graph.input_spec, target, key, timing, reporter)
+        if "convs" in arch:
+            conv = _measure_convs(graph, arch, target, key, timing, tmp, reporter, notes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    fitted, fit_notes = _fit_ratios(axes, arch, ratios)
-    notes += fit_notes
-    calibration = [_calibrate(e, arch, axes, medians, fitted, model_rounds_ms, notes) for e in axes["embed"]]
-    level = {c["embed"]: c["block_in_model_ms"] for c in calibration}
-    fixed_share = {c["embed"]: c["fixed_share"] for c in calibration}
-    names = [_point_name(e, h, d, m) for h, d, m, e in itertools.product(*(axes[a] for a in AXES))]
-    grid = []
-    for nm in names:
-        e = int(nm[1:].split("_")[0])
-        grid.append(level[e] * (fixed_share[e] + (1.0 - fixed_share[e]) * fitted[nm]))
+    if transformer:
+        fits, ref_ms, fit_notes = _fit_ratios(axes, arch, files.points, ratios, medians)
+        notes += fit_notes
+        calibration = [_calibrate(e, arch, files, fits[e], ref_ms[e], model_rounds_ms, notes) for e in axes["embed"]]
+        grid, standalone, cvs, unmeasured = [], [], [], 0
+        for h, d, m, e in itertools.product(*(axes[a] for a in AXES)):
+            c = calibration[axes["embed"].index(e)]
+            r = _ratio(fits[e], arch, h, d, m)
+            grid.append(c["block_in_model_ms"] * (c["fixed_share"] + (1.0 - c["fixed_share"]) * r))
+            nm = _point_name(e, h, d, m)
+            if nm in medians:
+                standalone.append(medians[nm])
+                cvs.append(_cv(ratios[nm]))
+            else:
+                standalone.append(ref_ms[e] * r)
+                cvs.append(-1.0)
+                unmeasured += 1
+        if unmeasured:
+            notes.append(f"{unmeasured} grid points are wider than every block: fitted, not measured (CV -1)")
+    else:
+        calibration = [{"embed": 0, "rest_ms": 0.0, "block_in_model_ms": 0.0, "scale": 1.0, "fixed_share": 0.0,
+                        "full_ms": conv["full_ms"], "one_block_ms": 0.0, "block_standalone_ms": 0.0}]
+        grid, standalone, cvs = [0.0], [0.0], [0.0]
     system = system_info(target.threads)
     system["load_average_1min"] = [load_before, load_average()]
     return LatencyTable(
-        key=key, versions=versions, axes=axes, block_ms_grid=grid, standalone_ms_grid=[medians[nm] for nm in names],
-        block_cv=[_cv(ratios[nm]) for nm in names], calibration=calibration, notes=notes, system=system,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=time.perf_counter() - started,
+        key=key, versions=versions, axes=axes, block_ms_grid=grid, standalone_ms_grid=standalone, block_cv=cvs,
+        calibration=calibration, notes=notes, system=system, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        seconds=time.perf_counter() - started, conv=conv,
     )
 
 
 @dataclass
 class _TableFiles:
-    """The ONNX files a table is measured on: per embedding width, one file per grid point's block (and the
-    input spec they share), and the whole-model references (full, one block, every block at half width)."""
+    """The ONNX files a table is measured on: per embedding width, one file per standalone block (and the
+    input spec they share), the whole-model references (full, one block, every block at about half its
+    widths) with their blocks' widths, and each standalone point's (heads, head dim, MLP)."""
 
     blocks: dict[int, dict[str, Path]] = field(default_factory=dict)
     block_specs: dict[int, InputSpec] = field(default_factory=dict)
     models: dict[str, Path] = field(default_factory=dict)
+    widths: dict[str, list[dict[str, int]]] = field(default_factory=dict)
+    points: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 def _export_table_models(
     graph: ModelGraph, arch: Mapping[str, Any], axes: Mapping[str, list[int]], seq: int | None, tmp: Path,
     reporter: Reporter,
 ) -> _TableFiles:
-    """Export the whole-model references and every grid point's block, per embedding width."""
+    """Export the whole-model references and every standalone point's block, per embedding width."""
     files = _TableFiles()
     n = arch["blocks"]
-    points = list(itertools.product(axes["heads"], axes["head_dim"], axes["mlp"]))
+    shapes = _shapes(arch)
+    sources = _sources(arch, axes)
+    by_source: dict[int, list[tuple[int, int, int]]] = {}
+    for point, src in sorted(sources.items()):
+        by_source.setdefault(src, []).append(point)
     # one torch thread while exporting: on a busy machine torch's spinning threads stall each other
     with torch_threads(1):
         for e in axes["embed"]:
             with reporter.step(f"exporting the whole model and a one-block model at embedding {e}"):
                 base = _with_embed(graph, arch, e)
-                files.models[f"full_e{e}"] = _export_plain(base, tmp / f"full_e{e}.onnx")
-                one = base
-                if n > 1:  # block variants are cut from the one-block model: smaller copies, faster runs
-                    one = _one_block(base)
-                    files.models[f"one_e{e}"] = _export_plain(one, tmp / f"one_e{e}.onnx")
-                mid = _mid_point(arch, axes)
-                if mid is not None:  # every block at about half width: the calibration's second level
-                    files.models[f"mid_e{e}"] = _export_plain(_all_blocks(base, arch, *mid), tmp / f"mid_e{e}.onnx")
-                del base
+                _reference(files, f"full_e{e}", base, tmp)
+                if n > 1:
+                    _reference(files, f"one_e{e}", _one_block(base, 0), tmp)
+                mid = _half_blocks(base)
+                if graph_widths(mid)[0] != files.widths[f"full_e{e}"]:  # the calibration's second level
+                    _reference(files, f"mid_e{e}", mid, tmp)
+                del mid
             blocks: dict[str, Path] = {}
-            for h, d, m in reporter.track(points, f"exporting {len(points)} blocks at embedding {e}"):
+            points = [(src, p) for src, ps in by_source.items() for p in ps]
+            one, one_src = None, None
+            for src, (h, d, m) in reporter.track(points, f"exporting {len(points)} blocks at embedding {e}"):
+                if src != one_src:  # block variants are cut from a one-block model: smaller copies, faster runs
+                    one, one_src = (_one_block(base, src) if n > 1 else base), src
                 name = _point_name(e, h, d, m)
-                files.block_specs[e] = _export_block(_block_variant(one, arch, h, d, m), seq, tmp / f"{name}.onnx")
+                files.block_specs[e] = _export_block(_block_variant(one, shapes[src], h, d, m), seq, tmp / f"{name}.onnx")
                 blocks[name] = tmp / f"{name}.onnx"
+                files.points[name] = (h, d, m)
             files.blocks[e] = blocks
+            del base, one
     return files
+
+
+def _reference(files: _TableFiles, name: str, graph: ModelGraph, tmp: Path) -> None:
+    files.models[name] = _export_plain(graph, tmp / f"{name}.onnx")
+    files.widths[name] = graph_widths(graph)[0]
 
 
 def _export_plain(graph: ModelGraph, path: Path) -> Path:
@@ -760,16 +856,16 @@ def _export_plain(graph: ModelGraph, path: Path) -> Path:
 def _time_blocks(
     files: _TableFiles, target: Target, key: Mapping[str, Any], timing: Mapping[str, Any], reporter: Reporter,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Each block's median latency and its per-round ratios to the full-width block of its embedding."""
-    arch, batch = key["architecture"], key["batch"]
+    """Each block's median latency and its per-round ratios to the widest block of its embedding width."""
+    batch = key["batch"]
     medians: dict[str, float] = {}
     ratios: dict[str, list[float]] = {}
     for e, blocks in files.blocks.items():
-        full_block = _point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])
+        widest = max(blocks, key=lambda nm: _work(*files.points[nm]))
         report = measure(blocks, files.block_specs[e], target, rounds=timing["rounds"], runs=timing["runs"],
                          min_time_s=timing["min_time_s"], warmup=3, batch_sizes=[batch], memory=False,
-                         baseline=full_block, reporter=reporter)
-        base_cpu = report.stats(full_block, batch).cpu_ms or 0.0
+                         baseline=widest, reporter=reporter)
+        base_cpu = report.stats(widest, batch).cpu_ms or 0.0
         for name in blocks:
             s = report.stats(name, batch)
             if key["clock"] == "cpu":
@@ -777,6 +873,11 @@ def _time_blocks(
             else:
                 medians[name], ratios[name] = s.median_ms, [1.0 / r for r in s.speedup_rounds if r > 0]
     return medians, ratios
+
+
+def _work(h: int, d: int, m: int) -> tuple[int, int]:
+    """A block's size order: its attention and MLP weights per embedding channel (4 h d + 2 m)."""
+    return 4 * h * d + 2 * m, h
 
 
 def _time_models(
@@ -796,89 +897,155 @@ def _time_models(
 
 
 def _calibrate(
-    e: int, arch: Mapping[str, Any], axes: Mapping[str, list[int]], medians: Mapping[str, float],
-    fitted: Mapping[str, float], model_rounds_ms: Mapping[str, list[float]], notes: list[str],
+    e: int, arch: Mapping[str, Any], files: _TableFiles, fit: Sequence[float], ref_ms: float,
+    model_rounds_ms: Mapping[str, list[float]], notes: list[str],
 ) -> dict[str, Any]:
-    """How the blocks at embedding ``e`` sit in the whole model: a block's in-model time (from the full and
-    one-block models), the rest of the model, and the share of a block's time that does not shrink with its
-    widths (from the half-width model). Appends what looked off to ``notes``."""
+    """How the blocks at embedding ``e`` sit in the whole model. A block of standalone ratio ``r`` (its fitted
+    standalone latency over that of a block at the table's top widths) takes ``level x (fixed + (1 - fixed) r)``
+    in the model. Per block: the full model minus the one-block model (blocks 1..n-1) and the full model minus
+    the model with every block at about half its widths give two equations in ``level x fixed`` and
+    ``level x (1 - fixed)``; with one block, its standalone time stands in for the first. ``fixed`` (the
+    share that does not shrink with widths: launches, norms, copies between ops) is kept in [0, 0.95] and
+    the level then set by the first equation; ``rest`` puts the full model at its measured latency.
+    Appends what looked off to ``notes``."""
     n = arch["blocks"]
-    alone = medians[_point_name(e, arch["heads"], arch["head_dim"], arch["mlp"])]
+
+    def ratios(name: str) -> list[float]:
+        return [_ratio(fit, arch, b["heads"], b["head_dim"], b["mlp"]) for b in files.widths[name]]
+
     full_r = np.asarray(model_rounds_ms[f"full_e{e}"])
+    r_full = ratios(f"full_e{e}")
+    big_r = sum(r_full)
+    r0 = r_full[0]
+    alone = ref_ms * r0  # block 0 alone (fitted)
     if n > 1:
         one_r = np.asarray(model_rounds_ms[f"one_e{e}"])
-        in_model = float(np.median((full_r - one_r) / (n - 1)))
-        rest = float(np.median((n * one_r - full_r) / (n - 1)))
+        d1, a1, b1 = float(np.median(full_r - one_r)), n - 1.0, big_r - r0
         one = float(np.median(one_r))
-        if in_model <= 0:
-            notes.append(f"embedding {e}: the whole model was not slower than one block (too noisy); "
-                         "blocks kept at their standalone latency")
-            in_model, rest = alone, float(np.median(full_r)) - n * alone
     else:
-        in_model, one = alone, float(np.median(full_r))
-        rest = one - alone
+        d1, a1, b1 = alone, 1.0, r0
+        one = float(np.median(full_r))
+    fixed = 0.0
+    mid = f"mid_e{e}" in model_rounds_ms
+    if mid:
+        d2 = float(np.median(full_r - np.asarray(model_rounds_ms[f"mid_e{e}"])))
+        span = big_r - sum(ratios(f"mid_e{e}"))
+        if span > 1e-6 and d2 > 0:
+            b = d2 / span  # level x (1 - fixed)
+            a = max(d1 - b * b1, 0.0) / a1  # level x fixed
+            fixed = float(np.clip(a / (a + b), 0.0, 0.95)) if a + b > 0 else 0.0
+    level = d1 / (a1 * fixed + b1 * (1.0 - fixed)) if a1 * fixed + b1 * (1.0 - fixed) > 0 else 0.0
+    if not np.isfinite(level) or level <= 0:
+        notes.append(f"embedding {e}: the whole model was not slower than one block (too noisy); "
+                     "blocks kept at their standalone latency")
+        level, fixed = ref_ms, 0.0
+    rest = float(np.median(full_r)) - level * (n * fixed + (1.0 - fixed) * big_r)
     if rest < 0:
         notes.append(f"embedding {e}: rest came out {rest:.2f} ms (noise), set to 0")
         rest = 0.0
-    scale = in_model / alone if alone > 0 else 1.0
+    scale = level / ref_ms if ref_ms > 0 else 1.0
     if abs(scale - 1.0) > 0.10:
         notes.append(f"embedding {e}: a block in the model takes {scale:.2f}x its standalone time")
-    fixed = 0.0
-    mid = _mid_point(arch, axes)
-    if mid is not None and in_model > 0:
-        # in-model block = level x (fixed + (1 - fixed) x standalone ratio): the share of a block's time
-        # in the model that does not shrink with its widths (its launches, norms and copies between ops),
-        # set so the half-width model is predicted at its measured latency
-        r_mid = fitted[_point_name(e, mid[0], arch["head_dim"], mid[1])]
-        b_mid = (float(np.median(model_rounds_ms[f"mid_e{e}"])) - rest) / n
-        if r_mid < 0.95:
-            fixed = float(np.clip((b_mid / in_model - r_mid) / (1.0 - r_mid), 0.0, 0.95))
-        if fixed > 0.05:
-            notes.append(f"embedding {e}: {fixed:.0%} of a block's in-model time does not shrink with its widths")
-    return {"embed": e, "rest_ms": rest, "block_in_model_ms": in_model, "scale": scale, "fixed_share": fixed,
-            "full_ms": float(np.median(full_r)), "one_block_ms": one, "block_standalone_ms": alone,
+    if fixed > 0.05:
+        notes.append(f"embedding {e}: {fixed:.0%} of a block's in-model time does not shrink with its widths")
+    return {"embed": e, "rest_ms": rest, "block_in_model_ms": level, "scale": scale, "fixed_share": fixed,
+            "full_ms": float(np.median(full_r)), "one_block_ms": one, "block_standalone_ms": ref_ms,
+            "fit": [float(c) for c in fit],
             **({"mid_ms": float(np.median(model_rounds_ms[f"mid_e{e}"]))} if mid else {})}
 
 
+def _features(arch: Mapping[str, Any], h: float, d: float, m: float) -> list[float]:
+    heads, dim, mlp = max(arch["heads"], 1), max(arch["head_dim"], 1), max(arch["mlp"], 1)
+    return [1.0, h * d / (heads * dim), h / heads, m / mlp]
+
+
+def _ratio(fit: Sequence[float], arch: Mapping[str, Any], h: float, d: float, m: float) -> float:
+    """A block's fitted standalone latency over that of a block at the table's top widths."""
+    return float(np.dot(fit, _features(arch, h, d, m)))
+
+
 def _fit_ratios(
-    axes: Mapping[str, list[int]], arch: Mapping[str, Any], ratios: Mapping[str, list[float]]
-) -> tuple[dict[str, float], list[str]]:
-    """Per embedding width, the block's latency ratio to its full-width block as a non-negative sum of
-    the terms its work scales with: ``c0 + c1 (heads x head_dim) + c2 heads + c3 mlp`` (projections and
-    attention products, softmax over heads, the MLP), fitted to the grid's median ratios by non-negative
-    least squares weighted by each point's steadiness, and scaled to 1 at the full widths.
+    axes: Mapping[str, list[int]], arch: Mapping[str, Any], points: Mapping[str, tuple[int, int, int]],
+    ratios: Mapping[str, list[float]], medians: Mapping[str, float],
+) -> tuple[dict[int, list[float]], dict[int, float], list[str]]:
+    """Per embedding width, a block's standalone latency as a non-negative sum of the terms its work scales
+    with: ``c0 + c1 (heads x head_dim) + c2 heads + c3 mlp`` (projections and attention products, softmax
+    over heads, the MLP; widths over the table's top widths), fitted to the measured points' median ratios
+    (to the widest measured block) by non-negative least squares weighted by each point's steadiness, and
+    scaled to 1 at the top widths. Returns the coefficients and the standalone ms at the top widths per
+    embedding width, and notes.
 
     Timing a few-millisecond block is noisy on a shared machine (per-point spreads of 20-80% on 2 busy
-    cores); the fit keeps the table monotone in every width and averages the noise over the whole grid
-    instead of trusting each point. The fit's residual is reported in the notes."""
+    cores); the fit keeps the table monotone in every width and averages the noise over all points instead
+    of trusting each one; it also gives the points no block of a pruned model reaches. The fit's residual
+    is reported in the notes."""
     from scipy.optimize import nnls
 
-    heads, dim, mlp = max(arch["heads"], 1), max(arch["head_dim"], 1), max(arch["mlp"], 1)
-    out: dict[str, float] = {}
+    fits: dict[int, list[float]] = {}
+    ref_ms: dict[int, float] = {}
     notes: list[str] = []
     for e in axes["embed"]:
-        rows, ys, ws, names = [], [], [], []
-        for h, d, m in itertools.product(axes["heads"], axes["head_dim"], axes["mlp"]):
-            nm = _point_name(e, h, d, m)
+        rows, ys, ws, base = [], [], [], None
+        for nm, (h, d, m) in points.items():
+            if not nm.startswith(f"e{e}_"):
+                continue
             values = [v for v in ratios[nm] if np.isfinite(v)]
             if not values:
                 continue
-            rows.append([1.0, h * d / (heads * dim), h / heads, m / mlp])
+            if base is None or _work(h, d, m) > _work(*points[base]):
+                base = nm
+            rows.append(_features(arch, h, d, m))
             ys.append(float(np.median(values)))
             ws.append(1.0 / (0.05 + _cv(values)))
-            names.append(nm)
         x, y, w = np.asarray(rows), np.asarray(ys), np.asarray(ws)
         coef, _ = nnls(x * w[:, None], y * w)
-        full = float(np.dot([1.0, 1.0, 1.0, 1.0], coef))
-        if full <= 0:  # nothing to fit (all zero): fall back to the medians
-            out.update(dict(zip(names, ys, strict=True)))
-            continue
-        pred = x @ coef / full
-        out.update(dict(zip(names, pred.tolist(), strict=True)))
-        rms = float(np.sqrt(np.mean((pred - y) ** 2)))
+        top = float(coef.sum())
+        if top <= 0:  # nothing to fit (all zero): latency in proportion to the block's weights
+            coef, top = np.asarray([0.0, 2.0, 0.0, 1.0]) / 3.0, 1.0
+            notes.append(f"embedding {e}: no block timing to fit; blocks scaled by their weights")
+        fits[e] = (coef / top).tolist()
+        ref_ms[e] = float(medians[base] * top) if base is not None else 0.0
+        rms = float(np.sqrt(np.mean((x @ coef - y) ** 2)))
         if rms > 0.1:
             notes.append(f"embedding {e}: block ratios fitted with an rms residual of {rms:.2f} (noisy timings)")
-    return out, notes
+    return fits, ref_ms, notes
+
+
+def _measure_convs(
+    graph: ModelGraph, arch: Mapping[str, Any], target: Target, key: Mapping[str, Any], timing: Mapping[str, Any],
+    tmp: Path, reporter: Reporter, notes: list[str],
+) -> dict[str, Any]:
+    """The conv part (:mod:`modelpress.bench.conv_latency`): whole models with each conv group cut, timed
+    interleaved against the model as given (per-round ratios), fitted per stage."""
+    full = dict(arch["convs"])
+    batch, seq = key["batch"], key["seq"]
+    stages = conv_latency.conv_stages(graph, batch)
+    with torch_threads(1), reporter.step(f"exporting conv channel variants of {len(full)} groups"):
+        files = conv_latency.export_variants(graph, full, tmp, _export_plain)
+    report = measure({k: v[0] for k, v in files.items()}, graph.input_spec, target, rounds=timing["model_rounds"],
+                     runs=timing["runs"], min_time_s=max(timing["min_time_s"], 0.1), warmup=3, batch_sizes=[batch],
+                     seq_lens=[seq] if seq else None, memory=False, baseline="full", reporter=reporter)
+    cpu = key["clock"] == "cpu"
+    full_ms = (report.stats("full", batch).cpu_ms or 0.0) if cpu else report.stats("full", batch).median_ms
+    ms: dict[str, float] = {}
+    for name in files:
+        s = report.stats(name, batch)
+        if cpu:
+            ms[name] = s.cpu_ms or 0.0
+        elif name == "full":
+            ms[name] = full_ms
+        else:
+            ratios = [1.0 / r for r in s.speedup_rounds if r > 0]
+            ms[name] = full_ms * float(np.median(ratios)) if ratios else float("nan")
+    settings = {k: v[1] for k, v in files.items()}
+    coef, rms = conv_latency.fit(stages, full, settings, ms)
+    if rms > 0.1:
+        notes.append(f"conv channels fitted with a relative rms residual of {rms:.2f} (noisy timings)")
+    zero = [g for i, g in enumerate(full) if coef[1 + i] <= 0 and coef[1 + len(full) + i] <= 0]
+    if zero:
+        notes.append(f"conv groups measured as free (within the noise): {', '.join(zero)}")
+    return {"groups": full, "stages": stages, "coef": coef, "full_ms": full_ms, "residual": rms,
+            "variants": {n: {"channels": settings[n], "ms": ms[n]} for n in files}}
 
 
 def _point_name(e: int, h: int, d: int, m: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -40,16 +40,22 @@ def round_keep(keep: float, size: int, multiple: int = 1, floor: int = 1, *, nea
 
 @dataclass
 class Widths:
-    """The shape a latency model reads: per block (path) heads, head dim and MLP width; embedding width."""
+    """The shape a latency model reads: per block (path) heads, head dim and MLP width; embedding width;
+    conv group name -> channels (and each conv group's scope, so a removed block takes its conv groups along)."""
 
     blocks: dict[str, dict[str, int]]
     embedding: int
+    convs: dict[str, int] = field(default_factory=dict)
+    conv_scopes: dict[str, str] = field(default_factory=dict)
 
     def without(self, group: Group, n: int = 1) -> Widths:
         """The widths after removing ``n`` units of ``group`` (its kind decides which width shrinks)."""
-        out = Widths(copy.deepcopy(self.blocks), self.embedding)
+        out = Widths(copy.deepcopy(self.blocks), self.embedding, dict(self.convs), self.conv_scopes)
         if group.kind == "embedding":
             out.embedding -= n
+            return out
+        if group.kind == "conv":
+            out.convs[group.name] = out.convs.get(group.name, group.size) - n
             return out
         for path, row in out.blocks.items():
             if not in_block(group.scope, path):
@@ -64,7 +70,9 @@ class Widths:
         return out
 
     def without_block(self, path: str) -> Widths:
-        return Widths({k: dict(v) for k, v in self.blocks.items() if k != path}, self.embedding)
+        convs = {k: v for k, v in self.convs.items() if not in_block(self.conv_scopes.get(k, ""), path)}
+        return Widths({k: dict(v) for k, v in self.blocks.items() if k != path}, self.embedding, convs,
+                      self.conv_scopes)
 
 
 def widths(graph: ModelGraph) -> Widths:
@@ -73,7 +81,9 @@ def widths(graph: ModelGraph) -> Widths:
     rows = {
         r["block"]: {k: int(r[k]) for k in ("heads", "head_dim", "mlp") if k in r} for r in block_widths(graph)
     }
-    return Widths(rows, int(embedding_width(graph) or 0))
+    convs = [g for g in graph.groups if g.kind == "conv"]
+    return Widths(rows, int(embedding_width(graph) or 0), {g.name: g.size for g in convs},
+                  {g.name: g.scope for g in convs})
 
 
 LatencyFn = Callable[[Widths], float]

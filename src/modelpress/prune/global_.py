@@ -403,7 +403,7 @@ def _latency_fn(ctx) -> LatencyFn:  # noqa: ANN001
         model.check(ctx.reference)  # measured for this architecture (a short error otherwise)
 
     def predict(w: Widths) -> float:
-        return float(model.predict_widths(list(w.blocks.values()), w.embedding))
+        return float(model.predict_widths(list(w.blocks.values()), w.embedding, w.convs))
 
     return predict
 
