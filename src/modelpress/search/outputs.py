@@ -127,8 +127,10 @@ def _costs(run: Path) -> dict[str, Any] | None:
     if not costs:
         return None
     rec = [c["reconstruct_s"] for c in costs]
+    kept = [k for c in costs for k in (c.get("reconstruct_kept") or [])]
     return {"points": len(costs), "seconds_per_point": float(np.mean([c["seconds"] for c in costs])),
-            "reconstruct_s_per_point": float(np.mean(rec)), "reconstruct_s_total": float(np.sum(rec))}
+            "reconstruct_s_per_point": float(np.mean(rec)), "reconstruct_s_total": float(np.sum(rec)),
+            "reconstructed": len(kept), "reconstruction_kept": int(sum(kept))}
 
 
 def _write_csv(run: Path, summary: dict[str, Any], problem: Problem) -> None:

@@ -172,7 +172,8 @@ class _Search:
         t0 = time.perf_counter()
         results = self.ex.map(evaluate_item, [(c, want_onnx) for c in configs], self.payload) if configs else []
         seconds = (time.perf_counter() - t0) / max(len(configs), 1)
-        self.costs += [{"seconds": seconds, "reconstruct_s": r["reconstruct_s"], "worker": r["worker"]} for r in results]
+        self.costs += [{"seconds": seconds, "reconstruct_s": r["reconstruct_s"], "reconstruct_kept": r["reconstruct_kept"],
+                        "worker": r["worker"]} for r in results]
         write_json_atomic(self.run / "costs.json", self.costs)
         return results
 

@@ -119,6 +119,7 @@ def evaluate_item(item: tuple[dict[str, Any], bool], payload: dict[str, Any]) ->
     before = len(ev.reconstruct_seconds)
     out = ev.evaluate(config, want_onnx=want_onnx)
     out["reconstruct_s"] = float(sum(ev.reconstruct_seconds[before:]))
+    out["reconstruct_kept"] = ev.reconstruct_kept[before:] or None
     out["worker"] = {"pid": os.getpid(), "cwd": os.getcwd()}
     return out
 
