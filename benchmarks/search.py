@@ -4,22 +4,26 @@ scaling with the same number of real evaluations, with and without InstaTune sup
 Parts (``--parts vit,minilm,dynast``; each merges its results into the JSON):
 
 - ``vit``: the zoo's digits ViT (``modelpress.train.zoo.digits_vit``, cached); objectives accuracy (held-out
-  digits), latency at batch 64 (predicted by the latency model, extended to precision; at batch 1 this tiny
-  model is overhead-bound) and size; genes: heads, MLP width, block kept, and INT8/float per Linear.
+  digits), latency at batch 64 (at batch 1 this tiny model is overhead-bound) and size; genes: heads, MLP width, block kept, and INT8/float per Linear.
 - ``minilm``: the pretrained all-MiniLM-L6-v2 (``modelpress.load()``); objectives fidelity (mean cosine to
-  the FP32 model's embeddings on held-out packaged sentences) and latency at batch 1, sequence 128, predicted
-  by a latency table on the search space's widths (built once and cached; wall clock, so build it on a quiet
+  the FP32 model's embeddings on held-out packaged sentences) and latency at batch 1, sequence 128 (the block
+  latency table on the search space's widths is built once and cached; wall clock, so build it on a quiet
   machine).
-- ``dynast``: DyNAS-T's own LINAS (the ``dynast`` package, in its own venv) on the ViT objective, or why not.
+- ``dynast``: DyNAS-T's own LINAS (the ``dynast`` package, in its own venv) on the ViT objective, its front
+  measured against the same full float and INT8 files, or why not.
 
-Per model: hypervolume of each method's measured points (one reference point for all methods of the model:
-10% beyond the worst of every point measured); Kendall tau of the LINAS run's quality predictor on the
-random-search candidates (held out, measured); the latency speedup of the fastest measured sub-network whose
-quality is within 1% (also 2% and 5%; relative) of the full INT8 model's, against the full INT8 model
-(predicted latency, confirmed by one interleaved ONNX Runtime measurement); and the same search after InstaTune
-fine-tuning of the super-network (same evaluation budget; the fine-tuning steps are stated). Every search
-measures its anchors first (full float and INT8, the smallest and uniform-width INT8 sub-networks), within
-its budget.
+Every method gets the same number of real evaluations, and every evaluated sub-network is reconstructed
+(layer-wise least squares on the calibration split) before its quality is scored. LINAS is steered by predicted
+latency (the block table and the measured per-layer precision table); random and uniform widths are scored the
+same way. Then every method's predicted front is exported and timed in ONE interleaved ONNX Runtime run with the
+full float and full INT8 models (fresh sessions each round, median of per-round ratios): the JSON holds, per
+front point, ``latency_predicted_ms`` beside ``latency_measured_ms`` and the measured speedups over full float
+and full INT8. Per model: hypervolume of each method's measured front (one reference point for all methods of
+the model: 10% beyond the worst measured point); the best measured speedup over full INT8 whose quality is
+within 1% (also 2% and 5%; relative) of full INT8's; the predictor's error on the LINAS fronts and its Kendall
+tau on the random candidates (held out); what reconstruction cost per point; the same search after InstaTune
+fine-tuning (same evaluation budget; the fine-tuning steps are stated). Every search measures its anchors first
+(full float and INT8, the smallest and uniform-width INT8 sub-networks), within its budget.
 
 Writes benchmarks/results/search.json (and search.png when matplotlib is importable).
 
@@ -84,8 +88,8 @@ def _evaluate(ev, configs: list[dict[str, Any]], objectives: list[str]) -> list[
     out = []
     for c in configs:
         with quiet():
-            r = ev.evaluate(c)
-        out.append({o: float(r["objectives"][o]) for o in objectives})
+            r = {**ev.evaluate(c)["objectives"], **ev.cheap(c)}  # quality after reconstruction; predicted latency
+        out.append({o: float(r[o]) for o in objectives})
     return out
 
 
@@ -95,33 +99,68 @@ def _distinct(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return dedupe(configs, set())
 
 
-def _best_within(points: list[tuple[dict[str, Any], dict[str, float]]], q_ref: float,
-                 tol: float = WITHIN) -> tuple | None:
-    """The fastest (config, values) whose quality is within ``tol`` (relative) of ``q_ref``."""
-    ok = [p for p in points if p[1]["quality"] >= (1.0 - tol) * q_ref]
-    return min(ok, key=lambda p: p[1]["latency"]) if ok else None
-
-
-def _search(graph, ctx, run: Path, args, opts: dict[str, Any], finetune: dict | None, reporter) -> dict:  # noqa: ANN001
-    from modelpress.search.run import run_search
+def _search(graph, ctx, run: Path, args, opts: dict[str, Any], finetune: dict | None, reporter,  # noqa: ANN001
+            tables: dict[str, Any]) -> dict:
+    from modelpress.search.run import SearchSpec, run_search
 
     t0 = time.perf_counter()
+    spec = SearchSpec(budget=args.budget, batch_size=args.batch, finetune=finetune, generations=args.generations,
+                      pop_size=args.pop_size, latency="predicted", rounds=args.rounds, **opts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = run_search(graph, ctx, run, budget=args.budget, batch_size=args.batch, finetune=finetune,
-                             generations=args.generations, pop_size=args.pop_size, reporter=reporter, **opts)
+        summary = run_search(graph, ctx, run, spec, reporter=reporter, **tables)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 
 
+def _predicted_front(objectives: list[str], pts: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+    from modelpress.search.linas import pareto_mask
+
+    vec = np.array([_vector(objectives, v) for _, v in pts])
+    return [pts[i] for i in np.flatnonzero(pareto_mask(vec))]
+
+
+def measure_fronts(fronts: dict[str, list[tuple[Any, dict, dict]]], ev, bases: dict[str, Path], tmp: Path,  # noqa: ANN001
+                   rounds: int, reporter) -> dict[str, list[dict[str, Any]]]:  # noqa: ANN001
+    """Every method's predicted front (config, predicted values, the evaluator that builds it), exported and timed
+    in ONE interleaved run with full float and full INT8 (fresh sessions each round): per point its predicted
+    and measured latency and its measured speedups over full float and full INT8."""
+    files: dict[str, Path] = {}
+    names: dict[tuple[int, str], str] = {}
+    for pts in fronts.values():
+        for e, config, _ in pts:
+            key = (id(e), json.dumps(config, sort_keys=True))
+            if key not in names:
+                names[key] = f"p{len(names):03d}"
+                with quiet():
+                    files[names[key]] = e.export(config, tmp / "fronts" / f"{names[key]}.onnx")
+    with reporter.step(f"one interleaved measurement of {len(files)} front points against full float and INT8"), quiet():
+        ms = ev.measure_latency(files, bases, rounds=rounds) if files else {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for method, pts in fronts.items():
+        rows = []
+        for e, config, values in pts:
+            m = ms[names[(id(e), json.dumps(config, sort_keys=True))]]
+            rows.append({"config": config, "quality": values["quality"], "latency_predicted_ms": values["latency"],
+                         "latency_measured_ms": m["median_ms"], "speedup_vs_float_measured": m["vs_float"],
+                         "speedup_vs_int8_measured": m.get("vs_int8"),
+                         **({"size": values["size"]} if "size" in values else {})})
+        out[method] = rows
+    out["__baselines__"] = [{"name": n, "latency_measured_ms": ms[n]["median_ms"]} for n in bases]
+    return out
+
+
 def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetune: dict, reporter,  # noqa: ANN001
-            measure_opts: dict[str, Any], budget: int) -> dict[str, Any]:
-    """LINAS vs random vs uniform width (same real evaluations), predictor tau, best-within-1% speedup,
-    and LINAS after InstaTune."""
+            budget: int, tables: dict[str, Any]) -> dict[str, Any]:
+    """LINAS vs LINAS + InstaTune vs random vs uniform width (same real evaluations, every sub-network
+    reconstructed before it is scored); each method's predicted front measured in one interleaved run against
+    full float and full INT8; hypervolume on one reference point over the measured fronts; the best measured
+    speedup over full INT8 within 1% (2%, 5%) of its quality; the predictor's Kendall tau."""
     import torch
 
     from modelpress.search.linas import fit_predictor, kendall_tau
     from modelpress.search.outputs import reference_point
+    from modelpress.search.precision import PrecisionTable
     from modelpress.search.run import load_evaluator
 
     torch.set_num_threads(THREADS)
@@ -129,16 +168,19 @@ def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetu
     objectives = opts["objectives"]
     out: dict[str, Any] = {"objectives": objectives, "budget": {
         "evaluations_per_method": args.budget, "batch": args.batch, "generations": args.generations,
-        "pop_size": args.pop_size, "eval_samples": args.n_eval, "instatune": finetune}}
+        "pop_size": args.pop_size, "eval_samples": args.n_eval, "instatune": finetune, "reconstruct": True}}
 
     with reporter.step(f"{name}: LINAS search, {args.budget} real evaluations"):
-        linas = _search(graph, ctx, tmp / f"{name}-linas", args, opts, None, reporter)
-    # the same INT8/float factor of the latency model (measured once, by the first search) for both searches
-    factor = linas["baselines"].get("int8_factor")
+        linas = _search(graph, ctx, tmp / f"{name}-linas", args, opts, None, reporter, tables)
+    # the same measured precision table for both searches (measured once, by the first)
+    precision = tmp / f"{name}-linas" / "precision.json"
+    shared = dict(tables)
+    if precision.is_file():
+        shared["precision_table"] = PrecisionTable.from_dict(json.loads(precision.read_text()))
     with reporter.step(f"{name}: InstaTune ({finetune['steps']} steps) + LINAS search, {args.budget} evaluations"):
-        tuned = _search(graph, ctx, tmp / f"{name}-instatune", args, {**opts, "int8_factor": factor}, finetune,
-                        reporter)
+        tuned = _search(graph, ctx, tmp / f"{name}-instatune", args, opts, finetune, reporter, shared)
     ev = load_evaluator(tmp / f"{name}-linas")
+    tuned_ev = load_evaluator(tmp / f"{name}-instatune")
     space = ev.net.space
     state = json.loads((tmp / f"{name}-linas" / "state.json").read_text())
     tuned_state = json.loads((tmp / f"{name}-instatune" / "state.json").read_text())
@@ -158,30 +200,52 @@ def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetu
     with reporter.step(f"{name}: uniform width scaling, {len(uniform_cfgs)} evaluations"):
         sets["uniform"] = list(zip(uniform_cfgs, _evaluate(ev, uniform_cfgs, objectives), strict=True))
 
+    evaluators = {"linas+instatune": tuned_ev}
+    fronts = {m: [(evaluators.get(m, ev), c, v) for c, v in _predicted_front(objectives, pts)]
+              for m, pts in sets.items()}
+    bases = {n: tmp / f"{name}-linas" / "baselines" / f"{n}.onnx" for n in ("full-float", "full-int8")}
+    bases = {n: p for n, p in bases.items() if p.is_file()}
+    measured = measure_fronts(fronts, ev, bases, tmp / name, args.rounds, reporter)
+    base_ms = {b["name"]: b["latency_measured_ms"] for b in measured.pop("__baselines__")}
+
+    def as_values(row: dict[str, Any]) -> dict[str, float]:
+        return {"quality": row["quality"], "latency": row["latency_measured_ms"],
+                **({"size": row["size"]} if "size" in row else {})}
+
     base = linas["baselines"]["points"]
-    every = [_vector(objectives, v) for s in sets.values() for _, v in s]
-    every += [_vector(objectives, p["objectives"]) for p in base.values()]
+    base_values = {n: {**p["objectives"], "latency": base_ms.get(n, p["objectives"]["latency"])}
+                   for n, p in base.items() if n in base_ms}
+    every = [_vector(objectives, as_values(r)) for rows in measured.values() for r in rows]
+    every += [_vector(objectives, v) for v in base_values.values()]
     ref = reference_point(np.array(every))
     out["reference_point"] = ref.tolist()
-    out["baselines"] = {n: p["objectives"] for n, p in base.items()}
+    out["baselines"] = {n: {**p["objectives"], **({"latency_measured_ms": base_ms[n]} if n in base_ms else {}),
+                            "latency_predicted_ms": p["objectives"]["latency"]} for n, p in base.items()}
     out["methods"] = {}
     q_int8 = base.get("full-int8", base["full-float"])["objectives"]["quality"]
-    lat_int8 = base.get("full-int8", base["full-float"])["objectives"]["latency"]
     for m, pts in sets.items():
-        row: dict[str, Any] = {"evaluations": len(pts), "hypervolume": _hv(objectives, [v for _, v in pts], ref),
-                               "best_quality": max(v["quality"] for _, v in pts)}
-        row["best_within"] = {}
+        rows = measured[m]
+        row: dict[str, Any] = {"evaluations": len(pts), "front_measured": rows,
+                               "hypervolume": _hv(objectives, [as_values(r) for r in rows], ref),
+                               "best_quality": max(v["quality"] for _, v in pts), "best_within": {}}
         for tol in TOLERANCES:
-            best = _best_within(pts, q_int8, tol)
-            if best is not None:
-                row["best_within"][f"{tol:.0%}"] = {"config": best[0], "objectives": best[1],
-                                                    "predicted_speedup_vs_int8": lat_int8 / best[1]["latency"]}
+            ok = [r for r in rows if r["quality"] >= (1.0 - tol) * q_int8 and r["speedup_vs_int8_measured"]]
+            if ok:
+                best = max(ok, key=lambda r: r["speedup_vs_int8_measured"])
+                row["best_within"][f"{tol:.0%}"] = {
+                    "config": best["config"], "quality": best["quality"],
+                    "measured_speedup_vs_int8": best["speedup_vs_int8_measured"],
+                    "predicted_speedup_vs_int8": base["full-int8"]["objectives"]["latency"] / best["latency_predicted_ms"]
+                    if "full-int8" in base else None}
         if f"{WITHIN:.0%}" in row["best_within"]:
             row["best_within_1pct"] = row["best_within"][f"{WITHIN:.0%}"]
         out["methods"][m] = row
     out["methods"]["linas"]["seconds"] = linas["seconds"]
     out["methods"]["linas+instatune"]["seconds"] = tuned["seconds"]
     out["methods"]["random"]["seconds"] = round(random_s, 1)
+    out["reconstruction_cost"] = {"linas": linas.get("cost"), "linas+instatune": tuned.get("cost")}
+    out["predictor_error_on_front"] = {"linas": linas.get("predictor_error_on_front"),
+                                       "linas+instatune": tuned.get("predictor_error_on_front")}
 
     # predictor rank correlation: fit on the LINAS run's measured candidates, score the random ones (held out)
     lo, up = space.bounds()
@@ -197,35 +261,9 @@ def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetu
                    "train": len(feats), "held_out": len(held)}
     out["predictor"] = taus
     out["in_search_kendall_tau"] = [b.get("kendall_tau") for b in state["batches"][1:]]
-
-    # confirm the chosen sub-networks' speedups with one interleaved ORT measurement against full INT8 (the
-    # InstaTune run's sub-networks come from its own fine-tuned super-network)
-    chosen = [(m, tol, c) for m in ("linas", "linas+instatune")
-              for tol, c in out["methods"][m].get("best_within", {}).items()]
-    if chosen and not args.no_confirm:
-        b, seq = measure_opts["batch_sizes"][0], measure_opts.get("seq_lens", [None])[0]
-        tuned_ev = load_evaluator(tmp / f"{name}-instatune")
-        with reporter.step(f"{name}: ORT measurement of {len(chosen)} chosen sub-networks against full INT8"), quiet():
-            files, labels = {}, {}
-            g, exporter = ev.build(space.largest("int8") if "full-int8" in base else space.largest())
-            files["full-int8"] = Path(ev.ctx.export(g, tmp / f"{name}-full-int8.onnx", exporter=exporter).path)
-            for m, tol, c in chosen:
-                e = tuned_ev if m == "linas+instatune" else ev
-                label = f"{m}@{tol}"
-                key = (m == "linas+instatune", json.dumps(c["config"], sort_keys=True))
-                if key not in labels:
-                    g, exporter = e.build(c["config"])
-                    files[label] = Path(e.ctx.export(g, tmp / f"{name}-{len(files)}.onnx", exporter=exporter).path)
-                    labels[key] = label
-                c["_label"] = labels[key]
-            report = ev.ctx.measure(files, baseline="full-int8", **measure_opts)
-        int8_ms = report.stats("full-int8", b, seq).median_ms
-        for _m, _tol, c in chosen:
-            c["measured_speedup_vs_int8"] = report.speedup(c.pop("_label"), b, seq)
-            c["measured"] = {"rounds": measure_opts["rounds"], "interleaved": True, "int8_ms": int8_ms,
-                             "batch": b, "seq": seq}
-    out["int8_factor"] = linas["baselines"].get("int8_factor")
-    out["plot_points"] = {m: [v for _, v in pts] for m, pts in sets.items()}
+    out["precision_table"] = json.loads(precision.read_text()) if precision.is_file() else None
+    out["plot_points"] = {m: [as_values(r) for r in measured[m]] for m in sets}
+    out["plot_points_predicted"] = {m: [v for _, v in pts] for m, pts in sets.items()}
     return out
 
 
@@ -242,7 +280,6 @@ def run_vit(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     with reporter.step("digits ViT (zoo, cached)"), quiet():
         zoo = digits_vit(seed=args.seed)
         graph = modelpress.load(str(zoo.path))
-    data_spec = {"spec": "digits", "batch_size": 64, "n_calibration": 64, "n_evaluation": args.n_eval}
     data = load_data("digits", graph.input_spec, None, batch_size=64, n_calibration=64, n_evaluation=args.n_eval,
                      seed=args.seed)
     target = get_target("ort-cpu", VIT_THREADS)
@@ -252,16 +289,15 @@ def run_vit(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     with reporter.step("latency table of the digits ViT (small grid, cached)"), quiet():
         table = build_latency_table(graph, target, batch=VIT_BATCH, grid=VIT_GRID, rounds=2, runs=5, min_time_s=0.02,
                                     model_rounds=2, clock="cpu")
-    opts = {"objectives": ["quality", "latency", "size"], "data_spec": data_spec, "latency_table": table,
-            "uniform": (0.25, 0.5, 0.75), "space_options": {"mlp_fractions": (0.25, 0.5, 0.75, 1.0)}}
+    opts = {"objectives": ("quality", "latency", "size"), "uniform": (0.25, 0.5, 0.75),
+            "space": {"mlp_fractions": (0.25, 0.5, 0.75, 1.0)}}
     finetune = {"steps": args.vit_tune_steps, "lr": args.vit_tune_lr, "warmup_steps": min(50, args.vit_tune_steps // 10), "batch_size": 32, "n_random": 2,
                 "seed": args.seed}
-    res = compare("vit", graph, ctx, args, tmp, opts, finetune, reporter,
-                  {"rounds": args.rounds, "batch_sizes": [VIT_BATCH], "memory": False, "min_time_s": 0.1, "runs": 10},
-                  args.budget)
+    res = compare("vit", graph, ctx, args, tmp, opts, finetune, reporter, args.budget, {"latency_table": table})
     res["model"] = {"name": "digits ViT (zoo)", "params": graph.num_parameters(), "quality": "accuracy",
-                    "latency": f"predicted, ort-cpu {VIT_THREADS} thread, batch {VIT_BATCH}; block table grid {VIT_GRID}, "
-                               "CPU clock"}
+                    "latency": f"searched on predicted latency (block table grid {VIT_GRID}, CPU clock, and the "
+                               f"measured precision table); fronts measured, ort-cpu {VIT_THREADS} thread, batch "
+                               f"{VIT_BATCH}, interleaved with full float and full INT8"}
     return res
 
 
@@ -278,23 +314,23 @@ def run_minilm(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     with reporter.step(f"latency table of MiniLM on the search grid {MINILM_GRID} (cached; wall clock: quiet machine)"):
         table = build_latency_table(graph, target, batch=BATCH, seq=SEQ, grid=MINILM_GRID, reporter=reporter)
     path = cache_path(table.key)
-    data_spec = {"spec": None, "batch_size": 16, "n_calibration": 64, "n_evaluation": args.minilm_eval}
-    data = load_data(None, graph.input_spec, graph.tokenizer, batch_size=16, n_calibration=64,
+    # 256 calibration sentences: reconstruction refits fc2 (1536 inputs) from ~15 real tokens a sentence; 64
+    # sentences gave fewer rows than unknowns (a damped, not exact, refit)
+    data = load_data(None, graph.input_spec, graph.tokenizer, batch_size=16, n_calibration=256,
                      n_evaluation=args.minilm_eval, seed=args.seed)
     ctx = Context(workdir=tmp / "minilm-work", task=EmbeddingTask(), data=data, target=target, reference=graph,
                   seed=args.seed, reporter=reporter)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    opts = {"objectives": ["quality", "latency"], "data_spec": data_spec, "latency_table": table,
-            "uniform": (0.25, 0.5, 0.75)}
+    opts = {"objectives": ("quality", "latency"), "uniform": (0.25, 0.5, 0.75)}
     finetune = {"steps": args.minilm_tune_steps, "lr": args.minilm_tune_lr, "warmup_steps": min(10, args.minilm_tune_steps // 10), "batch_size": 8, "n_random": 1,
                 "seed": args.seed}
-    res = compare("minilm", graph, ctx, args, tmp, opts, finetune, reporter,
-                  {"rounds": args.rounds, "batch_sizes": [BATCH], "seq_lens": [SEQ], "memory": False,
-                   "min_time_s": 0.1, "runs": 5}, args.minilm_budget)
+    res = compare("minilm", graph, ctx, args, tmp, opts, finetune, reporter, args.minilm_budget,
+                  {"latency_table": table})
     res["model"] = {"name": "all-MiniLM-L6-v2", "params": graph.num_parameters(),
                     "quality": "fidelity_mean (cosine to FP32 embeddings)",
-                    "latency": f"predicted by the latency table {path.name} (grid {MINILM_GRID}), ort-cpu "
-                               f"{THREADS} threads, batch {BATCH}, sequence {SEQ}"}
+                    "latency": f"searched on the latency table {path.name} (grid {MINILM_GRID}) and the measured "
+                               f"precision table; fronts measured, ort-cpu {THREADS} threads, batch {BATCH}, "
+                               f"sequence {SEQ}, interleaved with full float and full INT8"}
     return res
 
 
@@ -391,22 +427,32 @@ def run_dynast(args, tmp: Path, reporter, results: dict[str, Any]) -> dict[str, 
         loop += 1
     out["seconds"] = round(time.perf_counter() - t0, 1)
     vit = results["vit"]
-    pts = [v for _, v in measured]
+    pts = [(space.decode(np.asarray(x) + lo), v) for x, v in measured]
+    bases = {n: run / "baselines" / f"{n}.onnx" for n in ("full-float", "full-int8")}
+    front = measure_fronts({"dynast-linas": [(ev, c, v) for c, v in _predicted_front(objectives, pts)]}, ev,
+                           {n: p for n, p in bases.items() if p.is_file()}, tmp / "dynast", args.rounds, reporter)
+    rows = front["dynast-linas"]
+    values = [{"quality": r["quality"], "latency": r["latency_measured_ms"],
+               **({"size": r["size"]} if "size" in r else {})} for r in rows]
+    out["note"] = ("its front is measured in its own interleaved run (against the same full float and full INT8 "
+                   "files), not in the vit part's")
     every = [_vector(objectives, p) for m in vit["plot_points"].values() for p in m]
-    every += [_vector(objectives, p) for p in vit["baselines"].values()] + [_vector(objectives, p) for p in pts]
+    every += [_vector(objectives, p) for p in values]
     ref = reference_point(np.array(every))
     out["reference_point"] = ref.tolist()
-    out["evaluations"] = len(pts)
+    out["evaluations"] = len(measured)
+    out["front_measured"] = rows
     out["hypervolume_same_reference"] = {
-        "dynast-linas": _hv(objectives, pts, ref),
+        "dynast-linas": _hv(objectives, values, ref),
         **{m: _hv(objectives, p, ref) for m, p in vit["plot_points"].items()}}
-    q_int8 = vit["baselines"].get("full-int8", vit["baselines"]["full-float"])
-    best = _best_within([(space.decode(np.asarray(x) + lo), v) for x, v in measured], q_int8["quality"])
-    if best is not None:
-        out["best_within_1pct"] = {"objectives": best[1],
-                                   "predicted_speedup_vs_int8": q_int8["latency"] / best[1]["latency"]}
-    out["best_quality"] = max(v["quality"] for v in pts)
-    out["points"] = pts
+    q_int8 = vit["baselines"].get("full-int8", vit["baselines"]["full-float"])["quality"]
+    ok = [r for r in rows if r["quality"] >= (1 - WITHIN) * q_int8 and r["speedup_vs_int8_measured"]]
+    if ok:
+        best = max(ok, key=lambda r: r["speedup_vs_int8_measured"])
+        out["best_within_1pct"] = {"quality": best["quality"],
+                                   "measured_speedup_vs_int8": best["speedup_vs_int8_measured"]}
+    out["best_quality"] = max(v["quality"] for _, v in measured)
+    out["points"] = [v for _, v in measured]
     out["status"] = "ok"
     return out
 
@@ -424,28 +470,31 @@ def print_tables(con, results: dict[str, Any]) -> None:  # noqa: ANN001
         t = Table(title=f"search: {r['model']['name']} ({', '.join(r['objectives'])}; "
                         f"{r['budget']['evaluations_per_method']} evaluations per method)")
         tols = [f"{t:.0%}" for t in TOLERANCES]
-        for col in ("method", "evals", "hypervolume", "best quality",
-                    *[f"vs INT8 @ -{t} pred (meas.)" for t in tols], "seconds"):
+        for col in ("method", "evals", "hypervolume (measured)", "best quality",
+                    *[f"vs INT8 @ -{t} measured (pred.)" for t in tols], "seconds"):
             t.add_column(col, justify="right" if col != "method" else "left")
         for m, row in r["methods"].items():
             cells = []
             for tol in tols:
                 b = (row.get("best_within") or {}).get(tol) or {}
-                cells.append(fmt(b.get("predicted_speedup_vs_int8"), ".2f", "x")
-                             + (f" ({b['measured_speedup_vs_int8']:.2f}x)" if b.get("measured_speedup_vs_int8") else ""))
+                cells.append(fmt(b.get("measured_speedup_vs_int8"), ".2f", "x")
+                             + (f" ({b['predicted_speedup_vs_int8']:.2f}x)" if b.get("predicted_speedup_vs_int8") else ""))
             t.add_row(m, str(row["evaluations"]), fmt(row["hypervolume"], ".4g"), fmt(row["best_quality"], ".4f"),
                       *cells, fmt(row.get("seconds"), ".0f"))
         con.print(t)
         taus = ", ".join(f"{o}: {v['kendall_tau']:.3f} ({v['model']}, {v['train']} train / {v['held_out']} held out)"
                          for o, v in r["predictor"].items() if v["kendall_tau"] is not None)
         con.print(f"  predictor Kendall tau on held-out candidates: {taus or '-'}")
+        errors = {m: e for m, e in (r.get("predictor_error_on_front") or {}).items() if e}
+        con.print(f"  predictor error on the front (predicted vs measured): {json.dumps(errors)}")
+        con.print(f"  reconstruction cost: {json.dumps(r.get('reconstruction_cost'))}")
         con.print("  full float / INT8: " + ", ".join(
             f"{n} {json.dumps({k: round(v, 4) for k, v in o.items()})}" for n, o in r["baselines"].items()
             if n.startswith("full")))
     d = results.get("dynast")
     if d and d.get("status") == "ok":
         hv = ", ".join(f"{m} {v:.4g}" for m, v in d["hypervolume_same_reference"].items())
-        b = (d.get("best_within_1pct") or {}).get("predicted_speedup_vs_int8")
+        b = (d.get("best_within_1pct") or {}).get("measured_speedup_vs_int8")
         con.print(f"DyNAS-T LINAS on the digits ViT ({d['evaluations']} evaluations): hypervolume (one reference) "
                   f"{hv}; best quality {d['best_quality']:.4f}; speedup vs INT8 @ -1% {fmt(b, '.2f', 'x')}")
     elif d:
@@ -467,15 +516,20 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     style = {"linas": ("C0", "o"), "linas+instatune": ("C2", "s"), "random": ("C7", "x"), "uniform": ("C3", "^")}
     for ax, part in zip(axes[0], parts, strict=True):
         r = results[part]
+        for m, pts in r.get("plot_points_predicted", {}).items():
+            c, mk = style.get(m, ("k", "."))
+            ax.scatter([p["latency"] for p in pts], [p["quality"] for p in pts], s=8, c=c, marker=mk, alpha=0.25)
         for m, pts in r["plot_points"].items():
             c, mk = style.get(m, ("k", "."))
-            ax.scatter([p["latency"] for p in pts], [p["quality"] for p in pts], s=18, c=c, marker=mk, label=m,
-                       alpha=0.8)
+            pts = sorted(pts, key=lambda p: p["latency"])
+            ax.plot([p["latency"] for p in pts], [p["quality"] for p in pts], c=c, marker=mk, ms=5,
+                    label=f"{m} front (measured)")
         for n, o in r["baselines"].items():
-            if n.startswith("full"):
-                ax.scatter([o["latency"]], [o["quality"]], s=80, marker="*", c="k" if n == "full-float" else "C1",
-                           label=n, zorder=5)
-        ax.set_xlabel(f"predicted latency (ms, batch {VIT_BATCH if part == 'vit' else BATCH})")
+            if n.startswith("full") and "latency_measured_ms" in o:
+                ax.scatter([o["latency_measured_ms"]], [o["quality"]], s=80, marker="*",
+                           c="k" if n == "full-float" else "C1", label=f"{n} (measured)", zorder=5)
+        ax.set_xlabel(f"latency (ms, batch {VIT_BATCH if part == 'vit' else BATCH}): fronts MEASURED; faint points: "
+                      "candidates at their PREDICTED latency", fontsize=7)
         ax.set_ylabel(r["model"]["quality"].split(" ")[0])
         ax.set_title(r["model"]["name"])
         ax.grid(alpha=0.3)
@@ -506,7 +560,6 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
     parser.add_argument("--minilm-tune-steps", type=int, default=600, help="InstaTune steps on MiniLM (~1.3 s each)")
     parser.add_argument("--minilm-tune-lr", type=float, default=1e-4, help="3e-4 moved the largest to 0.943 fidelity")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the confirming measurement")
-    parser.add_argument("--no-confirm", action="store_true", help="skip the ORT measurement of the chosen point")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 evaluations, tiny fine-tuning")
     parser.add_argument("--out", type=Path, default=RESULTS / "search.json")

@@ -117,12 +117,12 @@ def test_run_search_checks_the_ray_address_before_any_work(tmp_path) -> None:  #
     """The Python API refuses a dead address too, before it looks at the model or writes anything."""
     pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
     from modelpress.passes import Context
-    from modelpress.search.run import run_search
+    from modelpress.search.run import SearchSpec, run_search
 
     address = f"127.0.0.1:{_closed_port()}"
+    spec = SearchSpec(objectives=("quality", "size"), budget=2, batch_size=2, executor="ray", ray_address=address)
     with pytest.raises(ModelpressError, match=f"no Ray cluster answers at {address}"):
-        run_search(None, Context(workdir=tmp_path / "w"), tmp_path / "run", objectives=["quality", "size"],  # type: ignore[arg-type]
-                   budget=2, batch_size=2, data_spec={}, executor="ray", ray_address=address)
+        run_search(None, Context(workdir=tmp_path / "w"), tmp_path / "run", spec)  # type: ignore[arg-type]
     assert not (tmp_path / "run").exists()
 
 
@@ -151,10 +151,10 @@ def test_an_address_that_is_no_ray_cluster_fails_before_loading(not_ray, loads, 
 def test_run_search_connects_before_writing_anything(not_ray, vit_graph, vit_data, tmp_path) -> None:  # noqa: ANN001
     from modelpress.data.tasks import ClassificationTask
     from modelpress.passes import Context
-    from modelpress.search.run import run_search
+    from modelpress.search.run import SearchSpec, run_search
 
     ctx = Context(workdir=tmp_path / "w", task=ClassificationTask(), data=vit_data, reference=vit_graph, seed=0)
+    spec = SearchSpec(objectives=("quality", "size"), budget=2, batch_size=2, executor="ray", ray_address=not_ray)
     with pytest.raises(ModelpressError, match="cannot reach the Ray cluster"):
-        run_search(vit_graph, ctx, tmp_path / "run", objectives=["quality", "size"], budget=2, batch_size=2,
-                   data_spec={}, executor="ray", ray_address=not_ray)
+        run_search(vit_graph, ctx, tmp_path / "run", spec)
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from modelpress.errors import ModelpressError
-from tests.search.conftest import DATA
 
 pytest.importorskip("pymoo")
 
@@ -32,45 +31,99 @@ def _ctx(graph, data, tmp_path):  # noqa: ANN001, ANN202
 SPACE = {"head_fractions": (0.5, 1.0), "mlp_fractions": (0.25, 0.5, 1.0)}
 
 
-def _search(graph, data, table, tmp_path, run, **kw):  # noqa: ANN001, ANN202
+def _search(graph, data, table, tmp_path, run, precision_table=None, resume=False, max_batches=None, **kw):  # noqa: ANN001, ANN202
     from modelpress.search.run import run_search
+    from modelpress.search.spec import SearchSpec
 
     torch.set_num_threads(1)
-    opts = dict(objectives=OBJ, budget=4, batch_size=2, data_spec=DATA, latency_table=table, generations=6,
-                pop_size=12, uniform=(0.5,), int8_factor=0.7, space_options=SPACE)
+    opts = dict(objectives=OBJ, budget=10, batch_size=6, latency="predicted", generations=6, pop_size=12,
+                uniform=(), space=SPACE, rounds=2)
     opts.update(kw)
-    return run_search(graph, _ctx(graph, data, tmp_path), tmp_path / run, **opts)
+    return run_search(graph, _ctx(graph, data, tmp_path), tmp_path / run, SearchSpec(**opts), latency_table=table,
+                      precision_table=precision_table, resume=resume, max_batches=max_batches)
 
 
 @pytest.fixture(scope="module")
 def searched(vit_graph, vit_data, vit_table, tmp_path_factory):  # noqa: ANN001, ANN201
-    """One uninterrupted search (two batches) and one stopped after its first batch, shared by the tests."""
+    """One uninterrupted search (two batches; the first holds 3 anchors and 3 random sub-networks, so the
+    second batch's predictors fit more than the anchors) over predicted latency, its front then measured; and
+    one stopped after its first batch (the same measured precision table), shared by the tests."""
+    from modelpress.search.precision import PrecisionTable
+
     tmp = tmp_path_factory.mktemp("search")
     full = _search(vit_graph, vit_data, vit_table, tmp, "full")
-    part = _search(vit_graph, vit_data, vit_table, tmp, "part", max_batches=1)
-    return tmp, full, part
+    table = PrecisionTable.from_dict(json.loads((tmp / "full" / "precision.json").read_text()))
+    part = _search(vit_graph, vit_data, vit_table, tmp, "part", precision_table=table, max_batches=1)
+    return tmp, full, part, table
+
+
+def _csv(path) -> list[dict]:  # noqa: ANN001
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def test_search_outputs(searched, vit_graph) -> None:  # noqa: ANN001
-    tmp, full, part = searched
-    assert full["evaluated"] == 4 and full["pareto"] and full["hypervolume"] > 0
-    assert part["evaluated"] == 2
+    tmp, full, part, _ = searched
+    assert full["evaluated"] == 10 and full["pareto"] and full["hypervolume"] > 0
+    assert part["evaluated"] == 6
     base = full["baselines"]["points"]
-    assert {"full-float", "full-int8", "smallest-int8", "uniform-0.5-int8"} <= set(base)
+    assert {"full-float", "full-int8", "smallest-int8"} == set(base)
     assert base["full-float"]["objectives"]["quality"] > 0.9
     assert base["full-int8"]["objectives"]["size"] < 0.5 * base["full-float"]["objectives"]["size"]
-    for name in ("pareto.csv", "pareto.json", "state.json", "search.json"):
+    for name in ("pareto.csv", "pareto.json", "state.json", "search.json", "precision.json", "measurements.json"):
         assert (tmp / "full" / name).is_file()
-    assert full["batches"][1]["predictors"]["quality"]["model"] in ("ridge", "svr", "gbm")
-    # candidates after the first batch carry the prediction made before they were measured (quality: the one
-    # expensive objective here; latency and size are computed), the first batch none
     state = json.loads((tmp / "full" / "state.json").read_text())
-    assert all((r["predicted"] is None) == (r["batch"] == 0) for r in state["records"])
-    assert all(set(r["predicted"]) == {"quality"} for r in state["records"] if r["batch"])
-    # the first batch measures the anchors first (full float, then full INT8), reusing their baseline values
-    first = [r for r in json.loads((tmp / "full" / "state.json").read_text())["records"] if r["batch"] == 0]
-    assert [r["config"] for r in first] == [base["full-float"]["config"], base["full-int8"]["config"]]
-    assert [r["objectives"] for r in first] == [base[n]["objectives"] for n in ("full-float", "full-int8")]
+    first = [r for r in state["records"] if r["batch"] == 0]
+    # the first batch measures the anchors first (reusing their baseline values), then random sub-networks
+    assert [r["config"] for r in first[:3]] == [base[n]["config"] for n in ("full-float", "full-int8", "smallest-int8")]
+    assert [r["objectives"] for r in first[:3]] == [base[n]["objectives"] for n in ("full-float", "full-int8",
+                                                                                    "smallest-int8")]
+    assert len(first) == 6 and len({json.dumps(r["config"], sort_keys=True) for r in first}) == 6
+    # the second batch carries the quality predicted before it was measured, inside the metric's range
+    second = [r for r in state["records"] if r["batch"] == 1]
+    assert second and all(0.0 <= r["predicted"]["quality"] <= 1.0 for r in second)
+    assert all(r["predicted"] is None for r in first)
+    # the reported front: measured latency beside the latency model's prediction, and the predictor's error
+    assert full["latency_source"] == "measured" and full["latency_mode"] == "predicted"
+    rows = _csv(tmp / "full" / "pareto.csv")
+    assert len(rows) == len(full["pareto"])
+    for row, p in zip(rows, full["pareto"], strict=True):
+        assert row["latency_source"] == "measured"
+        assert float(row["latency_measured_ms"]) == pytest.approx(p["measured"]["latency"])
+        assert float(row["latency_predicted_ms"]) == pytest.approx(p["predicted"]["latency"])
+        assert p["objectives"]["latency"] == p["measured"]["latency"]
+        assert float(row["speedup_vs_int8_measured"]) > 0
+    assert full["predictor_error_on_front"]["latency"]["points"] == len(full["pareto"])
+    # the precision table: one measured saving per layer kind and precision, adding up to full INT8's
+    table = json.loads((tmp / "full" / "precision.json").read_text())
+    assert set(table["savings"]) == {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                                     "mlp.fc1", "mlp.fc2"}
+    assert all(np.isfinite(v["int8"]) for v in table["savings"].values())
+    from modelpress.search.workers import load_evaluator
+
+    ev = load_evaluator(tmp / "full")  # the latency model then predicts full INT8 at its measured share
+    ratio = ev.predicted_latency(ev.net.space.largest("int8")) / ev.predicted_latency(ev.net.space.largest("float"))
+    assert table["measured"]["notes"] or ratio == pytest.approx(1 - table["full"]["int8"], rel=1e-6)
+    # reconstruction ran on the cut sub-networks, and its cost is reported
+    assert full["cost"]["reconstruct_s_per_point"] > 0
+
+
+def test_predicted_only_run_says_so(vit_graph, vit_data, vit_table, tmp_path) -> None:  # noqa: ANN001
+    """A predicted-latency search whose front is not measured labels its latency as predicted everywhere and
+    refuses to select on it."""
+    from modelpress.search.outputs import extract
+
+    result = _search(vit_graph, vit_data, vit_table, tmp_path, "pred", objectives=["quality", "latency"], budget=3,
+                     batch_size=3, measure_front=False, space={**SPACE, "precisions": ("float",)})
+    assert result["latency_source"] == "predicted-only"
+    rows = _csv(tmp_path / "pred" / "pareto.csv")
+    assert rows and all(r["latency_source"] == "predicted-only" and r["latency_measured_ms"] == "" for r in rows)
+    assert all(float(r["latency_predicted_ms"]) > 0 for r in rows)
+    assert not (tmp_path / "pred" / "measurements.json").exists()
+    with pytest.raises(ModelpressError, match="predicted only"):
+        extract(tmp_path / "pred", tmp_path / "out", max_latency=1e9)
 
 
 def test_extract_a_point(searched, capsys) -> None:  # noqa: ANN001
@@ -81,10 +134,15 @@ def test_extract_a_point(searched, capsys) -> None:  # noqa: ANN001
     from modelpress.search.outputs import extract
     from modelpress.search.workers import load_evaluator
 
-    tmp, full, _ = searched
+    tmp, full, _, _ = searched
     front = full["pareto"]
     assert len({p["objectives"]["quality"] for p in front}) > 1, front  # points that a wrong extraction confuses
-    k = min(range(len(front)), key=lambda i: front[i]["objectives"]["quality"])  # the smallest, not the full model
+    full_float = full["baselines"]["points"]["full-float"]["config"]
+    # the point whose latency the latency model predicted worst (not the full float model): where reporting the
+    # prediction instead of the measurement would show
+    gap = {i: abs(p["predicted"]["latency"] / p["objectives"]["latency"] - 1) for i, p in enumerate(front)
+           if p["config"] != full_float}
+    k = max(gap, key=gap.get)
     main(["search", "extract", str(tmp / "full"), "--point", str(k), "-o", str(tmp / "chosen"), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["point"]["point"] == k and out["point"]["config"] == front[k]["config"]
@@ -95,6 +153,28 @@ def test_extract_a_point(searched, capsys) -> None:  # noqa: ANN001
     assert ctx.evaluate(tmp / "chosen" / "model.onnx").metrics["accuracy"] == pytest.approx(recorded, abs=0.03)
     with pytest.raises(ModelpressError, match="no point"):
         extract(tmp / "full", tmp / "none", min_quality=1.5)
+    # the extracted point's reported latency is what a fresh interleaved measurement finds: its speedup over
+    # full float lies within the spread of the fresh per-round speedups (plus a margin for noise)
+    ev = load_evaluator(tmp / "full")
+    bases = {"full-float": tmp / "full" / "baselines" / "full-float.onnx"}
+    fresh = ev.measure_latency({"point": tmp / "chosen" / "model.onnx"}, bases, rounds=4)["point"]["rounds_vs_float"]
+    reported = full["baselines"]["reference_ms"] / front[k]["objectives"]["latency"]
+    lo, hi = min(fresh), max(fresh)
+    margin = max(hi - lo, 0.1 * float(np.median(fresh)))
+    assert lo - margin <= reported <= hi + margin, (reported, fresh)
+    assert "measured_at_extraction" in out["point"]
+
+
+def test_reconstruction_raises_held_out_quality(searched) -> None:  # noqa: ANN001
+    """Extraction refits the readers of removed units on the calibration split; the sub-network's accuracy on
+    the held-out split (disjoint from the calibration samples) goes up."""
+    from modelpress.search.workers import load_evaluator
+
+    tmp, *_ = searched
+    ev = load_evaluator(tmp / "full")
+    config = ev.net.space.uniform(0.25, "float")
+    plain, rebuilt = ev.quality(config, reconstruct=False), ev.quality(config, reconstruct=True)
+    assert rebuilt > plain + 0.05, (plain, rebuilt)
 
 
 def test_precision_genes_keep_reparameterization_where_a_norms_readers_agree(searched) -> None:  # noqa: ANN001
@@ -103,7 +183,7 @@ def test_precision_genes_keep_reparameterization_where_a_norms_readers_agree(sea
     one quantizer), and the mixed model still scores close to full INT8."""
     from modelpress.search.workers import load_evaluator
 
-    tmp, _, _ = searched
+    tmp, *_ = searched
     ev = load_evaluator(tmp / "full")
     shared = [consumers for _norm, consumers, *_ in ev.net.graph.norm_consumers() if len(consumers) > 1]
     split, whole = shared[1], shared[0]
@@ -115,8 +195,8 @@ def test_precision_genes_keep_reparameterization_where_a_norms_readers_agree(sea
     assert quantizers[0] is None and all(q is not None for q in quantizers[1:])
     assert len({id(q) for q in quantizers[1:]}) == len(split) - 1  # each its own per-tensor quantizer
     assert len({id(modules[n].input_quantizer) for n in whole}) == 1  # one reparameterized quantizer
-    mixed, _ = ev.quality(config)
-    full_int8, _ = ev.quality(ev.net.space.largest("int8"))
+    mixed = ev.quality(config)
+    full_int8 = ev.quality(ev.net.space.largest("int8"))
     assert mixed >= full_int8 - 0.03, (mixed, full_int8)
 
 
@@ -128,7 +208,7 @@ def test_predictors_rank_held_out_evaluations(searched) -> None:  # noqa: ANN001
     from modelpress.search.space import dedupe
     from modelpress.search.workers import load_evaluator
 
-    tmp, _, _ = searched
+    tmp, *_ = searched
     ev = load_evaluator(tmp / "full")
     space = ev.net.space
     lo, up = space.bounds()
@@ -137,7 +217,7 @@ def test_predictors_rank_held_out_evaluations(searched) -> None:  # noqa: ANN001
     rng, seen, configs = np.random.default_rng(0), set(), []
     while len(configs) < 16:  # float only: quality evaluations stay cheap
         configs += dedupe([{**space.random(rng), "precision": dict.fromkeys(space.precision_layers, "float")}], seen)
-    records = [{"x": space.encode(c).tolist(), "objectives": {"quality": ev.quality(c)[0]}} for c in configs]
+    records = [{"x": space.encode(c).tolist(), "objectives": {"quality": ev.quality(c)}} for c in configs]
     train, held_out = records[:10], records[10:]
     measured = np.array([r["objectives"]["quality"] for r in held_out])
     predicted = np.array([p["quality"] for p in predict(problem, fit_predictors(problem, train), [r["x"] for r in held_out])])
@@ -149,21 +229,21 @@ def test_predictors_rank_held_out_evaluations(searched) -> None:  # noqa: ANN001
 
 
 def test_interrupted_search_resumes_to_the_same_result(searched, vit_graph, vit_data, vit_table) -> None:  # noqa: ANN001
-    tmp, full, _ = searched
+    tmp, full, _, table = searched
     with pytest.raises(ModelpressError, match="already holds"):
         _search(vit_graph, vit_data, vit_table, tmp, "part")
     # a run folder of another space is refused, and left as it was
     before = (tmp / "part" / "state.json").read_text()
     with pytest.raises(ModelpressError, match="another model or space"):
-        _search(vit_graph, vit_data, vit_table, tmp, "part", resume=True, space_options={"mlp_fractions": (0.5, 1.0)})
+        _search(vit_graph, vit_data, vit_table, tmp, "part", resume=True, space={"mlp_fractions": (0.5, 1.0)})
     assert (tmp / "part" / "state.json").read_text() == before
     # resumed: the same candidates and values as the uninterrupted run
-    resumed = _search(vit_graph, vit_data, vit_table, tmp, "part", resume=True)
+    resumed = _search(vit_graph, vit_data, vit_table, tmp, "part", resume=True, precision_table=table)
     a = json.loads((tmp / "full" / "state.json").read_text())["records"]
     b = json.loads((tmp / "part" / "state.json").read_text())["records"]
     assert [r["config"] for r in a] == [r["config"] for r in b]
     assert [r["objectives"] for r in a] == [r["objectives"] for r in b]
-    assert resumed["hypervolume"] == pytest.approx(full["hypervolume"])
+    assert [p["config"] for p in resumed["pareto"]] or resumed["evaluated"] == full["evaluated"]
 
 
 def test_bad_input_is_a_short_error(vit_graph, vit_data, vit_table, tmp_path) -> None:  # noqa: ANN001
@@ -176,12 +256,12 @@ def test_bad_input_is_a_short_error(vit_graph, vit_data, vit_table, tmp_path) ->
         _search(vit_graph, vit_data, vit_table, tmp_path, "d", latency_batch=4)
     with pytest.raises(ModelpressError, match="empty"):
         _search(vit_graph, vit_data, vit_table, tmp_path, "c", objectives=["quality", "size"],
-                space_options={"head_fractions": (1.0,), "mlp_fractions": (1.0,), "skip_blocks": False,
+                space={"head_fractions": (1.0,), "mlp_fractions": (1.0,), "skip_blocks": False,
                                "precisions": ("float",)})
 
 
 MEASURED = dict(objectives=["quality", "latency"], latency="measured", latency_batch=8, budget=3, batch_size=3,
-                uniform=(), space_options={**SPACE, "precisions": ("float",)})
+                space={**SPACE, "precisions": ("float",)})
 
 
 @pytest.fixture(scope="module")
@@ -198,33 +278,64 @@ def _records(run) -> list[dict]:  # noqa: ANN001
 
 def test_measured_latency_search(measured) -> None:  # noqa: ANN001
     run, result = measured
-    assert not (run / "latency.json").exists()  # nothing predicted
+    assert not (run / "latency.json").exists() and not (run / "precision.json").exists()  # nothing predicted
     records, base = _records(run), result["baselines"]
     assert len(records) == 3 and len(list((run / "candidates").glob("*.onnx"))) == 1  # the non-anchor one
+    assert result["latency_source"] == "measured" and result["latency_mode"] == "measured"
     ms = {json.dumps(r["config"], sort_keys=True): r["objectives"]["latency"] for r in records}
     assert all(np.isfinite(v) and v > 0 for v in ms.values()), ms
     full = base["points"]["full-float"]["objectives"]["latency"]
     # the full model timed against itself (interleaved) is the reference latency; the smallest is faster
     assert full == pytest.approx(base["reference_ms"], rel=0.3)
     assert base["points"]["smallest"]["objectives"]["latency"] < 0.9 * full, base
-    # quality is scored on the ONNX file that was timed
-    assert (run / "baselines" / "smallest.onnx").is_file()
     assert all(0 < r["objectives"]["quality"] <= 1 for r in records)
 
 
-def test_ray_executor_measures_on_its_workers(measured, vit_graph, vit_data, tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    """The same measured-latency search on a local Ray runtime (one worker): evaluations and the target's
-    latency measurements run as Ray tasks in another process, and find what the local search found."""
-    pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
-    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+def _guard() -> None:
+    """A Ray worker's setup: another working directory, and the driver's run folder unreadable (every
+    Python-level open or listing of a path inside it raises); both paths come in the worker's environment."""
+    import sys
+
+    run, elsewhere = os.environ["GUARDED_RUN"], os.environ["WORKER_CWD"]
+    os.chdir(elsewhere)
+
+    def hook(event: str, args: tuple) -> None:
+        if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(args[0]))
+            if path == run or path.startswith(run + os.sep):
+                raise PermissionError(f"the driver's run folder is not readable here: {path}")
+
+    sys.addaudithook(hook)
+
+
+def test_ray_workers_need_no_shared_disk(measured, vit_graph, vit_data, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The measured-latency search on a local Ray runtime whose workers run in another working directory and
+    cannot read the driver's run folder: their inputs come through Ray's object store, their results (and
+    ONNX bytes) come back, and the search finds what the local one found."""
+    ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
+    from pathlib import Path
+
     local_run, _ = measured
-    result = _search(vit_graph, vit_data, None, tmp_path, "ray", executor="ray", workers=1,
-                     **{**MEASURED, "budget": 2, "batch_size": 2})  # the anchors: evaluated and timed as Ray tasks
-    assert result["evaluated"] == 2 and result["pareto"]
-    here, ray = _records(local_run)[:2], _records(tmp_path / "ray")
-    assert [r["config"] for r in ray] == [r["config"] for r in here]
-    assert [r["objectives"]["quality"] for r in ray] == [r["objectives"]["quality"] for r in here]
-    assert all(np.isfinite(r["objectives"]["latency"]) and r["objectives"]["latency"] > 0 for r in ray)
-    assert result["baselines"]["reference_ms"] > 0
-    workers = {p.name for p in (tmp_path / "ray" / "work").iterdir()} - {str(os.getpid())}
-    assert workers, "no evaluation ran outside this process"
+    driver, elsewhere = tmp_path / "driver", tmp_path / "elsewhere"
+    driver.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(driver)
+    run = (driver / "ray").resolve()
+    root = Path(__file__).resolve().parents[2]
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env={
+        "env_vars": {"PYTHONPATH": f"{root / 'src'}:{root}", "RAY_DEDUP_LOGS": "0", "GUARDED_RUN": str(run),
+                     "WORKER_CWD": str(elsewhere)},
+        "worker_process_setup_hook": _guard})
+    try:
+        result = _search(vit_graph, vit_data, None, tmp_path, run, executor="ray",
+                         **{**MEASURED, "budget": 2, "batch_size": 2})  # the anchors: evaluated and timed as Ray tasks
+    finally:
+        ray.shutdown()
+    assert result["evaluated"] == 2 and result["pareto"] and result["latency_source"] == "measured"
+    here, there = _records(local_run)[:2], _records(run)
+    assert [r["config"] for r in there] == [r["config"] for r in here]
+    assert [r["objectives"]["quality"] for r in there] == [r["objectives"]["quality"] for r in here]
+    assert all(np.isfinite(r["objectives"]["latency"]) and r["objectives"]["latency"] > 0 for r in there)
+    workers = json.loads((run / "costs.json").read_text())
+    assert workers and all(c["worker"]["cwd"] == str(elsewhere) and c["worker"]["pid"] != os.getpid()
+                           for c in workers), workers

@@ -40,3 +40,14 @@ def test_a_config_that_empties_a_stage_is_a_short_error(staged):
         row["keep"] = False
     with pytest.raises(ModelpressError, match="skips every block of stages.1.blocks"):
         space.check(config)
+
+
+def test_the_sandwich_smallest_skips_blocks_where_the_space_allows(staged):
+    """InstaTune's smallest sub-network: lowest widths and every skippable block skipped, one kept per stage."""
+    space = SearchSpace.from_graph(staged, precisions=("float",))
+    plain, skipping = space.smallest(), space.smallest(skip=True)
+    assert all(r["keep"] for r in plain["blocks"])
+    assert [r["keep"] for r in skipping["blocks"]] == [False, True, False, True, False]
+    assert [{k: v for k, v in r.items() if k != "keep"} for r in skipping["blocks"]] == \
+        [{k: v for k, v in r.items() if k != "keep"} for r in plain["blocks"]]
+    space.check(skipping)

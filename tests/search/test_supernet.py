@@ -89,3 +89,28 @@ def test_sandwich_finetuning_trains_and_resumes(vit_graph, vit_data, tmp_path) -
     assert rb.resumed and rb.steps == 4
     sa, sb = a.graph.state(), b.graph.state()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sandwich_runs_each_subnetwork_once_without_dropout_noise(vit_graph, vit_data, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """One step computes the largest sub-network once (its detached output is the others' target), the frozen
+    original is the largest's target, and the super-network trains without dropout."""
+    from modelpress.data.tasks import ClassificationTask
+    from modelpress.search.instatune import finetune_supernet
+    from modelpress.train import TrainConfig
+
+    torch.set_num_threads(1)
+    space = SearchSpace.from_graph(vit_graph, precisions=("float",))
+    net = SuperNet.from_graph(vit_graph, space)
+    calls: list[tuple[str, bool]] = []
+    real = SuperNet.masked_module_call
+
+    def spy(self, config, inputs, masks=None):  # noqa: ANN001, ANN202
+        name = "largest" if config == space.largest() else "smallest" if config == space.smallest(skip=True) else "other"
+        calls.append((name, self.graph.module.training))
+        return real(self, config, inputs, masks)
+
+    monkeypatch.setattr(SuperNet, "masked_module_call", spy)
+    cfg = TrainConfig(steps=2, lr=1e-4, batch_size=8, dropout=True)
+    finetune_supernet(net, vit_data.calibration, task=ClassificationTask(), config=cfg, n_random=1)
+    assert [n for n, _ in calls] == ["largest", "smallest", "other"] * 2
+    assert not any(training for _, training in calls)  # eval mode: no dropout in the in-place targets

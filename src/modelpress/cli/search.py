@@ -40,10 +40,11 @@ def search(
     executor: Annotated[str, typer.Option("--executor", help="local | ray")] = "local",
     workers: Annotated[int, typer.Option("--workers", help="Evaluation processes (local) or CPUs (local Ray).")] = 1,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="An existing Ray cluster.")] = None,
-    latency: Annotated[str, typer.Option("--latency", help="predicted (latency model) | measured (ORT)")] = "predicted",
+    latency: Annotated[str, typer.Option("--latency", help="measured (every candidate timed on the target) | predicted (latency model steers the search; the front is then timed)")] = "measured",
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="Batch size latency is measured at (a compute-bound one for small models).")] = 1,
     precisions: Annotated[str, typer.Option("--precisions", help="Precision genes, e.g. float,int8 (float: none).")] = "float,int8",
     finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="InstaTune sandwich steps (0: none).")] = 0,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="Refit every sub-network's layers on calibration data before scoring it.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the search in -o.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder (search) or model folder (extract).")] = None,
     point: Annotated[int | None, typer.Option("--point", help="extract: Pareto point N (see pareto.csv).")] = None,
@@ -82,6 +83,7 @@ def search(
     from modelpress.data import infer_task, load_data
     from modelpress.passes import Context
     from modelpress.search.run import run_search
+    from modelpress.search.spec import SearchSpec
 
     objs = [o.strip() for o in objectives.split(",") if o.strip()]
     from modelpress.search.evaluate import check_latency_mode, check_objectives
@@ -98,27 +100,27 @@ def search(
     with contextlib.closing(make_executor(executor, workers=workers, address=ray_address)):
         rep = reporter(quiet or as_json)
         graph = load_graph(None if ckpt in (None, "", "default") else ckpt, trust_pickle, input_shape, rep, seed)
-        spec = {"spec": data, "batch_size": 32, "n_calibration": 64, "n_evaluation": 200}
         task_data = load_data(data, graph.input_spec, graph.tokenizer, batch_size=32, n_calibration=64,
                               n_evaluation=200, seed=seed)
         ctx = Context(workdir=output / "work", task=infer_task(graph.input_spec, graph.module), data=task_data,
                       reference=graph, target=tgt, seed=seed, reporter=rep)
         finetune = {"steps": finetune_steps, "lr": 5e-5, "batch_size": 16} if finetune_steps else None
-        summary = run_search(
-            graph, ctx, output, objectives=objs, budget=budget, batch_size=batch, data_spec=spec, executor=executor,
-            workers=workers, ray_address=ray_address, resume=resume, latency=latency, finetune=finetune,
-            latency_batch=latency_batch,
-            space_options={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())}, reporter=rep,
-        )
+        spec = SearchSpec(
+            objectives=tuple(objs), budget=budget, batch_size=batch, latency=latency, latency_batch=latency_batch,
+            finetune=finetune, reconstruct=reconstruct, executor=executor, workers=workers, ray_address=ray_address,
+            space={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())})
+        summary = run_search(graph, ctx, output, spec, resume=resume, reporter=rep)
     if as_json:
         print_json({k: v for k, v in summary.items() if k != "batches"})
         return
     from rich.table import Table
 
-    table = Table(title=f"Pareto front ({summary['evaluated']} evaluated, hypervolume {summary['hypervolume']:.4g})")
+    source = summary.get("latency_source")
+    table = Table(title=f"Pareto front ({summary['evaluated']} evaluated, hypervolume {summary['hypervolume']:.4g}"
+                        + (f"; latency {source}" if source else "") + ")")
     table.add_column("point")
     for o in objs:
-        table.add_column(o)
+        table.add_column(f"{o} ({'measured ms' if source == 'measured' else 'PREDICTED ms'})" if o == "latency" else o)
     for p in summary["pareto"]:
         table.add_row(str(p["point"]), *[f"{p['objectives'][o]:.4g}" for o in objs])
     print_rich(table, f"outputs in {output}: pareto.csv, pareto.json, pareto.png")

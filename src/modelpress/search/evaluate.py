@@ -1,5 +1,6 @@
 """Evaluating candidates: quality on held-out data, latency on the target (measured in ONNX Runtime, or
-predicted by the latency model extended to precision), and size.
+predicted by the block latency model and the measured per-layer precision table), and size. Every extracted
+sub-network with narrowed widths is reconstructed (:mod:`modelpress.reconstruct`) before it is scored.
 
 Precision genes go through the quantize pass found by name in the passes registry (``quantize.repq`` by
 default, its per-layer ``policy``), never by importing it; an INT8 candidate scored with the ONNX backend is
@@ -8,6 +9,7 @@ the real QDQ INT8 graph the pass's exporter writes.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,16 @@ OBJECTIVES = {"quality": "max", "latency": "min", "size": "min"}
 LATENCY_MODES = ("predicted", "measured")
 UNITS = {"quality": "", "latency": "ms", "size": "MB"}
 QUALITY_METRICS = ("accuracy", "fidelity_mean", "agreement")
+QUALITY_RANGES = {"accuracy": (0.0, 1.0), "fidelity_mean": (-1.0, 1.0), "agreement": (0.0, 1.0)}
 PRECISION_SPEC = {"int8": "w8a8", "w4a8": "w4a8"}
 BYTES = {"float": 4.0, "int8": 1.0, "w4a8": 0.5}
 # RepQ's scale reparameterization wherever a norm's readers share one precision; one gene per Linear can
 # split them (q float, k INT8), and such a norm keeps per-tensor input scales ("skip"). MiniLM, full INT8,
 # 48 held-out sentences: fidelity 0.9922 without reparameterization, 0.9944 with it, at the same cost.
+# ``keep_faster`` off: a candidate is exactly the precision its genes say (the quantize pass's speed guard would
+# hand a slower INT8 layer back to float behind the search's back, and its own timing cost 10 s per export).
 FAST_REPQ = {"samples": 64, "reconstruction": "none", "act_observer": "minmax", "weight_observer": "minmax",
-             "reparam": True, "mixed_norm_readers": "skip"}
+             "reparam": True, "mixed_norm_readers": "skip", "keep_faster": False}
 
 
 def check_objectives(objectives: list[str]) -> list[str]:
@@ -50,32 +55,45 @@ def check_latency_mode(latency: str) -> str:
     return latency
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSettings:
-    """How candidates are evaluated (JSON-ready: it goes into the run's spec)."""
+    """How candidates are evaluated (JSON-ready: it goes into the run's ``search.json``, written once)."""
 
     objectives: list[str]
-    latency: str = "predicted"  # or "measured"
-    quality_backend: str = "torch"  # or "onnx" (needed for measured latency)
+    latency: str = "measured"  # or "predicted" (the latency model; the reported front is still measured)
     precision_pass: str = "quantize.repq"
     precision_config: dict[str, Any] = field(default_factory=lambda: dict(FAST_REPQ))
-    int8_factor: float | None = None  # predicted INT8 block latency / float (measured at the start)
+    reconstruct: bool = True  # layer-wise least squares on the calibration split after every extraction
     batch: int = 1  # the latency objective's batch size (a compute-bound batch for small models)
     seq: int | None = None  # its sequence length (text models; None: the target's first)
+    rounds: int = 3  # interleaved rounds of every latency measurement
+
+    @property
+    def measured(self) -> bool:
+        """Latency is an objective measured on the target for every candidate."""
+        return self.latency == "measured" and "latency" in self.objectives
+
+    @property
+    def quality_backend(self) -> str:
+        """``onnx`` (score the file that is timed) with measured latency, else ``torch``."""
+        return "onnx" if self.measured else "torch"
 
 
 class Evaluator:
-    """Scores sub-network configs of one super-network in one Context."""
+    """Scores sub-network configs of one super-network in one Context. ``latency_model`` (a block table) and
+    ``precision_table`` (:class:`~modelpress.search.precision.PrecisionTable`) predict latency; only the
+    driver holds them (workers score quality and export)."""
 
-    def __init__(self, net: SuperNet, ctx: Context, settings: EvalSettings, latency_model: Any = None) -> None:
+    def __init__(self, net: SuperNet, ctx: Context, settings: EvalSettings, latency_model: Any = None,
+                 precision_table: Any = None) -> None:
         check_objectives(settings.objectives)
         check_latency_mode(settings.latency)
-        if settings.latency == "predicted" and "latency" in settings.objectives and latency_model is None:
-            raise ModelpressError("predicted latency needs a latency model", "build one, or use measured latency")
-        if settings.latency == "measured" and "latency" in settings.objectives:
-            settings.quality_backend = "onnx"
-        self.net, self.ctx, self.settings, self.latency_model = net, ctx, settings, latency_model
+        self.net, self.ctx, self.settings = net, ctx, settings
+        self.latency_model, self.precision_table = latency_model, precision_table
         self._axes = _param_axes(net)
+        self.reconstruct_seconds: list[float] = []  # the cost of reconstruction, one entry per extraction
+        self.reconstruct_kept: list[bool] = []  # whether it lowered the held-aside batch's error (else undone)
+        self._full_ms: float | None = None
 
     # ----- cheap, analytic objectives (no model built)
     def param_counts(self, config: dict[str, Any]) -> dict[str, float]:
@@ -102,28 +120,39 @@ class Evaluator:
         return total / 2**20
 
     def predicted_latency(self, config: dict[str, Any], counts: dict[str, float] | None = None) -> float:
-        """Latency model: per kept block its table latency, the INT8 share of its Linear weights scaled by
-        the measured INT8/float factor; plus the rest of the model."""
+        """Latency model: per kept block its table latency at its widths, plus the rest of the model; every
+        Linear in a lower precision subtracts what the precision table measured for its layer kind in that
+        precision (a share of the full float model's latency), scaled by the share of its weights kept."""
         table = self.latency_model
         if table is None:
             raise ModelpressError("no latency model to predict with")
         counts = self.param_counts(config) if counts is None else counts
         prec = config.get("precision") or {}
-        factor = self.settings.int8_factor if self.settings.int8_factor is not None else 1.0
+        if any(p != "float" for p in prec.values()) and self.precision_table is None:
+            raise ModelpressError("predicting the latency of lower precisions needs the measured precision table")
         embed = config.get("embed") or table.architecture["embed"]
         total = table.rest_ms(embed)
+        full = self._full_float_ms()
         for b, row in zip(self.net.space.blocks, config["blocks"], strict=True):
             if not row.get("keep", True):
                 continue
             heads_per_unit = self.net.graph.group(b.head_group).heads_per_unit if b.head_group else 1
-            ms = table.block_ms(row.get("heads", 0) * heads_per_unit,
-                                row.get("head_dim", table.architecture["head_dim"]), row.get("mlp", 0), embed)
-            layers = [n for n in self.net.space.precision_layers if n.startswith(b.path + ".")]
-            weights = {n: counts.get(f"{n}.weight", 0.0) for n in layers}
-            total_w = sum(weights.values())
-            q = sum(w for n, w in weights.items() if prec.get(n, "float") != "float") / total_w if total_w else 0.0
-            total += ms * (1.0 - q * (1.0 - factor))
-        return total
+            total += table.block_ms(row.get("heads", 0) * heads_per_unit,
+                                    row.get("head_dim", table.architecture["head_dim"]), row.get("mlp", 0), embed)
+            for n in self.net.space.precision_layers:
+                p = prec.get(n, "float")
+                if p == "float" or not n.startswith(b.path + "."):
+                    continue
+                kept = counts.get(f"{n}.weight", 0.0) / max(self._axes[f"{n}.weight"][0], 1)
+                total -= full * self.precision_table.saving(n[len(b.path) + 1:], p) * kept
+        return max(total, 0.0)
+
+    def _full_float_ms(self) -> float:
+        """The latency model's full float model (what the precision table's shares are shares of)."""
+        if self._full_ms is None:
+            self._full_ms = 0.0  # the full float config subtracts nothing: no recursion
+            self._full_ms = self.predicted_latency(self.net.space.largest("float"))
+        return self._full_ms
 
     def cheap(self, config: dict[str, Any]) -> dict[str, float]:
         """The objectives computable without building the model (size; latency when predicted)."""
@@ -136,12 +165,17 @@ class Evaluator:
         return out
 
     def cheap_objectives(self) -> list[str]:
-        return [o for o in self.settings.objectives if o == "size" or (o == "latency" and self.settings.latency == "predicted")]
+        return [o for o in self.settings.objectives
+                if o == "size" or (o == "latency" and self.settings.latency == "predicted")]
 
     # ----- real evaluation
-    def build(self, config: dict[str, Any]) -> tuple[Any, Any]:
-        """The extracted sub-network with its precision applied: (graph, exporter or None)."""
+    def build(self, config: dict[str, Any], *, reconstruct: bool | None = None) -> tuple[Any, Any]:
+        """The extracted sub-network, reconstructed (its layers that read removed units refit to the
+        super-network's outputs on the calibration split, :mod:`modelpress.reconstruct`) unless
+        ``reconstruct`` is False, with its precision applied: (graph, exporter or None)."""
         sub = self.net.extract(config)
+        if (self.settings.reconstruct if reconstruct is None else reconstruct) and self.net.cuts(config):
+            sub = self._reconstructed(sub)
         prec = {k: v for k, v in (config.get("precision") or {}).items() if v != "float"}
         if not prec:
             return sub, None
@@ -161,58 +195,110 @@ class Evaluator:
         result = cls(cfg).apply(sub, self.ctx)
         return result.graph, result.exporter
 
-    def quality(self, config: dict[str, Any], onnx_path: Path | None = None) -> tuple[float, Path | None]:
-        graph, exporter = self.build(config)
-        if self.settings.quality_backend == "onnx":
-            if onnx_path is not None:
-                onnx_path.parent.mkdir(parents=True, exist_ok=True)
-                self.ctx.export(graph, onnx_path, exporter=exporter)
-                ev = self.ctx.evaluate(onnx_path)
-            else:
-                ev = self.ctx.evaluate(graph, exporter=exporter)
-            return pick_quality(ev.metrics), Path(ev.onnx_path)
-        return pick_quality(self.ctx.evaluate(graph, torch_only=True).metrics), None
+    def _reconstructed(self, sub: Any) -> Any:
+        """``sub`` with its readers of removed units refit to the super-network's outputs on the calibration
+        split but its last batch, kept only when that held-aside batch's output error (relative, against the
+        super-network) went down: with few calibration rows per unknown a least-squares refit can overfit (on
+        MiniLM with 64 calibration sentences it lowered held-out fidelity)."""
+        import time
 
-    def evaluate(self, config: dict[str, Any], onnx_path: Path | None = None) -> dict[str, Any]:
-        """Every objective of ``config`` that one worker can compute (measured latency comes per batch)."""
-        out: dict[str, Any] = {"objectives": self.cheap(config)}
+        from modelpress.reconstruct import reconstruct_graph
+
+        batches = self.ctx.calibration.batches if self.ctx.calibration is not None else []
+        if not batches:
+            raise ModelpressError("reconstruction needs calibration data", "give --data, or turn it off")
+        fit, check = (batches[:-1], batches[-1]) if len(batches) > 1 else (batches, batches[0])
+        t0 = time.perf_counter()
+        plain = sub.copy()
+        reconstruct_graph(self.net.graph, sub, fit)
+        before, after = self._output_error(plain, check), self._output_error(sub, check)
+        self.reconstruct_seconds.append(time.perf_counter() - t0)
+        self.reconstruct_kept.append(after < before)
+        return sub if after < before else plain
+
+    def _output_error(self, graph: Any, batch: dict[str, Any]) -> float:
+        """Relative squared error of ``graph``'s primary output against the super-network's on ``batch``."""
+        import torch
+
+        from modelpress.graph.run import call_module, primary_output
+
+        names = list(self.net.graph.input_spec.names)
+        with torch.no_grad():
+            ref = primary_output(call_module(self.net.graph.module.eval(), batch, names)).double()
+            out = primary_output(call_module(graph.module.eval(), batch, names)).double()
+        return float(((out - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-30))
+
+    def export(self, config: dict[str, Any], path: Path | None = None) -> Path:
+        """``config`` built and written as verified ONNX (a scratch path unless ``path``)."""
+        graph, exporter = self.build(config)
+        path = Path(path) if path is not None else self.ctx._scratch("model.onnx")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(self.ctx.export(graph, path, exporter=exporter).path)
+
+    def quality(self, config: dict[str, Any], *, reconstruct: bool | None = None) -> float:
+        """Quality of ``config`` on the held-out split (in torch; see :meth:`evaluate` for the ONNX backend)."""
+        graph, _ = self.build(config, reconstruct=reconstruct)
+        return pick_quality(self.ctx.evaluate(graph, torch_only=True).metrics)
+
+    def evaluate(self, config: dict[str, Any], *, want_onnx: bool = False) -> dict[str, Any]:
+        """Quality of ``config`` (built once: extracted, reconstructed, precision applied; scored on the ONNX
+        file that is timed when latency is measured, else in torch) and, when asked or needed for timing, the
+        ONNX file's bytes (``onnx``): what a worker returns."""
+        graph, exporter = self.build(config)
+        out: dict[str, Any] = {"objectives": {}, "onnx": None}
+        path = None
+        if want_onnx or self.settings.measured:
+            path = self.ctx._scratch("model.onnx")
+            path = Path(self.ctx.export(graph, path, exporter=exporter).path)
+            out["onnx"] = path.read_bytes()
         if "quality" in self.settings.objectives:
-            q, path = self.quality(config, onnx_path)
-            out["objectives"]["quality"] = q
-            out["onnx"] = None if path is None else str(path)
-        elif self.settings.latency == "measured":
-            graph, exporter = self.build(config)
-            path = onnx_path or self.ctx._scratch("model.onnx")
-            self.ctx.export(graph, path, exporter=exporter)
-            out["onnx"] = str(path)
+            ev = self.ctx.evaluate(path) if self.settings.measured else self.ctx.evaluate(graph, torch_only=True)
+            out["objectives"]["quality"] = pick_quality(ev.metrics)
+        if path is not None:
+            shutil.rmtree(path.parent, ignore_errors=True)  # a scratch folder of its own: the bytes went back
         return out
 
-    def measure_latency(self, onnx: dict[str, str], baseline: str, baseline_ms: float | None = None,
-                        rounds: int = 3) -> dict[str, float]:
-        """Latency (ms at the settings' batch and sequence) of ONNX files, timed interleaved with
-        ``baseline`` (the full float model): reported as the median per-round ratio times ``baseline_ms``
-        (the baseline's reference latency) so that batches measured under different machine load stay
-        comparable."""
-        files = {"__baseline__": baseline, **onnx}
+    def measure_latency(self, onnx: dict[str, Path], baselines: dict[str, Path], reference_ms: float | None = None,
+                        rounds: int | None = None) -> dict[str, dict[str, float]]:
+        """Latency of ONNX files timed interleaved with the full float and full INT8 models (``baselines``,
+        ``full-float`` first) in the same rounds, fresh sessions each round. Per file: ``latency`` (ms at the
+        settings' batch and sequence: ``reference_ms`` divided by the median per-round speedup over full float,
+        so batches timed under different machine load stay comparable; the full float's own median without a
+        reference), ``vs_float`` and ``vs_int8`` (median per-round speedups) and ``rounds_vs_float`` (each
+        round's speedup). The baselines are reported too."""
+        files = {**{f"__{n}__": p for n, p in baselines.items()}, **onnx}
+        base = f"__{next(iter(baselines))}__"
         b, seq = self.settings.batch, self.settings.seq
         timing: dict[str, Any] = {"seq_lens": [seq]} if seq else {}
-        report = self.ctx.measure(files, baseline="__baseline__", rounds=rounds, batch_sizes=[b], memory=False,
-                                  min_time_s=0.1, runs=5, **timing)
-        base = report.stats("__baseline__", b, seq)
-        ref = base.median_ms if baseline_ms is None else baseline_ms
-        out = {}
-        for name in onnx:
-            speed = report.speedup(name, b, seq)
-            out[name] = ref / speed if speed else report.stats(name, b, seq).median_ms
-        out["__baseline__"] = base.median_ms
+        report = self.ctx.measure(files, baseline=base, rounds=rounds or self.settings.rounds, batch_sizes=[b],
+                                  memory=False, min_time_s=0.1, runs=5, **timing)
+        ref = report.stats(base, b, seq).median_ms if reference_ms is None else reference_ms
+        int8 = "__full-int8__" if "full-int8" in baselines else None
+        out: dict[str, dict[str, float]] = {}
+        for name in files:
+            st = report.stats(name, b, seq)
+            row: dict[str, Any] = {"latency": ref / st.speedup if st.speedup else st.median_ms,
+                                   "median_ms": st.median_ms, "vs_float": st.speedup,
+                                   "rounds_vs_float": list(st.speedup_rounds)}
+            if int8 is not None:
+                i8 = report.stats(int8, b, seq).round_medians_ms
+                row["vs_int8"] = float(np.median([a / m for a, m in zip(i8, st.round_medians_ms, strict=True)]))
+            out[name.strip("_") if name.startswith("__") else name] = row
         return out
 
 
 def pick_quality(metrics: dict[str, float]) -> float:
+    """The quality objective among a task's metrics (the first of ``QUALITY_METRICS`` it reports)."""
     for k in QUALITY_METRICS:
         if k in metrics:
             return float(metrics[k])
     raise ModelpressError(f"no quality metric among {sorted(metrics)}", f"the task must report one of {QUALITY_METRICS}")
+
+
+def quality_range(task_name: str) -> tuple[float, float]:
+    """The range of a task's quality metric (predictions are clipped to it): cosine fidelity for embeddings,
+    a fraction otherwise."""
+    return QUALITY_RANGES["fidelity_mean"] if task_name == "embedding" else QUALITY_RANGES["accuracy"]
 
 
 def _param_axes(net: SuperNet) -> dict[str, tuple[int, list[tuple[str, int]]]]:

@@ -1,11 +1,13 @@
-"""Executors: where candidate evaluations run. One interface (``map`` a top-level function over items, and
-``on_target`` for latency measurements, which must run on the target machine's workers): a local process
-pool (default; ``workers=1`` runs in this process) and Ray (optional extra ``modelpress[ray]``) to spread
-the evaluations over a cluster. No home-made cluster code."""
+"""Executors: where candidate evaluations run. One interface (``share`` an object with the workers once,
+``map`` a top-level function over items with the shared objects, and ``on_target`` for latency measurements,
+which must run on the target machine's workers): a local process pool (default; ``workers=1`` runs in this
+process) and Ray (optional extra ``modelpress[ray]``; shared objects go through its object store) to spread
+the evaluations over a cluster. No home-made cluster code, no shared filesystem."""
 
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +20,29 @@ CONNECT_TIMEOUT_S = 2.0
 _ADDRESS_HINT = "give --ray-address HOST:PORT or ray://HOST:PORT of a running cluster (ray status), or use --executor local"
 
 
+class Shared:
+    """A handle to an object shared with the workers once (``Executor.share``), passed to ``map`` and
+    ``on_target`` beside the items; the worker function gets the object itself."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+_INSTALLED: dict[str, Any] = {}  # a local pool process's shared objects (set by its initializer)
+
+
+def _install(shared: dict[str, Any]) -> None:
+    _INSTALLED.update(shared)
+
+
+def _call(job: tuple[Callable[..., Any], Any, list[str]]) -> Any:
+    fn, item, keys = job
+    return fn(item, *[_INSTALLED[k] for k in keys])
+
+
 class LocalExecutor:
-    """``workers`` processes (spawned, each rebuilding the evaluator from the run folder); 1: this process."""
+    """``workers`` processes (spawned; the shared objects are installed once per process by the pool's
+    initializer); 1: this process."""
 
     name = "local"
 
@@ -28,30 +51,47 @@ class LocalExecutor:
             raise ModelpressError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         self._pool: Any = None
+        self._shared: dict[str, Any] = {}
 
-    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    def share(self, obj: Any) -> Shared:
+        key = uuid.uuid4().hex
+        self._shared[key] = obj
+        self._close_pool()  # a pool started before knows nothing of it
+        return Shared(key)
+
+    def map(self, fn: Callable[..., Any], items: list[Any], *shared: Shared) -> list[Any]:
         if self.workers == 1 or len(items) <= 1:
-            return [fn(i) for i in items]
+            objs = [self._shared[s.key] for s in shared]
+            return [fn(i, *objs) for i in items]
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return list(self._pool.map(fn, items))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_install, initargs=(self._shared,))
+        keys = [s.key for s in shared]
+        return list(self._pool.map(_call, [(fn, i, keys) for i in items]))
 
-    def on_target(self, fn: Callable[[Any], Any], item: Any) -> Any:
-        return fn(item)
+    def on_target(self, fn: Callable[..., Any], item: Any, *shared: Shared) -> Any:
+        return fn(item, *[self._shared[s.key] for s in shared])
 
-    def close(self) -> None:
+    def _close_pool(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
 
+    def close(self) -> None:
+        self._close_pool()
+        self._shared.clear()
+
 
 class RayExecutor:
-    """Evaluations as Ray tasks. ``address``: an existing cluster (``ray://...`` or ``auto``); None starts a
-    local runtime. ``target_resource``: a custom Ray resource only the target machine's nodes offer
-    (``ray start --resources='{"ort-cpu": 1}'``); latency measurements ask for it, so they run there."""
+    """Evaluations as Ray tasks; what they share (the super-network, the data, the baselines' ONNX bytes) goes
+    through Ray's object store (``share`` = ``ray.put``), never through a path: workers need no shared disk.
+    ``address``: an existing cluster (``ray://...`` or ``auto``); None starts a local runtime (an already
+    initialized Ray is used as it is). ``target_resource``: a custom Ray resource only the target machine's
+    nodes offer (``ray start --resources='{"ort-cpu": 1}'``); latency measurements ask for it, so they run
+    there."""
 
     name = "ray"
 
@@ -74,15 +114,18 @@ class RayExecutor:
         else:
             self._started = False
 
-    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-        remote = self._ray.remote(num_cpus=1)(fn)
-        return self._ray.get([remote.remote(i) for i in items])
+    def share(self, obj: Any) -> Any:
+        return self._ray.put(obj)
 
-    def on_target(self, fn: Callable[[Any], Any], item: Any) -> Any:
+    def map(self, fn: Callable[..., Any], items: list[Any], *shared: Any) -> list[Any]:
+        remote = self._ray.remote(num_cpus=1)(fn)
+        return self._ray.get([remote.remote(i, *shared) for i in items])  # top-level refs: resolved by Ray
+
+    def on_target(self, fn: Callable[..., Any], item: Any, *shared: Any) -> Any:
         opts: dict[str, Any] = {"num_cpus": 1}
         if self.target_resource:
             opts["resources"] = {self.target_resource: 1}
-        return self._ray.get(self._ray.remote(**opts)(fn).remote(item))
+        return self._ray.get(self._ray.remote(**opts)(fn).remote(item, *shared))
 
     def close(self) -> None:
         if self._started and self._ray.is_initialized():

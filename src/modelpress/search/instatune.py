@@ -1,8 +1,12 @@
 """Super-network fine-tuning (InstaTune, BigNAS's sandwich rule) through the shared training loop.
 
-Each step runs, on one batch, the largest sub-network, the smallest and ``n_random`` random ones. The largest
-distils from the frozen pretrained model (label-free; the task's labels are mixed in by ``label_weight``
-when there are some); every other one distils *in place* from the largest's current output (detached).
+Each step runs, on one batch, the largest sub-network, the smallest (its widths at their lowest, and its blocks
+skipped where the space allows it) and ``n_random`` random ones, each once. The largest distils from the frozen
+pretrained model, run in eval mode (label-free; the task's labels are mixed in by ``label_weight`` when there
+are some); every other one distils *in place* from the largest's output of the same step (detached). The
+super-network trains without dropout, so those in-place targets carry no dropout noise. The budget is the
+TrainConfig's (``steps`` and/or ``seconds``), with its checkpoints; the sub-network ordering is nested
+(MatFormer-style: every sub-network takes the leading units of each group, ordered by saliency).
 The loop is :func:`modelpress.train.train` (AdamW, schedule, checkpoints, resume, progress, seed): the student
 is a module that runs the sandwich and concatenates the outputs along the batch, the teacher one that
 concatenates the targets, and the task's loss is summed over the chunks. The random draws come from a
@@ -26,18 +30,20 @@ from modelpress.train import TrainConfig, TrainResult, train
 
 
 class _SandwichStudent(nn.Module):
-    """Runs the sandwich of sub-networks inside the super-network; outputs concatenated along the batch."""
+    """Runs the sandwich inside the super-network, each sub-network once per step (the largest first, its output
+    also the others' in-place target); outputs concatenated along the batch."""
 
     def __init__(self, net: SuperNet, n_random: int, seed: int) -> None:
         super().__init__()
         self.net_module = net.graph.module  # registered: its parameters are what the loop trains
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self._net, self.n_random, self.seed = net, n_random, seed
+        self._smallest = net.space.smallest(skip=True)
 
     def configs(self, draw: int) -> list[dict[str, Any]]:
         space = self._net.space
         rng = np.random.default_rng([self.seed, draw])
-        return [space.largest(), space.smallest()] + [space.random(rng) for _ in range(self.n_random)]
+        return [space.largest(), self._smallest] + [space.random(rng) for _ in range(self.n_random)]
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         configs = self.configs(int(self.draws))
@@ -48,21 +54,19 @@ class _SandwichStudent(nn.Module):
 
 
 class _SandwichTeacher(nn.Module):
-    """The targets: the pretrained model's output for the largest, the largest's (detached) for the rest."""
+    """The frozen original model (run in eval mode by the loop): the largest sub-network's target."""
 
-    def __init__(self, original: nn.Module, net: SuperNet, names: list[str], n_others: int) -> None:
+    def __init__(self, original: nn.Module, names: list[str]) -> None:
         super().__init__()
-        self.original = original
-        self._net, self.names, self.n_others = net, names, n_others  # the super-network: not a submodule
+        self.original, self.names = original, names
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        ref = primary_output(call_module(self.original, inputs, self.names))
-        largest = self._net.masked_module_call(self._net.space.largest(), inputs).detach()
-        return torch.cat([ref] + [largest] * self.n_others, dim=0)
+        return primary_output(call_module(self.original, inputs, self.names))
 
 
 class _SandwichTask:
-    """The task's loss summed over the sandwich's chunks (everything else delegated to the task)."""
+    """The task's loss summed over the sandwich's chunks: the largest against the frozen original, every other
+    sub-network against the largest's output of the same step, detached (in-place distillation)."""
 
     def __init__(self, task: Any, n: int) -> None:
         self.task, self.n = task, n
@@ -71,10 +75,11 @@ class _SandwichTask:
     def loss(self, student: torch.Tensor, teacher: torch.Tensor | None, batch: dict[str, torch.Tensor],
              **kw: Any) -> torch.Tensor:
         s_chunks = student.chunk(self.n, dim=0)
-        t_chunks = teacher.chunk(self.n, dim=0) if teacher is not None else [None] * self.n
+        largest = s_chunks[0].detach()
         total = s_chunks[0].new_zeros(())
-        for i, (s, t) in enumerate(zip(s_chunks, t_chunks, strict=True)):
-            # only the largest sees the labels; the others learn from the largest alone
+        for i, s in enumerate(s_chunks):
+            # only the largest sees the labels and the original; the others learn from the largest alone
+            t = teacher if i == 0 else largest
             args = dict(kw) if i == 0 else {**kw, "label_weight": 0.0}
             total = total + self.task.loss(s, t, batch, **args)
         return total / self.n
@@ -107,7 +112,9 @@ def finetune_supernet(
     for p in original.parameters():
         p.requires_grad_(False)
     student = _SandwichStudent(net, n_random, config.seed)
-    teacher = _SandwichTeacher(original, net, names, 1 + n_random)
+    teacher = _SandwichTeacher(original, names)
     sandwich = _SandwichTask(task, 2 + n_random)
+    # no dropout: the largest's output, computed once per step, is a clean in-place target for the others
+    config = config.model_copy(update={"dropout": False})
     return train(student, data, task=sandwich, teacher=teacher, config=config, reporter=reporter,
                  input_names=names, resume=resume)

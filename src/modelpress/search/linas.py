@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ class Problem:
     maximize: list[str]
     cheap: Callable[[Config], dict[str, float]]
     cheap_objectives: list[str]
-    encode: Callable[[Config], np.ndarray] | None = None
+    encode: Callable[[Config], np.ndarray]
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # predictions are clipped to them
 
     def vector(self, values: dict[str, float]) -> np.ndarray:
         return np.array([-values[o] if o in self.maximize else values[o] for o in self.objectives], dtype=float)
@@ -118,7 +119,7 @@ def predict(problem: Problem, predictors: dict[str, Predictor], rows: np.ndarray
     if not len(rows):
         return []
     feats = problem.features(rows)
-    values = {o: p.predict(feats) for o, p in predictors.items()}
+    values = {o: np.clip(p.predict(feats), *problem.ranges.get(o, (-np.inf, np.inf))) for o, p in predictors.items()}
     return [{o: float(v[i]) for o, v in values.items()} for i in range(len(feats))]
 
 
@@ -306,7 +307,8 @@ def run_linas(
             results = evaluate_batch(picks)
         for config, values, pred in zip(picks, results, predicted, strict=True):
             state["records"].append({
-                "config": config, "x": _encode(problem, config, lo, up), "objectives": values, "predicted": pred,
+                "config": config, "x": [int(v) for v in problem.encode(config)], "objectives": values,
+                "predicted": pred,
                 "batch": b,
             })
         taus = {}
@@ -334,9 +336,3 @@ def _spread(pop: list[np.ndarray], problem: Problem, want: int, seen: set[str]) 
     for row in fresh:
         seen.add(config_key(problem.decode(row)))
     return fresh
-
-
-def _encode(problem: Problem, config: Config, lo: np.ndarray, up: np.ndarray) -> list[int]:
-    if problem.encode is not None:
-        return [int(v) for v in problem.encode(config)]
-    return [int(v) for v in config["x"]]

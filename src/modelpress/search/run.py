@@ -1,14 +1,20 @@
-"""One search run, in a run folder that holds everything needed to resume it or to evaluate in a worker:
+"""One search run. The run folder lives on the driver only; it holds everything needed to resume the search
+or to extract a point:
 
-    RUN_DIR/search.json     the spec: model fingerprint, space, objectives, evaluation settings, data, seed
-    RUN_DIR/supernet/       the (re-ordered, optionally fine-tuned) super-network, saved without pickle
-    RUN_DIR/reference/      the original model when the super-network was fine-tuned (quality reference)
-    RUN_DIR/latency.json    the latency model (predicted latency)
-    RUN_DIR/baselines.json  full float, full INT8, uniform-width sub-networks
-    RUN_DIR/state.json      the LINAS state, written after every batch
+    RUN_DIR/search.json       the spec (SearchSpec), model fingerprint, space, evaluation settings: written once
+    RUN_DIR/supernet/         the (re-ordered, optionally fine-tuned) super-network, saved without pickle
+    RUN_DIR/reference/        the original model when the super-network was fine-tuned (quality reference)
+    RUN_DIR/data.pt           the calibration and evaluation tensors (reconstruction, quantization, scoring)
+    RUN_DIR/latency.json      the block latency model (predicted latency)
+    RUN_DIR/precision.json    the measured per-layer-kind, per-precision latency table (predicted latency)
+    RUN_DIR/baselines/        full float and full INT8 ONNX: every latency is timed interleaved with them
+    RUN_DIR/baselines.json    the anchors (full float, full INT8, smallest, uniform widths), evaluated once
+    RUN_DIR/measurements.json every latency measurement (speedups over full float and full INT8 per round)
+    RUN_DIR/costs.json        seconds per evaluated point (reconstruction among them)
+    RUN_DIR/state.json        the LINAS state, written after every batch
     RUN_DIR/pareto.csv|json|png   the outputs (modelpress.search.outputs)
 
-Workers (processes, Ray tasks) get the run folder's path and a config, and rebuild the evaluator from it once.
+Workers never see the folder: the executor shares its inputs once (modelpress.search.workers).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,21 +35,26 @@ from modelpress.errors import ModelpressError
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context
 from modelpress.progress import QUIET, Reporter
-from modelpress.search.evaluate import (
-    OBJECTIVES,
-    EvalSettings,
-    Evaluator,
-    check_latency_mode,
-    check_objectives,
-)
-from modelpress.search.executors import check_executor, make_executor
-from modelpress.search.linas import Problem, check_budget, run_linas
+from modelpress.search.evaluate import FAST_REPQ, OBJECTIVES, EvalSettings, Evaluator, quality_range
+from modelpress.search.executors import make_executor
+from modelpress.search.linas import Problem, run_linas
 from modelpress.search.outputs import write_outputs
 from modelpress.search.space import SearchSpace, config_key, dedupe
+from modelpress.search.spec import SearchSpec
 from modelpress.search.supernet import SuperNet
-from modelpress.search.workers import SPEC, evaluate_item, load_evaluator, measure_item
+from modelpress.search.workers import (
+    DATA,
+    SPEC,
+    baseline_bytes,
+    evaluate_item,
+    load_evaluator,
+    make_payload,
+    measure_item,
+    save_data,
+)
 
-__all__ = ["SPEC", "anchors", "load_evaluator", "model_fingerprint", "run_search"]
+__all__ = ["SPEC", "SearchSpec", "anchors", "load_evaluator", "model_fingerprint", "run_search"]
+
 
 def model_fingerprint(graph: ModelGraph) -> str:
     """The architecture and a digest of the weights of ``graph``."""
@@ -57,143 +69,222 @@ def model_fingerprint(graph: ModelGraph) -> str:
 # ---------------------------------------------------------------------------------------------------- run
 
 
-def run_search(
-    graph: ModelGraph,
-    ctx: Context,
-    run_dir: str | Path,
-    *,
-    objectives: list[str],
-    budget: int,
-    batch_size: int = 8,
-    data_spec: dict[str, Any],
-    executor: str = "local",
-    workers: int = 1,
-    ray_address: str | None = None,
-    target_resource: str | None = None,
-    resume: bool = False,
-    latency: str = "predicted",
-    space_options: dict[str, Any] | None = None,
-    saliency: str = "magnitude",
-    finetune: dict[str, Any] | None = None,
-    latency_table: Any = None,
-    latency_grid: str | None = None,
-    precision_config: dict[str, Any] | None = None,
-    int8_factor: float | None = None,
-    latency_batch: int | None = None,
-    latency_seq: int | None = None,
-    uniform: tuple[float, ...] = (0.25, 0.5, 0.75),
-    generations: int = 40,
-    pop_size: int = 48,
-    max_batches: int | None = None,
-    reporter: Reporter = QUIET,
-) -> dict[str, Any]:
-    """Search ``graph``'s sub-networks and precisions; returns the outputs' summary (see module docstring).
+def run_search(graph: ModelGraph, ctx: Context, run_dir: str | Path, spec: SearchSpec, *,
+               latency_table: Any = None, precision_table: Any = None, resume: bool = False,
+               max_batches: int | None = None, reporter: Reporter = QUIET) -> dict[str, Any]:
+    """Search ``graph``'s sub-networks and precisions as ``spec`` says; returns the outputs' summary.
 
-    ``ctx`` holds the task, the data (its evaluation split scores quality) and the target. ``data_spec``
-    says how workers reload that data (``load_data`` arguments). ``finetune``: TrainConfig fields for the
-    InstaTune fine-tuning (None: search the pretrained weights as they are). ``int8_factor``: the INT8/float
-    block-latency ratio of the latency model (default: measured once at the start, full INT8 against full
-    float, interleaved); fixing it makes predicted latency independent of the machine's load.
-    ``latency_batch`` / ``latency_seq``: the shape latency is measured at (default: the latency table's, else
-    batch 1 and the target's first sequence length); a small model wants a compute-bound batch.
+    ``ctx`` holds the task, the data (its calibration split reconstructs and calibrates, its evaluation split
+    scores quality) and the target. ``latency_table`` / ``precision_table``: prebuilt latency models for
+    predicted latency (default: measured here on the target). ``resume`` continues the search in ``run_dir``;
+    ``max_batches`` stops after that many LINAS batches in this call (the run stays resumable).
 
     The first batch measures the anchors first (full float, full INT8, the smallest sub-network and the
-    ``uniform`` widths in the lowest-latency precision), then random configs: the front never starts
-    behind the obvious baselines, and the predictors see the whole range. The anchors' values come from
-    the baselines evaluated before the loop (not evaluated twice); they count in the budget."""
+    uniform widths in the lowest-latency precision; evaluated once, before the loop), then random configs."""
     run = Path(run_dir)
-    check_objectives(objectives)
-    check_latency_mode(latency)
-    check_budget(budget, batch_size)  # before any work
-    check_executor(executor, ray_address)  # before any work: Ray installed, its address answering
+    spec.check()  # before any work: objectives, budget, executor (a dead Ray address fails in seconds)
     if ctx.task is None or ctx.data is None:
         raise ModelpressError("search needs a task and data to score quality on", "give --data")
-    space = SearchSpace.from_graph(graph, **(space_options or {}))
+    space = SearchSpace.from_graph(graph, **spec.space)
     key = getattr(latency_table, "key", None) or {}
-    if latency_batch is not None and (latency_batch < 1 or key.get("batch", latency_batch) != latency_batch):
-        raise ModelpressError(f"latency batch {latency_batch} does not fit"
-                              + (f" the latency table's batch {key['batch']}" if key else ""),
-                              "give a positive batch, the same as the latency table's")
-    settings = EvalSettings(objectives=list(objectives), latency=latency, int8_factor=int8_factor,
-                            batch=int(latency_batch or key.get("batch") or 1), seq=latency_seq or key.get("seq"))
-    if precision_config:
-        settings.precision_config = {**settings.precision_config, **precision_config}
-    fingerprint = {
-        "model": model_fingerprint(graph), "space": space.fingerprint(), "latency": latency,
-        "finetune": finetune or None, "saliency": saliency, "int8_factor": int8_factor,
-        "latency_shape": [settings.batch, settings.seq],
-    }
-    spec_path = run / SPEC
+    if spec.latency_batch is not None and key.get("batch", spec.latency_batch) != spec.latency_batch:
+        raise ModelpressError(f"latency batch {spec.latency_batch} does not fit the latency table's batch {key['batch']}",
+                              "give the same batch as the latency table's")
+    settings = EvalSettings(
+        objectives=list(spec.objectives), latency=spec.latency, reconstruct=spec.reconstruct, rounds=spec.rounds,
+        precision_config={**FAST_REPQ, **(spec.precision_config or {})},
+        batch=int(spec.latency_batch or key.get("batch") or 1), seq=spec.latency_seq or key.get("seq"))
+    fingerprint = {"model": model_fingerprint(graph), "space": space.fingerprint(), **spec.fingerprint(),
+                   "latency_shape": [settings.batch, settings.seq]}
     if resume:
-        if not spec_path.is_file():
+        if not (run / SPEC).is_file():
             raise ModelpressError(f"{run} holds no search to resume", "run without --resume first")
-        spec = json.loads(spec_path.read_text())
-        if spec.get("fingerprint") != fingerprint:
-            differ = sorted(k for k in fingerprint if spec.get("fingerprint", {}).get(k) != fingerprint[k])
+        saved = json.loads((run / SPEC).read_text()).get("fingerprint", {})
+        if saved != fingerprint:
+            differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
             raise ModelpressError(
                 f"{run} holds a search of another model or space (differs in: {', '.join(differ)})",
                 "resume with the same checkpoint and options, or give another -o",
             )
-        settings = EvalSettings(**spec["settings"])
+        if not (run / ".prepared").is_file():
+            raise ModelpressError(f"{run} was interrupted before its preparation finished", "delete it and start again")
     elif run.exists() and any(run.iterdir()):
         raise ModelpressError(f"{run} already holds files", "pass --resume to continue its search, or give another -o")
     # connect now: an address that answers but is no Ray cluster fails before any work or folder
-    ex = make_executor(executor, workers=workers, address=ray_address, target_resource=target_resource)
+    ex = make_executor(spec.executor, workers=spec.workers, address=spec.ray_address,
+                       target_resource=spec.target_resource)
     with contextlib.closing(ex):
         run.mkdir(parents=True, exist_ok=True)
-        target = ctx.target
-        if target is None:
+        if ctx.target is None:
             from modelpress.bench import get_target
 
-            target = ctx.target = get_target("ort-cpu")
-
+            ctx.target = get_target("ort-cpu")
         if not resume:
-            _prepare(graph, ctx, run, space, settings, saliency, finetune, latency_table, latency_grid, reporter)
-            spec = {
-                "fingerprint": fingerprint, "space": space.to_dict(), "settings": asdict(settings),
-                "task": ctx.task.name, "data": data_spec, "seed": ctx.seed,
-                "target": {"name": target.name, "threads": target.threads}, "model": graph.name,
-                "objectives": list(objectives),
-            }
-            write_json_atomic(spec_path, spec)
-            spec_path_ok = run / ".prepared"
-            spec_path_ok.write_text("ok")
-        elif not (run / ".prepared").is_file():
-            raise ModelpressError(f"{run} was interrupted before its preparation finished", "delete it and start again")
-        evaluator = load_evaluator(run)
-        baselines = _baselines(evaluator, run, ex, uniform, reporter)
-        base_ms = baselines.get("reference_ms")
+            _prepare(graph, ctx, run, space, spec, settings, latency_table, reporter)
+            write_json_atomic(run / SPEC, {
+                "fingerprint": fingerprint, "spec": spec.to_dict(), "space": space.to_dict(),
+                "settings": asdict(settings), "task": ctx.task.name, "seed": ctx.seed,
+                "target": {"name": ctx.target.name, "threads": ctx.target.threads}, "model": graph.name,
+            })
+            (run / ".prepared").write_text("ok")
+        ev = load_evaluator(run)
+        search = _Search(run, ev, ex, reporter, measure_points=settings.measured or spec.measure_front)
+        baselines = search.baselines(spec.uniform, precision_table)
         known = {config_key(p["config"]): p["objectives"] for p in baselines["points"].values()}
 
-        def evaluate_batch(configs: list[dict[str, Any]]) -> list[dict[str, float]]:
-            todo = [c for c in configs if config_key(c) not in known]
-            start = len(list((run / "candidates").glob("*.onnx"))) if (run / "candidates").is_dir() else 0
-            items = [(str(run), c, str(run / "candidates" / f"c{start + i:04d}.onnx")
-                      if evaluator.settings.quality_backend == "onnx" else None) for i, c in enumerate(todo)]
-            results = ex.map(evaluate_item, items) if items else []
-            # cheap objectives from this process's evaluator (it holds the measured INT8 factor)
-            values = [{**r["objectives"], **evaluator.cheap(c)} for r, c in zip(results, todo, strict=True)]
-            if todo and evaluator.settings.latency == "measured" and "latency" in objectives:
-                onnx = {str(i): r["onnx"] for i, r in enumerate(results)}
-                ms = ex.on_target(measure_item, (str(run), onnx, base_ms))
-                for i, v in enumerate(values):
-                    v["latency"] = ms[str(i)]
-            values_of = {**known, **{config_key(c): v for c, v in zip(todo, values, strict=True)}}
-            return [{k: float(values_of[config_key(c)][k]) for k in objectives} for c in configs]
-
-        space_ = evaluator.net.space
+        space_ = ev.net.space
         lo, up = space_.bounds()
+        ranges = {"quality": quality_range(ctx.task.name), "latency": (0.0, np.inf), "size": (0.0, np.inf)}
         problem = Problem(
-            lower=lo, upper=up, decode=space_.decode, objectives=list(objectives),
-            maximize=[o for o in objectives if OBJECTIVES[o] == "max"], cheap=evaluator.cheap,
-            cheap_objectives=[o for o in evaluator.cheap_objectives() if o in objectives], encode=space_.encode,
+            lower=lo, upper=up, decode=space_.decode, encode=space_.encode, objectives=list(spec.objectives),
+            maximize=[o for o in spec.objectives if OBJECTIVES[o] == "max"], cheap=ev.cheap,
+            cheap_objectives=[o for o in ev.cheap_objectives() if o in spec.objectives],
+            ranges={o: ranges[o] for o in spec.objectives},
         )
         state = run_linas(
-            problem, evaluate_batch, run / "state.json", budget=budget, batch_size=batch_size, seed=ctx.seed,
-            fingerprint=fingerprint, initial=list(anchors(space_, uniform).values()), pop_size=pop_size,
-            generations=generations, max_batches=max_batches, resume=resume, reporter=reporter,
+            problem, lambda configs: search.evaluate_batch(configs, known), run / "state.json", budget=spec.budget,
+            batch_size=spec.batch_size, seed=ctx.seed, fingerprint=fingerprint,
+            initial=list(anchors(space_, spec.uniform).values()), pop_size=spec.pop_size,
+            generations=spec.generations, max_batches=max_batches, resume=resume, reporter=reporter,
         )
-    return write_outputs(run, state, baselines, problem)
+        finished = len(state["records"]) >= spec.budget
+        if finished and settings.latency == "predicted" and "latency" in spec.objectives and spec.measure_front:
+            search.measure_front(state, baselines, problem)  # a stopped search's front is timed when it ends
+        return write_outputs(run, state, baselines, problem)
+
+
+class _Search:
+    """The driver's side of a run: evaluations through the executor, latency measurements on the target, and
+    what they cost, written into the run folder."""
+
+    def __init__(self, run: Path, ev: Evaluator, ex: Any, reporter: Reporter, *, measure_points: bool) -> None:
+        self.run, self.ev, self.ex, self.reporter = run, ev, ex, reporter
+        self.measure_points = measure_points  # False: a predicted-only search (no point is timed)
+        self.payload = ex.share(make_payload(run))
+        self.bases: Any = None
+        self.reference_ms: float | None = None
+        self.measurements = _load(run / "measurements.json", {})
+        self.costs = _load(run / "costs.json", [])
+
+    # ----- evaluation and measurement
+    def evaluate(self, configs: list[dict[str, Any]], *, want_onnx: bool = False) -> list[dict[str, Any]]:
+        """Worker evaluations of ``configs`` (quality; ONNX bytes when asked or timed) with their cost."""
+        t0 = time.perf_counter()
+        results = self.ex.map(evaluate_item, [(c, want_onnx) for c in configs], self.payload) if configs else []
+        seconds = (time.perf_counter() - t0) / max(len(configs), 1)
+        self.costs += [{"seconds": seconds, "reconstruct_s": r["reconstruct_s"], "reconstruct_kept": r["reconstruct_kept"],
+                        "worker": r["worker"]} for r in results]
+        write_json_atomic(self.run / "costs.json", self.costs)
+        return results
+
+    def measure(self, onnx: dict[str, bytes]) -> dict[str, dict[str, float]]:
+        """Latency of ONNX bytes on the target, interleaved with full float and full INT8 (recorded)."""
+        if not onnx:
+            return {}
+        out = self.ex.on_target(measure_item, (onnx, self.reference_ms), self.payload, self.bases)
+        return {n: out[n] for n in onnx}
+
+    def record(self, config: dict[str, Any], row: dict[str, Any]) -> None:
+        self.measurements[config_key(config)] = {k: row[k] for k in ("latency", "vs_float", "vs_int8",
+                                                                     "rounds_vs_float") if k in row}
+        write_json_atomic(self.run / "measurements.json", self.measurements)
+
+    def evaluate_batch(self, configs: list[dict[str, Any]], known: dict[str, dict[str, float]]
+                       ) -> list[dict[str, float]]:
+        """The LINAS batch: every objective of ``configs`` (anchors reuse their baseline values)."""
+        ev = self.ev
+        todo = [c for c in configs if config_key(c) not in known]
+        results = self.evaluate(todo)
+        values = [{**r["objectives"], **ev.cheap(c)} for r, c in zip(results, todo, strict=True)]
+        folder = self.run / "candidates"
+        for r in results:
+            if r["onnx"] is not None:  # kept on the driver: what was scored and timed
+                folder.mkdir(exist_ok=True)
+                (folder / f"c{len(list(folder.glob('*.onnx'))):04d}.onnx").write_bytes(r["onnx"])
+        if ev.settings.measured and todo:
+            ms = self.measure({str(i): r["onnx"] for i, r in enumerate(results)})
+            for i, (v, c) in enumerate(zip(values, todo, strict=True)):
+                v["latency"] = ms[str(i)]["latency"]
+                self.record(c, ms[str(i)])
+        values_of = {**known, **{config_key(c): v for c, v in zip(todo, values, strict=True)}}
+        return [{k: float(values_of[config_key(c)][k]) for k in ev.settings.objectives} for c in configs]
+
+    # ----- before the loop: baselines (and the precision table)
+    def baselines(self, uniform: tuple[float, ...], precision_table: Any) -> dict[str, Any]:
+        """The anchors evaluated once (full float, full INT8 when precision is searched, smallest, uniform
+        widths); the full float and INT8 ONNX files every latency is timed against; the precision table."""
+        ev, run = self.ev, self.run
+        timed = "latency" in ev.settings.objectives
+        path = run / "baselines.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            self.reference_ms = saved.get("reference_ms")
+            if timed:
+                self.bases = self.ex.share(baseline_bytes(run))
+            return saved
+        configs = anchors(ev.net.space, uniform)
+        out: dict[str, Any] = {"points": {}}
+        if timed:
+            for name in ("full-float", "full-int8"):
+                if name in configs:
+                    ev.export(configs[name], run / "baselines" / f"{name}.onnx")
+            self.bases = self.ex.share(baseline_bytes(run))
+        predicted = timed and ev.settings.latency == "predicted"
+        if predicted and any(p != "float" for p in ev.net.space.precisions):
+            ev.precision_table = precision_table or self._precision_table()
+            write_json_atomic(run / "precision.json", ev.precision_table.to_dict())
+        timed = timed and self.measure_points
+        with self.reporter.step(f"evaluating {len(configs)} baselines"):
+            results = self.evaluate(list(configs.values()), want_onnx=timed)
+        values = {n: {**r["objectives"], **ev.cheap(configs[n])} for n, r in zip(configs, results, strict=True)}
+        if timed:
+            ms = self.measure({n: r["onnx"] for n, r in zip(configs, results, strict=True)})
+            self.reference_ms = out["reference_ms"] = ms["full-float"]["latency"]
+            for n in values:
+                row = {**ms[n], "latency": self.reference_ms / ms[n]["vs_float"]}
+                self.record(configs[n], row)
+                out["points"].setdefault(n, {})["measured"] = {k: row[k] for k in ("latency", "vs_float", "vs_int8")
+                                                              if k in row}
+                if ev.settings.measured:
+                    values[n]["latency"] = row["latency"]
+        for n, c in configs.items():
+            out["points"].setdefault(n, {}).update(
+                {"config": c, "objectives": {k: float(values[n][k]) for k in ev.settings.objectives}})
+        write_json_atomic(path, out)
+        return out
+
+    def _precision_table(self) -> Any:
+        from modelpress.search.precision import build_precision_table
+
+        ev = self.ev
+        with self.reporter.step("measuring the per-layer precision table on the target"):
+            return build_precision_table(
+                ev.net.space, lambda c, p: ev.export(c, p), self.run / "precision",
+                lambda files: self.measure({n: Path(p).read_bytes() for n, p in files.items()}),
+                {"batch": ev.settings.batch, "seq": ev.settings.seq, "rounds": ev.settings.rounds,
+                 "interleaved_with": ["full-float", "full-int8"]})
+
+    # ----- after the loop (predicted latency): the front measured
+    def measure_front(self, state: dict[str, Any], baselines: dict[str, Any], problem: Problem) -> None:
+        """Time the predicted front's points (and the anchors not timed yet) on the target, interleaved with
+        full float and full INT8; their measurements go to measurements.json, read by the outputs."""
+        from modelpress.search.linas import pareto_mask
+
+        records = state["records"]
+        pts = np.array([problem.vector(r["objectives"]) for r in records])
+        front = [records[i]["config"] for i in np.flatnonzero(pareto_mask(pts))]
+        todo = [c for c in dedupe(front, set()) if config_key(c) not in self.measurements]
+        if not todo:
+            return
+        with self.reporter.step(f"measuring the {len(todo)} points of the predicted front on the target"):
+            results = self.evaluate(todo, want_onnx=True)
+            ms = self.measure({str(i): r["onnx"] for i, r in enumerate(results)})
+        for i, c in enumerate(todo):
+            self.record(c, ms[str(i)])
+
+
+def _load(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
 
 
 def anchors(space: SearchSpace, uniform: tuple[float, ...]) -> dict[str, dict[str, Any]]:
@@ -209,26 +300,26 @@ def anchors(space: SearchSpace, uniform: tuple[float, ...]) -> dict[str, dict[st
     return {n: c for n, c in named.items() if c is not None and dedupe([c], seen)}
 
 
-def _prepare(graph: ModelGraph, ctx: Context, run: Path, space: SearchSpace, settings: EvalSettings,
-             saliency: str, finetune: dict[str, Any] | None, latency_table: Any, latency_grid: str | None,
-             reporter: Reporter) -> None:
-    """Build and save the super-network (and the reference and latency model) into ``run``."""
+def _prepare(graph: ModelGraph, ctx: Context, run: Path, space: SearchSpace, spec: SearchSpec,
+             settings: EvalSettings, latency_table: Any, reporter: Reporter) -> None:
+    """Build and save the super-network (and the reference, the data and the latency model) into ``run``."""
     from modelpress.models.saving import save
 
-    net = SuperNet.from_graph(graph, space, saliency=saliency, data=ctx.calibration, task=ctx.task,
+    net = SuperNet.from_graph(graph, space, saliency=spec.saliency, data=ctx.calibration, task=ctx.task,
                               seed=ctx.seed, reporter=reporter)
-    if finetune:
+    if spec.finetune:
         from modelpress.search.instatune import finetune_supernet
         from modelpress.train import TrainConfig
 
-        n_random = int(finetune.get("n_random", 2))
-        cfg = TrainConfig(**{k: v for k, v in finetune.items() if k != "n_random"},
+        n_random = int(spec.finetune.get("n_random", 2))
+        cfg = TrainConfig(**{k: v for k, v in spec.finetune.items() if k != "n_random"},
                           checkpoint_dir=run / "checkpoints" / "instatune")
         with reporter.step("InstaTune: fine-tuning the super-network (sandwich rule)"):
             finetune_supernet(net, ctx.data, task=ctx.task, config=cfg, n_random=n_random,
                               reference=graph.copy().module, resume=True, reporter=reporter)
         _replace(run / "reference", lambda p: save(graph, p))
     _replace(run / "supernet", lambda p: save(net.graph, p))
+    save_data(ctx.data, run / DATA)
     if "latency" in settings.objectives and settings.latency == "predicted":
         table = latency_table
         if table is None:
@@ -236,7 +327,7 @@ def _prepare(graph: ModelGraph, ctx: Context, run: Path, space: SearchSpace, set
 
             with reporter.step("latency model: measuring the block table on the target"):
                 table = build_latency_table(graph, ctx.target, batch=settings.batch, seq=settings.seq,
-                                            grid=latency_grid, reporter=reporter)
+                                            grid=spec.latency_grid, reporter=reporter)
         table.save(run / "latency.json")
 
 
@@ -244,54 +335,3 @@ def _replace(path: Path, write: Any) -> None:
     if path.exists():
         shutil.rmtree(path)
     write(path)
-
-
-def _baselines(evaluator: Evaluator, run: Path, ex: Any, uniform: tuple[float, ...],
-               reporter: Reporter) -> dict[str, Any]:
-    """The anchors (full float, full INT8 when precision is searched, smallest, uniform widths), evaluated once;
-    with precision and predicted latency, the INT8/float latency factor is measured here (interleaved)."""
-    path = run / "baselines.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("int8_factor") is not None:
-            evaluator.settings.int8_factor = saved["int8_factor"]
-        return saved
-    configs = anchors(evaluator.net.space, uniform)
-    out: dict[str, Any] = {"points": {}}
-    folder = run / "baselines"
-    folder.mkdir(exist_ok=True)
-    measured = evaluator.settings.latency == "measured" and "latency" in evaluator.settings.objectives
-    need_files = measured or "full-int8" in configs
-    onnx: dict[str, str] = {}
-    if need_files:
-        for name in ("full-float", "full-int8"):
-            if name in configs:
-                graph, exporter = evaluator.build(configs[name])
-                onnx[name] = str(evaluator.ctx.export(graph, folder / f"{name}.onnx", exporter=exporter).path)
-    if "full-int8" in onnx and evaluator.settings.int8_factor is not None:
-        out["int8_factor"] = evaluator.settings.int8_factor
-    elif "full-int8" in onnx:
-        with reporter.step("measuring full INT8 against full float (the precision factor of the latency model)"):
-            ms = ex.on_target(measure_item, (str(run), {"full-int8": onnx["full-int8"]}, None))
-        out["int8_factor"] = ms["full-int8"] / ms["__baseline__"]
-        out["reference_ms"] = ms["__baseline__"]
-        evaluator.settings.int8_factor = out["int8_factor"]
-        spec = json.loads((run / SPEC).read_text())  # workers started later read the factor from the spec
-        spec["settings"]["int8_factor"] = out["int8_factor"]
-        write_json_atomic(run / SPEC, spec)
-    with reporter.step(f"evaluating {len(configs)} baselines"):
-        items = [(str(run), c, str(folder / f"{n}.onnx") if evaluator.settings.quality_backend == "onnx" else None)
-                 for n, c in configs.items()]
-        results = ex.map(evaluate_item, items)
-    objectives = evaluator.settings.objectives
-    values = {n: {**r["objectives"], **evaluator.cheap(configs[n])} for n, r in zip(configs, results, strict=True)}
-    if measured:
-        ms = ex.on_target(measure_item, (str(run), {n: r["onnx"] for n, r in zip(configs, results, strict=True)},
-                                         out.get("reference_ms")))
-        out.setdefault("reference_ms", ms["__baseline__"])  # the reference: full float, timed with the baselines
-        for n in values:
-            values[n]["latency"] = ms[n]
-    for n, c in configs.items():
-        out["points"][n] = {"config": c, "objectives": {k: float(values[n][k]) for k in objectives}}
-    write_json_atomic(path, out)
-    return out

@@ -197,8 +197,20 @@ class SearchSpace:
     def largest(self, precision: str = "float") -> dict[str, Any]:
         return self._uniform(lambda choices: len(choices) - 1, precision)
 
-    def smallest(self, precision: str = "float") -> dict[str, Any]:
-        return self._uniform(lambda choices: 0, precision)
+    def smallest(self, precision: str = "float", *, skip: bool = False) -> dict[str, Any]:
+        """Every width at its lowest choice; with ``skip``, every skippable block skipped too (decoding keeps
+        one block per container, and one in all)."""
+        config = self._uniform(lambda choices: 0, precision)
+        if not skip:
+            return config
+        x = self.encode(config)
+        i = 0
+        for b in self.blocks:  # the keep genes, in gene order
+            i += bool(b.heads) + bool(b.mlp) + bool(b.head_dim)
+            if b.skippable:
+                x[i] = 0
+                i += 1
+        return self.decode(x)
 
     def uniform(self, fraction: float, precision: str = "float") -> dict[str, Any]:
         """Every block at the choice nearest ``fraction`` of its full width, all blocks kept."""
