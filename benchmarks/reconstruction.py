@@ -1,0 +1,93 @@
+"""Reconstruction settings on the pretrained all-MiniLM-L6-v2 (issue 20): one hessian-pruned model, refit
+several ways, held-out fidelity of each.
+
+MiniLM is pruned once by ``prune.global`` (hessian, 0.5x of its predicted latency: ORT CPU, batch 1, sequence
+128, 2 threads; one iteration, no reconstruction, no training), then each setting refits a copy with
+``modelpress.reconstruct.reconstruct_graph``: ``SAMPLES:MODE:TARGET`` with SAMPLES train-split sentences added
+to the 64 calibration sentences, MODE ``weights`` or ``scales`` and TARGET ``stream`` or ``layer``. Fidelity is
+the EmbeddingTask's mean/min cosine on 200 held-out packaged sentences (torch). Writes
+benchmarks/results/reconstruction.json.
+
+    python benchmarks/reconstruction.py                                  # the default settings
+    python benchmarks/reconstruction.py 0:weights:layer 512:weights:stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import RESULTS  # noqa: E402
+
+DEFAULT = ("0:weights:layer", "0:weights:stream", "0:scales:layer", "0:scales:stream", "512:weights:stream")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("settings", nargs="*", default=list(DEFAULT))
+    parser.add_argument("--out", type=Path, default=RESULTS / "reconstruction.json")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import modelpress
+    from modelpress.bench import build_latency_table, get_target
+    from modelpress.data import EmbeddingTask, load_data
+    from modelpress.passes import Context, registered_passes
+    from modelpress.progress import Reporter
+    from modelpress.reconstruct import reconstruct_graph
+    from modelpress.system import load_average
+
+    target = get_target("ort-cpu", 2)
+    original = modelpress.load()
+    data = load_data(None, original.input_spec, original.tokenizer, n_evaluation=200, max_length=128)
+    table = build_latency_table(original, target, batch=1, seq=128)
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"modelpress-recon-bench-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Context(workdir=work, task=EmbeddingTask(), data=data, target=target, reference=original, seed=args.seed,
+                  reporter=Reporter(quiet=True), latency_model=table)
+
+    def fidelity(graph) -> dict:  # noqa: ANN001
+        m = ctx.evaluate(graph, torch_only=True).metrics
+        return {k: round(float(m[k]), 4) for k in ("fidelity_mean", "fidelity_min", "spearman") if k in m}
+
+    config = {"saliency": "hessian", "target": "latency", "ratio": 0.5, "iterations": 1, "batches": 16,
+              "measure": False}
+    pruned = registered_passes()["prune.global"](config).apply(original, ctx).graph
+    out = {"model": "sentence-transformers/all-MiniLM-L6-v2", "prune": config,
+           "predicted_speedup": table.predict(original) / table.predict(pruned), "load_before": load_average(),
+           "unrefit": fidelity(pruned), "settings": {}}
+    print("unrefit", out["unrefit"], flush=True)
+    train = ctx.train
+    for setting in args.settings:
+        samples, mode, tgt = setting.split(":")
+        batches, extra = list(data.calibration.batches), 0
+        for b in train.batches:
+            if extra >= int(samples):
+                break
+            batches.append(b)
+            extra += len(next(iter(b.values())))
+        graph = pruned.copy()
+        t0 = time.perf_counter()
+        r = reconstruct_graph(original, graph, batches, mode=mode, residual=tgt == "stream")
+        out["settings"][setting] = {"train_samples": extra, "mode": mode, "target": tgt,
+                                    "seconds": round(time.perf_counter() - t0, 1), **fidelity(graph),
+                                    "error_after_mean": r.get("error_after_mean")}
+        print(setting, out["settings"][setting], flush=True)
+    out["load_after"] = load_average()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
