@@ -149,7 +149,7 @@ def prune(
     target_macs: Annotated[float | None, typer.Option("--target-macs", help="keep this fraction of the MACs")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="score-remove rounds (global pruning)")] = 4,
     recover_steps: Annotated[int, typer.Option("--recover-steps", help="distillation steps after pruning (0: none)")] = 0,
-    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="refit the layers that read removed units to the original's outputs on the calibration data (least squares, before recovery)")] = False,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="refit the layers that read removed units to the original's outputs on the calibration data (least squares, before recovery)")] = True,
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
     trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
     input_shape: InputShape = None, token_file: TokenFile = None,

@@ -63,8 +63,10 @@ class GlobalConfig(PassConfig):
     measure: bool = True  # confirm a latency target with a real measurement on the Context's Target
     confirm_rounds: int = Field(2, ge=0)  # prune on while the measured latency misses the target (0: report only)
     # after each iteration's removals (before its recovery): refit the layers that read removed units to the
-    # input graph's outputs on the calibration split (modelpress.reconstruct); off until measured
-    reconstruct: bool = False
+    # input graph's outputs on the calibration split (modelpress.reconstruct). On by default: with no training,
+    # MiniLM at 0.5x latency kept 0.868 mean cosine against 0.707, the digits ViT at 75% fewer parameters 0.975
+    # accuracy against 0.775 (full 0.980), the digits CNN at half its channels 0.994 agreement against 0.220
+    reconstruct: bool = True
     reconstruct_damp: float = Field(DEFAULT_DAMP, ge=0.0)
     # "scales": one scale per kept input column (Kwon et al.'s mask tuning); "weights": every kept weight
     reconstruct_mode: Literal["scales", "weights"] = "weights"

@@ -21,8 +21,8 @@ class MagnitudeConfig(PassConfig):
     min_units: int = Field(1, ge=1)
     allow_output_change: bool = False
     # refit the layers that read removed units to the original's outputs on the calibration split
-    # (modelpress.reconstruct: sequential least squares with bias compensation); off until measured
-    reconstruct: bool = False
+    # (modelpress.reconstruct: sequential least squares with bias compensation); on by default (see prune.global)
+    reconstruct: bool = True
     reconstruct_damp: float = Field(DEFAULT_DAMP, ge=0.0)
     # "scales": one scale per kept input column (Kwon et al.'s mask tuning); "weights": every kept weight
     reconstruct_mode: Literal["scales", "weights"] = "weights"

@@ -39,7 +39,7 @@ class ClasswiseConfig(PassConfig):
     fusion_lr: float = Field(1e-2, gt=0)
     fusion_data: Literal["calibration", "train"] = "calibration"
     devices: list[dict[str, Any]] = Field(default_factory=list)  # name, memory_mb, target | latency_ms
-    reconstruct: bool = False  # prune.global's reconstruct: refit each sub-model's readers of removed units
+    reconstruct: bool = True  # prune.global's reconstruct: refit each sub-model's readers of removed units
 
     @field_validator("prune")
     @classmethod
