@@ -188,7 +188,7 @@ def export_weight_only(graph: Any, path: Path, ctx: Any, accuracy_level: int | s
         if getattr(ctx, "target", None) is not None and callable(measure):
             with step("timing MatMulNBits accuracy levels 0 (float) and 4 (int8) on the target"):
                 rep = measure({f"level{lv}": files[lv] for lv in good}, baseline=f"level{good[0]}")
-            speed = {lv: rep.speedup(f"level{lv}", 1, 128 if text else None) for lv in good}
+            speed = {lv: rep.speedup(f"level{lv}", 1) for lv in good}
             decision["speedup_vs_level0_batch1"] = speed
             chosen = max(good, key=lambda lv: speed.get(lv) or 0.0)
             decision["how"] = "measured on the target"
