@@ -111,6 +111,7 @@ def export_weight_only_onnx(model: torch.nn.Module, example: Any, path: Path, in
     from modelpress.quantize.qdq import export_qdq
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.onnx")
     with exporting():
         export_qdq(model, example, tmp, input_names=input_names, dynamic_axes=dynamic_axes, ort_fusion=False,
