@@ -211,3 +211,13 @@ def test_gptq_and_awq_beat_round_to_nearest_on_held_out_inputs():
             assert any(v.startswith("folded into transformer.h.0.ln_1") for v in result.awq.values())
     assert error["gptq"] < 0.8 * error["rtn"], error
     assert error["awq"] < error["rtn"], error
+
+
+def test_policy_keeps_layers_float_or_gives_them_eight_bits():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    result = quantize_weights(net, [], WeightOnlyConfig(method="rtn", policy={"0": "float", "2": 8}))
+    assert isinstance(net[0], torch.nn.Linear) and result.layers["0"] == "float"
+    assert net[2].bits == 8 and net[2].qweight.shape == (64, 2, 32) and net[3].bits == 4
+    with pytest.raises(ModelpressError, match="activation bits"):
+        quantize_weights(torch.nn.Sequential(torch.nn.Linear(64, 8)), [], WeightOnlyConfig(policy={"0": "w4a8"}))

@@ -273,7 +273,9 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
             raise ModelpressError(f"{key}: {getattr(cfg, key)!r} is not a choice", "use float or quantize")
     if cfg.awq_unfoldable not in ("mul", "skip"):
         raise ModelpressError(f"awq_unfoldable: {cfg.awq_unfoldable!r} is not a choice", "use mul or skip")
-    policy = Policy(cfg.policy, default=f"w{cfg.bits}")
+    # a bare number means weight bits here (activations always stay float)
+    rules = {k: (f"w{v}" if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in cfg.policy.items()}
+    policy = Policy(rules, default=f"w{cfg.bits}")
     head_mod = _hf_module(model, "get_output_embeddings")
     in_emb = _hf_module(model, "get_input_embeddings")
     head = _named(model, head_mod)
