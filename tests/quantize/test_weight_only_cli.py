@@ -35,10 +35,11 @@ def test_compress_int4_weight_only_recipe(tmp_path, capsys):
     assert p["mean_relative_output_error"] < p["mean_relative_output_error_rtn"]
     compressed = report["export"]["compressed"]
     assert compressed["kernels"]["MatMulNBits"] == 9  # 2 blocks x 4 layers + the head
+    assert p["layers"]["lm_head"].startswith("w8") and p["layers"]["transformer.h.0.mlp.c_fc"].startswith("w4")
     assert compressed["candidates"]["accuracy_level"]["chosen"] in (0, 4)
     assert report["after"]["parameters"] <= report["before"]["parameters"]
     assert report["quality"]["after"]["top1_agreement"] > 0.8
-    assert (out / "model.safetensors").stat().st_size < 0.35 * (ckpt / "model.safetensors").stat().st_size
+    assert (out / "model.safetensors").stat().st_size < 0.4 * (ckpt / "model.safetensors").stat().st_size
 
     g = modelpress.load(out)
     assert g.module.lm_head.qweight is g.module.transformer.wte.qweight

@@ -57,6 +57,7 @@ class WeightOnlyConfig:
     awq_grid: int = 20
     awq_unfoldable: str = "mul"
     head: str = "float"
+    head_bits: int | None = None  # the LM head's (and a tied embedding's) bits; None: ``bits`` or the policy's
     embeddings: str = "float"
     policy: dict[str, Any] = field(default_factory=dict)
 
@@ -294,8 +295,9 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
         if name == head and cfg.head == "float" or spec.w_bits is None:
             layers[name] = "float"
             continue
-        check_layout(spec.w_bits, cfg.block_size)
-        bits_of[name] = spec.w_bits
+        bits = cfg.head_bits if name == head and cfg.head_bits is not None else spec.w_bits
+        check_layout(bits, cfg.block_size)
+        bits_of[name] = bits
     tag = f"g{cfg.block_size} {'sym' if cfg.symmetric else 'asym'}"
 
     # embeddings first (round to nearest): every block is then calibrated on what inference will embed
@@ -308,18 +310,26 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
         if not quantize_it:
             layers[name] = "float"
             continue
-        packed = _packed_embedding(m, cfg.bits, cfg)
+        # the policy may give the table (or, tied, the head) other bits, e.g. {"lm_head": 8}, or keep it float
+        ebits = policy.spec(head if tied and m is in_emb else name).w_bits
+        if tied and m is in_emb and cfg.head_bits is not None:
+            ebits = cfg.head_bits
+        if ebits is None:
+            layers[name] = "float"
+            continue
+        check_layout(ebits, cfg.block_size)
+        packed = _packed_embedding(m, ebits, cfg)
         _set_submodule(model, name, packed)
-        layers[name] = f"w{cfg.bits} {tag}"
+        layers[name] = f"w{ebits} {tag}"
         if tied and m is in_emb:
-            lin = WeightOnlyLinear(m.embedding_dim, m.num_embeddings, cfg.bits, cfg.block_size, cfg.symmetric,
+            lin = WeightOnlyLinear(m.embedding_dim, m.num_embeddings, ebits, cfg.block_size, cfg.symmetric,
                                    bias=head_mod.bias is not None)
             lin.share_from(packed)
             if head_mod.bias is not None:
                 lin.bias = nn.Parameter(head_mod.bias.detach().clone())
             _set_submodule(model, head, lin)
             bits_of.pop(head, None)
-            layers[head] = f"w{cfg.bits} {tag} (one tensor with {emb_name})"
+            layers[head] = f"w{ebits} {tag} (one tensor with {emb_name})"
             tied_info["quantized_once"] = True
 
     stages: list[tuple[list[str], str | None]] = []
