@@ -35,12 +35,18 @@ class StateCodec:
     """How a method saves module state that the float architecture does not have (fake-quant wrappers,
     their quantizers and reparameterization buffers): ``detect(module)`` says whether the module carries
     it, ``describe(module)`` returns JSON, ``rebuild(module, description)`` puts it back on a fresh
-    float module before the weights are loaded. Methods register theirs from their plugin module."""
+    float module before the weights are loaded. Methods register theirs from their plugin module.
+
+    Optional ``encode(module, state) -> state`` rewrites the tensors written (e.g. quantized weights as packed
+    integer codes) and ``decode(module, weights) -> weights`` turns them back into the module's state after
+    ``rebuild``."""
 
     name: str
     detect: Callable[[torch.nn.Module], bool]
     describe: Callable[[torch.nn.Module], Any]
     rebuild: Callable[[torch.nn.Module, Any], None]
+    encode: Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    decode: Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 STATE_CODECS: dict[str, StateCodec] = {}
@@ -52,11 +58,13 @@ def register_state_codec(
     detect: Callable[[torch.nn.Module], bool],
     describe: Callable[[torch.nn.Module], Any],
     rebuild: Callable[[torch.nn.Module, Any], None],
+    encode: Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    decode: Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Make saved models carry (and reload) the state ``name`` (a key of modelpress.json)."""
     if name in _SPEC_KEYS:
         raise ValueError(f"{name!r} is a reserved key of {SPEC_FILE}")
-    STATE_CODECS[name] = StateCodec(name, detect, describe, rebuild)
+    STATE_CODECS[name] = StateCodec(name, detect, describe, rebuild, encode, decode)
 
 
 def _codecs() -> dict[str, StateCodec]:
@@ -196,6 +204,12 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         for name, t in graph.module.state_dict().items()
         if name not in state and t.data_ptr() in seen
     }
+    targets = set(aliases.values())
+    for codec in _codecs().values():
+        if codec.encode is not None and codec.detect(graph.module):
+            # an alias target stays as it is: its aliases load the same tensor
+            kept = {k: v for k, v in state.items() if k in targets}
+            state = {**codec.encode(graph.module, {k: v for k, v in state.items() if k not in targets}), **kept}
     save_file(state, str(folder / WEIGHTS_FILE))
     spec = {
         "format_version": FORMAT_VERSION,
@@ -247,6 +261,8 @@ def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Mode
     for name, codec in _codecs().items():
         if spec.get(name):
             codec.rebuild(module, spec[name])
+            if codec.decode is not None:
+                weights = codec.decode(module, weights)
             _fit_shapes(module, weights)
     for alias, name in spec.get("aliases", {}).items():
         weights[alias] = weights[name]

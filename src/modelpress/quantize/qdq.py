@@ -67,6 +67,7 @@ def export_qdq(
     channel_quantize: bool = False,
     ort_fusion: bool = True,
     log_form: str = "uniform",
+    custom_opsets: dict[str, int] | None = None,
 ) -> Path:
     """Export the fake-quant ``model`` to a QDQ ONNX file at ``path`` (one output: the primary output).
 
@@ -77,6 +78,7 @@ def export_qdq(
     False keeps a plain standard QDQ graph (for other runtimes, e.g. TensorRT). ``log_form``: how log2 /
     log-sqrt2 attention-probability quantizers export, which ONNX cannot express as QDQ ("uniform": 8-bit
     QDQ, integer kernels; "simulate": exact levels in float ops; see ``quantizers.LOG_FORMS``).
+    ``custom_opsets``: contrib domains the traced graph uses (``{"com.microsoft": 1}`` for MatMulNBits).
     """
     from modelpress.quantize.quantizers import export_mode
 
@@ -112,6 +114,7 @@ def export_qdq(
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
+                custom_opsets=custom_opsets,
             )
     finally:
         for cfg, impl in changed:

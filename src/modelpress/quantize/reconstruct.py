@@ -19,7 +19,7 @@ quantizer, whose scales stay fixed: do not re-calibrate weights afterwards). H i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -47,14 +47,23 @@ def gptq_weight(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    column_quant: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """GPTQ on one Linear weight [out, in] given H [in, in]; returns the quantized (dequantized) weight."""
-    if not quantizer.symmetric:
+    """GPTQ on one Linear weight [out, in] given H [in, in]; returns the quantized (dequantized) weight.
+
+    ``column_quant(column [out, 1], input index)``, when given, replaces the quantizer's per-row grid (e.g. a
+    grid per block of input columns, fixed before the loop so that act-order keeps one grid per block);
+    ``quantizer`` is then unused."""
+    if column_quant is None and not quantizer.symmetric:
         raise ValueError("GPTQ here expects symmetric weight quantizers")
     w = weight.detach().double().clone()
     h = hessian.detach().double().clone()
     cols = w.shape[1]
-    scale = _row_scale(quantizer, w.shape[0])
+    if column_quant is None:
+        scale = _row_scale(quantizer, w.shape[0])
+
+        def column_quant(col: torch.Tensor, _: int) -> torch.Tensor:
+            return _grid_quant(col, scale, quantizer)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -73,7 +82,7 @@ def gptq_weight(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i : i + 1]
-            qcol = _grid_quant(col, scale, quantizer)
+            qcol = column_quant(col, int(perm[i1 + i]) if perm is not None else i1 + i)
             out[:, i1 + i] = qcol[:, 0]
             e = (col - qcol) / hinv1[i, i]
             w1[:, i:] -= e @ hinv1[i : i + 1, i:]
