@@ -119,6 +119,11 @@ def test_fused_decoder_exports_verifies_and_reloads(gpt2, tmp_path):
     g = modelpress.models.load_saved(tmp_path / "saved")
     assert g.module.config.n_layer == 2 and len(g.module.transformer.h) == 2
     assert [m.attn.layer_idx for m in g.module.transformer.h] == [0, 1]
+    prompt = _inputs()["input_ids"][:2, :6]
+    with torch.no_grad():  # the key-value cache of the renumbered layers: cached and uncached generation agree
+        cached = g.module.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = g.module.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached) and cached.shape == (2, 10)
     torch.testing.assert_close(g.forward(_inputs()), fused.forward(_inputs()), atol=1e-6, rtol=0)
     from modelpress.data import onnx_runner
 
@@ -144,8 +149,15 @@ def test_cli_fuse_blocks_on_the_digits_vit(zoo_vit, tmp_path, capsys):
                                atol=1e-4)
 
 
-def test_bad_target_is_a_short_error(gpt2, tmp_path):
+def test_bad_options_are_short_errors(gpt2, tmp_path, capsys):
     ckpt, _ = gpt2
     with pytest.raises(SystemExit) as exc:
         main(["prune", str(ckpt), "--method", "global", "--target-blocks", "0.25", "-o", str(tmp_path / "o")])
     assert exc.value.code != 0
+    assert "error: --target-blocks is for --method fuse-blocks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune", str(ckpt), "--method", "fuse-blocks", "--target-blocks", "0.25", "--importance", "nope",
+              "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "importance" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
