@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -64,7 +65,7 @@ class FuseBlocks(GraphPass):
         cfg = self.config
         out = graph.copy()
         blocks = [b for b in out.blocks if b.removable]
-        n_remove = max(1, round(cfg.target_blocks * len(out.blocks)))
+        n_remove = max(1, math.floor(cfg.target_blocks * len(out.blocks) + 0.5))  # half up: 0.25 of 6 -> 2
         if len(blocks) < 2 or n_remove >= len(out.blocks):
             raise ModelpressError(f"{graph.name} has {len(out.blocks)} blocks: removing {n_remove} leaves none",
                                   "lower target_blocks, or prune a model with more blocks")
