@@ -142,24 +142,39 @@ def compress(
 def prune(
     ckpt: Ckpt = None,
     ratio: Annotated[list[str] | None, typer.Option("--ratio", help="KIND=R for --method magnitude, e.g. mlp=0.5 head=0.25")] = None,
-    method: Annotated[str, typer.Option("--method", help="global (one ranking across kinds) | magnitude (fixed ratio per kind)")] = "",
+    method: Annotated[str, typer.Option("--method", help="global (one ranking across kinds) | magnitude (fixed ratio per kind) | fuse-blocks (FuseGPT block removal)")] = "",
     saliency: Annotated[str, typer.Option("--saliency", help="hessian | taylor | obd | magnitude (global pruning)")] = "hessian",
     target_latency: Annotated[float | None, typer.Option("--target-latency", help="keep this fraction of the latency on --target")] = None,
     target_params: Annotated[float | None, typer.Option("--target-params", help="keep this fraction of the parameters")] = None,
     target_macs: Annotated[float | None, typer.Option("--target-macs", help="keep this fraction of the MACs")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="score-remove rounds (global pruning)")] = 4,
+    target_blocks: Annotated[float | None, typer.Option("--target-blocks", help="fraction of the blocks to remove (--method fuse-blocks)")] = None,
+    importance: Annotated[str, typer.Option("--importance", help="mi | block-influence | kl (--method fuse-blocks)")] = "mi",
+    fusion: Annotated[str, typer.Option("--fusion", help="learned | merge | none (--method fuse-blocks)")] = "learned",
+    neighbours: Annotated[int, typer.Option("--neighbours", help="kept blocks each removed block is fused into (--method fuse-blocks)")] = 2,
+    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="group distillation steps per removed block (--method fuse-blocks)")] = 20,
     recover_steps: Annotated[int, typer.Option("--recover-steps", help="distillation steps after pruning (0: none)")] = 0,
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="refit the layers that read removed units to the original's outputs on the calibration data (least squares, before recovery)")] = True,
     data: Data = None, output: Out = None, overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False,
     trust_pickle: TrustPickle = False, target: TargetOpt = "ort-cpu", threads: Threads = None, seed: Seed = 0,
     input_shape: InputShape = None, token_file: TokenFile = None,
 ) -> None:
-    """Structured pruning: global (Hessian-aware, to a latency, parameter or MAC target) or magnitude."""
+    """Structured pruning: global (Hessian-aware, to a latency, parameter or MAC target), magnitude, or
+    fuse-blocks (FuseGPT: remove --target-blocks of the blocks, fusing each into its neighbours)."""
     from modelpress.compress.recipe import Recipe
 
     goals = {k: v for k, v in (("latency", target_latency), ("params", target_params), ("macs", target_macs)) if v is not None}
-    method = method or ("magnitude" if ratio else "global")
-    if method == "magnitude":
+    method = method or ("magnitude" if ratio else "fuse-blocks" if target_blocks is not None else "global")
+    if target_blocks is not None and method != "fuse-blocks":
+        raise ModelpressError("--target-blocks is for --method fuse-blocks", "add --method fuse-blocks")
+    if method == "fuse-blocks":
+        if goals or ratio:
+            raise ModelpressError("--method fuse-blocks removes whole blocks to --target-blocks",
+                                  "drop --ratio and --target-latency/params/macs")
+        passes: list[dict[str, Any]] = [{"pass": "prune.fuse_blocks", "target_blocks": 0.25 if target_blocks is None else target_blocks,
+                   "importance": importance, "fusion": fusion, "neighbours": neighbours,
+                   "finetune_steps": finetune_steps}]
+    elif method == "magnitude":
         if goals:
             raise ModelpressError("--method magnitude prunes fixed --ratio per kind", "drop --target-*, or use --method global")
         ratios: dict[str, float] = {}
@@ -169,7 +184,7 @@ def prune(
                 ratios[kind.strip()] = float(value)
             except ValueError as exc:
                 raise ModelpressError(f"--ratio {item!r} is not KIND=NUMBER", "e.g. --ratio mlp=0.5") from exc
-        passes: list[dict[str, Any]] = [{"pass": "prune.magnitude", "ratios": ratios, "reconstruct": reconstruct}]
+        passes = [{"pass": "prune.magnitude", "ratios": ratios, "reconstruct": reconstruct}]
     elif method == "global":
         if ratio:
             raise ModelpressError("--ratio is for --method magnitude", "give --target-latency, --target-params or --target-macs")
@@ -179,7 +194,7 @@ def prune(
         passes = [{"pass": "prune.global", "saliency": saliency, "target": kind, "ratio": value, "iterations": iterations,
                    "reconstruct": reconstruct}]
     else:
-        raise ModelpressError(f"unknown pruning method {method!r}", "use --method global or --method magnitude")
+        raise ModelpressError(f"unknown pruning method {method!r}", "use --method global, magnitude or fuse-blocks")
     if recover_steps > 0:
         passes.append({"pass": "recover", "steps": recover_steps})
     rec = Recipe.from_dict({"name": f"prune-{method}", "passes": passes}, "modelpress prune options")

@@ -1,0 +1,1 @@
+"""Block removal that recycles the removed block (FuseGPT): importance, fusion and the ``prune.fuse_blocks`` pass."""

@@ -1,0 +1,137 @@
+"""Block importance on calibration data: Macro Influence (FuseGPT), ShortGPT's Block Influence, one-shot KL.
+
+Every criterion scores the removable blocks of a :class:`~modelpress.graph.ModelGraph` (``graph.blocks``);
+a low score means the block is safe to remove. A block is removed for scoring by *bypassing* it (a forward
+hook makes it return its input hidden states), which is what deleting a residual block computes, without
+copying the model once per block.
+
+- **Macro Influence** (``mi``): the change of the model's output when the block is removed, measured with
+  the task's distillation loss (KL of the next-token / class distributions, the embedding task's fidelity
+  loss) against the model as it is now. The pass re-scores after every removal (the dynamic variant).
+- **Block Influence** (``block-influence``, ShortGPT): ``1 - cos(input, output)`` of the block's hidden
+  states, averaged over tokens.
+- **One-shot KL** (``kl``): Macro Influence computed once on the input model, never re-scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from modelpress.graph import ModelGraph
+
+Importance = Literal["mi", "block-influence", "kl"]
+IMPORTANCES: tuple[str, ...] = ("mi", "block-influence", "kl")
+
+
+def hidden_of(out: Any) -> torch.Tensor | None:
+    """The hidden-state tensor of a block's output (a tensor, the first item of a tuple, or ``last_hidden_state``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    value = getattr(out, "last_hidden_state", None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def input_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The hidden-state input of a block call: its first positional tensor, else ``hidden_states``, else any tensor."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _replace_hidden(out: Any, x: torch.Tensor) -> Any:
+    if isinstance(out, torch.Tensor):
+        return x
+    if isinstance(out, tuple):
+        return (x, *out[1:])
+    if isinstance(out, list):
+        return [x, *out[1:]]
+    if hasattr(out, "last_hidden_state"):
+        out.last_hidden_state = x
+        return out
+    return x
+
+
+@contextmanager
+def bypassed(module: nn.Module, path: str) -> Iterator[None]:
+    """Within the context, block ``path`` of ``module`` returns its input hidden states (as if deleted)."""
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        x = input_of(args, kwargs)
+        return out if x is None else _replace_hidden(out, x)
+
+    handle = module.get_submodule(path).register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _inputs(graph: ModelGraph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: batch[n] for n in graph.input_spec.names if n in batch}
+
+
+@torch.no_grad()
+def output_change(graph: ModelGraph, batches: Sequence[dict[str, torch.Tensor]], task: Any,
+                  paths: Sequence[str]) -> dict[str, float]:
+    """For each block path: the task's distillation loss of the model with that block removed against the model
+    as it is, averaged over ``batches`` (the Macro Influence of the block)."""
+    teacher = [graph.forward(_inputs(graph, b)) for b in batches]
+    scores: dict[str, float] = {}
+    for path in paths:
+        total = 0.0
+        with bypassed(graph.module, path):
+            for b, t in zip(batches, teacher, strict=True):
+                s = graph.forward(_inputs(graph, b))
+                total += float(task.loss(s.float(), t.float(), b))
+        scores[path] = max(total / max(len(batches), 1), 0.0)
+    return scores
+
+
+@torch.no_grad()
+def block_influence(graph: ModelGraph, batches: Sequence[dict[str, torch.Tensor]],
+                    paths: Sequence[str]) -> dict[str, float]:
+    """ShortGPT's Block Influence: ``1 - cos(x_in, x_out)`` per token (last dimension), averaged."""
+    sums = dict.fromkeys(paths, 0.0)
+    counts = dict.fromkeys(paths, 0)
+    handles = []
+
+    def make(path: str):  # noqa: ANN202
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x, y = input_of(args, kwargs), hidden_of(out)
+            if x is None or y is None or x.shape != y.shape:
+                return
+            cos = torch.nn.functional.cosine_similarity(x.float().flatten(0, -2), y.float().flatten(0, -2), dim=-1)
+            sums[path] += float((1.0 - cos).sum())
+            counts[path] += int(cos.numel())
+
+        return hook
+
+    for p in paths:
+        handles.append(graph.module.get_submodule(p).register_forward_hook(make(p), with_kwargs=True))
+    try:
+        for b in batches:
+            graph.forward(_inputs(graph, b))
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: sums[p] / max(counts[p], 1) for p in paths}
+
+
+def block_scores(graph: ModelGraph, importance: Importance, batches: Sequence[dict[str, torch.Tensor]],
+                 task: Any, paths: Sequence[str] | None = None) -> dict[str, float]:
+    """Score ``paths`` (default: every removable block) with ``importance``; lower is safer to remove."""
+    paths = list(paths) if paths is not None else [b.path for b in graph.blocks if b.removable]
+    if importance == "block-influence":
+        return block_influence(graph, batches, paths)
+    if importance in ("mi", "kl"):
+        return output_change(graph, batches, task, paths)
+    raise ValueError(f"unknown block importance {importance!r}; choose one of {IMPORTANCES}")

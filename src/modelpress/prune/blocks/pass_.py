@@ -1,0 +1,111 @@
+"""``prune.fuse_blocks``: remove whole blocks one at a time, recycling each into its neighbours (FuseGPT)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from modelpress.errors import ModelpressError
+from modelpress.graph import ModelGraph
+from modelpress.passes import GraphPass, PassConfig, PassResult, register
+from modelpress.prune.blocks.fusion import (
+    finetune_group,
+    fold,
+    neighbours,
+    remove_with_learnable_fusion,
+    remove_with_merge,
+)
+from modelpress.prune.blocks.importance import Importance, block_scores
+
+
+class FuseBlocksConfig(PassConfig):
+    # fraction of the removable blocks to remove (rounded to the nearest count, at least one)
+    target_blocks: float = Field(0.25, gt=0.0, lt=1.0)
+    # mi: Macro Influence, re-scored after every removal; block-influence (ShortGPT) and kl: scored once
+    importance: Importance = "mi"
+    # learned: FuseGPT's low-rank-weighted injection + group distillation; merge: LaCo-style averaging; none
+    fusion: Literal["learned", "merge", "none"] = "learned"
+    neighbours: int = Field(2, ge=0)
+    finetune_steps: int = Field(20, ge=0)
+    lr: float = Field(1e-3, gt=0.0)
+    rank: int = Field(4, ge=1)
+    merge_coefficient: float = Field(0.5, ge=0.0, le=1.0)
+    calibration_batches: int = Field(4, ge=1)
+
+
+def _calibration(graph: ModelGraph, ctx: Any, n: int) -> list[dict[str, torch.Tensor]]:
+    split = ctx.calibration
+    if split is not None and split.batches:
+        return list(split.batches[:n])
+    seq = 16 if graph.input_spec.kind == "text" else None
+    return [graph.example_inputs(4, seq, seed=ctx.seed + i) for i in range(n)]
+
+
+def _task(graph: ModelGraph, ctx: Any) -> Any:
+    if ctx.task is not None:
+        return ctx.task
+    from modelpress.data.tasks import infer_task
+
+    return infer_task(graph.input_spec, graph.module)
+
+
+@register
+class FuseBlocks(GraphPass):
+    """Remove ``target_blocks`` of the blocks, the least important first (Macro Influence by default, re-scored
+    after every removal), fusing each removed block into its ``neighbours`` nearest kept blocks (FuseGPT) and
+    folding what was learned into their dense weights: the result has plain block removal's architecture."""
+
+    name = "prune.fuse_blocks"
+    Config = FuseBlocksConfig
+
+    def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
+        cfg = self.config
+        out = graph.copy()
+        blocks = [b for b in out.blocks if b.removable]
+        n_remove = max(1, math.floor(cfg.target_blocks * len(out.blocks) + 0.5))  # half up: 0.25 of 6 -> 2
+        if len(blocks) < 2 or n_remove >= len(out.blocks):
+            raise ModelpressError(f"{graph.name} has {len(out.blocks)} blocks: removing {n_remove} leaves none",
+                                  "lower target_blocks, or prune a model with more blocks")
+        task = _task(out, ctx)
+        batches = _calibration(out, ctx, cfg.calibration_batches)
+        before = out.num_parameters()
+        ids = [b.path for b in out.blocks]  # original path of each current block, in order
+        static = None if cfg.importance == "mi" else block_scores(out, cfg.importance, batches, task)
+        steps: list[dict[str, Any]] = []
+        for i in range(n_remove):
+            paths = [b.path for b in out.blocks if b.removable and out.can_remove_blocks([b.path])]
+            if not paths:
+                break
+            if static is None:
+                scores = block_scores(out, "mi", batches, task, paths)
+            else:
+                current = {b.path: ids[j] for j, b in enumerate(out.blocks)}
+                scores = {p: static[current[p]] for p in paths if current[p] in static}
+            victim = min(scores, key=lambda p: (scores[p], p))
+            original = ids[[b.path for b in out.blocks].index(victim)]
+            record: dict[str, Any] = {"block": original, "score": scores[victim]}
+            if cfg.fusion == "learned" and cfg.neighbours > 0:
+                teacher = out.copy() if cfg.finetune_steps > 0 else None
+                near_before = neighbours(out.blocks, victim, cfg.neighbours)
+                near, params = remove_with_learnable_fusion(out, victim, cfg.neighbours, cfg.rank, ctx.seed + i)
+                if teacher is not None:
+                    record["finetune"] = finetune_group(out, teacher, victim, near_before, params, batches,
+                                                        cfg.finetune_steps, cfg.lr, ctx.seed + i)
+                record["folded_layers"] = fold(out)
+                record["into"] = near
+            elif cfg.fusion == "merge" and cfg.neighbours > 0:
+                record["into"] = remove_with_merge(out, victim, cfg.neighbours, cfg.merge_coefficient)
+            else:
+                out.remove_block(victim)
+            ids.remove(original)
+            steps.append(record)
+            ctx.reporter.log(f"  removed {original} (score {scores[victim]:.4g})"
+                             + (f", fused into {record['into']}" if record.get("into") else ""))
+        metrics = {"blocks_before": len(graph.blocks), "blocks_after": len(out.blocks),
+                   "removed_blocks": [s["block"] for s in steps], "steps": steps,
+                   "params_before": before, "params_after": out.num_parameters(),
+                   "importance": cfg.importance, "fusion": cfg.fusion}
+        return PassResult(graph=out, metrics=metrics)
