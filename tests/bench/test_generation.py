@@ -136,3 +136,22 @@ def test_compress_writes_the_decoder_and_reports_generation(tmp_path, capsys):
     gen_ = og.Generator(model, params)
     gen_.append_tokens(ids[:1, :8])
     gen_.generate_next_token()
+
+
+def test_a_decoder_with_fewer_layers_is_measured_with_its_own_cache(llama_decoder, tmp_path):
+    """A pruned variant (a block removed: fewer cache tensors) is timed beside the original whose layout the
+    pipeline passes in."""
+    import copy
+
+    model, result = llama_decoder
+    short = copy.deepcopy(model)
+    short.model.layers = short.model.layers[:-1]
+    short.config.num_hidden_layers -= 1
+    for i, layer in enumerate(short.model.layers):
+        layer.self_attn.layer_idx = i
+    pruned = export_decoder(short, tmp_path / "decoder.onnx", verify=False)
+    assert len(pruned.layout.past_names) < len(result.layout.past_names)
+    report = measure_generation({"original": result.path, "pruned": pruned.path}, "ort-cpu", layout=result.layout,
+                                prompt_len=8, new_tokens=3, batch_sizes=[1], rounds=1, prefill_runs=1, memory=False,
+                                baseline="original")
+    assert report.stats("pruned", 1).decode_ms > 0

@@ -361,10 +361,14 @@ def measure_generation(
             for p in value if isinstance(value, tuple) else (value,):
                 if not Path(p).is_file():
                     raise ModelpressError(f"variant {name!r}: no ONNX file at {p}", "export the decoder first")
-    if layout is None:
-        first = variants[names[0]]
-        layout = (decoder_layout(first) if isinstance(first, nn.Module)
-                  else layout_from_onnx(first[0] if isinstance(first, tuple) else first))
+    def own_layout(value: GenVariant) -> DecoderLayout:
+        return (decoder_layout(value) if isinstance(value, nn.Module)
+                else layout_from_onnx(value[0] if isinstance(value, tuple) else value))
+
+    # each variant runs with its own cache layout (a pruned model may have fewer layers or heads); ``layout``,
+    # when given, is the baseline's, and the prompts follow it
+    layouts = {n: (layout if n == baseline and layout is not None else own_layout(v)) for n, v in variants.items()}
+    layout = layouts[baseline]
     if prompt_len is None:
         prompt_len = 128 if layout.max_positions is None else max(1, min(128, layout.max_positions - new_tokens))
     check_length(layout, prompt_len, new_tokens)
@@ -382,7 +386,7 @@ def measure_generation(
             for name in reporter.track(names, "probing generation memory"):
                 try:
                     with _peak_rss() as mem:
-                        runner = _Runner(variants[name], layout, target)
+                        runner = _Runner(variants[name], layouts[name], target)
                         runner.decode(prompts[batches[-1]], new_tokens)
                     extra = _size(variants[name])[2] if isinstance(variants[name], nn.Module) else 0
                     peak[name] = None if mem["mb"] is None else mem["mb"] + (extra or 0) / 2**20
@@ -391,7 +395,7 @@ def measure_generation(
                     memory_errors[name] = f"{type(exc).__name__}: {exc}"
         jobs = [(r, names[(r + i) % len(names)]) for r in range(rounds) for i in range(len(names))]
         for _, name in reporter.track(jobs, f"timing generation of {len(names)} variants x {rounds} rounds"):
-            runner = _Runner(variants[name], layout, target)
+            runner = _Runner(variants[name], layouts[name], target)
             runner.decode(prompts[batches[0]][:, : min(prompt_len, 8)], 2)  # warm-up
             for b in batches:
                 runner.prefill(prompts[b])  # warm-up at this shape
