@@ -30,7 +30,7 @@ def digits(zoo_cnn):  # noqa: ANN001, ANN201
     graph = ModelGraph(zoo_cnn.module, zoo_cnn.input_spec, {"kind": "factory", "target": "digits"}, name="digits_cnn")
     data = load_data("digits", graph.input_spec, n_evaluation=None)
     ctx = Context(workdir="/nonexistent", task=ClassificationTask(), data=data, reference=graph)
-    pruned = MagnitudePrune({"ratios": {"conv": 0.5}}).apply(graph, ctx).graph
+    pruned = MagnitudePrune({"ratios": {"conv": 0.5}, "reconstruct": False}).apply(graph, ctx).graph
     return graph, data, pruned
 
 
@@ -47,7 +47,7 @@ def test_recover_in_a_recipe_restores_a_pruned_trained_cnn(tmp_path, digits) -> 
     graph, data, _ = digits
     recipe = Recipe.from_dict({
         "name": "t", "export": {"optimize": "none"},
-        "passes": [{"pass": "prune.magnitude", "ratios": {"conv": 0.5}},
+        "passes": [{"pass": "prune.magnitude", "ratios": {"conv": 0.5}, "reconstruct": False},
                    {"pass": "recover", "steps": 60, "evaluate": True, **FAST}],
     })
     ctx = _ctx(tmp_path, graph, data)
@@ -158,7 +158,7 @@ def test_encoder_recovery_by_hidden_states(tmp_path) -> None:  # noqa: ANN001
     train_split = split(128)
     data = TaskData(calibration=split(16), evaluation=split(32), description="random ids", make_train=lambda: train_split)
     ctx = Context(workdir=tmp_path, task=EmbeddingTask(), data=data, reference=graph, checkpoints=tmp_path / "c")
-    pruned = MagnitudePrune({"ratios": {"mlp": 0.75, "head": 0.5}}).apply(graph, ctx).graph
+    pruned = MagnitudePrune({"ratios": {"mlp": 0.75, "head": 0.5}, "reconstruct": False}).apply(graph, ctx).graph
 
     def token_loss(g: ModelGraph) -> float:
         batch = data.evaluation.batches[0]

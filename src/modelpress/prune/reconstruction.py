@@ -31,7 +31,12 @@ def reconstruct_pruned(original: ModelGraph, pruned: ModelGraph, ctx, damp: floa
     ``target``: ``"stream"`` fits a residual writer to the original stream's value (repairing the drift
     upstream), ``"layer"`` to the original layer's output. Returns the per-layer output errors before and
     after, for the pass's metrics."""
-    data = _calibration(ctx)
+    data = ctx.calibration if ctx is not None else None
+    if data is None or not data.batches:  # on by default: a run without data prunes without the refit
+        if ctx is not None:
+            ctx.reporter.log("[yellow]no calibration data: the layers that read removed units are not refit[/yellow]"
+                             " (give --data to reconstruct them)")
+        return {"skipped": "no calibration data"}
     batches = list(data.batches)
     extra = 0
     if samples > 0:

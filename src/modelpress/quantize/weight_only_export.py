@@ -27,34 +27,12 @@ import onnx
 import torch
 
 from modelpress.errors import ModelpressError
-from modelpress.quantize.weight_only_pack import _EXPORTING, WeightOnlyLinear
+from modelpress.quantize.weight_only_pack import _EXPORTING, WeightOnlyLinear, matmul_nbits  # noqa: F401
 
 # weight-only export vs the torch model it lowers: float compute on the same dequantized weights (level 0/1);
 # level 4 rounds the activations to int8 per block on top
 MIN_COSINE = 0.99
 LEVELS = (0, 1, 2, 3, 4)
-
-
-class _MatMulNBits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero_points: Any,  # noqa: ANN401
-                layer: Any) -> torch.Tensor:
-        return torch.matmul(x, layer.dequantized_weight().to(x.dtype).t())
-
-    @staticmethod
-    def symbolic(g: Any, x: Any, qweight: Any, scales: Any, zero_points: Any, layer: Any) -> Any:  # noqa: ANN401
-        inputs = [x, qweight, scales] + ([zero_points] if layer.zero_points is not None else [])
-        out = g.op("com.microsoft::MatMulNBits", *inputs, K_i=layer.in_features, N_i=layer.out_features,
-                   bits_i=layer.bits, block_size_i=layer.block_size, accuracy_level_i=0)
-        with contextlib.suppress(Exception):  # the output's type for the exporter's shape inference
-            sizes = x.type().varyingSizes()
-            out.setType(x.type().with_sizes([*sizes[:-1], layer.out_features]))
-        return out
-
-
-def matmul_nbits(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
-    """``x @ W^T`` of a packed layer, traced to MatMulNBits (bias left outside; folded in after export)."""
-    return _MatMulNBits.apply(x, layer.qweight, layer.scales, layer.zero_points, layer)
 
 
 @contextlib.contextmanager

@@ -18,8 +18,10 @@ same packed form: a tied embedding and LM head share one set of buffers) compute
 
 from __future__ import annotations
 
+import contextlib
 import math
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -204,8 +206,6 @@ class WeightOnlyLinear(_Packed):
         if self.input_scale is not None:
             x = x * self.input_scale
         if _EXPORTING.get():
-            from modelpress.quantize.weight_only_export import matmul_nbits
-
             out = matmul_nbits(x, self)
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
@@ -242,3 +242,25 @@ class WeightOnlyEmbedding(_Packed):
 def is_weight_only(model: nn.Module) -> bool:
     """Whether ``model`` holds packed weight-only layers."""
     return any(isinstance(m, _Packed) for m in model.modules())
+
+
+class _MatMulNBits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero_points: Any,  # noqa: ANN401
+                layer: Any) -> torch.Tensor:
+        return torch.matmul(x, layer.dequantized_weight().to(x.dtype).t())
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, qweight: Any, scales: Any, zero_points: Any, layer: Any) -> Any:  # noqa: ANN401
+        inputs = [x, qweight, scales] + ([zero_points] if layer.zero_points is not None else [])
+        out = g.op("com.microsoft::MatMulNBits", *inputs, K_i=layer.in_features, N_i=layer.out_features,
+                   bits_i=layer.bits, block_size_i=layer.block_size, accuracy_level_i=0)
+        with contextlib.suppress(Exception):  # the output's type for the exporter's shape inference
+            sizes = x.type().varyingSizes()
+            out.setType(x.type().with_sizes([*sizes[:-1], layer.out_features]))
+        return out
+
+
+def matmul_nbits(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
+    """``x @ W^T`` of a packed layer, traced to MatMulNBits (bias left outside; folded in after export)."""
+    return _MatMulNBits.apply(x, layer.qweight, layer.scales, layer.zero_points, layer)
