@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from modelpress.graph.model_graph import ModelGraph
+from modelpress.graph.stats import output_positions
 
 FRACTIONS = (0.25, 0.5)  # one group at a time
 JOINT = (0.5, 0.75)  # every group at once
@@ -59,7 +59,7 @@ def conv_stages(graph: ModelGraph, batch: int = 1) -> dict[str, list[list[Any]]]
             for param, axis in g.slots:
                 if param.endswith(".weight") and axis in (0, 1):
                     touched[(param, axis)] = g.name
-    positions = _positions(graph, batch)
+    positions = output_positions(graph, batch)
     stages: dict[str, list[list[Any]]] = {name: [] for name in groups}
     for name, mod in graph.module.named_modules():
         if not isinstance(mod, _LAYERS):
@@ -76,27 +76,6 @@ def conv_stages(graph: ModelGraph, batch: int = 1) -> dict[str, list[list[Any]]]
         for layer in layers:
             layer[0] = layer[0] / total
     return stages
-
-
-def _positions(graph: ModelGraph, batch: int) -> dict[str, int]:
-    """Output positions (pixels or tokens, times the batch) of each Linear/conv in one forward."""
-    found: dict[str, int] = {}
-    hooks = []
-    for name, mod in graph.module.named_modules():
-        if isinstance(mod, _LAYERS):
-            def hook(m: nn.Module, _args: object, out: torch.Tensor, name: str = name) -> None:
-                width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-                found[name] = found.get(name, 0) + int(out.numel() // max(1, width))
-
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        seq = graph.input_spec.default_seq_len if graph.input_spec.kind == "text" else None
-        with torch.no_grad():
-            graph.forward(graph.example_inputs(batch, seq))
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
 
 
 def features(stages: Mapping[str, list], full: Mapping[str, int], channels: Mapping[str, float]) -> list[float]:

@@ -16,7 +16,6 @@ logits processor that does nothing but read the clock marks each step.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from modelpress.bench.runner import torch_threads, write_json_atomic
+from modelpress.bench.runner import peak_rss, torch_threads, write_json_atomic
 from modelpress.errors import ModelpressError
 from modelpress.export.decoder import (
     DecoderLayout,
@@ -255,33 +254,6 @@ class GenerationReport:
 # ------------------------------------------------------------------------------------------- measuring
 
 
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-@contextlib.contextmanager
-def _peak_rss() -> Any:
-    """Yields a dict that gets ``mb``: the peak RSS above the baseline at entry (None where unsupported)."""
-    out: dict[str, float | None] = {"mb": None}
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = _status_kb("VmRSS")
-    except OSError:
-        base = None
-    yield out
-    hwm = _status_kb("VmHWM")
-    out["mb"] = None if base is None or hwm is None else (hwm - base) / 1024.0
-
-
 class _Runner:
     """One variant's generator for one round: fresh sessions (ONNX) or the module (torch)."""
 
@@ -385,7 +357,7 @@ def measure_generation(
         if memory:
             for name in reporter.track(names, "probing generation memory"):
                 try:
-                    with _peak_rss() as mem:
+                    with peak_rss() as mem:
                         runner = _Runner(variants[name], layouts[name], target)
                         runner.decode(prompts[batches[-1]], new_tokens)
                     extra = _size(variants[name])[2] if isinstance(variants[name], nn.Module) else 0

@@ -258,20 +258,27 @@ def _probe_torch_memory(
     out: dict[str, float | None] = {}
     with torch_threads(threads):
         for shape in shapes:
-            gc.collect()
-            try:
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
-            except OSError:
-                out[shape_key(*shape)] = None
-                continue
-            base = _status_kb("VmRSS")
-            run(feeds[shape])
-            hwm = _status_kb("VmHWM")
-            out[shape_key(*shape)] = (
-                None if base is None or hwm is None else weights_mb + (hwm - base) / 1024.0
-            )
+            with peak_rss() as mem:
+                run(feeds[shape])
+            out[shape_key(*shape)] = None if mem["mb"] is None else weights_mb + mem["mb"]
     return out
+
+
+@contextlib.contextmanager
+def peak_rss() -> Iterator[dict[str, float | None]]:
+    """Yields a dict that gets ``mb``: the process's peak RSS above its RSS at entry, in MiB (the kernel's
+    high-water mark, reset at entry; None where /proc does not offer it)."""
+    out: dict[str, float | None] = {"mb": None}
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = _status_kb("VmRSS")
+    except OSError:
+        base = None
+    yield out
+    hwm = _status_kb("VmHWM")
+    out["mb"] = None if base is None or hwm is None else (hwm - base) / 1024.0
 
 
 @contextlib.contextmanager

@@ -57,6 +57,28 @@ def count_macs(graph: GraphView, batch: int = 1, seq_len: int | None = None) -> 
     return int(counter.get_total_flops() // 2)
 
 
+def output_positions(graph: GraphView, batch: int = 1) -> dict[str, int]:
+    """Rows each Linear/conv module computes in one forward at ``batch`` (tokens or output pixels, times the
+    batch): what one output unit of it costs in MACs per weight element."""
+    found: dict[str, int] = {}
+    hooks = []
+    for name, mod in graph.module.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            def hook(m: nn.Module, _args: object, out: torch.Tensor, name: str = name) -> None:
+                width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+                found[name] = found.get(name, 0) + int(out.numel() // max(1, width))
+
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        seq = graph.input_spec.default_seq_len if graph.input_spec.kind == "text" else None
+        with torch.no_grad():
+            graph.forward(graph.example_inputs(batch, seq))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
 def block_widths(graph: GraphView) -> list[dict]:
     """Heads (query heads), key/value heads where fewer, head dim and MLP width of every removable block."""
     rows = []

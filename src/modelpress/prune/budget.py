@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 from torch import nn
 
 from modelpress.graph import Group, ModelGraph
-from modelpress.graph.stats import block_widths, count_macs, embedding_width, in_block
+from modelpress.graph.stats import block_widths, count_macs, embedding_width, in_block, output_positions
 
 RESOURCES = ("params", "macs", "latency")
 
@@ -89,26 +88,6 @@ def widths(graph: ModelGraph) -> Widths:
 LatencyFn = Callable[[Widths], float]
 
 
-def _positions(graph: ModelGraph) -> dict[str, int]:
-    """Rows each Linear/conv module computes per forward at batch 1 (tokens, or output pixels)."""
-    found: dict[str, int] = {}
-    hooks = []
-    for name, mod in graph.module.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            def hook(m: nn.Module, _args: object, out: torch.Tensor, name: str = name) -> None:
-                width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-                found[name] = found.get(name, 0) + int(out.numel() // max(1, width))
-
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        seq = graph.input_spec.default_seq_len if graph.input_spec.kind == "text" else None
-        graph.forward(graph.example_inputs(1, seq))
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
-
-
 class Costs:
     """Per-unit cost of every group in one resource, and the model's total."""
 
@@ -117,7 +96,7 @@ class Costs:
             raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}")
         self.resource = resource
         self.latency = latency
-        self.positions = _positions(graph) if resource == "macs" else {}
+        self.positions = output_positions(graph) if resource == "macs" else {}
 
     def total(self, graph: ModelGraph) -> float:
         if self.resource == "params":
