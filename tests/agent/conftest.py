@@ -52,11 +52,19 @@ class Agent:
                 self.kill()
 
 
+# A device's own install (`pip install modelpress[agent]`, no torch) to run the agents from, when given (CI
+# builds one); otherwise this interpreter with the source tree.
+AGENT_PYTHON = os.environ.get("MODELPRESS_AGENT_PYTHON")
+
+
 def start_agent(token_file: Path, threads: int, *extra: str) -> Agent:
     """Start an agent on a free loopback port; returns once it listens (its first line names the port)."""
-    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if AGENT_PYTHON:
+        python, env = AGENT_PYTHON, {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    else:
+        python, env = sys.executable, {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelpress.agent", "--port", "0", "--token-file", str(token_file),
+        [python, "-m", "modelpress.agent", "--port", "0", "--token-file", str(token_file),
          "--threads", str(threads), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )

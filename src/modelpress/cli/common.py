@@ -172,6 +172,10 @@ def fail(problem: str, hint: str | None = None, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+# the packages of the `torch` extra (pyproject.toml): a core install (`modelpress[agent]` on a device) lacks them
+TORCH_EXTRA = frozenset({"torch", "onnx", "transformers", "safetensors", "scipy", "yaml", "pydantic"})
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Bad input of any kind (ModelpressError, a command-line mistake, an unwritable path) ends with one
@@ -191,6 +195,11 @@ def user_errors() -> Iterator[None]:
         ctx = getattr(exc, "ctx", None)
         hint = f"see `{ctx.command_path} --help`" if ctx is not None else "see `modelpress --help`"
         fail(" ".join(exc.format_message().split()), hint)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TORCH_EXTRA:
+            _bug(exc)
+        fail(f"this command needs the `torch` extra, which this install lacks (no module named {exc.name!r})",
+             "pip install torch==2.13.0 (the CPU build) && pip install 'modelpress[torch]'")
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS or not exc.filename:
             _bug(exc)
