@@ -105,7 +105,14 @@ def test_missing_or_wrong_token_is_refused_and_nothing_runs(devices, mlp_files, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: ") and "401" in err[0] and agent.target in err[0] and len(err) <= 2
-    monkeypatch.delenv("MODELPRESS_AGENT_TOKEN")
+    # export picks its graph optimization by measuring on the target: its --token-file is refused the same way
+    exported, wrong = out.with_name("exported.onnx"), out.with_name("wrong.token")
+    wrong.write_text("wrong-token-wrong-token")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "modelpress.train.zoo:digits_cnn_factory", "--target", agent.target, "--token-file", str(wrong),
+              "-o", str(exported), "-q"])
+    assert exit_info.value.code == 2 and "401" in capsys.readouterr().err and not exported.exists()
+    monkeypatch.delenv("MODELPRESS_AGENT_TOKEN", raising=False)  # a --token-file replaces the variable
     monkeypatch.setenv("MODELPRESS_AGENT_TOKEN_FILE", str(token_file))
     assert not out.exists() and agent.info()["measurements"] == before["measurements"]
 

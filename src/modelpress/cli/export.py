@@ -15,12 +15,14 @@ from modelpress.cli.common import (
     Quiet,
     TargetOpt,
     Threads,
+    TokenFile,
     TrustPickle,
     check_output_file,
     check_writable,
     load_graph,
     print_json,
     reporter,
+    resolve_target,
 )
 from modelpress.errors import ModelpressError
 
@@ -30,7 +32,8 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")] = Path("model.onnx"),
     optimize: Annotated[str, typer.Option("--optimize", help="auto | none | ort | transformer | onnxslim")] = "auto",
     overwrite: Overwrite = False, quiet: Quiet = False, as_json: AsJson = False, trust_pickle: TrustPickle = False,
-    target: TargetOpt = "ort-cpu", threads: Threads = None, input_shape: InputShape = None,
+    target: TargetOpt = "ort-cpu", threads: Threads = None, token_file: TokenFile = None,
+    input_shape: InputShape = None,
     decoder: Annotated[bool | None, typer.Option(
         "--decoder/--no-decoder", help="Causal LMs: write the decoder with a key-value cache (ONNX Runtime GenAI "
         "naming, verified by greedy generation) plus genai_config.json and the tokenizer files beside it "
@@ -40,11 +43,12 @@ def export(
 ) -> None:
     """Export to ONNX (verified against torch), with the graph optimizations that measure fastest; causal LMs
     as a decoder with a key-value cache that runs under ONNX Runtime GenAI."""
-    from modelpress.bench import candidate_timer, get_target
+    from modelpress.bench import candidate_timer
     from modelpress.export import export_onnx
     from modelpress.export.decoder import is_causal_lm, require_causal_lm
 
     check_output_file(output, overwrite)
+    tgt = resolve_target(target, threads, token_file)
     rep = reporter(quiet or as_json)
     graph = load_graph(ckpt, trust_pickle, input_shape, rep)
     if decoder or (decoder is None and is_causal_lm(graph.module)):
@@ -54,7 +58,7 @@ def export(
     if two_graphs:
         raise ModelpressError("--two-graphs goes with the decoder export of a causal LM", "drop --two-graphs")
     result = export_onnx(
-        graph.module, graph.input_spec, output, optimize=optimize, timer=candidate_timer(get_target(target, threads)), reporter=rep,
+        graph.module, graph.input_spec, output, optimize=optimize, timer=candidate_timer(tgt), reporter=rep,
     )
     info = {"path": str(output), "optimization": getattr(result, "optimization", None),
             "file_size_bytes": getattr(result, "file_size_bytes", None)}
