@@ -3,8 +3,8 @@ several ways, held-out fidelity of each.
 
 MiniLM is pruned once by ``prune.global`` (hessian, 0.5x of its predicted latency: ORT CPU, batch 1, sequence
 128, 2 threads; one iteration, no reconstruction, no training), then each setting refits a copy with
-``modelpress.reconstruct.reconstruct_graph``: ``SAMPLES:MODE:TARGET`` with SAMPLES train-split sentences added
-to the 64 calibration sentences, MODE ``weights`` or ``scales`` and TARGET ``stream`` or ``layer``. Fidelity is
+``modelpress.reconstruct.reconstruct_graph``: ``SAMPLES:MODE:TARGET[:SCOPE]`` with SAMPLES train-split sentences added
+to the 64 calibration sentences, MODE ``weights`` or ``scales`` and TARGET ``stream`` or ``layer``, SCOPE ``readers`` (default) or ``all``. Fidelity is
 the EmbeddingTask's mean/min cosine on 200 held-out packaged sentences (torch). Writes
 benchmarks/results/reconstruction.json.
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return {k: round(float(m[k]), 4) for k in ("fidelity_mean", "fidelity_min", "spearman") if k in m}
 
     config = {"saliency": "hessian", "target": "latency", "ratio": 0.5, "iterations": 1, "batches": 16,
-              "measure": False}
+              "measure": False, "reconstruct": False}  # the pass reconstructs by default: refit here instead
     pruned = registered_passes()["prune.global"](config).apply(original, ctx).graph
     out = {"model": "sentence-transformers/all-MiniLM-L6-v2", "prune": config,
            "predicted_speedup": table.predict(original) / table.predict(pruned), "load_before": load_average(),
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print("unrefit", out["unrefit"], flush=True)
     train = ctx.train
     for setting in args.settings:
-        samples, mode, tgt = setting.split(":")
+        samples, mode, tgt, *which = setting.split(":")
         batches, extra = list(data.calibration.batches), 0
         for b in train.batches:
             if extra >= int(samples):
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             extra += len(next(iter(b.values())))
         graph = pruned.copy()
         t0 = time.perf_counter()
-        r = reconstruct_graph(original, graph, batches, mode=mode, residual=tgt == "stream")
-        out["settings"][setting] = {"train_samples": extra, "mode": mode, "target": tgt,
+        r = reconstruct_graph(original, graph, batches, mode=mode, residual=tgt == "stream",
+                              scope=which[0] if which else "readers")
+        out["settings"][setting] = {"train_samples": extra, "mode": mode, "target": tgt, "scope": r["scope"],
                                     "seconds": round(time.perf_counter() - t0, 1), **fidelity(graph),
                                     "error_after_mean": r.get("error_after_mean")}
         print(setting, out["settings"][setting], flush=True)

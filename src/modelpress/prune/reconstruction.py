@@ -24,12 +24,14 @@ def _calibration(ctx) -> Any:  # noqa: ANN001
 
 
 def reconstruct_pruned(original: ModelGraph, pruned: ModelGraph, ctx, damp: float = DEFAULT_DAMP,  # noqa: ANN001
-                       mode: str = "weights", target: str = "stream", samples: int = 0) -> dict:
+                       mode: str = "weights", target: str = "stream", samples: int = 0,
+                       scope: str = "all") -> dict:
     """Refit ``pruned``'s readers of removed units to ``original``'s outputs on the Context's calibration split
     (in place), plus up to ``samples`` samples of its train split (more rows than unknowns: a full refit
     overfits a small calibration set). ``mode``: one scale per kept input column, or every kept weight;
     ``target``: ``"stream"`` fits a residual writer to the original stream's value (repairing the drift
-    upstream), ``"layer"`` to the original layer's output. Returns the per-layer output errors before and
+    upstream), ``"layer"`` to the original layer's output; ``scope``: ``"all"`` refits every layer in order, ``"readers"``
+    only the layers that lost input channels. Returns the per-layer output errors before and
     after, for the pass's metrics."""
     data = ctx.calibration if ctx is not None else None
     if data is None or not data.batches:  # on by default: a run without data prunes without the refit
@@ -48,7 +50,7 @@ def reconstruct_pruned(original: ModelGraph, pruned: ModelGraph, ctx, damp: floa
             extra += len(next(iter(b.values()))) if isinstance(b, dict) else len(b[0] if isinstance(b, (tuple, list)) else b)
     with ctx.reporter.step("reconstructing the layers that read removed units"):
         out = reconstruct_graph(original, pruned, batches, damp=damp, reporter=ctx.reporter, mode=mode,
-                                residual=target == "stream")
+                                residual=target == "stream", scope=scope)
     out["train_samples"] = extra
     return out
 

@@ -29,6 +29,7 @@ def reconstruct_graph(
     reporter: Reporter = QUIET,
     mode: str = "weights",
     residual: bool = False,
+    scope: str = "readers",
 ) -> dict[str, Any]:
     """Refit, in place, every layer of ``pruned`` that reads removed units so its outputs on ``batches`` match
     ``original``'s (see :func:`modelpress.reconstruct.sequential.reconstruct_layers`); which original
@@ -36,8 +37,11 @@ def reconstruct_graph(
     whose refit is applied gets a bias (``ModelGraph.add_bias``, recorded) so the intercept compensates the
     removed units' mean. Returns metrics for the pass's report:
     per layer the relative output error on the calibration rows before and after, the layers skipped and why,
-    and the mean errors."""
-    readers, skipped = layer_map(original, pruned)
+    and the mean errors. ``scope``: ``readers`` (the layers that lost input channels) or ``all`` (every
+    refittable layer, so the layers after a pruned one also absorb the drift of their inputs)."""
+    if scope not in ("readers", "all"):
+        raise ValueError(f"scope must be 'readers' or 'all', not {scope!r}")
+    readers, skipped = layer_map(original, pruned, every=scope == "all")
     names = list(input_names) if input_names is not None else list(pruned.input_spec.names)
     results = reconstruct_layers(original.module, pruned.module, readers, batches, input_names=names, damp=damp,
                                  intercept=intercept, sequential=sequential,
@@ -46,7 +50,7 @@ def reconstruct_graph(
     layers = {n: r.as_dict() for n, r in results.items()}
     out: dict[str, Any] = {"layers": layers, "skipped": skipped, "damp": damp, "intercept": intercept,
                            "sequential": sequential, "mode": mode,
-                           "residual": residual}
+                           "residual": residual, "scope": scope}
     if results:
         out["error_before_mean"] = float(np.mean([r.error_before for r in results.values()]))
         out["error_after_mean"] = float(np.mean([r.error_after for r in results.values()]))

@@ -100,9 +100,13 @@ def _axis_map(positions: dict[Slot, np.ndarray], param: str, axis: int, size: in
     return None if (pos < 0).any() else pos
 
 
-def layer_map(original: ModelGraph, pruned: ModelGraph) -> tuple[dict[str, LayerMap], dict[str, str]]:
+def layer_map(original: ModelGraph, pruned: ModelGraph, every: bool = False,
+              ) -> tuple[dict[str, LayerMap], dict[str, str]]:
     """The reader layers of ``pruned`` (modules whose input channels are not the original's, in module order)
-    with their maps, and the layers skipped with a reason (a kind that cannot be refit, an unknown map)."""
+    with their maps, and the layers skipped with a reason (a kind that cannot be refit, an unknown map).
+    ``every``: every refittable layer, the ones that read all their original inputs too (their inputs still
+    drift when earlier layers were pruned: refit sequentially, they absorb that drift, as ZipLM and GPTQ refit
+    every layer)."""
     positions = _positions(original, pruned)
     orig_modules = {original.original_path(n): (n, m) for n, m in original.module.named_modules()}
     readers: dict[str, LayerMap] = {}
@@ -125,7 +129,7 @@ def layer_map(original: ModelGraph, pruned: ModelGraph) -> tuple[dict[str, Layer
             continue
         ia, oa = input_axis(mod), output_axis(mod)
         ins = _axis_map(positions, f"{name}.weight", ia, w.shape[ia], ow.shape[ia])
-        if ins is not None and np.array_equal(ins, np.arange(ow.shape[ia])):
+        if ins is not None and np.array_equal(ins, np.arange(ow.shape[ia])) and not every:
             continue  # reads every original input channel, in order: not a reader of removed units
         reason = skip_reason(mod)
         if reason is None and holders.get(id(w), 0) > 1:
