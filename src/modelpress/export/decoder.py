@@ -474,7 +474,6 @@ class DecoderExport:
     opset: int = 17
     lowering: dict[str, Any] | None = None  # a method's lowering: its name, the fast form and its check
 
-
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "prefill_path": None if self.prefill_path is None else str(self.prefill_path),
                 "layout": self.layout.to_dict(), "file_size_bytes": self.file_size_bytes,
