@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 
 from modelpress.errors import ModelpressError
-from modelpress.train.stdlib_lm import EOS, _tokenizer, stdlib_files, stdlib_llama, stdlib_splits, stdlib_windows
+from modelpress.train.stdlib_lm import (
+    EOS,
+    _tokenizer,
+    stdlib_files,
+    stdlib_llama,
+    stdlib_splits,
+    stdlib_windows,
+)
 
 transformers = pytest.importorskip("transformers")
 
