@@ -695,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         help=f"training steps of the model (default {TRAIN_STEPS}; --quick: {TRAIN_STEPS_QUICK}); cached per value",
     )
     args = parse_timing_args(parser, argv)
+    if args.llama and args.out == RESULTS / "language_model.json":
+        args.out = RESULTS / "language_model_llama.json"
 
     from modelpress.bench import system_info, write_json_atomic
     from modelpress.progress import Reporter
@@ -713,8 +715,6 @@ def main(argv: list[str] | None = None) -> int:
             **{d: dist_version(d) for d in ("nncf", "tokenizers", "transformers", "modelpress")},
         },
     }
-    if args.llama and args.out == RESULTS / "language_model.json":
-        args.out = RESULTS / "language_model_llama.json"
     with tempfile.TemporaryDirectory(prefix="modelpress-language-model-") as tmp:
         result.update((run_llama if args.llama else run)(args, Path(tmp), reporter))
     result["seconds"] = round(time.perf_counter() - started, 1)
