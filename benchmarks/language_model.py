@@ -35,6 +35,19 @@ sessions every round; speedups are medians of per-round ratios against ``fp32``.
 
     python benchmarks/language_model.py            # the full run (trains once: a few minutes on 2 cores)
     python benchmarks/language_model.py --quick    # a smoke run (short training, 1 round, 32 windows)
+
+**--llama: generation peers on a real small LM** (``results/language_model_llama.json``). The model is
+``modelpress.train.stdlib_llama()``: a 22.3M-parameter Llama (grouped-query attention 8/2, rotary, tied head)
+trained once (cached) on this Python's standard-library ``.py`` sources (PSF licence), split by file. Every
+variant is a cached decoder (prefill and decode in one graph): ``fp32`` (our export), ``ours-w8a8`` (recipe
+default, traced with its cache as fake-quant), ``ours-int4`` (recipe int4-weight-only, MatMulNBits in the
+decoder), ``ort-rtn`` (ONNX Runtime's MatMulNBitsQuantizer on our FP32 decoder; needs ``onnx-ir``:
+``pip install 'modelpress[ort-int4]'``), ``genai-int4`` (onnxruntime-genai's model builder, ``-p int4 -e
+cpu``, offline from the same folder) and ``nncf`` (when installed). Quality: each decoder run as a prefill on
+held-out 128-token windows of the evaluation files, KL / top-1 against the FP32 torch model, perplexity;
+speed: ``bench.generation.measure_generation`` at batch 1 (prefill at prompt 128, decode tokens/s), interleaved.
+
+    python benchmarks/language_model.py --llama [--rounds N] [--no-w8a8]
 """
 
 from __future__ import annotations
@@ -439,14 +452,251 @@ def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
     con.print(table)
 
 
+# ------------------------------------------------------------------------- the stdlib Llama, generation
+
+LLAMA_SEQ = 128  # evaluation windows and the prompt of the generation timing
+LLAMA_NEW_TOKENS = 32
+LLAMA_EVAL, LLAMA_EVAL_QUICK = 48, 8
+LLAMA_DESCRIPTIONS = {
+    "fp32": "FP32 cached decoder (modelpress export_decoder: one graph, GenAI names, opset 17)",
+    "ours-w8a8": "recipe default (quantize.repq W8A8) traced with its cache: fake-quant ops on float weights "
+    "(the cached export has no integer-kernel lowering for W8A8 yet)",
+    "ours-int4": "recipe int4-weight-only (quantize.weight_only: GPTQ act-order, block 32, asymmetric, head 8-bit "
+    "tied) lowered to MatMulNBits in the cached decoder (accuracy level 4 where it verifies)",
+    "ort-rtn": "onnxruntime MatMulNBitsQuantizer (default RTN, 4 bits, block 32, asymmetric, accuracy level 4) "
+    "on our FP32 decoder after ORT's basic constant folding (which turns the transposed weights into "
+    "initializers it can quantize)",
+    "genai-int4": "onnxruntime-genai model builder, -p int4 -e cpu, from the same Hugging Face folder (its own "
+    "graph: GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits)",
+    "nncf": "NNCF compress_weights INT4",
+}
+
+
+def _ort_folded(src: Path, dst: Path) -> Path:
+    """``src`` after ONNX Runtime's basic graph optimizations (constant folding), saved at ``dst``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    return dst
+
+
+def _ort_rtn_decoder(fp32: Path, out: Path) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folded = _ort_folded(fp32, out.with_name("folded.onnx"))
+    q = MatMulNBitsQuantizer(onnx.load(str(folded)), bits=4, block_size=32, is_symmetric=False, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+    folded.unlink()
+    return out
+
+
+def _genai_builder(folder: Path, out: Path) -> Path:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
+           "-p", "int4", "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+    if proc.returncode != 0 or not (out / "model.onnx").is_file():
+        raise RuntimeError("the GenAI model builder failed: " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
+    return out / "model.onnx"
+
+
+def _decoder_quality(path: Path, rows, reference_logp) -> dict[str, float]:  # noqa: ANN001
+    """Next-token KL(reference || decoder), top-1 agreement and perplexity of a cached decoder run as a prefill
+    (past length 0) on the evaluation windows, against the FP32 torch model's log-probabilities."""
+    import numpy as np
+
+    from modelpress.bench.generation import layout_from_onnx
+    from modelpress.export.decoder import positions
+    from modelpress.targets import cpu_session
+
+    layout = layout_from_onnx(path)
+    session = cpu_session(path)
+    wanted = {i.name for i in session.get_inputs()}
+    kl = agree = nll = 0.0
+    count = 0
+    for i in range(0, len(rows), 8):
+        ids = rows[i : i + 8].numpy()
+        mask = np.ones_like(ids)
+        feed = {"input_ids": ids, "attention_mask": mask, **layout.empty_past(len(ids))}
+        if "position_ids" in wanted:
+            feed["position_ids"] = positions(mask, ids.shape[1])
+        logits = session.run(["logits"], {k: v for k, v in feed.items() if k in wanted})[0][:, :-1].astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        ref = reference_logp[i : i + 8]
+        kl += float((np.exp(ref) * (ref - logp)).sum())
+        agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+        nll -= float(np.take_along_axis(logp, ids[:, 1:, None], -1).sum())
+        count += ids.shape[0] * (ids.shape[1] - 1)
+    return {"next_token_kl": kl / count, "top1_agreement": agree / count, "perplexity": float(np.exp(nll / count))}
+
+
+def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C901
+    """The generation peers' table on the stdlib Llama (``modelpress.train.stdlib_llama``)."""
+    import numpy as np
+    import torch
+
+    import modelpress
+    from modelpress.bench import get_target
+    from modelpress.bench.generation import measure_generation
+    from modelpress.data import TaskData
+    from modelpress.export.decoder import export_decoder, write_genai_config
+    from modelpress.export.files import onnx_file_size
+    from modelpress.passes import Context
+    from modelpress.quantize.passes import RepQPass
+    from modelpress.quantize.weight_only_pass import WeightOnlyPass
+    from modelpress.train.stdlib_lm import stdlib_llama, stdlib_splits, stdlib_windows
+
+    started = time.perf_counter()
+    with reporter.step("the stdlib Llama (trained once, cached)"):
+        lm = stdlib_llama(reporter=reporter)
+    with quiet():
+        graph = modelpress.load(str(lm.path))
+    splits = stdlib_splits()
+    n_eval = LLAMA_EVAL_QUICK if args.quick else LLAMA_EVAL
+    calibration = stdlib_windows(lm.tokenizer, splits["calibration"], LLAMA_SEQ)[:N_CALIBRATION]
+    evaluation = stdlib_windows(lm.tokenizer, splits["evaluation"], LLAMA_SEQ)[:n_eval]
+    data = TaskData(calibration=split_of(calibration), evaluation=split_of(evaluation),
+                    description=f"stdlib .py files: {len(calibration)} calibration and {len(evaluation)} held-out "
+                    f"evaluation windows of {LLAMA_SEQ} tokens (split by file)")
+    from modelpress.data import LanguageModelTask
+
+    ctx = Context(workdir=tmp / "ctx", task=LanguageModelTask(), data=data,
+                  target=get_target("ort-cpu", threads=THREADS), reference=graph, seed=SEED, reporter=reporter)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        logits = torch.cat([graph.module(input_ids=evaluation[i : i + 8]).logits[:, :-1]
+                            for i in range(0, len(evaluation), 8)])
+    reference_logp = torch.log_softmax(logits.double(), -1).numpy()
+    del logits
+    ref_ppl = float(np.exp(-np.take_along_axis(reference_logp, evaluation[:, 1:, None].numpy(), -1).mean()))
+
+    info: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
+
+    def record(name: str, fn) -> None:  # noqa: ANN001
+        t0 = time.perf_counter()
+        try:
+            with reporter.step(f"building {name}"), quiet():
+                path, extra = fn()
+        except Exception as exc:  # a peer that does not build is reported with its reason
+            info[name] = {"description": LLAMA_DESCRIPTIONS[name], **failure(exc)}
+            reporter.log(f"[yellow]{name} failed:[/yellow] {str(exc)[:300]}")
+            return
+        paths[name] = Path(path)
+        info[name] = {"description": LLAMA_DESCRIPTIONS[name], "status": "ok",
+                      "build_seconds": round(time.perf_counter() - t0, 1), **extra}
+
+    def fp32():  # noqa: ANN202
+        out = export_decoder(graph.module, tmp / "fp32" / "decoder.onnx", new_tokens=LLAMA_NEW_TOKENS)
+        write_genai_config(out.path.parent, out.layout, tokenizer_dir=lm.path)
+        return out.path, {"verification": out.verification.to_dict()}
+
+    def ours(pass_, name: str):  # noqa: ANN001, ANN202
+        def build():  # noqa: ANN202
+            result = pass_.apply(graph, ctx)
+            out = export_decoder(result.graph.module, tmp / name / "decoder.onnx", new_tokens=LLAMA_NEW_TOKENS,
+                                 lowering=result.decoder_lowering, atol=1e-2)
+            write_genai_config(out.path.parent, out.layout, tokenizer_dir=lm.path)
+            return out.path, {"config": {pass_.name: pass_.config.model_dump(mode="json")},
+                              "verification": out.verification.to_dict(), "lowering": out.lowering}
+        return build
+
+    record("fp32", fp32)
+    if not args.no_w8a8:
+        record("ours-w8a8", ours(RepQPass(recipe_options("default")), "ours-w8a8"))
+    else:
+        info["ours-w8a8"] = {"description": LLAMA_DESCRIPTIONS["ours-w8a8"], "status": "skipped", "reason": "--no-w8a8"}
+    record("ours-int4", ours(WeightOnlyPass(recipe_options("int4-weight-only", "quantize.weight_only")), "ours-int4"))
+    if "fp32" in paths:
+        record("ort-rtn", lambda: (_ort_rtn_decoder(paths["fp32"], tmp / "ort-rtn" / "decoder.onnx"), {}))
+    record("genai-int4", lambda: (_genai_builder(lm.path, tmp / "genai-int4"), {}))
+    if dist_version("nncf") is None:
+        info["nncf"] = {"description": LLAMA_DESCRIPTIONS["nncf"], "status": "skipped",
+                        "reason": "nncf is not installed (pip install 'modelpress[nncf]')"}
+
+    for name, p in list(paths.items()):
+        info[name]["file_size_bytes"] = onnx_file_size(p)
+        try:
+            with reporter.step(f"quality of {name} (prefill on {len(evaluation)} held-out windows)"), quiet():
+                info[name]["quality"] = _decoder_quality(p, evaluation, reference_logp)
+        except Exception as exc:
+            info[name].update(failure(exc))
+            paths.pop(name)
+    build_seconds = time.perf_counter() - started
+    with reporter.step("generation timing (interleaved)"), quiet():
+        report = measure_generation(paths, get_target("ort-cpu", threads=THREADS), baseline="fp32",
+                                    prompt_len=LLAMA_SEQ, new_tokens=LLAMA_NEW_TOKENS, batch_sizes=[1],
+                                    rounds=args.rounds, reporter=reporter)
+    for name in paths:
+        s = report.stats(name, 1)
+        info[name]["generation_batch1"] = {
+            "prefill_ms_at_128": round(s.prefill_ms, 2), "decode_ms": round(s.decode_ms, 3),
+            "tokens_per_s": round(s.tokens_per_s, 1), "decode_speedup_vs_fp32": s.decode_speedup,
+            "prefill_speedup_vs_fp32": s.prefill_speedup, "peak_memory_mb": s.peak_memory_mb}
+        info[name]["size_vs_fp32"] = round(info[name]["file_size_bytes"] / info["fp32"]["file_size_bytes"], 4)
+    return {
+        "model": f"LlamaForCausalLM trained by modelpress.train.stdlib_llama ({lm.meta['parameters']} parameters, "
+        f"{lm.meta['model']})",
+        "training": {k: lm.meta[k] for k in ("corpus", "corpus_files", "train_tokens_seen", "held_out", "train_seconds")
+                     if k in lm.meta},
+        "data": data.description,
+        "reference_perplexity_torch_fp32": ref_ppl,
+        "protocol": (
+            f"every variant built first; quality: each cached decoder run as a prefill (past length 0) on "
+            f"{len(evaluation)} held-out windows of {LLAMA_SEQ} tokens, next-token KL and top-1 agreement against "
+            f"the FP32 torch model, perplexity of the held-out text; generation: bench.generation.measure_generation"
+            f" on ort-cpu at {THREADS} threads, batch 1, prompt {LLAMA_SEQ}, {LLAMA_NEW_TOKENS} new tokens, "
+            f"variants interleaved round-robin with fresh sessions, {args.rounds} rounds; speedups are medians of "
+            "per-round ratios against fp32"),
+        "variants": info,
+        "generation": report.to_dict(),
+        "build_seconds": round(build_seconds, 1),
+    }
+
+
+def print_llama_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{res['model']}\nort-cpu, {THREADS} threads, batch 1, prompt {LLAMA_SEQ}")
+    for col in ("variant", "tokens/s", "decode vs fp32", "prefill ms", "file MB", "size vs fp32", "KL", "top-1",
+                "perplexity"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, e in res["variants"].items():
+        if e.get("status") != "ok":
+            table.add_row(name, *["-"] * 7, escape(f"{e.get('status')}: {str(e.get('reason', ''))[:60]}"))
+            continue
+        g, q = e.get("generation_batch1", {}), e.get("quality", {})
+        table.add_row(name, fmt(g.get("tokens_per_s"), ".1f"), fmt(g.get("decode_speedup_vs_fp32"), ".2f", "x"),
+                      fmt(g.get("prefill_ms_at_128"), ".1f"), fmt(e["file_size_bytes"] / 1e6, ".1f"),
+                      fmt(e.get("size_vs_fp32"), ".3f"), fmt(q.get("next_token_kl"), ".2e"),
+                      fmt(q.get("top1_agreement"), ".4f"), fmt(q.get("perplexity"), ".3f"))
+    con.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = timing_parser(__doc__, RESULTS / "language_model.json", runs=20, min_time=0.5, threads=False)
     parser.add_argument("--no-nncf", action="store_true", help="skip NNCF")
+    parser.add_argument("--llama", action="store_true",
+                        help="the generation peers' table on the stdlib Llama (modelpress.train.stdlib_llama) instead; "
+                        "writes results/language_model_llama.json unless --out")
+    parser.add_argument("--no-w8a8", action="store_true", help="--llama: skip our W8A8 (the slowest to build)")
     parser.add_argument(
         "--train-steps", type=int, default=None,
         help=f"training steps of the model (default {TRAIN_STEPS}; --quick: {TRAIN_STEPS_QUICK}); cached per value",
     )
     args = parse_timing_args(parser, argv)
+    if args.llama and args.out == RESULTS / "language_model.json":
+        args.out = RESULTS / "language_model_llama.json"
 
     from modelpress.bench import system_info, write_json_atomic
     from modelpress.progress import Reporter
@@ -466,11 +716,11 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     with tempfile.TemporaryDirectory(prefix="modelpress-language-model-") as tmp:
-        result.update(run(args, Path(tmp), reporter))
+        result.update((run_llama if args.llama else run)(args, Path(tmp), reporter))
     result["seconds"] = round(time.perf_counter() - started, 1)
     out = write_json_atomic(args.out, result)
     con.print(f"CPU: {system['cpu_model']} | {system['cores_available']} cores")
-    print_table(con, result)
+    (print_llama_table if args.llama else print_table)(con, result)
     con.print(f"wrote {out} ({result['seconds']:.0f} s{', QUICK: smoke numbers' if args.quick else ''})")
     return 0
 

@@ -46,7 +46,7 @@ def test_the_agent_install_pulls_no_torch_and_the_compressing_extras_do():
     assert not {MODULE_OF.get(n, n) for n in agent} & TORCH_EXTRA, agent
     torch_extra = {MODULE_OF.get(n, n) for n in _install(("torch",))} - {MODULE_OF.get(n, n) for n in _install(())}
     assert torch_extra == TORCH_EXTRA  # the CLI's "needs the torch extra" message knows every package of it
-    for extra in ("demo", "vision", "nncf", "fuse", "search", "ray", "genai", "optimize", "tensorrt", "dev"):
+    for extra in ("demo", "vision", "nncf", "fuse", "search", "ray", "genai", "optimize", "tensorrt", "ort-int4", "dev"):
         assert "torch" in _install((extra,)), extra
 
 

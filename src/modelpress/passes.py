@@ -63,6 +63,8 @@ class PassResult:
     onnx_path: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     exporter: Exporter | None = None
+    # causal LMs: how the graph's special layers trace into the cached decoder (export.decoder.DecoderLowering)
+    decoder_lowering: Any = None
 
 
 class Pass:

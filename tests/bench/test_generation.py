@@ -155,3 +155,34 @@ def test_a_decoder_with_fewer_layers_is_measured_with_its_own_cache(llama_decode
                                 prompt_len=8, new_tokens=3, batch_sizes=[1], rounds=1, prefill_runs=1, memory=False,
                                 baseline="original")
     assert report.stats("pruned", 1).decode_ms > 0
+
+
+def test_layout_of_a_genai_builder_decoder_takes_symbolic_head_sizes_from_its_config(tmp_path):
+    """ONNX Runtime GenAI's model builder leaves the cache's head size symbolic ("kv_cache_dim"): the layout reads
+    it (and the kv heads, if symbolic) from the genai_config.json beside the graph, so its empty past is valid."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def value(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:  # noqa: ANN001
+        return helper.make_tensor_value_info(name, elem, dims)
+
+    inputs = [value("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              value("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    outputs = [value("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", 512])]
+    nodes = []
+    for i in range(2):
+        for kind in ("key", "value"):
+            inputs.append(value(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                ["batch_size", 2 if i == 0 else "kv_heads", "past_sequence_length", "kv_cache_dim"]))
+            outputs.append(value(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                 ["batch_size", 2, "total_sequence_length", "kv_cache_dim"]))
+            nodes.append(helper.make_node("Identity", [f"past_key_values.{i}.{kind}"], [f"present.{i}.{kind}"]))
+    nodes.append(helper.make_node("Identity", ["input_ids"], ["ids_copy"]))
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {
+        "context_length": 256, "type": "llama", "eos_token_id": 1, "bos_token_id": 1, "pad_token_id": 1,
+        "decoder": {"head_size": 16, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}}}))
+    layout = layout_from_onnx(tmp_path / "model.onnx")
+    assert layout.head_sizes == [16, 16] and layout.kv_heads == [2, 2] and layout.vocab_size == 512
+    assert layout.empty_past(3)["past_key_values.1.value"].shape == (3, 2, 0, 16)

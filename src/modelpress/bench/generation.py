@@ -86,6 +86,12 @@ def layout_from_onnx(path: os.PathLike | str) -> DecoderLayout:
         max_pos, model_type = cfg.get("context_length"), cfg.get("type")
         heads, hidden = cfg["decoder"].get("num_attention_heads", 0), cfg["decoder"].get("hidden_size", 0)
         eos, bos, pad = cfg.get("eos_token_id"), cfg.get("bos_token_id"), cfg.get("pad_token_id")
+        # GenAI's model builder leaves the head size symbolic ("kv_cache_dim"): its config has it
+        for k in kv:
+            if k[1] < 0 and cfg["decoder"].get("num_key_value_heads"):
+                k[1] = int(cfg["decoder"]["num_key_value_heads"])
+            if k[3] < 0 and cfg["decoder"].get("head_size"):
+                k[3] = int(cfg["decoder"]["head_size"])
     return DecoderLayout(model_type=model_type, num_layers=layers, num_heads=heads, kv_heads=[k[1] for k in kv],
                          head_sizes=[k[3] for k in kv], hidden_size=hidden, vocab_size=dims(logits)[-1],
                          max_positions=max_pos, position_ids="position_ids" in inputs, dtype=dtype,

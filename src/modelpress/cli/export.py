@@ -71,6 +71,15 @@ def export(
         typer.echo(f"wrote {output} ({info['optimization']}; max abs err {info.get('max_abs_err', float('nan')):.2e})")
 
 
+def decoder_lowering_of(module: Any) -> Any:
+    """The lowering a compressed model's own layers need in the cached decoder (packed weight-only layers:
+    MatMulNBits), or None for float models."""
+    from modelpress.quantize.weight_only_export import decoder_lowering
+    from modelpress.quantize.weight_only_pack import is_weight_only
+
+    return decoder_lowering() if is_weight_only(module) else None
+
+
 def _export_decoder(graph: Any, output: Path, two_graphs: bool, overwrite: bool, as_json: bool, rep: Any) -> None:
     """The decoder at ``output``, genai_config.json and the checkpoint's tokenizer files beside it."""
     from modelpress.export.decoder import export_decoder, write_genai_config
@@ -79,7 +88,8 @@ def _export_decoder(graph: Any, output: Path, two_graphs: bool, overwrite: bool,
     if config.exists() and not overwrite:
         raise ModelpressError(f"{config} already exists", "pass --overwrite to replace it, or choose another -o folder")
     check_writable(config)
-    result = export_decoder(graph.module, output, two_graphs=two_graphs, reporter=rep)
+    result = export_decoder(graph.module, output, two_graphs=two_graphs, lowering=decoder_lowering_of(graph.module),
+                            reporter=rep)
     info: dict[str, Any] = {"path": str(output), "form": "two graphs" if two_graphs else "one graph",
                             "file_size_bytes": result.file_size_bytes, **result.to_dict()}
     source = graph.source.get("path") if isinstance(graph.source, dict) else None

@@ -65,6 +65,7 @@ class Pipeline:
         started = time.perf_counter()
         pass_log: list[dict] = []
         exporter: Exporter | None = None
+        lowering: Any = None  # the quantized layers' lowering into the cached decoder
         current: Any = inputs if merges else graph
         for p in [p for p in self.recipe.passes if p.kind in ("merge", "graph")]:
             t0 = time.perf_counter()
@@ -74,6 +75,7 @@ class Pipeline:
                 raise RuntimeError(f"{p.kind} pass {p.name} returned no graph")
             current = result.graph
             exporter = result.exporter or exporter  # a later float pass keeps the quantized lowering
+            lowering = getattr(result, "decoder_lowering", None) or lowering
             pass_log.append({"pass": p.name, "stage": p.kind, "seconds": time.perf_counter() - t0, **result.metrics})
 
         export_cfg = self.recipe.spec.export
@@ -129,7 +131,8 @@ class Pipeline:
             report["latency"] = self._measure(graph, Path(base.path), onnx_path, ctx)
         decoder = None
         if is_causal_lm(graph.module):  # LM users generate: the cached decoders, and their generation speed
-            decoders = self._decoders(graph, current, workdir, ctx, report, quantized=exporter is not None)
+            decoders = self._decoders(graph, current, workdir, ctx, report, quantized=exporter is not None,
+                                      lowering=lowering)
             decoder = decoders.get("compressed")
             if measure and ctx.target is not None:
                 report["generation"] = self._measure_generation(decoders, ctx)
@@ -138,10 +141,11 @@ class Pipeline:
         return PipelineResult(current, onnx_path, Path(base.path), report, decoder)
 
     def _decoders(self, graph: ModelGraph, current: ModelGraph, workdir: Path, ctx: Context,
-                  report: dict[str, Any], *, quantized: bool = False) -> dict[str, Any]:
+                  report: dict[str, Any], *, quantized: bool = False, lowering: Any = None) -> dict[str, Any]:
         """The original's and the compressed model's decoders with a key-value cache, each verified against its
-        own torch model by greedy generation; a compressed model whose decoder cannot be exported or verified
-        (a quantized form the cached export does not lower yet) is reported, not written."""
+        own torch model by greedy generation; the compressed one through its passes' ``lowering`` when they
+        gave one (packed weight-only: MatMulNBits). A compressed model whose decoder cannot be exported or
+        verified (a quantized form the cached export does not lower yet) is reported, not written."""
         from modelpress.export.decoder import export_decoder
 
         opset = self.recipe.spec.export.opset
@@ -153,7 +157,8 @@ class Pipeline:
                 break
             try:
                 with ctx.reporter.step(f"exporting the {name} model's decoder with a key-value cache"):
-                    decoders[name] = export_decoder(g.module, workdir / f"decoder-{name}.onnx", opset=opset)
+                    decoders[name] = export_decoder(g.module, workdir / f"decoder-{name}.onnx", opset=opset,
+                                                    lowering=lowering if name == "compressed" else None)
                 info[name] = decoders[name].to_dict()
             except Exception as exc:  # a compressed form the cached export does not lower yet: reported, not fatal
                 if name == "original" and not isinstance(exc, ModelpressError):
@@ -161,7 +166,9 @@ class Pipeline:
                 info[name] = {"error": exc.problem if isinstance(exc, ModelpressError) else
                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
                 ctx.reporter.log(f"[yellow]no cached decoder for the {name} model[/yellow]: {info[name]['error']}")
-        if quantized and "compressed" in decoders:
+        if lowering is not None and "compressed" in decoders:
+            info["compressed"]["form"] = f"the quantized layers lowered by the pass: {lowering.name}"
+        elif quantized and "compressed" in decoders:
             info["compressed"]["form"] = ("the quantized torch model traced with its cache: fake-quant ops on float "
                                           "weights, not model.onnx's integer-kernel lowering")
         report["decoder"] = info

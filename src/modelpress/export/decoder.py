@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from modelpress.targets import cpu_session
 __all__ = [
     "DecoderExport",
     "DecoderLayout",
+    "DecoderLowering",
     "DecoderVerification",
     "decoder_layout",
     "export_decoder",
@@ -165,6 +167,25 @@ def decoder_layout(module: nn.Module) -> DecoderLayout:
 # ----------------------------------------------------------------------------------------- the graph
 
 
+@dataclass
+class DecoderLowering:
+    """How a method's own layers trace into the cached decoder graph (given by the method's pass; the export
+    layer knows no method). ``context`` is entered while tracing (e.g. packed weight-only layers then trace to
+    ``com.microsoft.MatMulNBits``), ``custom_opsets`` go to ``torch.onnx.export`` and ``postprocess`` edits
+    the traced model in place (drop the tracer's value_info, fold biases into the contrib op). The result is
+    verified strictly against the torch model. ``fast`` (optional) then edits the verified model into a
+    faster approximate form (e.g. MatMulNBits with int8 activations); that form is kept when it still
+    passes verification at ``fast_rtol`` (allowed logit error relative to the largest logit), and both
+    checks are reported."""
+
+    name: str
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    custom_opsets: dict[str, int] = field(default_factory=dict)
+    postprocess: Callable[[Any], Any] | None = None
+    fast: Callable[[Any], str | None] | None = None  # edits the onnx.ModelProto; returns what it did, or None
+    fast_rtol: float = 0.02
+
+
 class CachedDecoder(nn.Module):
     """``(input_ids, attention_mask, [position_ids], *past) -> (logits, *present)`` around a HF causal LM."""
 
@@ -206,7 +227,8 @@ def _trace_inputs(layout: DecoderLayout, vocab: int, device: torch.device, past:
     return tuple(args)
 
 
-def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: int, with_past: bool) -> None:
+def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: int, with_past: bool,
+                  lowering: DecoderLowering | None = None) -> None:
     wrapper = CachedDecoder(module, layout).eval()
     args = _trace_inputs(layout, layout.vocab_size, next(module.parameters()).device, 5 if with_past else 0)
     names_in = layout.input_names if with_past else layout.input_names[: len(layout.input_names) - len(layout.past_names)]
@@ -221,8 +243,9 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
         axes[name] = {0: "batch_size", 2: "past_sequence_length"}
     for name in layout.output_names[1:]:
         axes[name] = {0: "batch_size", 2: "total_sequence_length"}
+    lowered = lowering.context() if lowering is not None else contextlib.nullcontext()
     with (eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
-          torch.inference_mode(False), torch.no_grad()):
+          torch.inference_mode(False), torch.no_grad(), lowered):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper, args, str(path), input_names=names_in, output_names=layout.output_names,
@@ -231,7 +254,27 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
             # vs 107 MB of weights); ONNX Runtime folds the transposes at session creation, and the unfolded
             # file decoded as fast (21.6 vs 21.9 ms/token, 1 thread, interleaved)
             dynamic_axes=axes, opset_version=opset, do_constant_folding=False, dynamo=False,
+            **({"custom_opsets": lowering.custom_opsets} if lowering is not None and lowering.custom_opsets else {}),
         )
+    if lowering is not None and lowering.postprocess is not None:
+        import onnx
+
+        model = onnx.load(str(path))
+        lowering.postprocess(model)
+        _save_onnx(model, path)
+
+
+def _save_onnx(model: Any, path: Path) -> None:
+    """Save ``model`` at ``path`` (a new name then a rename), with external data when it would pass 2 GB."""
+    import onnx
+
+    tmp = path.with_name(path.stem + ".partial.onnx")
+    large = model.ByteSize() > 2**31 - 2**26
+    for old in [path.with_name(path.name + ".data")] if large else []:
+        old.unlink(missing_ok=True)
+    onnx.save(model, str(tmp), save_as_external_data=large, all_tensors_to_one_file=True,
+              location=path.name + ".data" if large else None)
+    tmp.replace(path)
 
 
 # -------------------------------------------------------------------------------------- generation
@@ -330,6 +373,8 @@ class DecoderVerification:
     # at the first differing step: |logit(ORT's token) - logit(torch's token)| in ORT's logits (None: equal)
     tie_margin: float | None = None
     uncached_tokens_equal: bool | None = None  # torch's full-sequence greedy picks ONNX Runtime's tokens
+    # torch generate's tokens on these prompts (reused by a second check of the same model; not reported)
+    reference_tokens: Any = field(default=None, repr=False, compare=False)
 
     @property
     def allowed_error(self) -> float:
@@ -362,20 +407,23 @@ class DecoderVerification:
                 f"(allowed {self.allowed_error:.3g})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tie": self.tie, "ok": self.ok}
+        out = {k: v for k, v in asdict(self).items() if k != "reference_tokens"}
+        return {**out, "tie": self.tie, "ok": self.ok}
 
 
 def verify_decoder(path: Path | str, module: nn.Module, layout: DecoderLayout | None = None, *,
                    new_tokens: int = 32, prompts: tuple[np.ndarray, np.ndarray] | None = None,
-                   atol: float = 1e-3, rtol: float = 1e-4) -> DecoderVerification:
+                   atol: float = 1e-3, rtol: float = 1e-4, reference_tokens: np.ndarray | None = None
+                   ) -> DecoderVerification:
     """Greedy tokens of the ONNX decoder (through its cache) against torch ``generate`` and its cached logits
-    against torch's uncached full-sequence logits on the same tokens."""
+    against torch's uncached full-sequence logits on the same tokens. ``reference_tokens``: torch
+    ``generate``'s tokens on the same prompts, when an earlier check of the same model has them."""
     layout = layout or decoder_layout(module)
     ids, mask = prompts if prompts is not None else held_out_prompts(layout, new_tokens)
     if layout.max_positions is not None:
         new_tokens = max(1, min(new_tokens, layout.max_positions - ids.shape[1]))
     with attention_implementation(module, "eager"):
-        reference = torch_greedy(module, ids, mask, new_tokens)
+        reference = torch_greedy(module, ids, mask, new_tokens) if reference_tokens is None else reference_tokens
         session = cpu_session(path)
         got, step_logits = greedy_onnx(session, layout, ids, mask, new_tokens)
         # the whole sequence at once, without a cache, on the tokens ONNX Runtime generated
@@ -406,6 +454,7 @@ def verify_decoder(path: Path | str, module: nn.Module, layout: DecoderLayout | 
         tokens_equal=not mismatch.size, uncached_tokens_equal=bool((torch_full == got).all()), new_tokens=new_tokens,
         first_mismatch=int(mismatch[0]) if mismatch.size else None, max_abs_err=float(diff.max()),
         reference_max=ref_max, atol=atol, rtol=rtol, prompts=list(ids.shape), tie_margin=tie,
+        reference_tokens=reference,
     )
 
 
@@ -423,22 +472,24 @@ class DecoderExport:
     export_seconds: float
     prefill_path: Path | None = None  # the two-graph form's prefill graph
     opset: int = 17
+    lowering: dict[str, Any] | None = None  # a method's lowering: its name, the fast form and its check
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "prefill_path": None if self.prefill_path is None else str(self.prefill_path),
                 "layout": self.layout.to_dict(), "file_size_bytes": self.file_size_bytes,
-                "export_seconds": round(self.export_seconds, 2), "opset": self.opset,
+                "export_seconds": round(self.export_seconds, 2), "opset": self.opset, "lowering": self.lowering,
                 "verification": None if self.verification is None else self.verification.to_dict()}
 
 
 def export_decoder(module: nn.Module, path: Path | str, *, opset: int = 17, verify: bool = True,
                    new_tokens: int = 32, two_graphs: bool = False, atol: float = 1e-3, rtol: float = 1e-4,
-                   reporter: Reporter = QUIET) -> DecoderExport:
+                   lowering: DecoderLowering | None = None, reporter: Reporter = QUIET) -> DecoderExport:
     """Export a causal LM as one cached decoder graph at ``path`` (GenAI naming; see the module docstring).
 
     ``verify`` checks greedy generation of ``new_tokens`` tokens and the cached logits against torch and
     raises ModelpressError on a mismatch. ``two_graphs`` also writes ``<stem>.prefill.onnx``, a graph
-    without past inputs. Nothing appears at ``path`` unless everything succeeded.
+    without past inputs. ``lowering``: a method's own lowering of its layers (see :class:`DecoderLowering`).
+    Nothing appears at ``path`` unless everything succeeded.
     """
     started = time.perf_counter()
     path = Path(path)
@@ -451,9 +502,9 @@ def export_decoder(module: nn.Module, path: Path | str, *, opset: int = 17, veri
         with (reporter.step(f"exporting the decoder with a key-value cache (opset {opset})"),
               attention_implementation(module, "eager")):
             try:
-                _export_graph(module, layout, staged, opset, with_past=True)
+                _export_graph(module, layout, staged, opset, with_past=True, lowering=lowering)
                 if prefill is not None:
-                    _export_graph(module, layout, prefill, opset, with_past=False)
+                    _export_graph(module, layout, prefill, opset, with_past=False, lowering=lowering)
             except ModelpressError:
                 raise
             except Exception as exc:
@@ -462,19 +513,58 @@ def export_decoder(module: nn.Module, path: Path | str, *, opset: int = 17, veri
         verification = None
         if verify:
             with reporter.step(f"verifying greedy generation ({new_tokens} tokens) against torch"):
-                verification = verify_decoder(staged, module, layout, new_tokens=new_tokens, atol=atol, rtol=rtol)
+                try:
+                    verification = verify_decoder(staged, module, layout, new_tokens=new_tokens, atol=atol, rtol=rtol)
+                except ModelpressError:
+                    raise
+                except Exception as exc:  # e.g. ONNX Runtime refuses the graph: a short error, nothing written
+                    raise ModelpressError(
+                        f"the exported decoder does not run in ONNX Runtime: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                        "a compressed form the cached export does not lower yet; report the recipe") from exc
             if not verification.ok:
                 raise ModelpressError(f"the decoder export does not match torch: {verification.describe()}",
                                       "loosen atol for quantized models, or report the model family")
+        lowered = None
+        if lowering is not None:
+            lowered = {"name": lowering.name}
+            if lowering.fast is not None and verification is not None:
+                with reporter.step(f"{lowering.name}: checking the faster approximate form"):
+                    lowered.update(_fast_form(lowering, staged, prefill, module, layout, new_tokens, atol,
+                                              verification.reference_tokens))
         prefill_dst = None
         if prefill is not None:
             prefill_dst = path.with_name(path.stem + ".prefill.onnx")
             move_onnx(prefill, prefill_dst)
         move_onnx(staged, path)
         size = onnx_file_size(path) + (onnx_file_size(prefill_dst) if prefill_dst else 0)
-        return DecoderExport(path, layout, verification, size, time.perf_counter() - started, prefill_dst, opset)
+        return DecoderExport(path, layout, verification, size, time.perf_counter() - started, prefill_dst, opset,
+                             lowered)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _fast_form(lowering: DecoderLowering, staged: Path, prefill: Path | None, module: nn.Module,
+               layout: DecoderLayout, new_tokens: int, atol: float, reference: np.ndarray | None) -> dict[str, Any]:
+    """Apply ``lowering.fast`` to the verified graph(s) and keep it where it verifies at ``fast_rtol``."""
+    import onnx
+
+    model = onnx.load(str(staged))
+    what = lowering.fast(model) if lowering.fast is not None else None
+    if what is None:
+        return {"fast_form": None}
+    candidate = staged.with_name("fast.onnx")
+    _save_onnx(model, candidate)
+    check = verify_decoder(candidate, module, layout, new_tokens=new_tokens, atol=atol, rtol=lowering.fast_rtol,
+                           reference_tokens=reference)
+    out: dict[str, Any] = {"fast_form": what, "fast_verification": check.to_dict(), "kept": bool(check.ok)}
+    if check.ok:
+        move_onnx(candidate, staged)
+        if prefill is not None:
+            pm = onnx.load(str(prefill))
+            lowering.fast(pm)
+            _save_onnx(pm, prefill)
+    return out
 
 
 # --------------------------------------------------------------------------------- GenAI folder files

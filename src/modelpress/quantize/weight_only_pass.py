@@ -44,7 +44,7 @@ class WeightOnlyPass(GraphPass):
     def apply(self, graph: Any, ctx: Any) -> PassResult:
         from modelpress.quantize.passes import calibration_batches
         from modelpress.quantize.weight_only import WeightOnlyConfig, quantize_weights
-        from modelpress.quantize.weight_only_export import export_weight_only
+        from modelpress.quantize.weight_only_export import decoder_lowering, export_weight_only
 
         cfg = self.config
         values = cfg.model_dump()
@@ -70,7 +70,8 @@ class WeightOnlyPass(GraphPass):
             ),
         }
         return PassResult(graph=out, metrics=metrics,
-                          exporter=partial(export_weight_only, accuracy_level=cfg.accuracy_level))
+                          exporter=partial(export_weight_only, accuracy_level=cfg.accuracy_level),
+                          decoder_lowering=decoder_lowering(cfg.accuracy_level))
 
 
 def _mean(d: dict[str, float]) -> float | None:

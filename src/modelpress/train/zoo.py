@@ -215,10 +215,12 @@ def _cached(
     cache_dir: str | os.PathLike | None,
     fit: Callable[[Path], dict[str, Any]],
     reporter: Reporter,
+    version: str = ZOO_VERSION,
 ) -> Path:
-    """The cache folder of ``name``/``seed``, training into a temporary folder and renaming it if absent."""
+    """The cache folder of ``name``/``version``/``seed``, training into a temporary folder and renaming it if
+    absent."""
     root = zoo_dir(cache_dir)
-    folder = root / f"{name}-v{ZOO_VERSION}-seed{seed}"
+    folder = root / f"{name}-v{version}-seed{seed}"
     if (folder / _META).is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
@@ -229,7 +231,7 @@ def _cached(
         meta = fit(tmp)
         meta.update(
             name=name,
-            version=ZOO_VERSION,
+            version=version,
             seed=seed,
             train_seconds=round(time.perf_counter() - start, 2),
             torch=torch.__version__,
