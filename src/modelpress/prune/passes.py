@@ -65,7 +65,7 @@ class MagnitudePrune(GraphPass):
 
     def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
         cfg = self.config
-        out = graph.copy()
+        out = graph.copy(share_weights=True)  # the original's weights until the removal replaces them
         before = out.num_parameters()
         plan: list[tuple[str, list[int], int]] = []
         for g in out.groups:
@@ -87,5 +87,6 @@ class MagnitudePrune(GraphPass):
         if cfg.reconstruct:
             metrics["reconstruct"] = reconstruct_pruned(graph, out, ctx, cfg.reconstruct_damp, cfg.reconstruct_mode,
                                                         cfg.reconstruct_target, cfg.reconstruct_samples)
+        out.own_weights(graph)
         return PassResult(graph=out, metrics=metrics)
 
