@@ -11,7 +11,14 @@ reporter's steps), and the wall time (indicative only: the machine is shared). W
 download); calibration tokens are random ids.
 
     python benchmarks/pruning_memory.py                  # BERT-base (writes results/pruning_memory.json)
-    python benchmarks/pruning_memory.py --llama-1b       # and the 1B case (8 sequences of 64 tokens)
+    python benchmarks/pruning_memory.py --llama-1b       # and the 1B case (4 sequences of 32 tokens)
+    python benchmarks/pruning_memory.py --cli bert-base-prune bert-base-compress   # the CLI end to end
+
+``--cli`` runs ``modelpress prune`` / ``compress`` itself (export, evaluation and latency included) on a random-weight
+HF folder saved by another process, with the resident set named by the reporter's steps (``stages``, and
+``stages_where_the_peak_rose_bytes``): issue 20's and 22's goals (peak <= 3x the FP32 weights) are stated for
+the command. Cases: ``bert-base-prune`` (goal a), ``llama-1b-prune`` (b), ``bert-base-compress`` (c, the default
+recipe), ``llama-1b-int4`` (d).
 
 BERT-base is calibrated on 128 sequences of 64 tokens in batches of 16 (the CLI's sample count and batch
 size); one pruning iteration by default (``--iterations``; the CLI's default is 4, which repeats the same
@@ -36,16 +43,32 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 CASES = {
-    # calibration: the CLI's 128 samples in batches of 16 (prune.global averages over up to 16 batches)
-    "bert-base": {"arch": "bert", "samples": 128, "seq": 64, "batch": 16},
-    # 8 sequences of 64 tokens: one batch (the CPU time of a 1B backward on two cores)
-    "llama-1b": {"arch": "llama", "samples": 8, "seq": 64, "batch": 16,
+    # 16 samples of 64 tokens, one batch: the refit (on by default) reruns both models' forwards up to each refit
+    # layer, so its time grows with batches x depth^2 (25 min at 4 batches on the loaded 2 cores); memory does not
+    "bert-base": {"arch": "bert", "samples": 16, "seq": 64, "batch": 16},
+    # 4 sequences of 32 tokens: one batch (the CPU time of a 1B backward and of the refit's partial forwards, one
+    # pair per refit stage, on two shared cores)
+    "llama-1b": {"arch": "llama", "samples": 4, "seq": 32, "batch": 16,
                  "config": {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 16,
                             "num_attention_heads": 16, "num_key_value_heads": 16}},
     # the same shape at 1/8 of the parameters: a quick look at where the 1B case's memory goes
     "llama-small": {"arch": "llama", "samples": 8, "seq": 64, "batch": 16,
                     "config": {"hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 8,
                                "num_attention_heads": 8, "num_key_value_heads": 8}},
+}
+
+
+# the CLI end to end (`modelpress prune` / `compress` on a random-weight HF folder and a tensors: file): the
+# goals of issues 20 and 22 (peak <= 3x the FP32 weights); one pruning iteration, few calibration samples (the
+# refit streams them: the sample count moves time, not the peak)
+CLI_CASES = {
+    "bert-base-prune": {"arch": "bert", "samples": 64, "seq": 64,
+                        "args": ["prune", "--target-params", "0.6", "--saliency", "hessian", "--iterations", "1"]},
+    "llama-1b-prune": {"arch": "llama", "samples": 16, "seq": 32, "config": CASES["llama-1b"]["config"],
+                       "args": ["prune", "--target-params", "0.6", "--saliency", "hessian", "--iterations", "1"]},
+    "bert-base-compress": {"arch": "bert", "samples": 64, "seq": 64, "args": ["compress"]},
+    "llama-1b-int4": {"arch": "llama", "samples": 16, "seq": 32, "config": CASES["llama-1b"]["config"],
+                      "args": ["compress", "--recipe", "int4-weight-only"]},
 }
 
 
@@ -63,8 +86,9 @@ class _Sampler:
     (phase, resident set at entry, peak during the span), since a phase's peak alone also counts memory an
     earlier phase left resident."""
 
-    def __init__(self, period: float = 0.02) -> None:
+    def __init__(self, period: float = 0.02, verbose: bool = True) -> None:
         self.phase = "start"
+        self.verbose, self.t0 = verbose, time.perf_counter()
         self.peaks: dict[str, int] = {}
         self.spans: list[list] = [["start", 0, 0]]
         self._lock = threading.Lock()
@@ -88,8 +112,11 @@ class _Sampler:
     def set(self, phase: str) -> None:
         self.sample()
         with self._lock:
-            self.phase = phase
+            changed, self.phase = phase != self.phase, phase
         rss = self.sample()
+        if changed and self.verbose:  # progress on stderr (the child's stdout carries its result)
+            print(f"[{time.perf_counter() - self.t0:8.1f} s] {phase}: RSS {rss / 2**20:.0f} MiB", file=sys.stderr,
+                  flush=True)
         with self._lock:
             if self.spans[-1][0] == phase and self.spans[-1][2] <= rss:
                 return
@@ -238,6 +265,105 @@ def run_case(name: str, iterations: int) -> dict:
     }
 
 
+def _stage_names(sampler: _Sampler, stages: list) -> None:
+    """Name the sampler's phases after the CLI's reporter steps and loops (wrapped at the class: measurement
+    only, the steps run unchanged), logging (seconds, stage, resident set at entry) to ``stages``."""
+    import contextlib
+
+    from modelpress import progress
+
+    t0 = time.perf_counter()
+    step, track = progress.Reporter.step, progress.Reporter.track
+
+    def mark(name: str) -> None:
+        sampler.set(name)
+        stages.append([round(time.perf_counter() - t0, 1), name, _status("VmRSS"), _status("VmHWM")])
+
+    @contextlib.contextmanager
+    def stepping(self, description):  # noqa: ANN001, ANN202
+        before = sampler.phase
+        mark(description)
+        try:
+            with step(self, description):
+                yield
+        finally:
+            mark(before)
+
+    def tracking(self, items, description, total=None):  # noqa: ANN001, ANN202
+        before = sampler.phase
+        mark(description)
+        yield from track(self, items, description, total)
+        mark(before)
+
+    progress.Reporter.step = stepping
+    progress.Reporter.track = tracking
+
+
+def _save_hf(spec: dict, folder: Path) -> tuple[int, Path]:
+    """Save the case's random-weight model as an HF folder and its random calibration tokens beside it (in a
+    separate process, so the case's own peak starts clean). Returns the parameter count and the data file."""
+    import numpy as np
+
+    module = _model(spec["arch"], spec.get("config"))
+    params = sum(p.numel() for p in module.parameters())
+    module.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, module.config.vocab_size, (spec["samples"], spec["seq"]))
+    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if spec["arch"] == "bert":
+        arrays["token_type_ids"] = np.zeros_like(ids)
+    np.savez(folder / "data.npz", **arrays)
+    return params, folder / "data.npz"
+
+
+def run_cli(name: str, folder: Path, params: int) -> dict:
+    """One CLI case in this process (a child): ``modelpress ARGS FOLDER --data tensors:FOLDER/data.npz`` with the
+    resident set sampled and named by the reporter's steps."""
+    sampler = _Sampler()
+    t0 = time.perf_counter()
+    sampler.set("imports")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    import modelpress.cli as cli
+
+    _instrument(sampler)
+    stages: list = []
+    _stage_names(sampler, stages)
+    spec = CLI_CASES[name]
+    out = folder.parent / f"out-{name}"
+    args = [*spec["args"], str(folder), "--data", f"tensors:{folder / 'data.npz'}", "-o", str(out), "--overwrite",
+            "--quiet", "--json"]
+    sampler.set("cli")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        cli.app(args=args, prog_name="modelpress", standalone_mode=False)
+    sampler.stop()
+    report = json.loads(printed.getvalue())
+    weights = 4 * params
+    peak = _status("VmHWM")
+    rose: dict[str, int] = {}  # stage -> the kernel's high-water mark at its end, where it rose during the stage
+    for i, (_, stage, _, hwm) in enumerate(stages):
+        end = stages[i + 1][3] if i + 1 < len(stages) else peak
+        if end > hwm:
+            rose[stage] = max(rose.get(stage, 0), end)
+    return {
+        "case": name, "command": "modelpress " + " ".join(args), "params": params, "fp32_weight_bytes": weights,
+        "calibration": {"samples": spec["samples"], "seq": spec["seq"]},
+        "params_after": (report.get("after") or {}).get("parameters"),
+        "peak_rss_bytes": peak, "peak_over_fp32_weights": round(peak / weights, 2),
+        "peak_rss_by_phase_bytes": sampler.peaks,
+        "stages_where_the_peak_rose_bytes": rose,
+        "stages": [{"seconds": t, "stage": n, "rss_at_entry": r} for t, n, r, _ in stages],
+        "largest_growth_spans": sampler.top_spans(),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+        "pass_seconds": {p["pass"]: round(p["seconds"], 1) for p in report.get("passes", [])},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-1b", action="store_true", help="also the ~1B-parameter Llama-style LM")
@@ -246,9 +372,18 @@ def main() -> None:
     ap.add_argument("--label", default="after", help="key under which the results are stored (before / after)")
     ap.add_argument("--out", type=Path, default=RESULTS / "pruning_memory.json")
     ap.add_argument("--case", help="run this one case in this process and print its row")
+    ap.add_argument("--cli", nargs="+", choices=sorted(CLI_CASES), help="run these CLI cases (one process each)")
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)  # a --cli child's model folder
+    ap.add_argument("--params", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.iterations)))
+        return
+    if args.cli and args.folder:  # a child: one CLI case
+        print(json.dumps(run_cli(args.cli[0], args.folder, args.params)))
+        return
+    if args.cli:
+        _run_cli_cases(args)
         return
     names = [] if args.only_llama_1b else ["bert-base"]
     if args.llama_1b or args.only_llama_1b:
@@ -267,6 +402,29 @@ def main() -> None:
         print(f"{name} [{args.label}]: {row['params'] / 1e6:.0f}M params, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
               f" = {row['peak_over_fp32_weights']}x FP32 weights (after build {row['rss_after_build_over_fp32_weights']}x),"
               f" pruning {row['seconds_pruning']} s")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(stored, indent=2) + "\n")
+
+
+def _run_cli_cases(args: argparse.Namespace) -> None:
+    """Each CLI case: the model folder saved by one process, the CLI run in another (its peak alone)."""
+    stored = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for name in args.cli:
+        with tempfile.TemporaryDirectory(prefix="prune-mem-cli-") as tmp:
+            folder = Path(tmp) / "model"
+            code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import pruning_memory as pm; "
+                    f"from pathlib import Path; print(pm._save_hf(pm.CLI_CASES[{name!r}], Path({str(folder)!r}))[0])")
+            made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            params = int(made.stdout.strip().splitlines()[-1])
+            proc = subprocess.run([sys.executable, __file__, "--cli", name, "--folder", str(folder), "--params",
+                                   str(params)], stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["pythonpath"] = os.environ.get("PYTHONPATH", "")
+        stored.setdefault(name, {})[args.label] = row
+        print(f"{name} [{args.label}]: {row['params'] / 1e6:.0f}M params, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
+              f" = {row['peak_over_fp32_weights']}x FP32 weights, {row['seconds_total']} s")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(stored, indent=2) + "\n")
 

@@ -140,3 +140,36 @@ def test_saliency_is_deterministic_and_checks_its_inputs(vit) -> None:  # noqa: 
         group_saliency(graph, "fisher", groups=group)
     with pytest.raises(ModelpressError, match="needs data"):
         group_saliency(graph, "hessian", groups=group, task=ClassificationTask())
+
+
+def test_text_backward_holds_a_token_budget_of_activations(monkeypatch) -> None:  # noqa: ANN001
+    """Text batches are pulled back at most MICRO_TOKENS tokens at a time (BERT-base at 64 tokens: 2 samples, not
+    4), short sequences still 4 samples; the scores are the batch's either way (float32 round-off)."""
+    import transformers as T
+
+    from modelpress.data import infer_task, probes
+    from modelpress.data.saliency import MICRO_BATCH, MICRO_TOKENS
+    from modelpress.data.sources import DataSplit
+    from modelpress.models.loaders import hf_input_spec
+
+    torch.manual_seed(0)
+    m = T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    graph = ModelGraph(m, hf_input_spec(m), {"kind": "hf", "class": "BertModel", "config": m.config.to_dict()}, name="t")
+    task = infer_task(graph.input_spec, m)
+    used: list[int | None] = []
+    split_backward = probes._split_backward
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        used.append(args[-1])
+        return split_backward(*args)
+
+    monkeypatch.setattr(probes, "_split_backward", spy)
+    for seq, micro in ((MICRO_TOKENS // MICRO_BATCH, MICRO_BATCH), (64, MICRO_TOKENS // 64)):
+        ids = torch.randint(0, 100, (8, seq), generator=torch.Generator().manual_seed(seq))
+        data = DataSplit([{"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": 0 * ids}])
+        scores = group_saliency(graph, "hessian", data=data, task=task, reference=m)
+        assert used[-1] == micro
+        whole = group_saliency(graph, "hessian", data=data, task=task, reference=m, micro_batch=None)
+        for name, s in scores.items():
+            np.testing.assert_allclose(s, whole[name], rtol=1e-3, atol=1e-9)

@@ -120,32 +120,29 @@ def check_exact(graph, groups: list[Group]) -> None:  # noqa: ANN001
 
 def _inexact(graph, todo: list[Group]) -> list[Group]:  # noqa: ANN001
     """On the graph's own module, edited and put back (no copy of the model): zero unit 0 of every group
-    in ``todo``, run, remove those units, run again; every group if the output moved."""
+    in ``todo``, run, remove those units, run again; every group if the output moved. The zeroed weights are
+    new tensors put in place of the touched ones (never written into: a pruned copy may share its weights
+    with the original, ``ModelGraph.copy(share_weights=True)``), and the module's own tensors are put back."""
     module = graph.module
-    params = dict(module.named_parameters())
     inputs = graph.example_inputs(1, 8 if graph.input_spec.kind == "text" else None, seed=2)
     names = graph.input_spec.names
-    zeroed: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []  # (param, axis, index, old values)
+    untouched = _edit.snapshot(module)
     try:
         with torch.no_grad():
+            holders = _edit.tensor_holders(module)
             for g in todo:
+                params = dict(module.named_parameters())
                 for (p, axis), idx in g.units[0].items():
                     if p in params:
-                        index = torch.as_tensor(idx, dtype=torch.long)
-                        zeroed.append((params[p], axis, index, params[p].index_select(axis, index).clone()))
-                        params[p].index_fill_(axis, index, 0.0)
+                        zeroed = params[p].detach().index_fill(axis, torch.as_tensor(idx, dtype=torch.long), 0.0)
+                        _edit.set_tensor(module, p, zeroed, holders)
+                        params[p] = dict(module.named_parameters())[p]
             before = PrimaryOutput(module, names)(*[inputs[n] for n in names])
-            saved = _edit.snapshot(module)
-            try:
-                for e in _edit.remove_units(module, [(g, [0]) for g in todo]):
-                    del e
-                after = PrimaryOutput(module, names)(*[inputs[n] for n in names])
-            finally:
-                _edit.restore(saved)
+            for e in _edit.remove_units(module, [(g, [0]) for g in todo]):
+                del e
+            after = PrimaryOutput(module, names)(*[inputs[n] for n in names])
     finally:
-        with torch.no_grad():
-            for t, axis, index, old in reversed(zeroed):
-                t.index_copy_(axis, index, old)
+        _edit.restore(untouched)
         _edit.refresh_caches(module)  # nothing derived from the zeroed weights stays cached
     scale = float(before.abs().max()) + 1e-6
     return list(todo) if float((after - before).abs().max()) > 1e-4 * scale else []

@@ -98,16 +98,27 @@ class ModelGraph:
         self._output_shape: tuple[int, ...] | None = None  # primary output at batch 1, as last checked
         self._lineage = Lineage.from_edits(self.edits)
         self._lineage.known = self._lineage.known and lineage_known
+        self._shared_versions: dict[int, int] = {}  # copy(share_weights=True): shared storage -> its version then
 
     # ----- basics -----
-    def copy(self) -> ModelGraph:
+    def copy(self, *, share_weights: bool = False) -> ModelGraph:
         """A deep copy (module included) that edits can change without touching this graph.
 
         Cached discovery comes along (it names parameters, never holds them), so the copy never
         re-traces; the exported program is shared, read-only.
+
+        ``share_weights``: the copy's parameters are new ``nn.Parameter`` objects over this graph's storage (no
+        weight bytes are copied; buffers are). Edits replace tensors (``remove_many``, ``remove_blocks``,
+        ``add_bias``), so they leave this graph alone, and a pruned copy costs only what it cut anew; anything
+        that writes into a parameter in place (training, an in-place refit) must first call
+        :meth:`own_weights`, which clones what is still shared.
         """
+        memo: dict[int, Any] = {}
+        if share_weights:
+            for p in self.module.parameters():  # tied parameters once: the tie survives in the copy
+                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
         out = ModelGraph(
-            copy.deepcopy(self.module),
+            copy.deepcopy(self.module, memo),
             self.input_spec,
             copy.deepcopy(self.source),
             tokenizer=self.tokenizer,
@@ -120,7 +131,35 @@ class ModelGraph:
         out._blocks = copy.deepcopy(self._blocks)
         out._output_shape = self._output_shape
         out._lineage = copy.deepcopy(self._lineage)
+        if share_weights:  # each shared storage's version at the copy: own_weights checks nothing wrote into it
+            out._shared_versions = {_storage(p): p._version for p in memo.values() if isinstance(p, nn.Parameter)}
         return out
+
+    def own_weights(self, original: ModelGraph) -> int:
+        """Give every parameter still sharing storage with ``original``'s parameters (a ``copy(share_weights=True)``)
+        its own clone, so that in-place writes to this graph no longer reach ``original``. Returns the bytes
+        cloned. Raises RuntimeError if a shared parameter was written in place meanwhile (``original`` changed)."""
+        theirs = {_storage(p) for p in original.module.parameters()} - {0}
+        versions = self._shared_versions
+        holders = _edit.tensor_holders(self.module)
+        cloned = 0
+        with torch.no_grad():
+            for name, p in list(self.module.named_parameters()):
+                key = _storage(p)
+                if key not in theirs:
+                    continue
+                if key in versions and p._version != versions[key]:  # shared parameters share their version counter
+                    raise RuntimeError(f"{name} was written in place while it shared its storage with "
+                                       f"{original.name}: the original changed")
+                _edit.set_tensor(self.module, name, p.detach().clone(), holders)
+                cloned += p.numel() * p.element_size()
+        self._shared_versions = {}
+        return cloned
+
+    def shared_bytes(self, other: ModelGraph) -> int:
+        """Bytes of this graph's parameters whose storage ``other``'s parameters also hold."""
+        theirs = {_storage(p) for p in other.module.parameters()} - {0}
+        return sum(p.numel() * p.element_size() for p in self.module.parameters() if _storage(p) in theirs)
 
     def example_inputs(self, batch: int = 1, seq_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         return self.input_spec.make_torch(batch, seq_len, seed)
@@ -621,3 +660,8 @@ def _residual_scopes(ep: torch.export.ExportedProgram, paths: list[str]) -> list
 
 def primary(outputs: Any) -> torch.Tensor:
     return primary_output(outputs)
+
+
+def _storage(t: torch.Tensor) -> int:
+    """The address of a tensor's storage (0 for an empty one): equal for tensors sharing their bytes."""
+    return t.untyped_storage().data_ptr() if t.numel() else 0

@@ -70,7 +70,7 @@ class MagnitudePrune(GraphPass):
 
     def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
         cfg = self.config
-        out = graph.copy()
+        out = graph.copy(share_weights=True)  # the original's weights until the removal replaces them
         before = out.num_parameters()
         plan: list[tuple[str, list[int], int]] = []
         for g in out.groups:
@@ -93,5 +93,6 @@ class MagnitudePrune(GraphPass):
             metrics["reconstruct"] = reconstruct_pruned(graph, out, ctx, cfg.reconstruct_damp, cfg.reconstruct_mode,
                                                         cfg.reconstruct_target, cfg.reconstruct_samples,
                                                         cfg.reconstruct_scope)
+        out.own_weights(graph)
         return PassResult(graph=out, metrics=metrics)
 

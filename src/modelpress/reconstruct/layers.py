@@ -79,12 +79,14 @@ def bias_of(module: nn.Module) -> torch.Tensor | None:
 
 @torch.no_grad()
 def set_matrix(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Write a refit ``[out, columns]`` matrix (and bias, when given) back into the layer in place."""
+    """Put a refit ``[out, columns]`` matrix (and bias, when given) into the layer: the same parameters (tied
+    names and optimizers keep them) over new storage, never written into, so a pruned copy that shares its
+    untouched tensors with the original (``ModelGraph.copy(share_weights=True)``) leaves the original as it was."""
     w = module.weight
     new = weight.t() if is_transposed_linear(module) else weight.reshape(w.shape)
-    w.copy_(new.to(w.dtype))
+    w.data = new.to(w.dtype).clone(memory_format=torch.contiguous_format)
     if bias is not None:
-        module.bias.copy_(bias.to(module.bias.dtype))
+        module.bias.data = bias.to(module.bias.dtype).clone(memory_format=torch.contiguous_format).reshape(module.bias.shape)
 
 
 def rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
