@@ -14,7 +14,7 @@ import modelpress
 from modelpress.cli import main
 from modelpress.passes import Context
 from modelpress.prune.blocks.fusion import fold, remove_with_learnable_fusion
-from modelpress.prune.blocks.importance import block_influence, output_change
+from modelpress.prune.blocks.importance import block_influence, block_scores, macro_influence, output_change
 from modelpress.prune.blocks.pass_ import FuseBlocks
 
 transformers = pytest.importorskip("transformers")
@@ -26,7 +26,12 @@ def gpt2(tmp_path_factory):
     torch.manual_seed(0)
     ckpt = tmp_path_factory.mktemp("fuse") / "gpt2"
     cfg = transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=200, n_positions=64)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(ckpt)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # GPT-2 initializes biases at zero: nonzero ones make the injected biases count
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(ckpt)
     graph = modelpress.load(str(ckpt))
     _ = graph.blocks
     return ckpt, graph
@@ -60,11 +65,14 @@ def test_block_adding_nothing_has_zero_macro_influence_and_goes_first(gpt2, tmp_
             layer.bias.zero_()
     paths = [b.path for b in g.blocks]
     task = _context(tmp_path).task
-    mi = output_change(g, _batches(), task, paths)
-    assert mi["transformer.h.1"] < 1e-9
-    assert min(v for p, v in mi.items() if p != "transformer.h.1") > 1e-5
+    mi = macro_influence(g, _batches(), paths)  # 1 - cos of the final hidden state
+    assert mi["transformer.h.1"] < 1e-12 < 1e-5 < min(v for p, v in mi.items() if p != "transformer.h.1")
+    kl = output_change(g, _batches(), task, paths)
+    assert kl["transformer.h.1"] < 1e-9 < 1e-5 < min(v for p, v in kl.items() if p != "transformer.h.1")
     bi = block_influence(g, _batches(), paths)
     assert bi["transformer.h.1"] < 1e-6 < min(v for p, v in bi.items() if p != "transformer.h.1")
+    hs = block_scores(g, "hessian", _batches(), task, paths)  # prune.global's saliency, reused
+    assert min(hs, key=hs.get) == "transformer.h.1"
     result = FuseBlocks({"target_blocks": 0.25, "fusion": "none"}).apply(g, _context(tmp_path))
     assert result.metrics["removed_blocks"] == ["transformer.h.1"]
     assert len(result.graph.blocks) == 3 and result.graph.module.config.n_layer == 3
@@ -78,16 +86,17 @@ def test_zero_coefficients_are_plain_removal_and_folding_keeps_outputs(gpt2):
     fused = graph.copy()
     near, params = remove_with_learnable_fusion(fused, "transformer.h.2", 2, 4, seed=0)
     assert near == ["transformer.h.1", "transformer.h.2"]  # h.1 and the old h.3, renumbered
-    assert len(params) == 8  # 4 Conv1D layers into each of the 2 neighbours
+    assert len(params) == 16  # the weight and bias of 4 Conv1D layers into each of the 2 neighbours
     x = _inputs()
     assert torch.equal(fused.forward(x), plain.forward(x))  # at zero coefficients: exactly plain removal
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in params:
-            p.a.copy_(torch.randn(p.a.shape, generator=g) * 0.3)
+            coef = p.a if hasattr(p, "a") else p.c
+            coef.copy_(torch.randn(coef.shape, generator=g) * 0.3)
     learned = fused.forward(x)
     assert (learned - plain.forward(x)).abs().max() > 1e-3  # the injected weights do something
-    assert fold(fused) == 8
+    assert fold(fused) == 16
     assert not any("parametrizations" in n for n, _ in fused.module.named_parameters())
     torch.testing.assert_close(fused.forward(x), learned, atol=1e-5, rtol=1e-5)
     assert set(fused.state()) == set(plain.state())  # the architecture of plain removal

@@ -204,3 +204,26 @@ def test_hidden_weight_needs_pairs() -> None:
     with pytest.raises(ModelpressError, match="hidden_weight"):
         train(teacher.copy().module, _text(8), task=TOKENS, teacher=teacher.module,
               config=TrainConfig(steps=1, hidden_weight=1.0), input_names=NAMES)
+
+
+def test_cache_probe_fits_windows_that_fill_every_position() -> None:
+    """LM windows as long as the model's positions (GPT-2's ``n_positions``): the cache's probe must not run
+    a longer one (it indexed past the position embedding), and still finds the logits per token."""
+    transformers = pytest.importorskip("transformers")
+    from modelpress.data import LanguageModelTask
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=8)
+    teacher = transformers.GPT2LMHeadModel(cfg).eval()
+    student = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (16, 8), generator=torch.Generator().manual_seed(0))
+    data = DataSplit(batches=[{"input_ids": ids[i : i + 8], "attention_mask": torch.ones(8, 8, dtype=torch.long)}
+                              for i in (0, 8)])
+    config = TrainConfig(steps=3, lr=1e-3, batch_size=8, teacher_cache="float32", dropout=False)
+    result = train(student, data, task=LanguageModelTask(), teacher=teacher, config=config,
+                   input_names=["input_ids", "attention_mask"])
+    assert result.steps == 3
+    samples = Samples(data)
+    live = LiveTeacher(teacher, ["input_ids", "attention_mask"], [], torch.device("cpu"))
+    cache = CachedTeacher(live, samples, torch.arange(16), 8, dtype="float32", budget_bytes=2**30)
+    assert cache.layout[0][:2] == (True, 50)  # the logits: per token, 50 values each

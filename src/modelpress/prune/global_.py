@@ -352,6 +352,21 @@ def _block_score(graph: ModelGraph, path: str, scores: dict, key: str) -> float:
     return float(scores[key][0])
 
 
+def block_saliency(graph: ModelGraph, paths: list[str], batches: list[dict], task: Any, *,
+                   criterion: str = "hessian", reference: Any = None, seed: int = 0) -> dict[str, float]:
+    """The saliency this pass gives each block in ``paths`` (its ``_block_score``: the summed saliencies of the
+    heads, MLP units and conv channels inside it, or, without any, the whole block scored as one set), on
+    ``batches``; for ranking blocks alone (``prune.fuse_blocks``' ``hessian`` importance)."""
+    from modelpress.data import DataSplit
+
+    scored = [g for g in graph.groups if g.prunable and g.kind in ("head", "mlp", "conv") and not g.meta.get("fixed")]
+    scored = [g for g in scored if any(_inside(g.scope, p) for p in paths)]
+    sets = {f"block:{p}": [f"{p}.{n}" for n, _ in graph.module.get_submodule(p).named_parameters()] for p in paths}
+    scores = group_saliency(graph, criterion, groups=scored, data=DataSplit(list(batches)), task=task,
+                            reference=reference, param_sets=sets, seed=seed)
+    return {p: _block_score(graph, p, scores, f"block:{p}") for p in paths}
+
+
 def _floor(group: Group, floors: dict, original: dict) -> int:
     size = original.get(group.name, group.size)
     return max(1, int(np.ceil(floors.get(group.kind, 0.0) * size)))

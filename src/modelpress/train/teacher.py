@@ -103,19 +103,23 @@ class CachedTeacher:
         return f"teacher cache: {k} of {len(self.samples)} samples in {str(self.dtype).replace('torch.', '')}"
 
     def _probe(self) -> list[tuple[bool, int, torch.dtype]]:
-        """Which targets are per token (they grow with the batch's length) and their sizes, from one sample
-        run at its own length and one column longer."""
+        """Which targets are per token (they follow the batch's length) and their sizes, from one sample run
+        at its own length and one column shorter (longer only for a one-token sample: a window that already
+        fills the model's positions, e.g. GPT-2's ``n_positions``, has no room for another column)."""
         one = self.samples.batch(self.first_order[:1])
         a = self.live(one)
         if self.mask_key is None:
             return [(False, t[0].numel(), t.dtype) for t in [a[0], *a[1]]]
         length = one[self.mask_key].shape[1]
-        longer = {k: torch.nn.functional.pad(v, (0, 1)) if v.ndim == 2 and v.shape[1] == length else v
-                  for k, v in one.items()}
-        b = self.live(longer)
+        other = length - 1 if length > 1 else 2
+
+        def resized(v: torch.Tensor) -> torch.Tensor:
+            return v[:, :other] if other < length else torch.nn.functional.pad(v, (0, other - length))
+
+        b = self.live({k: resized(v) if v.ndim == 2 and v.shape[1] == length else v for k, v in one.items()})
         layout = []
         for ta, tb in zip([a[0], *a[1]], [b[0], *b[1]], strict=True):
-            tok = ta.ndim >= 2 and ta.shape[1] == length and tb.shape[1] == length + 1
+            tok = ta.ndim >= 2 and ta.shape[1] == length and tb.shape[1] == other
             layout.append((tok, ta[0, 0].numel() if tok else ta[0].numel(), ta.dtype))
         return layout
 

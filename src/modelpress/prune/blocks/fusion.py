@@ -1,15 +1,28 @@
 """Recycling a removed block into its neighbours (FuseGPT's group-level layer fusion, and a LaCo-style merge).
 
-Learned fusion: for each weight matrix ``W_r`` of the removed block (a Linear, or transformers' Conv1D: any
-2-D ``weight``), the layer of the same name in each of the K nearest kept blocks of its container becomes
+Learned fusion: for each weight matrix ``W_r`` (and bias ``b_r``) of the removed block (a Linear, or
+transformers' Conv1D: any 2-D ``weight``), the layer of the same name in each of the K nearest kept blocks of
+its container becomes
 
-    W_n' = W_n + (A_n B_n) ⊙ W_r
+    W_n' = W_n + (A_n B_n) ⊙ W_r        b_n' = b_n + c_n ⊙ b_r
 
-with ``W_n`` and the injected ``W_r`` frozen and the low-rank coefficient matrix ``A_n B_n`` (rank r) learned.
-``A_n`` starts at zero, so before fine-tuning the model is exactly plain removal. The group (the neighbours
-and the removed block's place) is fine-tuned by local distillation: the hidden state at the end of the group
-is fitted to the one of the model before the removal, on calibration data, label-free. ``fold`` then writes
-``W_n'`` into the dense weights: the result has the architecture of plain removal.
+with ``W_n``, ``b_n`` and the injected ``W_r``, ``b_r`` frozen and the low-rank coefficient matrix ``A_n B_n``
+(rank r) and the per-output bias coefficients ``c_n`` learned, one set per neighbour layer. ``A_n`` and ``c_n``
+start at zero and ``B_n`` Kaiming-uniform, so before fine-tuning the model is exactly plain removal. The group
+(the neighbours and the removed block's place) is fine-tuned by local distillation: the hidden state at the
+end of the group is fitted to the one of the model before the removal, on calibration data, label-free (Adam,
+betas 0.9/0.95, cosine-annealed learning rate). ``fold`` then writes ``W_n'``, ``b_n'`` into the dense
+weights: the result has the architecture of plain removal.
+
+Checked against the authors' code (JarvisPei/FuseGPT, ``fuse_utils.py``: ``FuseLinear``, ``Fuser.update``;
+``run_fusion.py``: ``run_macro_fusion``): the same injection (``coef_matrix`` + ``coef_lora``: a zero
+``(out, r)`` factor times a Kaiming-uniform ``(r, in)`` factor, elementwise with the frozen injected weight;
+a zero per-output bias coefficient), the group a window of nearest blocks (``--group-size`` 8 counts the
+removed block: 7 neighbours, more before than after, which the tie rule here reproduces), coefficient
+learning rate 1e-3 with Adam betas (0.9, 0.95) and cosine annealing. Not reproduced: their fine-tuning also
+moves the group's other parameters (norms, biases, a rank-128 LoRA on each neighbour's own weight) at
+lr 9.65e-6, and their distillation loss is a KL divergence of hidden states softmaxed over the batch axis;
+here only the fusion coefficients learn, against a normalized MSE of the group's output hidden state.
 
 Merge (LaCo-style): ``W_n' = W_n + c (W_r - W_n)`` for every parameter of the removed block with a
 same-named, same-shaped parameter in a neighbour (``c`` split over the K neighbours), without learning.
@@ -26,22 +39,36 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from modelpress.graph import Block, ModelGraph
-from modelpress.prune.blocks.importance import hidden_of
+from modelpress.prune.blocks.importance import hidden_at
 
 
 class InjectedWeight(nn.Module):
-    """Parametrization ``W -> W + (A @ B) * injected`` with ``injected`` frozen and ``A`` (zeros) and ``B`` learned."""
+    """Parametrization ``W -> W + (A @ B) * injected`` with ``injected`` frozen, ``A`` (zeros) and ``B``
+    (Kaiming-uniform, as ``nn.Linear`` initializes a weight) learned."""
 
     def __init__(self, injected: torch.Tensor, rank: int, generator: torch.Generator) -> None:
         super().__init__()
         out_f, in_f = injected.shape
         rank = max(1, min(rank, out_f, in_f))
+        bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) of a (rank, in_f) matrix
         self.register_buffer("injected", injected.detach().clone())
         self.a = nn.Parameter(torch.zeros(out_f, rank, dtype=injected.dtype))
-        self.b = nn.Parameter(torch.randn(rank, in_f, generator=generator, dtype=injected.dtype) / math.sqrt(rank))
+        self.b = nn.Parameter((torch.rand(rank, in_f, generator=generator, dtype=injected.dtype) * 2 - 1) * bound)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.a @ self.b) * self.injected
+
+
+class InjectedBias(nn.Module):
+    """Parametrization ``b -> b + c * injected`` with ``injected`` frozen and ``c`` (zeros) learned."""
+
+    def __init__(self, injected: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("injected", injected.detach().clone())
+        self.c = nn.Parameter(torch.zeros_like(self.injected))
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias + self.c * self.injected
 
 
 def _index(path: str) -> tuple[str, int]:
@@ -50,10 +77,11 @@ def _index(path: str) -> tuple[str, int]:
 
 
 def neighbours(blocks: Sequence[Block], removed: str, k: int) -> list[str]:
-    """The ``k`` blocks of ``removed``'s container nearest to it (ties: the later block first), in model order."""
+    """The ``k`` blocks of ``removed``'s container nearest to it (ties: the earlier block first, so an odd group
+    has one more block before the removed one than after, as FuseGPT's windows do), in model order."""
     container, r = _index(removed)
     same = [b.path for b in blocks if b.path != removed and b.container == container]
-    near = sorted(same, key=lambda p: (abs(_index(p)[1] - r), -_index(p)[1]))[: max(k, 0)]
+    near = sorted(same, key=lambda p: (abs(_index(p)[1] - r), _index(p)[1]))[: max(k, 0)]
     return sorted(near, key=lambda p: _index(p)[1])
 
 
@@ -73,44 +101,64 @@ def matrix_layers(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _pairs(graph: ModelGraph, removed: str, near: Sequence[str]) -> list[tuple[str, str, torch.Tensor]]:
-    """(neighbour path, relative layer name, the removed block's weight) for every layer both have, same shape."""
-    src = matrix_layers(graph.module.get_submodule(removed))
+def _bias(layer: nn.Module) -> torch.Tensor | None:
+    b = getattr(layer, "bias", None)
+    return b if isinstance(b, torch.Tensor) else None
+
+
+def _pairs(graph: ModelGraph, removed: str, near: Sequence[str]
+           ) -> list[tuple[str, str, torch.Tensor, torch.Tensor | None]]:
+    """(neighbour path, relative layer name, the removed block's weight, its bias or None) for every layer both
+    have with the same weight shape (the bias only where both have one of the same shape)."""
+    block = graph.module.get_submodule(removed)
+    src = matrix_layers(block)
     out = []
     for n in near:
         dst = matrix_layers(graph.module.get_submodule(n))
-        out += [(n, rel, w.detach().clone()) for rel, w in src.items() if rel in dst and dst[rel].shape == w.shape]
+        for rel, w in src.items():
+            if rel not in dst or dst[rel].shape != w.shape:
+                continue
+            b_src = _bias(block.get_submodule(rel) if rel else block)
+            b_dst = _bias(graph.module.get_submodule(n).get_submodule(rel) if rel else graph.module.get_submodule(n))
+            keep_bias = b_src is not None and b_dst is not None and b_src.shape == b_dst.shape
+            out.append((n, rel, w.detach().clone(), b_src.detach().clone() if keep_bias else None))
     return out
 
 
 def remove_with_learnable_fusion(graph: ModelGraph, removed: str, k: int, rank: int,
-                                 seed: int) -> tuple[list[str], list[InjectedWeight]]:
-    """Remove block ``removed`` from ``graph`` (in place) and inject its weight matrices into its ``k`` nearest
-    neighbours as learnable low-rank-weighted parametrizations (zero coefficients: exactly plain removal).
+                                 seed: int) -> tuple[list[str], list[nn.Module]]:
+    """Remove block ``removed`` from ``graph`` (in place) and inject its weight matrices (and biases) into its
+    ``k`` nearest neighbours as learnable parametrizations (zero coefficients: exactly plain removal).
     Returns the neighbours' paths after the removal and the parametrizations (to train, then :func:`fold`)."""
     near = neighbours(graph.blocks, removed, k)
     pairs = _pairs(graph, removed, near)
     graph.remove_block(removed)
     gen = torch.Generator().manual_seed(seed)
-    params = []
-    for n, rel, w in pairs:
-        layer = graph.module.get_submodule(_renumbered(n, removed)).get_submodule(rel) if rel else \
-            graph.module.get_submodule(_renumbered(n, removed))
+    params: list[nn.Module] = []
+    for n, rel, w, b in pairs:
+        block = graph.module.get_submodule(_renumbered(n, removed))
+        layer = block.get_submodule(rel) if rel else block
         p = InjectedWeight(w.to(layer.weight.device), rank, gen)
         parametrize.register_parametrization(layer, "weight", p)
         params.append(p)
+        if b is not None:
+            q = InjectedBias(b.to(layer.bias.device))
+            parametrize.register_parametrization(layer, "bias", q)
+            params.append(q)
     return [_renumbered(n, removed) for n in near], params
 
 
 def fold(graph: ModelGraph) -> int:
-    """Write every injected parametrization of ``graph.module`` into its dense weight; returns how many."""
+    """Write every injected parametrization of ``graph.module`` into its dense weight or bias; returns how many
+    tensors were folded."""
     count = 0
     for m in list(graph.module.modules()):
-        if parametrize.is_parametrized(m, "weight"):
-            with torch.no_grad():
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-            m.weight.requires_grad_(False)
-            count += 1
+        for name in ("weight", "bias"):
+            if parametrize.is_parametrized(m, name):
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+                getattr(m, name).requires_grad_(False)
+                count += 1
     graph.invalidate()
     return count
 
@@ -130,30 +178,12 @@ def remove_with_merge(graph: ModelGraph, removed: str, k: int, coefficient: floa
     return [_renumbered(n, removed) for n in near]
 
 
-class _Stop(Exception):  # noqa: N818 - control flow: the group's output is known, the rest of the model is not run
-    pass
-
-
-def _group_output(module: nn.Module, path: str, names: Sequence[str], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The hidden state at the output of block ``path`` (the model is run up to it only)."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-        seen.append(hidden_of(out))
-        raise _Stop
-
-    handle = module.get_submodule(path).register_forward_hook(hook)
-    try:
-        module(**{n: batch[n] for n in names if n in batch})
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
+def _inputs(names: Sequence[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: batch[n] for n in names if n in batch}
 
 
 def finetune_group(graph: ModelGraph, teacher: ModelGraph, removed: str, near_before: Sequence[str],
-                   params: Sequence[InjectedWeight], batches: Sequence[dict[str, torch.Tensor]], steps: int,
+                   params: Sequence[nn.Module], batches: Sequence[dict[str, torch.Tensor]], steps: int,
                    lr: float, seed: int) -> dict[str, Any] | None:
     """Local distillation of the group: fit the hidden state at the end of the group (the neighbours and the removed
     block's place) in ``graph`` to the one in ``teacher`` (the model before the removal) with only the
@@ -166,26 +196,28 @@ def finetune_group(graph: ModelGraph, teacher: ModelGraph, removed: str, near_be
     student_path = f"{container}.{end - 1}"  # the removed block's place renumbers the later blocks
     names = list(graph.input_spec.names)
     with torch.no_grad():
-        targets = [_group_output(teacher.module, teacher_path, names, b).detach() for b in batches]
-    trainable = [t for p in params for t in (p.a, p.b)]
+        targets = [hidden_at(teacher.module, teacher_path, _inputs(names, b)).detach() for b in batches]
+    trainable = [t for p in params for t in p.parameters()]
     frozen = [(t, t.requires_grad) for t in graph.module.parameters()]
     for t, _ in frozen:
         t.requires_grad_(False)
     for t in trainable:
         t.requires_grad_(True)
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(trainable, lr=lr)
+    opt = torch.optim.Adam(trainable, lr=lr, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     losses = []
     graph.module.eval()
     try:
         for step in range(steps):
             i = step % len(batches)
-            s = _group_output(graph.module, student_path, names, batches[i])
+            s = hidden_at(graph.module, student_path, _inputs(names, batches[i]))
             t = targets[i]
             loss = ((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            schedule.step()
             losses.append(float(loss.detach()))
     finally:
         for t, req in frozen:

@@ -1,16 +1,22 @@
-"""Block importance on calibration data: Macro Influence (FuseGPT), ShortGPT's Block Influence, one-shot KL.
+"""Block importance on calibration data: Macro Influence (FuseGPT), ShortGPT's Block Influence, one-shot KL, and
+the Hessian block saliency of ``prune.global``.
 
 Every criterion scores the removable blocks of a :class:`~modelpress.graph.ModelGraph` (``graph.blocks``);
 a low score means the block is safe to remove. A block is removed for scoring by *bypassing* it (a forward
 hook makes it return its input hidden states), which is what deleting a residual block computes, without
 copying the model once per block.
 
-- **Macro Influence** (``mi``): the change of the model's output when the block is removed, measured with
-  the task's distillation loss (KL of the next-token / class distributions, the embedding task's fidelity
-  loss) against the model as it is now. The pass re-scores after every removal (the dynamic variant).
+- **Macro Influence** (``mi``, FuseGPT): the information lost at the model's final hidden state (the output
+  of its last block) when the block is removed, ``1 - cos(h_final, h_final without the block)`` per token,
+  averaged, against the model as it is now. The pass re-scores after every removal (the dynamic variant).
+  This is the measure of the authors' code (``full_importance_eval`` in JarvisPei/FuseGPT's
+  ``fuse_utils.py``: mean cosine of the last decoder layer's outputs, the most similar block removed first).
 - **Block Influence** (``block-influence``, ShortGPT): ``1 - cos(input, output)`` of the block's hidden
   states, averaged over tokens.
-- **One-shot KL** (``kl``): Macro Influence computed once on the input model, never re-scored.
+- **One-shot KL** (``kl``): the task's distillation loss at the model's output (KL of the next-token / class
+  distributions, the embedding task's fidelity loss) of removing each block alone, scored once.
+- **Hessian** (``hessian``): ``prune.global``'s block saliency (the diagonal-Fisher OBD saliency of the heads
+  and MLP units that empty the block, summed), scored once.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from torch import nn
 
 from modelpress.graph import ModelGraph
 
-Importance = Literal["mi", "block-influence", "kl"]
-IMPORTANCES: tuple[str, ...] = ("mi", "block-influence", "kl")
+Importance = Literal["mi", "block-influence", "kl", "hessian"]
+IMPORTANCES: tuple[str, ...] = ("mi", "block-influence", "kl", "hessian")
 
 
 def hidden_of(out: Any) -> torch.Tensor | None:
@@ -83,7 +89,7 @@ def _inputs(graph: ModelGraph, batch: dict[str, torch.Tensor]) -> dict[str, torc
 def output_change(graph: ModelGraph, batches: Sequence[dict[str, torch.Tensor]], task: Any,
                   paths: Sequence[str]) -> dict[str, float]:
     """For each block path: the task's distillation loss of the model with that block removed against the model
-    as it is, averaged over ``batches`` (the Macro Influence of the block)."""
+    as it is, averaged over ``batches`` (the one-shot KL baseline)."""
     teacher = [graph.forward(_inputs(graph, b)) for b in batches]
     scores: dict[str, float] = {}
     for path in paths:
@@ -126,12 +132,80 @@ def block_influence(graph: ModelGraph, batches: Sequence[dict[str, torch.Tensor]
     return {p: sums[p] / max(counts[p], 1) for p in paths}
 
 
+class _Stop(Exception):  # noqa: N818 - control flow: the wanted hidden state is known, the rest is not run
+    pass
+
+
+def hidden_at(module: nn.Module, path: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The hidden state at the output of block ``path`` (the model is run up to that block only). Hooks on
+    the block registered before this call (e.g. :func:`bypassed`) apply first."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+        seen.append(hidden_of(out))
+        raise _Stop
+
+    handle = module.get_submodule(path).register_forward_hook(hook)
+    try:
+        module(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen or seen[0] is None:
+        raise RuntimeError(f"block {path} was not run or returned no hidden state")
+    return seen[0]
+
+
+def _token_cosine(a: torch.Tensor, b: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """Sum over tokens (padding excluded when the batch has a 2-D attention mask) of ``1 - cos`` along the last
+    dimension, in float64 (identical states give 0 exactly, not rounding noise), and the token count."""
+    dist = 1.0 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == dist.shape:
+        keep = mask.bool()
+        return float(dist[keep].sum()), int(keep.sum())
+    return float(dist.sum()), int(dist.numel())
+
+
+@torch.no_grad()
+def macro_influence(graph: ModelGraph, batches: Sequence[dict[str, torch.Tensor]],
+                    paths: Sequence[str]) -> dict[str, float]:
+    """FuseGPT's Macro Influence of each block path: ``1 - cos`` between the model's final hidden state (the
+    output of its last block, before any final norm or head) as it is and with that block removed, per token,
+    averaged over ``batches``. A block whose removal changes nothing downstream scores 0."""
+    last = graph.blocks[-1].path
+    inputs = [_inputs(graph, b) for b in batches]
+    full = [hidden_at(graph.module, last, x) for x in inputs]
+    scores: dict[str, float] = {}
+    for path in paths:
+        total, count = 0.0, 0
+        with bypassed(graph.module, path):  # registered first: runs before hidden_at's hook on the same block
+            for b, x, ref in zip(batches, inputs, full, strict=True):
+                s, n = _token_cosine(hidden_at(graph.module, last, x), ref, b)
+                total, count = total + s, count + n
+        scores[path] = max(total / max(count, 1), 0.0)
+    return scores
+
+
+def hessian_saliency(graph: ModelGraph, batches: Sequence[dict[str, torch.Tensor]], task: Any,
+                     paths: Sequence[str], seed: int = 0) -> dict[str, float]:
+    """``prune.global``'s Hessian block saliency of each block path (its own scoring, reused)."""
+    from modelpress.prune.global_ import block_saliency
+
+    return block_saliency(graph, list(paths), list(batches), task, seed=seed)
+
+
 def block_scores(graph: ModelGraph, importance: Importance, batches: Sequence[dict[str, torch.Tensor]],
-                 task: Any, paths: Sequence[str] | None = None) -> dict[str, float]:
+                 task: Any, paths: Sequence[str] | None = None, seed: int = 0) -> dict[str, float]:
     """Score ``paths`` (default: every removable block) with ``importance``; lower is safer to remove."""
     paths = list(paths) if paths is not None else [b.path for b in graph.blocks if b.removable]
     if importance == "block-influence":
         return block_influence(graph, batches, paths)
-    if importance in ("mi", "kl"):
+    if importance == "mi":
+        return macro_influence(graph, batches, paths)
+    if importance == "kl":
         return output_change(graph, batches, task, paths)
+    if importance == "hessian":
+        return hessian_saliency(graph, batches, task, paths, seed)
     raise ValueError(f"unknown block importance {importance!r}; choose one of {IMPORTANCES}")

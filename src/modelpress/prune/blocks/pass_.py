@@ -24,14 +24,17 @@ from modelpress.prune.blocks.importance import Importance, block_scores
 class FuseBlocksConfig(PassConfig):
     # fraction of the removable blocks to remove (rounded to the nearest count, at least one)
     target_blocks: float = Field(0.25, gt=0.0, lt=1.0)
-    # mi: Macro Influence, re-scored after every removal; block-influence (ShortGPT) and kl: scored once
+    # mi: Macro Influence, re-scored after every removal; block-influence (ShortGPT), kl (output KL of removing
+    # each block alone) and hessian (prune.global's block saliency): scored once
     importance: Importance = "mi"
     # learned: FuseGPT's low-rank-weighted injection + group distillation; merge: LaCo-style averaging; none
     fusion: Literal["learned", "merge", "none"] = "learned"
-    neighbours: int = Field(2, ge=0)
+    # FuseGPT's group: the authors' default --group-size 8 counts the removed block, so 7 neighbours (fewer
+    # where the container has fewer blocks)
+    neighbours: int = Field(7, ge=0)
     finetune_steps: int = Field(20, ge=0)
     lr: float = Field(1e-3, gt=0.0)
-    rank: int = Field(4, ge=1)
+    rank: int = Field(8, ge=1)  # of the fusion coefficient matrices (the authors use 128 on 4096-wide LLaMA)
     merge_coefficient: float = Field(0.5, ge=0.0, le=1.0)
     calibration_batches: int = Field(4, ge=1)
 
@@ -73,7 +76,7 @@ class FuseBlocks(GraphPass):
         batches = _calibration(out, ctx, cfg.calibration_batches)
         before = out.num_parameters()
         ids = [b.path for b in out.blocks]  # original path of each current block, in order
-        static = None if cfg.importance == "mi" else block_scores(out, cfg.importance, batches, task)
+        static = None if cfg.importance == "mi" else block_scores(out, cfg.importance, batches, task, seed=ctx.seed)
         steps: list[dict[str, Any]] = []
         for i in range(n_remove):
             paths = [b.path for b in out.blocks if b.removable and out.can_remove_blocks([b.path])]
