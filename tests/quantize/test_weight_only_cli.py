@@ -81,3 +81,10 @@ def test_compress_int4_weight_only_recipe(tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["verification"]["ok"] and again["lowering"]["name"] == "weight-only MatMulNBits"
     assert [n.op_type for n in onnx.load(str(tmp_path / "again" / "decoder.onnx")).graph.node].count("MatMulNBits") == 9
+
+    # `modelpress bench` of the saved INT4 folder times generation through the same lowered decoder
+    capsys.readouterr()
+    bench_json = tmp_path / "bench.json"
+    main(["bench", str(out), "--rounds", "1", "--new-tokens", "4", "--prompt", "8", "-o", str(bench_json), "--json", "-q"])
+    timed = json.loads(bench_json.read_text())["variants"]["onnx"]
+    assert timed["file_size_bytes"] == (out / "decoder.onnx").stat().st_size  # the lowered file (float: 2x larger)

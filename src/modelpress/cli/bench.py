@@ -18,6 +18,7 @@ from modelpress.cli.common import (
     TokenFile,
     TrustPickle,
     check_output_file,
+    decoder_lowering_of,
     load_graph,
     print_json,
     print_rich,
@@ -153,7 +154,8 @@ def _generation(model: str | None, generate: bool | None, tgt: Any, batch: list[
                 return False
             require_causal_lm(graph.module)
             tmp = Path(tempfile.mkdtemp(prefix="modelpress-bench-"))
-            result = export_decoder(graph.module, tmp / "decoder.onnx", two_graphs=two_graphs, reporter=rep)
+            result = export_decoder(graph.module, tmp / "decoder.onnx", two_graphs=two_graphs,
+                                    lowering=decoder_lowering_of(graph.module), reporter=rep)
             layout, name = result.layout, graph.name
             variants = {"onnx": result.path}
             if result.prefill_path is not None:

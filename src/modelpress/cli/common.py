@@ -96,6 +96,15 @@ def resolve_target(target: str, threads: int | None, token_file: Path | None = N
     return tgt
 
 
+def decoder_lowering_of(module: Any) -> Any:
+    """The lowering a compressed model's own layers need in the cached decoder (packed weight-only layers:
+    MatMulNBits), or None for float models."""
+    from modelpress.quantize.weight_only_export import decoder_lowering
+    from modelpress.quantize.weight_only_pack import is_weight_only
+
+    return decoder_lowering() if is_weight_only(module) else None
+
+
 def load_graph(ckpt: str | None, trust_pickle: bool, input_shape: str | None, rep: Any, seed: int = 0) -> Any:
     """Load the checkpoint argument as a ModelGraph, parsing --input-shape first; ``seed`` (the command's
     --seed, 0 for commands without one) draws the random weights of timm/torchvision models without weights."""

@@ -19,6 +19,7 @@ from modelpress.cli.common import (
     TrustPickle,
     check_output_file,
     check_writable,
+    decoder_lowering_of,
     load_graph,
     print_json,
     reporter,
@@ -69,15 +70,6 @@ def export(
         print_json(info)
     else:
         typer.echo(f"wrote {output} ({info['optimization']}; max abs err {info.get('max_abs_err', float('nan')):.2e})")
-
-
-def decoder_lowering_of(module: Any) -> Any:
-    """The lowering a compressed model's own layers need in the cached decoder (packed weight-only layers:
-    MatMulNBits), or None for float models."""
-    from modelpress.quantize.weight_only_export import decoder_lowering
-    from modelpress.quantize.weight_only_pack import is_weight_only
-
-    return decoder_lowering() if is_weight_only(module) else None
 
 
 def _export_decoder(graph: Any, output: Path, two_graphs: bool, overwrite: bool, as_json: bool, rep: Any) -> None:
