@@ -45,6 +45,7 @@ from modelpress.search.supernet import SuperNet
 from modelpress.search.workers import (
     DATA,
     SPEC,
+    adopt_evaluator,
     baseline_bytes,
     evaluate_item,
     load_evaluator,
@@ -160,7 +161,10 @@ class _Search:
     def __init__(self, run: Path, ev: Evaluator, ex: Any, reporter: Reporter, *, measure_points: bool) -> None:
         self.run, self.ev, self.ex, self.reporter = run, ev, ex, reporter
         self.measure_points = measure_points  # False: a predicted-only search (no point is timed)
-        self.payload = ex.share(make_payload(run))
+        payload = make_payload(run)
+        if ex.in_process:  # this process is the worker: it evaluates with the driver's evaluator, not a second copy
+            adopt_evaluator(payload, ev)
+        self.payload = ex.share(payload)
         self.bases: Any = None
         self.reference_ms: float | None = None
         self.measurements = _load(run / "measurements.json", {})

@@ -111,6 +111,12 @@ def worker_evaluator(payload: dict[str, Any]) -> Evaluator:
     return ev
 
 
+def adopt_evaluator(payload: dict[str, Any], ev: Evaluator) -> None:
+    """Let this process evaluate ``payload`` with ``ev`` (the driver's evaluator of the same run folder) instead
+    of rebuilding it from the payload's bytes: for an executor that runs its items in the driver's process."""
+    _WORKER_EVALUATORS[payload["id"]] = ev
+
+
 def evaluate_item(item: tuple[dict[str, Any], bool], payload: dict[str, Any]) -> dict[str, Any]:
     """Worker entry point: (config, ONNX wanted) -> objectives it can compute, ONNX bytes, reconstruction
     seconds, and where it ran (process id, working directory)."""
