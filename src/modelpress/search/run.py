@@ -4,7 +4,8 @@ or to extract a point:
     RUN_DIR/search.json       the spec (SearchSpec), model fingerprint, space, evaluation settings: written once
     RUN_DIR/supernet/         the (re-ordered, optionally fine-tuned) super-network, saved without pickle
     RUN_DIR/reference/        the original model when the super-network was fine-tuned (quality reference)
-    RUN_DIR/data.pt           the calibration and evaluation tensors (reconstruction, quantization, scoring)
+    RUN_DIR/data.pt           the calibration and evaluation tensors (reconstruction, quantization, scoring) and
+                              the train-split samples reconstruction adds
     RUN_DIR/latency.json      the block latency model (predicted latency)
     RUN_DIR/precision.json    the measured per-layer-kind, per-precision latency table (predicted latency)
     RUN_DIR/baselines/        full float and full INT8 ONNX: every latency is timed interleaved with them
@@ -92,7 +93,8 @@ def run_search(graph: ModelGraph, ctx: Context, run_dir: str | Path, spec: Searc
         raise ModelpressError(f"latency batch {spec.latency_batch} does not fit the latency table's batch {key['batch']}",
                               "give the same batch as the latency table's")
     settings = EvalSettings(
-        objectives=list(spec.objectives), latency=spec.latency, reconstruct=spec.reconstruct, rounds=spec.rounds,
+        objectives=list(spec.objectives), latency=spec.latency, reconstruct=spec.reconstruct,
+        reconstruct_target=spec.reconstruct_target, reconstruct_samples=spec.reconstruct_samples, rounds=spec.rounds,
         precision_config={**FAST_REPQ, **(spec.precision_config or {})},
         batch=int(spec.latency_batch or key.get("batch") or 1), seq=spec.latency_seq or key.get("seq"))
     fingerprint = {"model": model_fingerprint(graph), "space": space.fingerprint(), **spec.fingerprint(),
@@ -323,7 +325,7 @@ def _prepare(graph: ModelGraph, ctx: Context, run: Path, space: SearchSpace, spe
                               reference=graph.copy().module, resume=True, reporter=reporter)
         _replace(run / "reference", lambda p: save(graph, p))
     _replace(run / "supernet", lambda p: save(net.graph, p))
-    save_data(ctx.data, run / DATA)
+    save_data(ctx.data, run / DATA, train_samples=settings.reconstruct_samples if settings.reconstruct else 0)
     if "latency" in settings.objectives and settings.latency == "predicted":
         table = latency_table
         if table is None:
