@@ -105,7 +105,8 @@ def _search(graph, ctx, run: Path, args, opts: dict[str, Any], finetune: dict | 
 
     t0 = time.perf_counter()
     spec = SearchSpec(budget=args.budget, batch_size=args.batch, finetune=finetune, generations=args.generations,
-                      pop_size=args.pop_size, latency="predicted", rounds=args.rounds, **opts)
+                      pop_size=args.pop_size, latency="predicted", rounds=args.rounds,
+                      reconstruct_target=args.reconstruct_target, reconstruct_samples=args.reconstruct_samples, **opts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = run_search(graph, ctx, run, spec, reporter=reporter, **tables)
@@ -168,7 +169,9 @@ def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetu
     objectives = opts["objectives"]
     out: dict[str, Any] = {"objectives": objectives, "budget": {
         "evaluations_per_method": args.budget, "batch": args.batch, "generations": args.generations,
-        "pop_size": args.pop_size, "eval_samples": args.n_eval, "instatune": finetune, "reconstruct": True}}
+        "pop_size": args.pop_size, "eval_samples": args.n_eval, "instatune": finetune,
+        "reconstruct": {"target": args.reconstruct_target, "train_samples": args.reconstruct_samples,
+                        "held_back": "the calibration split's last batch decides whether a refit is kept"}}}
 
     with reporter.step(f"{name}: LINAS search, {args.budget} real evaluations"):
         linas = _search(graph, ctx, tmp / f"{name}-linas", args, opts, None, reporter, tables)
@@ -292,7 +295,7 @@ def run_vit(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     opts = {"objectives": ("quality", "latency", "size"), "uniform": (0.25, 0.5, 0.75),
             "space": {"mlp_fractions": (0.25, 0.5, 0.75, 1.0)}}
     finetune = {"steps": args.vit_tune_steps, "lr": args.vit_tune_lr, "warmup_steps": min(50, args.vit_tune_steps // 10), "batch_size": 32, "n_random": 2,
-                "seed": args.seed}
+                "seed": args.seed, "hidden_weight": args.hidden_weight}
     res = compare("vit", graph, ctx, args, tmp, opts, finetune, reporter, args.budget, {"latency_table": table})
     res["model"] = {"name": "digits ViT (zoo)", "params": graph.num_parameters(), "quality": "accuracy",
                     "latency": f"searched on predicted latency (block table grid {VIT_GRID}, CPU clock, and the "
@@ -323,7 +326,7 @@ def run_minilm(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     opts = {"objectives": ("quality", "latency"), "uniform": (0.25, 0.5, 0.75)}
     finetune = {"steps": args.minilm_tune_steps, "lr": args.minilm_tune_lr, "warmup_steps": min(10, args.minilm_tune_steps // 10), "batch_size": 8, "n_random": 1,
-                "seed": args.seed}
+                "seed": args.seed, "hidden_weight": args.hidden_weight}
     res = compare("minilm", graph, ctx, args, tmp, opts, finetune, reporter, args.minilm_budget,
                   {"latency_table": table})
     res["model"] = {"name": "all-MiniLM-L6-v2", "params": graph.num_parameters(),
@@ -555,6 +558,10 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
     parser.add_argument("--pop-size", type=int, default=40)
     parser.add_argument("--n-eval", type=int, default=300, help="held-out digits scoring ViT accuracy")
     parser.add_argument("--minilm-eval", type=int, default=48, help="held-out sentences scoring MiniLM fidelity")
+    parser.add_argument("--hidden-weight", type=float, default=1.0,
+                        help="InstaTune's hidden-state distillation weight (the largest's blocks against the original's)")
+    parser.add_argument("--reconstruct-target", choices=("stream", "layer"), default="stream")
+    parser.add_argument("--reconstruct-samples", type=int, default=512, help="train-split samples added to every refit")
     parser.add_argument("--vit-tune-steps", type=int, default=1000, help="InstaTune steps on the ViT")
     parser.add_argument("--vit-tune-lr", type=float, default=3e-4)
     parser.add_argument("--minilm-tune-steps", type=int, default=600, help="InstaTune steps on MiniLM (~1.3 s each)")

@@ -13,48 +13,9 @@ import pytest
 import torch
 
 from modelpress.errors import ModelpressError
+from tests.search.runs import MEASURED, search
 
 pytest.importorskip("pymoo")
-
-OBJ = ["quality", "latency", "size"]
-
-
-def _ctx(graph, data, tmp_path):  # noqa: ANN001, ANN202
-    from modelpress.bench import get_target
-    from modelpress.data.tasks import ClassificationTask
-    from modelpress.passes import Context
-
-    return Context(workdir=tmp_path / "w", task=ClassificationTask(), data=data, reference=graph,
-                   target=get_target("ort-cpu", threads=1), seed=0)
-
-
-SPACE = {"head_fractions": (0.5, 1.0), "mlp_fractions": (0.25, 0.5, 1.0)}
-
-
-def _search(graph, data, table, tmp_path, run, precision_table=None, resume=False, max_batches=None, **kw):  # noqa: ANN001, ANN202
-    from modelpress.search.run import run_search
-    from modelpress.search.spec import SearchSpec
-
-    torch.set_num_threads(1)
-    opts = dict(objectives=OBJ, budget=10, batch_size=6, latency="predicted", generations=6, pop_size=12,
-                uniform=(), space=SPACE, rounds=2)
-    opts.update(kw)
-    return run_search(graph, _ctx(graph, data, tmp_path), tmp_path / run, SearchSpec(**opts), latency_table=table,
-                      precision_table=precision_table, resume=resume, max_batches=max_batches)
-
-
-@pytest.fixture(scope="module")
-def searched(vit_graph, vit_data, vit_table, tmp_path_factory):  # noqa: ANN001, ANN201
-    """One uninterrupted search (two batches; the first holds 3 anchors and 3 random sub-networks, so the
-    second batch's predictors fit more than the anchors) over predicted latency, its front then measured; and
-    one stopped after its first batch (the same measured precision table), shared by the tests."""
-    from modelpress.search.precision import PrecisionTable
-
-    tmp = tmp_path_factory.mktemp("search")
-    full = _search(vit_graph, vit_data, vit_table, tmp, "full")
-    table = PrecisionTable.from_dict(json.loads((tmp / "full" / "precision.json").read_text()))
-    part = _search(vit_graph, vit_data, vit_table, tmp, "part", precision_table=table, max_batches=1)
-    return tmp, full, part, table
 
 
 def _csv(path) -> list[dict]:  # noqa: ANN001
@@ -64,8 +25,8 @@ def _csv(path) -> list[dict]:  # noqa: ANN001
         return list(csv.DictReader(f))
 
 
-def test_search_outputs(searched, vit_graph) -> None:  # noqa: ANN001
-    tmp, full, part, _ = searched
+def test_search_outputs(searched, full_ev) -> None:  # noqa: ANN001
+    tmp, full, part, *_ = searched
     assert full["evaluated"] == 10 and full["pareto"] and full["hypervolume"] > 0
     assert part["evaluated"] == 6
     base = full["baselines"]["points"]
@@ -101,90 +62,112 @@ def test_search_outputs(searched, vit_graph) -> None:  # noqa: ANN001
     assert set(table["savings"]) == {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
                                      "mlp.fc1", "mlp.fc2"}
     assert all(np.isfinite(v["int8"]) for v in table["savings"].values())
-    from modelpress.search.workers import load_evaluator
-
-    ev = load_evaluator(tmp / "full")  # the latency model then predicts full INT8 at its measured share
+    ev = full_ev  # the latency model then predicts full INT8 at its measured share
     ratio = ev.predicted_latency(ev.net.space.largest("int8")) / ev.predicted_latency(ev.net.space.largest("float"))
     assert table["measured"]["notes"] or ratio == pytest.approx(1 - table["full"]["int8"], rel=1e-6)
     # reconstruction ran on the cut sub-networks, and its cost is reported
     assert full["cost"]["reconstruct_s_per_point"] > 0
 
 
-def test_predicted_only_run_says_so(vit_graph, vit_data, vit_table, tmp_path) -> None:  # noqa: ANN001
-    """A predicted-latency search whose front is not measured labels its latency as predicted everywhere and
-    refuses to select on it."""
+def test_predicted_only_run_says_so(searched) -> None:  # noqa: ANN001
+    """A predicted-latency search whose front is not measured (the stopped and resumed run) labels its latency
+    as predicted everywhere and refuses to select on it."""
     from modelpress.search.outputs import extract
 
-    result = _search(vit_graph, vit_data, vit_table, tmp_path, "pred", objectives=["quality", "latency"], budget=3,
-                     batch_size=3, measure_front=False, space={**SPACE, "precisions": ("float",)})
-    assert result["latency_source"] == "predicted-only"
-    rows = _csv(tmp_path / "pred" / "pareto.csv")
+    tmp, _, _, resumed, _ = searched
+    assert resumed["latency_source"] == "predicted-only"
+    rows = _csv(tmp / "part" / "pareto.csv")
     assert rows and all(r["latency_source"] == "predicted-only" and r["latency_measured_ms"] == "" for r in rows)
     assert all(float(r["latency_predicted_ms"]) > 0 for r in rows)
-    assert not (tmp_path / "pred" / "measurements.json").exists()
+    assert not (tmp / "part" / "measurements.json").exists()
     with pytest.raises(ModelpressError, match="predicted only"):
-        extract(tmp_path / "pred", tmp_path / "out", max_latency=1e9)
+        extract(tmp / "part", tmp / "out", max_latency=1e9)
+    assert not (tmp / "out").exists()
 
 
-def test_extract_a_point(searched, capsys) -> None:  # noqa: ANN001
+def test_extract_a_point(searched, full_ev, capsys) -> None:  # noqa: ANN001
     """`modelpress search extract RUN_DIR --point N -o OUT` (no checkpoint argument): a standalone model and its
     ONNX that score what the search recorded for that point."""
     from modelpress.cli import main
     from modelpress.models.saving import load_saved
     from modelpress.search.outputs import extract
-    from modelpress.search.workers import load_evaluator
 
-    tmp, full, _, _ = searched
+    tmp, full, *_ = searched
     front = full["pareto"]
     assert len({p["objectives"]["quality"] for p in front}) > 1, front  # points that a wrong extraction confuses
     full_float = full["baselines"]["points"]["full-float"]["config"]
     # the point whose latency the latency model predicted worst (not the full float model): where reporting the
     # prediction instead of the measurement would show
+    # (a sub-network both narrowed and quantized does not reload yet: test_a_narrowed_int8_model_reloads)
     gap = {i: abs(p["predicted"]["latency"] / p["objectives"]["latency"] - 1) for i, p in enumerate(front)
-           if p["config"] != full_float}
+           if p["config"] != full_float and not _narrowed_and_quantized(full_ev, p["config"])}
     k = max(gap, key=gap.get)
     main(["search", "extract", str(tmp / "full"), "--point", str(k), "-o", str(tmp / "chosen"), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["point"]["point"] == k and out["point"]["config"] == front[k]["config"]
     recorded = front[k]["objectives"]["quality"]
-    ctx = load_evaluator(tmp / "full").ctx
+    ctx = full_ev.ctx
     reloaded = load_saved(tmp / "chosen")
     assert ctx.evaluate(reloaded, torch_only=True).metrics["accuracy"] == pytest.approx(recorded, abs=0.006)
     assert ctx.evaluate(tmp / "chosen" / "model.onnx").metrics["accuracy"] == pytest.approx(recorded, abs=0.03)
     with pytest.raises(ModelpressError, match="no point"):
         extract(tmp / "full", tmp / "none", min_quality=1.5)
-    # the extracted point's reported latency is what a fresh interleaved measurement finds: its speedup over
-    # full float lies within the spread of the fresh per-round speedups (plus a margin for noise)
-    ev = load_evaluator(tmp / "full")
-    bases = {"full-float": tmp / "full" / "baselines" / "full-float.onnx"}
-    fresh = ev.measure_latency({"point": tmp / "chosen" / "model.onnx"}, bases, rounds=4)["point"]["rounds_vs_float"]
+    # the extracted point's reported latency is what a fresh interleaved measurement finds: extraction times the
+    # file it wrote against the run's full float and full INT8 in fresh rounds; the reported speedup over full
+    # float lies within the spread of those per-round speedups (plus a margin for noise)
+    fresh = out["point"]["measured_at_extraction"]["rounds_vs_float"]
+    assert len(fresh) == full_ev.settings.rounds >= 2
     reported = full["baselines"]["reference_ms"] / front[k]["objectives"]["latency"]
     lo, hi = min(fresh), max(fresh)
     margin = max(hi - lo, 0.1 * float(np.median(fresh)))
     assert lo - margin <= reported <= hi + margin, (reported, fresh)
-    assert "measured_at_extraction" in out["point"]
 
 
-def test_reconstruction_raises_held_out_quality(searched) -> None:  # noqa: ANN001
+def _narrowed_and_quantized(ev, config) -> bool:  # noqa: ANN001
+    return bool(ev.net.cuts(config)) and any(p != "float" for p in (config.get("precision") or {}).values())
+
+
+@pytest.mark.xfail(strict=True, reason="known bug outside search: load_saved syncs the config before the weight "
+                   "codec decodes, and decode_fake_quant reshapes the codes to the un-narrowed weight's shape")
+def test_a_narrowed_int8_model_reloads(full_ev, tmp_path) -> None:  # noqa: ANN001
+    """A sub-network both narrowed and in INT8 (what ``search extract`` writes for such a front point) saves and
+    reloads to the same outputs."""
+    from modelpress.models.saving import load_saved, save
+
+    graph, _ = full_ev.build(full_ev.net.space.uniform(0.5, "int8"), reconstruct=False)
+    save(graph, tmp_path / "m")
+    x = graph.example_inputs(2, seed=1)
+    assert torch.allclose(load_saved(tmp_path / "m").forward(x), graph.forward(x), atol=1e-4)
+
+
+def test_reconstruction_raises_held_out_quality(full_ev) -> None:  # noqa: ANN001
     """Extraction refits the readers of removed units on the calibration split; the sub-network's accuracy on
     the held-out split (disjoint from the calibration samples) goes up."""
-    from modelpress.search.workers import load_evaluator
-
-    tmp, *_ = searched
-    ev = load_evaluator(tmp / "full")
+    ev = full_ev
     config = ev.net.space.uniform(0.25, "float")
     plain, rebuilt = ev.quality(config, reconstruct=False), ev.quality(config, reconstruct=True)
     assert rebuilt > plain + 0.05, (plain, rebuilt)
 
 
-def test_precision_genes_keep_reparameterization_where_a_norms_readers_agree(searched) -> None:  # noqa: ANN001
+def test_reconstruction_fits_train_samples_but_not_the_held_back_batch(full_ev) -> None:  # noqa: ANN001
+    """The refit's rows: the calibration split but its last batch (held back: it decides whether the refit is
+    kept), plus train-split samples up to the spec's count, which came to the workers in the run's data file
+    (the train split holds the calibration samples: those of the held-back batch are left out)."""
+    fit, check = full_ev.fit_batches()
+    calibration = full_ev.ctx.calibration.batches
+    assert check is calibration[-1] and full_ev.settings.reconstruct_target == "stream"
+    key = next(iter(check))
+    held_back = {tuple(r.flatten().tolist()) for r in check[key]}
+    rows = [tuple(r.flatten().tolist()) for b in fit for r in b[key]]
+    assert len(rows) == sum(len(b[key]) for b in calibration[:-1]) + full_ev.settings.reconstruct_samples
+    assert not held_back & set(rows)
+
+
+def test_precision_genes_keep_reparameterization_where_a_norms_readers_agree(full_ev) -> None:  # noqa: ANN001
     """One precision gene per Linear may split the readers of one LayerNorm (one of q/k/v float, the others
     INT8): that norm keeps per-tensor input scales, every other norm is reparameterized (its readers share
     one quantizer), and the mixed model still scores close to full INT8."""
-    from modelpress.search.workers import load_evaluator
-
-    tmp, *_ = searched
-    ev = load_evaluator(tmp / "full")
+    ev = full_ev
     shared = [consumers for _norm, consumers, *_ in ev.net.graph.norm_consumers() if len(consumers) > 1]
     split, whole = shared[1], shared[0]
     config = ev.net.space.largest("int8")
@@ -200,25 +183,25 @@ def test_precision_genes_keep_reparameterization_where_a_norms_readers_agree(sea
     assert mixed >= full_int8 - 0.03, (mixed, full_int8)
 
 
-def test_predictors_rank_held_out_evaluations(searched) -> None:  # noqa: ANN001
+def test_predictors_rank_held_out_evaluations(full_ev) -> None:  # noqa: ANN001
     """LINAS' predictors, fitted as the loop fits them on real evaluations of random (non-anchor) sub-networks,
     predict the quality of sub-networks they never saw: a small error where guessing the mean is far off, and
     the right order more often than not."""
     from modelpress.search.linas import Problem, fit_predictors, kendall_tau, predict
     from modelpress.search.space import dedupe
-    from modelpress.search.workers import load_evaluator
-
-    tmp, *_ = searched
-    ev = load_evaluator(tmp / "full")
+    ev = full_ev
     space = ev.net.space
     lo, up = space.bounds()
     problem = Problem(lower=lo, upper=up, decode=space.decode, objectives=["quality", "size"], maximize=["quality"],
                       cheap=ev.cheap, cheap_objectives=["size"], encode=space.encode)
     rng, seen, configs = np.random.default_rng(0), set(), []
-    while len(configs) < 16:  # float only: quality evaluations stay cheap
+    # 20 to fit: with the stream-target refit on train samples (the search's evaluation) the landscape is rougher
+    # than with the old refit; 10 random evaluations (3 for each of 4 blocks' genes) left the error at about half
+    # the guess's spread
+    while len(configs) < 26:  # float only: quality evaluations stay cheap
         configs += dedupe([{**space.random(rng), "precision": dict.fromkeys(space.precision_layers, "float")}], seen)
     records = [{"x": space.encode(c).tolist(), "objectives": {"quality": ev.quality(c)}} for c in configs]
-    train, held_out = records[:10], records[10:]
+    train, held_out = records[:20], records[20:]
     measured = np.array([r["objectives"]["quality"] for r in held_out])
     predicted = np.array([p["quality"] for p in predict(problem, fit_predictors(problem, train), [r["x"] for r in held_out])])
     guess = np.mean([r["objectives"]["quality"] for r in train])
@@ -229,47 +212,38 @@ def test_predictors_rank_held_out_evaluations(searched) -> None:  # noqa: ANN001
 
 
 def test_interrupted_search_resumes_to_the_same_result(searched, vit_graph, vit_data, vit_table) -> None:  # noqa: ANN001
-    tmp, full, _, table = searched
-    with pytest.raises(ModelpressError, match="already holds"):
-        _search(vit_graph, vit_data, vit_table, tmp, "part")
-    # a run folder of another space is refused, and left as it was
-    before = (tmp / "part" / "state.json").read_text()
-    with pytest.raises(ModelpressError, match="another model or space"):
-        _search(vit_graph, vit_data, vit_table, tmp, "part", resume=True, space={"mlp_fractions": (0.5, 1.0)})
-    assert (tmp / "part" / "state.json").read_text() == before
-    # resumed: the same candidates and values as the uninterrupted run
-    resumed = _search(vit_graph, vit_data, vit_table, tmp, "part", resume=True, precision_table=table)
+    """The search stopped after its first batch and resumed (``searched``'s part) ends with the uninterrupted
+    run's candidates and values; a run folder is not overwritten, nor resumed with another space."""
+    tmp, full, part, resumed, _ = searched
+    assert part["evaluated"] == 6 and resumed["evaluated"] == full["evaluated"] == 10
     a = json.loads((tmp / "full" / "state.json").read_text())["records"]
     b = json.loads((tmp / "part" / "state.json").read_text())["records"]
     assert [r["config"] for r in a] == [r["config"] for r in b]
     assert [r["objectives"] for r in a] == [r["objectives"] for r in b]
-    assert [p["config"] for p in resumed["pareto"]] or resumed["evaluated"] == full["evaluated"]
+    assert [r["predicted"] for r in a] == [r["predicted"] for r in b]  # the resumed predictors fit the same records
+    with pytest.raises(ModelpressError, match="already holds"):
+        search(vit_graph, vit_data, vit_table, tmp, "part")
+    # a run folder of another space is refused, and left as it was
+    before = (tmp / "part" / "state.json").read_text()
+    with pytest.raises(ModelpressError, match="another model or space"):
+        search(vit_graph, vit_data, vit_table, tmp, "part", resume=True, space={"mlp_fractions": (0.5, 1.0)})
+    assert (tmp / "part" / "state.json").read_text() == before
 
 
 def test_bad_input_is_a_short_error(vit_graph, vit_data, vit_table, tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ModelpressError, match="unknown objective 'speed'"):
-        _search(vit_graph, vit_data, vit_table, tmp_path, "a", objectives=["quality", "speed"])
+        search(vit_graph, vit_data, vit_table, tmp_path, "a", objectives=["quality", "speed"])
     with pytest.raises(ModelpressError, match="smaller than one batch"):
-        _search(vit_graph, vit_data, vit_table, tmp_path, "b", budget=2, batch_size=4, objectives=["quality", "size"])
+        search(vit_graph, vit_data, vit_table, tmp_path, "b", budget=2, batch_size=4, objectives=["quality", "size"])
     assert not (tmp_path / "b").exists()  # refused before any work
     with pytest.raises(ModelpressError, match="latency batch 4 does not fit the latency table's batch 1"):
-        _search(vit_graph, vit_data, vit_table, tmp_path, "d", latency_batch=4)
+        search(vit_graph, vit_data, vit_table, tmp_path, "d", latency_batch=4)
+    with pytest.raises(ModelpressError, match="unknown reconstruction target 'block'"):
+        search(vit_graph, vit_data, vit_table, tmp_path, "e", reconstruct_target="block")
     with pytest.raises(ModelpressError, match="empty"):
-        _search(vit_graph, vit_data, vit_table, tmp_path, "c", objectives=["quality", "size"],
-                space={"head_fractions": (1.0,), "mlp_fractions": (1.0,), "skip_blocks": False,
-                               "precisions": ("float",)})
-
-
-MEASURED = dict(objectives=["quality", "latency"], latency="measured", latency_batch=8, budget=3, batch_size=3,
-                space={**SPACE, "precisions": ("float",)})
-
-
-@pytest.fixture(scope="module")
-def measured(vit_graph, vit_data, tmp_path_factory):  # noqa: ANN001, ANN201
-    """A search over quality and latency measured in ONNX Runtime (no latency model), in this process: the
-    anchors (full, smallest) and one random sub-network, each exported, scored and timed."""
-    tmp = tmp_path_factory.mktemp("measured")
-    return tmp / "local", _search(vit_graph, vit_data, None, tmp, "local", **MEASURED)
+        search(vit_graph, vit_data, vit_table, tmp_path, "c", objectives=["quality", "size"],
+               space={"head_fractions": (1.0,), "mlp_fractions": (1.0,), "skip_blocks": False,
+                      "precisions": ("float",)})
 
 
 def _records(run) -> list[dict]:  # noqa: ANN001
@@ -327,7 +301,7 @@ def test_ray_workers_need_no_shared_disk(measured, vit_graph, vit_data, tmp_path
                      "WORKER_CWD": str(elsewhere)},
         "worker_process_setup_hook": _guard})
     try:
-        result = _search(vit_graph, vit_data, None, tmp_path, run, executor="ray",
+        result = search(vit_graph, vit_data, None, tmp_path, run, executor="ray",
                          **{**MEASURED, "budget": 2, "batch_size": 2})  # the anchors: evaluated and timed as Ray tasks
     finally:
         ray.shutdown()

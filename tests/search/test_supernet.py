@@ -112,5 +112,29 @@ def test_sandwich_runs_each_subnetwork_once_without_dropout_noise(vit_graph, vit
     monkeypatch.setattr(SuperNet, "masked_module_call", spy)
     cfg = TrainConfig(steps=2, lr=1e-4, batch_size=8, dropout=True)
     finetune_supernet(net, vit_data.calibration, task=ClassificationTask(), config=cfg, n_random=1)
-    assert [n for n, _ in calls] == ["largest", "smallest", "other"] * 2
+    assert [n for n, _ in calls] == ["smallest", "other", "largest"] * 2  # the largest last: hidden states
     assert not any(training for _, training in calls)  # eval mode: no dropout in the in-place targets
+
+
+def test_sandwich_hidden_state_distillation_matches_the_largest_to_the_original(vit_graph, vit_data) -> None:  # noqa: ANN001
+    """With ``hidden_weight`` the largest sub-network's block outputs are matched to the frozen original's: at
+    the first step the largest is the original (re-ordered), so the loss is the one without the hidden term
+    (it would not be if the captured block outputs were another sub-network's); later steps differ."""
+    from modelpress.data.tasks import ClassificationTask
+    from modelpress.search.instatune import finetune_supernet
+    from modelpress.train import TrainConfig
+
+    torch.set_num_threads(1)
+    space = SearchSpace.from_graph(vit_graph, precisions=("float",))
+
+    def run(hidden_weight: float):  # noqa: ANN202
+        net = SuperNet.from_graph(vit_graph, space)
+        cfg = TrainConfig(steps=3, lr=1e-3, batch_size=8, log_every=1, hidden_weight=hidden_weight)
+        res = finetune_supernet(net, vit_data.calibration, task=ClassificationTask(), config=cfg, n_random=1)
+        return [loss for _, loss in res.losses], net.graph.state()
+
+    plain, a = run(0.0)
+    hidden, b = run(10.0)
+    assert hidden[0] == pytest.approx(plain[0], rel=1e-5, abs=1e-7), (plain, hidden)
+    assert hidden[2] > plain[2] + 1e-6, (plain, hidden)  # the largest has moved away from the original
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -22,6 +22,7 @@ from modelpress.search.supernet import SuperNet
 
 OBJECTIVES = {"quality": "max", "latency": "min", "size": "min"}
 LATENCY_MODES = ("predicted", "measured")
+RECONSTRUCT_TARGETS = ("stream", "layer")
 UNITS = {"quality": "", "latency": "ms", "size": "MB"}
 QUALITY_METRICS = ("accuracy", "fidelity_mean", "agreement")
 QUALITY_RANGES = {"accuracy": (0.0, 1.0), "fidelity_mean": (-1.0, 1.0), "agreement": (0.0, 1.0)}
@@ -64,6 +65,8 @@ class EvalSettings:
     precision_pass: str = "quantize.repq"
     precision_config: dict[str, Any] = field(default_factory=lambda: dict(FAST_REPQ))
     reconstruct: bool = True  # layer-wise least squares on the calibration split after every extraction
+    reconstruct_target: str = "stream"  # a residual writer refits to the original stream's value ("layer": its output)
+    reconstruct_samples: int = 512  # train-split samples added to the calibration rows of every refit
     batch: int = 1  # the latency objective's batch size (a compute-bound batch for small models)
     seq: int | None = None  # its sequence length (text models; None: the target's first)
     rounds: int = 3  # interleaved rounds of every latency measurement
@@ -94,6 +97,7 @@ class Evaluator:
         self.reconstruct_seconds: list[float] = []  # the cost of reconstruction, one entry per extraction
         self.reconstruct_kept: list[bool] = []  # whether it lowered the held-aside batch's error (else undone)
         self._full_ms: float | None = None
+        self._fit: tuple[list[dict[str, Any]], dict[str, Any]] | None = None
 
     # ----- cheap, analytic objectives (no model built)
     def param_counts(self, config: dict[str, Any]) -> dict[str, float]:
@@ -196,25 +200,37 @@ class Evaluator:
         return result.graph, result.exporter
 
     def _reconstructed(self, sub: Any) -> Any:
-        """``sub`` with its readers of removed units refit to the super-network's outputs on the calibration
-        split but its last batch, kept only when that held-aside batch's output error (relative, against the
-        super-network) went down: with few calibration rows per unknown a least-squares refit can overfit (on
-        MiniLM with 64 calibration sentences it lowered held-out fidelity)."""
+        """``sub`` with its readers of removed units refit to the super-network's on :meth:`fit_batches` (the
+        calibration split but its last batch, plus train-split samples), kept only when the held-back last
+        batch's output error (relative, against the super-network) went down: with few rows per unknown a
+        least-squares refit can overfit (on MiniLM with 64 calibration sentences it lowered held-out
+        fidelity). ``reconstruct_target`` ``stream``: a residual writer refits to the original stream's value."""
         import time
 
         from modelpress.reconstruct import reconstruct_graph
 
-        batches = self.ctx.calibration.batches if self.ctx.calibration is not None else []
-        if not batches:
-            raise ModelpressError("reconstruction needs calibration data", "give --data, or turn it off")
-        fit, check = (batches[:-1], batches[-1]) if len(batches) > 1 else (batches, batches[0])
+        fit, check = self.fit_batches()
         t0 = time.perf_counter()
         plain = sub.copy()
-        reconstruct_graph(self.net.graph, sub, fit)
+        reconstruct_graph(self.net.graph, sub, fit, residual=self.settings.reconstruct_target == "stream")
         before, after = self._output_error(plain, check), self._output_error(sub, check)
         self.reconstruct_seconds.append(time.perf_counter() - t0)
         self.reconstruct_kept.append(after < before)
         return sub if after < before else plain
+
+    def fit_batches(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(the batches a refit fits on, the held-back batch that checks it): the calibration split's last
+        batch is held back; the rest, plus up to ``reconstruct_samples`` train-split samples that are not rows
+        of the held-back batch (a train split may hold the calibration samples), are fitted. One calibration
+        batch and no train split: it is both."""
+        if self._fit is None:
+            batches = self.ctx.calibration.batches if self.ctx.calibration is not None else []
+            if not batches:
+                raise ModelpressError("reconstruction needs calibration data", "give --data, or turn it off")
+            check = batches[-1]
+            fit = list(batches[:-1]) + _train_rows(self.ctx.train, self.settings.reconstruct_samples, check)
+            self._fit = (fit or list(batches), check)
+        return self._fit
 
     def _output_error(self, graph: Any, batch: dict[str, Any]) -> float:
         """Relative squared error of ``graph``'s primary output against the super-network's on ``batch``."""
@@ -285,6 +301,33 @@ class Evaluator:
                 row["vs_int8"] = float(np.median([a / m for a, m in zip(i8, st.round_medians_ms, strict=True)]))
             out[name.strip("_") if name.startswith("__") else name] = row
         return out
+
+
+def _train_rows(train: Any, samples: int, held_back: dict[str, Any]) -> list[dict[str, Any]]:
+    """Up to ``samples`` samples of the ``train`` split (None: none) as batches, without the rows of
+    ``held_back`` (compared on every input)."""
+    import torch
+
+    if train is None or samples <= 0:
+        return []
+    names = sorted(held_back)
+
+    def rows(batch: dict[str, Any]) -> list[bytes]:
+        n = len(batch[names[0]])
+        return [b"".join(torch.as_tensor(batch[k][i]).numpy().tobytes() for k in names) for i in range(n)]
+
+    seen, out, total = set(rows(held_back)), [], 0
+    for batch in train.batches:
+        if total >= samples:
+            break
+        if sorted(batch) != names:
+            continue
+        keep = [i for i, r in enumerate(rows(batch)) if r not in seen][: samples - total]
+        if keep:
+            index = torch.as_tensor(keep)
+            out.append({k: v[index] for k, v in batch.items()})
+            total += len(keep)
+    return out
 
 
 def pick_quality(metrics: dict[str, float]) -> float:

@@ -50,6 +50,7 @@ class LocalExecutor:
         if workers < 1:
             raise ModelpressError(f"workers must be at least 1, got {workers}")
         self.workers = workers
+        self.in_process = workers == 1  # its items run in the driver's process
         self._pool: Any = None
         self._shared: dict[str, Any] = {}
 
@@ -94,6 +95,7 @@ class RayExecutor:
     there."""
 
     name = "ray"
+    in_process = False
 
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
                  target_resource: str | None = None) -> None:

@@ -4,7 +4,10 @@ Each step runs, on one batch, the largest sub-network, the smallest (its widths 
 skipped where the space allows it) and ``n_random`` random ones, each once. The largest distils from the frozen
 pretrained model, run in eval mode (label-free; the task's labels are mixed in by ``label_weight`` when there
 are some); every other one distils *in place* from the largest's output of the same step (detached). The
-super-network trains without dropout, so those in-place targets carry no dropout noise. The budget is the
+super-network trains without dropout, so those in-place targets carry no dropout noise. With the TrainConfig's
+``hidden_weight`` > 0 the largest also matches the frozen model's block outputs (hidden-state distillation,
+:mod:`modelpress.train.distill`: the normalized MSE per block, the same loss as pruning's recovery); it runs
+last in the step so that the loop's capture holds its block outputs. The budget is the
 TrainConfig's (``steps`` and/or ``seconds``), with its checkpoints; the sub-network ordering is nested
 (MatFormer-style: every sub-network takes the leading units of each group, ordered by saliency).
 The loop is :func:`modelpress.train.train` (AdamW, schedule, checkpoints, resume, progress, seed): the student
@@ -49,7 +52,11 @@ class _SandwichStudent(nn.Module):
         configs = self.configs(int(self.draws))
         if self.training:
             self.draws += 1
-        outs = [self._net.masked_module_call(c, inputs) for c in configs]
+        # the largest runs last: its block outputs are the ones the loop's hidden-state capture keeps (the
+        # output order, largest first, is unchanged)
+        outs: list[torch.Tensor] = [torch.empty(0)] * len(configs)
+        for i in [*range(1, len(configs)), 0]:
+            outs[i] = self._net.masked_module_call(configs[i], inputs)
         return torch.cat(outs, dim=0)
 
 
@@ -116,5 +123,8 @@ def finetune_supernet(
     sandwich = _SandwichTask(task, 2 + n_random)
     # no dropout: the largest's output, computed once per step, is a clean in-place target for the others
     config = config.model_copy(update={"dropout": False})
+    hidden = None
+    if config.hidden_weight > 0:  # the largest's blocks against the frozen original's (same paths)
+        hidden = [(f"net_module.{b.path}", f"original.{b.path}") for b in net.graph.blocks]
     return train(student, data, task=sandwich, teacher=teacher, config=config, reporter=reporter,
-                 input_names=names, resume=resume)
+                 input_names=names, resume=resume, hidden=hidden)

@@ -4,7 +4,8 @@ or to extract a point:
     RUN_DIR/search.json       the spec (SearchSpec), model fingerprint, space, evaluation settings: written once
     RUN_DIR/supernet/         the (re-ordered, optionally fine-tuned) super-network, saved without pickle
     RUN_DIR/reference/        the original model when the super-network was fine-tuned (quality reference)
-    RUN_DIR/data.pt           the calibration and evaluation tensors (reconstruction, quantization, scoring)
+    RUN_DIR/data.pt           the calibration and evaluation tensors (reconstruction, quantization, scoring) and
+                              the train-split samples reconstruction adds
     RUN_DIR/latency.json      the block latency model (predicted latency)
     RUN_DIR/precision.json    the measured per-layer-kind, per-precision latency table (predicted latency)
     RUN_DIR/baselines/        full float and full INT8 ONNX: every latency is timed interleaved with them
@@ -45,6 +46,7 @@ from modelpress.search.supernet import SuperNet
 from modelpress.search.workers import (
     DATA,
     SPEC,
+    adopt_evaluator,
     baseline_bytes,
     evaluate_item,
     load_evaluator,
@@ -91,7 +93,8 @@ def run_search(graph: ModelGraph, ctx: Context, run_dir: str | Path, spec: Searc
         raise ModelpressError(f"latency batch {spec.latency_batch} does not fit the latency table's batch {key['batch']}",
                               "give the same batch as the latency table's")
     settings = EvalSettings(
-        objectives=list(spec.objectives), latency=spec.latency, reconstruct=spec.reconstruct, rounds=spec.rounds,
+        objectives=list(spec.objectives), latency=spec.latency, reconstruct=spec.reconstruct,
+        reconstruct_target=spec.reconstruct_target, reconstruct_samples=spec.reconstruct_samples, rounds=spec.rounds,
         precision_config={**FAST_REPQ, **(spec.precision_config or {})},
         batch=int(spec.latency_batch or key.get("batch") or 1), seq=spec.latency_seq or key.get("seq"))
     fingerprint = {"model": model_fingerprint(graph), "space": space.fingerprint(), **spec.fingerprint(),
@@ -160,7 +163,10 @@ class _Search:
     def __init__(self, run: Path, ev: Evaluator, ex: Any, reporter: Reporter, *, measure_points: bool) -> None:
         self.run, self.ev, self.ex, self.reporter = run, ev, ex, reporter
         self.measure_points = measure_points  # False: a predicted-only search (no point is timed)
-        self.payload = ex.share(make_payload(run))
+        payload = make_payload(run)
+        if ex.in_process:  # this process is the worker: it evaluates with the driver's evaluator, not a second copy
+            adopt_evaluator(payload, ev)
+        self.payload = ex.share(payload)
         self.bases: Any = None
         self.reference_ms: float | None = None
         self.measurements = _load(run / "measurements.json", {})
@@ -319,7 +325,7 @@ def _prepare(graph: ModelGraph, ctx: Context, run: Path, space: SearchSpace, spe
                               reference=graph.copy().module, resume=True, reporter=reporter)
         _replace(run / "reference", lambda p: save(graph, p))
     _replace(run / "supernet", lambda p: save(net.graph, p))
-    save_data(ctx.data, run / DATA)
+    save_data(ctx.data, run / DATA, train_samples=settings.reconstruct_samples if settings.reconstruct else 0)
     if "latency" in settings.objectives and settings.latency == "predicted":
         table = latency_table
         if table is None:

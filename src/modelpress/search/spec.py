@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from modelpress.errors import ModelpressError
-from modelpress.search.evaluate import check_latency_mode, check_objectives
+from modelpress.search.evaluate import RECONSTRUCT_TARGETS, check_latency_mode, check_objectives
 from modelpress.search.executors import check_executor
 from modelpress.search.linas import check_budget
 
@@ -27,7 +27,9 @@ class SearchSpec:
     batch 1 and the target's first sequence length). ``space``: ``SearchSpace.from_graph`` options.
     ``finetune``: TrainConfig fields of the InstaTune fine-tuning (None: the pretrained weights as they are;
     ``n_random`` random sub-networks per step). ``reconstruct``: refit every extracted sub-network's readers
-    of removed units on the calibration split before it is scored. ``uniform``: the uniform-width anchors.
+    of removed units before it is scored, on the calibration split (but its last batch, held back to check the
+    refit) plus up to ``reconstruct_samples`` train-split samples, as the prune passes do;
+    ``reconstruct_target``: ``stream`` (a residual writer refits to the original stream's value) or ``layer``. ``uniform``: the uniform-width anchors.
     ``rounds``: interleaved rounds of every latency measurement."""
 
     objectives: tuple[str, ...] = ("quality", "latency")
@@ -43,6 +45,8 @@ class SearchSpec:
     saliency: str = "magnitude"
     finetune: dict[str, Any] | None = None
     reconstruct: bool = True
+    reconstruct_target: str = "stream"
+    reconstruct_samples: int = 512
     precision_config: dict[str, Any] | None = None
     uniform: tuple[float, ...] = (0.25, 0.5, 0.75)
     generations: int = 40
@@ -61,6 +65,11 @@ class SearchSpec:
         check_objectives(list(self.objectives))
         check_latency_mode(self.latency)
         check_budget(self.budget, self.batch_size)
+        if self.reconstruct_target not in RECONSTRUCT_TARGETS:
+            raise ModelpressError(f"unknown reconstruction target {self.reconstruct_target!r}",
+                                  f"choose {' or '.join(RECONSTRUCT_TARGETS)}")
+        if self.reconstruct_samples < 0:
+            raise ModelpressError(f"reconstruct_samples must be at least 0, got {self.reconstruct_samples}")
         if self.rounds < 1:
             raise ModelpressError(f"rounds must be at least 1, got {self.rounds}")
         if self.latency_batch is not None and self.latency_batch < 1:
@@ -71,7 +80,7 @@ class SearchSpec:
         """What a resumed run must share with the saved one (the loop's own settings are LINAS' fingerprint;
         where evaluations run and how many rounds time them may change)."""
         keep = ("objectives", "latency", "latency_batch", "latency_seq", "latency_grid", "space", "saliency",
-                "finetune", "reconstruct", "precision_config", "uniform")
+                "finetune", "reconstruct", "reconstruct_target", "reconstruct_samples", "precision_config", "uniform")
         d = asdict(self)
         return {k: _jsonable(d[k]) for k in keep}
 

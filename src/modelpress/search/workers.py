@@ -31,15 +31,38 @@ BASELINE_FILES = {"full-float": "baselines/full-float.onnx", "full-int8": "basel
 _WORKER_EVALUATORS: dict[str, Evaluator] = {}
 
 
-def save_data(data: Any, path: Path) -> None:
-    """The calibration and evaluation splits' tensors (``torch.save``, reloaded with ``weights_only``)."""
+def save_data(data: Any, path: Path, *, train_samples: int = 0) -> None:
+    """The calibration and evaluation splits' tensors and up to ``train_samples`` samples of the train split
+    (reconstruction's extra rows; none when the data has no train split), with ``torch.save``, reloaded with
+    ``weights_only``."""
     import torch
+
+    from modelpress.errors import ModelpressError
 
     def split(s: Any) -> dict[str, Any]:
         return {"batches": [dict(b) for b in s.batches], "labels": None if s.labels is None else list(s.labels)}
 
+    train = None
+    if train_samples > 0:
+        # as many more as the held-back calibration batch has: the train split may hold its rows, which the
+        # refit leaves out
+        batches = data.calibration.batches
+        train_samples += len(next(iter(batches[-1].values()))) if batches else 0
+        try:
+            source = data.train
+        except ModelpressError:  # data without a train split
+            source = None
+        if source is not None:
+            batches, total = [], 0
+            for b in source.batches:
+                if total >= train_samples:
+                    break
+                n = min(len(next(iter(b.values()))), train_samples - total)
+                batches.append({k: v[:n] for k, v in b.items()})
+                total += n
+            train = {"batches": batches, "labels": None}
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"calibration": split(data.calibration), "evaluation": split(data.evaluation),
+    torch.save({"calibration": split(data.calibration), "evaluation": split(data.evaluation), "train": train,
                 "description": data.description}, tmp)
     tmp.replace(path)
 
@@ -50,7 +73,9 @@ def load_data_file(path: Path) -> Any:
     from modelpress.data.sources import DataSplit, TaskData
 
     d = torch.load(path, weights_only=True)
-    return TaskData(DataSplit(**d["calibration"]), DataSplit(**d["evaluation"]), d["description"])
+    train = d.get("train")
+    return TaskData(DataSplit(**d["calibration"]), DataSplit(**d["evaluation"]), d["description"],
+                    make_train=(lambda: DataSplit(**train)) if train else None)
 
 
 def load_evaluator(folder: str | Path, *, workdir: Path | None = None, tables: bool = True) -> Evaluator:
@@ -109,6 +134,12 @@ def worker_evaluator(payload: dict[str, Any]) -> Evaluator:
         folder = _materialize(payload)
         ev = _WORKER_EVALUATORS[payload["id"]] = load_evaluator(folder, tables=False)
     return ev
+
+
+def adopt_evaluator(payload: dict[str, Any], ev: Evaluator) -> None:
+    """Let this process evaluate ``payload`` with ``ev`` (the driver's evaluator of the same run folder) instead
+    of rebuilding it from the payload's bytes: for an executor that runs its items in the driver's process."""
+    _WORKER_EVALUATORS[payload["id"]] = ev
 
 
 def evaluate_item(item: tuple[dict[str, Any], bool], payload: dict[str, Any]) -> dict[str, Any]:
