@@ -14,11 +14,20 @@ from modelpress.cli import main
 @pytest.mark.usefixtures("short_timing")
 def test_prune_minilm_through_cli(tmp_path, capsys):
     out = tmp_path / "pruned"
-    main(["compress", "--recipe", "prune-magnitude", "-o", str(out), "--json", "-q"])
+    # the built-in recipe as a user's YAML file, its refit on 128 train sentences instead of 512 (test time)
+    from importlib.resources import files
+
+    recipe = tmp_path / "prune-magnitude.yaml"
+    text = (files("modelpress") / "recipes" / "prune-magnitude.yaml").read_text()
+    recipe.write_text(text.replace("    ratios: {mlp: 0.5, head: 0.25}\n",
+                                   "    ratios: {mlp: 0.5, head: 0.25}\n    reconstruct_samples: 128\n"))
+    assert "reconstruct_samples: 128" in recipe.read_text()
+    main(["compress", "--recipe", str(recipe), "-o", str(out), "--json", "-q"])
     report = json.loads(capsys.readouterr().out)
     for f in ("model.onnx", "model.safetensors", "modelpress.json", "report.json", "report.md", "tokenizer.json"):
         assert (out / f).exists(), f
     assert not list(tmp_path.glob(".pruned.partial-*"))
+    assert report["passes"][0]["reconstruct"]["train_samples"] == 128
     # structure: 50% of MLP units and 25% of heads gone in every block
     assert report["before"]["parameters"] - report["after"]["parameters"] > 4_000_000  # of 10.6M in the encoder
     # latency measured for both, with per-round ratios; fidelity reported on held-out sentences
