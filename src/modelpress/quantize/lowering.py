@@ -71,6 +71,7 @@ def export_quantized(graph: Any, path: Path, ctx: Any, placement: str = "auto",
     ``keep_faster``: measure INT8 against float on ``ctx.target`` and keep float what loses (``speed.py``).
     """
     from modelpress.quantize.qdq import (
+        export_examples,
         export_qdq,
         integer_kernel_count,
         log_quantizer_count,
@@ -81,12 +82,7 @@ def export_quantized(graph: Any, path: Path, ctx: Any, placement: str = "auto",
 
     t0 = time.perf_counter()
     path = Path(path)
-    text = graph.input_spec.kind == "text"
-    example = graph.example_inputs(2, 16 if text else None)
-    batches = [graph.example_inputs(2, 24 if text else None, seed=s) for s in (1, 2)]
-    if not text:
-        example = example[graph.input_spec.names[0]]
-        batches = [b[graph.input_spec.names[0]] for b in batches]
+    example, batches = export_examples(graph)
     logs = log_quantizer_count(graph.module)
     # TensorRT wants standard QDQ with signed activations; ONNX Runtime's CPU kernels want U8S8 + its fusions
     tensorrt = getattr(ctx.target, "name", None) == "tensorrt"

@@ -327,6 +327,18 @@ INTEGER_KERNELS = (
 )
 
 
+def export_examples(graph: Any) -> tuple[Any, list[Any]]:
+    """The example input a quantized export traces with and the two batches it is verified on (text: dicts at
+    sequence 16 / 24; one-input models: the bare tensor)."""
+    text = graph.input_spec.kind == "text"
+    example = graph.example_inputs(2, 16 if text else None)
+    batches = [graph.example_inputs(2, 24 if text else None, seed=s) for s in (1, 2)]
+    if not text:
+        example = example[graph.input_spec.names[0]]
+        batches = [b[graph.input_spec.names[0]] for b in batches]
+    return example, batches
+
+
 def log_quantizer_count(model: nn.Module) -> int:
     """Enabled, calibrated log2 / log-sqrt2 quantizers in ``model`` (they have no ONNX QDQ form)."""
     from modelpress.quantize.quantizers import Log2Quantizer, LogSqrt2Quantizer

@@ -40,6 +40,25 @@ def _row_scale(q: UniformQuantizer, rows: int) -> torch.Tensor:
     return (s.expand(rows) if s.dim() == 0 else s).reshape(-1, 1)
 
 
+def block_stages(names: list[str], blocks: list[str] | None) -> list[tuple[list[str], str | None]]:
+    """``names`` (layer paths, forward order) grouped into the stages sequential reconstruction runs: one per
+    block path of ``blocks`` holding any (the block's path beside it), then the rest (path None); without
+    blocks, one stage of all."""
+    if not blocks:
+        return [(list(names), None)] if names else []
+    stages: list[tuple[list[str], str | None]] = []
+    done: set[str] = set()
+    for path in blocks:
+        inside = [n for n in names if n.startswith(path + ".") and n not in done]
+        if inside:
+            stages.append((inside, path))
+            done.update(inside)
+    rest = [n for n in names if n not in done]
+    if rest:
+        stages.append((rest, None))
+    return stages
+
+
 def gptq_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -212,19 +231,7 @@ def reconstruct(
     # during collection weights are float except where already reconstructed
     for m in layers.values():
         m.weight_quantizer.enabled = False
-    stages: list[tuple[list[str], str | None]] = []
-    if granularity == "block" and blocks:
-        done: set[str] = set()
-        for path in blocks:
-            names = [n for n in layers if n.startswith(path + ".") and n not in done]
-            if names:
-                stages.append((names, path))
-                done.update(names)
-        rest = [n for n in layers if n not in done]
-        if rest:
-            stages.append((rest, None))
-    else:
-        stages.append((list(layers), None))
+    stages = block_stages(list(layers), blocks if granularity == "block" else None)
     errors: dict[str, float] = {}
     it = stages if reporter is None else reporter.track(stages, f"{method} reconstruction", total=len(stages))
     try:

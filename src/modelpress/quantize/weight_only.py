@@ -332,20 +332,9 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
             layers[head] = f"w{ebits} {tag} (one tensor with {emb_name})"
             tied_info["quantized_once"] = True
 
-    stages: list[tuple[list[str], str | None]] = []
-    todo = [n for n in bits_of]
-    if cfg.method != "rtn" and blocks:
-        done: set[str] = set()
-        for path in blocks:
-            names = [n for n in todo if n.startswith(path + ".") and n not in done]
-            if names:
-                stages.append((names, path))
-                done.update(names)
-        rest = [n for n in todo if n not in done]
-        if rest:
-            stages.append((rest, None))
-    elif todo:
-        stages.append((todo, None))
+    from modelpress.quantize.reconstruct import block_stages
+
+    stages = block_stages(list(bits_of), blocks if cfg.method != "rtn" else None)
     errors: dict[str, float] = {}
     rtn_errors: dict[str, float] = {}
     awq: dict[str, str] = {}

@@ -168,16 +168,11 @@ def cpu_int8_dot() -> bool:
 def export_weight_only(graph: Any, path: Path, ctx: Any, accuracy_level: int | str = "auto") -> WeightOnlyExport:
     """The ``quantize.weight_only`` pass's exporter: MatMulNBits ONNX at ``path``, verified against the torch
     model; ``accuracy_level`` an int or "auto" (module docstring)."""
-    from modelpress.quantize.qdq import integer_kernel_count, ort_kernels, verify_qdq
+    from modelpress.quantize.qdq import export_examples, integer_kernel_count, ort_kernels, verify_qdq
 
     t0 = time.perf_counter()
     path = Path(path)
-    text = graph.input_spec.kind == "text"
-    example = graph.example_inputs(2, 16 if text else None)
-    batches = [graph.example_inputs(2, 24 if text else None, seed=s) for s in (1, 2)]
-    if not text:
-        example = example[graph.input_spec.names[0]]
-        batches = [b[graph.input_spec.names[0]] for b in batches]
+    example, batches = export_examples(graph)
     names = list(graph.input_spec.names)
     axes = graph.input_spec.dynamic_axes()
     reporter = getattr(ctx, "reporter", None)
