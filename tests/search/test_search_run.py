@@ -112,15 +112,23 @@ def test_extract_a_point(searched, full_ev, capsys) -> None:  # noqa: ANN001
     assert ctx.evaluate(tmp / "chosen" / "model.onnx").metrics["accuracy"] == pytest.approx(recorded, abs=0.03)
     with pytest.raises(ModelpressError, match="no point"):
         extract(tmp / "full", tmp / "none", min_quality=1.5)
-    # the extracted point's reported latency is what a fresh interleaved measurement finds: extraction times the
-    # file it wrote against the run's full float and full INT8 in fresh rounds; the reported speedup over full
-    # float lies within the spread of those per-round speedups (plus a margin for noise)
+    # the reported latency is the search's own measurement of that point (measurements.json's rounds against
+    # full float), not the latency model's prediction
+    from modelpress.search.space import config_key
+
+    searched_rounds = json.loads((tmp / "full" / "measurements.json").read_text())[
+        config_key(front[k]["config"])]["rounds_vs_float"]
+    reported = full["baselines"]["reference_ms"] / front[k]["objectives"]["latency"]
+    assert reported == pytest.approx(float(np.median(searched_rounds)), rel=1e-9)
+    # and it is what a fresh interleaved measurement finds, within noise: extraction times the file it wrote
+    # against the run's full float and full INT8 in fresh rounds; the reported speedup lies within the spread of
+    # the fresh per-round speedups around their median, or 25% of it (two rounds of a test-sized model on a shared
+    # 2-core machine: CI saw 1.25x reported against fresh rounds of 1.14x and 1.04x)
     fresh = out["point"]["measured_at_extraction"]["rounds_vs_float"]
     assert len(fresh) == full_ev.settings.rounds >= 2
-    reported = full["baselines"]["reference_ms"] / front[k]["objectives"]["latency"]
-    lo, hi = min(fresh), max(fresh)
-    margin = max(hi - lo, 0.1 * float(np.median(fresh)))
-    assert lo - margin <= reported <= hi + margin, (reported, fresh)
+    centre = float(np.median(fresh))
+    margin = max(max(fresh) - min(fresh), 0.25 * centre)
+    assert abs(reported - centre) <= margin, (reported, fresh, searched_rounds)
 
 
 def _narrowed_and_quantized(ev, config) -> bool:  # noqa: ANN001
