@@ -214,6 +214,7 @@ class GlobalPrune(GraphPass):
         if np.isfinite(speedup) and speedup > 0:
             error = (1.0 / speedup) / (now / run.start)  # measured / predicted latency
             goal = float(np.clip(goal / error, 0.5 * goal, min(2.0 * goal, now)))
+        run.confirmations[-1]["aimed_goal"] = goal / run.start  # the predicted ratio the last iteration aims at
         return goal
 
     def _prune_to(self, out: ModelGraph, run: _Run, goal: float, iterations: int) -> float:
