@@ -13,7 +13,7 @@ import torch
 import modelpress
 from modelpress.cli import main
 from modelpress.passes import Context
-from modelpress.prune.blocks.fusion import fold, remove_with_learnable_fusion
+from modelpress.prune.blocks.fusion import fold, remove_with_learnable_fusion, tunable_group
 from modelpress.prune.blocks.importance import block_influence, block_scores, macro_influence, output_change
 from modelpress.prune.blocks.pass_ import FuseBlocks
 
@@ -100,6 +100,36 @@ def test_zero_coefficients_are_plain_removal_and_folding_keeps_outputs(gpt2):
     assert not any("parametrizations" in n for n, _ in fused.module.named_parameters())
     torch.testing.assert_close(fused.forward(x), learned, atol=1e-5, rtol=1e-5)
     assert set(fused.state()) == set(plain.state())  # the architecture of plain removal
+
+
+def test_group_tuning_starts_at_plain_fusion_and_folds_exactly(gpt2, tmp_path):
+    """The authors' group tuning (neighbours' norms, biases and a low-rank delta per matrix): zero deltas leave the
+    fused model unchanged, learned ones fold into the dense weights without changing outputs, and with the same
+    steps it fits the group better than the fusion coefficients alone."""
+    _, graph = gpt2
+    fused = graph.copy()
+    near, _ = remove_with_learnable_fusion(fused, "transformer.h.2", 2, 4, seed=0)
+    x = _inputs()
+    before = fused.forward(x)
+    group = tunable_group(fused, near, 4, seed=0)
+    assert torch.equal(fused.forward(x), before)  # zero deltas: the fusion unchanged
+    deltas = [t for t in group if t.ndim == 2]
+    assert len(deltas) == 16  # A and B of the 4 Conv1D layers of each of the 2 neighbours
+    assert {t.ndim for t in group} == {1, 2}  # norms and biases too
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in group:
+            t.add_(torch.randn(t.shape, generator=g) * 0.05)
+    tuned = fused.forward(x)
+    assert (tuned - before).abs().max() > 1e-3
+    fold(fused)
+    assert not any("parametrizations" in n for n, _ in fused.module.named_parameters())
+    torch.testing.assert_close(fused.forward(x), tuned, atol=1e-5, rtol=1e-5)
+    cfg = {"target_blocks": 0.25, "fusion": "learned", "finetune_steps": 8, "lr": 0.01}
+    coefficients = FuseBlocks(cfg).apply(graph, _context(tmp_path)).metrics["steps"][0]["finetune"]
+    whole = FuseBlocks({**cfg, "tune_group": True, "group_lr": 0.01}).apply(graph, _context(tmp_path))
+    assert whole.metrics["steps"][0]["finetune"]["loss_end"] < coefficients["loss_end"]
+    assert not any("parametrizations" in n for n, _ in whole.graph.module.named_parameters())
 
 
 def test_learned_fusion_is_deterministic_and_fits_the_group(gpt2, tmp_path):

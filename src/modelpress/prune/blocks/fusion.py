@@ -21,8 +21,10 @@ a zero per-output bias coefficient), the group a window of nearest blocks (``--g
 removed block: 7 neighbours, more before than after, which the tie rule here reproduces), coefficient
 learning rate 1e-3 with Adam betas (0.9, 0.95) and cosine annealing. Not reproduced: their fine-tuning also
 moves the group's other parameters (norms, biases, a rank-128 LoRA on each neighbour's own weight) at
-lr 9.65e-6, and their distillation loss is a KL divergence of hidden states softmaxed over the batch axis;
-here only the fusion coefficients learn, against a normalized MSE of the group's output hidden state.
+lr 9.65e-6: ``tune_group`` does the same (every 1-D parameter of the neighbours, the norms and biases, and a
+zero-started low-rank delta on each neighbour matrix, :class:`LowRankDelta`, at their own learning rate), and
+``fold`` writes the deltas into the dense weights too. Their distillation loss is a KL divergence of hidden
+states softmaxed over the batch axis; here a normalized MSE of the group's output hidden state.
 
 Merge (LaCo-style): ``W_n' = W_n + c (W_r - W_n)`` for every parameter of the removed block with a
 same-named, same-shaped parameter in a neighbour (``c`` split over the K neighbours), without learning.
@@ -69,6 +71,21 @@ class InjectedBias(nn.Module):
 
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
         return bias + self.c * self.injected
+
+
+class LowRankDelta(nn.Module):
+    """Parametrization ``W -> W + A @ B`` (LoRA on a neighbour's own weight) with ``A`` zero, ``B`` Kaiming-uniform."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        out_f, in_f = weight.shape
+        rank = max(1, min(rank, out_f, in_f))
+        self.a = nn.Parameter(torch.zeros(out_f, rank, dtype=weight.dtype, device=weight.device))
+        b = (torch.rand(rank, in_f, generator=generator, dtype=weight.dtype) * 2 - 1) / math.sqrt(in_f)
+        self.b = nn.Parameter(b.to(weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.a @ self.b
 
 
 def _index(path: str) -> tuple[str, int]:
@@ -122,6 +139,23 @@ def _pairs(graph: ModelGraph, removed: str, near: Sequence[str]
             b_dst = _bias(graph.module.get_submodule(n).get_submodule(rel) if rel else graph.module.get_submodule(n))
             keep_bias = b_src is not None and b_dst is not None and b_src.shape == b_dst.shape
             out.append((n, rel, w.detach().clone(), b_src.detach().clone() if keep_bias else None))
+    return out
+
+
+def tunable_group(graph: ModelGraph, near: Sequence[str], rank: int, seed: int) -> list[torch.Tensor]:
+    """The authors' group tuning: a zero-started :class:`LowRankDelta` of ``rank`` on every matrix layer of the
+    blocks ``near`` (registered on ``graph`` in place, folded by :func:`fold`) and every 1-D parameter of those
+    blocks (norms, biases). Returns the tensors to train."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    for n in near:
+        block = graph.module.get_submodule(n)
+        for rel, w in matrix_layers(block).items():
+            layer = block.get_submodule(rel) if rel else block
+            delta = LowRankDelta(w.detach(), rank, gen)
+            parametrize.register_parametrization(layer, "weight", delta)
+            out += [delta.a, delta.b]
+        out += [p for p in block.parameters() if p.ndim == 1]  # (fusion coefficients among them: trained once)
     return out
 
 
@@ -184,10 +218,12 @@ def _inputs(names: Sequence[str], batch: dict[str, torch.Tensor]) -> dict[str, t
 
 def finetune_group(graph: ModelGraph, teacher: ModelGraph, removed: str, near_before: Sequence[str],
                    params: Sequence[nn.Module], batches: Sequence[dict[str, torch.Tensor]], steps: int,
-                   lr: float, seed: int) -> dict[str, Any] | None:
+                   lr: float, seed: int, group: Sequence[torch.Tensor] = (), group_lr: float = 0.0
+                   ) -> dict[str, Any] | None:
     """Local distillation of the group: fit the hidden state at the end of the group (the neighbours and the removed
-    block's place) in ``graph`` to the one in ``teacher`` (the model before the removal) with only the
-    coefficient matrices learned. ``near_before``: the neighbours' paths before the removal."""
+    block's place) in ``graph`` to the one in ``teacher`` (the model before the removal) with the coefficient
+    matrices learned at ``lr`` and ``group`` (:func:`tunable_group`) at ``group_lr``. ``near_before``: the
+    neighbours' paths before the removal."""
     if steps <= 0 or not params or not batches:
         return None
     container, r = _index(removed)
@@ -198,13 +234,16 @@ def finetune_group(graph: ModelGraph, teacher: ModelGraph, removed: str, near_be
     with torch.no_grad():
         targets = [hidden_at(teacher.module, teacher_path, _inputs(names, b)).detach() for b in batches]
     trainable = [t for p in params for t in p.parameters()]
+    seen = {id(t) for t in trainable}
+    tuned = [t for t in group if id(t) not in seen]
     frozen = [(t, t.requires_grad) for t in graph.module.parameters()]
     for t, _ in frozen:
         t.requires_grad_(False)
-    for t in trainable:
+    for t in [*trainable, *tuned]:
         t.requires_grad_(True)
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(trainable, lr=lr, betas=(0.9, 0.95))
+    groups = [{"params": trainable, "lr": lr}] + ([{"params": tuned, "lr": group_lr}] if tuned else [])
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     losses = []
     graph.module.eval()

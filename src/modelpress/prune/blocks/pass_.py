@@ -17,6 +17,7 @@ from modelpress.prune.blocks.fusion import (
     neighbours,
     remove_with_learnable_fusion,
     remove_with_merge,
+    tunable_group,
 )
 from modelpress.prune.blocks.importance import Importance, block_scores
 
@@ -35,6 +36,11 @@ class FuseBlocksConfig(PassConfig):
     finetune_steps: int = Field(20, ge=0)
     lr: float = Field(1e-3, gt=0.0)
     rank: int = Field(8, ge=1)  # of the fusion coefficient matrices (the authors use 128 on 4096-wide LLaMA)
+    # the authors' group tuning beside the fusion coefficients: the neighbours' norms and biases and a low-rank delta
+    # on each neighbour matrix (folded into the dense weights), at their own learning rate
+    tune_group: bool = False
+    group_rank: int = Field(8, ge=1)
+    group_lr: float = Field(1e-4, gt=0.0)
     merge_coefficient: float = Field(0.5, ge=0.0, le=1.0)
     calibration_batches: int = Field(4, ge=1)
 
@@ -95,8 +101,10 @@ class FuseBlocks(GraphPass):
                 near_before = neighbours(out.blocks, victim, cfg.neighbours)
                 near, params = remove_with_learnable_fusion(out, victim, cfg.neighbours, cfg.rank, ctx.seed + i)
                 if teacher is not None:
+                    group = tunable_group(out, near, cfg.group_rank, ctx.seed + i) if cfg.tune_group else []
                     record["finetune"] = finetune_group(out, teacher, victim, near_before, params, batches,
-                                                        cfg.finetune_steps, cfg.lr, ctx.seed + i)
+                                                        cfg.finetune_steps, cfg.lr, ctx.seed + i, group=group,
+                                                        group_lr=cfg.group_lr)
                 record["folded_layers"] = fold(out)
                 record["into"] = near
             elif cfg.fusion == "merge" and cfg.neighbours > 0:
