@@ -200,3 +200,29 @@ def test_bad_options_are_short_errors(gpt2, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "importance" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_parameter_target_removes_blocks_until_it_is_met(gpt2, tmp_path, capsys):
+    """``target: params``: blocks go one at a time until at most ``ratio`` of the parameters remain, and no more;
+    a ratio that removing every block cannot reach, or a latency target without a latency model, is a short
+    error."""
+    from modelpress.errors import ModelpressError
+
+    _, graph = gpt2
+    before = graph.num_parameters()
+    per_block = (before - FuseBlocks({"target_blocks": 0.25, "fusion": "none"}).apply(
+        graph, _context(tmp_path)).graph.num_parameters())
+    ratio = 1 - 1.5 * per_block / before  # needs two blocks removed, not one
+    res = FuseBlocks({"target": "params", "ratio": ratio, "fusion": "none"}).apply(graph, _context(tmp_path))
+    assert res.metrics["blocks_after"] == 2 and res.metrics["ratio_reached"] <= ratio
+    assert res.metrics["ratio_reached"] == pytest.approx(res.graph.num_parameters() / before)
+    with pytest.raises(ModelpressError, match="not the 0.01 asked for"):
+        FuseBlocks({"target": "params", "ratio": 0.01, "fusion": "none"}).apply(graph, _context(tmp_path))
+    with pytest.raises(ModelpressError, match="latency model"):
+        FuseBlocks({"target": "latency", "ratio": 0.5, "fusion": "none"}).apply(graph, _context(tmp_path))
+    ckpt, _ = gpt2
+    with pytest.raises(SystemExit):  # one target on the command line
+        main(["prune", str(ckpt), "--method", "fuse-blocks", "--target-blocks", "0.25", "--target-params", "0.5",
+              "-o", str(tmp_path / "p")])
+    assert "give one of --target-blocks, --target-params" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -168,12 +168,15 @@ def prune(
     if target_blocks is not None and method != "fuse-blocks":
         raise ModelpressError("--target-blocks is for --method fuse-blocks", "add --method fuse-blocks")
     if method == "fuse-blocks":
-        if goals or ratio:
-            raise ModelpressError("--method fuse-blocks removes whole blocks to --target-blocks",
-                                  "drop --ratio and --target-latency/params/macs")
+        if ratio or "macs" in goals or len(goals) + (target_blocks is not None) > 1:
+            raise ModelpressError("--method fuse-blocks removes whole blocks to one target",
+                                  "give one of --target-blocks, --target-params, --target-latency")
         passes: list[dict[str, Any]] = [{"pass": "prune.fuse_blocks", "target_blocks": 0.25 if target_blocks is None else target_blocks,
                    "importance": importance, "fusion": fusion, "neighbours": neighbours,
                    "finetune_steps": finetune_steps}]
+        if goals:
+            kind, value = next(iter(goals.items()))
+            passes[0].update(target=kind, ratio=value)
     elif method == "magnitude":
         if goals:
             raise ModelpressError("--method magnitude prunes fixed --ratio per kind", "drop --target-*, or use --method global")

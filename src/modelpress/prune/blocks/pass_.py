@@ -25,6 +25,10 @@ from modelpress.prune.blocks.importance import Importance, block_scores
 class FuseBlocksConfig(PassConfig):
     # fraction of the removable blocks to remove (rounded to the nearest count, at least one)
     target_blocks: float = Field(0.25, gt=0.0, lt=1.0)
+    # what to reach: the block fraction above, or keep at most ``ratio`` of the parameters or of the latency the
+    # Context's latency model predicts (blocks removed one at a time until it is met)
+    target: Literal["blocks", "params", "latency"] = "blocks"
+    ratio: float | None = Field(None, gt=0.0, lt=1.0)
     # mi: Macro Influence, re-scored after every removal; block-influence (ShortGPT), kl (output KL of removing
     # each block alone) and hessian (prune.global's block saliency): scored once
     importance: Importance = "mi"
@@ -61,6 +65,28 @@ def _task(graph: ModelGraph, ctx: Any) -> Any:
     return infer_task(graph.input_spec, graph.module)
 
 
+def _goal(cfg: FuseBlocksConfig, graph: ModelGraph, ctx: Any) -> tuple[Any, float]:
+    """The cost to bring down (parameters, or the latency model's prediction) and its goal; (None, 0) for a
+    block-fraction target."""
+    if cfg.target == "blocks":
+        return None, 0.0
+    if cfg.ratio is None:
+        raise ModelpressError(f"a {cfg.target} target needs ratio (the fraction of the {cfg.target} to keep)",
+                              "add ratio, e.g. ratio: 0.75")
+    if cfg.target == "params":
+        def cost(g: ModelGraph) -> float:
+            return float(g.num_parameters())
+    else:
+        model = getattr(ctx, "latency_model", None)
+        if model is None:
+            raise ModelpressError("a latency target needs a latency model on the Context",
+                                  "build one with `modelpress bench --latency-table CKPT`, or use target params")
+
+        def cost(g: ModelGraph) -> float:
+            return float(model.predict(g))
+    return cost, cfg.ratio * cost(graph)
+
+
 @register
 class FuseBlocks(GraphPass):
     """Remove ``target_blocks`` of the blocks, the least important first (Macro Influence by default, re-scored
@@ -78,6 +104,9 @@ class FuseBlocks(GraphPass):
         if len(blocks) < 2 or n_remove >= len(out.blocks):
             raise ModelpressError(f"{graph.name} has {len(out.blocks)} blocks: removing {n_remove} leaves none",
                                   "lower target_blocks, or prune a model with more blocks")
+        cost, goal = _goal(cfg, out, ctx)
+        if cost is not None:
+            n_remove = len(out.blocks) - 1  # at most: stop as soon as the goal is met
         task = _task(out, ctx)
         batches = _calibration(out, ctx, cfg.calibration_batches)
         before = out.num_parameters()
@@ -85,6 +114,8 @@ class FuseBlocks(GraphPass):
         static = None if cfg.importance == "mi" else block_scores(out, cfg.importance, batches, task, seed=ctx.seed)
         steps: list[dict[str, Any]] = []
         for i in range(n_remove):
+            if cost is not None and cost(out) <= goal:
+                break
             paths = [b.path for b in out.blocks if b.removable and out.can_remove_blocks([b.path])]
             if not paths:
                 break
@@ -115,8 +146,13 @@ class FuseBlocks(GraphPass):
             steps.append(record)
             ctx.reporter.log(f"  removed {original} (score {scores[victim]:.4g})"
                              + (f", fused into {record['into']}" if record.get("into") else ""))
+        if cost is not None and cost(out) > goal * (1 + 1e-9):
+            raise ModelpressError(f"removing every removable block leaves {cost(out) / cost(graph):.3f} of the {cfg.target}, "
+                                  f"not the {cfg.ratio:g} asked for", "ask for a larger ratio, or prune widths too")
         metrics = {"blocks_before": len(graph.blocks), "blocks_after": len(out.blocks),
                    "removed_blocks": [s["block"] for s in steps], "steps": steps,
                    "params_before": before, "params_after": out.num_parameters(),
-                   "importance": cfg.importance, "fusion": cfg.fusion}
+                   "importance": cfg.importance, "fusion": cfg.fusion, "target": cfg.target}
+        if cost is not None:
+            metrics.update(ratio_asked=cfg.ratio, ratio_reached=cost(out) / cost(graph))
         return PassResult(graph=out, metrics=metrics)
