@@ -1,5 +1,6 @@
 """ONNX Runtime's fused attention in the cached decoder (export.fused): GroupQueryAttention and RotaryEmbedding
-replace the plain attention ops for every family an adapter covers (GPT-2, Llama GQA, Qwen2), generate torch's
+replace the plain attention ops for every family an adapter covers (GPT-2, Llama GQA, Qwen2), RMS norms become
+(Skip)SimplifiedLayerNormalization, the graphs generate torch's
 tokens (left padding included), fall back to the plain-op graph where a family feature is not covered or the
 fused graph does not verify; packed MatMulNBits siblings (q/k/v, gate/up) give the unpacked graph's logits."""
 
@@ -32,6 +33,8 @@ def test_every_attention_is_fused_and_generates_torch_tokens(tmp_path, family):
     assert result.attention["form"].startswith("fused"), result.attention
     assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0  # no plain attention left
     assert ops["RotaryEmbedding"] == (0 if family == "gpt2" else 4)  # q and k per layer, from position_ids
+    if family != "gpt2":  # RMS norms: the first reads the embedding, the other four join a residual Add
+        assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert result.verification.tokens_equal and result.verification.max_abs_err < 1e-4
     if family == "llama":  # a left-padded batch: the pads are masked through attention_bias
         ids, mask = held_out_prompts(result.layout, 16, batch=3, seed=7)

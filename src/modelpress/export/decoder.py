@@ -270,7 +270,14 @@ def _trace_inputs(layout: DecoderLayout, vocab: int, device: torch.device, past:
 
 def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: int, with_past: bool,
                   lowering: DecoderLowering | None = None, fused: bool = False) -> None:
-    from modelpress.export.fused import FusedState, attention_adapters, drop_empty_inputs, fused_attention
+    from modelpress.export.fused import (
+        FusedState,
+        attention_adapters,
+        drop_empty_inputs,
+        fuse_skip_norms,
+        fused_attention,
+        norm_adapters,
+    )
 
     forwards: dict = {}
     if fused:
@@ -278,6 +285,7 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
         forwards = attention_adapters(module, layout, state) or {}
         if not forwards:
             raise ModelpressError("the fused attention export does not cover this model")
+        forwards.update(norm_adapters(module))
         wrapper: nn.Module = FusedDecoder(module, layout, state).eval()
     else:
         wrapper = CachedDecoder(module, layout).eval()
@@ -317,6 +325,7 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
         if fused:
             del model.graph.value_info[:]  # the tracer's guesses around the contrib ops; ONNX Runtime infers its own
             drop_empty_inputs(model)
+            fuse_skip_norms(model)
             _static_output_dims(model, layout)
         if lowering is not None and lowering.postprocess is not None:
             lowering.postprocess(model)

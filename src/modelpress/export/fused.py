@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FusedState", "attention_adapters", "drop_empty_inputs", "fused_attention", "group_query_attention",
-           "rotary_embedding"]
+__all__ = ["FusedState", "attention_adapters", "drop_empty_inputs", "fuse_skip_norms", "fused_attention",
+           "group_query_attention", "norm_adapters", "rotary_embedding", "simplified_layer_norm"]
 
 # GroupQueryAttention's optional inputs this export leaves absent: traced as an empty tensor, then cleared
 OPTIONAL_INPUTS = {"GroupQueryAttention": (1, 2, 7, 8, 9)}
@@ -96,6 +96,23 @@ class _RotaryEmbedding(torch.autograd.Function):
         out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_cache, sin_cache, num_heads_i=num_heads,
                    interleaved_i=0)
         return out
+
+
+class _SimplifiedLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, weight: Any, eps: float) -> Any:
+        return g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+
+
+def simplified_layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation over the last axis times ``weight``. Traces to ONNX Runtime's
+    SimplifiedLayerNormalization (which ``fuse_skip_norms`` then joins with the residual Add before it)."""
+    return _SimplifiedLayerNorm.apply(x, weight, float(eps))
 
 
 def group_query_attention(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
@@ -183,6 +200,18 @@ def _gpt2_like(model: nn.Module, module: nn.Module, layer: int, heads: int, kv: 
 ADAPTERS: tuple[Callable[..., Forward | None], ...] = (_llama_like, _gpt2_like)
 
 
+def norm_adapters(model: nn.Module) -> dict[nn.Module, Forward]:
+    """Fused forwards for the RMS norms of the Llama convention (``weight * x / rms(x)`` with a 1-D ``weight`` and
+    ``variance_epsilon``: Llama, Qwen2, Mistral); other norms (Gemma's ``1 + weight``, LayerNorm) keep theirs."""
+    out: dict[nn.Module, Forward] = {}
+    for module in model.modules():
+        weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+        if (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
+                and isinstance(eps, float) and not list(module.children())):
+            out[module] = (lambda m: lambda x, *a, **k: simplified_layer_norm(x, m.weight, m.variance_epsilon))(module)
+    return out
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     from modelpress.graph.family import attention_modules
 
@@ -247,6 +276,38 @@ def fused_attention(forwards: dict[nn.Module, Forward]) -> Iterator[None]:
     finally:
         for module in forwards:
             module.__dict__.pop("forward", None)
+
+
+def fuse_skip_norms(model: Any) -> int:
+    """``SimplifiedLayerNormalization(Add(a, b))`` -> ``SkipSimplifiedLayerNormalization(a, b)`` whose fourth
+    output is the sum (the residual stream the Add fed to its other users), as ONNX Runtime GenAI's builder
+    writes it; only where neither Add input is a constant (a residual join, not a bias). Returns the count."""
+    from onnx import helper
+
+    g = model.graph
+    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in g.node for o in n.output}
+    drop: set[int] = set()
+    replace: dict[int, Any] = {}
+    for n in g.node:
+        if n.op_type != "SimplifiedLayerNormalization" or n.domain not in ("", "ai.onnx"):
+            continue
+        add = producer.get(n.input[0])
+        if add is None or add.op_type != "Add" or id(add) in drop or any(i in constants for i in add.input):
+            continue
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        replace[id(n)] = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], n.input[1]],
+            [n.output[0], "", "", add.output[0]], name=(n.name or "norm") + "_skip", domain="com.microsoft",
+            epsilon=eps)
+        drop.add(id(add))
+    if replace:
+        # the fused node sits where the Add was (its inputs are ready there; the sum's users come after it)
+        by_add = {id(producer[n.input[0]]): replace[id(n)] for n in g.node if id(n) in replace}
+        nodes = [by_add.get(id(n), n) for n in g.node if id(n) not in replace]
+        del g.node[:]
+        g.node.extend(nodes)
+    return len(replace)
 
 
 def drop_empty_inputs(model: Any) -> int:
