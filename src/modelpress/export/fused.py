@@ -74,6 +74,12 @@ class _GroupQueryAttention(torch.autograd.Function):
         out = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total,
                    absent, absent, absent, bias, num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
                    do_rotary_i=0, outputs=3)
+        with contextlib.suppress(Exception):  # the outputs' types for the exporter's shape inference
+            b, s = query.type().varyingSizes()[:2]
+            head = past_key.type().varyingSizes()[3]
+            out[0].setType(query.type().with_sizes([b, s, num_heads * head]))
+            for o in out[1:]:
+                o.setType(past_key.type().with_sizes([b, kv_heads, None, head]))
         return out
 
 
@@ -95,6 +101,7 @@ class _RotaryEmbedding(torch.autograd.Function):
     def symbolic(g: Any, x: Any, position_ids: Any, cos_cache: Any, sin_cache: Any, num_heads: int) -> Any:
         out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_cache, sin_cache, num_heads_i=num_heads,
                    interleaved_i=0)
+        out.setType(x.type())
         return out
 
 
@@ -106,7 +113,9 @@ class _SimplifiedLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, x: Any, weight: Any, eps: float) -> Any:
-        return g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+        out = g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+        out.setType(x.type())
+        return out
 
 
 def simplified_layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
