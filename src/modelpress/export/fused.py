@@ -227,7 +227,8 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in attention_modules(model)]
 
 
-def _rotary_caches(model: nn.Module, max_positions: int, head: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _rotary_caches(model: nn.Module, max_positions: int, head: int,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
     """cos/sin caches [max_positions, head/2] from the model's own rotary module (None: no rotary module)."""
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
     if rotary is None:
@@ -235,8 +236,8 @@ def _rotary_caches(model: nn.Module, max_positions: int, head: int) -> tuple[tor
     param = next(model.parameters())
     pos = torch.arange(max_positions, device=param.device)[None]
     with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=param.dtype, device=param.device), pos)
-    cos, sin = cos[0].float(), sin[0].float()
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32, device=param.device), pos)
+    cos, sin = cos[0].to(dtype), sin[0].to(dtype)  # RotaryEmbedding takes its input's type
     if cos.shape[-1] != head or not torch.equal(cos[:, : head // 2], cos[:, head // 2:]):
         return None  # not the rotate-half layout over the whole head
     return cos[:, : head // 2].contiguous(), sin[:, : head // 2].contiguous()
@@ -266,7 +267,7 @@ def attention_adapters(model: nn.Module, layout: Any, state: FusedState) -> dict
         if fwd is None:
             return None
         if adapter is _llama_like:
-            rotary = rotary or _rotary_caches(model, int(layout.max_positions), head)
+            rotary = rotary or _rotary_caches(model, int(layout.max_positions), head, getattr(torch, layout.dtype))
             if rotary is None:
                 return None
         out[module] = fwd
