@@ -39,7 +39,7 @@ sessions every round; speedups are medians of per-round ratios against ``fp32``.
 **--llama: generation peers on a real small LM** (``results/language_model_llama.json``). The model is
 ``modelpress.train.stdlib_llama()``: a 22.3M-parameter Llama (grouped-query attention 8/2, rotary, tied head)
 trained once (cached) on this Python's standard-library ``.py`` sources (PSF licence), split by file. Every
-variant is a cached decoder (prefill and decode in one graph): ``fp32`` (our export), ``ours-w8a8`` (recipe
+variant is a cached decoder (prefill and decode in one graph): ``fp32`` (our export, fused attention), ``fp32-plain`` (plain attention ops), ``ours-w8a8`` (recipe
 default, traced with its cache as fake-quant), ``ours-int4`` (recipe int4-weight-only, MatMulNBits in the
 decoder), ``ort-rtn`` (ONNX Runtime's MatMulNBitsQuantizer on our FP32 decoder; needs ``onnx-ir``:
 ``pip install 'modelpress[ort-int4]'``), ``genai-int4`` (onnxruntime-genai's model builder, ``-p int4 -e
@@ -458,13 +458,17 @@ LLAMA_SEQ = 128  # evaluation windows and the prompt of the generation timing
 LLAMA_NEW_TOKENS = 32
 LLAMA_EVAL, LLAMA_EVAL_QUICK = 48, 8
 LLAMA_DESCRIPTIONS = {
-    "fp32": "FP32 cached decoder (modelpress export_decoder: one graph, GenAI names, opset 17)",
+    "fp32": "FP32 cached decoder (modelpress export_decoder: one graph, GenAI names, opset 17, fused attention: "
+    "GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization)",
+    "fp32-plain": "FP32 cached decoder with plain ONNX attention ops (export_decoder fused=False: the export before "
+    "the fused attention, kept as a reference)",
     "ours-w8a8": "recipe default (quantize.repq W8A8) traced with its cache: fake-quant ops on float weights "
     "(the cached export has no integer-kernel lowering for W8A8 yet)",
     "ours-int4": "recipe int4-weight-only (quantize.weight_only: GPTQ act-order, block 32, asymmetric, head 8-bit "
-    "tied) lowered to MatMulNBits in the cached decoder (accuracy level 4 where it verifies)",
+    "tied) lowered to MatMulNBits in the cached decoder (q/k/v and gate/up packed, accuracy level 4 where it "
+    "verifies) with the fused attention (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization)",
     "ort-rtn": "onnxruntime MatMulNBitsQuantizer (default RTN, 4 bits, block 32, asymmetric, accuracy level 4) "
-    "on our FP32 decoder after ORT's basic constant folding (which turns the transposed weights into "
+    "on our FP32 decoder (fused attention) after ORT's basic constant folding (which turns the transposed weights into "
     "initializers it can quantize)",
     "genai-int4": "onnxruntime-genai model builder, -p int4 -e cpu, from the same Hugging Face folder (its own "
     "graph: GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits)",
@@ -595,10 +599,12 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
         info[name] = {"description": LLAMA_DESCRIPTIONS[name], "status": "ok",
                       "build_seconds": round(time.perf_counter() - t0, 1), **extra}
 
-    def fp32():  # noqa: ANN202
-        out = export_decoder(graph.module, tmp / "fp32" / "decoder.onnx", new_tokens=LLAMA_NEW_TOKENS)
-        write_genai_config(out.path.parent, out.layout, tokenizer_dir=lm.path)
-        return out.path, {"verification": out.verification.to_dict()}
+    def fp32(fused: bool | str = "auto", name: str = "fp32"):  # noqa: ANN202
+        def build():  # noqa: ANN202
+            out = export_decoder(graph.module, tmp / name / "decoder.onnx", new_tokens=LLAMA_NEW_TOKENS, fused=fused)
+            write_genai_config(out.path.parent, out.layout, tokenizer_dir=lm.path)
+            return out.path, {"verification": out.verification.to_dict(), "attention": out.attention}
+        return build
 
     def ours(pass_, name: str):  # noqa: ANN001, ANN202
         def build():  # noqa: ANN202
@@ -607,10 +613,12 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
                                  lowering=result.decoder_lowering, atol=1e-2)
             write_genai_config(out.path.parent, out.layout, tokenizer_dir=lm.path)
             return out.path, {"config": {pass_.name: pass_.config.model_dump(mode="json")},
-                              "verification": out.verification.to_dict(), "lowering": out.lowering}
+                              "verification": out.verification.to_dict(), "lowering": out.lowering,
+                              "attention": out.attention}
         return build
 
-    record("fp32", fp32)
+    record("fp32", fp32())
+    record("fp32-plain", fp32(False, "fp32-plain"))
     if not args.no_w8a8:
         record("ours-w8a8", ours(RepQPass(recipe_options("default")), "ours-w8a8"))
     else:

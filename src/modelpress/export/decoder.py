@@ -48,6 +48,7 @@ __all__ = [
     "DecoderVerification",
     "decoder_layout",
     "export_decoder",
+    "fusable",
     "greedy_onnx",
     "is_causal_lm",
     "verify_decoder",
@@ -211,6 +212,46 @@ class CachedDecoder(nn.Module):
         return (out.logits, *present)
 
 
+class FusedDecoder(CachedDecoder):
+    """``CachedDecoder``'s signature with ONNX Runtime's fused attention (``export.fused``): each attention module
+    takes its past from and puts its present into ``state``; ``seqlens_k``/``total_sequence_length`` and the
+    padding bias are built once per step from ``attention_mask`` (every cache row kept, pads masked)."""
+
+    def __init__(self, model: nn.Module, layout: DecoderLayout, state: Any) -> None:
+        super().__init__(model, layout)
+        self.state = state
+        # buffers: one initializer shared by every layer's RotaryEmbedding
+        if state.cos is not None:
+            self.register_buffer("cos_cache", state.cos, persistent=False)
+            self.register_buffer("sin_cache", state.sin, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor) -> tuple:
+        layout, state = self.layout, self.state
+        position_ids = rest[0] if layout.position_ids else None
+        past = rest[1:] if layout.position_ids else rest
+        if not past:  # the prefill-only graph: empty caches of the input's batch
+            dtype = getattr(torch, layout.dtype)
+            past = []
+            for i in range(layout.num_layers):
+                empty = input_ids.new_zeros((input_ids.shape[0], layout.kv_heads[i], 0, layout.head_sizes[i]), dtype=dtype)
+                past += [empty, empty]
+        state.past = [(past[2 * i], past[2 * i + 1]) for i in range(layout.num_layers)]
+        state.present = {}
+        rows = torch.ones_like(attention_mask, dtype=torch.int32).sum(-1, dtype=torch.int32)  # [B]: past + new
+        state.seqlens_k, state.total = rows - 1, rows.max()
+        pad = (1.0 - attention_mask[:, None, None, :].to(past[0].dtype)) * torch.finfo(past[0].dtype).min
+        state.bias = pad.expand(-1, -1, input_ids.shape[1], -1)
+        state.position_ids = position_ids
+        if state.cos is not None:
+            state.cos, state.sin = self.cos_cache, self.sin_cache
+        kwargs: dict[str, Any] = {"position_ids": position_ids} if position_ids is not None else {}
+        out = self.model(input_ids=input_ids, use_cache=False, **kwargs)
+        present = []
+        for i in range(layout.num_layers):
+            present += list(state.present[i])
+        return (out.logits, *present)
+
+
 def _trace_inputs(layout: DecoderLayout, vocab: int, device: torch.device, past: int) -> tuple:
     batch, seq = 2, 3
     dtype = getattr(torch, layout.dtype)
@@ -228,8 +269,26 @@ def _trace_inputs(layout: DecoderLayout, vocab: int, device: torch.device, past:
 
 
 def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: int, with_past: bool,
-                  lowering: DecoderLowering | None = None) -> None:
-    wrapper = CachedDecoder(module, layout).eval()
+                  lowering: DecoderLowering | None = None, fused: bool = False) -> None:
+    from modelpress.export.fused import (
+        FusedState,
+        attention_adapters,
+        drop_empty_inputs,
+        fuse_skip_norms,
+        fused_attention,
+        norm_adapters,
+    )
+
+    forwards: dict = {}
+    if fused:
+        state = FusedState()
+        forwards = attention_adapters(module, layout, state) or {}
+        if not forwards:
+            raise ModelpressError("the fused attention export does not cover this model")
+        forwards.update(norm_adapters(module))
+        wrapper: nn.Module = FusedDecoder(module, layout, state).eval()
+    else:
+        wrapper = CachedDecoder(module, layout).eval()
     args = _trace_inputs(layout, layout.vocab_size, next(module.parameters()).device, 5 if with_past else 0)
     names_in = layout.input_names if with_past else layout.input_names[: len(layout.input_names) - len(layout.past_names)]
     axes: dict[str, dict[int, str]] = {
@@ -244,8 +303,11 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
     for name in layout.output_names[1:]:
         axes[name] = {0: "batch_size", 2: "total_sequence_length"}
     lowered = lowering.context() if lowering is not None else contextlib.nullcontext()
+    opsets = dict(lowering.custom_opsets) if lowering is not None else {}
+    if fused:
+        opsets["com.microsoft"] = 1
     with (eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
-          torch.inference_mode(False), torch.no_grad(), lowered):
+          torch.inference_mode(False), torch.no_grad(), lowered, fused_attention(forwards)):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper, args, str(path), input_names=names_in, output_names=layout.output_names,
@@ -254,14 +316,34 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
             # vs 107 MB of weights); ONNX Runtime folds the transposes at session creation, and the unfolded
             # file decoded as fast (21.6 vs 21.9 ms/token, 1 thread, interleaved)
             dynamic_axes=axes, opset_version=opset, do_constant_folding=False, dynamo=False,
-            **({"custom_opsets": lowering.custom_opsets} if lowering is not None and lowering.custom_opsets else {}),
+            **({"custom_opsets": opsets} if opsets else {}),
         )
-    if lowering is not None and lowering.postprocess is not None:
+    if fused or (lowering is not None and lowering.postprocess is not None):
         import onnx
 
         model = onnx.load(str(path))
-        lowering.postprocess(model)
+        if fused:
+            del model.graph.value_info[:]  # the tracer's guesses around the contrib ops; ONNX Runtime infers its own
+            drop_empty_inputs(model)
+            fuse_skip_norms(model)
+            _static_output_dims(model, layout)
+        if lowering is not None and lowering.postprocess is not None:
+            lowering.postprocess(model)
         _save_onnx(model, path)
+
+
+def _static_output_dims(model: Any, layout: DecoderLayout) -> None:
+    """Write the outputs' fixed dimensions (vocabulary; kv heads and head size of the present cache) that the
+    tracer could not infer through the contrib ops."""
+    fixed = {"logits": {2: layout.vocab_size}}
+    for i in range(layout.num_layers):
+        for name in (PRESENT_KEY % i, PRESENT_VALUE % i):
+            fixed[name] = {1: layout.kv_heads[i], 3: layout.head_sizes[i]}
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for axis, value in fixed.get(out.name, {}).items():
+            if axis < len(dims):
+                dims[axis].dim_value = int(value)
 
 
 def _save_onnx(model: Any, path: Path) -> None:
@@ -473,58 +555,65 @@ class DecoderExport:
     prefill_path: Path | None = None  # the two-graph form's prefill graph
     opset: int = 17
     lowering: dict[str, Any] | None = None  # a method's lowering: its name, the fast form and its check
+    attention: dict[str, Any] | None = None  # the attention form written (fused or plain) and why
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "prefill_path": None if self.prefill_path is None else str(self.prefill_path),
                 "layout": self.layout.to_dict(), "file_size_bytes": self.file_size_bytes,
                 "export_seconds": round(self.export_seconds, 2), "opset": self.opset, "lowering": self.lowering,
+                "attention": self.attention,
                 "verification": None if self.verification is None else self.verification.to_dict()}
+
+
+def fusable(module: nn.Module, layout: DecoderLayout | None = None) -> bool:
+    """Whether every attention module of ``module`` has a fused (GroupQueryAttention) form (``export.fused``)."""
+    from modelpress.export.fused import FusedState, attention_adapters
+
+    layout = layout or decoder_layout(module)
+    return bool(layout.position_ids and attention_adapters(module, layout, FusedState()))
 
 
 def export_decoder(module: nn.Module, path: Path | str, *, opset: int = 17, verify: bool = True,
                    new_tokens: int = 32, two_graphs: bool = False, atol: float = 1e-3, rtol: float = 1e-4,
-                   lowering: DecoderLowering | None = None, reporter: Reporter = QUIET) -> DecoderExport:
+                   lowering: DecoderLowering | None = None, fused: bool | str = "auto",
+                   reporter: Reporter = QUIET) -> DecoderExport:
     """Export a causal LM as one cached decoder graph at ``path`` (GenAI naming; see the module docstring).
 
     ``verify`` checks greedy generation of ``new_tokens`` tokens and the cached logits against torch and
     raises ModelpressError on a mismatch. ``two_graphs`` also writes ``<stem>.prefill.onnx``, a graph
     without past inputs. ``lowering``: a method's own lowering of its layers (see :class:`DecoderLowering`).
+    ``fused``: ONNX Runtime's fused attention (GroupQueryAttention + RotaryEmbedding, ``export.fused``);
+    "auto" uses it where every attention module has a fused form and the fused graph verifies, else the
+    plain-op graph (measured on the 22M stdlib Llama, INT4, 2 threads, one decode step at past 128: 16.7 ms
+    fused vs 40.6 ms plain, 132 vs 643 ONNX Runtime nodes); True requires it, False never uses it.
     Nothing appears at ``path`` unless everything succeeded.
     """
     started = time.perf_counter()
     path = Path(path)
     layout = decoder_layout(module)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fused not in (True, False, "auto"):
+        raise ModelpressError(f"fused must be True, False or 'auto' (got {fused!r})")
+    covered = fused is not False and fusable(module, layout)
+    if fused is True and not covered:
+        raise ModelpressError(f"{type(module).__name__} has attention modules without a fused form (sliding "
+                              "window, partial rotary, per-head norms or an unknown family)",
+                              "export with fused=False (plain ops)")
     workdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}.decoder-"))
     try:
-        staged = workdir / "decoder.onnx"
-        prefill = workdir / "prefill.onnx" if two_graphs else None
-        with (reporter.step(f"exporting the decoder with a key-value cache (opset {opset})"),
-              attention_implementation(module, "eager")):
+        attempts = [True, False] if covered and fused == "auto" else [covered]
+        attention: dict[str, Any] = {}
+        for attempt in attempts:
             try:
-                _export_graph(module, layout, staged, opset, with_past=True, lowering=lowering)
-                if prefill is not None:
-                    _export_graph(module, layout, prefill, opset, with_past=False, lowering=lowering)
-            except ModelpressError:
-                raise
-            except Exception as exc:
-                raise ModelpressError(f"the decoder export failed: {type(exc).__name__}: {str(exc)[:300]}",
-                                      "this model family may not support a DynamicCache yet") from exc
-        verification = None
-        if verify:
-            with reporter.step(f"verifying greedy generation ({new_tokens} tokens) against torch"):
-                try:
-                    verification = verify_decoder(staged, module, layout, new_tokens=new_tokens, atol=atol, rtol=rtol)
-                except ModelpressError:
+                staged, prefill, verification = _export_verified(module, layout, workdir, opset, two_graphs, lowering,
+                                                                 attempt, verify, new_tokens, atol, rtol, reporter)
+            except ModelpressError as exc:
+                if attempt is not True or len(attempts) == 1:
                     raise
-                except Exception as exc:  # e.g. ONNX Runtime refuses the graph: a short error, nothing written
-                    raise ModelpressError(
-                        f"the exported decoder does not run in ONNX Runtime: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                        "a compressed form the cached export does not lower yet; report the recipe") from exc
-            if not verification.ok:
-                raise ModelpressError(f"the decoder export does not match torch: {verification.describe()}",
-                                      "loosen atol for quantized models, or report the model family")
+                attention["fused_rejected"] = str(exc)[:300]
+                continue
+            attention["form"] = "fused (com.microsoft GroupQueryAttention, RotaryEmbedding)" if attempt else "plain ops"
+            break
         lowered = None
         if lowering is not None:
             lowered = {"name": lowering.name}
@@ -539,9 +628,45 @@ def export_decoder(module: nn.Module, path: Path | str, *, opset: int = 17, veri
         move_onnx(staged, path)
         size = onnx_file_size(path) + (onnx_file_size(prefill_dst) if prefill_dst else 0)
         return DecoderExport(path, layout, verification, size, time.perf_counter() - started, prefill_dst, opset,
-                             lowered)
+                             lowered, attention)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _export_verified(module: nn.Module, layout: DecoderLayout, workdir: Path, opset: int, two_graphs: bool,
+                     lowering: DecoderLowering | None, fused: bool, verify: bool, new_tokens: int, atol: float,
+                     rtol: float, reporter: Reporter) -> tuple[Path, Path | None, DecoderVerification | None]:
+    """One export (fused or plain) into ``workdir``, verified when ``verify``; ModelpressError when it fails."""
+    form = "fused attention" if fused else "plain ops"
+    staged = workdir / "decoder.onnx"
+    prefill = workdir / "prefill.onnx" if two_graphs else None
+    with (reporter.step(f"exporting the decoder with a key-value cache ({form}, opset {opset})"),
+          attention_implementation(module, "eager")):
+        try:
+            _export_graph(module, layout, staged, opset, with_past=True, lowering=lowering, fused=fused)
+            if prefill is not None:
+                _export_graph(module, layout, prefill, opset, with_past=False, lowering=lowering, fused=fused)
+        except ModelpressError:
+            raise
+        except Exception as exc:
+            raise ModelpressError(f"the decoder export ({form}) failed: {type(exc).__name__}: {str(exc)[:300]}",
+                                  "this model family may not support a DynamicCache yet") from exc
+    verification = None
+    if verify:
+        with reporter.step(f"verifying greedy generation ({new_tokens} tokens) against torch"):
+            try:
+                verification = verify_decoder(staged, module, layout, new_tokens=new_tokens, atol=atol, rtol=rtol)
+            except ModelpressError:
+                raise
+            except Exception as exc:  # e.g. ONNX Runtime refuses the graph: a short error, nothing written
+                raise ModelpressError(
+                    f"the exported decoder ({form}) does not run in ONNX Runtime: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                    "a compressed form the cached export does not lower yet; report the recipe") from exc
+        if not verification.ok:
+            raise ModelpressError(f"the decoder export ({form}) does not match torch: {verification.describe()}",
+                                  "loosen atol for quantized models, or report the model family")
+    return staged, prefill, verification
 
 
 def _fast_form(lowering: DecoderLowering, staged: Path, prefill: Path | None, module: nn.Module,

@@ -87,9 +87,10 @@ def _int_attr(mod: nn.Module, names: tuple[str, ...]) -> int | None:
 def _heads_from_proj(mod: nn.Module, proj_names: tuple[str, ...]) -> int | None:
     size = _int_attr(mod, HEAD_SIZE_ATTRS)
     for name in proj_names:
-        proj = getattr(mod, name, None)
-        if size and isinstance(proj, nn.Linear) and proj.out_features % size == 0:
-            return proj.out_features // size
+        # any projection with a width: nn.Linear, or a packed one (weight-only quantized) carrying out_features
+        width = getattr(getattr(mod, name, None), "out_features", None)
+        if size and isinstance(width, int) and width % size == 0:
+            return width // size
     return None
 
 

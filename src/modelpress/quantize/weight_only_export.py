@@ -84,6 +84,85 @@ def fold_bias(m: onnx.ModelProto) -> int:
     return count
 
 
+def pack_siblings(m: onnx.ModelProto) -> int:
+    """Pack the MatMulNBits nodes that read one input (a block's q/k/v projections, an MLP's gate/up) into one
+    MatMulNBits over the rows of all of them, then a Split: the same codes, scales, zero points and biases
+    concatenated along N, so the result is exact, and one kernel reads the activation once (a decode step
+    launches 12 fewer kernels on a 6-block Llama). Siblings pack when their K, bits, block size, accuracy level
+    and optional inputs agree and every packed input is an initializer; returns the number of groups packed."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity" and n.input[0] in inits}
+
+    def init(name: str) -> onnx.TensorProto | None:
+        return inits.get(alias.get(name, name))
+
+    def attrs(n: onnx.NodeProto) -> dict[str, int]:
+        return {a.name: a.i for a in n.attribute}
+
+    groups: dict[tuple, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        if n.op_type != "MatMulNBits" or n.domain != "com.microsoft":
+            continue
+        a = attrs(n)
+        optional = tuple(bool(i) for i in list(n.input[3:]) + [""] * (6 - len(n.input)))
+        if any(optional[i] for i in (1,)):  # g_idx (act-order index): not packed
+            continue
+        if not all(init(i) is not None for i in n.input[1:] if i):
+            continue
+        key = (n.input[0], a.get("K"), a.get("bits", 4), a.get("block_size"), a.get("accuracy_level", 0), optional)
+        groups.setdefault(key, []).append(n)
+    packed = 0
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[int] = set()
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        first = nodes[0]
+        sizes = [attrs(n)["N"] for n in nodes]
+        name = first.name + "_packed" if first.name else f"MatMulNBits_packed_{packed}"
+        inputs = [first.input[0]]
+        for slot in range(1, len(first.input)):
+            if not first.input[slot]:
+                inputs.append("")
+                continue
+            arrays = [numpy_helper.to_array(init(n.input[slot])) for n in nodes]
+            tensor = numpy_helper.from_array(np.concatenate(arrays, axis=0), f"{name}.input{slot}")
+            g.initializer.append(tensor)
+            inputs.append(tensor.name)
+        a = {k: v for k, v in attrs(first).items() if k != "N"}
+        node = helper.make_node("MatMulNBits", inputs, [f"{name}_output"], name=name, domain="com.microsoft",
+                                N=sum(sizes), **a)
+        split_sizes = numpy_helper.from_array(np.array(sizes, dtype=np.int64), f"{name}.split")
+        g.initializer.append(split_sizes)
+        split = helper.make_node("Split", [node.output[0], split_sizes.name], [n.output[0] for n in nodes],
+                                 name=f"{name}_split", axis=-1)
+        replace[id(first)] = [node, split]
+        drop.update(id(n) for n in nodes[1:])
+        packed += 1
+    if packed:
+        nodes = []
+        for n in g.node:
+            if id(n) in replace:
+                nodes.extend(replace[id(n)])
+            elif id(n) not in drop:
+                nodes.append(n)
+        del g.node[:]
+        g.node.extend(nodes)
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        keep = [n for n in g.node if not (n.op_type == "Identity" and n.output[0] not in used)]
+        del g.node[:]
+        g.node.extend(keep)
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        left = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(left)
+    return packed
+
+
 def set_accuracy_level(m: onnx.ModelProto, level: int) -> None:
     for n in m.graph.node:
         if n.op_type == "MatMulNBits":
@@ -111,11 +190,14 @@ def export_weight_only_onnx(model: torch.nn.Module, example: Any, path: Path, in
     return path
 
 
-def clean_traced(m: onnx.ModelProto, accuracy_level: int = 0) -> onnx.ModelProto:
+def clean_traced(m: onnx.ModelProto, accuracy_level: int = 0, pack: bool = False) -> onnx.ModelProto:
     """The traced model's fix-ups: the tracer's value_info guesses around the contrib op dropped (ONNX Runtime
-    infers its own), biases folded into MatMulNBits, one accuracy level on every MatMulNBits."""
+    infers its own), biases folded into MatMulNBits, with ``pack`` siblings reading one input packed into one
+    MatMulNBits (the cached decoder's lowering: measured there), one accuracy level on every MatMulNBits."""
     del m.graph.value_info[:]
     fold_bias(m)
+    if pack:
+        pack_siblings(m)
     set_accuracy_level(m, accuracy_level)
     return m
 
@@ -142,8 +224,11 @@ def decoder_lowering(accuracy_level: int | str = "auto") -> Any:
         set_accuracy_level(m, fast_level)
         return f"MatMulNBits accuracy_level {fast_level}"
 
+    def postprocess(m: onnx.ModelProto) -> onnx.ModelProto:
+        return clean_traced(m, 0, pack=True)
+
     return DecoderLowering(name="weight-only MatMulNBits", context=exporting, custom_opsets={"com.microsoft": 1},
-                           postprocess=clean_traced, fast=fast)
+                           postprocess=postprocess, fast=fast)
 
 
 @dataclass

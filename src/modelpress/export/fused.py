@@ -1,0 +1,350 @@
+"""ONNX Runtime's fused decoder ops in the cached decoder: ``com.microsoft.GroupQueryAttention`` (the cache
+concatenation, grouped key/value heads, the causal and padding masks and softmax in one kernel) and
+``com.microsoft.RotaryEmbedding``, the ops ONNX Runtime GenAI's model builder emits.
+
+They are emitted at trace time the way the MatMulNBits lowering emits its contrib op: autograd functions whose
+forward is the op's reference semantics in torch (so tracing sees the right shapes, and a test can compare
+them with Hugging Face's attention) and whose ONNX symbolic is the contrib op. ``fused_attention`` swaps the
+forward of every attention module that an *adapter* recognises (family facts live in the adapters: which
+projections, packed or not, rotary or learned positions, how the module returns) for one that calls these
+ops, and reads the past key/values and writes the present ones through a ``FusedState`` the decoder wrapper
+fills (``export.decoder.FusedDecoder``), so Hugging Face's cache and mask code stays out of the graph (the
+tracer drops it as dead code). A module no adapter covers (sliding windows, partial rotary, per-head norms,
+cross attention, ...) makes ``attention_adapters`` return None: the export then keeps the plain-op graph.
+
+Semantics kept exact against Hugging Face's eager attention, left padding included: every cache row is
+stored (pads too, as Hugging Face's cache does), ``seqlens_k`` is ``total - 1`` for every row, and padded
+keys are masked by an additive ``attention_bias`` built once per step from ``attention_mask``; rotary
+embeddings use the graph's ``position_ids`` (GroupQueryAttention's own rotary reads only the first position
+of a prompt, which is wrong for left-padded rows), with cos/sin caches read from the model's own rotary
+module at every position (so its scaling variants come along).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FusedState", "attention_adapters", "drop_empty_inputs", "fuse_skip_norms", "fused_attention",
+           "group_query_attention", "norm_adapters", "rotary_embedding", "simplified_layer_norm"]
+
+# GroupQueryAttention's optional inputs this export leaves absent: traced as an empty tensor, then cleared
+OPTIONAL_INPUTS = {"GroupQueryAttention": (1, 2, 7, 8, 9)}
+
+
+def _empty(g: Any) -> Any:
+    return g.op("Constant", value_t=torch.zeros(0))
+
+
+# ------------------------------------------------------------------------------------------------- ops
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+                past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor,
+                bias: torch.Tensor, num_heads: int, kv_heads: int, scale: float) -> tuple:
+        batch, seq = query.shape[:2]
+        head = past_key.shape[-1]
+        if key is None:  # packed QKV
+            query, key, value = query.split([num_heads * head, kv_heads * head, kv_heads * head], dim=-1)
+        q = query.reshape(batch, seq, num_heads, head).transpose(1, 2)
+        k = torch.cat([past_key, key.reshape(batch, seq, kv_heads, head).transpose(1, 2)], dim=2)
+        v = torch.cat([past_value, value.reshape(batch, seq, kv_heads, head).transpose(1, 2)], dim=2)
+        groups = num_heads // kv_heads
+        kk, vv = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ kk.transpose(-1, -2)) * scale + bias
+        past = k.shape[2] - seq
+        causal = torch.arange(k.shape[2], device=q.device)[None, :] > (past + torch.arange(seq, device=q.device))[:, None]
+        scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
+        out = (scores.softmax(-1) @ vv).transpose(1, 2).reshape(batch, seq, num_heads * head)
+        return out, k, v
+
+    @staticmethod
+    def symbolic(g: Any, query: Any, key: Any, value: Any, past_key: Any, past_value: Any, seqlens_k: Any,
+                 total: Any, bias: Any, num_heads: int, kv_heads: int, scale: float) -> Any:
+        absent = _empty(g)
+        key = absent if key is None or _is_none(key) else key
+        value = absent if value is None or _is_none(value) else value
+        out = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total,
+                   absent, absent, absent, bias, num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
+                   do_rotary_i=0, outputs=3)
+        with contextlib.suppress(Exception):  # the outputs' types for the exporter's shape inference
+            b, s = query.type().varyingSizes()[:2]
+            head = past_key.type().varyingSizes()[3]
+            out[0].setType(query.type().with_sizes([b, s, num_heads * head]))
+            for o in out[1:]:
+                o.setType(past_key.type().with_sizes([b, kv_heads, None, head]))
+        return out
+
+
+def _is_none(value: Any) -> bool:
+    return hasattr(value, "node") and value.node().mustBeNone()
+
+
+class _RotaryEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor,
+                sin_cache: torch.Tensor, num_heads: int) -> torch.Tensor:
+        batch, seq, width = x.shape
+        h = x.reshape(batch, seq, num_heads, width // num_heads)
+        cos, sin = cos_cache[position_ids][:, :, None, :], sin_cache[position_ids][:, :, None, :]
+        x1, x2 = h.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).reshape(batch, seq, width)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, position_ids: Any, cos_cache: Any, sin_cache: Any, num_heads: int) -> Any:
+        out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_cache, sin_cache, num_heads_i=num_heads,
+                   interleaved_i=0)
+        out.setType(x.type())
+        return out
+
+
+class _SimplifiedLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, weight: Any, eps: float) -> Any:
+        out = g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+        out.setType(x.type())
+        return out
+
+
+def simplified_layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation over the last axis times ``weight``. Traces to ONNX Runtime's
+    SimplifiedLayerNormalization (which ``fuse_skip_norms`` then joins with the residual Add before it)."""
+    return _SimplifiedLayerNorm.apply(x, weight, float(eps))
+
+
+def group_query_attention(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+                          past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
+                          total: torch.Tensor, bias: torch.Tensor, num_heads: int, kv_heads: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal grouped-query attention over ``past + new`` keys (``query`` [B, S, H*D], or packed QKV with
+    ``key``/``value`` None; past [B, kv, P, D]; ``bias`` [B, 1, S, P+S] additive); returns the output
+    [B, S, H*D] and the present key/value [B, kv, P+S, D]. Traces to GroupQueryAttention."""
+    return _GroupQueryAttention.apply(query, key, value, past_key, past_value, seqlens_k, total, bias,
+                                      int(num_heads), int(kv_heads), float(scale))
+
+
+def rotary_embedding(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                     num_heads: int) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of ``x`` [B, S, H*D] at ``position_ids`` [B, S] from caches
+    [max_positions, D/2]. Traces to com.microsoft RotaryEmbedding."""
+    return _RotaryEmbedding.apply(x, position_ids, cos_cache, sin_cache, int(num_heads))
+
+
+# -------------------------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class FusedState:
+    """What the fused attention modules read and write during one traced forward (filled by the wrapper)."""
+
+    past: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    present: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    seqlens_k: torch.Tensor | None = None
+    total: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
+Forward = Callable[..., Any]
+
+
+def _llama_like(model: nn.Module, module: nn.Module, layer: int, heads: int, kv: int, head: int,
+                state: FusedState) -> Forward | None:
+    """q_proj / k_proj / v_proj / o_proj with rotary ``position_embeddings`` (Llama, Qwen2, Mistral, ...)."""
+    if not all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return None
+    config = getattr(model, "config", None)
+    if (getattr(module, "sliding_window", None) or getattr(module, "q_norm", None) is not None
+            or getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0)
+            or getattr(config, "attn_logit_softcapping", None) or getattr(module, "is_causal", True) is False):
+        return None
+    scale = float(getattr(module, "scaling", head ** -0.5))
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        q = rotary_embedding(module.q_proj(hidden_states), state.position_ids, state.cos, state.sin, heads)
+        k = rotary_embedding(module.k_proj(hidden_states), state.position_ids, state.cos, state.sin, kv)
+        past_k, past_v = state.past[layer]
+        out, pk, pv = group_query_attention(q, k, module.v_proj(hidden_states), past_k, past_v, state.seqlens_k,
+                                            state.total, state.bias, heads, kv, scale)
+        state.present[layer] = (pk, pv)
+        return module.o_proj(out), None
+
+    return forward
+
+
+def _gpt2_like(model: nn.Module, module: nn.Module, layer: int, heads: int, kv: int, head: int,
+               state: FusedState) -> Forward | None:
+    """Packed ``c_attn`` (q | k | v) and ``c_proj``, learned positions (GPT-2)."""
+    if not (hasattr(module, "c_attn") and hasattr(module, "c_proj")) or getattr(module, "is_cross_attention", False):
+        return None
+    if getattr(module, "reorder_and_upcast_attn", False) and getattr(module, "scale_attn_by_inverse_layer_idx", False):
+        return None
+    scale = float(getattr(module, "scaling", head ** -0.5))
+    dropout = getattr(module, "resid_dropout", nn.Identity())
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        past_k, past_v = state.past[layer]
+        out, pk, pv = group_query_attention(module.c_attn(hidden_states), None, None, past_k, past_v,
+                                            state.seqlens_k, state.total, state.bias, heads, kv, scale)
+        state.present[layer] = (pk, pv)
+        return dropout(module.c_proj(out)), None
+
+    return forward
+
+
+ADAPTERS: tuple[Callable[..., Forward | None], ...] = (_llama_like, _gpt2_like)
+
+
+def norm_adapters(model: nn.Module) -> dict[nn.Module, Forward]:
+    """Fused forwards for the RMS norms of the Llama convention (``weight * x / rms(x)`` with a 1-D ``weight`` and
+    ``variance_epsilon``: Llama, Qwen2, Mistral); other norms (Gemma's ``1 + weight``, LayerNorm) keep theirs."""
+    out: dict[nn.Module, Forward] = {}
+    for module in model.modules():
+        weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+        if (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
+                and isinstance(eps, float) and not list(module.children())):
+            out[module] = (lambda m: lambda x, *a, **k: simplified_layer_norm(x, m.weight, m.variance_epsilon))(module)
+    return out
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    from modelpress.graph.family import attention_modules
+
+    return [m for _, m in attention_modules(model)]
+
+
+def _rotary_caches(model: nn.Module, max_positions: int, head: int,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos/sin caches [max_positions, head/2] from the model's own rotary module (None: no rotary module)."""
+    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+    if rotary is None:
+        return None
+    param = next(model.parameters())
+    pos = torch.arange(max_positions, device=param.device)[None]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32, device=param.device), pos)
+    cos, sin = cos[0].to(dtype), sin[0].to(dtype)  # RotaryEmbedding takes its input's type
+    if cos.shape[-1] != head or not torch.equal(cos[:, : head // 2], cos[:, head // 2:]):
+        return None  # not the rotate-half layout over the whole head
+    return cos[:, : head // 2].contiguous(), sin[:, : head // 2].contiguous()
+
+
+def attention_adapters(model: nn.Module, layout: Any, state: FusedState) -> dict[nn.Module, Forward] | None:
+    """Fused forwards for every attention module of ``model`` (a cached-decoder ``DecoderLayout``), or None when
+    one of them is not covered (then the plain-op export is used). Sets ``state.cos``/``state.sin``."""
+    from modelpress.graph.family import attention_heads
+
+    modules = _attention_modules(model)
+    counts = attention_heads(model)
+    if len(modules) != layout.num_layers or layout.max_positions is None:
+        return None
+    out: dict[nn.Module, Forward] = {}
+    rotary = None
+    for i, module in enumerate(modules):
+        layer = int(getattr(module, "layer_idx", i))
+        head, kv, heads = layout.head_sizes[layer], layout.kv_heads[layer], counts[i] or layout.num_heads
+        if heads % kv:
+            return None
+        fwd = None
+        for adapter in ADAPTERS:
+            fwd = adapter(model, module, layer, heads, kv, head, state)
+            if fwd is not None:
+                break
+        if fwd is None:
+            return None
+        if adapter is _llama_like:
+            rotary = rotary or _rotary_caches(model, int(layout.max_positions), head, getattr(torch, layout.dtype))
+            if rotary is None:
+                return None
+        out[module] = fwd
+    if rotary is not None:
+        state.cos, state.sin = rotary
+    return out
+
+
+@contextlib.contextmanager
+def fused_attention(forwards: dict[nn.Module, Forward]) -> Iterator[None]:
+    """Swap each module's forward for its fused one while tracing; restored afterwards."""
+    try:
+        for module, fwd in forwards.items():
+            module.forward = fwd
+        yield
+    finally:
+        for module in forwards:
+            module.__dict__.pop("forward", None)
+
+
+def fuse_skip_norms(model: Any) -> int:
+    """``SimplifiedLayerNormalization(Add(a, b))`` -> ``SkipSimplifiedLayerNormalization(a, b)`` whose fourth
+    output is the sum (the residual stream the Add fed to its other users), as ONNX Runtime GenAI's builder
+    writes it; only where neither Add input is a constant (a residual join, not a bias). Returns the count."""
+    from onnx import helper
+
+    g = model.graph
+    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in g.node for o in n.output}
+    drop: set[int] = set()
+    replace: dict[int, Any] = {}
+    for n in g.node:
+        if n.op_type != "SimplifiedLayerNormalization" or n.domain not in ("", "ai.onnx"):
+            continue
+        add = producer.get(n.input[0])
+        if add is None or add.op_type != "Add" or id(add) in drop or any(i in constants for i in add.input):
+            continue
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        replace[id(n)] = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], n.input[1]],
+            [n.output[0], "", "", add.output[0]], name=(n.name or "norm") + "_skip", domain="com.microsoft",
+            epsilon=eps)
+        drop.add(id(add))
+    if replace:
+        # the fused node sits where the Add was (its inputs are ready there; the sum's users come after it)
+        by_add = {id(producer[n.input[0]]): replace[id(n)] for n in g.node if id(n) in replace}
+        nodes = [by_add.get(id(n), n) for n in g.node if id(n) not in replace]
+        del g.node[:]
+        g.node.extend(nodes)
+    return len(replace)
+
+
+def drop_empty_inputs(model: Any) -> int:
+    """Clear the optional inputs of the fused ops that were traced as empty placeholder tensors (an absent input,
+    ""), dropping placeholders left without users; returns how many inputs were cleared."""
+    g = model.graph
+
+    def size(t: Any) -> int:
+        n = 1
+        for d in t.dims:
+            n *= d
+        return n
+
+    empties = {t.name for t in g.initializer if size(t) == 0}
+    empties |= {n.output[0] for n in g.node if n.op_type == "Constant" and n.attribute
+                and n.attribute[0].HasField("t") and size(n.attribute[0].t) == 0}
+    count = 0
+    for n in g.node:
+        for i in OPTIONAL_INPUTS.get(n.op_type, ()) if n.domain == "com.microsoft" else ():
+            if i < len(n.input) and n.input[i] in empties:
+                n.input[i] = ""
+                count += 1
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [n for n in g.node if not (n.op_type == "Constant" and n.output[0] in empties and n.output[0] not in used)]
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [t for t in g.initializer if not (t.name in empties and t.name not in used)]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return count
