@@ -189,6 +189,8 @@ def run_model(name: str, args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: 
         target = n / n_blocks
         group_options = {**fuse_options, "tune_group": True, "group_lr": GROUP_LR}
         for vname, options in [*BASELINES.items(), ("fusegpt", fuse_options), ("fusegpt+group", group_options)]:
+            if args.variants and vname not in args.variants and not (vname == "mi" and "mi+recover" in args.variants):
+                continue
             key = f"{vname}@{n}"
             options = {"target_blocks": target, "calibration_batches": CALIBRATION_BATCHES, **options}
             t0 = time.perf_counter()
@@ -198,7 +200,7 @@ def run_model(name: str, args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: 
             rows[key] = _row(res, ev.metrics, time.perf_counter() - t0, options)
             paths[key] = Path(ev.onnx_path)
             reporter.log(f"{name} {key}: removed {res.metrics['removed_blocks']} {_primary(name, ev.metrics)}")
-            if vname == "mi":
+            if vname == "mi" and (not args.variants or "mi+recover" in args.variants):
                 t0 = time.perf_counter()
                 g = res.graph.copy()
                 batch = int(cal.batches[0][next(iter(cal.batches[0]))].shape[0])
@@ -319,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = timing_parser(__doc__, RESULTS / "block_pruning.json", runs=20, min_time=0.5, threads=False)
     parser.add_argument("--models", default="minilm,vit,lm", help="comma-separated: minilm, vit, lm")
     parser.add_argument("--lm", default=None, help="an HF causal-LM folder (default: the benchmark's GPT-2)")
+    parser.add_argument("--variants", default="", help="comma-separated subset (e.g. mi,kl,mi+recover,fusegpt,"
+                        "fusegpt+group; mi+recover runs mi too); default: every variant")
     args = parse_timing_args(parser, argv)
+    args.variants = {v.strip() for v in args.variants.split(",") if v.strip()}
     import json
 
     import torch
