@@ -24,7 +24,7 @@ from modelpress.graph import InputSpec, ModelGraph
 from modelpress.graph.edit import apply_edit, set_tensor, sync_module_attrs
 from modelpress.models.loaders import SPEC_FILE, build
 
-_SPEC_KEYS = {"format_version", "name", "source", "edits", "input_spec", "aliases", "lineage"}
+_SPEC_KEYS = {"format_version", "name", "source", "edits", "input_spec", "aliases", "lineage", "encoded_shapes"}
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -205,12 +205,16 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         if name not in state and t.data_ptr() in seen
     }
     targets = set(aliases.values())
+    floats = {k: list(v.shape) for k, v in state.items()}
     for codec in _codecs().values():
         if codec.encode is not None and codec.detect(graph.module):
             # an alias target stays as it is: its aliases load the same tensor
             kept = {k: v for k, v in state.items() if k in targets}
             state = {**codec.encode(graph.module, {k: v for k, v in state.items() if k not in targets}), **kept}
     save_file(state, str(folder / WEIGHTS_FILE))
+    # the shapes of the tensors a codec wrote in another form (an INT8 weight as its codes): a narrowed
+    # layer's float weight takes that shape on reload before the config is synced and the codes decoded
+    encoded = {k: s for k, s in floats.items() if k not in state}
     spec = {
         "format_version": FORMAT_VERSION,
         "name": graph.name,
@@ -219,6 +223,7 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         "lineage": graph.lineage_record(),
         "input_spec": graph.input_spec.to_dict(),
         "aliases": aliases,
+        "encoded_shapes": encoded,
     }
     for name, codec in _codecs().items():
         spec[name] = codec.describe(graph.module) if codec.detect(graph.module) else None
@@ -248,7 +253,8 @@ def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Mode
     module = build(spec["source"], trust_pickle=trust_pickle)
     for e in spec["edits"]:
         apply_edit(module, e)
-    _fit_shapes(module, weights)
+    shapes = {k: tuple(s) for k, s in (spec.get("encoded_shapes") or {}).items()}
+    _fit_shapes(module, weights, shapes)
     if spec["edits"]:
         # the config follows the edited widths; analysed on the float model (a fake-quant graph is far
         # larger to trace and gives the same widths)
@@ -261,6 +267,7 @@ def load_saved(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Mode
     for name, codec in _codecs().items():
         if spec.get(name):
             codec.rebuild(module, spec[name])
+            _fit_shapes(module, weights, shapes)  # the rebuilt wrappers' tensors, before their codes decode
             if codec.decode is not None:
                 weights = codec.decode(module, weights)
             _fit_shapes(module, weights)
@@ -303,11 +310,15 @@ def _check_lineage(graph: ModelGraph, spec: dict, folder: Path) -> None:
         )
 
 
-def _fit_shapes(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Give tensors whose saved shape differs (replayed edits, per-tensor vs per-channel scales) that shape."""
+def _fit_shapes(module: torch.nn.Module, weights: dict[str, torch.Tensor],
+                encoded: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Give tensors whose saved shape differs (replayed edits, per-tensor vs per-channel scales) that shape;
+    ``encoded``: the float shapes of tensors saved in another form (``encoded_shapes`` of the spec)."""
     current = dict(module.state_dict())
+    wanted = {**{k: (tuple(s), None) for k, s in (encoded or {}).items() if k not in weights},
+              **{k: (tuple(t.shape), t.dtype) for k, t in weights.items()}}
     with torch.no_grad():
-        for name, t in weights.items():
-            if name in current and tuple(current[name].shape) != tuple(t.shape):
-                set_tensor(module, name, torch.empty(t.shape, dtype=t.dtype))
+        for name, (shape, dtype) in wanted.items():
+            if name in current and tuple(current[name].shape) != shape:
+                set_tensor(module, name, torch.empty(shape, dtype=dtype or current[name].dtype))
     sync_module_attrs(module)
