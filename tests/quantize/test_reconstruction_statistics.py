@@ -111,3 +111,40 @@ def test_clipping_inputs_are_the_consumers_prepared_inputs_subsampled_by_seed():
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e, g)
     assert all(g.quantizer.enabled for g in groups)  # switched back on after the pass
+
+
+def test_layer_gptq_holds_one_blocks_hessians_and_equals_the_one_pass_result(monkeypatch):
+    """Layer-granularity GPTQ given the blocks collects one block's Hessians at a time (counted: those alive
+    when each stage's are collected, and the most alive at once) and gives bit for bit the weights of
+    collecting every layer in one pass (every Hessian on the float model; weights written after the last stage)."""
+    import weakref
+
+    from modelpress.quantize import reconstruct as rec
+
+    model, x = quantized_stack()
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    one_pass = copy.deepcopy(model)
+    errors_one = rec.reconstruct(one_pass, x, method="gptq")  # no blocks: one stage of all layers
+    live: set[int] = set()
+    alive_at_collect: list[int] = []
+    most = [0]
+    collect = rec._collect
+
+    def counting(model_, names_, batches_, stop_after=None):  # noqa: ANN001, ANN202
+        alive_at_collect.append(len(live))
+        hs = collect(model_, names_, batches_, stop_after=stop_after)
+        for h in hs:
+            live.add(id(h))
+            weakref.finalize(h, live.discard, id(h))
+        most[0] = max(most[0], len(live))
+        return hs
+
+    monkeypatch.setattr(rec, "_collect", counting)
+    staged = copy.deepcopy(model)
+    errors_staged = rec.reconstruct(staged, x, method="gptq", blocks=["blocks.0", "blocks.1"])
+    per_block = max(sum(n.startswith(b + ".") for n in names) for b in ("blocks.0", "blocks.1"))
+    assert len(alive_at_collect) == 3 and alive_at_collect == [0, 0, 0]  # two blocks, then the head
+    assert most[0] == per_block < len(names)
+    for n in names:
+        assert torch.equal(staged.get_submodule(n).weight, one_pass.get_submodule(n).weight), n
+    assert list(errors_staged) == list(errors_one) and errors_staged == errors_one

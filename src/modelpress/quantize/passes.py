@@ -120,11 +120,8 @@ class RepQPass(GraphPass):
         out = graph.copy()
         folded = out.fold_norms() if cfg.fold_norms and hasattr(out, "fold_norms") else []
         pairs = out.norm_consumers() if hasattr(out, "norm_consumers") else []
-        blocks = (
-            [b.path for b in (out.blocks() if callable(out.blocks) else out.blocks)]
-            if cfg.granularity == "block" and hasattr(out, "blocks")
-            else None
-        )
+        # the blocks stage reconstruction's statistics at either granularity (one block's Hessians held at a time)
+        blocks = [b.path for b in (out.blocks() if callable(out.blocks) else out.blocks)] if hasattr(out, "blocks") else None
         values = {k: v for k, v in cfg.model_dump().items() if k not in ("samples", "fold_norms", "placement", "keep_faster")}
         convolutional = cfg.placement != "linear" and sum(isinstance(m, nn.Conv2d) for m in out.module.modules()) >= 2
         if convolutional:

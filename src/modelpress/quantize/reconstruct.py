@@ -220,6 +220,11 @@ def reconstruct(
     method: "gptq" or "adaround"; granularity: "layer" or "block" (``blocks``: module paths in execution
     order, e.g. ``ModelGraph.blocks()`` paths; layers outside every block are done in a final layer-wise
     step). Returns the relative output error tr(D H D^T)/tr(W H W^T) per layer after reconstruction.
+
+    Statistics are collected one stage (block) at a time either way, so only one block's Hessians are held
+    (BERT-base: 100 MB instead of 1.2 GB for all 72 layers at once). Layer granularity stays the one-pass
+    algorithm: every Hessian sees the float model, so its quantized weights are written only after the last
+    stage (held in the weights' dtype meanwhile) and the result equals collecting all layers in one pass.
     """
     if method not in ("gptq", "adaround"):
         raise ValueError("method must be gptq or adaround")
@@ -231,22 +236,32 @@ def reconstruct(
     # during collection weights are float except where already reconstructed
     for m in layers.values():
         m.weight_quantizer.enabled = False
-    stages = block_stages(list(layers), blocks if granularity == "block" else None)
+    sequential = granularity == "block"
+    stages = block_stages(list(layers), blocks)
     errors: dict[str, float] = {}
+    pending: dict[str, torch.Tensor] = {}  # layer granularity: quantized weights written after the last stage
     it = stages if reporter is None else reporter.track(stages, f"{method} reconstruction", total=len(stages))
     try:
         for names, stop_at in it:
             hs = _collect(model, names, batches, stop_after=stop_at)
-            for n, h in zip(names, hs, strict=True):
-                m = layers[n]
+            for i, n in enumerate(names):
+                m, h = layers[n], hs[i]
                 w0 = _matrix(m).clone()
                 wq = fn(w0, h, m.weight_quantizer, **kwargs)
-                _set_weight(m, wq)
-                m.weight_quantizer.enabled = True
+                if sequential:
+                    _set_weight(m, wq)
+                    m.weight_quantizer.enabled = True
+                else:
+                    pending[n] = wq.to(m.weight.dtype)
                 d = (w0 - wq).double()
                 num = torch.einsum("oi,ij,oj->", d, h, d)
                 den = torch.einsum("oi,ij,oj->", w0.double(), h, w0.double()).clamp(min=1e-30)
                 errors[n] = float(num / den)
+                hs[i] = h = None  # this layer's Hessian is done with
+                del w0, wq, d
+        for n, wq in pending.items():
+            _set_weight(layers[n], wq)
+        errors = {n: errors[n] for n in layers if n in errors}  # forward order, as one stage gave it
     finally:
         for m in layers.values():
             m.weight_quantizer.enabled = True

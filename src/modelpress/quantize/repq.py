@@ -99,7 +99,8 @@ def quantize_model(
     float_model: nn.Module | None = None,
 ) -> RepQResult:
     """Quantize ``model`` in place. ``pairs``: (norm, consumer Linears[, other readers]) from the model
-    graph; ``blocks``: block paths in execution order (for block-wise reconstruction)."""
+    graph; ``blocks``: block paths in execution order (reconstruction's stages: block-wise reconstruction, and
+    at layer granularity one block's statistics held at a time)."""
     cfg = config or RepQConfig()
     batches = list(batches)
     if not batches:
