@@ -64,6 +64,19 @@ def cpu_has_vnni() -> bool:
     return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+
+def _block_paths(graph: Any, *, required: bool) -> list[str] | None:
+    """The graph's block paths in execution order; None where it has none, or where finding them fails and
+    they only stage statistics (layer granularity: one stage of every layer then, the same result)."""
+    if not hasattr(graph, "blocks"):
+        return None
+    try:
+        return [b.path for b in (graph.blocks() if callable(graph.blocks) else graph.blocks)]
+    except Exception:
+        if required:
+            raise
+        return None
+
 class RepQPassConfig(PassConfig):
     default: str | int = "w8a8"
     policy: dict[str, Any] = Field(default_factory=dict)
@@ -121,7 +134,7 @@ class RepQPass(GraphPass):
         folded = out.fold_norms() if cfg.fold_norms and hasattr(out, "fold_norms") else []
         pairs = out.norm_consumers() if hasattr(out, "norm_consumers") else []
         # the blocks stage reconstruction's statistics at either granularity (one block's Hessians held at a time)
-        blocks = [b.path for b in (out.blocks() if callable(out.blocks) else out.blocks)] if hasattr(out, "blocks") else None
+        blocks = _block_paths(out, required=cfg.granularity == "block")
         values = {k: v for k, v in cfg.model_dump().items() if k not in ("samples", "fold_norms", "placement", "keep_faster")}
         convolutional = cfg.placement != "linear" and sum(isinstance(m, nn.Conv2d) for m in out.module.modules()) >= 2
         if convolutional:
