@@ -155,6 +155,8 @@ def _probe_consumer(module: nn.Module, name: str, run: Callable[[], None]) -> st
                 x = _first_tensor(args, kwargs)
             except TypeError:
                 return
+            if state["out"] is not None and x.shape != state["out"].shape:
+                return  # not the stream the layer's output has the shape of (no copy)
             seen[key] = x.detach().clone()
             order.append(key)
         return hook
@@ -292,7 +294,7 @@ class _Runner:
         self.module, self.batches, self.input_names, self.chain = module, batches, input_names, chain
         self.blocks = [] if chain is None else [module.get_submodule(p) for p in chain.paths]
         self.at: int | None = None  # the block whose inputs ``cache`` holds
-        self.cache: list[tuple[list, dict] | None] = []
+        self.cache: list[tuple[list, dict] | None] = []  # per batch, then for the first sample alone
         self.block_runs = 0  # block forwards started from the cache (for tests: linear in depth)
 
     def block_of(self, path: str) -> int | None:
@@ -312,8 +314,8 @@ class _Runner:
             raise _Stop
 
         h = self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            for batch in self.batches:
+        try:  # the batches, then the first sample alone (the residual-consumer probes run on it)
+            for batch in [*self.batches, _first_sample(self.batches[0])]:
                 box.clear()
                 _run(self.module, batch, self.input_names)
                 found = box.get("in")
@@ -364,13 +366,13 @@ class _Runner:
                 pass
 
     def consumer(self, name: str) -> str | None:
-        """:func:`residual_consumer` of ``name``, probed on the first batch from the cached inputs of its block
+        """:func:`residual_consumer` of ``name``, probed on the first sample from the cached inputs of its block
         (through that block and the next: whatever the block writes reaches the next block's input) when it
         lies in the chain; else (or, in the last block, not found there) from the model's inputs, on the
         first sample."""
         k = self.block_of(name)
-        if self.at is not None and k == self.at and self.cache[0] is not None:
-            found = _probe_consumer(self.module, name, lambda: self._replay(0, k + 1))
+        if self.at is not None and k == self.at and self.cache[-1] is not None:
+            found = _probe_consumer(self.module, name, lambda: self._replay(len(self.cache) - 1, k + 1))
             if found is not None or k + 1 < len(self.blocks):
                 return found
         return residual_consumer(self.module, name, self.batches[0], self.input_names)
