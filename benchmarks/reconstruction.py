@@ -4,7 +4,8 @@ several ways, held-out fidelity of each.
 MiniLM is pruned once by ``prune.global`` (hessian, 0.5x of its predicted latency: ORT CPU, batch 1, sequence
 128, 2 threads; one iteration, no reconstruction, no training), then each setting refits a copy with
 ``modelpress.reconstruct.reconstruct_graph``: ``SAMPLES:MODE:TARGET[:SCOPE]`` with SAMPLES train-split sentences added
-to the 64 calibration sentences, MODE ``weights`` or ``scales`` and TARGET ``stream`` or ``layer``, SCOPE ``readers`` (default) or ``all``. Fidelity is
+to the 64 calibration sentences, MODE ``weights`` or ``scales`` and TARGET ``stream`` or ``layer``, SCOPE ``readers`` (default) or ``all``, and ``:rerun`` to time the refit that re-runs both models from their inputs for
+every layer (before the staged refit; the same weights). Fidelity is
 the EmbeddingTask's mean/min cosine on 200 held-out packaged sentences (torch). Writes
 benchmarks/results/reconstruction.json.
 
@@ -74,20 +75,26 @@ def main(argv: list[str] | None = None) -> int:
             batches.append(b)
             extra += len(next(iter(b.values())))
         graph = pruned.copy()
-        t0 = time.perf_counter()
+        load, t0 = load_average(), time.perf_counter()
         r = reconstruct_graph(original, graph, batches, mode=mode, residual=tgt == "stream",
-                              scope=which[0] if which else "readers")
+                              scope=which[0] if which else "readers", staged="rerun" not in which[1:])
         out["settings"][setting] = {"train_samples": extra, "mode": mode, "target": tgt, "scope": r["scope"],
-                                    "seconds": round(time.perf_counter() - t0, 1), **fidelity(graph),
+                                    "staged": "rerun" not in which[1:],
+                                    "seconds": round(time.perf_counter() - t0, 1), "load": [load, load_average()],
+                                    **fidelity(graph),
                                     "error_after_mean": r.get("error_after_mean")}
         print(setting, out["settings"][setting], flush=True)
-    out["load_after"] = load_average()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(args.out)
+        out["load_after"] = load_average()
+        _write(args.out, out)  # after every setting: a long run stopped early keeps what it measured
     print(f"wrote {args.out}")
     return 0
+
+
+def _write(path: Path, out: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

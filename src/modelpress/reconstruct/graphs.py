@@ -30,6 +30,7 @@ def reconstruct_graph(
     mode: str = "weights",
     residual: bool = False,
     scope: str = "readers",
+    staged: bool = True,
 ) -> dict[str, Any]:
     """Refit, in place, every layer of ``pruned`` that reads removed units so its outputs on ``batches`` match
     ``original``'s (see :func:`modelpress.reconstruct.sequential.reconstruct_layers`); which original
@@ -38,7 +39,8 @@ def reconstruct_graph(
     removed units' mean. Returns metrics for the pass's report:
     per layer the relative output error on the calibration rows before and after, the layers skipped and why,
     and the mean errors. ``scope``: ``readers`` (the layers that lost input channels) or ``all`` (every
-    refittable layer, so the layers after a pruned one also absorb the drift of their inputs)."""
+    refittable layer, so the layers after a pruned one also absorb the drift of their inputs). ``staged``: False
+    re-runs both models from their inputs for every layer (the same refit, time quadratic in depth)."""
     if scope not in ("readers", "all"):
         raise ValueError(f"scope must be 'readers' or 'all', not {scope!r}")
     readers, skipped = layer_map(original, pruned, every=scope == "all")
@@ -46,7 +48,7 @@ def reconstruct_graph(
     results = reconstruct_layers(original.module, pruned.module, readers, batches, input_names=names, damp=damp,
                                  intercept=intercept, sequential=sequential,
                                  add_bias=pruned.add_bias if create_bias and intercept else None, reporter=reporter,
-                                 mode=mode, residual=residual)
+                                 mode=mode, residual=residual, staged=staged)
     layers = {n: r.as_dict() for n, r in results.items()}
     out: dict[str, Any] = {"layers": layers, "skipped": skipped, "damp": damp, "intercept": intercept,
                            "sequential": sequential, "mode": mode,

@@ -13,6 +13,18 @@ batch's ``attention_mask``) are left out of the rows.
 
 Layers that read the same input tensor (the query, key and value projections after one norm) form one stage:
 one pair of partial forwards per batch collects their shared statistics.
+
+Staged runs (GPTQ's and ZipLM's order), so the time grows linearly with depth: when a model runs a chain of
+blocks (the children of a ``ModuleList`` or ``Sequential``, each called once per forward, each fed the one
+before's output and otherwise the same arguments: found by one forward with hooks), both models keep, per
+calibration batch, the input of the block the refit has reached (with the block's other arguments: attention
+masks, position embeddings). A stage's forwards start there, run that block (and the next one when the residual
+stream a layer writes into is read there) and stop at the layer; once every stage of a block is refit, both
+streams advance through it (one block forward per batch) and its inputs are dropped. Memory: one block input per
+batch for each model (``2 x rows x width`` floats: for MiniLM, 2048 sentences of up to 128 tokens at width 384,
+at most 0.8 GB; calibration sets of long LM sequences are bounded the same way) on top of one stage's statistics.
+Layers outside the chain (embeddings, a pooler, a head) and models without one run from the model's inputs, as
+before; both orders give the same refit up to float rounding (the blocks compute the same operations).
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ from modelpress.reconstruct.maps import LayerMap
 from modelpress.reconstruct.solve import DEFAULT_DAMP, PairStats, refit
 
 __all__ = ["LayerResult", "reconstruct_layers", "residual_consumer"]
+
+_PLAIN = (type(None), bool, int, float, str)
 
 
 @dataclass
@@ -113,6 +127,11 @@ def residual_consumer(module: nn.Module, name: str, batch: Any, input_names: Seq
     the layer's output reaches that module's input unchanged, and its input is not the layer's output itself
     (a dropout in between). None when no module reads such a sum (the output is not added to a stream)."""
     sample = _first_sample(batch)
+    return _probe_consumer(module, name, lambda: _run(module, sample, input_names))
+
+
+def _probe_consumer(module: nn.Module, name: str, run: Callable[[], None]) -> str | None:
+    """:func:`residual_consumer` with ``run`` doing the forward (the whole model, or a replay of blocks)."""
     order: list[str] = []
     seen: dict[str, torch.Tensor] = {}
     state = {"after": False, "out": None, "delta": None}
@@ -136,6 +155,8 @@ def residual_consumer(module: nn.Module, name: str, batch: Any, input_names: Seq
                 x = _first_tensor(args, kwargs)
             except TypeError:
                 return
+            if state["out"] is not None and x.shape != state["out"].shape:
+                return  # not the stream the layer's output has the shape of (no copy)
             seen[key] = x.detach().clone()
             order.append(key)
         return hook
@@ -145,7 +166,7 @@ def residual_consumer(module: nn.Module, name: str, batch: Any, input_names: Seq
         if n and n != name and not n.startswith(name + "."):
             handles.append(m.register_forward_pre_hook(pre(n), with_kwargs=True))
     try:
-        _run(module, sample, input_names)
+        run()
         base, y = dict(seen), state["out"]
         if y is None:
             return None
@@ -155,7 +176,7 @@ def residual_consumer(module: nn.Module, name: str, batch: Any, input_names: Seq
         order_base = list(order)
         order.clear()
         state.update(after=False, out=None, delta=delta)
-        _run(module, sample, input_names)
+        run()
     finally:
         for h in handles:
             h.remove()
@@ -168,6 +189,193 @@ def residual_consumer(module: nn.Module, name: str, batch: Any, input_names: Seq
         if torch.allclose(b - a, delta, atol=1e-4 * float(delta.abs().max()) + 1e-6, rtol=1e-3):
             return key
     return None
+
+
+def _first_out(out: Any) -> torch.Tensor | None:
+    """A block's stream output: the tensor it returns, or the first item of a tuple (HF layers)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def _is_cache(v: Any) -> bool:
+    """A key-value cache object (transformers' ``*Cache``): filled by every call, so replays get None."""
+    return type(v).__name__.endswith("Cache")
+
+
+def _replayable(v: Any) -> bool:
+    if isinstance(v, (torch.Tensor, *_PLAIN)) or _is_cache(v):
+        return True
+    return isinstance(v, (tuple, list)) and all(isinstance(x, (torch.Tensor, *_PLAIN)) for x in v)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (isinstance(a, _PLAIN) and type(a) is type(b) and a == b)
+
+
+@dataclass
+class _Chain:
+    """Blocks a model runs one after another: their paths in call order and where the stream enters each call
+    (a positional index or a keyword)."""
+
+    paths: list[str]
+    slot: int | str
+
+
+def _chain_slot(calls: Mapping[str, tuple], paths: Sequence[str]) -> int | str | None:
+    """Where each block of ``paths`` reads the previous block's output, if every block reads it at the same
+    place and gets the first block's other arguments (the same objects); None when they do not chain."""
+    slot: int | str | None = None
+    args0, kwargs0, _ = calls[paths[0]]
+    for prev, cur in zip(paths[:-1], paths[1:], strict=True):
+        y = _first_out(calls[prev][2])
+        args, kwargs, _ = calls[cur]
+        if y is None or len(args) != len(args0) or set(kwargs) != set(kwargs0):
+            return None
+        where = [i for i, v in enumerate(args) if v is y] + [k for k, v in kwargs.items() if v is y]
+        if len(where) != 1 or (slot is not None and where[0] != slot):
+            return None
+        slot = where[0]
+        others = [(a, b) for i, (a, b) in enumerate(zip(args, args0, strict=True)) if i != slot]
+        others += [(kwargs[k], kwargs0[k]) for k in kwargs if k != slot]
+        if not all(_same(a, b) and _replayable(a) for a, b in others):
+            return None
+    if slot is None:
+        return None
+    first = args0[slot] if isinstance(slot, int) else kwargs0.get(slot)
+    return slot if isinstance(first, torch.Tensor) else None
+
+
+def _find_chain(module: nn.Module, batch: Any, input_names: Sequence[str] | None) -> _Chain | None:
+    """The longest chain of blocks (children of a ``ModuleList`` / ``Sequential`` of at least 2) that one
+    forward on the batch's first sample runs in order, each once, each on the previous one's output."""
+    containers = [(p, m) for p, m in module.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1]
+    calls: dict[str, list] = {}
+    order: list[str] = []
+    handles = []
+
+    def hook(path: str):  # noqa: ANN202
+        def post(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            calls.setdefault(path, []).append((args, kwargs, out))
+            order.append(path)
+        return post
+
+    paths_of = {}
+    for cpath, cont in containers:
+        paths_of[cpath] = [f"{cpath}.{i}" if cpath else str(i) for i in range(len(cont))]
+        for p, child in zip(paths_of[cpath], cont, strict=True):
+            handles.append(child.register_forward_hook(hook(p), with_kwargs=True))
+    try:
+        _run(module, _first_sample(batch), input_names)
+    finally:
+        for h in handles:
+            h.remove()
+    best: _Chain | None = None
+    for paths in paths_of.values():
+        if any(len(calls.get(p, ())) != 1 for p in paths):
+            continue
+        at = [order.index(p) for p in paths]
+        if at != sorted(at):
+            continue
+        slot = _chain_slot({p: calls[p][0] for p in paths}, paths)
+        if slot is not None and (best is None or len(paths) > len(best.paths)):
+            best = _Chain(paths, slot)
+    return best
+
+
+class _Runner:
+    """Runs one model on the calibration batches until a hook stops it: from the model's inputs, or, with a
+    chain of blocks, from the cached inputs of the block the refit has reached (:meth:`advance`)."""
+
+    def __init__(self, module: nn.Module, batches: list, input_names: Sequence[str] | None,
+                 chain: _Chain | None) -> None:
+        self.module, self.batches, self.input_names, self.chain = module, batches, input_names, chain
+        self.blocks = [] if chain is None else [module.get_submodule(p) for p in chain.paths]
+        self.at: int | None = None  # the block whose inputs ``cache`` holds
+        self.cache: list[tuple[list, dict] | None] = []  # per batch, then for the first sample alone
+        self.block_runs = 0  # block forwards started from the cache (for tests: linear in depth)
+
+    def block_of(self, path: str) -> int | None:
+        """The chain block holding ``path`` (the block itself or a module inside it)."""
+        if self.chain is None:
+            return None
+        for i, p in enumerate(self.chain.paths):
+            if path == p or path.startswith(p + "."):
+                return i
+        return None
+
+    def _capture(self) -> None:
+        box: dict[str, tuple] = {}
+
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            box["in"] = (list(args), {k: None if _is_cache(v) else v for k, v in kwargs.items()})
+            raise _Stop
+
+        h = self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+        try:  # the batches, then the first sample alone (the residual-consumer probes run on it)
+            for batch in [*self.batches, _first_sample(self.batches[0])]:
+                box.clear()
+                _run(self.module, batch, self.input_names)
+                found = box.get("in")
+                if found is not None:
+                    found = ([None if _is_cache(v) else v for v in found[0]], found[1])
+                self.cache.append(found)
+        finally:
+            h.remove()
+        self.at = 0
+
+    def _call(self, j: int, inputs: tuple[list, dict]) -> tuple[list, dict]:
+        """Block ``j`` on ``inputs``; the next block's inputs (its output in the stream's place)."""
+        args, kwargs = inputs
+        self.block_runs += 1
+        y = _first_out(self.blocks[j](*args, **kwargs))
+        slot = self.chain.slot
+        if isinstance(slot, int):
+            return [y if i == slot else v for i, v in enumerate(args)], kwargs
+        return args, {**kwargs, slot: y}
+
+    def advance(self, path: str) -> None:
+        """Move the cached inputs up to the block holding ``path`` (every block before it is final)."""
+        k = self.block_of(path)
+        if k is None:
+            return
+        if self.at is None:
+            self._capture()
+        with torch.no_grad():
+            while self.at < k:
+                self.cache = [None if c is None else self._call(self.at, c) for c in self.cache]
+                self.at += 1
+
+    def run(self, i: int, stop: str) -> None:
+        """Batch ``i`` until the hook on ``stop`` (or at any hook that raises) stops it."""
+        k = self.block_of(stop)
+        if self.at is None or k is None or k < self.at or self.cache[i] is None:
+            _run(self.module, self.batches[i], self.input_names)
+            return
+        self._replay(i, k)
+
+    def _replay(self, i: int, last: int) -> None:
+        inputs = self.cache[i]
+        with torch.no_grad():
+            try:
+                for j in range(self.at, min(last, len(self.blocks) - 1) + 1):
+                    inputs = self._call(j, inputs)
+            except _Stop:
+                pass
+
+    def consumer(self, name: str) -> str | None:
+        """:func:`residual_consumer` of ``name``, probed on the first sample from the cached inputs of its block
+        (through that block and the next: whatever the block writes reaches the next block's input) when it
+        lies in the chain; else (or, in the last block, not found there) from the model's inputs, on the
+        first sample."""
+        k = self.block_of(name)
+        if self.at is not None and k == self.at and self.cache[-1] is not None:
+            found = _probe_consumer(self.module, name, lambda: self._replay(len(self.cache) - 1, k + 1))
+            if found is not None or k + 1 < len(self.blocks):
+                return found
+        return residual_consumer(self.module, name, self.batches[0], self.input_names)
 
 
 def _first_sample(batch: Any) -> Any:
@@ -214,13 +422,16 @@ def _target(omod: nn.Module, outs: torch.Tensor, rows: torch.Tensor) -> torch.Te
     return y if b is None else y + b[outs.to(b.device)].double()
 
 
-def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn.Module, kept_cols: np.ndarray,
-             layers: list[tuple[str, nn.Module, torch.Tensor]], batches: list,
-             input_names: Sequence[str] | None, consumers: tuple[str, str] | None = None) -> dict[str, PairStats]:
+def _collect(ro: _Runner, rp: _Runner | None, first: str, opath: str, kept_cols: np.ndarray,
+             layers: list[tuple[str, nn.Module, torch.Tensor]],
+             consumers: tuple[str, str] | None = None) -> dict[str, PairStats]:
     """The statistics of one stage (``layers``: name, original layer, kept outputs; all reading one input): per
     batch, the original's input to ``omod`` (turned into each layer's target outputs) and the pruned model's
     input to ``first`` (each forward stopped there); with ``pruned`` None, the original's kept columns stand
-    for the pruned input (the independent variant). The input moments are summed once and shared."""
+    for the pruned input (the independent variant). The input moments are summed once and shared. ``ro`` /
+    ``rp``: the runners of the original and the pruned model (``rp`` None: the independent variant)."""
+    original, pruned = ro.module, None if rp is None else rp.module
+    omod = original.get_submodule(opath)
     pmod = omod if pruned is None else pruned.get_submodule(first)
     box: dict[str, torch.Tensor] = {}
     out: dict[str, PairStats] = {}
@@ -248,7 +459,7 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
         return post
 
     residual = consumers is not None and pruned is not None
-    for batch in batches:
+    for bi, batch in enumerate(ro.batches):
         if residual:  # run on to the module reading the sum: the stream the layer writes into
             hs = [omod.register_forward_pre_hook(keep("orig:x", False), with_kwargs=True),
                   original.get_submodule(consumers[1]).register_forward_pre_hook(keep("orig:sum", True),
@@ -256,7 +467,7 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
         else:
             hs = [omod.register_forward_pre_hook(grab("orig", omod), with_kwargs=True)]
         try:
-            _run(original, batch, input_names)
+            ro.run(bi, consumers[1] if residual else opath)
         finally:
             for h in hs:
                 h.remove()
@@ -266,7 +477,7 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
                   pruned.get_submodule(consumers[0]).register_forward_pre_hook(keep("pruned:sum", True),
                                                                                with_kwargs=True)]
             try:
-                _run(pruned, batch, input_names)
+                rp.run(bi, consumers[0])
             finally:
                 for h in hs:
                     h.remove()
@@ -276,7 +487,7 @@ def _collect(original: nn.Module, pruned: nn.Module | None, first: str, omod: nn
         elif pruned is not None:
             h = pmod.register_forward_pre_hook(grab("pruned", pmod), with_kwargs=True)
             try:
-                _run(pruned, batch, input_names)
+                rp.run(bi, first)
             finally:
                 h.remove()
         xo, shaped = box.pop("orig", None), box.pop("orig:shape", None)
@@ -333,6 +544,7 @@ def reconstruct_layers(
     reporter: Reporter = QUIET,
     mode: str = "weights",
     residual: bool = False,
+    staged: bool = True,
 ) -> dict[str, LayerResult]:
     """Refit every layer of ``layer_map`` (pruned path -> :class:`LayerMap`) in ``pruned_module``, in place, so
     that its output on the calibration ``batches`` matches its original in ``original_module``.
@@ -344,7 +556,9 @@ def reconstruct_layers(
     ``damp`` / ``intercept``: see :func:`modelpress.reconstruct.solve.refit`. ``add_bias(path)``: gives a
     bias-less Linear or Conv2d a zero bias (``ModelGraph.add_bias``, recorded for reloading), called only when
     the refit with an intercept is applied; without it such layers are refit with their bias fixed at none
-    (noted). Returns a
+    (noted). ``staged``: run block by block from cached block inputs when the model has a chain of blocks
+    (see the module docstring; the same refit, in time linear in depth); False re-runs both models from their
+    inputs up to every layer. Returns a
     :class:`LayerResult` per layer; a layer that never runs on the batches is left out.
     """
     batches = list(batches)
@@ -358,10 +572,13 @@ def reconstruct_layers(
         order_o = _order(original_module, sorted({m.original for m in layer_map.values()}), batches[0], input_names)
         maps = {n: m for n, m in layer_map.items() if n in order_p and m.original in order_o}
         stages = _stages(order_p, order_o, maps)
+        chain_p = _find_chain(pruned_module, batches[0], input_names) if staged and sequential else None
+        chain_o = _find_chain(original_module, batches[0], input_names) if staged else None
+        ro = _Runner(original_module, batches, input_names, chain_o)
+        rp = _Runner(pruned_module, batches, input_names, chain_p) if sequential else None
         results: dict[str, LayerResult] = {}
         for stage in reporter.track(stages, "reconstructing layers", total=len(stages)):
             first = stage[0]
-            omod = original_module.get_submodule(maps[first].original)
             pmod = pruned_module.get_submodule(first)
             many = [n for n in stage if order_p[n][1] > 1 or order_o[maps[n].original][1] > 1]
             for n in many:
@@ -370,16 +587,16 @@ def reconstruct_layers(
             if not todo:
                 continue
             kept_cols = L.columns(pmod, maps[first].inputs)
-            source = pruned_module if sequential else None
             layers = [(n, original_module.get_submodule(maps[n].original),
                        torch.as_tensor(maps[n].outputs, dtype=torch.long)) for n in todo]
+            ro.advance(maps[first].original)
+            if rp is not None:
+                rp.advance(first)
             consumers = None
-            if residual and sequential and len(todo) == 1:
-                cp = residual_consumer(pruned_module, first, batches[0], input_names)
-                co = residual_consumer(original_module, maps[first].original, batches[0], input_names)
+            if residual and rp is not None and len(todo) == 1:
+                cp, co = rp.consumer(first), ro.consumer(maps[first].original)
                 consumers = (cp, co) if cp is not None and co is not None else None
-            stats = _collect(original_module, source, first, omod, kept_cols, layers, batches, input_names,
-                             consumers)
+            stats = _collect(ro, rp, first, maps[first].original, kept_cols, layers, consumers)
             for n in todo:
                 if n not in stats:
                     continue  # the batches never reached it
