@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("settings", nargs="*", default=list(DEFAULT))
     parser.add_argument("--out", type=Path, default=RESULTS / "reconstruction.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default="", help="what prune.global may remove, comma-separated (default: the "
+                        "pass's kinds; e.g. head,mlp keeps the residual width and every block)")
     args = parser.parse_args(argv)
 
     import modelpress
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = {"saliency": "hessian", "target": "latency", "ratio": 0.5, "iterations": 1, "batches": 16,
               "measure": False, "reconstruct": False}  # the pass reconstructs by default: refit here instead
+    if args.kinds:
+        config["kinds"] = [k.strip() for k in args.kinds.split(",") if k.strip()]
     pruned = registered_passes()["prune.global"](config).apply(original, ctx).graph
     out = {"model": "sentence-transformers/all-MiniLM-L6-v2", "prune": config,
            "predicted_speedup": table.predict(original) / table.predict(pruned), "load_before": load_average(),
