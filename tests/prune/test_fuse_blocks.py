@@ -220,6 +220,9 @@ def test_parameter_target_removes_blocks_until_it_is_met(gpt2, tmp_path, capsys)
         FuseBlocks({"target": "params", "ratio": 0.01, "fusion": "none"}).apply(graph, _context(tmp_path))
     with pytest.raises(ModelpressError, match="latency model"):
         FuseBlocks({"target": "latency", "ratio": 0.5, "fusion": "none"}).apply(graph, _context(tmp_path))
+    # the pipeline (modelpress prune --target-latency) builds the latency model for a pass that says it needs one
+    assert FuseBlocks({"target": "latency", "ratio": 0.5}).needs_latency_model
+    assert not FuseBlocks({"target": "params", "ratio": 0.5}).needs_latency_model
     ckpt, _ = gpt2
     with pytest.raises(SystemExit):  # one target on the command line
         main(["prune", str(ckpt), "--method", "fuse-blocks", "--target-blocks", "0.25", "--target-params", "0.5",

@@ -96,6 +96,11 @@ class FuseBlocks(GraphPass):
     name = "prune.fuse_blocks"
     Config = FuseBlocksConfig
 
+    @property
+    def needs_latency_model(self) -> bool:
+        """Whether the Context must carry a latency model (the pipeline builds one on its Target)."""
+        return self.config.target == "latency"
+
     def apply(self, graph: ModelGraph, ctx) -> PassResult:  # noqa: ANN001
         cfg = self.config
         out = graph.copy()
