@@ -221,3 +221,28 @@ def test_policy_keeps_layers_float_or_gives_them_eight_bits():
     assert net[2].bits == 8 and net[2].qweight.shape == (64, 2, 32) and net[3].bits == 4
     with pytest.raises(ModelpressError, match="activation bits"):
         quantize_weights(torch.nn.Sequential(torch.nn.Linear(64, 8)), [], WeightOnlyConfig(policy={"0": "w4a8"}))
+
+
+def test_pass_shares_the_originals_weights_and_never_writes_them(tmp_path):
+    """The pass holds one float model, not two: the compressed graph reads the original's float tensors until a
+    layer is packed, and AWQ's in-place folds (norms, input columns) go to fresh storage, never the original's."""
+    from types import SimpleNamespace
+
+    import modelpress
+    from modelpress.passes import Context
+    from modelpress.quantize.weight_only_pass import WeightOnlyPass
+
+    _gpt2().save_pretrained(tmp_path / "in")
+    g = modelpress.load(tmp_path / "in")
+    before = {k: v.clone() for k, v in g.module.state_dict().items()}
+    ctx = Context(workdir=tmp_path / "w", seed=0, data=SimpleNamespace(
+        calibration=SimpleNamespace(batches=[_ids(10 + i, 8, 32) for i in range(2)])))
+    res = WeightOnlyPass({"method": "awq+gptq", "samples": 16, "head": "float"}).apply(g, ctx)
+    assert any(v.startswith("folded into") for v in res.metrics["awq_scales"].values())
+    for k, v in g.module.state_dict().items():
+        assert torch.equal(v, before[k]), f"the pass wrote into the original's {k}"
+    ours = {t.untyped_storage().data_ptr() for t in g.module.parameters()}
+    new_float = sum(p.numel() * p.element_size() for p in res.graph.module.parameters()
+                    if p.is_floating_point() and p.untyped_storage().data_ptr() not in ours)
+    float_total = sum(p.numel() * p.element_size() for p in g.module.parameters())
+    assert new_float < 0.05 * float_total, (new_float, float_total)

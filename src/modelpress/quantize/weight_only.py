@@ -208,6 +208,13 @@ def _first_rows(batch: Any, rows: int = 2) -> Any:
     return batch[:rows]
 
 
+def _writable(m: nn.Module) -> None:
+    """Give ``m``'s own parameters fresh storage before an in-place write: the model may share its weights with
+    the original (``ModelGraph.copy(share_weights=True)``), which must not change."""
+    for name, p in list(m.named_parameters(recurse=False)):
+        setattr(m, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+
 @torch.no_grad()
 def _try_fold(model: nn.Module, norm: str, layers: dict[str, nn.Module], s: torch.Tensor, batch: Any) -> bool:
     """Fold ``1/s`` into ``norm`` and ``s`` into the layers' input columns; keep it only where exact."""
@@ -215,6 +222,8 @@ def _try_fold(model: nn.Module, norm: str, layers: dict[str, nn.Module], s: torc
     if nm.weight.shape[0] != s.shape[0]:
         return False
     before = _outputs(model, batch)
+    for m in (nm, *layers.values()):
+        _writable(m)
     saved = {k: v.detach().clone() for k, v in nm.named_parameters(recurse=False)}
     saved_w = {n: m.weight.detach().clone() for n, m in layers.items()}
     sf = s.to(nm.weight.dtype)
@@ -368,6 +377,7 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
                 elif cfg.awq_unfoldable == "mul":
                     with torch.no_grad():
                         for m in mods.values():
+                            _writable(m)
                             m.weight.mul_((s.reshape(-1, 1) if is_transposed_linear(m) else s.reshape(1, -1))
                                           .to(m.weight.dtype))
                     awq.update(dict.fromkeys(group, "input Mul"))

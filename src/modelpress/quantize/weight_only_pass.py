@@ -49,7 +49,9 @@ class WeightOnlyPass(GraphPass):
         cfg = self.config
         values = cfg.model_dump()
         batches = calibration_batches(ctx, cfg.samples) if cfg.method != "rtn" else []
-        out = graph.copy()
+        # the original's weights until a layer is packed (packing replaces the module; the few in-place writes,
+        # AWQ's folds and input Mul, clone first): the pass holds one float model, not two (issue 22's 1B budget)
+        out = graph.copy(share_weights=True) if hasattr(graph, "own_weights") else graph.copy()
         blocks = [b.path for b in (out.blocks() if callable(out.blocks) else out.blocks)] if hasattr(out, "blocks") else None
         wo = WeightOnlyConfig(**{k: v for k, v in values.items() if k not in ("samples", "accuracy_level")})
         result = quantize_weights(out.module, batches, wo, blocks=blocks, reporter=getattr(ctx, "reporter", None))
