@@ -171,3 +171,15 @@ def large_blocks_unmapped() -> Iterator[bool]:
     finally:
         release_freed_memory()
         mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_CEILING)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (``MemAvailable`` of /proc/meminfo); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -62,7 +62,20 @@ class Pipeline:
 
             with rep.step("latency table on the target (measured once, then cached)"):
                 ctx.latency_model = build_latency_table(graph, ctx.target or "ort-cpu", reporter=rep)
+        export_cfg = self.recipe.spec.export
+        timer = candidate_timer(ctx.target) if ctx.target is not None else None
+
+        def export(g: ModelGraph, name: str, optimize: str) -> Any:
+            return export_onnx(
+                g.module, g.input_spec, workdir / name, optimize=optimize, opset=export_cfg.opset,
+                timer=timer, reporter=rep,
+            )
+
         started = time.perf_counter()
+        # the original first, while it is the only model in memory: its export candidates (ONNX Runtime sessions,
+        # the transformer optimizer's copies) then never stack on the compressed model's weights
+        with rep.step("exporting the original model to ONNX"):
+            base = export(graph, "original.onnx", export_cfg.optimize)
         pass_log: list[dict] = []
         exporter: Exporter | None = None
         lowering: Any = None  # the quantized layers' lowering into the cached decoder
@@ -78,17 +91,6 @@ class Pipeline:
             lowering = getattr(result, "decoder_lowering", None) or lowering
             pass_log.append({"pass": p.name, "stage": p.kind, "seconds": time.perf_counter() - t0, **result.metrics})
 
-        export_cfg = self.recipe.spec.export
-        timer = candidate_timer(ctx.target) if ctx.target is not None else None
-
-        def export(g: ModelGraph, name: str, optimize: str) -> Any:
-            return export_onnx(
-                g.module, g.input_spec, workdir / name, optimize=optimize, opset=export_cfg.opset,
-                timer=timer, reporter=rep,
-            )
-
-        with rep.step("exporting the original model to ONNX"):
-            base = export(graph, "original.onnx", export_cfg.optimize)
         if current is graph:
             exported = base
         elif exporter is not None:

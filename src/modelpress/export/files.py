@@ -45,6 +45,20 @@ def move_onnx(src: os.PathLike | str, dst: os.PathLike | str) -> Path:
     if not old_data:
         os.replace(src, dst)
         return dst
+    if len(old_data) == 1:  # one data file: moved as it is, and the model's references renamed (no tensor loaded)
+        model = onnx.load(str(src), load_external_data=False)
+        data_name = dst.name + ".data"
+        for tensor in _external_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        staged = src.parent / (".staged-" + dst.name)
+        onnx.save_model(model, str(staged))
+        os.replace(old_data[0], dst.parent / data_name)
+        os.replace(staged, dst)
+        if src.resolve() != dst.resolve():
+            src.unlink(missing_ok=True)
+        return dst
     # Re-save with one data file named after the destination, into the source folder, then move.
     model = onnx.load(str(src), load_external_data=True)
     data_name = dst.name + ".data"
@@ -64,3 +78,9 @@ def move_onnx(src: os.PathLike | str, dst: os.PathLike | str) -> Path:
             data.unlink(missing_ok=True)
     src.unlink(missing_ok=True)
     return dst
+
+
+def _external_tensors(model: object) -> list:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]

@@ -31,12 +31,13 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.export.files import move_onnx, onnx_file_size
+from modelpress.export.streamed import STREAM_MIN_BYTES, export_streamed, weight_bytes
 from modelpress.export.verify import DEFAULT_RTOL, Verification, compare_onnx, torch_reference
 from modelpress.graph import adapters
 from modelpress.graph.inputs import InputSpec
 from modelpress.graph.run import PrimaryOutput, eval_mode
 from modelpress.progress import QUIET, Reporter
-from modelpress.system import release_freed_memory
+from modelpress.system import available_memory, release_freed_memory
 from modelpress.targets import cpu_session
 
 
@@ -53,6 +54,11 @@ class CandidateTimer(Protocol):
     ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]: ...
 
 OPTIMIZATIONS = ("none", "ort", "transformer", "onnxslim")
+# the peak memory of building each candidate over the exported file's bytes (measured on BERT-base, 438 MB:
+# ONNX Runtime's offline optimization 0.9x; its transformer optimizer 8.7x with the save, which copies the graph
+# in several passes; onnxslim 7.1x), with a margin: a candidate that would not fit in the memory available is
+# skipped (auto) or refused (forced), not left to the kernel's out-of-memory killer
+BUILD_MEMORY = {"ort": 1.5, "transformer": 10.0, "onnxslim": 8.0}
 
 # --------------------------------------------------------------------------------------------- results
 
@@ -210,19 +216,14 @@ def _torch_export(module: nn.Module, input_spec: InputSpec, path: Path, opset: i
         out_axes = _output_axes(wrapped, input_spec)
         sample = input_spec.make_torch(2, 16) if input_spec.kind == "text" else input_spec.make_torch(2)
         args = tuple(sample[n] for n in input_spec.names)
+        kwargs = {"output_names": ["output"], "dynamic_axes": {**input_spec.dynamic_axes(), "output": out_axes},
+                  "opset_version": opset, "do_constant_folding": True, "dynamo": False}
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapped,
-                args,
-                str(path),
-                input_names=list(input_spec.names),
-                output_names=["output"],
-                dynamic_axes={**input_spec.dynamic_axes(), "output": out_axes},
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+            if weight_bytes(module) >= STREAM_MIN_BYTES:  # the exporter's own copies would triple the weights
+                export_streamed(wrapped, args, path, input_names=list(input_spec.names), **kwargs)
+            else:
+                torch.onnx.export(wrapped, args, str(path), input_names=list(input_spec.names), **kwargs)
 
 
 @contextlib.contextmanager
@@ -391,6 +392,7 @@ def export_onnx(
             dst = workdir / f"{name}.onnx"
             try:
                 if name != "none":
+                    _check_memory(name, plain)
                     with reporter.step(f"building candidate {name!r}"):
                         builders[name](plain, dst)
                     # ORT's transformer optimizer leaves model copies in reference cycles (2.2 GB on BERT-base,
@@ -405,6 +407,8 @@ def export_onnx(
                     name, build_seconds=time.perf_counter() - t0, file_size_bytes=onnx_file_size(paths[name])
                 )
             except Exception as exc:
+                if optimize != "auto" and isinstance(exc, ModelpressError):
+                    raise
                 if optimize != "auto":
                     raise ModelpressError(
                         f"optimization {name!r} failed: {type(exc).__name__}: {exc}"
@@ -458,6 +462,17 @@ def export_onnx(
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _check_memory(name: str, plain: Path) -> None:
+    """Refuse to build candidate ``name`` when its builder's usual peak exceeds the memory available."""
+    need = BUILD_MEMORY.get(name, 0.0) * onnx_file_size(plain)
+    free = available_memory()
+    if free is not None and need > free:
+        raise ModelpressError(
+            f"building the {name!r} candidate needs about {need / 2**30:.1f} GiB ({BUILD_MEMORY[name]}x the "
+            f"{onnx_file_size(plain) / 2**30:.2f} GiB model), {free / 2**30:.1f} GiB is available",
+            "use optimize='none' (ONNX Runtime optimizes at session creation) or free memory")
 
 
 def _applicable(name: str, model_type: str | None) -> bool:

