@@ -164,6 +164,21 @@ def test_block_that_does_not_divide_the_width_is_padded_and_odd_layouts_are_refu
             quantize_weights(torch.nn.Linear(80, 8), [], WeightOnlyConfig(method="rtn", **bad))
 
 
+@pytest.mark.parametrize(("bits", "symmetric", "width"), [(4, False, 80), (8, True, 64)])
+def test_packed_embedding_exports_as_one_gather_block_quantized(tmp_path, bits, symmetric, width):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, width), torch.nn.Linear(width, 8))
+    quantize_weights(model, [], WeightOnlyConfig(bits=bits, symmetric=symmetric, method="rtn", embeddings="quantize"))
+    assert isinstance(model[0], WeightOnlyEmbedding)
+    ids = torch.tensor([[3, 49, 0, 7], [1, 1, 2, 30]])
+    path = export_weight_only_onnx(model, ids, tmp_path / "e.onnx", ["input_ids"], {"input_ids": {0: "b", 1: "s"}})
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # one op gathers and dequantizes (80 = 3 blocks of 32: the padding is sliced off)
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops and ops.count("Slice") == (width % 32 > 0)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(path, {"input_ids": ids[:1, :3]}), model(ids[:1, :3]).numpy(), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("head", ["float", "quantize"])
 def test_tied_head_stays_one_tensor_and_the_file_is_not_larger(tmp_path, head):
     import modelpress
