@@ -25,6 +25,20 @@ def _ops(path) -> Counter:  # noqa: ANN001
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
+def _step_inputs(path) -> list[str]:  # noqa: ANN001
+    """The non-constant nodes that build GroupQueryAttention's seqlens_k, total length and padding bias."""
+    g = onnx.load(str(path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    todo = [i for n in g.node if n.op_type == "GroupQueryAttention" for i in (n.input[5], n.input[6], n.input[10])]
+    seen: dict[int, str] = {}
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in seen:
+            seen[id(n)] = n.op_type
+            todo += list(n.input)
+    return [op for op in seen.values() if op != "Constant"]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_every_attention_is_fused_and_generates_torch_tokens(tmp_path, family):
     model = causal_lm(family)
@@ -36,6 +50,8 @@ def test_every_attention_is_fused_and_generates_torch_tokens(tmp_path, family):
     if family != "gpt2":  # RMS norms: the first reads the embedding, the other four join a residual Add
         assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert result.verification.tokens_equal and result.verification.max_abs_err < 1e-4
+    # the per-step inputs from attention_mask in a dozen nodes (the traced torch ops took 30, plus 16 constants)
+    assert len(_step_inputs(result.path)) <= 11, _step_inputs(result.path)
     if family == "llama":  # a left-padded batch: the pads are masked through attention_bias
         ids, mask = held_out_prompts(result.layout, 16, batch=3, seed=7)
         assert mask[-1, :3].sum() == 0

@@ -226,6 +226,8 @@ class FusedDecoder(CachedDecoder):
             self.register_buffer("sin_cache", state.sin, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor) -> tuple:
+        from modelpress.export.fused import attention_inputs
+
         layout, state = self.layout, self.state
         position_ids = rest[0] if layout.position_ids else None
         past = rest[1:] if layout.position_ids else rest
@@ -237,10 +239,7 @@ class FusedDecoder(CachedDecoder):
                 past += [empty, empty]
         state.past = [(past[2 * i], past[2 * i + 1]) for i in range(layout.num_layers)]
         state.present = {}
-        rows = torch.ones_like(attention_mask, dtype=torch.int32).sum(-1, dtype=torch.int32)  # [B]: past + new
-        state.seqlens_k, state.total = rows - 1, rows.max()
-        pad = (1.0 - attention_mask[:, None, None, :].to(past[0].dtype)) * torch.finfo(past[0].dtype).min
-        state.bias = pad.expand(-1, -1, input_ids.shape[1], -1)
+        state.seqlens_k, state.total, state.bias = attention_inputs(attention_mask, input_ids, past[0].dtype)
         state.position_ids = position_ids
         if state.cos is not None:
             state.cos, state.sin = self.cos_cache, self.sin_cache
