@@ -6,6 +6,7 @@ fused graph does not verify; packed MatMulNBits siblings (q/k/v, gate/up) give t
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -72,6 +73,26 @@ def test_sliding_window_attention_keeps_the_plain_graph(tmp_path):
     result = export_decoder(model, tmp_path / "decoder.onnx", new_tokens=16)
     assert result.attention["form"] == "plain ops" and _ops(result.path)["GroupQueryAttention"] == 0
     assert result.verification.tokens_equal
+
+
+def test_export_cli_chooses_the_attention_form(tmp_path, capsys):
+    from modelpress.cli import main
+
+    ckpt = tmp_path / "llama"
+    causal_lm("llama").save_pretrained(ckpt)
+    out = tmp_path / "plain" / "decoder.onnx"
+    main(["export", str(ckpt), "-o", str(out), "--attention", "plain", "--json", "-q"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["attention"]["form"] == "plain ops" and info["verification"]["tokens_equal"]
+    assert _ops(out)["GroupQueryAttention"] == 0 and _ops(out)["Softmax"] == 2
+    assert not json.loads((out.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    for bad, needle in ((["--attention", "flash"], "not a choice"),
+                        (["--attention", "fused", "--no-decoder"], "goes with the decoder export")):
+        with pytest.raises(SystemExit) as exc:
+            main(["export", str(ckpt), "-o", str(tmp_path / "bad" / "decoder.onnx"), "-q", *bad])
+        err = capsys.readouterr().err
+        assert exc.value.code != 0 and err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_fused_graph_that_does_not_verify_falls_back_to_plain_ops(tmp_path, monkeypatch):
