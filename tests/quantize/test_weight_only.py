@@ -236,3 +236,19 @@ def test_policy_keeps_layers_float_or_gives_them_eight_bits():
     assert net[2].bits == 8 and net[2].qweight.shape == (64, 2, 32) and net[3].bits == 4
     with pytest.raises(ModelpressError, match="activation bits"):
         quantize_weights(torch.nn.Sequential(torch.nn.Linear(64, 8)), [], WeightOnlyConfig(policy={"0": "w4a8"}))
+
+
+def test_head_bits_sets_the_tied_head_form_in_one_option():
+    from modelpress.quantize.weight_only_pass import WeightOnlyPassConfig
+
+    for head_bits, head, want in ((4, "float", 4), (8, "quantize", 8), ("float", "quantize", None)):
+        model = _gpt2()
+        result = quantize_weights(model, [], WeightOnlyConfig(method="rtn", head=head, head_bits=head_bits))
+        if want is None:  # float overrides head: quantize; the tied pair stays one float tensor
+            assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.transformer.wte.weight
+            assert result.layers["lm_head"] == "float"
+        else:
+            assert model.lm_head.bits == want and model.lm_head.qweight is model.transformer.wte.qweight
+    assert WeightOnlyPassConfig(head_bits="float").head_bits == "float"
+    with pytest.raises(ModelpressError, match="head_bits"):
+        quantize_weights(_gpt2(), [], WeightOnlyConfig(method="rtn", head_bits=2))
