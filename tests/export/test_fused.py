@@ -6,6 +6,7 @@ fused graph does not verify; packed MatMulNBits siblings (q/k/v, gate/up) give t
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -25,6 +26,20 @@ def _ops(path) -> Counter:  # noqa: ANN001
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
+def _step_inputs(path) -> list[str]:  # noqa: ANN001
+    """The non-constant nodes that build GroupQueryAttention's seqlens_k, total length and padding bias."""
+    g = onnx.load(str(path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    todo = [i for n in g.node if n.op_type == "GroupQueryAttention" for i in (n.input[5], n.input[6], n.input[10])]
+    seen: dict[int, str] = {}
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in seen:
+            seen[id(n)] = n.op_type
+            todo += list(n.input)
+    return [op for op in seen.values() if op != "Constant"]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_every_attention_is_fused_and_generates_torch_tokens(tmp_path, family):
     model = causal_lm(family)
@@ -36,6 +51,8 @@ def test_every_attention_is_fused_and_generates_torch_tokens(tmp_path, family):
     if family != "gpt2":  # RMS norms: the first reads the embedding, the other four join a residual Add
         assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert result.verification.tokens_equal and result.verification.max_abs_err < 1e-4
+    # the per-step inputs from attention_mask in a dozen nodes (the traced torch ops took 30, plus 16 constants)
+    assert len(_step_inputs(result.path)) <= 11, _step_inputs(result.path)
     if family == "llama":  # a left-padded batch: the pads are masked through attention_bias
         ids, mask = held_out_prompts(result.layout, 16, batch=3, seed=7)
         assert mask[-1, :3].sum() == 0
@@ -56,6 +73,26 @@ def test_sliding_window_attention_keeps_the_plain_graph(tmp_path):
     result = export_decoder(model, tmp_path / "decoder.onnx", new_tokens=16)
     assert result.attention["form"] == "plain ops" and _ops(result.path)["GroupQueryAttention"] == 0
     assert result.verification.tokens_equal
+
+
+def test_export_cli_chooses_the_attention_form(tmp_path, capsys):
+    from modelpress.cli import main
+
+    ckpt = tmp_path / "llama"
+    causal_lm("llama").save_pretrained(ckpt)
+    out = tmp_path / "plain" / "decoder.onnx"
+    main(["export", str(ckpt), "-o", str(out), "--attention", "plain", "--json", "-q"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["attention"]["form"] == "plain ops" and info["verification"]["tokens_equal"]
+    assert _ops(out)["GroupQueryAttention"] == 0 and _ops(out)["Softmax"] == 2
+    assert not json.loads((out.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    for bad, needle in ((["--attention", "flash"], "not a choice"),
+                        (["--attention", "fused", "--no-decoder"], "goes with the decoder export")):
+        with pytest.raises(SystemExit) as exc:
+            main(["export", str(ckpt), "-o", str(tmp_path / "bad" / "decoder.onnx"), "-q", *bad])
+        err = capsys.readouterr().err
+        assert exc.value.code != 0 and err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_fused_graph_that_does_not_verify_falls_back_to_plain_ops(tmp_path, monkeypatch):

@@ -164,6 +164,21 @@ def test_block_that_does_not_divide_the_width_is_padded_and_odd_layouts_are_refu
             quantize_weights(torch.nn.Linear(80, 8), [], WeightOnlyConfig(method="rtn", **bad))
 
 
+@pytest.mark.parametrize(("bits", "symmetric", "width"), [(4, False, 80), (8, True, 64)])
+def test_packed_embedding_exports_as_one_gather_block_quantized(tmp_path, bits, symmetric, width):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, width), torch.nn.Linear(width, 8))
+    quantize_weights(model, [], WeightOnlyConfig(bits=bits, symmetric=symmetric, method="rtn", embeddings="quantize"))
+    assert isinstance(model[0], WeightOnlyEmbedding)
+    ids = torch.tensor([[3, 49, 0, 7], [1, 1, 2, 30]])
+    path = export_weight_only_onnx(model, ids, tmp_path / "e.onnx", ["input_ids"], {"input_ids": {0: "b", 1: "s"}})
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # one op gathers and dequantizes (80 = 3 blocks of 32: the padding is sliced off)
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops and ops.count("Slice") == (width % 32 > 0)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(path, {"input_ids": ids[:1, :3]}), model(ids[:1, :3]).numpy(), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("head", ["float", "quantize"])
 def test_tied_head_stays_one_tensor_and_the_file_is_not_larger(tmp_path, head):
     import modelpress
@@ -246,3 +261,19 @@ def test_pass_shares_the_originals_weights_and_never_writes_them(tmp_path):
                     if p.is_floating_point() and p.untyped_storage().data_ptr() not in ours)
     float_total = sum(p.numel() * p.element_size() for p in g.module.parameters())
     assert new_float < 0.05 * float_total, (new_float, float_total)
+
+
+def test_head_bits_sets_the_tied_head_form_in_one_option():
+    from modelpress.quantize.weight_only_pass import WeightOnlyPassConfig
+
+    for head_bits, head, want in ((4, "float", 4), (8, "quantize", 8), ("float", "quantize", None)):
+        model = _gpt2()
+        result = quantize_weights(model, [], WeightOnlyConfig(method="rtn", head=head, head_bits=head_bits))
+        if want is None:  # float overrides head: quantize; the tied pair stays one float tensor
+            assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.transformer.wte.weight
+            assert result.layers["lm_head"] == "float"
+        else:
+            assert model.lm_head.bits == want and model.lm_head.qweight is model.transformer.wte.qweight
+    assert WeightOnlyPassConfig(head_bits="float").head_bits == "float"
+    with pytest.raises(ModelpressError, match="head_bits"):
+        quantize_weights(_gpt2(), [], WeightOnlyConfig(method="rtn", head_bits=2))

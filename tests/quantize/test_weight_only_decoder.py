@@ -32,6 +32,13 @@ def test_int4_decoder_is_lowered_to_matmulnbits_and_generates_the_fake_quant_tok
     m = onnx.load(str(result.path))
     nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 17  # 4 blocks x 4 layers + the LM head
+    # the tied embedding: one GatherBlockQuantized over the head's own packed initializer (seen through a Reshape)
+    gather = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    reshape = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "Reshape"}
+    head = next(n for n in nbits if n.output[0] == "logits" or "lm_head" in n.name)
+    assert len(gather) == 1 and reshape[gather[0].input[0]] == head.input[1]
+    assert gather[0].input[2] == head.input[2] and gather[0].input[3] == head.input[3]  # scales, zero points
+    assert not [n for n in m.graph.node if n.op_type == "Gather" and n.input[0] in (head.input[1], head.input[2])]
     assert sum(len(n.input) == 6 and n.input[5] != "" for n in nbits) == 16  # Conv1D biases folded in
     # no float copy of a packed weight: the largest float initializers are the positions and the biases
     floats = [int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]

@@ -36,7 +36,10 @@ def input_spec_from_onnx(path: str | Path, vocab_size: int | None = None) -> Inp
 def _guess_vocab(model) -> int | None:  # noqa: ANN001
     """The row count of the word-embedding table (the Gather on input_ids), if there is one."""
     inits = {i.name: i for i in model.graph.initializer}
+    reshaped = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] in inits}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids" and node.input[0] in inits:
-            return int(inits[node.input[0]].dims[0])
+        table = reshaped.get(node.input[0], node.input[0]) if node.input else None
+        if (node.op_type in ("Gather", "GatherBlockQuantized") and len(node.input) >= 2
+                and node.input[1] == "input_ids" and table in inits):
+            return int(inits[table].dims[0])  # a packed table's rows too (GatherBlockQuantized)
     return None

@@ -226,6 +226,8 @@ class FusedDecoder(CachedDecoder):
             self.register_buffer("sin_cache", state.sin, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor) -> tuple:
+        from modelpress.export.fused import attention_inputs
+
         layout, state = self.layout, self.state
         position_ids = rest[0] if layout.position_ids else None
         past = rest[1:] if layout.position_ids else rest
@@ -237,10 +239,7 @@ class FusedDecoder(CachedDecoder):
                 past += [empty, empty]
         state.past = [(past[2 * i], past[2 * i + 1]) for i in range(layout.num_layers)]
         state.present = {}
-        rows = torch.ones_like(attention_mask, dtype=torch.int32).sum(-1, dtype=torch.int32)  # [B]: past + new
-        state.seqlens_k, state.total = rows - 1, rows.max()
-        pad = (1.0 - attention_mask[:, None, None, :].to(past[0].dtype)) * torch.finfo(past[0].dtype).min
-        state.bias = pad.expand(-1, -1, input_ids.shape[1], -1)
+        state.seqlens_k, state.total, state.bias = attention_inputs(attention_mask, input_ids, past[0].dtype)
         state.position_ids = position_ids
         if state.cos is not None:
             state.cos, state.sin = self.cos_cache, self.sin_cache
@@ -696,8 +695,10 @@ def _fast_form(lowering: DecoderLowering, staged: Path, prefill: Path | None, mo
 
 
 def genai_config(layout: DecoderLayout, filename: str = "decoder.onnx", *,
-                 context_length: int | None = None) -> dict[str, Any]:
-    """ONNX Runtime GenAI's ``genai_config.json`` for a decoder exported by ``export_decoder``."""
+                 context_length: int | None = None, share_buffer: bool = False) -> dict[str, Any]:
+    """ONNX Runtime GenAI's ``genai_config.json`` for a decoder exported by ``export_decoder``. ``share_buffer``:
+    GenAI hands the decoder one cache buffer of the context length as past and present (no copy per token); only
+    a graph whose every attention is GroupQueryAttention allows it (a Concat's present is past + new long)."""
     if layout.model_type not in GENAI_TYPES:
         raise ModelpressError(f"ONNX Runtime GenAI has no model type for {layout.model_type!r}",
                               f"supported here: {', '.join(sorted(GENAI_TYPES))}")
@@ -738,19 +739,32 @@ def genai_config(layout: DecoderLayout, filename: str = "decoder.onnx", *,
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": bool(share_buffer), "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
 
 
+def fused_cache(path: Path | str, layout: DecoderLayout) -> bool:
+    """Whether the decoder at ``path`` updates its cache in GroupQueryAttention in every layer (the fused export),
+    so its past and present may share one buffer."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == layout.num_layers
+
+
 def write_genai_config(folder: Path | str, layout: DecoderLayout, filename: str = "decoder.onnx", *,
                        tokenizer_dir: Path | str | None = None, tokenizer: Any = None) -> list[str]:
-    """Write ``genai_config.json`` next to the decoder in ``folder`` and copy the checkpoint's tokenizer files
-    (from ``tokenizer_dir``, else ``tokenizer.save_pretrained``); returns the names written."""
+    """Write ``genai_config.json`` next to the decoder in ``folder`` (sharing the past and present buffers where
+    the graph allows it: ``fused_cache``) and copy the checkpoint's tokenizer files (from ``tokenizer_dir``, else
+    ``tokenizer.save_pretrained``); returns the names written."""
     folder = Path(folder)
     written = ["genai_config.json"]
-    config = genai_config(layout, filename)
+    config = genai_config(layout, filename, share_buffer=fused_cache(folder / filename, layout))
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         for name in TOKENIZER_FILES:

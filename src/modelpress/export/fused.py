@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FusedState", "attention_adapters", "drop_empty_inputs", "fuse_skip_norms", "fused_attention",
+__all__ = ["FusedState", "attention_adapters", "attention_inputs", "drop_empty_inputs", "fuse_skip_norms", "fused_attention",
            "group_query_attention", "norm_adapters", "rotary_embedding", "simplified_layer_norm"]
 
 # GroupQueryAttention's optional inputs this export leaves absent: traced as an empty tensor, then cleared
@@ -81,6 +81,42 @@ class _GroupQueryAttention(torch.autograd.Function):
             for o in out[1:]:
                 o.setType(past_key.type().with_sizes([b, kv_heads, None, head]))
         return out
+
+
+class _AttentionInputs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, attention_mask: torch.Tensor, input_ids: torch.Tensor, dtype: torch.dtype) -> tuple:
+        batch, total = attention_mask.shape
+        seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32, device=attention_mask.device)
+        total_t = torch.full((1,), total, dtype=torch.int32, device=attention_mask.device)
+        bias = torch.where(attention_mask.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+        bias = bias.expand(-1, -1, input_ids.shape[1], -1)
+        return seqlens_k, total_t, bias
+
+    @staticmethod
+    def symbolic(g: Any, attention_mask: Any, input_ids: Any, dtype: torch.dtype) -> Any:
+        def const(value: Any, dtype: torch.dtype = torch.int64) -> Any:
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        total64 = g.op("Shape", attention_mask, start_i=1, end_i=2)  # [1]: past + new
+        total = g.op("Cast", total64, to_i=6)  # int32
+        batch = g.op("Shape", attention_mask, start_i=0, end_i=1)
+        seqlens_k = g.op("Expand", g.op("Sub", total, const([1], torch.int32)), batch)  # every row: total - 1
+        keep = g.op("Cast", attention_mask, to_i=9)  # bool
+        bias = g.op("Where", keep, const(0.0, dtype), const(torch.finfo(dtype).min, dtype))
+        bias = g.op("Unsqueeze", bias, const([1, 2]))  # [B, 1, 1, T]
+        # GroupQueryAttention (ONNX Runtime 1.32) wants the bias's third axis equal to the new tokens': no broadcast
+        seq = g.op("Shape", input_ids, start_i=1, end_i=2)
+        bias = g.op("Expand", bias, g.op("Concat", const([1, 1]), seq, const([1]), axis_i=0))
+        return seqlens_k, total, bias
+
+
+def attention_inputs(attention_mask: torch.Tensor, input_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupQueryAttention's per-step inputs from ``attention_mask`` [B, T] (every cache row kept, pads too):
+    ``seqlens_k`` [B] int32 (``T - 1`` for every row), ``total_sequence_length`` [1] int32 and the additive padding
+    bias [B, 1, S, T] in ``dtype``. Traces to a dozen ONNX nodes (the torch
+    ops traced to about 45: shape arithmetic the tracer spells out one Unsqueeze at a time)."""
+    return _AttentionInputs.apply(attention_mask, input_ids, dtype)
 
 
 def _is_none(value: Any) -> bool:
@@ -348,3 +384,4 @@ def drop_empty_inputs(model: Any) -> int:
     del g.initializer[:]
     g.initializer.extend(inits)
     return count
+

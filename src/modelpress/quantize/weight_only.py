@@ -14,7 +14,8 @@ order; one block's ``X^T X`` held at a time). Methods:
   the input where that is exact (checked: the float model's output does not move), otherwise kept as an input
   Mul (``awq_unfoldable: mul``) or the group is left unscaled (``skip``). ``awq+gptq`` runs GPTQ after.
 
-Embeddings and the LM head stay float unless ``embeddings`` / ``head`` say ``quantize``. A tied input embedding
+Embeddings and the LM head stay float unless ``embeddings`` / ``head`` say ``quantize`` (``head_bits``: 4, 8 or
+"float" sets the head's form in one option). A tied input embedding
 and LM head stay one tensor: kept float together, or quantized once (round to nearest, before the first block,
 so every block is calibrated on the embeddings inference will see) into buffers both modules share.
 """
@@ -57,7 +58,9 @@ class WeightOnlyConfig:
     awq_grid: int = 20
     awq_unfoldable: str = "mul"
     head: str = "float"
-    head_bits: int | None = None  # the LM head's (and a tied embedding's) bits; None: ``bits`` or the policy's
+    # the LM head's (and a tied embedding's) form: 4 or 8 bits, or "float"; it overrides ``head`` when given.
+    # None: ``head`` decides, at ``bits`` or the policy's
+    head_bits: int | str | None = None
     embeddings: str = "float"
     policy: dict[str, Any] = field(default_factory=dict)
 
@@ -281,6 +284,10 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
     for key in ("head", "embeddings"):
         if getattr(cfg, key) not in ("float", "quantize"):
             raise ModelpressError(f"{key}: {getattr(cfg, key)!r} is not a choice", "use float or quantize")
+    if cfg.head_bits not in (None, 4, 8, "float"):
+        raise ModelpressError(f"head_bits: {cfg.head_bits!r} is not a choice", "use 4, 8 or float")
+    head_form = cfg.head if cfg.head_bits is None else ("float" if cfg.head_bits == "float" else "quantize")
+    head_bits = cfg.head_bits if isinstance(cfg.head_bits, int) else None
     if cfg.awq_unfoldable not in ("mul", "skip"):
         raise ModelpressError(f"awq_unfoldable: {cfg.awq_unfoldable!r} is not a choice", "use mul or skip")
     # a bare number means weight bits here (activations always stay float)
@@ -301,10 +308,10 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
         if spec.a_bits is not None:
             raise ModelpressError(f"weight-only policy gives {name} activation bits ({spec})",
                                   "weight-only layers take w4, w8 or float")
-        if name == head and cfg.head == "float" or spec.w_bits is None:
+        if name == head and head_form == "float" or spec.w_bits is None:
             layers[name] = "float"
             continue
-        bits = cfg.head_bits if name == head and cfg.head_bits is not None else spec.w_bits
+        bits = head_bits if name == head and head_bits is not None else spec.w_bits
         check_layout(bits, cfg.block_size)
         bits_of[name] = bits
     tag = f"g{cfg.block_size} {'sym' if cfg.symmetric else 'asym'}"
@@ -313,16 +320,16 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
     tied_info: dict[str, Any] = {"tied": bool(tied), "head": head}
     emb_name = _named(model, in_emb)
     for name, m in _embeddings(model):
-        quantize_it = cfg.embeddings == "quantize" or (tied and m is in_emb and cfg.head == "quantize")
-        if tied and m is in_emb and cfg.head == "float":
+        quantize_it = cfg.embeddings == "quantize" or (tied and m is in_emb and head_form == "quantize")
+        if tied and m is in_emb and head_form == "float":
             quantize_it = False  # one float tensor for both
         if not quantize_it:
             layers[name] = "float"
             continue
         # the policy may give the table (or, tied, the head) other bits, e.g. {"lm_head": 8}, or keep it float
         ebits = policy.spec(head if tied and m is in_emb else name).w_bits
-        if tied and m is in_emb and cfg.head_bits is not None:
-            ebits = cfg.head_bits
+        if tied and m is in_emb and head_bits is not None:
+            ebits = head_bits
         if ebits is None:
             layers[name] = "float"
             continue

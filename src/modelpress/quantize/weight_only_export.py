@@ -2,8 +2,9 @@
 
 ``WeightOnlyLinear`` traces (while ``exporting``) through an autograd function whose ONNX symbolic is
 MatMulNBits over the layer's own packed buffers (the same bytes the torch model saves); a following bias Add
-is moved into MatMulNBits' bias input after export. Embeddings (``WeightOnlyEmbedding``) export as a Gather of
-packed rows and integer unpacking, so a tied embedding and LM head share one initializer in the file.
+is moved into MatMulNBits' bias input after export. Embeddings (``WeightOnlyEmbedding``) export as one
+``com.microsoft.GatherBlockQuantized`` over the same packed rows (seen through a Reshape), so a tied embedding
+and LM head share one initializer in the file.
 
 ``accuracy_level`` (MatMulNBits' compute type on CPU: 0/1 float32 activations, 4 int8 activations quantized
 per block at run time, which needs an integer dot-product path): ``"auto"`` exports both, checks both against

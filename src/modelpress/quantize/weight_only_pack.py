@@ -224,6 +224,12 @@ class WeightOnlyEmbedding(_Packed):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, block_size={self.block_size}"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if _EXPORTING.get():
+            return gather_block_quantized(ids, self)
+        return self.gather(ids)
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float rows of ``ids`` from the packed codes (the reference of the exported GatherBlockQuantized)."""
         # per block, without repeat_interleave (its export bakes the example's batch size into the graph)
         kb = self.scales.shape[1]
         p = self.qweight[ids].to(torch.int32)  # [*ids, k_blocks, blob]
@@ -259,6 +265,36 @@ class _MatMulNBits(torch.autograd.Function):
             sizes = x.type().varyingSizes()
             out.setType(x.type().with_sizes([*sizes[:-1], layer.out_features]))
         return out
+
+
+class _GatherBlockQuantized(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero_points: Any,  # noqa: ANN401
+                table: Any) -> torch.Tensor:
+        return table.gather(ids)
+
+    @staticmethod
+    def symbolic(g: Any, ids: Any, qweight: Any, scales: Any, zero_points: Any, table: Any) -> Any:  # noqa: ANN401
+        # the packed rows [N, k_blocks, blob] seen as [N, k_blocks * blob]: the same initializer MatMulNBits reads
+        # for a tied LM head (a Reshape ONNX Runtime folds), one tensor in the file
+        rows = g.op("Reshape", qweight, g.op("Constant", value_t=torch.tensor([table.num_embeddings, -1])))
+        inputs = [rows, ids, scales] + ([zero_points] if table.zero_points is not None else [])
+        out = g.op("com.microsoft::GatherBlockQuantized", *inputs, bits_i=table.bits, block_size_i=table.block_size,
+                   gather_axis_i=0, quantize_axis_i=1)
+        padded = table.scales.shape[1] * table.block_size
+        if padded != table.embedding_dim:  # a last block the width does not fill: its padding cut off
+            out = g.op("Slice", out, g.op("Constant", value_t=torch.tensor([0])),
+                       g.op("Constant", value_t=torch.tensor([table.embedding_dim])),
+                       g.op("Constant", value_t=torch.tensor([-1])))
+        with contextlib.suppress(Exception):  # the output's type for the exporter's shape inference
+            out.setType(scales.type().with_sizes([*ids.type().varyingSizes(), table.embedding_dim]))
+        return out
+
+
+def gather_block_quantized(ids: torch.Tensor, table: WeightOnlyEmbedding) -> torch.Tensor:
+    """Rows ``ids`` of a packed table, traced to ``com.microsoft.GatherBlockQuantized`` (one op where the integer
+    unpacking took 14) over the table's own packed buffers."""
+    return _GatherBlockQuantized.apply(ids, table.qweight, table.scales, table.zero_points, table)
 
 
 def matmul_nbits(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:

@@ -23,8 +23,9 @@ class WeightOnlyPassConfig(PassConfig):
     awq_unfoldable: Literal["mul", "skip"] = "mul"
     # the LM head (output embedding) and the embedding tables: float, or quantized (a tied pair: once)
     head: Literal["float", "quantize"] = "float"
-    # the head's bits (a tied embedding's too): the head carries most of a small LM's 4-bit error
-    head_bits: Literal[4, 8] | None = None
+    # the head's form (a tied embedding's too): 4 or 8 bits, or float; overrides ``head`` when given. The head
+    # carries most of a small LM's 4-bit error, and is the largest matrix a decode step reads
+    head_bits: Literal[4, 8, "float"] | None = None
     embeddings: Literal["float", "quantize"] = "float"
     # per-layer overrides: name or glob -> "float", 4 or 8 (the last matching entry wins)
     policy: dict[str, Any] = Field(default_factory=dict)
