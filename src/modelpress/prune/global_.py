@@ -50,6 +50,9 @@ class GlobalConfig(PassConfig):
     # head widths are opt-in: on MiniLM at half the latency (hessian, one shot) adding them kept 0.666 mean
     # fidelity against 0.721 without (the latency model sees a narrower head as fewer heads)
     kinds: list[Kind] = Field(default_factory=lambda: ["head", "mlp", "embedding", "conv", "block"])
+    # with the refit in the loop (each iteration re-scores the refit model), MiniLM (heads and MLP, 0.5x latency,
+    # 512 train sentences, no training) kept 0.854 / 0.763 / 0.871 mean cosine after 1 / 2 / 4 iterations: the
+    # saliency of a refit model picks units the next refit repairs worse (2 iterations: refit error 0.18 vs 0.13)
     iterations: int = Field(4, ge=1)
     # per_cost needs no latency model (parameter and MAC targets); the prune-hessian recipe (latency target) ranks
     # by nvit with eta auto: on MiniLM at 0.5x latency it kept 0.727 mean cosine against per_cost's 0.707
@@ -91,7 +94,9 @@ class GlobalConfig(PassConfig):
     rearrange_samples: int = Field(64, ge=1)
     # scale each head's and MLP unit's saliency by the share of its removal's output error that the least-squares
     # refit cannot undo (ZipLM's OBS error over the unrefit one, from X^T X of the reading Linear's inputs on the
-    # saliency batches; modelpress.reconstruct.compensable): the ranking sees what survives the refit
+    # saliency batches; modelpress.reconstruct.compensable): the ranking sees what survives the refit. Off: on
+    # MiniLM (heads and MLP, 0.5x latency, one iteration, refit with 512 train sentences) it kept 0.657 mean cosine
+    # against 0.854 (single-unit fractions are optimistic for the MLP units that go together: it removed 2/3 of them)
     rank_refit: bool = False
 
     def model_post_init(self, __context: object) -> None:
