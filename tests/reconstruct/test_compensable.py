@@ -55,3 +55,19 @@ def test_fractions_of_the_digits_vit_use_the_readers_inputs(zoo_vit) -> None:  #
     w = dict(graph.module.named_parameters())[param].detach().double().numpy()
     want = [_lstsq_fraction(rows, w, np.asarray(u[(param, axis)]).reshape(-1).tolist()) for u in g.units[:16]]
     np.testing.assert_allclose(got[g.name][:16], want, rtol=1e-4)
+
+
+def test_global_rank_refit_reranks_by_what_the_refit_cannot_undo(zoo_vit, tmp_path) -> None:  # noqa: ANN001
+    from modelpress.data.tasks import ClassificationTask
+    from modelpress.passes import Context, registered_passes
+
+    graph = ModelGraph(zoo_vit.module, zoo_vit.input_spec, name="digits-vit")
+    data = load_data("digits", graph.input_spec, batch_size=32, n_calibration=96, n_evaluation=None)
+    config = {"saliency": "hessian", "target": "params", "ratio": 0.5, "iterations": 1, "kinds": ["head", "mlp"],
+              "reconstruct": False, "batches": 3}
+    widths = {}
+    for flag in (False, True):
+        ctx = Context(workdir=tmp_path / str(flag), task=ClassificationTask(), data=data, reference=graph, seed=0)
+        widths[flag] = registered_passes()["prune.global"]({**config, "rank_refit": flag}).apply(graph, ctx).metrics["widths"]
+    # the same target, another choice: the ranking sees what the refit would undo
+    assert widths[True] != widths[False], widths
