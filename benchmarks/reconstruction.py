@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     print("widths", out["widths"], flush=True)
     print("pruned (the pass's result)", out["unrefit"], out["prune_seconds"], "s", flush=True)
     if args.label:
-        out["command"] = "python benchmarks/reconstruction.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        out["command"] = shlex.join(["python", "benchmarks/reconstruction.py",
+                                      *(argv if argv is not None else sys.argv[1:])])
     train = ctx.train
     for setting in [s for s in args.settings if s != "none"]:  # "none": only the pass's own result
         samples, mode, tgt, *which = setting.split(":")
