@@ -11,6 +11,8 @@ benchmarks/results/reconstruction.json.
 
     python benchmarks/reconstruction.py                                  # the default settings
     python benchmarks/reconstruction.py 0:weights:layer 512:weights:stream
+    python benchmarks/reconstruction.py none --kinds head,mlp --label loop4 \
+        --prune '{"iterations": 4, "reconstruct": true, "reconstruct_samples": 512}'   # refit inside the pass
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("settings", nargs="*", default=list(DEFAULT))
     parser.add_argument("--out", type=Path, default=RESULTS / "reconstruction.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prune", default="", help="JSON overrides of the prune.global config, e.g. "
+                        "'{\"iterations\": 4, \"reconstruct\": true}' refits inside the pass after every iteration "
+                        "(the ranking then sees the repaired model); the row is the pass's own result")
+    parser.add_argument("--label", default="", help="record this run under runs[LABEL] of --out (merged with the "
+                        "runs already there) instead of overwriting the file")
     parser.add_argument("--kinds", default="", help="what prune.global may remove, comma-separated (default: the "
                         "pass's kinds; e.g. head,mlp keeps the residual width and every block)")
     args = parser.parse_args(argv)
@@ -64,13 +72,22 @@ def main(argv: list[str] | None = None) -> int:
               "measure": False, "reconstruct": False}  # the pass reconstructs by default: refit here instead
     if args.kinds:
         config["kinds"] = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    pruned = registered_passes()["prune.global"](config).apply(original, ctx).graph
+    config.update(json.loads(args.prune) if args.prune else {})
+    load, t0 = load_average(), time.perf_counter()
+    result = registered_passes()["prune.global"](config).apply(original, ctx)
+    pruned = result.graph
     out = {"model": "sentence-transformers/all-MiniLM-L6-v2", "prune": config,
-           "predicted_speedup": table.predict(original) / table.predict(pruned), "load_before": load_average(),
-           "unrefit": fidelity(pruned), "settings": {}}
-    print("unrefit", out["unrefit"], flush=True)
+           "predicted_speedup": table.predict(original) / table.predict(pruned), "load_before": load,
+           "prune_seconds": round(time.perf_counter() - t0, 1), "widths": result.metrics["widths"],
+           "unrefit": fidelity(pruned), "settings": {},
+           "iterations": [_iteration(it) for it in result.metrics["iterations"]]}
+    print("widths", out["widths"], flush=True)
+    print("pruned (the pass's result)", out["unrefit"], out["prune_seconds"], "s", flush=True)
+    if args.label:
+        out["command"] = shlex.join(["python", "benchmarks/reconstruction.py",
+                                      *(argv if argv is not None else sys.argv[1:])])
     train = ctx.train
-    for setting in args.settings:
+    for setting in [s for s in args.settings if s != "none"]:  # "none": only the pass's own result
         samples, mode, tgt, *which = setting.split(":")
         batches, extra = list(data.calibration.batches), 0
         for b in train.batches:
@@ -89,14 +106,35 @@ def main(argv: list[str] | None = None) -> int:
                                     "error_after_mean": r.get("error_after_mean")}
         print(setting, out["settings"][setting], flush=True)
         out["load_after"] = load_average()
-        _write(args.out, out)  # after every setting: a long run stopped early keeps what it measured
+        _save(args, out)  # after every setting: a long run stopped early keeps what it measured
+    out["load_after"] = load_average()
+    _save(args, out)
     print(f"wrote {args.out}")
     return 0
 
 
+def _iteration(it: dict) -> dict:
+    """One iteration of the pass, short: units removed, the latency reached, the refit's mean errors."""
+    r = it.get("reconstruct") or {}
+    return {"removed_units": sum(it.get("removed_units", {}).values()), "latency": it.get("latency"),
+            **{k: r[k] for k in ("error_before_mean", "error_after_mean", "refit") if k in r},
+            **({"skipped": len(r["skipped"])} if r.get("skipped") else {})}
+
+
+def _save(args: argparse.Namespace, out: dict) -> None:
+    """Write ``out`` to ``args.out``, or, with a label, merge it into that file's ``runs`` (re-read each time: two
+    labelled runs may write the same file)."""
+    if not args.label:
+        _write(args.out, out)
+        return
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc.setdefault("runs", {})[args.label] = out
+    _write(args.out, doc)
+
+
 def _write(path: Path, out: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(path)
 
