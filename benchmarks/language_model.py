@@ -643,13 +643,16 @@ def _llama_cpp_build(folder: Path, out: Path, src: Path | None) -> tuple[Path, d
     """``folder`` (a Hugging Face Llama) as a llama.cpp Q4_K_M GGUF at ``out``: converted to F32 by the converter
     vendored in the llama-cpp-python sdist (``src``: its ``vendor/llama.cpp``), quantized by llama.cpp's own
     ``llama_model_quantize``. Raises _Skip (with why) where llama-cpp-python or the converter is missing."""
+    import ctypes
     import subprocess
 
     try:
         import llama_cpp
     except ImportError as exc:
-        raise _Skip(f"llama-cpp-python is not installed (pip install 'modelpress[llama-cpp]'; an sdist that needs "
-                    f"cmake and a C/C++ compiler): {exc}") from exc
+        raise _Skip(f"llama-cpp-python is not installed (pip install 'modelpress[llama-cpp]': an sdist that builds "
+                    "llama.cpp with cmake and a C/C++ compiler; 0.3.36 compiles 178 objects, CMAKE_ARGS="
+                    f"'-DLLAVA_BUILD=OFF' skips mtmd's 51; on 2 shared cores it did not finish in 20 min): {exc}"
+                    ) from exc
     if src is None or not (src / "convert_hf_to_gguf.py").is_file() or not (src / "gguf-py").is_dir():
         raise _Skip("the HF->GGUF converter is not shipped in the llama-cpp-python wheel: pass --llama-cpp-src "
                     "(or MODELPRESS_LLAMA_CPP_SRC), the vendor/llama.cpp folder of the llama-cpp-python sdist "
@@ -668,7 +671,7 @@ def _llama_cpp_build(folder: Path, out: Path, src: Path | None) -> tuple[Path, d
     params.nthread = THREADS
     t0 = time.perf_counter()
     partial = out.with_name(out.name + ".partial")
-    code = llama_cpp.llama_model_quantize(str(f32).encode(), str(partial).encode(), params)
+    code = llama_cpp.llama_model_quantize(str(f32).encode(), str(partial).encode(), ctypes.byref(params))
     f32.unlink()
     if code != 0 or not partial.is_file():
         raise RuntimeError(f"llama_model_quantize (Q4_K_M) returned {code}")
@@ -714,6 +717,7 @@ def _llama_cpp_generation(path: Path, vocab: int, rounds: int, prefill_runs: int
     """Batch-1 generation timed by llama.cpp's own API on measure_generation's prompt (seed 0, ``LLAMA_SEQ``
     tokens): prefill = one eval of the prompt from an empty cache (median of ``prefill_runs``), decode = greedy
     ``LLAMA_NEW_TOKENS`` tokens one eval each; medians per round, then the median over ``rounds``."""
+    import llama_cpp
     import numpy as np
 
     prompt = np.random.default_rng(0).integers(2, vocab, size=(1, LLAMA_SEQ)).astype(np.int64)[0].tolist()
@@ -730,8 +734,8 @@ def _llama_cpp_generation(path: Path, vocab: int, rounds: int, prefill_runs: int
         prefill.append(float(np.median(times[1:])) * 1000.0)
         steps = []
         for _ in range(LLAMA_NEW_TOKENS):
-            t0 = time.perf_counter()
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            t0 = time.perf_counter()  # without logits_all, Llama.eval keeps no scores: read the last logits
+            token = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
             llm.eval([token])
             steps.append(time.perf_counter() - t0)
         decode.append(float(np.median(steps)) * 1000.0)
