@@ -50,7 +50,7 @@ for its HF->GGUF converter; else skipped with the reason). Quality: each decoder
 held-out 128-token windows of the evaluation files, KL / top-1 against the FP32 torch model, perplexity;
 speed: ``bench.generation.measure_generation`` at batch 1 (prefill at prompt 128, decode tokens/s), interleaved
 (llama.cpp: its own API in the same process right after the ORT rounds, so not interleaved). ``--quick`` runs
-every row on fewer windows (NNCF's AWQ and scale estimation on 8 calibration windows).
+every row on fewer windows (8 calibration windows for W8A8, INT4 and NNCF, 8 evaluation windows).
 
     python benchmarks/language_model.py --llama [--rounds N] [--no-w8a8] [--no-nncf] [--no-llama-cpp]
         [--llama-cpp-src DIR]
@@ -463,7 +463,7 @@ def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
 LLAMA_SEQ = 128  # evaluation windows and the prompt of the generation timing
 LLAMA_NEW_TOKENS = 32
 LLAMA_EVAL, LLAMA_EVAL_QUICK = 48, 8
-LLAMA_NNCF_QUICK = 8  # --quick: NNCF's AWQ and scale estimation on this many calibration windows
+LLAMA_CALIBRATION_QUICK = 8  # --quick: every calibrated row (W8A8, INT4, NNCF) on this many windows
 LLAMA_DESCRIPTIONS = {
     "fp32": "FP32 cached decoder (modelpress export_decoder: one graph, GenAI names, opset 17, fused attention: "
     "GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization)",
@@ -813,7 +813,8 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
         graph = modelpress.load(str(lm.path))
     splits = stdlib_splits()
     n_eval = LLAMA_EVAL_QUICK if args.quick else LLAMA_EVAL
-    calibration = stdlib_windows(lm.tokenizer, splits["calibration"], LLAMA_SEQ)[:N_CALIBRATION]
+    n_calibration = LLAMA_CALIBRATION_QUICK if args.quick else N_CALIBRATION
+    calibration = stdlib_windows(lm.tokenizer, splits["calibration"], LLAMA_SEQ)[:n_calibration]
     evaluation = stdlib_windows(lm.tokenizer, splits["evaluation"], LLAMA_SEQ)[:n_eval]
     data = TaskData(calibration=split_of(calibration), evaluation=split_of(evaluation),
                     description=f"stdlib .py files: {len(calibration)} calibration and {len(evaluation)} held-out "
@@ -886,8 +887,7 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
                              "reason": "nncf is not installed (pip install 'modelpress[nncf]')"}
     elif "fp32" in paths:
         def nncf_int4():  # noqa: ANN202
-            rows = calibration[:LLAMA_NNCF_QUICK] if args.quick else calibration
-            path, extra = _nncf_int4_decoder(paths["fp32"], tmp / "nncf-int4" / "decoder.onnx", rows)
+            path, extra = _nncf_int4_decoder(paths["fp32"], tmp / "nncf-int4" / "decoder.onnx", calibration)
             check = _quantized_verification(path, graph.module, LLAMA_NEW_TOKENS)
             if not check["cache_tokens_equal_uncached"]:
                 raise RuntimeError(f"NNCF's decoder does not verify: its cached greedy tokens differ from its own "
