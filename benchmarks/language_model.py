@@ -43,11 +43,17 @@ variant is a cached decoder (prefill and decode in one graph): ``fp32`` (our exp
 default, traced with its cache as fake-quant), ``ours-int4`` (recipe int4-weight-only, MatMulNBits in the
 decoder), ``ort-rtn`` (ONNX Runtime's MatMulNBitsQuantizer on our FP32 decoder; needs ``onnx-ir``:
 ``pip install 'modelpress[ort-int4]'``), ``genai-int4`` (onnxruntime-genai's model builder, ``-p int4 -e
-cpu``, offline from the same folder) and ``nncf`` (when installed). Quality: each decoder run as a prefill on
+cpu``, offline from the same folder), ``nncf-int4`` (NNCF ``compress_weights`` INT4 with AWQ + scale
+estimation, ONNX backend, on our FP32 decoder; when nncf is installed) and ``llama-cpp-q4km`` (llama.cpp Q4_K_M
+through ``llama-cpp-python``, when it is installed and ``--llama-cpp-src`` names the sdist's ``vendor/llama.cpp``
+for its HF->GGUF converter; else skipped with the reason). Quality: each decoder run as a prefill on
 held-out 128-token windows of the evaluation files, KL / top-1 against the FP32 torch model, perplexity;
-speed: ``bench.generation.measure_generation`` at batch 1 (prefill at prompt 128, decode tokens/s), interleaved.
+speed: ``bench.generation.measure_generation`` at batch 1 (prefill at prompt 128, decode tokens/s), interleaved
+(llama.cpp: its own API in the same process right after the ORT rounds, so not interleaved). ``--quick`` runs
+every row on fewer windows (8 calibration windows for W8A8, INT4 and NNCF, 8 evaluation windows).
 
-    python benchmarks/language_model.py --llama [--rounds N] [--no-w8a8]
+    python benchmarks/language_model.py --llama [--rounds N] [--no-w8a8] [--no-nncf] [--no-llama-cpp]
+        [--llama-cpp-src DIR]
 """
 
 from __future__ import annotations
@@ -457,6 +463,7 @@ def print_table(con, res: dict[str, Any]) -> None:  # noqa: ANN001
 LLAMA_SEQ = 128  # evaluation windows and the prompt of the generation timing
 LLAMA_NEW_TOKENS = 32
 LLAMA_EVAL, LLAMA_EVAL_QUICK = 48, 8
+LLAMA_CALIBRATION_QUICK = 8  # --quick: every calibrated row (W8A8, INT4, NNCF) on this many windows
 LLAMA_DESCRIPTIONS = {
     "fp32": "FP32 cached decoder (modelpress export_decoder: one graph, GenAI names, opset 17, fused attention: "
     "GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization)",
@@ -472,7 +479,18 @@ LLAMA_DESCRIPTIONS = {
     "initializers it can quantize)",
     "genai-int4": "onnxruntime-genai model builder, -p int4 -e cpu, from the same Hugging Face folder (its own "
     "graph: GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits)",
-    "nncf": "NNCF compress_weights INT4",
+    "nncf-int4": "NNCF compress_weights (ONNX backend) on our FP32 decoder (fused attention) after ORT's basic "
+    "constant folding and ORT's symbolic shape inference (NNCF's graph needs the contrib ops' shapes): INT4 "
+    "asymmetric, group 32, ratio 1.0, AWQ + scale estimation on the calibration windows (batch 1 each), NNCF's "
+    "default INT8 per-channel backup for the embedding and the tied LM head (DequantizeLinear); emitted as "
+    "MatMulNBits (opset < 21); two edits for ONNX Runtime: its 4-bit zero points packed two per byte (NNCF 3.4 writes "
+    "one per byte, which ONNX Runtime 1.32 refuses; lossless) and accuracy_level set from NNCF's 0 to 4 as in the "
+    "ort-rtn row",
+    "llama-cpp-q4km": "llama.cpp Q4_K_M through llama-cpp-python: the Hugging Face folder converted to an F32 GGUF by "
+    "the converter vendored in the llama-cpp-python sdist (convert_hf_to_gguf.py + gguf-py; its tokenizer check "
+    "does not know our byte-level BPE, so the vocabulary is written as GPT-2-style BPE: the benchmark feeds token "
+    "ids), then llama_model_quantize Q4_K_M; its own runtime (not ONNX Runtime), timed in the same process right "
+    "after the interleaved ORT rounds (not interleaved), 2 threads",
 }
 
 
@@ -498,6 +516,235 @@ def _ort_rtn_decoder(fp32: Path, out: Path) -> Path:
     q.model.save_model_to_file(str(out), use_external_data_format=False)
     folded.unlink()
     return out
+
+
+def _nncf_int4_decoder(fp32: Path, out: Path, rows, accuracy_level: int = 4) -> tuple[Path, dict[str, Any]]:  # noqa: ANN001
+    """NNCF's data-aware INT4 (AWQ + scale estimation) of our FP32 cached decoder, through its ONNX backend.
+
+    The decoder is constant-folded by ORT (transposed weights become initializers) and shape-inferred by ORT's
+    symbolic shape inference: without the contrib ops' output shapes NNCF's graph has no edge into the q/k/v
+    MatMuls. ``rows`` (calibration windows) are fed one window at a time with an empty cache."""
+    from collections import Counter
+
+    import nncf
+    import numpy as np
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from modelpress.bench.generation import layout_from_onnx
+    from modelpress.export.decoder import positions
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    layout = layout_from_onnx(fp32)
+    folded = _ort_folded(fp32, out.with_name("folded.onnx"))
+    model = SymbolicShapeInference.infer_shapes(onnx.load(str(folded)), auto_merge=True)
+    folded.unlink()
+
+    def feed(row) -> dict[str, Any]:  # noqa: ANN001
+        ids = row[None].numpy()
+        mask = np.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask, ids.shape[1]),
+                **layout.empty_past(1)}
+
+    config = {"mode": "int4_asym", "group_size": 32, "ratio": 1.0, "awq": True, "scale_estimation": True,
+              "subset_size": len(rows), "accuracy_level": accuracy_level}
+    t0 = time.perf_counter()
+    with quiet():
+        q = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=32, ratio=1.0,
+                                  dataset=nncf.Dataset([feed(r) for r in rows]), awq=True, scale_estimation=True,
+                                  subset_size=len(rows))
+    seconds = time.perf_counter() - t0
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    if not nbits:
+        raise RuntimeError("NNCF wrote no MatMulNBits: " + str(Counter(n.op_type for n in q.graph.node)))
+    packed = _pack_nncf_zero_points(q, nbits)
+    for node in nbits:  # NNCF writes accuracy_level 0 (float compute): 8x slower per step here (see 22's note)
+        for attr in node.attribute:
+            if attr.name == "accuracy_level":
+                attr.i = accuracy_level
+    del q.graph.value_info[:]
+    onnx.save(q, str(out))
+    return out, {"config": config, "nncf_seconds": round(seconds, 1), "zero_points_packed": packed,
+                 "ops": dict(Counter(n.op_type for n in q.graph.node).most_common(8))}
+
+
+def _pack_nncf_zero_points(model, nodes) -> int:  # noqa: ANN001
+    """NNCF 3.4 writes MatMulNBits' 4-bit zero points one per byte ([N, blocks]); ONNX Runtime 1.32 takes them
+    two per byte ([N, ceil(blocks / 2)], the even block in the low nibble) and refuses the session otherwise
+    ("zero_points initializer shape ... does not match"). Packs them in place (lossless); how many were packed."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for node in nodes:
+        attrs = {a.name: a.i for a in node.attribute}
+        if attrs.get("bits") != 4 or len(node.input) < 4 or node.input[3] not in inits:
+            continue
+        blocks = -(-attrs["K"] // attrs["block_size"])
+        zp = numpy_helper.to_array(inits[node.input[3]])
+        if zp.dtype != np.uint8 or zp.size != attrs["N"] * blocks:
+            continue  # already packed (or float zero points)
+        zp = zp.reshape(attrs["N"], blocks)
+        if blocks % 2:
+            zp = np.concatenate([zp, np.zeros((attrs["N"], 1), np.uint8)], axis=1)
+        inits[node.input[3]].CopyFrom(numpy_helper.from_array((zp[:, 0::2] & 0x0F) | (zp[:, 1::2] << 4),
+                                                              node.input[3]))
+        done += 1
+    return done
+
+
+def _quantized_verification(path: Path, module, new_tokens: int) -> dict[str, Any]:  # noqa: ANN001
+    """A quantized decoder run by ONNX Runtime through its cache, checked two ways: its cached greedy tokens
+    against its own uncached full-sequence forward (the cache is right: tokens must agree, logits close), and
+    against the FP32 torch model's greedy tokens (how far quantization moves generation; reported only)."""
+    import numpy as np
+
+    from modelpress.bench.generation import layout_from_onnx
+    from modelpress.export.decoder import greedy_onnx, held_out_prompts, positions, torch_greedy
+    from modelpress.targets import cpu_session
+
+    layout = layout_from_onnx(path)
+    ids, mask = held_out_prompts(layout, new_tokens)
+    session = cpu_session(path)
+    got, step_logits = greedy_onnx(session, layout, ids, mask, new_tokens)
+    full_ids = np.concatenate([ids, got[:, :-1]], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(got[:, :-1])], axis=1)
+    feed = {"input_ids": full_ids, "attention_mask": full_mask, **layout.empty_past(len(ids))}
+    if layout.position_ids:
+        feed["position_ids"] = positions(full_mask, full_ids.shape[1])
+    wanted = {i.name for i in session.get_inputs()}
+    full = session.run(["logits"], {k: v for k, v in feed.items() if k in wanted})[0]
+    cached = np.concatenate(step_logits, axis=1)
+    valid = full_mask.astype(bool)
+    uncached_tokens = full[:, ids.shape[1] - 1:].argmax(-1)
+    reference = torch_greedy(module, ids, mask, new_tokens)
+    differ = np.nonzero((got != reference).any(axis=0))[0]
+    return {"new_tokens": new_tokens, "prompts": list(ids.shape),
+            "cache_tokens_equal_uncached": bool((uncached_tokens == got).all()),
+            "cache_logits_max_abs_err": float(np.abs(cached - full)[valid].max()),
+            "tokens_equal_fp32_torch": not differ.size,
+            "first_mismatch_fp32_torch": int(differ[0]) if differ.size else None}
+
+
+_GGUF_CONVERT = """import runpy, sys
+src = sys.argv[1]
+sys.path[:0] = [src, src + "/gguf-py"]
+from conversion import base, llama
+# its BPE check knows published tokenizers by a hash, not ours (byte-level BPE trained here; no sentencepiece)
+llama.LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = [src + "/convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _llama_cpp_build(folder: Path, out: Path, src: Path | None) -> tuple[Path, dict[str, Any]]:
+    """``folder`` (a Hugging Face Llama) as a llama.cpp Q4_K_M GGUF at ``out``: converted to F32 by the converter
+    vendored in the llama-cpp-python sdist (``src``: its ``vendor/llama.cpp``), quantized by llama.cpp's own
+    ``llama_model_quantize``. Raises _Skip (with why) where llama-cpp-python or the converter is missing."""
+    import ctypes
+    import subprocess
+
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise _Skip(f"llama-cpp-python is not installed (pip install 'modelpress[llama-cpp]': an sdist that builds "
+                    "llama.cpp with cmake and a C/C++ compiler; 0.3.36 compiles 178 objects, CMAKE_ARGS="
+                    f"'-DLLAVA_BUILD=OFF' skips mtmd's 51; on 2 shared cores it did not finish in 20 min): {exc}"
+                    ) from exc
+    if src is None or not (src / "convert_hf_to_gguf.py").is_file() or not (src / "gguf-py").is_dir():
+        raise _Skip("the HF->GGUF converter is not shipped in the llama-cpp-python wheel: pass --llama-cpp-src "
+                    "(or MODELPRESS_LLAMA_CPP_SRC), the vendor/llama.cpp folder of the llama-cpp-python sdist "
+                    f"(got {src})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    f32 = out.with_name("model-f32.gguf")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _GGUF_CONVERT, str(src), str(folder), "--outfile", str(f32),
+                           "--outtype", "f32"], capture_output=True, text=True, timeout=1800, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": "1"})
+    if proc.returncode != 0 or not f32.is_file():
+        raise RuntimeError("convert_hf_to_gguf.py failed: " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
+    convert_seconds = time.perf_counter() - t0
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = THREADS
+    t0 = time.perf_counter()
+    partial = out.with_name(out.name + ".partial")
+    code = llama_cpp.llama_model_quantize(str(f32).encode(), str(partial).encode(), ctypes.byref(params))
+    f32.unlink()
+    if code != 0 or not partial.is_file():
+        raise RuntimeError(f"llama_model_quantize (Q4_K_M) returned {code}")
+    partial.replace(out)
+    return out, {"convert_seconds": round(convert_seconds, 1), "quantize_seconds": round(time.perf_counter() - t0, 1),
+                 "llama_cpp_python": dist_version("llama_cpp_python")}
+
+
+class _Skip(Exception):
+    """A peer that cannot be built here, for a reason the table states (status skipped)."""
+
+
+def _llama_cpp_model(path: Path, logits_all: bool):  # noqa: ANN202 - llama_cpp.Llama
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=2 * LLAMA_SEQ, n_batch=LLAMA_SEQ, n_ubatch=LLAMA_SEQ,
+                           n_threads=THREADS, n_threads_batch=THREADS, logits_all=logits_all, seed=SEED,
+                           verbose=False)
+
+
+def _llama_cpp_quality(path: Path, rows, reference_logp) -> dict[str, float]:  # noqa: ANN001
+    """``_decoder_quality`` for a GGUF: each window evaluated from an empty cache with every position's logits."""
+    import numpy as np
+
+    llm = _llama_cpp_model(path, logits_all=True)
+    kl = agree = nll = 0.0
+    count = 0
+    for i, row in enumerate(rows.numpy()):
+        llm.reset()
+        llm.eval(row.tolist())
+        logits = np.array(llm.scores[: len(row) - 1], dtype=np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        ref = reference_logp[i]
+        kl += float((np.exp(ref) * (ref - logp)).sum())
+        agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+        nll -= float(np.take_along_axis(logp, row[1:, None], -1).sum())
+        count += len(row) - 1
+    return {"next_token_kl": kl / count, "top1_agreement": agree / count, "perplexity": float(np.exp(nll / count))}
+
+
+def _llama_cpp_generation(path: Path, vocab: int, rounds: int, prefill_runs: int = 3) -> dict[str, Any]:
+    """Batch-1 generation timed by llama.cpp's own API on measure_generation's prompt (seed 0, ``LLAMA_SEQ``
+    tokens): prefill = one eval of the prompt from an empty cache (median of ``prefill_runs``), decode = greedy
+    ``LLAMA_NEW_TOKENS`` tokens one eval each; medians per round, then the median over ``rounds``."""
+    import llama_cpp
+    import numpy as np
+
+    prompt = np.random.default_rng(0).integers(2, vocab, size=(1, LLAMA_SEQ)).astype(np.int64)[0].tolist()
+    prefill, decode = [], []
+    for _ in range(rounds):
+        llm = _llama_cpp_model(path, logits_all=False)
+        llm.eval(prompt[:8])  # warm-up
+        times = []
+        for _ in range(prefill_runs + 1):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            times.append(time.perf_counter() - t0)
+        prefill.append(float(np.median(times[1:])) * 1000.0)
+        steps = []
+        for _ in range(LLAMA_NEW_TOKENS):
+            t0 = time.perf_counter()  # without logits_all, Llama.eval keeps no scores: read the last logits
+            token = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
+            llm.eval([token])
+            steps.append(time.perf_counter() - t0)
+        decode.append(float(np.median(steps)) * 1000.0)
+        del llm
+    dec = float(np.median(decode))
+    return {"prefill_ms_at_128": round(float(np.median(prefill)), 2), "decode_ms": round(dec, 3),
+            "tokens_per_s": round(1000.0 / dec, 1), "round_prefill_ms": prefill, "round_decode_ms": decode,
+            "timing": "llama.cpp's own API, same process, right after the interleaved ONNX Runtime rounds (not "
+            "interleaved): its ratios to fp32 compare against fp32's medians from those rounds"}
 
 
 def _genai_builder(folder: Path, out: Path) -> Path:
@@ -550,7 +797,7 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
 
     import modelpress
     from modelpress.bench import get_target
-    from modelpress.bench.generation import measure_generation
+    from modelpress.bench.generation import layout_from_onnx, measure_generation
     from modelpress.data import TaskData
     from modelpress.export.decoder import export_decoder, write_genai_config
     from modelpress.export.files import onnx_file_size
@@ -566,7 +813,8 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
         graph = modelpress.load(str(lm.path))
     splits = stdlib_splits()
     n_eval = LLAMA_EVAL_QUICK if args.quick else LLAMA_EVAL
-    calibration = stdlib_windows(lm.tokenizer, splits["calibration"], LLAMA_SEQ)[:N_CALIBRATION]
+    n_calibration = LLAMA_CALIBRATION_QUICK if args.quick else N_CALIBRATION
+    calibration = stdlib_windows(lm.tokenizer, splits["calibration"], LLAMA_SEQ)[:n_calibration]
     evaluation = stdlib_windows(lm.tokenizer, splits["evaluation"], LLAMA_SEQ)[:n_eval]
     data = TaskData(calibration=split_of(calibration), evaluation=split_of(evaluation),
                     description=f"stdlib .py files: {len(calibration)} calibration and {len(evaluation)} held-out "
@@ -585,17 +833,22 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
 
     info: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
+    ggufs: dict[str, Path] = {}  # llama.cpp's files: scored and timed by its own runtime
 
-    def record(name: str, fn) -> None:  # noqa: ANN001
+    def record(name: str, fn, runtime: str = "onnxruntime") -> None:  # noqa: ANN001
         t0 = time.perf_counter()
         try:
             with reporter.step(f"building {name}"), quiet():
                 path, extra = fn()
+        except _Skip as exc:
+            info[name] = {"description": LLAMA_DESCRIPTIONS[name], "status": "skipped", "reason": str(exc)}
+            reporter.log(f"[yellow]{name} skipped:[/yellow] {str(exc)[:300]}")
+            return
         except Exception as exc:  # a peer that does not build is reported with its reason
             info[name] = {"description": LLAMA_DESCRIPTIONS[name], **failure(exc)}
             reporter.log(f"[yellow]{name} failed:[/yellow] {str(exc)[:300]}")
             return
-        paths[name] = Path(path)
+        (paths if runtime == "onnxruntime" else ggufs)[name] = Path(path)
         info[name] = {"description": LLAMA_DESCRIPTIONS[name], "status": "ok",
                       "build_seconds": round(time.perf_counter() - t0, 1), **extra}
 
@@ -627,9 +880,26 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
     if "fp32" in paths:
         record("ort-rtn", lambda: (_ort_rtn_decoder(paths["fp32"], tmp / "ort-rtn" / "decoder.onnx"), {}))
     record("genai-int4", lambda: (_genai_builder(lm.path, tmp / "genai-int4"), {}))
-    if dist_version("nncf") is None:
-        info["nncf"] = {"description": LLAMA_DESCRIPTIONS["nncf"], "status": "skipped",
-                        "reason": "nncf is not installed (pip install 'modelpress[nncf]')"}
+    if args.no_nncf:
+        info["nncf-int4"] = {"description": LLAMA_DESCRIPTIONS["nncf-int4"], "status": "skipped", "reason": "--no-nncf"}
+    elif dist_version("nncf") is None:
+        info["nncf-int4"] = {"description": LLAMA_DESCRIPTIONS["nncf-int4"], "status": "skipped",
+                             "reason": "nncf is not installed (pip install 'modelpress[nncf]')"}
+    elif "fp32" in paths:
+        def nncf_int4():  # noqa: ANN202
+            path, extra = _nncf_int4_decoder(paths["fp32"], tmp / "nncf-int4" / "decoder.onnx", calibration)
+            check = _quantized_verification(path, graph.module, LLAMA_NEW_TOKENS)
+            if not check["cache_tokens_equal_uncached"]:
+                raise RuntimeError(f"NNCF's decoder does not verify: its cached greedy tokens differ from its own "
+                                   f"full-sequence forward ({check})")
+            return path, {**extra, "verification": check}
+        record("nncf-int4", nncf_int4)
+    if args.no_llama_cpp:
+        info["llama-cpp-q4km"] = {"description": LLAMA_DESCRIPTIONS["llama-cpp-q4km"], "status": "skipped",
+                                  "reason": "--no-llama-cpp"}
+    else:
+        record("llama-cpp-q4km", lambda: _llama_cpp_build(lm.path, tmp / "llama-cpp-q4km" / "model-q4_k_m.gguf",
+                                                           args.llama_cpp_src), runtime="llama.cpp")
 
     for name, p in list(paths.items()):
         info[name]["file_size_bytes"] = onnx_file_size(p)
@@ -639,6 +909,14 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
         except Exception as exc:
             info[name].update(failure(exc))
             paths.pop(name)
+    for name, p in list(ggufs.items()):
+        info[name]["file_size_bytes"] = p.stat().st_size
+        try:
+            with reporter.step(f"quality of {name} (llama.cpp, {len(evaluation)} held-out windows)"), quiet():
+                info[name]["quality"] = _llama_cpp_quality(p, evaluation, reference_logp)
+        except Exception as exc:
+            info[name].update(failure(exc))
+            ggufs.pop(name)
     build_seconds = time.perf_counter() - started
     with reporter.step("generation timing (interleaved)"), quiet():
         report = measure_generation(paths, get_target("ort-cpu", threads=THREADS), baseline="fp32",
@@ -650,6 +928,17 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
             "prefill_ms_at_128": round(s.prefill_ms, 2), "decode_ms": round(s.decode_ms, 3),
             "tokens_per_s": round(s.tokens_per_s, 1), "decode_speedup_vs_fp32": s.decode_speedup,
             "prefill_speedup_vs_fp32": s.prefill_speedup, "peak_memory_mb": s.peak_memory_mb}
+        info[name]["size_vs_fp32"] = round(info[name]["file_size_bytes"] / info["fp32"]["file_size_bytes"], 4)
+    base = report.stats("fp32", 1)
+    for name, p in ggufs.items():
+        try:
+            with reporter.step(f"generation timing of {name} (llama.cpp, after the ORT rounds)"), quiet():
+                g = _llama_cpp_generation(p, layout_from_onnx(paths["fp32"]).vocab_size, args.rounds)
+        except Exception as exc:
+            info[name].update(failure(exc))
+            continue
+        info[name]["generation_batch1"] = {**g, "decode_speedup_vs_fp32": base.decode_ms / g["decode_ms"],
+                                           "prefill_speedup_vs_fp32": base.prefill_ms / g["prefill_ms_at_128"]}
         info[name]["size_vs_fp32"] = round(info[name]["file_size_bytes"] / info["fp32"]["file_size_bytes"], 4)
     return {
         "model": f"LlamaForCausalLM trained by modelpress.train.stdlib_llama ({lm.meta['parameters']} parameters, "
@@ -698,6 +987,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the generation peers' table on the stdlib Llama (modelpress.train.stdlib_llama) instead; "
                         "writes results/language_model_llama.json unless --out")
     parser.add_argument("--no-w8a8", action="store_true", help="--llama: skip our W8A8 (the slowest to build)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="--llama: skip llama.cpp Q4_K_M")
+    parser.add_argument(
+        "--llama-cpp-src", type=Path,
+        default=Path(os.environ["MODELPRESS_LLAMA_CPP_SRC"]) if os.environ.get("MODELPRESS_LLAMA_CPP_SRC") else None,
+        help="--llama: the vendor/llama.cpp folder of the llama-cpp-python sdist (its HF->GGUF converter and gguf-py; "
+        "default $MODELPRESS_LLAMA_CPP_SRC)")
     parser.add_argument(
         "--train-steps", type=int, default=None,
         help=f"training steps of the model (default {TRAIN_STEPS}; --quick: {TRAIN_STEPS_QUICK}); cached per value",
