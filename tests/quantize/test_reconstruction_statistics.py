@@ -148,3 +148,17 @@ def test_layer_gptq_holds_one_blocks_hessians_and_equals_the_one_pass_result(mon
     for n in names:
         assert torch.equal(staged.get_submodule(n).weight, one_pass.get_submodule(n).weight), n
     assert list(errors_staged) == list(errors_one) and errors_staged == errors_one
+
+
+def test_weights_waiting_for_the_last_stage_are_held_as_int8_codes_and_come_back_bit_exact():
+    from modelpress.quantize.reconstruct import _held, _release, gptq_weight
+
+    model, x = quantized_stack()
+    m = model.blocks[0].attn.q
+    h = reference_hessians(model, x)["blocks.0.attn.q"]
+    wq = gptq_weight(m.weight.detach().clone(), h, m.weight_quantizer)
+    held = _held(wq, m.weight_quantizer, True)
+    assert isinstance(held, tuple) and held[0].dtype == torch.int8  # a quarter of the float bytes while waiting
+    assert torch.equal(_release(held), wq)
+    off_grid = wq + 1e-3
+    assert _held(off_grid, m.weight_quantizer, True) is off_grid

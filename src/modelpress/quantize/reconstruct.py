@@ -206,6 +206,25 @@ def _set_weight(m: QuantLinear | QuantConv2d, wq: torch.Tensor) -> None:
     m.weight.copy_(wq.reshape(m.weight.shape))
 
 
+def _held(wq: torch.Tensor, q: Any, on_grid: bool) -> Any:
+    """A quantized weight waiting for the last stage, as int8 codes and its row scales where GPTQ put it on the
+    quantizer's symmetric per-row grid (a quarter of the float bytes), else as it is."""
+    if not (on_grid and getattr(q, "symmetric", False) and q.qmin >= -128 and q.qmax <= 127):
+        return wq
+    scale = _row_scale(q, wq.shape[0])
+    codes = torch.round(wq.double() / scale)
+    if not torch.equal((codes * scale).to(wq.dtype), wq):  # not on the grid after all: keep the float weight
+        return wq
+    return codes.to(torch.int8), scale, wq.dtype
+
+
+def _release(held: Any) -> torch.Tensor:
+    if isinstance(held, torch.Tensor):
+        return held
+    codes, scale, dtype = held
+    return (codes.double() * scale).to(dtype)  # the same double product GPTQ formed: the same weights
+
+
 def reconstruct(
     model: torch.nn.Module,
     batches: Iterable[Any],
@@ -252,15 +271,15 @@ def reconstruct(
                     _set_weight(m, wq)
                     m.weight_quantizer.enabled = True
                 else:
-                    pending[n] = wq.to(m.weight.dtype)
+                    pending[n] = _held(wq.to(m.weight.dtype), m.weight_quantizer, fn is gptq_weight)
                 d = (w0 - wq).double()
                 num = torch.einsum("oi,ij,oj->", d, h, d)
                 den = torch.einsum("oi,ij,oj->", w0.double(), h, w0.double()).clamp(min=1e-30)
                 errors[n] = float(num / den)
                 hs[i] = h = None  # this layer's Hessian is done with
                 del w0, wq, d
-        for n, wq in pending.items():
-            _set_weight(layers[n], wq)
+        for n, held in pending.items():
+            _set_weight(layers[n], _release(held))
         errors = {n: errors[n] for n in layers if n in errors}  # forward order, as one stage gave it
     finally:
         for m in layers.values():
