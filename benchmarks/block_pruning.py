@@ -145,8 +145,9 @@ def setup_lm(tmp: Path, reporter, args) -> tuple[Any, Any, str]:  # noqa: ANN001
         n_eval = lm.LLAMA_EVAL_QUICK if args.quick else lm.LLAMA_EVAL
         calibration = stdlib_windows(graph.tokenizer, splits["calibration"], lm.LLAMA_SEQ)[: lm.N_CALIBRATION]
         evaluation = stdlib_windows(graph.tokenizer, splits["evaluation"], lm.LLAMA_SEQ)[:n_eval]
-        text = (f"{STDLIB_CORPUS.split(';')[0]}: the held-out evaluation files' windows (split by file; the "
-                "calibration windows from the calibration files), as language_model.py's Llama table")
+        corpus = STDLIB_CORPUS.format(version=sys.version.split()[0]).split(";")[0]
+        text = (f"{corpus}: the held-out evaluation files' windows (split by file; the calibration windows from "
+                "the calibration files), as language_model.py's Llama table")
         made = f"the stdlib Llama (HF folder {args.lm}, 6 blocks, GQA)"
         seq = lm.LLAMA_SEQ
     else:
