@@ -425,7 +425,7 @@ def table(result: dict[str, Any]) -> list[str]:
         lines.append(f"  {'variant':18s} {'blocks':>6s} {key:>14s} {extra:>13s} {'speedup b1':>10s} {'b8':>6s}")
         for v, row in res["variants"].items():
             qv = row.get("quality", {})
-            sp = row.get("speedup", {})
+            sp = row.get("speedup") or {}
             f = lambda x, s: format(x, s) if isinstance(x, (int, float)) else "-"  # noqa: E731
             lines.append(f"  {v:18s} {row.get('blocks', '-')!s:>6s} {f(qv.get(key), '14.4f')} "
                          f"{f(qv.get(extra), '13.4f')} {f(sp.get('batch1'), '10.2f')} {f(sp.get('batch8'), '6.2f')}")
