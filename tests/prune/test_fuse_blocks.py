@@ -13,7 +13,7 @@ import torch
 import modelpress
 from modelpress.cli import main
 from modelpress.passes import Context
-from modelpress.prune.blocks.fusion import fold, remove_with_learnable_fusion, tunable_group
+from modelpress.prune.blocks.fusion import fold, group_loss, remove_with_learnable_fusion, tunable_group
 from modelpress.prune.blocks.importance import block_influence, block_scores, macro_influence, output_change
 from modelpress.prune.blocks.pass_ import FuseBlocks
 
@@ -145,6 +145,26 @@ def test_learned_fusion_is_deterministic_and_fits_the_group(gpt2, tmp_path):
     plain.remove_block(step["block"])
     assert sa.keys() == plain.state().keys()
     assert any(not torch.equal(sa[k], plain.state()[k]) for k in sa)  # the neighbours' weights moved
+
+
+def test_the_authors_batch_axis_kl_loss(gpt2, tmp_path):
+    """``loss: kl-batch`` (FuseGPT's group loss): the KL of the teacher's hidden states from the student's, each
+    softmaxed over the batch axis, per batch element; blind to a shift shared by the batch (unlike the MSE), and
+    the group tuning minimizes it."""
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    p, q = torch.softmax(t.double(), 0), torch.softmax(s.double(), 0)
+    by_hand = float((p * (p.log() - q.log())).sum() / 4)
+    assert float(group_loss(s, t, "kl-batch")) == pytest.approx(by_hand, rel=1e-5)
+    shift = torch.randn(1, 5, 8, generator=g) * 3  # the same for every batch element: invisible over the batch axis
+    assert float(group_loss(s + shift, t, "kl-batch")) == pytest.approx(by_hand, rel=1e-4)
+    assert float(group_loss(s + shift, t)) > float(group_loss(s, t)) + 1.0  # the MSE sees it
+    assert float(group_loss(t, t, "kl-batch")) == pytest.approx(0.0, abs=1e-7)
+    _, graph = gpt2
+    cfg = {"target_blocks": 0.25, "finetune_steps": 8, "lr": 0.01, "tune_group": True, "group_lr": 1e-3,
+           "loss": "kl-batch"}
+    fit = FuseBlocks(cfg).apply(graph, _context(tmp_path)).metrics["steps"][0]["finetune"]
+    assert fit["loss"] == "kl-batch" and fit["loss_end"] < fit["loss_start"]
 
 
 def test_fused_decoder_exports_verifies_and_reloads(gpt2, tmp_path):

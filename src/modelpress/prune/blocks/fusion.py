@@ -24,7 +24,9 @@ moves the group's other parameters (norms, biases, a rank-128 LoRA on each neigh
 lr 9.65e-6: ``tune_group`` does the same (every 1-D parameter of the neighbours, the norms and biases, and a
 zero-started low-rank delta on each neighbour matrix, :class:`LowRankDelta`, at their own learning rate), and
 ``fold`` writes the deltas into the dense weights too. Their distillation loss is a KL divergence of hidden
-states softmaxed over the batch axis; here a normalized MSE of the group's output hidden state.
+states softmaxed over the batch axis (``F.kl_div(log_softmax(h, 0), softmax(h_full, 0), 'batchmean')`` in
+``Fuser.update``): ``loss="kl-batch"`` here; the default, ``"mse"``, is a normalized MSE of the group's output
+hidden state.
 
 Merge (LaCo-style): ``W_n' = W_n + c (W_r - W_n)`` for every parameter of the removed block with a
 same-named, same-shaped parameter in a neighbour (``c`` split over the K neighbours), without learning.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -212,18 +214,32 @@ def remove_with_merge(graph: ModelGraph, removed: str, k: int, coefficient: floa
     return [_renumbered(n, removed) for n in near]
 
 
+Loss = Literal["mse", "kl-batch"]
+
+
+def group_loss(student: torch.Tensor, teacher: torch.Tensor, loss: Loss = "mse") -> torch.Tensor:
+    """The group distillation loss between hidden states [batch, ...]: ``mse`` the MSE normalized by the teacher's
+    mean square; ``kl-batch`` FuseGPT's KL of the teacher's from the student's states softmaxed over the batch
+    axis (every other position a separate distribution over the batch), summed and divided by the batch size."""
+    s, t = student.float(), teacher.float()
+    if loss == "kl-batch":
+        return torch.nn.functional.kl_div(torch.log_softmax(s, 0), torch.log_softmax(t, 0), reduction="batchmean",
+                                          log_target=True)
+    return ((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
+
+
 def _inputs(names: Sequence[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: batch[n] for n in names if n in batch}
 
 
 def finetune_group(graph: ModelGraph, teacher: ModelGraph, removed: str, near_before: Sequence[str],
                    params: Sequence[nn.Module], batches: Sequence[dict[str, torch.Tensor]], steps: int,
-                   lr: float, seed: int, group: Sequence[torch.Tensor] = (), group_lr: float = 0.0
-                   ) -> dict[str, Any] | None:
+                   lr: float, seed: int, group: Sequence[torch.Tensor] = (), group_lr: float = 0.0,
+                   loss: Loss = "mse") -> dict[str, Any] | None:
     """Local distillation of the group: fit the hidden state at the end of the group (the neighbours and the removed
     block's place) in ``graph`` to the one in ``teacher`` (the model before the removal) with the coefficient
-    matrices learned at ``lr`` and ``group`` (:func:`tunable_group`) at ``group_lr``. ``near_before``: the
-    neighbours' paths before the removal."""
+    matrices learned at ``lr`` and ``group`` (:func:`tunable_group`) at ``group_lr``, minimizing
+    :func:`group_loss` ``loss``. ``near_before``: the neighbours' paths before the removal."""
     if steps <= 0 or not params or not batches:
         return None
     container, r = _index(removed)
@@ -252,13 +268,13 @@ def finetune_group(graph: ModelGraph, teacher: ModelGraph, removed: str, near_be
             i = step % len(batches)
             s = hidden_at(graph.module, student_path, _inputs(names, batches[i]))
             t = targets[i]
-            loss = ((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp_min(1e-12)
+            value = group_loss(s, t, loss)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(value.detach()))
     finally:
         for t, req in frozen:
             t.requires_grad_(req)
-    return {"steps": steps, "loss_start": losses[0], "loss_end": losses[-1]}
+    return {"steps": steps, "loss": loss, "loss_start": losses[0], "loss_end": losses[-1]}

@@ -45,6 +45,9 @@ class FuseBlocksConfig(PassConfig):
     tune_group: bool = False
     group_rank: int = Field(8, ge=1)
     group_lr: float = Field(1e-4, gt=0.0)
+    # the group distillation loss: mse (normalized MSE of the group's output hidden state) or kl-batch (the authors'
+    # KL of hidden states softmaxed over the batch axis)
+    loss: Literal["mse", "kl-batch"] = "mse"
     merge_coefficient: float = Field(0.5, ge=0.0, le=1.0)
     calibration_batches: int = Field(4, ge=1)
 
@@ -140,7 +143,7 @@ class FuseBlocks(GraphPass):
                     group = tunable_group(out, near, cfg.group_rank, ctx.seed + i) if cfg.tune_group else []
                     record["finetune"] = finetune_group(out, teacher, victim, near_before, params, batches,
                                                         cfg.finetune_steps, cfg.lr, ctx.seed + i, group=group,
-                                                        group_lr=cfg.group_lr)
+                                                        group_lr=cfg.group_lr, loss=cfg.loss)
                 record["folded_layers"] = fold(out)
                 record["into"] = near
             elif cfg.fusion == "merge" and cfg.neighbours > 0:
