@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from modelpress.data import probes
 from modelpress.quantize.fakequant import QuantConv2d, QuantLinear, forward_all
 from modelpress.quantize.quantizers import UniformQuantizer
+from modelpress.system import release_freed_memory
 
 
 def _grid_quant(w: torch.Tensor, scale: torch.Tensor, q: UniformQuantizer) -> torch.Tensor:
@@ -278,6 +279,8 @@ def reconstruct(
                 errors[n] = float(num / den)
                 hs[i] = h = None  # this layer's Hessian is done with
                 del w0, wq, d
+            del hs
+            release_freed_memory()  # the stage's Hessians and activations, freed: not stacked under the next stage
         for n, held in pending.items():
             _set_weight(layers[n], _release(held))
         errors = {n: errors[n] for n in layers if n in errors}  # forward order, as one stage gave it
