@@ -417,7 +417,7 @@ def headline(name: str, rows: dict[str, Any], counts: dict[str, int]) -> dict[st
 def table(result: dict[str, Any]) -> list[str]:
     lines = []
     for name, res in result["models"].items():
-        if "variants" not in res:
+        if "variants" not in res or name not in PRIMARY:  # earlier runs' rows kept under other keys
             continue
         key, _ = PRIMARY[name]
         extra = {"lm": "perplexity", "minilm": "fidelity_min", "vit": "agreement"}[name]
