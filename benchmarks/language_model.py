@@ -790,6 +790,19 @@ def _decoder_quality(path: Path, rows, reference_logp) -> dict[str, float]:  # n
     return {"next_token_kl": kl / count, "top1_agreement": agree / count, "perplexity": float(np.exp(nll / count))}
 
 
+def _option(text: str) -> Any:
+    """A recipe option value from the command line: true/false, a number, or the text."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C901
     """The generation peers' table on the stdlib Llama (``modelpress.train.stdlib_llama``)."""
     import numpy as np
@@ -877,6 +890,12 @@ def run_llama(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001, C90
     else:
         info["ours-w8a8"] = {"description": LLAMA_DESCRIPTIONS["ours-w8a8"], "status": "skipped", "reason": "--no-w8a8"}
     record("ours-int4", ours(WeightOnlyPass(recipe_options("int4-weight-only", "quantize.weight_only")), "ours-int4"))
+    for extra in args.int4_variant or []:  # e.g. symmetric=true,head_bits=4: the recipe with options changed
+        changes = {k: _option(v) for k, v in (kv.split("=", 1) for kv in extra.split(","))}
+        name = "ours-int4 " + extra
+        LLAMA_DESCRIPTIONS[name] = f"{LLAMA_DESCRIPTIONS['ours-int4']}; changed: {extra}"
+        record(name, ours(WeightOnlyPass({**recipe_options("int4-weight-only", "quantize.weight_only"), **changes}),
+                          name.replace(" ", "_").replace("=", "-").replace(",", "_")))
     if "fp32" in paths:
         record("ort-rtn", lambda: (_ort_rtn_decoder(paths["fp32"], tmp / "ort-rtn" / "decoder.onnx"), {}))
     record("genai-int4", lambda: (_genai_builder(lm.path, tmp / "genai-int4"), {}))
@@ -987,6 +1006,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the generation peers' table on the stdlib Llama (modelpress.train.stdlib_llama) instead; "
                         "writes results/language_model_llama.json unless --out")
     parser.add_argument("--no-w8a8", action="store_true", help="--llama: skip our W8A8 (the slowest to build)")
+    parser.add_argument("--int4-variant", action="append", metavar="K=V[,K=V]",
+                        help="--llama: also our int4-weight-only recipe with these pass options changed (repeatable), "
+                        "e.g. symmetric=true or head_bits=4")
     parser.add_argument("--no-llama-cpp", action="store_true", help="--llama: skip llama.cpp Q4_K_M")
     parser.add_argument(
         "--llama-cpp-src", type=Path,
