@@ -47,3 +47,26 @@ def test_move_self_contained(tmp_path):
     assert external_data_files(src) == []
     dst = move_onnx(src, tmp_path / "b.onnx")
     assert not src.exists() and onnx_file_size(dst) == dst.stat().st_size
+
+
+def test_copy_keeps_the_external_data_and_the_source(tmp_path):
+    """The CLI's output folder gets the model with its data file (named after the copy), the work copy untouched."""
+    from modelpress.export.files import copy_onnx
+
+    src = tmp_path / "a" / "work.onnx"
+    src.parent.mkdir()
+    w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save_model(helper.make_model(graph), str(src), save_as_external_data=True, location="work.onnx.data",
+                    size_threshold=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = copy_onnx(src, out / "model.onnx")
+    assert [p.name for p in external_data_files(dst)] == ["model.onnx.data"]
+    assert (src.parent / "work.onnx.data").exists() and external_data_files(src)
+    x = np.ones((1, 64), dtype=np.float32)
+    y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5)

@@ -76,7 +76,9 @@ def run_recipe(
             raise
         with rep.step("writing the output folder"):
             saving.write_into(result.graph, tmp)
-            shutil.copyfile(result.onnx_path, tmp / "model.onnx")
+            from modelpress.export.files import copy_onnx
+
+            copy_onnx(result.onnx_path, tmp / "model.onnx")  # with its external data, if any
             if result.decoder is not None:  # causal LMs: the cached decoder, runnable under ONNX Runtime GenAI
                 _write_decoder(result, graph, tmp)
             report = result.report

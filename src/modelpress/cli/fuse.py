@@ -91,7 +91,9 @@ def fuse(
         result = Pipeline(recipe).run(graph, ctx, measure=False)
         with rep.step("writing the output folder"):
             saving.write_into(result.graph, tmp)
-            shutil.copyfile(result.onnx_path, tmp / "model.onnx")
+            from modelpress.export.files import copy_onnx
+
+            copy_onnx(result.onnx_path, tmp / "model.onnx")  # with its external data, if any
             report = result.report
             report["fusion"] = report["passes"][0]
             report["data"] = getattr(task_data, "description", str(data))

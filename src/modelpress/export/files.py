@@ -80,6 +80,33 @@ def move_onnx(src: os.PathLike | str, dst: os.PathLike | str) -> Path:
     return dst
 
 
+def copy_onnx(src: os.PathLike | str, dst: os.PathLike | str) -> Path:
+    """Copy an ONNX model to ``dst`` with its external data (one data file named after ``dst``), loading no
+    tensor; ``src`` stays as it was."""
+    import shutil
+
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    old_data = external_data_files(src)
+    if not old_data:
+        shutil.copyfile(src, dst)
+        return dst
+    if len(old_data) > 1:  # several data files: one, named after the destination (loads the tensors)
+        model = onnx.load(str(src), load_external_data=True)
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)
+        return dst
+    model = onnx.load(str(src), load_external_data=False)
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = dst.name + ".data"
+    shutil.copyfile(old_data[0], dst.parent / (dst.name + ".data"))
+    onnx.save_model(model, str(dst))
+    return dst
+
+
 def _external_tensors(model: object) -> list:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
