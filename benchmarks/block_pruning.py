@@ -179,6 +179,18 @@ SETUPS = {"minilm": setup_minilm, "vit": setup_vit, "lm": setup_lm}
 # --------------------------------------------------------------------------------------------- variants
 
 
+def _plain_recovery(ctx: Any, graph: Any, cal: Any, steps: int) -> tuple[Any, Any, float]:
+    """A copy of ``graph`` recovered by ``ctx.recover`` (the whole model, ``steps`` steps at RECOVER_LR on the
+    calibration batches) and evaluated: (evaluation, recover report, seconds)."""
+    t0 = time.perf_counter()
+    g = graph.copy()
+    batch = int(cal.batches[0][next(iter(cal.batches[0]))].shape[0])
+    with quiet():
+        rec = ctx.recover(g, steps=steps, lr=RECOVER_LR, data=cal, batch_size=batch)
+        ev = ctx.evaluate(g)
+    return ev, rec, time.perf_counter() - t0
+
+
 def _row(res: Any, quality: dict[str, Any], seconds: float, options: dict[str, Any]) -> dict[str, Any]:
     return {"options": options, "removed": res.metrics["removed_blocks"], "blocks": res.metrics["blocks_after"],
             "params": res.metrics["params_after"], "quality": quality, "seconds": round(seconds, 1),
@@ -243,13 +255,8 @@ def run_model(name: str, args, tmp: Path, reporter, save=None) -> dict[str, Any]
             reporter.log(f"{name} {key}: removed {res.metrics['removed_blocks']} {_primary(name, ev.metrics)}")
             checkpoint()
             if vname == "mi" and (not args.variants or "mi+recover" in args.variants):
-                t0 = time.perf_counter()
-                g = res.graph.copy()
-                batch = int(cal.batches[0][next(iter(cal.batches[0]))].shape[0])
-                with quiet():
-                    rec = ctx.recover(g, steps=steps * n, lr=RECOVER_LR, data=cal, batch_size=batch)
-                    ev = ctx.evaluate(g)
-                rows[f"mi+recover@{n}"] = {**_row(res, ev.metrics, time.perf_counter() - t0 + rows[key]["seconds"],
+                ev, rec, seconds = _plain_recovery(ctx, res.graph, cal, steps * n)
+                rows[f"mi+recover@{n}"] = {**_row(res, ev.metrics, seconds + rows[key]["seconds"],
                                                   {**options, "recover_steps": steps * n, "recover_lr": RECOVER_LR}),
                                            "recover": rec, "run": args.label}
                 reporter.log(f"{name} mi+recover@{n}: {_primary(name, ev.metrics)}")
@@ -340,15 +347,10 @@ def run_sweep(name: str, args, tmp: Path, reporter, save) -> dict[str, Any]:  # 
                 for lr in args.sweep_lrs:
                     _sweep_fuse(name, out, graph, ctx, base, steps, lr, loss, reporter, save)
             continue
-        t0 = time.perf_counter()
-        g = direct.graph.copy()
-        batch = int(cal.batches[0][next(iter(cal.batches[0]))].shape[0])
-        with quiet():
-            rec = ctx.recover(g, steps=steps * n, lr=RECOVER_LR, data=cal, batch_size=batch)
-            ev = ctx.evaluate(g)
+        ev, rec, seconds = _plain_recovery(ctx, direct.graph, cal, steps * n)
         out["rows"][f"mi+recover|steps={steps}"] = {"steps_per_block": steps, "recover_lr": RECOVER_LR,
                                                     "quality": ev.metrics, "recover": rec,
-                                                    "seconds": round(time.perf_counter() - t0, 1)}
+                                                    "seconds": round(seconds, 1)}
         reporter.log(f"{name} sweep mi+recover steps={steps}: {_primary(name, ev.metrics)}")
         save(out)
         for loss in args.sweep_losses:

@@ -441,12 +441,10 @@ def main() -> None:
 
 
 def _available_bytes() -> int:
-    """The machine's available memory (``MemAvailable``)."""
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """The machine's available memory (``MemAvailable``; 0 where unknown)."""
+    from modelpress.system import available_memory
+
+    return available_memory() or 0
 
 
 def _watch(child: subprocess.Popen, min_free_gib: float) -> tuple[str, int | None]:

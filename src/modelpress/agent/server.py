@@ -35,7 +35,7 @@ from modelpress.agent.measure import BadRequest, parse_request, run_measurement
 from modelpress.agent.protocol import API
 from modelpress.agent.store import Store, UploadError
 from modelpress.errors import ModelpressError
-from modelpress.system import cpu_count, system_info
+from modelpress.system import available_memory, cpu_count, system_info
 
 MAX_REQUEST_BYTES = 4 * 2**20  # a measurement request's JSON (the files go through PUT)
 
@@ -64,17 +64,6 @@ class _State:
         self.waiting = 0
         self.measurements = 0
         self.refused = 0
-
-
-def _memory_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _accelerators(providers: list[str]) -> list[str]:
@@ -114,7 +103,7 @@ def create_app(settings: AgentSettings, store: Store) -> Any:
             "agent": "modelpress", "api": API, "device": settings.name, "providers": available,
             "default_providers": list(settings.providers), "default_threads": settings.threads,
             "max_threads": max(cpu_count(), settings.threads), "max_upload_bytes": store.max_upload,
-            "memory_available_bytes": _memory_available(), "busy": state.busy, "waiting": state.waiting,
+            "memory_available_bytes": available_memory(), "busy": state.busy, "waiting": state.waiting,
             "measurements": state.measurements, "refused": state.refused, "uploads": store.uploads,
             "files": len(store.kinds), "system": system,
         })
