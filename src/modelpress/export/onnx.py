@@ -15,12 +15,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import logging
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from modelpress.errors import ModelpressError
+from modelpress.export.builders import build_candidate
 from modelpress.export.files import move_onnx, onnx_file_size
 from modelpress.export.streamed import STREAM_MIN_BYTES, export_streamed, weight_bytes
 from modelpress.export.verify import DEFAULT_RTOL, Verification, compare_onnx, torch_reference
@@ -38,7 +38,6 @@ from modelpress.graph.inputs import InputSpec
 from modelpress.graph.run import PrimaryOutput, eval_mode
 from modelpress.progress import QUIET, Reporter
 from modelpress.system import available_memory, release_freed_memory
-from modelpress.targets import cpu_session
 
 
 class CandidateTimer(Protocol):
@@ -75,6 +74,7 @@ class Candidate:
     build_seconds: float | None = None
     verification: Verification | None = None
     error: str | None = None
+    build_process_peak_bytes: int | None = None  # peak resident set of the child process that built it, if any
 
 
 @dataclass
@@ -226,78 +226,6 @@ def _torch_export(module: nn.Module, input_spec: InputSpec, path: Path, opset: i
                 torch.onnx.export(wrapped, args, str(path), input_names=list(input_spec.names), **kwargs)
 
 
-@contextlib.contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """Silence third-party optimizer logging and prints for the duration (it warns about every fusion)."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
-
-
-def _build_ort(src: Path, dst: Path) -> None:
-    """ONNX Runtime's offline graph optimization (extended level: portable, no hardware-specific layouts)."""
-    cpu_session(src, level="extended", optimized_path=dst)
-
-
-def _build_transformer(src: Path, dst: Path, model_type: str, heads: list[int], sizes: list[int]) -> None:
-    """ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm, BiasGelu... fusions).
-
-    ``heads`` and ``sizes`` are the head count and head width of every attention module. The optimizer
-    takes one head count: with one head width it gets the first layer's (its fusion needs a count
-    wherever the export reshapes to [.., -1, head_size]), and after non-uniform head pruning every fused
-    Attention node then gets its own count, its Q width over the head width. With several head widths
-    it gets none and fuses only where the export states the count.
-    """
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    one_size = len(set(sizes)) == 1 and sizes[0] > 0
-    num_heads, hidden = (heads[0], heads[0] * sizes[0]) if one_size else (0, 0)
-    with _quiet_logs():
-        model = optimize_model(
-            str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden, use_gpu=False
-        )
-        if one_size and len(set(heads)) > 1:
-            _set_attention_heads(model.model, sizes[0])
-        model.save_model_to_file(str(dst))
-
-
-def _set_attention_heads(model: Any, head_size: int) -> None:
-    """Give every fused Attention node the head count its packed QKV weight holds (Q width / head width)."""
-    from onnx import numpy_helper
-
-    initializers = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        attrs = {a.name: a for a in node.attribute}
-        if "num_heads" not in attrs:
-            continue
-        if node.op_type != "Attention" or len(node.input) < 2 or node.input[1] not in initializers:
-            raise ModelpressError(
-                f"cannot read the head count of the fused {node.op_type} node {node.name!r}",
-                "the layers have different head counts; use optimize='ort' or 'none'",
-            )
-        if "qkv_hidden_sizes" in attrs:
-            q_width = int(attrs["qkv_hidden_sizes"].ints[0])
-        else:
-            q_width = int(numpy_helper.to_array(initializers[node.input[1]]).shape[-1]) // 3
-        if q_width % head_size:
-            raise ModelpressError(f"fused {node.name!r}: Q width {q_width} is not a multiple of head size {head_size}")
-        attrs["num_heads"].i = q_width // head_size
-
-
-def _build_onnxslim(src: Path, dst: Path) -> None:
-    import onnx
-    import onnxslim
-
-    with _quiet_logs():
-        model = onnxslim.slim(str(src))
-    onnx.save(model, str(dst))
-
-
 def onnxslim_available() -> bool:
     try:
         import onnxslim  # noqa: F401
@@ -381,30 +309,29 @@ def export_onnx(
         names = [n for n in OPTIMIZATIONS if _applicable(n, model_type)] if optimize == "auto" else [optimize]
         candidates: dict[str, Candidate] = {}
         paths: dict[str, Path] = {}
-        heads, sizes = adapters.attention_heads(module), adapters.head_sizes(module)
-        builders: dict[str, Callable[[Path, Path], None]] = {
-            "ort": _build_ort,
-            "transformer": lambda s, d: _build_transformer(s, d, model_type or "bert", heads, sizes),
-            "onnxslim": _build_onnxslim,
-        }
+        options = {"model_type": model_type or "bert", "heads": adapters.attention_heads(module),
+                   "sizes": adapters.head_sizes(module)}
         for name in names:
             t0 = time.perf_counter()
             dst = workdir / f"{name}.onnx"
             try:
+                child_peak = None
                 if name != "none":
                     _check_memory(name, plain)
                     with reporter.step(f"building candidate {name!r}"):
-                        builders[name](plain, dst)
-                    # ORT's transformer optimizer leaves model copies in reference cycles (2.2 GB on BERT-base,
-                    # measured): freed before the next candidate, not stacked under its peak
-                    gc.collect()
-                    release_freed_memory()
+                        child_peak = build_candidate(name, plain, dst, **options)
+                    if child_peak is None:
+                        # ORT's transformer optimizer leaves model copies in reference cycles (2.2 GB on BERT-base,
+                        # measured): freed before the next candidate, not stacked under its peak
+                        gc.collect()
+                        release_freed_memory()
                     # ORT's "extended" level writes its own ops (e.g. SimplifiedLayerNormalization on Llama) into
                     # the ONNX domain, where onnx.checker refuses them: such a file is no candidate
                     _check(dst)
                 paths[name] = plain if name == "none" else dst
                 candidates[name] = Candidate(
-                    name, build_seconds=time.perf_counter() - t0, file_size_bytes=onnx_file_size(paths[name])
+                    name, build_seconds=time.perf_counter() - t0, file_size_bytes=onnx_file_size(paths[name]),
+                    build_process_peak_bytes=child_peak,
                 )
             except Exception as exc:
                 if optimize != "auto" and isinstance(exc, ModelpressError):

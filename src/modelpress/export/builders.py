@@ -1,0 +1,164 @@
+"""Builders of the optimized export candidates: ONNX Runtime's offline optimization, its transformer optimizer
+and onnxslim, each from the plain exported file to a new file. Torch-free.
+
+A large model's candidates are built in a child process (``python -m modelpress.export.builders``): the
+builders load the whole graph and copy it several times (ONNX Runtime's transformer optimizer peaks near 9x
+the file on BERT-base), and the memory they free stays resident in the process that ran them (glibc keeps it,
+``malloc_trim`` returns only part), so in-process every later step of a ``prune`` or ``compress`` stacked its
+own peak on top of that leftover (5-6x BERT-base's weights). A child returns all of it when it exits. Small
+models build in-process: a child costs about a second of imports per candidate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import resource
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from modelpress.errors import ModelpressError
+
+__all__ = ["BUILDERS", "OUT_OF_PROCESS_MIN_BYTES", "build_candidate"]
+
+BUILDERS = ("ort", "transformer", "onnxslim")
+# models whose exported file reaches this size build their candidates in a child process (the streamed export's
+# threshold: a model large enough to stream its weights is large enough for a builder's copies to matter)
+OUT_OF_PROCESS_MIN_BYTES = 256 * 2**20
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Silence the optimizers' logging and warnings (ORT's fusion statistics, onnxslim's banners)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _build_ort(src: Path, dst: Path) -> None:
+    """ONNX Runtime's offline graph optimization (extended level: portable, no hardware-specific layouts)."""
+    from modelpress.targets import cpu_session
+
+    cpu_session(src, level="extended", optimized_path=dst)
+
+
+def _build_transformer(src: Path, dst: Path, model_type: str, heads: Sequence[int], sizes: Sequence[int]) -> None:
+    """ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm, BiasGelu... fusions).
+
+    ``heads`` and ``sizes`` are the head count and head width of every attention module. The optimizer
+    takes one head count: with one head width it gets the first layer's (its fusion needs a count
+    wherever the export reshapes to [.., -1, head_size]), and after non-uniform head pruning every fused
+    Attention node then gets its own count, its Q width over the head width. With several head widths
+    it gets none and fuses only where the export states the count.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    one_size = len(set(sizes)) == 1 and sizes[0] > 0
+    num_heads, hidden = (heads[0], heads[0] * sizes[0]) if one_size else (0, 0)
+    with _quiet_logs():
+        model = optimize_model(
+            str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden, use_gpu=False
+        )
+        if one_size and len(set(heads)) > 1:
+            _set_attention_heads(model.model, sizes[0])
+        model.save_model_to_file(str(dst))
+
+
+def _set_attention_heads(model: Any, head_size: int) -> None:
+    """Give every fused Attention node the head count its packed QKV weight holds (Q width / head width)."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if "num_heads" not in attrs:
+            continue
+        if node.op_type != "Attention" or len(node.input) < 2 or node.input[1] not in initializers:
+            raise ModelpressError(
+                f"cannot read the head count of the fused {node.op_type} node {node.name!r}",
+                "the layers have different head counts; use optimize='ort' or 'none'",
+            )
+        if "qkv_hidden_sizes" in attrs:
+            q_width = int(attrs["qkv_hidden_sizes"].ints[0])
+        else:
+            q_width = int(numpy_helper.to_array(initializers[node.input[1]]).shape[-1]) // 3
+        if q_width % head_size:
+            raise ModelpressError(f"fused {node.name!r}: Q width {q_width} is not a multiple of head size {head_size}")
+        attrs["num_heads"].i = q_width // head_size
+
+
+def _build_onnxslim(src: Path, dst: Path) -> None:
+    import onnx
+    import onnxslim
+
+    with _quiet_logs():
+        model = onnxslim.slim(str(src))
+    onnx.save(model, str(dst))
+
+
+def _build_here(name: str, src: Path, dst: Path, options: dict[str, Any]) -> None:
+    if name == "ort":
+        _build_ort(src, dst)
+    elif name == "transformer":
+        _build_transformer(src, dst, options.get("model_type") or "bert", options.get("heads", ()),
+                           options.get("sizes", ()))
+    elif name == "onnxslim":
+        _build_onnxslim(src, dst)
+    else:
+        raise ModelpressError(f"unknown export candidate {name!r}", f"use one of: {', '.join(BUILDERS)}")
+
+
+def build_candidate(name: str, src: Path | str, dst: Path | str, *, isolated: bool | None = None,
+                    **options: Any) -> int | None:
+    """Build candidate ``name`` (one of :data:`BUILDERS`) from the plain export ``src`` into ``dst``.
+
+    ``options``: ``model_type``, ``heads`` and ``sizes`` for the transformer optimizer. ``isolated``: build
+    in a child process (None: when ``src`` is at least :data:`OUT_OF_PROCESS_MIN_BYTES` with its external
+    data). Returns the child's peak resident set in bytes, or None when built in this process. A failed child
+    raises ModelpressError with the last line it printed.
+    """
+    from modelpress.export.files import onnx_file_size
+
+    src, dst = Path(src), Path(dst)
+    if isolated is None:
+        isolated = onnx_file_size(src) >= OUT_OF_PROCESS_MIN_BYTES
+    if not isolated:
+        _build_here(name, src, dst, options)
+        return None
+    request = json.dumps({"name": name, "src": str(src), "dst": str(dst), "options": options})
+    done = subprocess.run([sys.executable, "-m", "modelpress.export.builders", request],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        why = lines[-1] if lines else f"exit status {done.returncode}"
+        if done.returncode < 0:
+            why = f"killed by signal {-done.returncode} (out of memory?)"
+        raise ModelpressError(f"building the {name!r} candidate failed in its own process: {why}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Child entry: build one candidate from a JSON request, print the child's peak resident set as JSON."""
+    request = json.loads((sys.argv[1:] if argv is None else list(argv))[0])
+    try:
+        _build_here(request["name"], Path(request["src"]), Path(request["dst"]), request.get("options", {}))
+    except Exception as exc:  # the parent reports it as the candidate's failure
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    print(json.dumps({"peak_rss_bytes": peak}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Export candidates built in a child process (what a large model's export does): the same files as built in this
+process, the child's peak reported, a failing child named in a short error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from modelpress.errors import ModelpressError
+from modelpress.export import builders, export_onnx
+
+
+def _ops_and_weights(path) -> tuple[list[str], dict[str, bytes]]:  # noqa: ANN001
+    model = onnx.load(str(path))
+    return [n.op_type for n in model.graph.node], {t.name: t.SerializeToString() for t in model.graph.initializer}
+
+
+def test_a_candidate_built_in_a_child_equals_one_built_here(tiny_bert, tmp_path) -> None:  # noqa: ANN001
+    model, spec = tiny_bert
+    plain = tmp_path / "plain.onnx"
+    export_onnx(model, spec, plain, optimize="none")
+    options = {"model_type": "bert", "heads": [4, 4], "sizes": [8, 8]}
+    here, child = tmp_path / "here.onnx", tmp_path / "child.onnx"
+    assert builders.build_candidate("transformer", plain, here, isolated=False, **options) is None
+    peak = builders.build_candidate("transformer", plain, child, isolated=True, **options)
+    assert peak is not None and peak > 10 * 2**20  # a real process's resident set
+    ops, weights = _ops_and_weights(child)
+    assert "Attention" in ops  # the fusion ran
+    assert (ops, weights) == _ops_and_weights(here)
+
+
+def test_export_builds_large_models_candidates_in_a_child(tiny_bert, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    model, spec = tiny_bert
+    monkeypatch.setattr(builders, "OUT_OF_PROCESS_MIN_BYTES", 0)  # every model counts as large
+    result = export_onnx(model, spec, tmp_path / "bert.onnx", optimize="transformer")
+    assert result.candidates["transformer"].build_process_peak_bytes > 0
+    assert result.verification.ok and result.to_dict()["candidates"]["transformer"]["build_process_peak_bytes"] > 0
+
+
+def test_a_failing_child_is_a_short_error(tmp_path) -> None:  # noqa: ANN001
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelpressError, match="'onnxslim' candidate failed in its own process: .+") as err:
+        builders.build_candidate("onnxslim", bad, tmp_path / "out.onnx", isolated=True)
+    assert "Traceback" not in str(err.value) and len(str(err.value).splitlines()) <= 2
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_child_needs_no_torch() -> None:
+    code = "import sys, modelpress.export.builders; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
