@@ -205,3 +205,38 @@ def test_sub_8bit_activations_export_exactly_in_8bit_containers(tmp_path: Path, 
     check = verify_qdq(path, model, text_batches(n=2, seed=5))
     assert check["min_cosine"] > 0.999 and check["relative_error"] < 0.03, check
     assert integer_kernel_count(ort_kernels(path)) >= 2 * 6
+
+
+def test_streamed_qdq_export_is_the_same_model(tmp_path: Path, monkeypatch):
+    """A large model's QDQ export traces without its parameters (``stream``): the graph ONNX Runtime runs, its
+    outputs and its int8 weights are those of torch's own export. Models of ``STREAM_MIN_BYTES`` stream."""
+    import onnxruntime as ort
+
+    import modelpress.quantize.qdq as qdq
+
+    streamed = []
+    real = qdq.export_streamed
+    monkeypatch.setattr(qdq, "export_streamed", lambda *a, **k: streamed.append(1) or real(*a, **k))
+
+    model = tiny_bert()
+    batches = text_batches(n=3)
+    quantize_model(model, batches, _pairs(model), RepQConfig(**FAST, attention=True, probs="uniform"))
+    paths = {s: export_qdq(model, batches[0], tmp_path / f"s{int(s)}.onnx", stream=s) for s in (False, True)}
+    assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob("*.raw*"))  # one self-contained file each
+    assert ort_kernels(paths[True]) == ort_kernels(paths[False])
+    feed = {k: v.numpy() for k, v in text_batches(n=1, seed=5)[0].items()}
+    outs = [ort.InferenceSession(str(paths[s]), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            for s in (False, True)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    inits = {s: onnx.load(str(paths[s])).graph.initializer for s in (False, True)}
+    int8 = {s: sorted(numpy_helper.to_array(t).tobytes() for t in inits[s] if t.data_type == onnx.TensorProto.INT8)
+            for s in (False, True)}
+    assert int8[True] == int8[False] and len(int8[True]) >= 12
+    floats = {s: sum(numpy_helper.to_array(t).size for t in inits[s] if t.data_type == onnx.TensorProto.FLOAT)
+              for s in (False, True)}
+    assert floats[True] == floats[False]  # the same float tensors (biases, norms, embeddings), no more
+    assert len(streamed) == 1
+    export_qdq(model, batches[0], tmp_path / "auto.onnx")  # a small model: torch's own export
+    monkeypatch.setattr(qdq, "STREAM_MIN_BYTES", 0)
+    export_qdq(model, batches[0], tmp_path / "large.onnx")  # "large": streamed
+    assert len(streamed) == 2

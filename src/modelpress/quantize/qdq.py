@@ -39,6 +39,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from modelpress.export.streamed import STREAM_MIN_BYTES, export_streamed, weight_bytes
 from modelpress.export.verify import compare_onnx
 from modelpress.graph.run import PrimaryOutput, eval_mode, run_primary
 
@@ -68,6 +69,7 @@ def export_qdq(
     ort_fusion: bool = True,
     log_form: str = "uniform",
     custom_opsets: dict[str, int] | None = None,
+    stream: bool | None = None,
 ) -> Path:
     """Export the fake-quant ``model`` to a QDQ ONNX file at ``path`` (one output: the primary output).
 
@@ -79,6 +81,10 @@ def export_qdq(
     log-sqrt2 attention-probability quantizers export, which ONNX cannot express as QDQ ("uniform": 8-bit
     QDQ, integer kernels; "simulate": exact levels in float ops; see ``quantizers.LOG_FORMS``).
     ``custom_opsets``: contrib domains the traced graph uses (``{"com.microsoft": 1}`` for MatMulNBits).
+    ``stream``: trace without the parameters and write the float tensors the graph reads from the live model
+    (``export.streamed``; the quantized weights are the graph's int8 constants either way), instead of torch's
+    exporter holding its copies of every float weight, quantized or not (None: for models of at least
+    ``STREAM_MIN_BYTES``).
     """
     from modelpress.quantize.quantizers import export_mode
 
@@ -104,23 +110,18 @@ def export_qdq(
             contextlib.redirect_stdout(io.StringIO()),
         ):
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapped,
-                args,
-                str(raw),
-                input_names=names,
-                output_names=["output"],
-                dynamic_axes={**dynamic_axes, "output": {0: "batch"}},
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-                custom_opsets=custom_opsets,
-            )
+            kwargs = {"output_names": ["output"], "dynamic_axes": {**dynamic_axes, "output": {0: "batch"}},
+                      "opset_version": opset, "dynamo": False, "custom_opsets": custom_opsets}
+            if stream if stream is not None else weight_bytes(model) >= STREAM_MIN_BYTES:
+                export_streamed(wrapped, args, raw, input_names=names, **kwargs)
+            else:
+                torch.onnx.export(wrapped, args, str(raw), input_names=names, do_constant_folding=True, **kwargs)
     finally:
         for cfg, impl in changed:
             cfg._attn_implementation = impl
     m = onnx.load(str(raw))
     raw.unlink(missing_ok=True)
+    raw.with_name(raw.name + ".data").unlink(missing_ok=True)
     cleanup(m)
     if ort_fusion:
         fuse_for_ort(m)
