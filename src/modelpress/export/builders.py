@@ -24,7 +24,7 @@ from typing import Any
 
 from modelpress.errors import ModelpressError
 
-__all__ = ["BUILDERS", "OUT_OF_PROCESS_MIN_BYTES", "build_candidate"]
+__all__ = ["BUILDERS", "OUT_OF_PROCESS_MIN_BYTES", "build_candidate", "check_onnx"]
 
 BUILDERS = ("ort", "transformer", "onnxslim")
 # models whose exported file reaches this size build their candidates in a child process (the streamed export's
@@ -106,7 +106,26 @@ def _build_onnxslim(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
+def check_onnx(path: Path | str) -> None:
+    """``onnx.checker`` on the file at ``path`` (it parses the whole model: about twice the file's bytes at its
+    peak), as a ModelpressError."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises ValidationError and friends
+        raise ModelpressError(f"the exported ONNX model fails onnx.checker: {exc}") from exc
+
+
 def _build_here(name: str, src: Path, dst: Path, options: dict[str, Any]) -> None:
+    """Build and check candidate ``name`` (ORT's "extended" level writes its own ops, e.g.
+    SimplifiedLayerNormalization on Llama, into the ONNX domain, where onnx.checker refuses them: such a file
+    is no candidate)."""
+    _build_one(name, src, dst, options)
+    check_onnx(dst)
+
+
+def _build_one(name: str, src: Path, dst: Path, options: dict[str, Any]) -> None:
     if name == "ort":
         _build_ort(src, dst)
     elif name == "transformer":
@@ -120,7 +139,8 @@ def _build_here(name: str, src: Path, dst: Path, options: dict[str, Any]) -> Non
 
 def build_candidate(name: str, src: Path | str, dst: Path | str, *, isolated: bool | None = None,
                     **options: Any) -> int | None:
-    """Build candidate ``name`` (one of :data:`BUILDERS`) from the plain export ``src`` into ``dst``.
+    """Build candidate ``name`` (one of :data:`BUILDERS`) from the plain export ``src`` into ``dst``, and check it
+    with onnx.checker (in the child too: the check parses the whole file).
 
     ``options``: ``model_type``, ``heads`` and ``sizes`` for the transformer optimizer. ``isolated``: build
     in a child process (None: when ``src`` is at least :data:`OUT_OF_PROCESS_MIN_BYTES` with its external

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.export.builders import build_candidate
+from modelpress.export.builders import build_candidate, check_onnx
 from modelpress.export.files import move_onnx, onnx_file_size
 from modelpress.export.streamed import STREAM_MIN_BYTES, export_streamed, weight_bytes
 from modelpress.export.verify import DEFAULT_RTOL, Verification, compare_onnx, torch_reference
@@ -234,15 +234,6 @@ def onnxslim_available() -> bool:
     return True
 
 
-def _check(path: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:  # onnx raises ValidationError and friends
-        raise ModelpressError(f"the exported ONNX model fails onnx.checker: {exc}") from exc
-
-
 # ------------------------------------------------------------------------------------------- export
 
 
@@ -304,7 +295,7 @@ def export_onnx(
                     f"torch.onnx.export failed: {type(exc).__name__}: {exc}",
                     "check that the model runs on the input spec's sample inputs",
                 ) from exc
-        _check(plain)
+        check_onnx(plain)
 
         names = [n for n in OPTIMIZATIONS if _applicable(n, model_type)] if optimize == "auto" else [optimize]
         candidates: dict[str, Candidate] = {}
@@ -325,9 +316,6 @@ def export_onnx(
                         # measured): freed before the next candidate, not stacked under its peak
                         gc.collect()
                         release_freed_memory()
-                    # ORT's "extended" level writes its own ops (e.g. SimplifiedLayerNormalization on Llama) into
-                    # the ONNX domain, where onnx.checker refuses them: such a file is no candidate
-                    _check(dst)
                 paths[name] = plain if name == "none" else dst
                 candidates[name] = Candidate(
                     name, build_seconds=time.perf_counter() - t0, file_size_bytes=onnx_file_size(paths[name]),
@@ -372,7 +360,6 @@ def export_onnx(
                     f"the ONNX export ({chosen}) does not match torch: {v.describe()}",
                     "loosen atol/min_cosine for quantized models, or try optimize='none'",
                 )
-        _check(paths[chosen])
         move_onnx(paths[chosen], path)
         reporter.log(f"wrote {path} (optimization: {chosen})")
         return ExportResult(
