@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from modelpress.errors import ModelpressError
+from modelpress.system import release_freed_memory
 from modelpress.targets import Target
 
 Shape = tuple[int, int | None]  # (batch, sequence length or None)
@@ -128,6 +129,7 @@ def interleave(
             cpu_samples[name][shape].extend(cpu)
         del run
         gc.collect()
+        release_freed_memory()  # the session's freed weights, before the next variant's session stacks on them
     return samples, cpu_samples
 
 
