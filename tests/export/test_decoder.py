@@ -174,3 +174,27 @@ def test_a_tied_head_is_stored_once(tmp_path):
     assert len(vocab_sized) == 1
     weights = sum(p.numel() for p in model.parameters()) * 4
     assert result.file_size_bytes < weights + 128 * 1024  # the weights once plus the graph; a head copy is 250 KB
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_large_decoder_streams_its_weights_once(tmp_path, monkeypatch, family):
+    """A decoder of ``STREAM_MIN_BYTES`` or more is traced without its weights, which go from the live tensors to
+    ``decoder.onnx.data`` unfolded (a tied head stays one tensor), and it still generates torch's tokens; the
+    fused form's rewrite loads and saves the pair again (one file when small)."""
+    import onnx
+
+    import modelpress.export.decoder as decoder
+
+    monkeypatch.setattr(decoder, "STREAM_MIN_BYTES", 0)
+    model = causal_lm(family)
+    plain = export_decoder(model, tmp_path / "plain" / "decoder.onnx", fused=False)
+    assert plain.verification.ok
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    graph = onnx.load(str(plain.path), load_external_data=False).graph
+    assert not [i.name for i in graph.input if i.name not in plain.layout.input_names]  # weights are initializers
+    vocab_sized = [i for i in graph.initializer if 1000 in i.dims]
+    assert len(vocab_sized) == (1 if family == "llama" else 2)  # tied: one tensor; qwen2: embedding and head
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    assert (tmp_path / "plain" / "decoder.onnx.data").stat().st_size < weights + 64 * 1024
+    fused = export_decoder(model, tmp_path / "fused" / "decoder.onnx", fused=True)
+    assert fused.verification.ok and sorted(p.name for p in (tmp_path / "fused").iterdir()) == ["decoder.onnx"]

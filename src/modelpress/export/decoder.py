@@ -37,6 +37,7 @@ from torch import nn
 from modelpress.errors import ModelpressError
 from modelpress.export.files import move_onnx, onnx_file_size
 from modelpress.export.onnx import attention_implementation
+from modelpress.export.streamed import STREAM_MIN_BYTES, export_streamed, weight_bytes
 from modelpress.graph.run import accepts_kwarg, eval_mode
 from modelpress.progress import QUIET, Reporter
 from modelpress.targets import cpu_session
@@ -308,15 +309,16 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
     with (eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
           torch.inference_mode(False), torch.no_grad(), lowered, fused_attention(forwards)):
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, args, str(path), input_names=names_in, output_names=layout.output_names,
-            # no constant folding: folding writes the transposed copy of every Linear weight, and of a tied
-            # embedding/LM head that is a second vocabulary-sized tensor in the file (27M Llama: 124 MB file
-            # vs 107 MB of weights); ONNX Runtime folds the transposes at session creation, and the unfolded
-            # file decoded as fast (21.6 vs 21.9 ms/token, 1 thread, interleaved)
-            dynamic_axes=axes, opset_version=opset, do_constant_folding=False, dynamo=False,
-            **({"custom_opsets": opsets} if opsets else {}),
-        )
+        # no constant folding: folding writes the transposed copy of every Linear weight, and of a tied
+        # embedding/LM head that is a second vocabulary-sized tensor in the file (27M Llama: 124 MB file
+        # vs 107 MB of weights); ONNX Runtime folds the transposes at session creation, and the unfolded
+        # file decoded as fast (21.6 vs 21.9 ms/token, 1 thread, interleaved)
+        kwargs = {"output_names": layout.output_names, "dynamic_axes": axes, "opset_version": opset, "dynamo": False,
+                  **({"custom_opsets": opsets} if opsets else {})}
+        if weight_bytes(module) >= STREAM_MIN_BYTES:  # torch's exporter would hold ~3 more copies of the weights
+            export_streamed(wrapper, args, path, input_names=names_in, fold_transposes=False, **kwargs)
+        else:
+            torch.onnx.export(wrapper, args, str(path), input_names=names_in, do_constant_folding=False, **kwargs)
     if fused or (lowering is not None and lowering.postprocess is not None):
         import onnx
 
@@ -351,10 +353,10 @@ def _save_onnx(model: Any, path: Path) -> None:
 
     tmp = path.with_name(path.stem + ".partial.onnx")
     large = model.ByteSize() > 2**31 - 2**26
-    for old in [path.with_name(path.name + ".data")] if large else []:
-        old.unlink(missing_ok=True)
+    data = path.with_name(path.name + ".data")  # a streamed export's, already loaded into ``model``
+    data.unlink(missing_ok=True)
     onnx.save(model, str(tmp), save_as_external_data=large, all_tensors_to_one_file=True,
-              location=path.name + ".data" if large else None)
+              location=data.name if large else None)
     tmp.replace(path)
 
 

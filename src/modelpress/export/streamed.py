@@ -58,10 +58,13 @@ def _is_swap(node: Any) -> bool:
     return not perm or perm[0] == [1, 0]
 
 
-def export_streamed(module: nn.Module, args: tuple, path: Path | str, *, input_names: list[str], **kwargs: Any) -> None:
+def export_streamed(module: nn.Module, args: tuple, path: Path | str, *, input_names: list[str],
+                    fold_transposes: bool = True, **kwargs: Any) -> None:
     """``torch.onnx.export(module, args, path, input_names=..., **kwargs)`` with the weights written from the live
     tensors into ``<path>.data`` (external data), never held as a second copy. ``kwargs`` go to the exporter
-    (``export_params`` and ``do_constant_folding`` are set here)."""
+    (``export_params`` and ``do_constant_folding`` are set here). ``fold_transposes``: write a transposed 2-D
+    weight as its own initializer, as constant folding would (False: keep the Transpose nodes, as the decoder
+    export does, so that a tied embedding and LM head stay one tensor)."""
     import onnx
 
     path = Path(path)
@@ -106,7 +109,7 @@ def export_streamed(module: nn.Module, args: tuple, path: Path | str, *, input_n
         for value in weights:
             t = tensors[value.name]
             nodes = readers.get(value.name, [])
-            swaps = [n for n in nodes if n.op_type == "Transpose" and t.dim() == 2 and _is_swap(n)]
+            swaps = [n for n in nodes if fold_transposes and n.op_type == "Transpose" and t.dim() == 2 and _is_swap(n)]
             for node in swaps:  # what constant folding does: the transposed weight as an initializer
                 write(node.output[0], t.detach().t())
                 folded.append(node)
