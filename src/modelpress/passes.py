@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from modelpress.errors import ModelpressError
 from modelpress.progress import QUIET, Reporter
+from modelpress.system import release_freed_memory
 
 if TYPE_CHECKING:
     from modelpress.bench.runner import BenchReport
@@ -254,6 +255,7 @@ class Context:
             path = Path(candidate)
             metrics = self.task.evaluate(onnx_runner(path, threads=threads), None, self.evaluation,
                                          reference_outputs=reference)
+            release_freed_memory()  # the session's weights, freed: not left under the next step's peak
             return Evaluation(metrics, path)
         if torch_only:
             from modelpress.data import torch_runner
@@ -267,6 +269,7 @@ class Context:
         path = Path(exported.path)
         metrics = self.task.evaluate(onnx_runner(path, threads=threads), None, self.evaluation,
                                      reference_outputs=reference)
+        release_freed_memory()
         return Evaluation(metrics, path, exported)
 
     def measure(
