@@ -1,5 +1,5 @@
-"""Export candidates built in a child process (what a large model's export does): the same files as built in this
-process, the child's peak reported, a failing child named in a short error."""
+"""Export candidates built in a child process (what a large model's export does): the same model as built in this
+process, its tensors in external data, the child's peak reported, a failing child named in a short error."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from modelpress.errors import ModelpressError
 from modelpress.export import builders, export_onnx
 
 
-def _ops_and_weights(path) -> tuple[list[str], dict[str, bytes]]:  # noqa: ANN001
+def _ops_and_weights(path) -> tuple[list[str], dict[str, tuple]]:  # noqa: ANN001
     model = onnx.load(str(path))
-    return [n.op_type for n in model.graph.node], {t.name: t.SerializeToString() for t in model.graph.initializer}
+    from onnx import numpy_helper
+
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [n.op_type for n in model.graph.node], {k: (a.dtype.str, a.shape, a.tobytes()) for k, a in arrays.items()}
 
 
 def test_a_candidate_built_in_a_child_equals_one_built_here(tiny_bert, tmp_path) -> None:  # noqa: ANN001
@@ -27,6 +30,7 @@ def test_a_candidate_built_in_a_child_equals_one_built_here(tiny_bert, tmp_path)
     assert builders.build_candidate("transformer", plain, here, isolated=False, **options) is None
     peak = builders.build_candidate("transformer", plain, child, isolated=True, **options)
     assert peak is not None and peak > 10 * 2**20  # a real process's resident set
+    assert (tmp_path / "child.onnx.data").is_file() and not (tmp_path / "here.onnx.data").exists()  # large: external
     ops, weights = _ops_and_weights(child)
     assert "Attention" in ops  # the fusion ran
     assert (ops, weights) == _ops_and_weights(here)
