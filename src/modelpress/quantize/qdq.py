@@ -105,6 +105,7 @@ def export_qdq(
     try:
         with (
             eval_mode(model),
+            torch.no_grad(),  # else every fake-quantized weight the trace computes is kept for a backward
             export_mode(activation_dtype, channel_quantize, log_form),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
