@@ -35,7 +35,8 @@ _NOT_FINGERPRINTED = {"checkpoint_every", "checkpoint_dir", "resume", "evaluate"
 class RecoverConfig(PassConfig):
     """Budget (``steps`` and/or ``minutes``, whichever ends first), AdamW (``lr``, ``weight_decay``,
     ``warmup`` steps of linear warm-up, then cosine decay over ``steps``, or a constant rate when only
-    ``minutes`` are given), ``grad_clip``, ``batch_size``; distillation: ``temperature`` (logits),
+    ``minutes`` are given), ``grad_clip``, ``batch_size``, ``group_by_length`` (text: each batch of sentences of
+    similar length, so less padding); distillation: ``temperature`` (logits),
     ``label_weight`` (0: label-free; > 0 mixes in the labels' cross-entropy, the data must have labels),
     ``loss`` and ``mse_weight`` for encoders (see ``EmbeddingTask.distillation``), ``dropout`` (False: the
     student trains in eval mode, like the teacher). Checkpoints every ``checkpoint_every`` steps into
@@ -52,6 +53,7 @@ class RecoverConfig(PassConfig):
     weight_decay: float = Field(default=0.01, ge=0)
     warmup: int | None = Field(default=None, ge=0)  # None: 10% of steps, at most 100 (20 for minutes alone)
     batch_size: int = Field(default=32, ge=1)
+    group_by_length: bool = False
     grad_clip: float | None = Field(default=1.0, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     label_weight: float = Field(default=0.0, ge=0, le=1)
@@ -90,6 +92,7 @@ class RecoverConfig(PassConfig):
             warmup_steps=warmup,
             grad_clip=self.grad_clip,
             batch_size=self.batch_size,
+            group_by_length=self.group_by_length,
             seed=seed,
             temperature=self.temperature,
             label_weight=self.label_weight,

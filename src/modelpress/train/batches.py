@@ -7,14 +7,17 @@ import torch
 from modelpress.data.sources import DataSplit
 from modelpress.errors import ModelpressError
 
-__all__ = ["Samples"]
+__all__ = ["GROUP_BATCHES", "Samples"]
+
+GROUP_BATCHES = 50  # batches per length-sorted chunk when batches are grouped by length (as HF's megabatches)
 
 
 class Samples:
     """Every sample of a :class:`DataSplit` as one tensor per input (plus ``labels`` when the split has them).
 
     Text batches padded to different lengths are right-padded with zeros (``attention_mask`` 0) to one
-    length; :meth:`batch` trims each training batch back to its longest sequence.
+    length; :meth:`batch` trims each training batch back to its longest sequence, and :meth:`epoch_order` can
+    put sequences of similar length together so that little is padded.
     """
 
     def __init__(self, split: DataSplit) -> None:
@@ -35,6 +38,35 @@ class Samples:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """Every sample's length (its last attention-mask token + 1), or None for data without a 2-D mask."""
+        mask = self.tensors.get("attention_mask")
+        if mask is None or mask.ndim != 2:
+            return None
+        used = mask.ne(0)
+        positions = torch.arange(1, mask.shape[1] + 1).expand_as(used)
+        return (positions * used).amax(dim=1)
+
+    def epoch_order(self, generator: torch.Generator, batch_size: int, group_by_length: bool = False) -> torch.Tensor:
+        """One epoch's sample order: a seeded random permutation; with ``group_by_length`` (text only), each run
+        of ``GROUP_BATCHES`` batches of it is sorted by length and cut into batches, and the full batches are
+        shuffled (the one short batch, if any, stays last), so a batch pads to about its own samples' length
+        and the order stays random from batch to batch. Without grouping it draws exactly what it always did."""
+        order = torch.randperm(self.n, generator=generator)
+        lengths = self.lengths if group_by_length else None
+        if lengths is None:
+            return order
+        chunk = batch_size * GROUP_BATCHES
+        batches: list[torch.Tensor] = []
+        for start in range(0, self.n, chunk):
+            part = order[start : start + chunk]
+            part = part[torch.sort(lengths[part], descending=True, stable=True).indices]
+            batches.extend(part.split(batch_size))
+        tail = [batches.pop()] if len(batches[-1]) < batch_size else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return torch.cat(shuffled + tail)
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The samples at ``index`` (plus ``"labels"``), padding columns no sample uses removed."""

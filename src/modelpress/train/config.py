@@ -33,6 +33,8 @@ class TrainConfig(BaseModel):
     the loss when the data has labels (0: pure distillation; without a teacher only labels are used).
     ``dropout=False`` trains the student in eval mode: no dropout and frozen BatchNorm statistics, the usual
     choice when recovering a pruned model towards its original (the student then matches the teacher's mode).
+    ``group_by_length`` (text): each batch is drawn from samples of similar length, so it pads to little more
+    than its own samples (:meth:`modelpress.train.batches.Samples.epoch_order`); the order stays seeded.
     ``hidden_weight`` > 0 adds hidden-state distillation (the normalized MSE of matched block outputs, see
     :mod:`modelpress.train.distill`; :data:`DEFAULT_HIDDEN_WEIGHT` is what recovery uses).
     ``teacher_cache``: the teacher's targets are computed once per training sample and reused every epoch, in
@@ -52,6 +54,7 @@ class TrainConfig(BaseModel):
     schedule_steps: int | None = Field(default=None, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0)  # max global gradient norm; None: no clipping
     batch_size: int = Field(default=16, ge=1)
+    group_by_length: bool = False  # text: batches of similar lengths (less padding; Samples.epoch_order)
     seed: int = Field(default=0, ge=0)
     temperature: float = Field(default=1.0, gt=0)
     label_weight: float = Field(default=0.0, ge=0, le=1)
@@ -107,6 +110,7 @@ RECIPE_FIELDS = (
     "schedule_steps",
     "grad_clip",
     "batch_size",
+    "group_by_length",
     "seed",
     "temperature",
     "label_weight",

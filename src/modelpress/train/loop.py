@@ -325,7 +325,7 @@ class _Loop:
         """One optimizer step on the next batch; returns its loss."""
         n, size = len(self.samples), self.config.batch_size
         if state.order is None or state.position >= n:
-            state.order = torch.randperm(n, generator=generator)
+            state.order = self.samples.epoch_order(generator, size, self.config.group_by_length)
             state.position = 0
             state.epoch += 1
             if state.epoch == 1:
@@ -386,7 +386,7 @@ def _train_split(data: DataSplit | TaskData) -> DataSplit:
 
 
 # recipe fields added after checkpoints were first written, with the value older checkpoints trained with
-_ADDED_FIELDS: dict[str, Any] = {"dropout": True, "hidden_weight": 0.0}
+_ADDED_FIELDS: dict[str, Any] = {"dropout": True, "hidden_weight": 0.0, "group_by_length": False}
 
 
 def _task_meta(task: Task) -> dict[str, Any]:
