@@ -180,7 +180,7 @@ def test_a_tied_head_is_stored_once(tmp_path):
 def test_a_large_decoder_streams_its_weights_once(tmp_path, monkeypatch, family):
     """A decoder of ``STREAM_MIN_BYTES`` or more is traced without its weights, which go from the live tensors to
     ``decoder.onnx.data`` unfolded (a tied head stays one tensor), and it still generates torch's tokens; the
-    fused form's rewrite loads and saves the pair again (one file when small)."""
+    fused form's graph rewrite leaves the weights in their data file (never loaded)."""
     import onnx
 
     import modelpress.export.decoder as decoder
@@ -196,5 +196,7 @@ def test_a_large_decoder_streams_its_weights_once(tmp_path, monkeypatch, family)
     assert len(vocab_sized) == (1 if family == "llama" else 2)  # tied: one tensor; qwen2: embedding and head
     weights = sum(p.numel() for p in model.parameters()) * 4
     assert (tmp_path / "plain" / "decoder.onnx.data").stat().st_size < weights + 64 * 1024
-    fused = export_decoder(model, tmp_path / "fused" / "decoder.onnx", fused=True)
-    assert fused.verification.ok and sorted(p.name for p in (tmp_path / "fused").iterdir()) == ["decoder.onnx"]
+    fused = export_decoder(model, tmp_path / "fused" / "decoder.onnx", fused=True)  # graph rewritten, data kept
+    assert fused.verification.ok
+    assert sorted(p.name for p in (tmp_path / "fused").iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(fused.path), load_external_data=False).graph.node}

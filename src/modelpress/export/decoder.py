@@ -322,7 +322,10 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
     if fused or (lowering is not None and lowering.postprocess is not None):
         import onnx
 
-        model = onnx.load(str(path))
+        # the fused form's rewrites edit the graph only: a streamed export's weights stay in their data file
+        graph_only = lowering is None or lowering.postprocess is None
+        in_place = graph_only and path.with_name(path.name + ".data").is_file()
+        model = onnx.load(str(path), load_external_data=not in_place)
         if fused:
             del model.graph.value_info[:]  # the tracer's guesses around the contrib ops; ONNX Runtime infers its own
             drop_empty_inputs(model)
@@ -330,7 +333,12 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
             _static_output_dims(model, layout)
         if lowering is not None and lowering.postprocess is not None:
             lowering.postprocess(model)
-        _save_onnx(model, path)
+        if in_place:  # the graph alone, its tensors still pointing into <path>.data
+            tmp = path.with_name(path.stem + ".partial.onnx")
+            onnx.save(model, str(tmp))
+            tmp.replace(path)
+        else:
+            _save_onnx(model, path)
 
 
 def _static_output_dims(model: Any, layout: DecoderLayout) -> None:
