@@ -184,6 +184,19 @@ def build_candidate(name: str, src: Path | str, dst: Path | str, *, isolated: bo
     return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
 
 
+def _own_peak() -> int:
+    """This process's peak resident set: ``VmHWM`` (ru_maxrss survives exec on Linux, so a child started from a
+    large parent would report the parent's size at the fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Child entry: build one candidate from a JSON request, print the child's peak resident set as JSON."""
     request = json.loads((sys.argv[1:] if argv is None else list(argv))[0])
@@ -192,8 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the parent reports it as the candidate's failure
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    print(json.dumps({"peak_rss_bytes": peak}))
+    print(json.dumps({"peak_rss_bytes": _own_peak()}))
     return 0
 
 
