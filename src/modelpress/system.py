@@ -136,8 +136,12 @@ def release_freed_memory() -> bool:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_LARGE_BLOCK = 4 << 20  # from this size up, blocks are mapped on their own and unmapped when freed
+# from this size up, blocks are mapped on their own and unmapped when freed: BERT-base's matrices (2.25 MiB and
+# 9 MiB) and activations are above it; 4 MiB left the 2.25 MiB ones on the heap (QDQ export's trace: +550 MiB
+# resident against +160 MiB at 1 MiB, benchmarks/pruning_memory.py)
+_LARGE_BLOCK = 1 << 20
 _DYNAMIC_CEILING = 32 << 20  # where glibc's dynamic threshold ends up on 64-bit after freeing large blocks
+_threshold: int | None = None  # what this process set (None: glibc's dynamic default)
 
 
 def _mallopt() -> Any:
@@ -151,26 +155,57 @@ def _mallopt() -> Any:
         return None
 
 
+def _set_threshold(value: int | None) -> bool:
+    global _threshold
+    mallopt = _mallopt()
+    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_CEILING if value is None else value):
+        return False
+    _threshold = value
+    return True
+
+
+def unmap_large_blocks(threshold: int = _LARGE_BLOCK) -> bool:
+    """From now on, in this process, blocks of ``threshold`` bytes and more get their own mapping, returned to
+    the system when freed (glibc's ``M_MMAP_THRESHOLD``, fixed; returns False and changes nothing elsewhere).
+
+    glibc raises its mmap threshold to 32 MiB once a large block is freed; after that every tensor below 32
+    MiB comes from the heap and, freed, stays resident, so each step's peak stacks on the freed tensors of
+    the steps before. Measured on a random-weight BERT-base (418 MiB of weights): torch's trace of the QDQ
+    export kept 1.1 GiB resident with the dynamic threshold and 160 MiB at 1 MiB. The ``modelpress``
+    command sets it at start (``MODELPRESS_MALLOC=default`` keeps glibc's behaviour). Mapping costs page
+    faults on each large allocation; timed inference runs under :func:`heap_allocations`."""
+    return _set_threshold(threshold)
+
+
 @contextlib.contextmanager
 def large_blocks_unmapped() -> Iterator[bool]:
-    """While inside, tensors of 4 MiB and more get their own mapping, returned to the system when freed
-    (glibc's ``M_MMAP_THRESHOLD``; yields False and changes nothing elsewhere).
-
-    glibc raises its mmap threshold to 32 MiB once a large block is freed, after which a model's activations
-    and gradients (a few MiB each) come from the heap and, freed, stay resident: on BERT-base the saliency
-    backward kept 330 MiB resident against 215 MiB with this. Mapping costs page faults per allocation, so it
-    is meant for memory-bound steps (pruning a model), not timed inference. On exit the threshold is set to
-    the dynamic threshold's ceiling (the value it reaches in a long run anyway)."""
-    mallopt = _mallopt()
-    if mallopt is None:
+    """While inside, blocks of 1 MiB and more get their own mapping (:func:`unmap_large_blocks`); on exit the
+    process's earlier setting comes back and the freed heap is trimmed. Yields False (and changes nothing)
+    where glibc's ``mallopt`` is not available. On BERT-base the saliency backward kept 330 MiB resident
+    without it against 215 MiB with it (at 4 MiB)."""
+    before = _threshold
+    if not _set_threshold(_LARGE_BLOCK if before is None else min(before, _LARGE_BLOCK)):
         yield False
         return
-    mallopt(_M_MMAP_THRESHOLD, _LARGE_BLOCK)
     try:
         yield True
     finally:
         release_freed_memory()
-        mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_CEILING)
+        _set_threshold(before)
+
+
+@contextlib.contextmanager
+def heap_allocations() -> Iterator[None]:
+    """While inside, glibc serves blocks below 32 MiB from its heap (no page faults per allocation: what a
+    timed inference loop should see); on exit the process's earlier setting comes back, after a trim."""
+    before = _threshold
+    changed = before is not None and _set_threshold(None)
+    try:
+        yield
+    finally:
+        if changed:
+            release_freed_memory()
+            _set_threshold(before)
 
 
 def available_memory() -> int | None:

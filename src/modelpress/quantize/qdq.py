@@ -126,8 +126,9 @@ def export_qdq(
     cleanup(m)
     if ort_fusion:
         fuse_for_ort(m)
-    onnx.checker.check_model(m)
     onnx.save(m, str(path))
+    del m  # the checker parses the file on its own: the model is not held twice (BERT-base: -0.4 GiB at the peak)
+    onnx.checker.check_model(str(path))
     return path
 
 

@@ -397,9 +397,8 @@ def _weight_dq_function(spec: dict) -> type[torch.autograd.Function]:
     class WeightDQ(torch.autograd.Function):
         @staticmethod
         def forward(ctx, w, sc):  # noqa: ANN001, ANN205
-            lo, hi = spec["range"]
-            wq = torch.clamp(torch.round(w / sc), lo, hi) * sc
-            return wq.t() if spec["transpose"] else wq
+            shape = (w.shape[1], w.shape[0]) if spec["transpose"] else w.shape
+            return w.new_zeros(()).expand(shape)
 
         @staticmethod
         def symbolic(g, w, sc):  # noqa: ANN001, ANN205
