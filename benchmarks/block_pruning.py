@@ -77,7 +77,7 @@ BASELINES: dict[str, dict[str, Any]] = {
     "mi": {"importance": "mi", "fusion": "none"},
     "mi-merge": {"importance": "mi", "fusion": "merge"},
 }
-FUSEGPT: dict[str, Any] = {"importance": "mi", "fusion": "learned", "finetune_steps": FINETUNE_STEPS}
+FUSEGPT: dict[str, Any] = {"importance": "mi", "fusion": "learned", "finetune_steps": FINETUNE_STEPS, "tune_group": False}
 GROUP_LR = 1e-3  # the group tuning's learning rate: best of 1e-4, 3e-4, 1e-3 on MiniLM and of 1e-5, 1e-4, 1e-3 on the
 # stdlib Llama (the authors' 9.65e-6 is for 7B-parameter LLaMA)
 LOSS = "mse"  # the group distillation loss (kl-batch: the authors')

@@ -125,7 +125,7 @@ def test_group_tuning_starts_at_plain_fusion_and_folds_exactly(gpt2, tmp_path):
     fold(fused)
     assert not any("parametrizations" in n for n, _ in fused.module.named_parameters())
     torch.testing.assert_close(fused.forward(x), tuned, atol=1e-5, rtol=1e-5)
-    cfg = {"target_blocks": 0.25, "fusion": "learned", "finetune_steps": 8, "lr": 0.01}
+    cfg = {"target_blocks": 0.25, "fusion": "learned", "finetune_steps": 8, "lr": 0.01, "tune_group": False}
     coefficients = FuseBlocks(cfg).apply(graph, _context(tmp_path)).metrics["steps"][0]["finetune"]
     whole = FuseBlocks({**cfg, "tune_group": True, "group_lr": 0.01}).apply(graph, _context(tmp_path))
     assert whole.metrics["steps"][0]["finetune"]["loss_end"] < coefficients["loss_end"]

@@ -37,13 +37,15 @@ class FuseBlocksConfig(PassConfig):
     # FuseGPT's group: the authors' default --group-size 8 counts the removed block, so 7 neighbours (fewer
     # where the container has fewer blocks)
     neighbours: int = Field(7, ge=0)
-    finetune_steps: int = Field(20, ge=0)
+    finetune_steps: int = Field(30, ge=0)
     lr: float = Field(1e-3, gt=0.0)
     rank: int = Field(8, ge=1)  # of the fusion coefficient matrices (the authors use 128 on 4096-wide LLaMA)
     # the authors' group tuning beside the fusion coefficients: the neighbours' norms and biases and a low-rank delta
     # on each neighbour matrix (folded into the dense weights), at their own learning rate (1e-3: the best of 1e-4,
-    # 3e-4, 1e-3 on MiniLM and of 1e-5, 1e-4, 1e-3 on the stdlib Llama, 30 steps per block, benchmarks/block_pruning.py)
-    tune_group: bool = False
+    # 3e-4, 1e-3 on MiniLM and of 1e-5, 1e-4, 1e-3 on the stdlib Llama, 30 steps per block, benchmarks/block_pruning.py).
+    # On by default: 2 of 6 blocks removed, MiniLM 0.909 mean cosine with it against 0.873 without, the stdlib Llama
+    # next-token KL 0.0035 against 0.031; the digits ViT the same accuracy either way
+    tune_group: bool = True
     group_rank: int = Field(8, ge=1)
     group_lr: float = Field(1e-3, gt=0.0)
     # the group distillation loss: mse (normalized MSE of the group's output hidden state) or kl-batch (the authors'
