@@ -240,3 +240,15 @@ def test_streamed_qdq_export_is_the_same_model(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(qdq, "STREAM_MIN_BYTES", 0)
     export_qdq(model, batches[0], tmp_path / "large.onnx")  # "large": streamed
     assert len(streamed) == 2
+    # tensors above SMALL_ELEMS (BERT-base's int8 codes and embeddings) stay in the data file, never loaded whole:
+    # here every weight matrix; the model runs the same from the file and its data
+    monkeypatch.setattr(qdq, "SMALL_ELEMS", 256)
+    big = export_qdq(model, batches[0], tmp_path / "big.onnx", stream=True)
+    assert sorted(p.name for p in tmp_path.glob("big*")) == ["big.onnx", "big.onnx.data"]
+    graph = onnx.load(str(big), load_external_data=False).graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert sum(t.data_type == onnx.TensorProto.INT8 for t in external) >= 12
+    assert all(np.prod(t.dims) > 256 for t in external)
+    session = ort.InferenceSession(str(big), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feed)[0], outs[0])
+    assert ort_kernels(big) == ort_kernels(paths[False])

@@ -11,6 +11,7 @@ is the one the folded export gives. Peak: one tensor's transposed copy.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,14 @@ def _is_swap(node: Any) -> bool:
 
 
 def export_streamed(module: nn.Module, args: tuple, path: Path | str, *, input_names: list[str],
-                    fold_transposes: bool = True, **kwargs: Any) -> None:
+                    fold_transposes: bool = True, constants_min_elems: int = 0, **kwargs: Any) -> None:
     """``torch.onnx.export(module, args, path, input_names=..., **kwargs)`` with the weights written from the live
     tensors into ``<path>.data`` (external data), never held as a second copy. ``kwargs`` go to the exporter
     (``export_params`` and ``do_constant_folding`` are set here). ``fold_transposes``: write a transposed 2-D
     weight as its own initializer, as constant folding would (False: keep the Transpose nodes, as the decoder
-    export does, so that a tied embedding and LM head stay one tensor)."""
+    export does, so that a tied embedding and LM head stay one tensor). ``constants_min_elems``: Constant nodes of
+    at least that many elements (a QDQ export's int8 weight codes) go to the data file too, as initializers named
+    by the node's output (0: Constants stay in the graph)."""
     import onnx
 
     path = Path(path)
@@ -115,6 +118,16 @@ def export_streamed(module: nn.Module, args: tuple, path: Path | str, *, input_n
                 folded.append(node)
             if len(swaps) < len(nodes) or not nodes:
                 write(value.name, t)
+        if constants_min_elems:
+            from onnx import numpy_helper
+
+            for node in list(graph.node):
+                if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
+                    continue
+                value = node.attribute[0].t
+                if math.prod(value.dims) >= constants_min_elems:
+                    write(node.output[0], torch.from_numpy(numpy_helper.to_array(value).copy()))
+                    folded.append(node)
     for node in folded:
         graph.node.remove(node)
     kept = [i for i in graph.input if i.name in set(input_names)]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from modelpress.export.files import move_onnx
 from modelpress.export.streamed import STREAM_MIN_BYTES, export_streamed, weight_bytes
 from modelpress.export.verify import compare_onnx
 from modelpress.graph.run import PrimaryOutput, eval_mode, run_primary
@@ -113,26 +115,50 @@ def export_qdq(
             warnings.simplefilter("ignore")
             kwargs = {"output_names": ["output"], "dynamic_axes": {**dynamic_axes, "output": {0: "batch"}},
                       "opset_version": opset, "dynamo": False, "custom_opsets": custom_opsets}
-            if stream if stream is not None else weight_bytes(model) >= STREAM_MIN_BYTES:
-                export_streamed(wrapped, args, raw, input_names=names, **kwargs)
+            streamed = stream if stream is not None else weight_bytes(model) >= STREAM_MIN_BYTES
+            if streamed:
+                export_streamed(wrapped, args, raw, input_names=names, constants_min_elems=SMALL_ELEMS + 1, **kwargs)
             else:
                 torch.onnx.export(wrapped, args, str(raw), input_names=names, do_constant_folding=True, **kwargs)
     finally:
         for cfg, impl in changed:
             cfg._attn_implementation = impl
-    m = onnx.load(str(raw))
-    raw.unlink(missing_ok=True)
-    raw.with_name(raw.name + ".data").unlink(missing_ok=True)
+    if streamed:  # the graph and its small tensors only: the weights stay in their data file, moved with it
+        m = onnx.load(str(raw), load_external_data=False)
+        _load_small_tensors(m, raw.parent)
+    else:
+        m = onnx.load(str(raw))
     cleanup(m)
     if ort_fusion:
         fuse_for_ort(m)
-    onnx.save(m, str(path))
+    if streamed:
+        onnx.save(m, str(raw))
+        move_onnx(raw, path)  # with its data file where tensors stayed there
+        raw.with_name(raw.name + ".data").unlink(missing_ok=True)
+    else:
+        raw.unlink(missing_ok=True)
+        onnx.save(m, str(path))
     del m  # the checker parses the file on its own: the model is not held twice (BERT-base: -0.4 GiB at the peak)
     onnx.checker.check_model(str(path))
     return path
 
 
+def _load_small_tensors(m: onnx.ModelProto, base: Path) -> None:
+    """Read into the graph the external initializers of at most ``SMALL_ELEMS`` elements (scales, zero points,
+    biases, norms): what ``cleanup`` and ``fuse_for_ort`` look at; the large ones stay in the data file."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for t in m.graph.initializer:
+        if uses_external_data(t) and math.prod(t.dims) <= SMALL_ELEMS:
+            load_external_data_for_tensor(t, str(base))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+
+
 # ------------------------------------------------------------------------------------------ graph cleanup
+SMALL_ELEMS = 1 << 16  # initializers up to this size are merged when identical (and read into a streamed graph)
+
+
 def _constants_to_initializers(g: onnx.GraphProto) -> None:
     keep = []
     for n in g.node:
@@ -147,15 +173,15 @@ def _constants_to_initializers(g: onnx.GraphProto) -> None:
     g.node.extend(keep)
 
 
-def _dedupe_initializers(g: onnx.GraphProto, max_elems: int = 1 << 16) -> None:
+def _dedupe_initializers(g: onnx.GraphProto, max_elems: int | None = None) -> None:
     canon: dict[tuple, str] = {}
     rename: dict[str, str] = {}
     keep = []
     for t in g.initializer:
-        arr = numpy_helper.to_array(t)
-        if arr.size > max_elems:
+        if math.prod(t.dims) > (SMALL_ELEMS if max_elems is None else max_elems) or t.data_location == t.EXTERNAL:
             keep.append(t)
             continue
+        arr = numpy_helper.to_array(t)
         key = (t.data_type, tuple(arr.shape), hashlib.sha1(arr.tobytes()).hexdigest())
         if key in canon:
             rename[t.name] = canon[key]
@@ -359,7 +385,7 @@ def ort_kernels(path: Path | str, workdir: Path | str | None = None) -> Counter:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         opt = Path(tmp) / "optimized.onnx"
         ort_session(path, optimized_path=opt)
-        m = onnx.load(str(opt))
+        m = onnx.load(str(opt), load_external_data=False)  # the op types only (a large model's weights stay out)
     return Counter(n.op_type for n in m.graph.node)
 
 
