@@ -163,7 +163,9 @@ def test_extract_checks_latency_against_the_search(searched, tmp_path, monkeypat
     shutil.copytree(tmp / "full", run, ignore=shutil.ignore_patterns("work", "candidates"))
     point = full["pareto"][0]
     rows = json.loads((run / "measurements.json").read_text())
-    rows[config_key(point["config"])].update(rounds_vs_float=[2.00, 2.04, 1.98], rounds_vs_int8=[1.25, 1.27, 1.24])
+    searched_row = rows[config_key(point["config"])]  # the search timed the point against both references
+    assert len(searched_row["rounds_vs_float"]) == len(searched_row["rounds_vs_int8"]) == 2
+    searched_row.update(rounds_vs_float=[2.00, 2.04, 1.98], rounds_vs_int8=[1.25, 1.27, 1.24])
     (run / "measurements.json").write_text(json.dumps(rows))
     fresh: dict[str, list[float]] = {}
     calls: list[dict] = []
