@@ -120,13 +120,16 @@ def test_extract_a_point(searched, full_ev, capsys) -> None:  # noqa: ANN001
     reported = full["baselines"]["reference_ms"] / front[k]["objectives"]["latency"]
     assert reported == pytest.approx(float(np.median(searched_rounds)), rel=1e-9)
     # and extraction timed the file it wrote in fresh rounds interleaved with the run's full float and full INT8
-    # models. How close those rounds come to the search's own is a timing claim, checked by benchmarks/search.py,
-    # not here: on a shared 2-core machine two rounds of a test-sized model spread from 0.99x to 1.55x (CI).
+    # models. Whether those rounds reproduce the search's own is a statistical check over rounds
+    # (latency_check; tested with chosen rounds in test_extract_checks_latency_against_the_search); what it says
+    # here depends on the machine's load, so it is not asserted: on a shared 2-core machine two rounds of a
+    # test-sized model spread from 0.99x to 1.55x (CI).
     fresh = out["point"]["measured_at_extraction"]["rounds_vs_float"]
     assert len(fresh) == full_ev.settings.rounds >= 2
     assert all(np.isfinite(r) and r > 0 for r in fresh), fresh
-    assert json.loads((tmp / "chosen" / "search_point.json").read_text())["measured_at_extraction"][
-        "rounds_vs_float"] == fresh
+    written = json.loads((tmp / "chosen" / "search_point.json").read_text())
+    assert written["measured_at_extraction"]["rounds_vs_float"] == fresh
+    assert written["latency_check"]["verdict"] in ("consistent", "inconsistent", "undecided")
 
 
 class _FakeReport:
