@@ -25,9 +25,43 @@ tau on the random candidates (held out); what reconstruction cost per point; the
 fine-tuning (same evaluation budget; the fine-tuning steps are stated). Every search measures its anchors first
 (full float and INT8, the smallest and uniform-width INT8 sub-networks), within its budget.
 
+Extraction check (``extraction_check`` per search run): the search's best point (best measured speedup over full
+INT8 within 1% of its quality, else its fastest measured point) is extracted as ``modelpress search extract``
+writes it, timed again in ``--rounds`` fresh rounds interleaved with full float and full INT8, and those rounds
+are compared with the rounds the search measured for the point (Welch t on log per-round speedups, a 5% floor:
+``modelpress.search.consistency``): the verdict, the statistic, p-value and interval of fresh over searched,
+per reference. ``builds`` counts the sub-networks each part built (each cut one is reconstructed).
+
+Time: about 60-65 minutes on 2 quiet cores for a full default run (the earlier 40 minutes predate reconstruction
+of every evaluated point; at the earlier budgets, 48 / 32 evaluations and 1000 / 600 InstaTune steps, the same
+arithmetic gives about 2.5 hours). Reconstruction dominates, so the arithmetic counts sub-networks built. Per built
+point, measured here with this benchmark's settings (quality only, one process, 2 threads, 10-12 points with
+their anchors; a shared machine at load 4-5 where the process got about one core, so the quiet figure is its CPU
+time over 1.2 for the ViT's small ops and 1.7 for MiniLM's matmuls, the parallel share 2 threads reached):
+
+- digits ViT: 14.5 s wall = 14.5 CPU-s a point (two runs of 12: reconstruction 1-48 s of it), quiet ~12 s;
+  InstaTune 0.31 CPU-s a step (100 steps), quiet ~0.25 s (0.225 s in the earlier quiet run);
+- MiniLM: 28.6 s a point on average, 42.6 s a cut random point (reconstruction 8-72 s), quiet ~25 s;
+  InstaTune 4.3 CPU-s a step (20 steps, hidden-state distillation on), quiet ~2.5 s (1.9 s without it earlier).
+
+Built per part with budget B (each method B evaluations, uniform widths at most B distinct, fronts about 5
+points on the ViT's three objectives and 4 on MiniLM's two): the searches' B each, the fronts each search times
+at its end (about 3 beyond its timed anchors), random B, uniform, DyNAS-T B (ViT), every method's front again
+in the one interleaved run, 2 extractions:
+
+- ViT, B = 12: 4 x 12 + 7 + 2 x 3 + 5 x 5 + 2 = 88 builds x 12 s = 18 min; InstaTune 500 x 0.25 s = 2 min;
+  timing (precision table, fronts at 5 rounds), the searches' set-up, DyNAS-T's proposals: about 8 min. 28 min.
+- MiniLM, B = 12: 3 x 12 + 5 + 2 x 2 + 4 x 4 + 2 = 63 builds x 25 s = 26 min; InstaTune 150 x 2.5 s = 6 min;
+  timing and set-up about 6 min (its block latency table cached; building it is extra). 38 min.
+
+So B = 12 on both (anchors 6 and 5 of them, then 2-3 random, then one LINAS batch of 4) is what an hour holds;
+each 4 more evaluations per method add about 4 minutes on the ViT (4 methods x 4 x 12 s) and 5 on MiniLM
+(3 x 4 x 25 s), and MiniLM's earlier 600 InstaTune steps about 19 minutes (``--budget``, ``--minilm-budget``,
+``--minilm-tune-steps``). ``part_seconds`` in the JSON says what a run took.
+
 Writes benchmarks/results/search.json (and search.png when matplotlib is importable).
 
-    python benchmarks/search.py                      # vit + minilm + dynast (about 40 minutes on 2 quiet cores)
+    python benchmarks/search.py                      # vit + minilm + dynast (about an hour on 2 quiet cores)
     python benchmarks/search.py --quick              # smoke run: tiny budgets
     python benchmarks/search.py --parts vit          # a subset (merged into the JSON)
 """
@@ -148,7 +182,38 @@ def measure_fronts(fronts: dict[str, list[tuple[Any, dict, dict]]], ev, bases: d
                          **({"size": values["size"]} if "size" in values else {})})
         out[method] = rows
     out["__baselines__"] = [{"name": n, "latency_measured_ms": ms[n]["median_ms"]} for n in bases]
+    out["__exported__"] = len(files)  # each one more reconstruction
     return out
+
+
+def extraction_check(run: Path, summary: dict[str, Any], out: Path, rounds: int, reporter) -> dict[str, Any]:  # noqa: ANN001
+    """The search's best point extracted as a user extracts it (``modelpress search extract``): the written ONNX
+    timed in ``rounds`` fresh rounds interleaved with full float and full INT8, and those rounds checked against
+    the rounds the search measured for the point (Welch t on log speedups, modelpress.search.consistency).
+    The point: the best measured speedup over full INT8 within 1% of its quality, else the front's fastest
+    measured point over full INT8."""
+    from modelpress.search.outputs import extract
+    from modelpress.search.space import config_key
+
+    best = summary.get("best_within_1pct_of_int8")
+    if best is not None:
+        k, why = best["point"], "best measured speedup over full INT8 within 1% of its quality"
+    else:
+        timed = [p for p in summary["pareto"] if (p.get("measured") or {}).get("vs_int8")]
+        if not timed:
+            return {"status": "not run", "reason": "no front point was measured against full INT8"}
+        k, why = max(timed, key=lambda p: p["measured"]["vs_int8"])["point"], "fastest measured front point over full INT8 (none within 1%)"
+    with reporter.step(f"extracting point {k} of {run.name} and timing it in {rounds} fresh rounds"), quiet(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = extract(run, out, point=k, rounds=rounds, overwrite=True)
+    point = result["point"]
+    searched = json.loads((run / "measurements.json").read_text()).get(config_key(point["config"]), {})
+    fresh = point.get("measured_at_extraction") or {}
+    return {"status": "ok", "point": k, "why": why, "config": point["config"], "quality": point["objectives"]["quality"],
+            "searched": {k_: searched.get(k_) for k_ in ("vs_float", "vs_int8", "rounds_vs_float", "rounds_vs_int8")},
+            "fresh": {k_: fresh.get(k_) for k_ in ("vs_float", "vs_int8", "rounds_vs_float", "rounds_vs_int8")},
+            "check": point.get("latency_check"), "warnings": result["warnings"]}
 
 
 def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetune: dict, reporter,  # noqa: ANN001
@@ -182,6 +247,11 @@ def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetu
         shared["precision_table"] = PrecisionTable.from_dict(json.loads(precision.read_text()))
     with reporter.step(f"{name}: InstaTune ({finetune['steps']} steps) + LINAS search, {args.budget} evaluations"):
         tuned = _search(graph, ctx, tmp / f"{name}-instatune", args, opts, finetune, reporter, shared)
+    # the extracted best point's fresh rounds against the search's (per search run)
+    out["extraction_check"] = {
+        m: extraction_check(tmp / f"{name}-{m.replace('linas+', '')}", summ, tmp / f"{name}-{m}-extracted",
+                            args.rounds, reporter)
+        for m, summ in (("linas", linas), ("linas+instatune", tuned))}
     ev = load_evaluator(tmp / f"{name}-linas")
     tuned_ev = load_evaluator(tmp / f"{name}-instatune")
     space = ev.net.space
@@ -210,6 +280,12 @@ def compare(name: str, graph, ctx, args, tmp: Path, opts: dict[str, Any], finetu
     bases = {n: p for n, p in bases.items() if p.is_file()}
     measured = measure_fronts(fronts, ev, bases, tmp / name, args.rounds, reporter)
     base_ms = {b["name"]: b["latency_measured_ms"] for b in measured.pop("__baselines__")}
+    # what the part's time went into: sub-networks built (each reconstructed when cut), by whom
+    out["builds"] = {"search_linas": (linas.get("cost") or {}).get("points"),
+                     "search_linas+instatune": (tuned.get("cost") or {}).get("points"),
+                     "random": len(sets["random"]), "uniform": len(sets["uniform"]),
+                     "fronts_exported": measured.pop("__exported__"), "extractions": len(out["extraction_check"]),
+                     "note": "a search's count is its budget plus the front points it rebuilt to time them"}
 
     def as_values(row: dict[str, Any]) -> dict[str, float]:
         return {"quality": row["quality"], "latency": row["latency_measured_ms"],
@@ -491,6 +567,14 @@ def print_tables(con, results: dict[str, Any]) -> None:  # noqa: ANN001
         errors = {m: e for m, e in (r.get("predictor_error_on_front") or {}).items() if e}
         con.print(f"  predictor error on the front (predicted vs measured): {json.dumps(errors)}")
         con.print(f"  reconstruction cost: {json.dumps(r.get('reconstruction_cost'))}")
+        for m, c in (r.get("extraction_check") or {}).items():
+            if c.get("status") != "ok" or not c.get("check"):
+                con.print(f"  extraction check ({m}): {c.get('status')} ({c.get('reason')})")
+                continue
+            refs = ", ".join(f"{k} {v['searched_median']:.3f}x searched vs {v['fresh_median']:.3f}x fresh"
+                             + (f" (p={v['p_value']:.2g})" if v["p_value"] is not None else "")
+                             for k, v in c["check"]["references"].items())
+            con.print(f"  extraction check ({m}, point {c['point']}): {c['check']['verdict']}: {refs}")
         con.print("  full float / INT8: " + ", ".join(
             f"{n} {json.dumps({k: round(v, 4) for k, v in o.items()})}" for n, o in r["baselines"].items()
             if n.startswith("full")))
@@ -551,8 +635,8 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
 def parse_args(argv: list[str] | None):  # noqa: ANN201
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    parser.add_argument("--budget", type=int, default=48, help="real evaluations per method on the ViT")
-    parser.add_argument("--minilm-budget", type=int, default=32, help="real evaluations per method on MiniLM")
+    parser.add_argument("--budget", type=int, default=12, help="real evaluations per method on the ViT")
+    parser.add_argument("--minilm-budget", type=int, default=12, help="real evaluations per method on MiniLM")
     parser.add_argument("--batch", type=int, default=8, help="LINAS batch (candidates measured per round)")
     parser.add_argument("--generations", type=int, default=30, help="NSGA-II generations on the predictors")
     parser.add_argument("--pop-size", type=int, default=40)
@@ -562,9 +646,9 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
                         help="InstaTune's hidden-state distillation weight (the largest's blocks against the original's)")
     parser.add_argument("--reconstruct-target", choices=("stream", "layer"), default="stream")
     parser.add_argument("--reconstruct-samples", type=int, default=512, help="train-split samples added to every refit")
-    parser.add_argument("--vit-tune-steps", type=int, default=1000, help="InstaTune steps on the ViT")
+    parser.add_argument("--vit-tune-steps", type=int, default=500, help="InstaTune steps on the ViT (~0.25 s each)")
     parser.add_argument("--vit-tune-lr", type=float, default=3e-4)
-    parser.add_argument("--minilm-tune-steps", type=int, default=600, help="InstaTune steps on MiniLM (~1.3 s each)")
+    parser.add_argument("--minilm-tune-steps", type=int, default=150, help="InstaTune steps on MiniLM (~2.5 s each)")
     parser.add_argument("--minilm-tune-lr", type=float, default=1e-4, help="3e-4 moved the largest to 0.943 fidelity")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the confirming measurement")
     parser.add_argument("--seed", type=int, default=0)

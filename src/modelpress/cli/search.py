@@ -1,9 +1,12 @@
 """`modelpress search [CKPT] ...`: super-network search over architecture and precision (InstaTune + LINAS);
-`modelpress search extract RUN_DIR --point N | --max-latency MS | --min-quality Q -o OUT [--overwrite]`: write a point."""
+`modelpress search extract RUN_DIR --point N | --max-latency MS | --min-quality Q -o OUT [--rounds R] [--overwrite]`:
+write a point, its latency timed again in R fresh rounds and checked against the search's (a warning when not
+reproduced)."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +49,7 @@ def search(
     finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="InstaTune sandwich steps (0: none).")] = 0,
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="Refit every sub-network's layers on calibration data before scoring it.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the search in -o.")] = False,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Interleaved rounds of every latency measurement (search, default 3), or of extract's fresh measurement checked against the search's (default: the search's).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder (search) or model folder (extract).")] = None,
     point: Annotated[int | None, typer.Option("--point", help="extract: Pareto point N (see pareto.csv).")] = None,
     max_latency: Annotated[float | None, typer.Option("--max-latency", help="extract: best quality under MS.")] = None,
@@ -66,14 +70,18 @@ def search(
         if run_dir is None or output is None:
             raise ModelpressError("extract needs the run folder and -o", "modelpress search extract RUN_DIR --point 0 -o OUT")
         check_output_dir(output, overwrite)
-        from modelpress.search.outputs import extract
+        from modelpress.search.outputs import LatencyNotReproduced, extract
 
-        result = extract(run_dir, output, point=point, max_latency=max_latency, min_quality=min_quality,
-                         overwrite=overwrite)
+        with warnings.catch_warnings():  # printed below as one line, not as Python's warning with its source line
+            warnings.simplefilter("ignore", LatencyNotReproduced)
+            result = extract(run_dir, output, point=point, max_latency=max_latency, min_quality=min_quality,
+                             overwrite=overwrite, rounds=rounds)
         if as_json:
             print_json(result)
         else:
             print_rich(f"wrote {result['output']} (point {result['point']['point']}: {result['point']['objectives']})")
+        for line in result["warnings"]:  # on stderr even with --quiet or --json: the reported latency may be wrong
+            typer.echo(f"warning: {line}", err=True)
         return
     if run_dir is not None:
         raise ModelpressError(f"unexpected argument {str(run_dir)!r}: search takes one checkpoint",
@@ -108,7 +116,8 @@ def search(
         spec = SearchSpec(
             objectives=tuple(objs), budget=budget, batch_size=batch, latency=latency, latency_batch=latency_batch,
             finetune=finetune, reconstruct=reconstruct, executor=executor, workers=workers, ray_address=ray_address,
-            space={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())})
+            space={"precisions": tuple(p.strip() for p in precisions.split(",") if p.strip())},
+            **({"rounds": rounds} if rounds is not None else {}))
         summary = run_search(graph, ctx, output, spec, resume=resume, reporter=rep)
     if as_json:
         print_json({k: v for k, v in summary.items() if k != "batches"})

@@ -280,8 +280,8 @@ class Evaluator:
         ``full-float`` first) in the same rounds, fresh sessions each round. Per file: ``latency`` (ms at the
         settings' batch and sequence: ``reference_ms`` divided by the median per-round speedup over full float,
         so batches timed under different machine load stay comparable; the full float's own median without a
-        reference), ``vs_float`` and ``vs_int8`` (median per-round speedups) and ``rounds_vs_float`` (each
-        round's speedup). The baselines are reported too."""
+        reference), ``vs_float`` and ``vs_int8`` (median per-round speedups), ``rounds_vs_float`` and ``rounds_vs_int8``
+        (each round's speedup: what :mod:`modelpress.search.consistency` compares). The baselines are reported too."""
         files = {**{f"__{n}__": p for n, p in baselines.items()}, **onnx}
         base = f"__{next(iter(baselines))}__"
         b, seq = self.settings.batch, self.settings.seq
@@ -298,7 +298,8 @@ class Evaluator:
                                    "rounds_vs_float": list(st.speedup_rounds)}
             if int8 is not None:
                 i8 = report.stats(int8, b, seq).round_medians_ms
-                row["vs_int8"] = float(np.median([a / m for a, m in zip(i8, st.round_medians_ms, strict=True)]))
+                row["rounds_vs_int8"] = [a / m for a, m in zip(i8, st.round_medians_ms, strict=True)]
+                row["vs_int8"] = float(np.median(row["rounds_vs_int8"]))
             out[name.strip("_") if name.startswith("__") else name] = row
         return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from modelpress.bench.runner import write_json_atomic
 from modelpress.errors import ModelpressError
+from modelpress.search.consistency import latency_agreement, warning_line
 from modelpress.search.linas import Problem, hypervolume, pareto_mask
 from modelpress.search.space import config_key
 from modelpress.search.workers import BASELINE_FILES, load_evaluator
@@ -241,28 +243,57 @@ def choose(summary: dict[str, Any], *, point: int | None = None, max_latency: fl
     return min(ok, key=lambda p: p["objectives"][cost])
 
 
+class LatencyNotReproduced(UserWarning):
+    """An extracted point's fresh latency measurement disagrees with the search's beyond noise."""
+
+
 def extract(run_dir: str | Path, out: str | Path, *, point: int | None = None, max_latency: float | None = None,
-            min_quality: float | None = None, overwrite: bool = False) -> dict[str, Any]:
+            min_quality: float | None = None, overwrite: bool = False, rounds: int | None = None) -> dict[str, Any]:
     """Write the chosen sub-network as a standalone model (safetensors + spec, quantized when its precision
     says so; reconstructed as the search scored it) with its verified ONNX into ``out`` (staged, then renamed).
+
     With latency an objective, the written ONNX is timed on the target interleaved with the search's full float
-    and full INT8 models (``search_point.json``'s ``measured_at_extraction``)."""
+    and full INT8 models in ``rounds`` fresh rounds (default: the search's; ``search_point.json``'s
+    ``measured_at_extraction``), and those rounds are checked against the rounds the search measured for the
+    point (:mod:`modelpress.search.consistency`; ``latency_check``): when they disagree beyond noise the
+    search's latency was not reproduced, which a :class:`LatencyNotReproduced` warning says in one line (also
+    in the result's ``warnings``)."""
     from modelpress.models.saving import staged_dir, write_into
 
     run = Path(run_dir)
     if not (run / "pareto.json").is_file():
         raise ModelpressError(f"{run} holds no finished search (pareto.json)", "run modelpress search first")
+    if rounds is not None and rounds < 1:
+        raise ModelpressError(f"rounds must be at least 1, got {rounds}")
     summary = json.loads((run / "pareto.json").read_text())
     chosen = choose(summary, point=point, max_latency=max_latency, min_quality=min_quality)
     ev = load_evaluator(run)
     graph, exporter = ev.build(chosen["config"])
     target = Path(out)
+    warnings_: list[str] = []
     with staged_dir(target, overwrite=overwrite) as tmp:
         write_into(graph, tmp)
         exported = ev.ctx.export(graph, tmp / "model.onnx", exporter=exporter)
         bases = {n: run / rel for n, rel in BASELINE_FILES.items() if (run / rel).is_file()}
         if "latency" in summary["objectives"] and "full-float" in bases:
-            ms = ev.measure_latency({"point": Path(exported.path)}, bases, summary["baselines"].get("reference_ms"))
-            chosen = {**chosen, "measured_at_extraction": ms["point"]}
+            n_rounds = rounds or ev.settings.rounds
+            ms = ev.measure_latency({"point": Path(exported.path)}, bases, summary["baselines"].get("reference_ms"),
+                                    rounds=n_rounds)
+            check = latency_agreement(_searched_measurement(run, chosen), ms["point"])
+            chosen = {**chosen, "measured_at_extraction": ms["point"], "latency_check": check}
+            line = warning_line(check, n_rounds)
+            if line is not None:
+                warnings_.append(line)
         (tmp / "search_point.json").write_text(json.dumps(chosen, indent=1))
-    return {"output": str(target), "point": chosen, "onnx": str(target / Path(exported.path).name)}
+    for line in warnings_:
+        warnings.warn(line, LatencyNotReproduced, stacklevel=2)
+    return {"output": str(target), "point": chosen, "onnx": str(target / Path(exported.path).name),
+            "warnings": warnings_}
+
+
+def _searched_measurement(run: Path, chosen: dict[str, Any]) -> dict[str, Any] | None:
+    """The search's measurement of the chosen point: its measurements.json row (per-round speedups), else what
+    pareto.json holds for it, else None (a predicted-only search)."""
+    path = run / "measurements.json"
+    rows = json.loads(path.read_text()) if path.is_file() else {}
+    return rows.get(config_key(chosen["config"])) or chosen.get("measured")

@@ -192,7 +192,7 @@ class _Search:
 
     def record(self, config: dict[str, Any], row: dict[str, Any]) -> None:
         self.measurements[config_key(config)] = {k: row[k] for k in ("latency", "vs_float", "vs_int8",
-                                                                     "rounds_vs_float") if k in row}
+                                                                     "rounds_vs_float", "rounds_vs_int8") if k in row}
         write_json_atomic(self.run / "measurements.json", self.measurements)
 
     def evaluate_batch(self, configs: list[dict[str, Any]], known: dict[str, dict[str, float]]
