@@ -78,6 +78,7 @@ BASELINES: dict[str, dict[str, Any]] = {
     "mi-merge": {"importance": "mi", "fusion": "merge"},
 }
 FUSEGPT: dict[str, Any] = {"importance": "mi", "fusion": "learned", "finetune_steps": FINETUNE_STEPS, "tune_group": False}
+GROUP_RANK = 8  # prune.fuse_blocks' group_rank default
 GROUP_LR = 1e-3  # the group tuning's learning rate: best of 1e-4, 3e-4, 1e-3 on MiniLM and of 1e-5, 1e-4, 1e-3 on the
 # stdlib Llama (the authors' 9.65e-6 is for 7B-parameter LLaMA)
 LOSS = "mse"  # the group distillation loss (kl-batch: the authors')
@@ -241,7 +242,8 @@ def run_model(name: str, args, tmp: Path, reporter, save=None) -> dict[str, Any]
     fused: dict[int, Any] = {}
     for n in levels:
         target = n / n_blocks
-        group_options = {**fuse_options, "tune_group": True, "group_lr": args.group_lr, "loss": args.loss}
+        group_options = {**fuse_options, "tune_group": True, "group_lr": args.group_lr, "loss": args.loss,
+                         "group_rank": args.group_rank}
         for vname, options in [*BASELINES.items(), ("fusegpt", fuse_options), ("fusegpt+group", group_options)]:
             if args.variants and vname not in args.variants and not (vname == "mi" and "mi+recover" in args.variants):
                 continue
@@ -346,7 +348,8 @@ def run_sweep(name: str, args, tmp: Path, reporter, save) -> dict[str, Any]:  # 
         if args.sweep_no_recover:
             for loss in args.sweep_losses:
                 for lr in args.sweep_lrs:
-                    _sweep_fuse(name, out, graph, ctx, base, steps, lr, loss, reporter, save)
+                    for rank in args.sweep_ranks:
+                        _sweep_fuse(name, out, graph, ctx, base, steps, lr, loss, rank, reporter, save)
             continue
         ev, rec, seconds = _plain_recovery(ctx, direct.graph, cal, steps * n)
         out["rows"][f"mi+recover|steps={steps}"] = {"steps_per_block": steps, "recover_lr": RECOVER_LR,
@@ -356,23 +359,27 @@ def run_sweep(name: str, args, tmp: Path, reporter, save) -> dict[str, Any]:  # 
         save(out)
         for loss in args.sweep_losses:
             for lr in args.sweep_lrs:
-                _sweep_fuse(name, out, graph, ctx, base, steps, lr, loss, reporter, save)
+                for rank in args.sweep_ranks:
+                    _sweep_fuse(name, out, graph, ctx, base, steps, lr, loss, rank, reporter, save)
     return out
 
 
 def _sweep_fuse(name: str, out: dict[str, Any], graph, ctx, base: dict[str, Any], steps: int, lr: float,  # noqa: ANN001
-                loss: str, reporter, save) -> None:  # noqa: ANN001
+                loss: str, rank: int, reporter, save) -> None:  # noqa: ANN001
     from modelpress.prune.blocks.pass_ import FuseBlocks
 
-    options = {**base, **FUSEGPT, "finetune_steps": steps, "tune_group": True, "group_lr": lr, "loss": loss}
+    options = {**base, **FUSEGPT, "finetune_steps": steps, "tune_group": True, "group_lr": lr, "loss": loss,
+               "group_rank": rank}
     t0 = time.perf_counter()
     with quiet():
         res = FuseBlocks(options).apply(graph, ctx)
         ev = ctx.evaluate(res.graph)
-    out["rows"][f"fusegpt+group|steps={steps}|group_lr={lr:g}|loss={loss}"] = {
-        "steps_per_block": steps, "group_lr": lr, "loss": loss, "quality": ev.metrics,
+    tag = "" if rank == GROUP_RANK else f"|group_rank={rank}"
+    out["rows"][f"fusegpt+group|steps={steps}|group_lr={lr:g}|loss={loss}{tag}"] = {
+        "steps_per_block": steps, "group_lr": lr, "loss": loss, "group_rank": rank, "quality": ev.metrics,
         "finetune": [s.get("finetune") for s in res.metrics["steps"]], "seconds": round(time.perf_counter() - t0, 1)}
-    reporter.log(f"{name} sweep fusegpt+group steps={steps} group_lr={lr:g} loss={loss}: {_primary(name, ev.metrics)}")
+    reporter.log(f"{name} sweep fusegpt+group steps={steps} group_lr={lr:g} loss={loss} group_rank={rank}: "
+                 f"{_primary(name, ev.metrics)}")
     save(out)
 
 
@@ -447,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fractions of blocks to run (their distinct counts)")
     parser.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS, help="per removed block")
     parser.add_argument("--group-lr", type=float, default=GROUP_LR)
+    parser.add_argument("--group-rank", type=int, default=GROUP_RANK, help="rank of the group tuning's deltas")
+    parser.add_argument("--sweep-ranks", default=str(GROUP_RANK), help="group ranks the sweep tries")
     parser.add_argument("--loss", default=LOSS, choices=["mse", "kl-batch"], help="the group distillation loss")
     parser.add_argument("--no-timing", action="store_true", help="skip the latency run (earlier speedups stand)")
     parser.add_argument("--label", default=time.strftime("%Y-%m-%d"), help="names this run in every row it makes")
@@ -460,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = {v.strip() for v in args.variants.split(",") if v.strip()}
     args.fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     args.sweep_lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
+    args.sweep_ranks = [int(x) for x in args.sweep_ranks.split(",") if x.strip()]
     args.sweep_steps = [int(x) for x in args.sweep_steps.split(",") if x.strip()]
     args.sweep_losses = [x.strip() for x in args.sweep_losses.split(",") if x.strip()]
     import torch
