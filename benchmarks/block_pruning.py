@@ -65,7 +65,7 @@ from _common import (  # noqa: E402
 )
 
 FRACTIONS = (0.2, 0.25, 0.375)
-FINETUNE_STEPS = 30  # per removed block: FuseGPT's group distillation; mi+recover gets the same total
+FINETUNE_STEPS = 100  # per removed block (prune.fuse_blocks default): FuseGPT's group distillation; mi+recover gets the same total
 CALIBRATION_BATCHES = 4
 RECOVER_LR = 3e-4  # the recover pass's default (best of 1e-4, 3e-4, 1e-3 on MiniLM)
 LM_STEPS = 400  # the language-model benchmark's GPT-2 trained twice as long as its 200 steps

@@ -154,7 +154,7 @@ def prune(
     importance: Annotated[str, typer.Option("--importance", help="mi | block-influence | kl | hessian (--method fuse-blocks)")] = "mi",
     fusion: Annotated[str, typer.Option("--fusion", help="learned | merge | none (--method fuse-blocks)")] = "learned",
     neighbours: Annotated[int, typer.Option("--neighbours", help="kept blocks each removed block is fused into (--method fuse-blocks)")] = 7,
-    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="group distillation steps per removed block (--method fuse-blocks)")] = 30,
+    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="group distillation steps per removed block (--method fuse-blocks)")] = 100,
     tune_group: Annotated[bool, typer.Option("--tune-group/--no-tune-group", help="also tune the group's own weights through low-rank updates, as FuseGPT does (--method fuse-blocks; measured better on MiniLM and a Llama)")] = True,
     recover_steps: Annotated[int, typer.Option("--recover-steps", help="distillation steps after pruning (0: none)")] = 0,
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="refit the layers that read removed units to the original's outputs on the calibration data (least squares, before recovery)")] = True,

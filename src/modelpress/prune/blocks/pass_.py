@@ -37,7 +37,9 @@ class FuseBlocksConfig(PassConfig):
     # FuseGPT's group: the authors' default --group-size 8 counts the removed block, so 7 neighbours (fewer
     # where the container has fewer blocks)
     neighbours: int = Field(7, ge=0)
-    finetune_steps: int = Field(30, ge=0)
+    # per removed block. 100: 2 of 6 blocks removed, the stdlib Llama's next-token KL 0.00043 against 0.0035 at 30
+    # steps (plain recovery of direct removal with the same 200 steps: 0.00050), MiniLM 0.916 against 0.909 mean cosine
+    finetune_steps: int = Field(100, ge=0)
     lr: float = Field(1e-3, gt=0.0)
     rank: int = Field(8, ge=1)  # of the fusion coefficient matrices (the authors use 128 on 4096-wide LLaMA)
     # the authors' group tuning beside the fusion coefficients: the neighbours' norms and biases and a low-rank delta
