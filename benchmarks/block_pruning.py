@@ -13,7 +13,8 @@ Every variant is ``prune.fuse_blocks`` (one importance, one fusion) applied to t
   (``FINETUNE_STEPS`` per removed block), folded into dense weights;
 - ``fusegpt+group``: FuseGPT with the authors' group tuning too (the neighbours' norms, biases and a low-rank
   delta on each neighbour matrix at ``GROUP_LR``, folded), same steps;
-- ``fusegpt+int8``: ``quantize.repq`` with the ``int8`` recipe's options on top of FuseGPT at 25%.
+- ``fusegpt+int8``: ``quantize.repq`` with the ``int8`` recipe's options on top of FuseGPT at 25% (``fusegpt+group``
+  where it ran, prune.fuse_blocks' default; the row's ``on`` says which).
 
 Block counts: ``round(fraction * blocks)`` with halves rounded up (``prune.fuse_blocks``' rule), so
 MiniLM (6 blocks): 20% -> 1, 25% -> 2, 37.5% -> 2; the 4-block ViT and GPT-2: 20% -> 1, 25% -> 1, 37.5% -> 2.
@@ -264,18 +265,19 @@ def run_model(name: str, args, tmp: Path, reporter, save=None) -> dict[str, Any]
                                            "recover": rec, "run": args.label}
                 reporter.log(f"{name} mi+recover@{n}: {_primary(name, ev.metrics)}")
                 checkpoint()
-            if vname == "fusegpt":
-                fused[n] = res.graph
+            if vname in ("fusegpt", "fusegpt+group"):  # INT8 goes on the last: FuseGPT as prune.fuse_blocks' default
+                fused[n] = (vname, res.graph)
     int8_at = counts["0.25"]
     try:
         if int8_at not in fused:  # fusegpt not run at 25% (--variants, --fractions): no INT8 row
             raise LookupError
         repq = registered_passes()["quantize.repq"](recipe_options("int8"))
         t0 = time.perf_counter()
+        base_variant, base_graph = fused[int8_at]
         with quiet():
-            q = repq.apply(fused[int8_at], ctx)
+            q = repq.apply(base_graph, ctx)
             ev = ctx.evaluate(q.graph, exporter=q.exporter)
-        rows[f"fusegpt+int8@{int8_at}"] = {"blocks": n_blocks - int8_at, "quality": ev.metrics,
+        rows[f"fusegpt+int8@{int8_at}"] = {"blocks": n_blocks - int8_at, "quality": ev.metrics, "on": base_variant,
                                            "seconds": round(time.perf_counter() - t0, 1),
                                            "options": {"quantize.repq": recipe_options("int8")}, "run": args.label}
         paths[f"fusegpt+int8@{int8_at}"] = Path(ev.onnx_path)
