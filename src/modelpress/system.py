@@ -138,7 +138,7 @@ def release_freed_memory() -> bool:
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 # from this size up, blocks are mapped on their own and unmapped when freed: BERT-base's matrices (2.25 MiB and
 # 9 MiB) and activations are above it; 4 MiB left the 2.25 MiB ones on the heap (QDQ export's trace: +550 MiB
-# resident against +160 MiB at 1 MiB, benchmarks/pruning_memory.py)
+# resident against +160 MiB at 1 MiB, a one-off measurement; benchmarks/qdq_memory.py compares 1 MiB with glibc's default)
 _LARGE_BLOCK = 1 << 20
 _DYNAMIC_CEILING = 32 << 20  # where glibc's dynamic threshold ends up on 64-bit after freeing large blocks
 _threshold: int | None = None  # what this process set (None: glibc's dynamic default)

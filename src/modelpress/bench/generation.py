@@ -300,6 +300,7 @@ def _size(value: Any) -> tuple[str, str | None, int | None]:
     return "onnx", str(value), onnx_file_size(value)
 
 
+@heap_allocations()  # timed loops: no page faults per allocation (system.unmap_large_blocks)
 def measure_generation(
     variants: Mapping[str, GenVariant],
     target: Target | str = "ort-cpu",
@@ -321,27 +322,6 @@ def measure_generation(
     ``prompt_len`` defaults to 128, capped at the model's positions less ``new_tokens``; a longer prompt given
     explicitly is an error. ``batch_sizes`` default to 1 and 8.
     """
-    with heap_allocations():  # timed loops: no page faults per allocation (system.unmap_large_blocks)
-        return _measure_generation(
-            variants, target, layout=layout, prompt_len=prompt_len, new_tokens=new_tokens, batch_sizes=batch_sizes,
-            rounds=rounds, prefill_runs=prefill_runs, baseline=baseline, memory=memory, seed=seed, reporter=reporter)
-
-
-def _measure_generation(
-    variants: Mapping[str, GenVariant],
-    target: Target | str = "ort-cpu",
-    *,
-    layout: DecoderLayout | None = None,
-    prompt_len: int | None = None,
-    new_tokens: int = 32,
-    batch_sizes: list[int] | None = None,
-    rounds: int = 3,
-    prefill_runs: int = 3,
-    baseline: str | None = None,
-    memory: bool = True,
-    seed: int = 0,
-    reporter: Reporter = QUIET,
-) -> GenerationReport:
     started = time.perf_counter()
     load_before = load_average()
     target = get_target(target)
