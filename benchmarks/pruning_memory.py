@@ -81,13 +81,28 @@ CLI_CASES = {
 }
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory field in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+def _status(field: str, pid: int | str = "self") -> int:
+    """A /proc/PID/status memory field in bytes (0 when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
+
+
+def _children_rss() -> int:
+    """The summed resident sets of this process's live children (the export candidates' builders)."""
+    total = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as fh:
+                total += sum(_status("VmRSS", pid) for pid in fh.read().split())
+        except OSError:
+            continue
+    return total
 
 
 class _Sampler:
@@ -99,6 +114,7 @@ class _Sampler:
         self.phase = "start"
         self.verbose, self.t0 = verbose, time.perf_counter()
         self.peaks: dict[str, int] = {}
+        self.tree_peak = 0  # this process and its live children together, sampled at the same instant
         self.spans: list[list] = [["start", 0, 0]]
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -112,7 +128,9 @@ class _Sampler:
 
     def sample(self) -> int:
         rss = _status("VmRSS")
+        tree = rss + _children_rss()
         with self._lock:
+            self.tree_peak = max(self.tree_peak, tree)
             if rss > self.peaks.get(self.phase, 0):
                 self.peaks[self.phase] = rss
             self.spans[-1][2] = max(self.spans[-1][2], rss)
@@ -286,7 +304,8 @@ def _stage_names(sampler: _Sampler, stages: list) -> None:
 
     def mark(name: str) -> None:
         sampler.set(name)
-        stages.append([round(time.perf_counter() - t0, 1), name, _status("VmRSS"), _status("VmHWM")])
+        stages.append([round(time.perf_counter() - t0, 1), name, _status("VmRSS"), _status("VmHWM"),
+                       _status("RssFile")])
 
     @contextlib.contextmanager
     def stepping(self, description):  # noqa: ANN001, ANN202
@@ -367,7 +386,7 @@ def run_cli(name: str, folder: Path, params: int) -> dict:
     rose: dict[str, int] = {}  # stage -> the kernel's high-water mark at its end, where it rose during the stage
     summary: dict[str, dict] = {}  # stage -> seconds spent in it (all its spans) and its sampled peak
     end_time = time.perf_counter() - t0
-    for i, (t, stage, _, hwm) in enumerate(stages):
+    for i, (t, stage, _, hwm, _) in enumerate(stages):
         end = stages[i + 1][3] if i + 1 < len(stages) else peak
         if end > hwm:
             rose[stage] = max(rose.get(stage, 0), end)
@@ -388,7 +407,10 @@ def run_cli(name: str, folder: Path, params: int) -> dict:
         "stage_summary": summary,
         "children_peak_rss_bytes": children,
         "children_peak_over_fp32_weights": round(children / weights, 2),
-        "stages": [{"seconds": t, "stage": n, "rss_at_entry": r} for t, n, r, _ in stages],
+        "tree_peak_rss_bytes": sampler.tree_peak,
+        "tree_peak_over_fp32_weights": round(sampler.tree_peak / weights, 2),
+        "stages": [{"seconds": t, "stage": n, "rss_at_entry": r, "file_backed_at_entry": f}
+                   for t, n, r, _, f in stages],
         "largest_growth_spans": sampler.top_spans(),
         "seconds_total": round(time.perf_counter() - t0, 1),
         "pass_seconds": {p["pass"]: round(p["seconds"], 1) for p in report.get("passes", [])},
@@ -493,7 +515,8 @@ def _run_cli_cases(args: argparse.Namespace) -> None:
         row["pythonpath"] = os.environ.get("PYTHONPATH", "")
         stored.setdefault(name, {})[args.label] = row
         print(f"{name} [{args.label}]: {row['params'] / 1e6:.0f}M params, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
-              f" = {row['peak_over_fp32_weights']}x FP32 weights, {row['seconds_total']} s")
+              f" = {row['peak_over_fp32_weights']}x FP32 weights (with its children at the same time "
+              f"{row['tree_peak_over_fp32_weights']}x), {row['seconds_total']} s")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(stored, indent=2) + "\n")
 

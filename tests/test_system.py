@@ -50,10 +50,10 @@ def test_freed_heap_tensors_leave_the_resident_set_when_trimmed():
 
 
 def test_the_command_sets_the_threshold_unless_told_not_to(monkeypatch):
-    from modelpress import cli
+    from modelpress import cli, system
 
     calls = []
-    monkeypatch.setattr(cli, "unmap_large_blocks", lambda: calls.append(1))
+    monkeypatch.setattr(system, "unmap_large_blocks", lambda: calls.append(1))
     with pytest.raises(SystemExit):
         cli.main(["recipes", "--no-such-flag"])
     assert calls == [1]

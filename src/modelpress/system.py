@@ -7,7 +7,7 @@ import contextlib
 import os
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from typing import Any
 
@@ -177,6 +177,14 @@ def unmap_large_blocks(threshold: int = _LARGE_BLOCK) -> bool:
     return _set_threshold(threshold)
 
 
+def apply_malloc_setting() -> bool:
+    """The modelpress command's setting, for it and the child processes it starts: :func:`unmap_large_blocks`
+    unless the environment says ``MODELPRESS_MALLOC=default`` (glibc's own behaviour). Returns whether set."""
+    if os.environ.get("MODELPRESS_MALLOC", "").lower() == "default":
+        return False
+    return unmap_large_blocks()
+
+
 @contextlib.contextmanager
 def large_blocks_unmapped() -> Iterator[bool]:
     """While inside, blocks of 1 MiB and more get their own mapping (:func:`unmap_large_blocks`); on exit the
@@ -218,3 +226,54 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+_MADV_DONTNEED = 4  # Linux madvise advice
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Sorted (start, end) addresses of this process's mappings backed by a file on disk (not anonymous memory,
+    not the heap or stack)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or parts[4] == "0" or not parts[5].startswith("/"):  # inode 0: anonymous
+                continue
+            start, end = parts[0].split("-")
+            spans.append((int(start, 16), int(end, 16)))
+    return sorted(spans)
+
+
+def drop_file_pages(ranges: Iterable[tuple[int, int]]) -> int:
+    """Drop from this process's resident set the whole pages of ``ranges`` ((address, bytes) pairs) that lie
+    inside a mapping of a file; other ranges are left alone. Returns the bytes advised away (0 off Linux).
+
+    A later read of such a page faults it back in from the file (usually still in the page cache), so the
+    memory reads the same afterwards, except where it was written since it was mapped (a private mapping's
+    written page goes back to the file's bytes): call it only on memory never written, such as the weights
+    a Hugging Face ``from_pretrained`` maps from model.safetensors. A run that has read every weight of the
+    original (its export, a pass's saliency) otherwise keeps a full copy of them resident to its end."""
+    if platform.system() != "Linux":
+        return 0
+    try:
+        import bisect
+        import ctypes
+
+        madvise = ctypes.CDLL("libc.so.6").madvise
+        spans = _file_mappings()
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    starts = [s for s, _ in spans]
+    dropped = 0
+    for address, size in ranges:
+        i = bisect.bisect_right(starts, address) - 1
+        if i < 0 or address + size > spans[i][1]:  # not (wholly) in one file mapping
+            continue
+        first = -(-address // page) * page
+        last = (address + size) // page * page
+        if last > first and madvise(first, last - first, _MADV_DONTNEED) == 0:
+            dropped += last - first
+    return dropped

@@ -40,13 +40,13 @@ def test_a_classifier_whose_agreement_collapses_is_warned(tmp_path):
                "final": {"accuracy": 0.1, "agreement": 0.0, "logit_cosine": 0.62}}
     ctx = SimpleNamespace(evaluation=[0] * 10, reporter=rep,
                           evaluate=lambda path, **_: SimpleNamespace(metrics=metrics[str(path)]))
-    quality = Pipeline(load_recipe("default"))._evaluate(None, "base", "final", ctx)["quality"]
+    quality = Pipeline(load_recipe("default"))._evaluate(metrics["base"], "final", ctx)["quality"]
     assert "agreement 0.000 (below 0.9)" in quality["warning"] and "logit_cosine 0.620" in quality["warning"]
     assert any("drifted far" in line for line in lines)
     out = review({"recipe": {"passes": [{"pass": "quantize.repq"}]}, "quality": quality})
     assert any("drifted far" in w for w in out["warnings"]) and any("auto_float" in s for s in out["suggestions"])
     metrics["final"] = {"accuracy": 0.7, "agreement": 0.97, "logit_cosine": 0.998}
-    assert "warning" not in Pipeline(load_recipe("default"))._evaluate(None, "base", "final", ctx)["quality"]
+    assert "warning" not in Pipeline(load_recipe("default"))._evaluate(metrics["base"], "final", ctx)["quality"]
 
 
 def test_an_original_whose_outputs_are_noise_is_named_as_such():
@@ -61,7 +61,7 @@ def test_an_original_whose_outputs_are_noise_is_named_as_such():
     metrics = {"base": {"agreement": 1.0, "logit_cosine": 0.0008}, "final": {"agreement": 0.0, "logit_cosine": 0.0005}}
     ctx = SimpleNamespace(evaluation=[0] * 10, reporter=Reporter(quiet=True),
                           evaluate=lambda path, **_: SimpleNamespace(metrics=metrics[str(path)]))
-    quality = Pipeline(load_recipe("default"))._evaluate(None, "base", "final", ctx)["quality"]
+    quality = Pipeline(load_recipe("default"))._evaluate(metrics["base"], "final", ctx)["quality"]
     assert "rounding noise" in quality["warning"] and "drifted" not in quality["warning"]
     out = review({"recipe": {"passes": [{"pass": "quantize.repq"}]}, "quality": quality})
     assert any("trained weights" in s for s in out["suggestions"])

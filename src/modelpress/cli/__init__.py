@@ -7,14 +7,13 @@ they run, so `modelpress --help` stays fast.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
 
 from modelpress.cli import agent, bench, compress, export, fuse, inspect, recipes, search
 from modelpress.cli.common import user_errors
-from modelpress.system import unmap_large_blocks
+from modelpress.system import apply_malloc_setting
 
 app = typer.Typer(
     add_completion=False,
@@ -30,8 +29,7 @@ for command in (compress.compress, compress.prune, compress.quantize, fuse.fuse,
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input (a user error, a command-line mistake, an unwritable output) prints a short
     message and exits with code 2, without a traceback."""
-    if os.environ.get("MODELPRESS_MALLOC", "").lower() != "default":
-        unmap_large_blocks()  # freed tensors leave the resident set (see there); timed loops excepted
+    apply_malloc_setting()  # freed tensors leave the resident set (see system.unmap_large_blocks)
     with user_errors():
         code = app(args=argv, prog_name="modelpress", standalone_mode=False)
     # typer (>= 0.20) turns Ctrl-C and typer.Exit(n) into a returned exit code when not standalone

@@ -76,6 +76,11 @@ class Pipeline:
         # the transformer optimizer's copies) then never stack on the compressed model's weights
         with rep.step("exporting the original model to ONNX"):
             base = export(graph, "original.onnx", export_cfg.optimize)
+        evaluates = ctx.task is not None and ctx.data is not None
+        before: dict | None = None
+        if evaluates:  # now too: the original's session then never sits beside the compressed model
+            with rep.step(f"evaluating the original's export on {len(ctx.evaluation)} held-out samples"):
+                before = ctx.evaluate(base).metrics
         pass_log: list[dict] = []
         exporter: Exporter | None = None
         lowering: Any = None  # the quantized layers' lowering into the cached decoder
@@ -91,6 +96,11 @@ class Pipeline:
             lowering = getattr(result, "decoder_lowering", None) or lowering
             pass_log.append({"pass": p.name, "stage": p.kind, "seconds": time.perf_counter() - t0, **result.metrics})
 
+        if current is not graph:
+            # the original's torch weights are read again only by a causal LM's decoder export (its reference
+            # outputs are computed): its weights mapped from the checkpoint file leave the resident set, or a
+            # full copy of them sits under the export, evaluation and timing sessions of the compressed model
+            graph.drop_mapped_weights()
         if current is graph:
             exported = base
         elif exporter is not None:
@@ -126,9 +136,9 @@ class Pipeline:
             report["inputs"] = [g.name for g in inputs]
         report["before"] = {"parameters": graph.num_parameters(), "file_bytes": _size(Path(base.path))}
         report["after"] = {"parameters": current.num_parameters(), "file_bytes": _size(onnx_path)}
-        if ctx.task is not None and ctx.data is not None:
+        if evaluates:
             simulated = current if getattr(exported, "log_export", None) else None
-            report.update(self._evaluate(graph, Path(base.path), onnx_path, ctx, simulated))
+            report.update(self._evaluate(before, onnx_path, ctx, simulated))
         if measure and ctx.target is not None:
             report["latency"] = self._measure(graph, Path(base.path), onnx_path, ctx)
         decoder = None
@@ -188,14 +198,11 @@ class Pipeline:
                                      reporter=ctx.reporter)
         return out.to_dict()
 
-    def _evaluate(
-        self, graph: ModelGraph, base: Path, final: Path, ctx: Context, simulated: ModelGraph | None = None
-    ) -> dict:
-        """Quality of the original and final ONNX files against the original torch model; with
-        ``simulated`` (a fake-quant model whose export had to approximate it), that model's too, so the
-        report shows what the export form costs."""
+    def _evaluate(self, before: dict, final: Path, ctx: Context, simulated: ModelGraph | None = None) -> dict:
+        """Quality of the final ONNX file against the original torch model, beside ``before`` (the original's
+        own export's); with ``simulated`` (a fake-quant model whose export had to approximate it), that model's
+        too, so the report shows what the export form costs."""
         with ctx.reporter.step(f"evaluating on {len(ctx.evaluation)} held-out samples"):
-            before = ctx.evaluate(base).metrics
             after = ctx.evaluate(final).metrics
             if simulated is not None:
                 sim = ctx.evaluate(simulated, torch_only=True).metrics

@@ -199,6 +199,9 @@ def _own_peak() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Child entry: build one candidate from a JSON request, print the child's peak resident set as JSON."""
+    from modelpress.system import apply_malloc_setting
+
+    apply_malloc_setting()  # the optimizers' freed copies leave the resident set, not stacked under later peaks
     request = json.loads((sys.argv[1:] if argv is None else list(argv))[0])
     try:
         _build_here(request["name"], Path(request["src"]), Path(request["dst"]), request.get("options", {}))

@@ -1,0 +1,93 @@
+"""Weights mapped from a checkpoint file leave the resident set once read, and read the same afterwards."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from modelpress.system import drop_file_pages
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="/proc/self/maps and madvise: Linux only")
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_mapped_weights_of_a_loaded_checkpoint_leave_and_read_the_same(tmp_path):
+    """A Hugging Face folder loaded as the CLI loads it: its weights are mapped from model.safetensors; after a
+    forward has read them, dropping them lowers the file-backed resident set by about their size, and the next
+    forward gives bit-identical outputs."""
+    import transformers as T
+
+    from modelpress.models.loaders import load_hf
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=1024)
+    T.BertModel(config).save_pretrained(tmp_path)  # about 21 MB of float32 weights
+    graph = load_hf(tmp_path)
+    x = graph.example_inputs(2, 16)
+    weights = sum(p.numel() * p.element_size() for p in graph.module.parameters())
+    out = graph.forward(x)  # first, so that the code pages it maps in are not counted below
+    for p in graph.module.parameters():
+        p.detach().sum()  # every page read in, as an export or a pass reads them
+    before = _rss_file()
+    dropped = graph.drop_mapped_weights()
+    after = _rss_file()
+    assert dropped > 0.9 * weights
+    assert before - after > 0.8 * weights
+    assert torch.equal(graph.forward(x), out)
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's mappings of the file at ``path``."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                inside = len(head) >= 6 and head[5] == str(path)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_a_compress_run_leaves_the_original_weights_on_disk(tmp_path):
+    """After the graph passes the original is read only by an LM's decoder export: the Pipeline drops its mapped
+    weights, so the compressed model's export, evaluation and timing do not sit on a resident copy of them."""
+    import transformers as T
+
+    from modelpress.compress.pipeline import Pipeline
+    from modelpress.compress.recipe import Recipe
+    from modelpress.models.loaders import load_hf
+    from modelpress.passes import Context
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=1024)
+    T.BertModel(config).save_pretrained(tmp_path / "bert")
+    graph = load_hf(tmp_path / "bert")
+    weights = tmp_path / "bert" / "model.safetensors"
+    recipe = Recipe.from_dict({"name": "halve-mlp", "passes": [{"pass": "prune.magnitude", "ratios": {"mlp": 0.5}}],
+                               "export": {"optimize": "none"}})
+    Pipeline(recipe).run(graph, Context(workdir=tmp_path / "work"), measure=False)
+    resident = _mapped_rss(weights.resolve())
+    assert resident < 0.1 * weights.stat().st_size
+    out = graph.forward(graph.example_inputs(1, 8))  # and the original still runs (its pages read back in)
+    assert torch.isfinite(out).all() and _mapped_rss(weights.resolve()) > 0.5 * weights.stat().st_size
+
+
+def test_memory_that_is_not_a_file_mapping_is_left_alone():
+    """A tensor in ordinary (anonymous) memory: nothing is dropped and its values stay (dropping anonymous pages
+    would zero them)."""
+    t = torch.arange(1 << 20, dtype=torch.float32) + 1
+    storage = t.untyped_storage()
+    assert drop_file_pages([(storage.data_ptr(), storage.nbytes())]) == 0
+    assert torch.equal(t, torch.arange(1 << 20, dtype=torch.float32) + 1)
