@@ -172,6 +172,8 @@ class Pipeline:
                     decoders[name] = export_decoder(g.module, workdir / f"decoder-{name}.onnx", opset=opset,
                                                     lowering=lowering if name == "compressed" else None)
                 info[name] = decoders[name].to_dict()
+                if name == "original" and current is not graph:
+                    graph.drop_mapped_weights()  # read again for its decoder: off the resident set again
             except Exception as exc:  # a compressed form the cached export does not lower yet: reported, not fatal
                 if name == "original" and not isinstance(exc, ModelpressError):
                     raise

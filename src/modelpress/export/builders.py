@@ -46,14 +46,25 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _build_ort(src: Path, dst: Path) -> None:
+def _build_ort(src: Path, dst: Path, external: bool = False) -> None:
     """ONNX Runtime's offline graph optimization (extended level: portable, no hardware-specific layouts)."""
-    from modelpress.targets import cpu_session
+    from modelpress.targets import get_target
 
-    cpu_session(src, level="extended", optimized_path=dst)
+    target = get_target("ort-cpu")
+    options = target.session_options(level="extended", optimized_path=dst)
+    if external:  # ONNX Runtime writes the tensors to the data file itself
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", _data_name(dst))
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    target.session_with_options(src, options)
 
 
-def _build_transformer(src: Path, dst: Path, model_type: str, heads: Sequence[int], sizes: Sequence[int]) -> None:
+def _data_name(path: Path) -> str:
+    """The external data file of the candidate at ``path``: ``<name>.data`` beside it."""
+    return path.name + ".data"
+
+
+def _build_transformer(src: Path, dst: Path, model_type: str, heads: Sequence[int], sizes: Sequence[int],
+                       external: bool = False) -> None:
     """ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm, BiasGelu... fusions).
 
     ``heads`` and ``sizes`` are the head count and head width of every attention module. The optimizer
@@ -72,7 +83,8 @@ def _build_transformer(src: Path, dst: Path, model_type: str, heads: Sequence[in
         )
         if one_size and len(set(heads)) > 1:
             _set_attention_heads(model.model, sizes[0])
-        model.save_model_to_file(str(dst))
+        # with external data the tensors go to <dst>.data one by one, never serialized into one protobuf string
+        model.save_model_to_file(str(dst), use_external_data_format=external)
 
 
 def _set_attention_heads(model: Any, head_size: int) -> None:
@@ -98,13 +110,17 @@ def _set_attention_heads(model: Any, head_size: int) -> None:
         attrs["num_heads"].i = q_width // head_size
 
 
-def _build_onnxslim(src: Path, dst: Path) -> None:
+def _build_onnxslim(src: Path, dst: Path, external: bool = False) -> None:
     import onnx
     import onnxslim
 
     with _quiet_logs():
         model = onnxslim.slim(str(src))
-    onnx.save(model, str(dst))
+    if external:
+        onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=_data_name(dst),
+                  size_threshold=1024)
+    else:
+        onnx.save(model, str(dst))
 
 
 def check_onnx(path: Path | str) -> None:
@@ -122,33 +138,26 @@ def _build_here(name: str, src: Path, dst: Path, options: dict[str, Any]) -> Non
     """Build and check candidate ``name`` (ORT's "extended" level writes its own ops, e.g.
     SimplifiedLayerNormalization on Llama, into the ONNX domain, where onnx.checker refuses them: such a file
     is no candidate)."""
+    data = dst.with_name(_data_name(dst))
+    if data.exists():  # a data file left by an earlier build: the writers append to it
+        data.unlink()
     _build_one(name, src, dst, options)
     check_onnx(dst)
-    if options.get("external_data"):
-        _to_external_data(dst)
-
-
-def _to_external_data(path: Path) -> None:
-    """Rewrite the model at ``path`` with its tensors in ``<path>.data``: ONNX Runtime then reads them straight
-    into its buffers instead of parsing them out of the protobuf first (a session of BERT-base's 435 MB model
-    peaked 514 MiB above the process inline, 343 MiB with external data; measured)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    tmp = path.with_name(path.stem + ".external.onnx")
-    onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + ".data", size_threshold=1024)
-    tmp.replace(path)
 
 
 def _build_one(name: str, src: Path, dst: Path, options: dict[str, Any]) -> None:
+    """With ``external_data`` the candidate's tensors go to ``<dst>.data``: ONNX Runtime then reads them straight
+    into its buffers instead of parsing them out of the protobuf first (a session of BERT-base's 435 MB model
+    peaked 514 MiB above the process inline, 343 MiB with external data; measured), and no builder serializes
+    the whole model into one protobuf string."""
+    external = bool(options.get("external_data"))
     if name == "ort":
-        _build_ort(src, dst)
+        _build_ort(src, dst, external)
     elif name == "transformer":
         _build_transformer(src, dst, options.get("model_type") or "bert", options.get("heads", ()),
-                           options.get("sizes", ()))
+                           options.get("sizes", ()), external)
     elif name == "onnxslim":
-        _build_onnxslim(src, dst)
+        _build_onnxslim(src, dst, external)
     else:
         raise ModelpressError(f"unknown export candidate {name!r}", f"use one of: {', '.join(BUILDERS)}")
 
