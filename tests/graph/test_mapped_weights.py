@@ -84,6 +84,25 @@ def test_a_compress_run_leaves_the_original_weights_on_disk(tmp_path):
     assert torch.isfinite(out).all() and _mapped_rss(weights.resolve()) > 0.5 * weights.stat().st_size
 
 
+def test_an_export_leaves_the_weights_it_traced_on_disk(tmp_path):
+    """``export_onnx`` is done with torch after the trace and the reference outputs: its candidates' builders and
+    verification sessions do not sit on a resident copy of the mapped weights."""
+    import transformers as T
+
+    from modelpress.export import export_onnx
+    from modelpress.models.loaders import load_hf
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=1024)
+    T.BertModel(config).save_pretrained(tmp_path / "bert")
+    graph = load_hf(tmp_path / "bert")
+    weights = (tmp_path / "bert" / "model.safetensors").resolve()
+    result = export_onnx(graph.module, graph.input_spec, tmp_path / "bert.onnx", optimize="ort")
+    assert result.verification.ok
+    assert _mapped_rss(weights) < 0.1 * weights.stat().st_size
+
+
 def test_memory_that_is_not_a_file_mapping_is_left_alone():
     """A tensor in ordinary (anonymous) memory: nothing is dropped and its values stay (dropping anonymous pages
     would zero them)."""

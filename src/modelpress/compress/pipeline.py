@@ -80,7 +80,7 @@ class Pipeline:
         before: dict | None = None
         if evaluates:  # now too: the original's session then never sits beside the compressed model
             with rep.step(f"evaluating the original's export on {len(ctx.evaluation)} held-out samples"):
-                before = ctx.evaluate(base).metrics
+                before = ctx.evaluate(Path(base.path)).metrics
         pass_log: list[dict] = []
         exporter: Exporter | None = None
         lowering: Any = None  # the quantized layers' lowering into the cached decoder

@@ -35,6 +35,7 @@ from modelpress.export.streamed import STREAM_MIN_BYTES, export_streamed, weight
 from modelpress.export.verify import DEFAULT_RTOL, Verification, compare_onnx, torch_reference
 from modelpress.graph import adapters
 from modelpress.graph.inputs import InputSpec
+from modelpress.graph.mapped import drop_mapped_weights
 from modelpress.graph.run import PrimaryOutput, eval_mode
 from modelpress.progress import QUIET, Reporter
 from modelpress.system import available_memory, release_freed_memory
@@ -296,6 +297,13 @@ def export_onnx(
                     "check that the model runs on the input spec's sample inputs",
                 ) from exc
         check_onnx(plain)
+        reference = batches = None
+        if optimize == "auto" or verify:
+            batches = default_batches(input_spec)
+            reference = torch_reference(module, input_spec.names, batches)
+        # torch is done with the weights: those mapped from the checkpoint leave the resident set before the
+        # candidates' builders and sessions (they read back from the file if the module runs again)
+        drop_mapped_weights(module)
 
         names = [n for n in OPTIMIZATIONS if _applicable(n, model_type)] if optimize == "auto" else [optimize]
         candidates: dict[str, Candidate] = {}
@@ -331,9 +339,7 @@ def export_onnx(
                 candidates[name] = Candidate(name, verified=False, error=f"{type(exc).__name__}: {exc}")
                 reporter.log(f"candidate {name!r} failed: {exc}")
 
-        if optimize == "auto" or verify:
-            batches = default_batches(input_spec)
-            reference = torch_reference(module, input_spec.names, batches)
+        if reference is not None:
             for name, cand_path in paths.items():
                 try:
                     v = compare_onnx(cand_path, batches, reference, atol=atol, min_cosine=min_cosine, rtol=rtol)

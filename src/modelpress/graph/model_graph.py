@@ -22,8 +22,9 @@ from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
 from modelpress.graph.lineage import Lineage, renumber
+from modelpress.graph.mapped import drop_mapped_weights
 from modelpress.graph.stats import foldable_norms, norm_consumers, summarize
-from modelpress.system import drop_file_pages, release_freed_memory
+from modelpress.system import release_freed_memory
 
 TRACE_SEQ_LEN = 8
 DRY_RUN_FRACTION = 0.3  # share of each group's units a dry run removes before the group is offered
@@ -162,16 +163,9 @@ class ModelGraph:
         return sum(p.numel() * p.element_size() for p in self.module.parameters() if _storage(p) in theirs)
 
     def drop_mapped_weights(self) -> int:
-        """Let this process's resident set drop the weights mapped from the checkpoint file (Hugging Face's
-        ``from_pretrained`` maps model.safetensors) once the run has read them; they read the same afterwards
-        (the next read faults them back in from the file). Tensors written in place since loading are skipped.
-        Returns the bytes dropped: 0 for weights in ordinary memory."""
-        spans = {}
-        for t in (*self.module.parameters(), *self.module.buffers()):
-            if t._version == 0 and t.numel():
-                storage = t.untyped_storage()
-                spans[storage.data_ptr()] = storage.nbytes()
-        return drop_file_pages(spans.items())
+        """Drop this graph's weights mapped from the checkpoint file from the resident set
+        (:func:`modelpress.graph.mapped.drop_mapped_weights`); returns the bytes dropped."""
+        return drop_mapped_weights(self.module)
 
     def example_inputs(self, batch: int = 1, seq_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         return self.input_spec.make_torch(batch, seq_len, seed)
