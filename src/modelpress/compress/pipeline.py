@@ -80,6 +80,8 @@ class Pipeline:
         before: dict | None = None
         if evaluates:  # now too: the original's session then never sits beside the compressed model
             with rep.step(f"evaluating the original's export on {len(ctx.evaluation)} held-out samples"):
+                ctx.reference_outputs()  # torch's, then its mapped weights leave the resident set (below)
+                graph.drop_mapped_weights()
                 before = ctx.evaluate(Path(base.path)).metrics
         pass_log: list[dict] = []
         exporter: Exporter | None = None

@@ -10,7 +10,11 @@ share of the full float latency that putting it back in the lower precision remo
 not one kind alone: one INT8 kind among float neighbours pays its own Quantize/Dequantize pair (on the digits
 ViT each kind alone measured 0.90-1.02x while full INT8 measured 1.09x), which a neighbourhood in INT8 shares.
 The savings are scaled so that all kinds together give the measured full lower-precision model (``scale``:
-their interaction; left at 1 when the two disagree in sign, noted).
+their interaction). When the two disagree in sign (on MiniLM at batch 1 every leave-one-out variant measured
+faster than full INT8 in the same rounds, so the kinds summed to a loss while full INT8 saved 43%), the
+leave-one-out deltas say nothing usable: full INT8's measured saving is then shared among the kinds in
+proportion to their weights (their matmul work), and the note says so, rather than predicting full INT8 slower
+than float.
 """
 
 from __future__ import annotations
@@ -78,8 +82,10 @@ def precision_variants(space: Any) -> dict[str, dict[str, Any]]:
 
 
 def measure_precision_table(space: Any, speedups: dict[str, float], measured: dict[str, Any] | None = None,
-                            ) -> PrecisionTable:
-    """The table from measured ``speedups`` over full float of :func:`precision_variants`' configs."""
+                            weights: dict[str, float] | None = None) -> PrecisionTable:
+    """The table from measured ``speedups`` over full float of :func:`precision_variants`' configs.
+    ``weights``: each precision layer's weight count, for the fallback when the kinds and the full model
+    disagree in sign (without it their savings are left unscaled)."""
     kinds = layer_kinds(space)
     blocks = len({next(b.path for b in space.blocks if n.startswith(b.path + ".")) for n in space.precision_layers})
     savings: dict[str, dict[str, float]] = {k: {} for k in kinds}
@@ -95,8 +101,14 @@ def measure_precision_table(space: Any, speedups: dict[str, float], measured: di
         total = sum(raw.values())
         scale[p] = full[p] / total if abs(total) > 1e-9 and full[p] * total > 0 else 1.0
         if scale[p] == 1.0 and abs(total - full[p]) > 1e-9:
-            notes[p] = (f"the kinds' savings ({total:.4f} of full float) and full {p}'s ({full[p]:.4f}) disagree in "
-                        "sign: not scaled")
+            per_kind = {k: sum(weights.get(n, 0.0) for n in names) for k, names in kinds.items()} if weights else {}
+            if sum(per_kind.values()) > 0:
+                raw = {k: full[p] * per_kind[k] / sum(per_kind.values()) for k in kinds}
+                notes[p] = (f"the kinds' leave-one-out savings ({total:.4f} of full float) and full {p}'s "
+                            f"({full[p]:.4f}) disagree in sign: full {p}'s saving is shared by weight count")
+            else:
+                notes[p] = (f"the kinds' savings ({total:.4f} of full float) and full {p}'s ({full[p]:.4f}) disagree "
+                            "in sign: not scaled")
         for k, v in raw.items():
             savings[k][p] = v * scale[p] / max(blocks, 1)
     return PrecisionTable(savings, blocks, full, scale, dict(speedups), {**(measured or {}), "notes": notes})
@@ -104,10 +116,11 @@ def measure_precision_table(space: Any, speedups: dict[str, float], measured: di
 
 def build_precision_table(space: Any, export: Callable[[dict[str, Any], Path], Path], folder: Path,
                           measure: Callable[[dict[str, Path]], dict[str, dict[str, float]]],
-                          measured: dict[str, Any] | None = None) -> PrecisionTable:
+                          measured: dict[str, Any] | None = None,
+                          weights: dict[str, float] | None = None) -> PrecisionTable:
     """Export :func:`precision_variants` into ``folder`` with ``export(config, path)``, time them with
     ``measure(name -> ONNX)`` (interleaved with full float; returns per name ``vs_float``) and build the table."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {n: export(c, folder / f"{n.replace('@', '-')}.onnx") for n, c in precision_variants(space).items()}
     times = measure(files)
-    return measure_precision_table(space, {n: float(times[n]["vs_float"]) for n in files}, measured)
+    return measure_precision_table(space, {n: float(times[n]["vs_float"]) for n in files}, measured, weights)

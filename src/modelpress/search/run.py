@@ -268,7 +268,8 @@ class _Search:
                 ev.net.space, lambda c, p: ev.export(c, p), self.run / "precision",
                 lambda files: self.measure({n: Path(p).read_bytes() for n, p in files.items()}),
                 {"batch": ev.settings.batch, "seq": ev.settings.seq, "rounds": ev.settings.rounds,
-                 "interleaved_with": ["full-float", "full-int8"]})
+                 "interleaved_with": ["full-float", "full-int8"]},
+                {n: float(ev.net.graph.module.get_submodule(n).weight.numel()) for n in ev.net.space.precision_layers})
 
     # ----- after the loop (predicted latency): the front measured
     def measure_front(self, state: dict[str, Any], baselines: dict[str, Any], problem: Problem) -> None:
