@@ -261,6 +261,9 @@ class GlobalPrune(GraphPass):
             if rearranged:
                 run.history[-1]["rearrange"] = rearranged
             if cfg.reconstruct:
+                # the refit reads the original block by block (and drops each block it has passed): its weights
+                # mapped from the checkpoint, read by the saliency, need not all stay resident meanwhile
+                run.original.drop_mapped_weights()
                 run.history[-1]["reconstruct"] = reconstruct_pruned(
                     run.original, out, ctx, cfg.reconstruct_damp, cfg.reconstruct_mode, cfg.reconstruct_target,
                     cfg.reconstruct_samples, cfg.reconstruct_scope)

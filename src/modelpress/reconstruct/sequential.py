@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelpress.graph.mapped import drop_mapped_weights
 from modelpress.graph.run import as_tensors, call_module
 from modelpress.progress import QUIET, Reporter
 from modelpress.reconstruct import layers as L  # noqa: N812
@@ -347,6 +348,8 @@ class _Runner:
             while self.at < k:
                 self.cache = [None if c is None else self._call(self.at, c) for c in self.cache]
                 self.at += 1
+                # final: its weights mapped from a checkpoint (the original's) need not stay resident
+                drop_mapped_weights(self.blocks[self.at - 1])
 
     def run(self, i: int, stop: str) -> None:
         """Batch ``i`` until the hook on ``stop`` (or at any hook that raises) stops it."""
