@@ -22,6 +22,16 @@ def external_data_files(path: os.PathLike | str) -> list[Path]:
     return list(found.values())
 
 
+def remove_onnx(path: os.PathLike | str) -> None:
+    """Delete an ONNX model and the external data files it refers to (nothing if it is not there)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for data in external_data_files(path):
+        data.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def onnx_file_size(path: os.PathLike | str) -> int:
     """Bytes on disk of an ONNX model, external data files included."""
     path = Path(path)

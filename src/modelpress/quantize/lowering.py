@@ -159,6 +159,7 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
     """``speed.keep_faster`` on the real target: INT8 against this model in float, interleaved; the
     profiler's node times when INT8 loses; this graph's quantizers turned off where it gives up."""
 
+    from modelpress.export.files import remove_onnx
     from modelpress.quantize.fakequant import quant_layers, set_quant_state
     from modelpress.quantize.fallback import keep_float
     from modelpress.quantize.placement import export_float
@@ -173,7 +174,7 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
         set_quant_state(graph.module, weights=False, activations=False)
         try:
             export_float(graph.module, graph.example_inputs(2, 16 if text else None), to, names,
-                         graph.input_spec.dynamic_axes())
+                         graph.input_spec.dynamic_axes(), stream=True)
         finally:
             set_quant_state(graph.module, weights=True, activations=True)
 
@@ -197,7 +198,7 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
                 reexport=reexport, give_up=give_up, blocks=blocks, log=ctx.reporter.log,
             )
     finally:
-        float_path.unlink(missing_ok=True)
+        remove_onnx(float_path)  # with its external data, when streamed
 
 
 

@@ -577,6 +577,9 @@ def reconstruct_layers(
         stages = _stages(order_p, order_o, maps)
         chain_p = _find_chain(pruned_module, batches[0], input_names) if staged and sequential else None
         chain_o = _find_chain(original_module, batches[0], input_names) if staged else None
+        if chain_o is not None:  # those forwards read every weight; the runners read them block by block
+            drop_mapped_weights(original_module)
+            drop_mapped_weights(pruned_module)
         ro = _Runner(original_module, batches, input_names, chain_o)
         rp = _Runner(pruned_module, batches, input_names, chain_p) if sequential else None
         results: dict[str, LayerResult] = {}
