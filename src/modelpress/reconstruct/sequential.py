@@ -286,6 +286,11 @@ def _find_chain(module: nn.Module, batch: Any, input_names: Sequence[str] | None
     return best
 
 
+def _drop_after(module: nn.Module, _args: tuple, _out: Any) -> None:
+    """Forward hook: the block has run; its mapped weights leave the resident set (the output is unchanged)."""
+    drop_mapped_weights(module)
+
+
 class _Runner:
     """Runs one model on the calibration batches until a hook stops it: from the model's inputs, or, with a
     chain of blocks, from the cached inputs of the block the refit has reached (:meth:`advance`)."""
@@ -355,7 +360,14 @@ class _Runner:
         """Batch ``i`` until the hook on ``stop`` (or at any hook that raises) stops it."""
         k = self.block_of(stop)
         if self.at is None or k is None or k < self.at or self.cache[i] is None:
-            _run(self.module, self.batches[i], self.input_names)
+            # a whole forward (a layer after the chain: a pooler, a head): each block's weights mapped from a
+            # checkpoint leave the resident set once it has run, so they are not all resident at once
+            hooks = [b.register_forward_hook(_drop_after) for b in self.blocks]
+            try:
+                _run(self.module, self.batches[i], self.input_names)
+            finally:
+                for h in hooks:
+                    h.remove()
             return
         self._replay(i, k)
 
