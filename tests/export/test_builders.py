@@ -63,3 +63,17 @@ def test_the_child_needs_no_torch() -> None:
     code = "import sys, modelpress.export.builders; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_auto_leaves_onnxslim_out_for_a_large_model(tiny_bert, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """onnxslim loads the whole model (8.3x BERT-base at its peak): a large export's ``auto`` does not build it,
+    ONNX Runtime's candidates (tensors on disk) are built."""
+    from modelpress.export import onnx as export_module
+
+    model, spec = tiny_bert
+    monkeypatch.setattr(builders, "OUT_OF_PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(export_module, "OUT_OF_PROCESS_MIN_BYTES", 0)
+    result = export_onnx(model, spec, tmp_path / "bert.onnx", optimize="auto")
+    assert "onnxslim" not in result.candidates and {"none", "ort", "transformer"} <= set(result.candidates)
+    monkeypatch.setattr(export_module, "OUT_OF_PROCESS_MIN_BYTES", 1 << 40)  # a small model: built
+    assert "onnxslim" in export_onnx(model, spec, tmp_path / "small.onnx", optimize="auto").candidates

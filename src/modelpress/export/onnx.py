@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.export.builders import build_candidate, check_onnx
+from modelpress.export.builders import OUT_OF_PROCESS_MIN_BYTES, build_candidate, check_onnx
 from modelpress.export.files import move_onnx, onnx_file_size
 from modelpress.export.streamed import STREAM_MIN_BYTES, export_streamed, weight_bytes
 from modelpress.export.verify import DEFAULT_RTOL, Verification, compare_onnx, torch_reference
@@ -54,11 +54,11 @@ class CandidateTimer(Protocol):
     ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]: ...
 
 OPTIMIZATIONS = ("none", "ort", "transformer", "onnxslim")
-# the peak memory of building each candidate over the exported file's bytes (measured on BERT-base, 438 MB:
-# ONNX Runtime's offline optimization 0.9x; its transformer optimizer 8.7x with the save, which copies the graph
-# in several passes; onnxslim 7.1x), with a margin: a candidate that would not fit in the memory available is
-# skipped (auto) or refused (forced), not left to the kernel's out-of-memory killer
-BUILD_MEMORY = {"ort": 1.5, "transformer": 10.0, "onnxslim": 8.0}
+# the peak memory of building each candidate over the exported file's bytes (measured on BERT-base, 438 MB, in the
+# builder's child process: ONNX Runtime's offline optimization 1.1x; its transformer optimizer 1.3x with the tensors
+# left on disk for a large model (8.3x loaded whole); onnxslim 8.3x), with a margin: a candidate that would not fit
+# in the memory available is skipped (auto) or refused (forced), not left to the kernel's out-of-memory killer
+BUILD_MEMORY = {"ort": 1.5, "transformer": 2.0, "onnxslim": 9.0}
 
 # --------------------------------------------------------------------------------------------- results
 
@@ -305,7 +305,7 @@ def export_onnx(
         # candidates' builders and sessions (they read back from the file if the module runs again)
         drop_mapped_weights(module)
 
-        names = [n for n in OPTIMIZATIONS if _applicable(n, model_type)] if optimize == "auto" else [optimize]
+        names = [n for n in OPTIMIZATIONS if _applicable(n, model_type, plain)] if optimize == "auto" else [optimize]
         candidates: dict[str, Candidate] = {}
         paths: dict[str, Path] = {}
         options = {"model_type": model_type or "bert", "heads": adapters.attention_heads(module),
@@ -395,11 +395,14 @@ def _check_memory(name: str, plain: Path) -> None:
             "use optimize='none' (ONNX Runtime optimizes at session creation) or free memory")
 
 
-def _applicable(name: str, model_type: str | None) -> bool:
+def _applicable(name: str, model_type: str | None, plain: Path | None = None) -> bool:
+    """Whether ``auto`` builds candidate ``name``. onnxslim loads the whole model and peaks at 8.3x it (BERT-base),
+    so a large export (:data:`~modelpress.export.builders.OUT_OF_PROCESS_MIN_BYTES`) leaves it out of ``auto``
+    (asked for by name, it is built); ONNX Runtime's candidates build with the tensors on disk."""
     if name == "transformer":
         return model_type is not None
     if name == "onnxslim":
-        return onnxslim_available()
+        return onnxslim_available() and (plain is None or onnx_file_size(plain) < OUT_OF_PROCESS_MIN_BYTES)
     return True
 
 
