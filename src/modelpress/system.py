@@ -4,6 +4,7 @@ and handing freed memory back to the operating system."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import sys
@@ -114,8 +115,9 @@ _TRIM: Any = None  # glibc's malloc_trim, False where there is none
 
 
 def release_freed_memory() -> bool:
-    """Hand the heap memory this process freed back to the operating system (glibc's ``malloc_trim``; a
-    no-op returning False elsewhere).
+    """Collect Python's unreachable reference cycles (a dry run's or a trace's cut module copies: 240 MiB of
+    BERT-base's saliency step waited for the collector, measured), then hand the heap memory this process freed
+    back to the operating system (glibc's ``malloc_trim``; a no-op returning False elsewhere).
 
     glibc serves allocations below its dynamic mmap threshold (which grows to 32 MiB once such a block is
     freed) from the heap, and freed blocks in the middle of it stay resident: after a step that allocates
@@ -123,6 +125,7 @@ def release_freed_memory() -> bool:
     them and the next step's peak stacks on top (2 GiB on a 1B-parameter model). Cheap: call it after such
     steps."""
     global _TRIM
+    gc.collect()
     if _TRIM is None:
         _TRIM = False
         if platform.system() == "Linux":

@@ -239,6 +239,7 @@ def collect(
     grad_params = _grad_params(module, named, params) if wanted & _GRAD_STATS else {}
     reducer = _GradReducer(grad_params, wanted, dict(units or {}), probe.result) if grad_params else None
     total = len(batches) if hasattr(batches, "__len__") else None
+    release_freed_memory()  # earlier steps' garbage (cut module copies in reference cycles), not under the backward
     with probe.installed(module, stop_after, list(grad_params.values())), _hooked(reducer):
         for batch in reporter.track(batches, "collecting statistics", total=total):
             fed, probe.labels = _prepare(module, batch, label_key)
