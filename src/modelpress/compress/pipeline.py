@@ -14,6 +14,7 @@ from modelpress.errors import ModelpressError
 from modelpress.export.decoder import is_causal_lm
 from modelpress.graph import ModelGraph
 from modelpress.passes import Context, Exporter, as_graph_list
+from modelpress.system import release_freed_memory
 
 # below these agreements with the original, the report warns that the compressed model drifted far:
 # mean embedding cosine (encoders), next-token top-1 agreement (language models), top-1 agreement and mean
@@ -103,6 +104,12 @@ class Pipeline:
             # outputs are computed): its weights mapped from the checkpoint file leave the resident set, or a
             # full copy of them sits under the export, evaluation and timing sessions of the compressed model
             graph.drop_mapped_weights()
+            # the graphs' cached discovery (the traced program, dependency propagation, groups: ~100 MiB on
+            # BERT-base) is not read below; a later query traces again
+            graph.invalidate()
+            if isinstance(current, ModelGraph):
+                current.invalidate()
+            release_freed_memory()
         if current is graph:
             exported = base
         elif exporter is not None:
