@@ -29,7 +29,8 @@ before; both orders give the same refit up to float rounding (the blocks compute
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,16 +361,22 @@ class _Runner:
         """Batch ``i`` until the hook on ``stop`` (or at any hook that raises) stops it."""
         k = self.block_of(stop)
         if self.at is None or k is None or k < self.at or self.cache[i] is None:
-            # a whole forward (a layer after the chain: a pooler, a head): each block's weights mapped from a
-            # checkpoint leave the resident set once it has run, so they are not all resident at once
-            hooks = [b.register_forward_hook(_drop_after) for b in self.blocks]
-            try:
+            with self._dropping():
                 _run(self.module, self.batches[i], self.input_names)
-            finally:
-                for h in hooks:
-                    h.remove()
             return
         self._replay(i, k)
+
+    @contextlib.contextmanager
+    def _dropping(self) -> Iterator[None]:
+        """Around a whole forward (a layer after the chain: a pooler, a head, a residual consumer there): each
+        block's weights mapped from a checkpoint leave the resident set once it has run, so they are not all
+        resident at once."""
+        hooks = [b.register_forward_hook(_drop_after) for b in self.blocks]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
     def _replay(self, i: int, last: int) -> None:
         inputs = self.cache[i]
@@ -390,7 +397,8 @@ class _Runner:
             found = _probe_consumer(self.module, name, lambda: self._replay(len(self.cache) - 1, k + 1))
             if found is not None or k + 1 < len(self.blocks):
                 return found
-        return residual_consumer(self.module, name, self.batches[0], self.input_names)
+        with self._dropping():
+            return residual_consumer(self.module, name, self.batches[0], self.input_names)
 
 
 def _first_sample(batch: Any) -> Any:
