@@ -6,7 +6,7 @@ builder frees stays partly resident in the process that ran it, so in-process ev
 ``compress`` stacked its own peak on top of that leftover (5-6x BERT-base's weights); a child returns all of it
 when it exits. There the tensors stay on disk: ONNX Runtime writes its optimized graph's tensors to a data file,
 and the transformer optimizer fuses the graph with its tensors unloaded, reading the few it rewrites (BERT-base:
-its child peaks at 1.3x the file, 8.3x when it loaded the model whole). Small models build in-process: a child
+its child peaks at 1.3x the file, 7.9x when it loaded the model whole). Small models build in-process: a child
 costs about 1.4 s of imports per candidate.
 """
 
@@ -106,8 +106,8 @@ def _fuse_on_disk(src: Path, dst: Path, model_type: str, num_heads: int, hidden:
     """The transformer optimizer at its default ``level`` for ``model_type`` (0: fusions only; 1: ONNX Runtime's
     basic optimization first, as it does), with the graph's tensors left in their data file: the fusions read the
     few they rewrite (the Q, K and V weights they pack) from disk, and the result's tensors are copied into
-    ``<dst>.data`` one at a time. Loaded whole, the optimizer held 5-6x BERT-base's weights (2.3 GB resident
-    after fusing, 2.7 GB peak at level 0; 3.3 GB at level 1); so, about 1x (measured)."""
+    ``<dst>.data`` one at a time. Loaded whole, the optimizer peaked at 2.6 GiB (level 0) and 3.2 GiB (level 1) on
+    BERT-base's 0.41 GiB; so, 0.5 GiB (measured in a child process each)."""
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 

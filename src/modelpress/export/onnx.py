@@ -56,7 +56,7 @@ class CandidateTimer(Protocol):
 OPTIMIZATIONS = ("none", "ort", "transformer", "onnxslim")
 # the peak memory of building each candidate over the exported file's bytes (measured on BERT-base, 438 MB, in the
 # builder's child process: ONNX Runtime's offline optimization 1.1x; its transformer optimizer 1.3x with the tensors
-# left on disk for a large model (8.3x loaded whole); onnxslim 8.3x), with a margin: a candidate that would not fit
+# left on disk for a large model (7.9x loaded whole); onnxslim 8.3x), with a margin: a candidate that would not fit
 # in the memory available is skipped (auto) or refused (forced), not left to the kernel's out-of-memory killer
 BUILD_MEMORY = {"ort": 1.5, "transformer": 2.0, "onnxslim": 9.0}
 
