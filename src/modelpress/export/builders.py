@@ -130,36 +130,41 @@ def _fuse_on_disk(src: Path, dst: Path, model_type: str, num_heads: int, hidden:
 
 
 def _save_streamed(model: Any, dst: Path, threshold: int = 1024) -> None:
-    """Save ``model`` at ``dst`` with every tensor of ``threshold`` bytes or more in ``<dst>.data``, each read from
-    where it is (the protobuf, or a data file named relative to the working directory) and written one at a
-    time."""
+    """Save ``model`` at ``dst`` with every initializer of ``threshold`` bytes or more, and every tensor already in
+    a data file, in ``<dst>.data``, each read from where it is (the protobuf, or a data file named relative to the
+    working directory) and written one at a time."""
     import os
 
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     data = dst.with_name(_data_name(dst))
+
+    def read_external(tensor: Any) -> bytes:
+        info = {e.key: e.value for e in tensor.external_data}
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else os.path.getsize(info["location"]) - offset
+        with open(info["location"], "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def write(out: Any, tensor: Any, raw: bytes) -> None:
+        at = out.tell()
+        out.write(raw)
+        del tensor.external_data[:]
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data.name), ("offset", str(at)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
     with open(data, "wb") as out:
-        for tensor in _get_all_tensors(model):
-            if uses_external_data(tensor):
-                info = {e.key: e.value for e in tensor.external_data}
-                offset = int(info.get("offset", 0))
-                length = int(info["length"]) if "length" in info else os.path.getsize(info["location"]) - offset
-                with open(info["location"], "rb") as f:
-                    f.seek(offset)
-                    raw = f.read(length)
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
-                raw = tensor.raw_data
-            else:
-                continue
-            at = out.tell()
-            out.write(raw)
-            del tensor.external_data[:]
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data.name), ("offset", str(at)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+        for tensor in model.graph.initializer:  # large initializers out of the protobuf
+            if not uses_external_data(tensor) and tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+                write(out, tensor, tensor.raw_data)
+        for tensor in _get_all_tensors(model):  # and everything still in another data file, into this one
+            if uses_external_data(tensor) and {e.key: e.value for e in tensor.external_data}.get("location") != data.name:
+                write(out, tensor, read_external(tensor))
     onnx.save_model(model, str(dst))
 
 
