@@ -131,6 +131,8 @@ class RepQPass(GraphPass):
         cfg = self.config
         batches = calibration_batches(ctx, cfg.samples)
         out = graph.copy()
+        if hasattr(graph, "drop_mapped_weights"):  # the original is read again only by the auto-float scan at the end
+            graph.drop_mapped_weights()
         folded = out.fold_norms() if cfg.fold_norms and hasattr(out, "fold_norms") else []
         pairs = out.norm_consumers() if hasattr(out, "norm_consumers") else []
         # the blocks stage reconstruction's statistics at either granularity (one block's Hessians held at a time)
