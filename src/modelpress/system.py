@@ -236,15 +236,22 @@ _MADV_DONTNEED = 4  # Linux madvise advice
 
 def _file_mappings() -> list[tuple[int, int]]:
     """Sorted (start, end) addresses of this process's mappings backed by a file on disk (not anonymous memory,
-    not the heap or stack)."""
+    not the heap or stack) that hold no written page: a written page of a private file mapping is an anonymous
+    copy (smaps' ``Anonymous``), and dropping it would bring the file's bytes back in its place."""
     spans = []
-    with open("/proc/self/maps") as f:
+    current: tuple[int, int] | None = None
+    with open("/proc/self/smaps") as f:
         for line in f:
             parts = line.split(maxsplit=5)
-            if len(parts) < 6 or parts[4] == "0" or not parts[5].startswith("/"):  # inode 0: anonymous
-                continue
-            start, end = parts[0].split("-")
-            spans.append((int(start, 16), int(end, 16)))
+            if parts and "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:  # a mapping's header line
+                current = None
+                if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):  # inode 0: anonymous
+                    start, end = parts[0].split("-")
+                    current = (int(start, 16), int(end, 16))
+                    spans.append(current)
+            elif current is not None and parts[0] == "Anonymous:" and int(parts[1]) > 0:
+                spans.remove(current)  # written to since it was mapped: left alone
+                current = None
     return sorted(spans)
 
 
@@ -253,10 +260,11 @@ def drop_file_pages(ranges: Iterable[tuple[int, int]]) -> int:
     inside a mapping of a file; other ranges are left alone. Returns the bytes advised away (0 off Linux).
 
     A later read of such a page faults it back in from the file (usually still in the page cache), so the
-    memory reads the same afterwards, except where it was written since it was mapped (a private mapping's
-    written page goes back to the file's bytes): call it only on memory never written, such as the weights
-    a Hugging Face ``from_pretrained`` maps from model.safetensors. A run that has read every weight of the
-    original (its export, a pass's saliency) otherwise keeps a full copy of them resident to its end."""
+    memory reads the same afterwards. A mapping with any page written since it was mapped (a private mapping's
+    written page is an anonymous copy, which dropping would replace with the file's bytes) is left alone
+    whole, so weights changed in place through ``.data`` (which no tensor version counts) are never lost. A run
+    that has read every weight of the original (its export, a pass's saliency) otherwise keeps a full copy of
+    them resident to its end."""
     if platform.system() != "Linux":
         return 0
     try:

@@ -103,6 +103,26 @@ def test_an_export_leaves_the_weights_it_traced_on_disk(tmp_path):
     assert _mapped_rss(weights) < 0.1 * weights.stat().st_size
 
 
+def test_weights_written_through_data_are_never_dropped(tmp_path):
+    """An in-place write through ``.data`` bumps no tensor version; the written page is a private copy of the
+    file's, and dropping it would bring the file's bytes back. A mapping with a written page is left alone."""
+    import transformers as T
+
+    from modelpress.models.loaders import load_hf
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=1024)
+    T.BertModel(config).save_pretrained(tmp_path)
+    graph = load_hf(tmp_path)
+    weight = graph.module.encoder.layer[0].intermediate.dense.weight
+    weight.data.add_(1.0)  # the user's edit
+    assert weight._version == 0
+    edited = weight.detach().clone()
+    graph.drop_mapped_weights()
+    assert torch.equal(weight.detach(), edited)
+
+
 def test_memory_that_is_not_a_file_mapping_is_left_alone():
     """A tensor in ordinary (anonymous) memory: nothing is dropped and its values stay (dropping anonymous pages
     would zero them)."""
