@@ -55,10 +55,12 @@ class CandidateTimer(Protocol):
 
 OPTIMIZATIONS = ("none", "ort", "transformer", "onnxslim")
 # the peak memory of building each candidate over the exported file's bytes (measured on BERT-base, 438 MB, in the
-# builder's child process: ONNX Runtime's offline optimization 1.1x; its transformer optimizer 1.3x with the tensors
-# left on disk for a large model (7.9x loaded whole); onnxslim 8.3x), with a margin: a candidate that would not fit
-# in the memory available is skipped (auto) or refused (forced), not left to the kernel's out-of-memory killer
-BUILD_MEMORY = {"ort": 1.5, "transformer": 2.0, "onnxslim": 9.0}
+# builder's child process: ONNX Runtime's offline optimization 1.1x; its transformer optimizer 7.9x loaded whole,
+# as a small model builds in-process, and 1.3x with the tensors left on disk, as a large model's child builds it;
+# onnxslim 8.3x), with a margin: a candidate that would not fit in the memory available is skipped (auto) or
+# refused (forced), not left to the kernel's out-of-memory killer
+BUILD_MEMORY = {"ort": 1.5, "transformer": 10.0, "onnxslim": 9.0}
+ON_DISK_BUILD_MEMORY = {"transformer": 2.0}  # exports of OUT_OF_PROCESS_MIN_BYTES and more
 
 # --------------------------------------------------------------------------------------------- results
 
@@ -386,11 +388,14 @@ def export_onnx(
 
 def _check_memory(name: str, plain: Path) -> None:
     """Refuse to build candidate ``name`` when its builder's usual peak exceeds the memory available."""
-    need = BUILD_MEMORY.get(name, 0.0) * onnx_file_size(plain)
+    size = onnx_file_size(plain)
+    factor = (ON_DISK_BUILD_MEMORY if size >= OUT_OF_PROCESS_MIN_BYTES else BUILD_MEMORY).get(
+        name, BUILD_MEMORY.get(name, 0.0))
+    need = factor * size
     free = available_memory()
     if free is not None and need > free:
         raise ModelpressError(
-            f"building the {name!r} candidate needs about {need / 2**30:.1f} GiB ({BUILD_MEMORY[name]}x the "
+            f"building the {name!r} candidate needs about {need / 2**30:.1f} GiB ({factor}x the "
             f"{onnx_file_size(plain) / 2**30:.2f} GiB model), {free / 2**30:.1f} GiB is available",
             "use optimize='none' (ONNX Runtime optimizes at session creation) or free memory")
 
