@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from modelpress.system import drop_file_pages
+from modelpress.system import drop_file_pages, file_mappings_frozen
 
-__all__ = ["drop_mapped_weights"]
+__all__ = ["drop_mapped_weights", "file_mappings_frozen"]
 
 
 def drop_mapped_weights(module: nn.Module) -> int:

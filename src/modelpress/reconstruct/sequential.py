@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.graph.mapped import drop_mapped_weights
+from modelpress.graph.mapped import drop_mapped_weights, file_mappings_frozen
 from modelpress.graph.run import as_tensors, call_module
 from modelpress.progress import QUIET, Reporter
 from modelpress.reconstruct import layers as L  # noqa: N812
@@ -591,46 +591,47 @@ def reconstruct_layers(
     original_module.eval()
     pruned_module.eval()
     try:
-        order_p = _order(pruned_module, list(layer_map), batches[0], input_names)
-        order_o = _order(original_module, sorted({m.original for m in layer_map.values()}), batches[0], input_names)
-        maps = {n: m for n, m in layer_map.items() if n in order_p and m.original in order_o}
-        stages = _stages(order_p, order_o, maps)
-        chain_p = _find_chain(pruned_module, batches[0], input_names) if staged and sequential else None
-        chain_o = _find_chain(original_module, batches[0], input_names) if staged else None
-        if chain_o is not None:  # those forwards read every weight; the runners read them block by block
-            drop_mapped_weights(original_module)
-            drop_mapped_weights(pruned_module)
-        ro = _Runner(original_module, batches, input_names, chain_o)
-        rp = _Runner(pruned_module, batches, input_names, chain_p) if sequential else None
-        results: dict[str, LayerResult] = {}
-        for stage in reporter.track(stages, "reconstructing layers", total=len(stages)):
-            first = stage[0]
-            pmod = pruned_module.get_submodule(first)
-            many = [n for n in stage if order_p[n][1] > 1 or order_o[maps[n].original][1] > 1]
-            for n in many:
-                results[n] = LayerResult(0.0, 0.0, False, ["called more than once per forward: not refit"])
-            todo = [n for n in stage if n not in many]
-            if not todo:
-                continue
-            kept_cols = L.columns(pmod, maps[first].inputs)
-            layers = [(n, original_module.get_submodule(maps[n].original),
-                       torch.as_tensor(maps[n].outputs, dtype=torch.long)) for n in todo]
-            ro.advance(maps[first].original)
-            if rp is not None:
-                rp.advance(first)
-            consumers = None
-            if residual and rp is not None and len(todo) == 1:
-                cp, co = rp.consumer(first), ro.consumer(maps[first].original)
-                consumers = (cp, co) if cp is not None and co is not None else None
-            stats = _collect(ro, rp, first, maps[first].original, kept_cols, layers, consumers)
-            for n in todo:
-                if n not in stats:
-                    continue  # the batches never reached it
-                results[n] = _refit_one(n, pruned_module.get_submodule(n), stats[n], damp, intercept, add_bias, mode)
-                reporter.log(f"  reconstructed {n}: output error {results[n].error_before:.4g} -> "
-                             f"{results[n].error_after:.4g}{'' if results[n].applied else ' (kept)'}")
-            del stats
-        return results
+        with file_mappings_frozen():  # a drop after every block of every forward: mappings read once
+            order_p = _order(pruned_module, list(layer_map), batches[0], input_names)
+            order_o = _order(original_module, sorted({m.original for m in layer_map.values()}), batches[0], input_names)
+            maps = {n: m for n, m in layer_map.items() if n in order_p and m.original in order_o}
+            stages = _stages(order_p, order_o, maps)
+            chain_p = _find_chain(pruned_module, batches[0], input_names) if staged and sequential else None
+            chain_o = _find_chain(original_module, batches[0], input_names) if staged else None
+            if chain_o is not None:  # those forwards read every weight; the runners read them block by block
+                drop_mapped_weights(original_module)
+                drop_mapped_weights(pruned_module)
+            ro = _Runner(original_module, batches, input_names, chain_o)
+            rp = _Runner(pruned_module, batches, input_names, chain_p) if sequential else None
+            results: dict[str, LayerResult] = {}
+            for stage in reporter.track(stages, "reconstructing layers", total=len(stages)):
+                first = stage[0]
+                pmod = pruned_module.get_submodule(first)
+                many = [n for n in stage if order_p[n][1] > 1 or order_o[maps[n].original][1] > 1]
+                for n in many:
+                    results[n] = LayerResult(0.0, 0.0, False, ["called more than once per forward: not refit"])
+                todo = [n for n in stage if n not in many]
+                if not todo:
+                    continue
+                kept_cols = L.columns(pmod, maps[first].inputs)
+                layers = [(n, original_module.get_submodule(maps[n].original),
+                           torch.as_tensor(maps[n].outputs, dtype=torch.long)) for n in todo]
+                ro.advance(maps[first].original)
+                if rp is not None:
+                    rp.advance(first)
+                consumers = None
+                if residual and rp is not None and len(todo) == 1:
+                    cp, co = rp.consumer(first), ro.consumer(maps[first].original)
+                    consumers = (cp, co) if cp is not None and co is not None else None
+                stats = _collect(ro, rp, first, maps[first].original, kept_cols, layers, consumers)
+                for n in todo:
+                    if n not in stats:
+                        continue  # the batches never reached it
+                    results[n] = _refit_one(n, pruned_module.get_submodule(n), stats[n], damp, intercept, add_bias, mode)
+                    reporter.log(f"  reconstructed {n}: output error {results[n].error_before:.4g} -> "
+                                 f"{results[n].error_after:.4g}{'' if results[n].applied else ' (kept)'}")
+                del stats
+            return results
     finally:
         original_module.train(was[0])
         pruned_module.train(was[1])
