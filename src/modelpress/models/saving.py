@@ -189,6 +189,14 @@ def save(graph: ModelGraph, directory: str | os.PathLike, *, overwrite: bool = T
     return target
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is the whole of a contiguous storage (safetensors writes it from its memory, no
+    copy: a second copy of the model at save time is what a 1B model cannot afford); else a contiguous copy
+    (a view into a larger storage, which safetensors refuses as shared memory)."""
+    whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if t.is_contiguous() and whole else t.clone(memory_format=torch.contiguous_format)
+
+
 def write_into(graph: ModelGraph, folder: Path) -> None:
     """Write the model files into an existing folder (no atomicity; see ``save``)."""
     state = {}
@@ -198,7 +206,7 @@ def write_into(graph: ModelGraph, folder: Path) -> None:
         if key in seen and t.numel() > 0:  # tied weights: store once, note the alias
             continue
         seen[key] = name
-        state[name] = t.detach().contiguous().clone()
+        state[name] = _own_storage(t.detach())
     aliases = {
         name: seen[t.data_ptr()]
         for name, t in graph.module.state_dict().items()
