@@ -378,7 +378,7 @@ def run_cli(name: str, folder: Path, params: int) -> dict:
     import io
 
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        cli.app(args=args, prog_name="modelpress", standalone_mode=False)
+        cli.main(args)  # the command's entry point: its allocator setting (system.apply_malloc_setting) included
     sampler.stop()
     report = json.loads(printed.getvalue())
     weights = 4 * params
