@@ -293,6 +293,20 @@ def file_mappings_frozen() -> Iterator[None]:
         _frozen_mappings = None
 
 
+def file_backed(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges ((address, bytes) pairs) that lie wholly inside a file mapping with no written page, those
+    :func:`drop_file_pages` would drop ([] off Linux)."""
+    if platform.system() != "Linux":
+        return []
+    try:
+        if _frozen_mappings is not None:
+            return _inside(_frozen_mappings, list(ranges))
+        candidates = _inside(_file_mappings("/proc/self/maps"), list(ranges))
+        return _inside(_file_mappings(), candidates) if candidates else []
+    except OSError:
+        return []
+
+
 def drop_file_pages(ranges: Iterable[tuple[int, int]]) -> int:
     """Drop from this process's resident set the whole pages of ``ranges`` ((address, bytes) pairs) that lie
     inside a mapping of a file; other ranges are left alone. Returns the bytes advised away (0 off Linux).
@@ -303,21 +317,14 @@ def drop_file_pages(ranges: Iterable[tuple[int, int]]) -> int:
     whole, so weights changed in place through ``.data`` (which no tensor version counts) are never lost. A run
     that has read every weight of the original (its export, a pass's saliency) otherwise keeps a full copy of
     them resident to its end."""
-    if platform.system() != "Linux":
+    # maps first (cheap): weights in ordinary memory, the common case, never read smaps (called after every
+    # block of a refit's forwards, where smaps' page-table walk cost minutes over a test suite)
+    candidates = file_backed(ranges)
+    if not candidates:
         return 0
     try:
         import ctypes
 
-        # maps first (cheap): weights in ordinary memory, the common case, never read smaps (called after
-        # every block of a refit's forwards, where smaps' page-table walk cost minutes over a test suite)
-        if _frozen_mappings is not None:
-            candidates = _inside(_frozen_mappings, list(ranges))
-        else:
-            candidates = _inside(_file_mappings("/proc/self/maps"), list(ranges))
-            if candidates:
-                candidates = _inside(_file_mappings(), candidates)
-        if not candidates:
-            return 0
         madvise = ctypes.CDLL("libc.so.6").madvise
     except (OSError, AttributeError):
         return 0

@@ -218,3 +218,22 @@ def test_removing_blocks_at_once_equals_one_at_a_time():
     _assert_weights_follow_lineage(at_once, original)
     with pytest.raises(KeyError, match="not a removable block"):
         at_once.remove_blocks(["encoder.layer.9"])
+
+
+def test_a_hook_registered_around_a_snapshot_and_restore_is_removed_by_its_handle():
+    """The dry run snapshots and restores every module per trial; a hook put on a module before (a pass's
+    probe, the mapped-weight drops around the dry run) must still go when its handle is removed."""
+    from modelpress.graph import edit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    calls = []
+    handle = model[0].register_forward_hook(lambda *_: calls.append(1))
+    saved = edit.snapshot(model)
+    model[0].weight = torch.nn.Parameter(torch.zeros(8, 4))
+    edit.restore(saved)
+    model(torch.ones(1, 4))
+    assert calls == [1]
+    handle.remove()
+    model(torch.ones(1, 4))
+    assert calls == [1], "the hook outlived its handle's removal"

@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from modelpress.system import drop_file_pages
+from modelpress.system import drop_file_pages, release_freed_memory
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="/proc/self/maps and madvise: Linux only")
 
@@ -130,3 +130,107 @@ def test_memory_that_is_not_a_file_mapping_is_left_alone():
     storage = t.untyped_storage()
     assert drop_file_pages([(storage.data_ptr(), storage.nbytes())]) == 0
     assert torch.equal(t, torch.arange(1 << 20, dtype=torch.float32) + 1)
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_spilled_weights_compute_the_same_leave_the_resident_set_and_save_without_a_copy(tmp_path):
+    """A model in ordinary memory (a pruned copy) spilled to files: bit-identical outputs, its anonymous memory
+    freed, its weights then droppable; tied weights stay tied; it saves and reloads the same; a write into a
+    spilled weight stays in memory and the file's bytes never come back over it."""
+    import transformers as T
+
+    from modelpress import models
+    from modelpress.graph import ModelGraph
+    from modelpress.models.loaders import hf_input_spec
+    from modelpress.models.saving import load_saved
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=1024)
+    graph = ModelGraph(T.BertModel(config).eval(), hf_input_spec(T.BertModel(config)),
+                       {"kind": "hf", "class": "BertModel", "config": config.to_dict()}, name="bert")
+    x = graph.example_inputs(2, 16)
+    torch.set_grad_enabled(False)  # no autograd graph holding the weights
+    out = graph.forward(x)
+    weights = sum(p.numel() * p.element_size() for p in graph.module.parameters())
+    anon = _rss_anon()
+    spilled = graph.spill_weights(tmp_path / "spill")
+    release_freed_memory()  # glibc's heap keeps freed blocks until trimmed (the pipeline trims after spilling)
+    assert spilled >= weights
+    assert anon - _rss_anon() > 0.8 * weights  # the anonymous copies are gone
+    assert torch.equal(graph.forward(x), out)
+    assert graph.drop_mapped_weights() > 0.9 * weights
+    assert torch.equal(graph.forward(x), out)
+    models.save(graph, tmp_path / "saved")
+    assert torch.equal(load_saved(tmp_path / "saved").forward(x), out)
+    w = graph.module.encoder.layer[0].output.dense.weight
+    w.data[0, 0] = 123.0  # through .data: no version counted
+    graph.drop_mapped_weights()
+    assert float(w[0, 0]) == 123.0
+    torch.set_grad_enabled(True)
+
+
+def test_spilling_keeps_tied_weights_tied(tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.GPT2Config(vocab_size=500, n_embd=64, n_layer=2, n_head=2, n_positions=64)
+    model = T.GPT2LMHeadModel(config).eval()
+    from modelpress.graph.mapped import spill_weights
+
+    ids = torch.randint(0, 500, (1, 12))
+    out = model(ids).logits
+    spill_weights(model, tmp_path)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.untyped_storage().data_ptr() == model.transformer.wte.weight.untyped_storage().data_ptr()
+    assert torch.equal(model(ids).logits, out)
+
+
+def test_a_pass_over_data_holds_one_layers_mapped_weights_resident(tmp_path):
+    """Saliency's forwards and backwards read every weight: under ``dropped_after_use`` (as ``data.probes.collect``
+    runs them) each layer's mapped weights leave the resident set once read, so at no layer of the forward is
+    the checkpoint's file resident whole; gradients and outputs are the same as without it."""
+    import transformers as T
+
+    from modelpress.graph.mapped import dropped_after_use
+    from modelpress.models.loaders import load_hf
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=1024)
+    T.BertModel(config).save_pretrained(tmp_path)
+    graph = load_hf(tmp_path)
+    weights = (tmp_path / "model.safetensors").resolve()
+    x = graph.example_inputs(2, 16)
+    module = graph.module
+
+    def grads() -> tuple[torch.Tensor, dict]:
+        module.zero_grad(set_to_none=True)
+        out = module(**x).last_hidden_state
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    out, expected = grads()
+    graph.drop_mapped_weights()
+    seen = []
+    last = module.encoder.layer[-1]
+    probe = last.register_forward_hook(lambda *_: seen.append(_mapped_rss(weights)))
+    try:
+        with dropped_after_use(module) as done:
+            got_out, got = grads()
+            for p in module.parameters():
+                done(p)
+    finally:
+        probe.remove()
+    size = weights.stat().st_size
+    assert seen and max(seen) < 0.5 * size, f"{max(seen) / size:.2f} of the file resident at the last layer"
+    assert _mapped_rss(weights) < 0.1 * size
+    assert torch.equal(got_out, out)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)

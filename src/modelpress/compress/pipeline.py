@@ -109,6 +109,13 @@ class Pipeline:
             graph.invalidate()
             if isinstance(current, ModelGraph):
                 current.invalidate()
+                # its weights into files of the work folder, mapped: read by its export, evaluation and decoder
+                # export, then off the resident set under the ONNX Runtime sessions (the export's candidates, the
+                # timing), where a second full copy of the model otherwise sits
+                try:
+                    current.spill_weights(workdir / "compressed-weights")
+                except OSError as exc:  # a full disk: the weights stay in memory
+                    rep.log(f"compressed weights kept in memory ({exc})")
             release_freed_memory()
         if current is graph:
             exported = base
@@ -149,6 +156,8 @@ class Pipeline:
             simulated = current if getattr(exported, "log_export", None) else None
             report.update(self._evaluate(before, onnx_path, ctx, simulated))
         if measure and ctx.target is not None:
+            if current is not graph and isinstance(current, ModelGraph):
+                current.drop_mapped_weights()  # read by the evaluation (a simulated export runs it)
             report["latency"] = self._measure(graph, Path(base.path), onnx_path, ctx)
         decoder = None
         if is_causal_lm(graph.module):  # LM users generate: the cached decoders, and their generation speed

@@ -56,6 +56,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from modelpress.data.sampling import RowSample
 from modelpress.errors import ModelpressError
 from modelpress.graph.inputs import primary_output
+from modelpress.graph.mapped import dropped_after_use
 from modelpress.graph.run import call_module
 from modelpress.progress import QUIET, Reporter
 from modelpress.system import release_freed_memory
@@ -240,7 +241,12 @@ def collect(
     reducer = _GradReducer(grad_params, wanted, dict(units or {}), probe.result) if grad_params else None
     total = len(batches) if hasattr(batches, "__len__") else None
     release_freed_memory()  # earlier steps' garbage (cut module copies in reference cycles), not under the backward
-    with probe.installed(module, stop_after, list(grad_params.values())), _hooked(reducer):
+    # weights mapped from the checkpoint (the original's, shared by a pruned copy) are read by every forward and
+    # backward: each layer's leave the resident set once read, so one layer's are resident, not the model's
+    with probe.installed(module, stop_after, list(grad_params.values())), _hooked(reducer), \
+            dropped_after_use(module) as done:
+        if reducer is not None:
+            reducer.done = done
         for batch in reporter.track(batches, "collecting statistics", total=total):
             fed, probe.labels = _prepare(module, batch, label_key)
             if "per_class" in wanted and probe.labels is None:
@@ -386,12 +392,14 @@ class _GradReducer:
         self.per_batch: dict[str, list[torch.Tensor]] = {n: [] for n in params} if self.store else {}
         self.sums: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.seen: set[str] = set()
+        self.done: Callable[[torch.Tensor], None] = lambda t: None
 
     def hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def reduce(p: torch.Tensor) -> None:
             g = p.grad.detach()
             p.grad = None
             self.take(name, p.detach(), g)
+            self.done(p)  # the backward has read the weight: mapped from a file, it may leave the resident set
 
         return reduce
 

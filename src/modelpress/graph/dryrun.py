@@ -19,6 +19,7 @@ from torch import nn
 
 from modelpress.graph import edit as _edit
 from modelpress.graph.groups import Group
+from modelpress.graph.mapped import drop_mapped_weights
 
 Runner = Callable[[nn.Module], torch.Tensor]  # runs a module on the example inputs, returns its primary output
 
@@ -69,6 +70,7 @@ class _Trial:
             return f"{type(exc).__name__}: {first}" + (f" (in {where})" if where else ""), where
         finally:
             _edit.restore(saved)
+            drop_mapped_weights(self.module)  # the removal read the kept units of mapped weights: off again
         if shape != self.shape:
             return f"changes the output shape {self.shape} -> {shape}", None
         return None

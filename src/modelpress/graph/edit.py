@@ -104,7 +104,8 @@ class Snapshot:
 
     def __init__(self, root: nn.Module) -> None:
         self.modules = [
-            (m, {k: _copied(v) for k, v in m.__dict__.items() if k not in _REGISTRIES}, dict(m._parameters),
+            (m, {k: v if "hooks" in k else _copied(v) for k, v in m.__dict__.items() if k not in _REGISTRIES},
+             dict(m._parameters),
              dict(m._buffers), dict(m._modules), set(m._non_persistent_buffers_set))
             for m in root.modules()
         ]
@@ -116,7 +117,10 @@ class Snapshot:
         """Put every module back as it was, buffers' data included (see the class)."""
         for m, attrs, params, buffers, children, non_persistent in self.modules:
             m.__dict__.clear()
-            m.__dict__.update({k: _copied(v) for k, v in attrs.items()})
+            # torch's hook registries (``_forward_hooks``...) are kept as the same objects, not copied: a handle
+            # removes its hook from the dict it was put in, so a copy would keep a hook registered around the edit
+            # (a dry run's) on the module forever
+            m.__dict__.update({k: v if "hooks" in k else _copied(v) for k, v in attrs.items()})
             m._parameters, m._buffers, m._modules = dict(params), dict(buffers), dict(children)
             m._non_persistent_buffers_set = set(non_persistent)
         with torch.no_grad():

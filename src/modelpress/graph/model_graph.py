@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
 from modelpress.graph.lineage import Lineage, renumber
-from modelpress.graph.mapped import drop_mapped_weights
+from modelpress.graph.mapped import drop_mapped_weights, dropped_after_use, spill_weights
 from modelpress.graph.stats import foldable_norms, norm_consumers, summarize
 from modelpress.system import release_freed_memory
 
@@ -167,6 +168,11 @@ class ModelGraph:
         (:func:`modelpress.graph.mapped.drop_mapped_weights`); returns the bytes dropped."""
         return drop_mapped_weights(self.module)
 
+    def spill_weights(self, folder: str | os.PathLike) -> int:
+        """Move this graph's weights into files in ``folder``, mapped (:func:`modelpress.graph.mapped.spill_weights`),
+        so that :meth:`drop_mapped_weights` can take them off the resident set; returns the bytes spilled."""
+        return spill_weights(self.module, folder)
+
     def example_inputs(self, batch: int = 1, seq_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         return self.input_spec.make_torch(batch, seq_len, seed)
 
@@ -261,11 +267,12 @@ class ModelGraph:
     def _dry_run(self, groups: list[Group]) -> None:
         """Fix every group whose removal breaks the model (see ``modelpress.graph.dryrun``)."""
         run = self._runner()
-        try:
-            self._output_shape = tuple(run(self.module).shape)
-        except Exception:  # noqa: BLE001 - a module that does not run as is: nothing to compare against
-            return
-        mark_fixed(groups, failing_groups(self.module, groups, run, DRY_RUN_FRACTION, self._output_shape))
+        with dropped_after_use(self.module):  # a forward per group: mapped weights resident one layer at a time
+            try:
+                self._output_shape = tuple(run(self.module).shape)
+            except Exception:  # noqa: BLE001 - a module that does not run as is: nothing to compare against
+                return
+            mark_fixed(groups, failing_groups(self.module, groups, run, DRY_RUN_FRACTION, self._output_shape))
 
     def group(self, name: str) -> Group:
         for g in self.groups:

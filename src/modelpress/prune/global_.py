@@ -159,6 +159,7 @@ class GlobalPrune(GraphPass):
         cfg = self.config
         latency_fn = _latency_fn(ctx) if self.needs_latency_model else None
         _ = graph.groups, graph.blocks  # discovered on the original (one model in memory), carried by the copy
+        graph.drop_mapped_weights()  # the discovery's dry runs read every weight: off the resident set again
         # the copy shares the original's weights until an edit replaces them (removal slices new tensors, the refit
         # puts new storage in): the pass holds the original plus what it cut, not two models; owned on the way out
         out = graph.copy(share_weights=True)
@@ -252,6 +253,9 @@ class GlobalPrune(GraphPass):
             rearranged = None
             if cfg.rearrange:
                 plan, rearranged = rearranged_plan(out, plan, ctx, cfg.rearrange_samples)
+            # the saliency (and the rearrangement) read every weight of the copy, shared with the original's
+            # mapped ones: off the resident set before the removal slices new tensors beside them
+            run.original.drop_mapped_weights()
             out.remove_many(list(plan.items()))
             out.remove_blocks(list(blocks))
             after = Costs(out, cfg.target, run.latency_fn).total(out)
