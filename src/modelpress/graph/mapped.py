@@ -51,12 +51,11 @@ def dropped_after_use(module: nn.Module) -> Iterator[Callable[[torch.Tensor], No
     weight's last use of a step is known (its gradient has been taken: the backward read it again). The
     mappings are read once (:func:`file_mappings_frozen`): nothing inside may write a mapped weight in place.
     A model without mapped weights gets no hooks."""
+    owners = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    if not file_backed(_spans(p for m in owners for p in m.parameters(recurse=False)).items()):
+        yield lambda t: None  # the common case (weights in ordinary memory): one read of /proc/self/maps
+        return
     with file_mappings_frozen():
-        owners = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
-        mapped = file_backed(_spans(p for m in owners for p in m.parameters(recurse=False)).items())
-        if not mapped:
-            yield lambda t: None
-            return
 
         def after(m: nn.Module, _args: Any, _out: Any) -> None:
             drop_tensors(m.parameters(recurse=False))

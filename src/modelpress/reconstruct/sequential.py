@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.graph.mapped import drop_mapped_weights, file_mappings_frozen
+from modelpress.graph.mapped import drop_mapped_weights, dropped_after_use, file_mappings_frozen
 from modelpress.graph.run import as_tensors, call_module
 from modelpress.progress import QUIET, Reporter
 from modelpress.reconstruct import layers as L  # noqa: N812
@@ -592,12 +592,15 @@ def reconstruct_layers(
     pruned_module.eval()
     try:
         with file_mappings_frozen():  # a drop after every block of every forward: mappings read once
-            order_p = _order(pruned_module, list(layer_map), batches[0], input_names)
-            order_o = _order(original_module, sorted({m.original for m in layer_map.values()}), batches[0], input_names)
-            maps = {n: m for n, m in layer_map.items() if n in order_p and m.original in order_o}
-            stages = _stages(order_p, order_o, maps)
-            chain_p = _find_chain(pruned_module, batches[0], input_names) if staged and sequential else None
-            chain_o = _find_chain(original_module, batches[0], input_names) if staged else None
+            # whole-model probes: each layer's weights mapped from the checkpoint leave the resident set once read
+            with dropped_after_use(original_module), dropped_after_use(pruned_module):
+                order_p = _order(pruned_module, list(layer_map), batches[0], input_names)
+                order_o = _order(original_module, sorted({m.original for m in layer_map.values()}), batches[0],
+                                 input_names)
+                maps = {n: m for n, m in layer_map.items() if n in order_p and m.original in order_o}
+                stages = _stages(order_p, order_o, maps)
+                chain_p = _find_chain(pruned_module, batches[0], input_names) if staged and sequential else None
+                chain_o = _find_chain(original_module, batches[0], input_names) if staged else None
             if chain_o is not None:  # those forwards read every weight; the runners read them block by block
                 drop_mapped_weights(original_module)
                 drop_mapped_weights(pruned_module)
