@@ -161,7 +161,9 @@ def test_spilled_weights_compute_the_same_leave_the_resident_set_and_save_withou
     out = graph.forward(x)
     weights = sum(p.numel() * p.element_size() for p in graph.module.parameters())
     anon = _rss_anon()
+    graph.module.register_buffer("scale0", torch.tensor(2.5), persistent=False)  # a 0-d tensor (a quantizer's scale)
     spilled = graph.spill_weights(tmp_path / "spill")
+    assert graph.module.scale0.shape == () and float(graph.module.scale0) == 2.5
     release_freed_memory()  # glibc's heap keeps freed blocks until trimmed (the pipeline trims after spilling)
     assert spilled >= weights
     assert anon - _rss_anon() > 0.8 * weights  # the anonymous copies are gone

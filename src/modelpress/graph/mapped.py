@@ -99,7 +99,7 @@ def spill_weights(module: nn.Module, folder: str | os.PathLike) -> int:
             path = folder / f"{i}.bin"
             nbytes = t.numel() * t.element_size()
             with open(path, "wb") as f:
-                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # 0-d included
             view = torch.empty(0, dtype=t.dtype).set_(
                 torch.UntypedStorage.from_file(str(path), shared=False, nbytes=nbytes), 0, t.shape, t.stride())
             for owner, attr, is_param in holders[key]:
