@@ -23,7 +23,13 @@ from modelpress.graph.head_dims import check_exact, has_rotary, head_dim_groups
 from modelpress.graph.inputs import InputSpec, PrimaryOutput, primary_output
 from modelpress.graph.labels import Propagation, propagate
 from modelpress.graph.lineage import Lineage, renumber
-from modelpress.graph.mapped import drop_mapped_weights, dropped_after_use, spill_weights
+from modelpress.graph.mapped import (
+    drop_mapped_weights,
+    drop_tensors,
+    dropped_after_use,
+    file_mappings_frozen,
+    spill_weights,
+)
 from modelpress.graph.stats import foldable_norms, norm_consumers, summarize
 from modelpress.system import release_freed_memory
 
@@ -145,7 +151,9 @@ class ModelGraph:
         versions = self._shared_versions
         holders = _edit.tensor_holders(self.module)
         cloned = 0
-        with torch.no_grad():
+        # the original's tensors mapped from its checkpoint leave the resident set as each is cloned: the clones
+        # grow while the file's pages go, instead of the whole file resident beside the whole copy
+        with torch.no_grad(), file_mappings_frozen():
             for name, p in list(self.module.named_parameters()):
                 key = _storage(p)
                 if key not in theirs:
@@ -154,6 +162,7 @@ class ModelGraph:
                     raise RuntimeError(f"{name} was written in place while it shared its storage with "
                                        f"{original.name}: the original changed")
                 _edit.set_tensor(self.module, name, p.detach().clone(), holders)
+                drop_tensors([p])
                 cloned += p.numel() * p.element_size()
         self._shared_versions = {}
         return cloned

@@ -130,9 +130,14 @@ class RepQPass(GraphPass):
 
         cfg = self.config
         batches = calibration_batches(ctx, cfg.samples)
-        out = graph.copy()
-        if hasattr(graph, "drop_mapped_weights"):  # the original is read again only by the auto-float scan at the end
+        if hasattr(graph, "own_weights"):
+            # the copy's tensors cloned one at a time, each of the original's mapped ones dropped once cloned (the
+            # original is read again only by the auto-float scan at the end): never the file and the copy resident
+            out = graph.copy(share_weights=True)
+            out.own_weights(graph)
             graph.drop_mapped_weights()
+        else:
+            out = graph.copy()
         folded = out.fold_norms() if cfg.fold_norms and hasattr(out, "fold_norms") else []
         pairs = out.norm_consumers() if hasattr(out, "norm_consumers") else []
         # the blocks stage reconstruction's statistics at either granularity (one block's Hessians held at a time)
