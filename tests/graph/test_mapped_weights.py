@@ -12,12 +12,17 @@ from modelpress.system import drop_file_pages, release_freed_memory
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="/proc/self/maps and madvise: Linux only")
 
 
-def _rss_file() -> int:
+def _status(field: str) -> int:
+    """A memory field of /proc/self/status (RssFile, RssAnon) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssFile:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no RssFile in /proc/self/status")
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def _rss_file() -> int:
+    return _status("RssFile")
 
 
 def test_mapped_weights_of_a_loaded_checkpoint_leave_and_read_the_same(tmp_path):
@@ -133,11 +138,7 @@ def test_memory_that_is_not_a_file_mapping_is_left_alone():
 
 
 def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon in /proc/self/status")
+    return _status("RssAnon")
 
 
 def test_spilled_weights_compute_the_same_leave_the_resident_set_and_save_without_a_copy(tmp_path):

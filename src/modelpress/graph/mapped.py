@@ -14,7 +14,7 @@ from torch import nn
 
 from modelpress.system import drop_file_pages, file_backed, file_mappings_frozen
 
-__all__ = ["drop_mapped_weights", "drop_tensors", "dropped_after_use", "file_mappings_frozen", "spill_weights"]
+__all__ = ["drop_mapped_weights", "drop_tensors", "dropped_after_use", "file_mappings_frozen", "spill_weights", "whole_storage"]
 
 
 def drop_mapped_weights(module: nn.Module) -> int:
@@ -60,12 +60,22 @@ def dropped_after_use(module: nn.Module) -> Iterator[Callable[[torch.Tensor], No
         def after(m: nn.Module, _args: Any, _out: Any) -> None:
             drop_tensors(m.parameters(recurse=False))
 
+        def done(t: torch.Tensor) -> None:
+            drop_tensors([t])
+
         handles = [m.register_forward_hook(after) for m in owners]
         try:
-            yield lambda t: drop_tensors([t]) and None
+            yield done
         finally:
             for h in handles:
                 h.remove()
+
+
+def whole_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is contiguous and the whole of its storage (not a view into a larger one): safetensors writes
+    such a tensor from its own memory, and a spilled one keeps a file of its own."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 def spill_weights(module: nn.Module, folder: str | os.PathLike) -> int:
@@ -85,12 +95,11 @@ def spill_weights(module: nn.Module, folder: str | os.PathLike) -> int:
         for attr, t in (*owner._parameters.items(), *owner._buffers.items()):
             if t is None or not t.numel() or t.is_meta or t.device.type != "cpu":
                 continue
-            storage = t.untyped_storage()
-            if not (t.is_contiguous() and t.storage_offset() == 0
-                    and storage.nbytes() == t.numel() * t.element_size()):
+            if not whole_storage(t):
                 continue  # a view into a larger storage: left in memory
-            tensors.setdefault(storage.data_ptr(), t.detach())
-            holders.setdefault(storage.data_ptr(), []).append((owner, attr, attr in owner._parameters))
+            key = t.untyped_storage().data_ptr()
+            tensors.setdefault(key, t.detach())
+            holders.setdefault(key, []).append((owner, attr, attr in owner._parameters))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spilled = 0

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from modelpress.errors import ModelpressError
 from modelpress.graph import InputSpec, ModelGraph
 from modelpress.graph.edit import apply_edit, set_tensor, sync_module_attrs
+from modelpress.graph.mapped import whole_storage
 from modelpress.models.loaders import SPEC_FILE, build
 
 _SPEC_KEYS = {"format_version", "name", "source", "edits", "input_spec", "aliases", "lineage", "encoded_shapes"}
@@ -193,8 +194,7 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when it is the whole of a contiguous storage (safetensors writes it from its memory, no
     copy: a second copy of the model at save time is what a 1B model cannot afford); else a contiguous copy
     (a view into a larger storage, which safetensors refuses as shared memory)."""
-    whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    return t if t.is_contiguous() and whole else t.clone(memory_format=torch.contiguous_format)
+    return t if whole_storage(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def write_into(graph: ModelGraph, folder: Path) -> None:
