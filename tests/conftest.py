@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The imported libraries and test modules out of the full collections the memory steps run (as the
+    command does before loading a model: system.freeze_loaded_code); in this process they are many more."""
+    from modelpress.system import freeze_loaded_code
+
+    freeze_loaded_code(("torch", "transformers", "onnx", "onnxruntime"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Every test runs torch on one intra-op thread (ONNX Runtime keeps its target's threads).

@@ -114,10 +114,11 @@ def system_info(threads: int | None = None) -> dict[str, Any]:
 _TRIM: Any = None  # glibc's malloc_trim, False where there is none
 
 
-def release_freed_memory() -> bool:
+def release_freed_memory(*, collect: bool = True) -> bool:
     """Collect Python's unreachable reference cycles (a dry run's or a trace's cut module copies: 240 MiB of
-    BERT-base's saliency step waited for the collector, measured), then hand the heap memory this process freed
-    back to the operating system (glibc's ``malloc_trim``; a no-op returning False elsewhere).
+    BERT-base's saliency step waited for the collector, measured; ``collect=False`` skips it where a step makes
+    no cycles), then hand the heap memory this process freed back to the operating system (glibc's
+    ``malloc_trim``; a no-op returning False elsewhere).
 
     glibc serves allocations below its dynamic mmap threshold (which grows to 32 MiB once such a block is
     freed) from the heap, and freed blocks in the middle of it stay resident: after a step that allocates
@@ -125,7 +126,8 @@ def release_freed_memory() -> bool:
     them and the next step's peak stacks on top (2 GiB on a 1B-parameter model). Cheap: call it after such
     steps."""
     global _TRIM
-    gc.collect()
+    if collect:
+        gc.collect()
     if _TRIM is None:
         _TRIM = False
         if platform.system() == "Linux":
@@ -215,8 +217,33 @@ def heap_allocations() -> Iterator[None]:
         yield
     finally:
         if changed:
-            release_freed_memory()
+            release_freed_memory(collect=False)  # an inference loop makes no reference cycles
             _set_threshold(before)
+
+
+_frozen = False
+
+
+def freeze_loaded_code(modules: Iterable[str] = ()) -> bool:
+    """Once per process: import ``modules`` (those installed), collect, then move every object alive into the
+    collector's permanent generation (``gc.freeze``), so the full collections that :func:`release_freed_memory`
+    runs after memory-heavy steps no longer scan the imported libraries' objects, which live as long as the
+    process. Measured in `modelpress quantize` on MiniLM: 80 collections took 17 s of its 72 s, 0.1 s of
+    each spent on the imports' 220 000 objects alone. Call it before loading models: what is alive now is
+    never collected later. Returns whether this call froze."""
+    global _frozen
+    if _frozen:
+        return False
+    import importlib
+    import importlib.util
+
+    for name in modules:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+    _frozen = True
+    return True
 
 
 def available_memory() -> int | None:

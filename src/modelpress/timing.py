@@ -8,7 +8,6 @@ statistics of the report on top; the agent receives the inputs as arrays.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import subprocess
@@ -129,7 +128,6 @@ def interleave(
             samples[name][shape].append(wall)
             cpu_samples[name][shape].extend(cpu)
         del run
-        gc.collect()
         release_freed_memory()  # the session's freed weights, before the next variant's session stacks on them
     return samples, cpu_samples
 

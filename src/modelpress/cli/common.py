@@ -109,7 +109,10 @@ def load_graph(ckpt: str | None, trust_pickle: bool, input_shape: str | None, re
     """Load the checkpoint argument as a ModelGraph, parsing --input-shape first; ``seed`` (the command's
     --seed, 0 for commands without one) draws the random weights of timm/torchvision models without weights."""
     from modelpress.models import load
+    from modelpress.system import freeze_loaded_code
 
+    # the libraries every compressing command imports anyway, out of the memory steps' full collections
+    freeze_loaded_code(("transformers", "onnx", "onnxruntime"))
     shape = None
     if input_shape:
         try:
