@@ -191,7 +191,9 @@ def _speed_guard(graph: Any, path: Path, ctx: Any, reexport: Any) -> dict:
         export_plain(float_path)
         with ctx.reporter.step("checking that INT8 pays on the target"):
             return keep_faster(
-                measure=lambda: ctx.measure({"float": float_path, "int8": path}, baseline="float").to_dict(),
+                # speed only: the memory probes' children would hold both models' sessions beside this process
+                measure=lambda: ctx.measure({"float": float_path, "int8": path}, baseline="float",
+                                            memory=False).to_dict(),
                 profile=lambda: (target.node_times(path, feeds), target.node_times(float_path, feeds)),
                 layers_in=lambda bs: [n for n in quantized if block_of(n, blocks) in set(bs)],
                 keep_float=lambda layers: keep_float(graph.module, layers),
