@@ -61,3 +61,30 @@ def test_the_command_sets_the_threshold_unless_told_not_to(monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["recipes", "--no-such-flag"])
     assert calls == [1]
+
+
+_FREEZE = """
+import gc, sys, weakref, torch
+from modelpress import system
+class Node:  # a model's module graph: objects in a reference cycle, holding weights
+    pass
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other, a.weight = b, a, torch.ones(1 << 20)
+    return weakref.ref(a.weight)
+early = cycle()  # garbage before the freeze: collected by it, not frozen
+assert system.freeze_loaded_code(["json"]) and not system.freeze_loaded_code(["json"])
+assert "json" in sys.modules and gc.get_freeze_count() > 0
+late = cycle()  # a model loaded after it: still freed by the memory steps' collection
+system.release_freed_memory()
+print(early() is None, late() is None)
+"""
+
+
+def test_freezing_the_imports_still_frees_the_cycles_of_later_models():
+    """``freeze_loaded_code`` (run once, before a model loads) keeps the imported libraries out of later full
+    collections, while a model's reference cycles created after it are still freed by ``release_freed_memory``,
+    and garbage that existed before it is collected rather than frozen. In a fresh process: pytest's own
+    process froze its imports at collection."""
+    out = subprocess.run([sys.executable, "-c", _FREEZE], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
