@@ -278,9 +278,11 @@ def _fidelity(metrics: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- MiniLM
 
 
-def run_minilm(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+def _minilm_setup(args, tmp: Path, reporter, name: str):  # noqa: ANN001, ANN202
+    """The pretrained MiniLM, the packaged sentences, its cached latency table and a Context with the reference
+    embeddings computed: what every MiniLM part starts from."""
     import modelpress
-    from modelpress.bench import build_latency_table, get_target, measure
+    from modelpress.bench import build_latency_table, get_target
     from modelpress.data import EmbeddingTask, load_data
     from modelpress.passes import Context
 
@@ -292,11 +294,18 @@ def run_minilm(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
         table = build_latency_table(original, target, batch=BATCH, seq=SEQ, grid=args.grid,
                                     rounds=1 if args.quick else 3, model_rounds=1 if args.quick else 5,
                                     reporter=reporter)
-    ctx = Context(workdir=tmp / "minilm", task=EmbeddingTask(), data=data, target=target, reference=original,
+    ctx = Context(workdir=tmp / name, task=EmbeddingTask(), data=data, target=target, reference=original,
                   seed=args.seed, reporter=reporter, latency_model=table)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     with reporter.step("reference embeddings (torch FP32)"):
         ctx.reference_outputs()
+    return original, data, table, target, ctx
+
+
+def run_minilm(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN001
+    from modelpress.bench import measure
+
+    original, data, table, target, ctx = _minilm_setup(args, tmp, reporter, "minilm")
     base_ms = table.predict(original)
     budget = {"steps": args.recover_steps, "minutes": args.recover_minutes}
 
@@ -385,24 +394,9 @@ def run_minilm_int8(args, tmp: Path, reporter) -> dict[str, Any]:  # noqa: ANN00
     mean cosine."""
     import numpy as np
 
-    import modelpress
-    from modelpress.bench import build_latency_table, get_target, measure
-    from modelpress.data import EmbeddingTask, load_data
-    from modelpress.passes import Context
+    from modelpress.bench import measure
 
-    target = get_target("ort-cpu", THREADS)
-    with reporter.step("loading all-MiniLM-L6-v2"), quiet():
-        original = modelpress.load()
-    data = load_data(None, original.input_spec, original.tokenizer, n_evaluation=args.n_eval, max_length=SEQ)
-    with reporter.step("latency table (ort-cpu, 2 threads, batch 1, sequence 128)"):
-        table = build_latency_table(original, target, batch=BATCH, seq=SEQ, grid=args.grid,
-                                    rounds=1 if args.quick else 3, model_rounds=1 if args.quick else 5,
-                                    reporter=reporter)
-    ctx = Context(workdir=tmp / "minilm-int8", task=EmbeddingTask(), data=data, target=target, reference=original,
-                  seed=args.seed, reporter=reporter, latency_model=table)
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
-    with reporter.step("reference embeddings (torch FP32)"):
-        ctx.reference_outputs()
+    original, data, _table, target, ctx = _minilm_setup(args, tmp, reporter, "minilm-int8")
     repq = _passes()["quantize.repq"](recipe_options("int8"))
     info: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
