@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from modelpress.quantize.fakequant import QuantConfig, QuantLinear, calibrate, wrap_model
@@ -31,7 +32,9 @@ def reference_hessians(model: torch.nn.Module, batches: list) -> dict[str, torch
                 x = mod.prepare_input(args[0])
                 x = mod.input_quantizer(x) if mod.input_quantizer is not None else x
                 x = x.detach().reshape(-1, x.shape[-1]).double()
-                sums[name] = sums.get(name, 0) + x.t() @ x
+                if name not in sums:
+                    sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                sums[name].addmm_(x.t(), x)  # summed as the probes sum (in place: the same float64 rounding)
                 rows[name] = rows.get(name, 0) + x.shape[0]
 
             handles.append(m.register_forward_pre_hook(hook))
@@ -162,3 +165,35 @@ def test_weights_waiting_for_the_last_stage_are_held_as_int8_codes_and_come_back
     assert torch.equal(_release(held), wq)
     off_grid = wq + 1e-3
     assert _held(off_grid, m.weight_quantizer, True) is off_grid
+
+
+def test_gptq_factors_the_hessian_in_place_and_leaves_the_callers_untouched():
+    """GPTQ's inverse-Hessian factor, formed in one matrix's memory (BERT-base's compress peaked on the copies),
+    equals torch's three-step form; the caller's H is never written; a singular H is refused, not NaN."""
+    from modelpress.quantize.quantizers import UniformQuantizer
+    from modelpress.quantize.reconstruct import _inverse_cholesky_in_place, gptq_weight
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=gen, dtype=torch.float64)
+    x[:, [5, 40]] = 0  # dead inputs
+    h = x.t() @ x / 300
+    damped = h.clone()
+    damped.diagonal()[damped.diagonal() == 0] = 1.0
+    damped.diagonal().add_(0.01 * damped.diagonal().mean())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    work = damped.clone()
+    got = _inverse_cholesky_in_place(work)
+    assert got.data_ptr() == work.data_ptr()  # no second matrix
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(torch.tril(got, -1), torch.zeros_like(got))  # upper triangular
+
+    q = UniformQuantizer(8, symmetric=True)
+    q.scale = torch.tensor(0.02)
+    w = torch.randn(16, 96, generator=gen)
+    before = h.clone()
+    for act_order in (True, False):
+        wq = gptq_weight(w, h, q, act_order=act_order)
+        assert torch.equal(h, before)
+        assert torch.isfinite(wq).all() and torch.equal(wq[:, [5, 40]], torch.zeros(16, 2))
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
+        _inverse_cholesky_in_place(-torch.eye(8, dtype=torch.float64))

@@ -572,7 +572,7 @@ class _Probe:
                     xd = x.double()
                     if st.xtx is None:
                         st.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                    st.xtx += xd.t() @ xd
+                    st.xtx.addmm_(xd.t(), xd)  # in place: no [features, features] temporary per batch
                     st.rows += x.shape[0]
 
         return hook

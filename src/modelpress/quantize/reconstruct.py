@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +61,27 @@ def block_stages(names: list[str], blocks: list[str] | None) -> list[tuple[list[
     return stages
 
 
+def _inverse_cholesky_in_place(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U of H^-1 (``U^T U = H^-1``), what GPTQ's column loop reads, computed in H's
+    own memory (LAPACK's potrf, potri, potrf on the symmetric float64 ``h``, which is overwritten and returned):
+    no second [cols, cols] matrix, where ``torch.linalg`` allocates one per factor."""
+    from scipy.linalg import lapack
+
+    if h.dtype != torch.float64 or not h.is_contiguous() or h.device.type != "cpu":
+        h = h.double().contiguous().cpu()
+    a = h.numpy().T  # the same memory, column-major: H is symmetric, so this is H
+    out, info = lapack.dpotrf(a, lower=0, overwrite_a=1)
+    if info == 0:
+        out, info = lapack.dpotri(a, lower=0, overwrite_c=1)
+    if info != 0 or not np.shares_memory(out, a):
+        raise torch.linalg.LinAlgError(f"GPTQ: the damped Hessian is not positive definite (LAPACK info {info})")
+    # potri wrote H^-1's upper triangle (column-major: h's lower triangle), the only one potrf reads
+    out, info = lapack.dpotrf(a, lower=0, overwrite_a=1)
+    if info != 0 or not np.shares_memory(out, a):
+        raise torch.linalg.LinAlgError(f"GPTQ: the inverse Hessian is not positive definite (LAPACK info {info})")
+    return h.tril_().T  # U in column-major upper = h's lower triangle; as [cols, cols] row-major: its transpose
+
+
 def gptq_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -77,23 +99,28 @@ def gptq_weight(
     if column_quant is None and not quantizer.symmetric:
         raise ValueError("GPTQ here expects symmetric weight quantizers")
     w = weight.detach().double().clone()
-    h = hessian.detach().double().clone()
     cols = w.shape[1]
     if column_quant is None:
         scale = _row_scale(quantizer, w.shape[0])
 
         def column_quant(col: torch.Tensor, _: int) -> torch.Tensor:
             return _grid_quant(col, scale, quantizer)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    # one working copy of H at a time (the permuted one when act-order permutes), the damping added on its
+    # diagonal in place and each factor freed once the next is formed: a [3072, 3072] float64 H is 75 MB, and
+    # the copies, an identity and the factors held together were BERT-base's peak of the whole compress
+    h = hessian.detach().double()
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    perm = torch.argsort(torch.where(dead, 1.0, diag), descending=True) if act_order else None
+    h = h[perm[:, None], perm] if perm is not None else h.clone()
+    del diag
+    if perm is not None:
+        dead = dead[perm]
+        w = w[:, perm]
+    h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    hinv = torch.linalg.cholesky(hinv, upper=True)
+    h.diagonal().add_(damp * torch.mean(torch.diagonal(h)))
+    hinv = _inverse_cholesky_in_place(h)
     out = torch.zeros_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -194,11 +221,13 @@ def _collect(
     stats = probes.collect(model, batches, names, {"xtx"}, transform=quantized_input, stop_after=stop_after)
     out = []
     for n in names:
-        if stats[n].xtx is None:
+        st = stats[n]
+        if st.xtx is None:
             size = _matrix(model.get_submodule(n)).shape[1]
             out.append(torch.zeros(size, size, dtype=torch.float64))
-        else:
-            out.append(stats[n].hessian())
+        else:  # X^T X becomes H in place (a copy per layer would hold the stage's statistics twice)
+            out.append(st.xtx.div_(max(1, st.rows)))
+            st.xtx = None
     return out
 
 
