@@ -63,6 +63,7 @@ from modelpress.system import release_freed_memory
 
 __all__ = ["STATS", "LayerStatistics", "Statistics", "UnitMoments", "UnitSums", "collect"]
 
+_XTX_SLICE_BYTES = 16 << 20  # rows summed into X^T X at a time, as float64
 STATS = frozenset({"inputs", "outputs", "xtx", "grads", "grad_sq", "unit_wg", "unit_fisher", "per_class"})
 _GRAD_STATS = frozenset({"grads", "grad_sq", "unit_wg", "unit_fisher"})
 _CHUNK = 1 << 20  # entries of one parameter multiplied in float64 at a time (8 MiB per temporary)
@@ -569,10 +570,13 @@ class _Probe:
                 if "inputs" in self.wanted:
                     store.add(x.float().cpu())
                 if "xtx" in self.wanted:
-                    xd = x.double()
                     if st.xtx is None:
                         st.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                    st.xtx.addmm_(xd.t(), xd)  # in place: no [features, features] temporary per batch
+                    # in place (no [features, features] temporary per batch) and in slices of rows, so the float64
+                    # copy is one slice: a batch of 4096 tokens into BERT-base's last Linear was a 100 MB copy
+                    for part in x.split(max(1, _XTX_SLICE_BYTES // (8 * x.shape[1]))):
+                        xd = part.double()
+                        st.xtx.addmm_(xd.t(), xd)
                     st.rows += x.shape[0]
 
         return hook

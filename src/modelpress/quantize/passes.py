@@ -94,7 +94,11 @@ class RepQPassConfig(PassConfig):
     dual_clipping: bool = False
     clipping_steps: int = Field(200, ge=1)
     reconstruction: Literal["none", "gptq", "adaround"] = "gptq"
-    granularity: Literal["layer", "block"] = "layer"
+    # block: GPTQ's sequential order (each block's statistics on the inputs the already-quantized blocks before
+    # it produce), no quantized weights held aside until the end (layer: 81 MiB on BERT-base, 1 GiB on a 1B
+    # model). Measured against layer (mean / min fidelity): MiniLM int8 0.99853/0.99694 vs 0.99855/0.99593,
+    # w4a8 0.95085/0.88935 vs 0.95119/0.89232; digits ViT and CNN at w8a8 and w4a8: the same accuracy
+    granularity: Literal["layer", "block"] = "block"
     log2_inference: bool = True
     weight_reduce_range: bool | Literal["auto"] = "auto"
     # zero points 0, as TensorRT's explicit quantization needs; auto: on when the run targets TensorRT
@@ -141,7 +145,7 @@ class RepQPass(GraphPass):
         folded = out.fold_norms() if cfg.fold_norms and hasattr(out, "fold_norms") else []
         pairs = out.norm_consumers() if hasattr(out, "norm_consumers") else []
         # the blocks stage reconstruction's statistics at either granularity (one block's Hessians held at a time)
-        blocks = _block_paths(out, required=cfg.granularity == "block")
+        blocks = _block_paths(out, required="granularity" in cfg.model_fields_set and cfg.granularity == "block")
         values = {k: v for k, v in cfg.model_dump().items() if k not in ("samples", "fold_norms", "placement", "keep_faster")}
         convolutional = cfg.placement != "linear" and sum(isinstance(m, nn.Conv2d) for m in out.module.modules()) >= 2
         if convolutional:

@@ -236,6 +236,13 @@ def _set_weight(m: QuantLinear | QuantConv2d, wq: torch.Tensor) -> None:
     m.weight.copy_(wq.reshape(m.weight.shape))
 
 
+def _quadratic(a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``tr(A H A^T)`` for A [out, in] and H [in, in], in float64 with one [out, in] temporary (an einsum over
+    the three formed more and larger ones, at GPTQ's peak)."""
+    a = a.double()
+    return (a @ h).mul_(a).sum()
+
+
 def _held(wq: torch.Tensor, q: Any, on_grid: bool) -> Any:
     """A quantized weight waiting for the last stage, as int8 codes and its row scales where GPTQ put it on the
     quantizer's symmetric per-row grid (a quarter of the float bytes), else as it is."""
@@ -302,12 +309,10 @@ def reconstruct(
                     m.weight_quantizer.enabled = True
                 else:
                     pending[n] = _held(wq.to(m.weight.dtype), m.weight_quantizer, fn is gptq_weight)
-                d = (w0 - wq).double()
-                num = torch.einsum("oi,ij,oj->", d, h, d)
-                den = torch.einsum("oi,ij,oj->", w0.double(), h, w0.double()).clamp(min=1e-30)
-                errors[n] = float(num / den)
+                num = _quadratic(w0.double() - wq, h)
+                errors[n] = float(num / _quadratic(w0, h).clamp(min=1e-30))
                 hs[i] = h = None  # this layer's Hessian is done with
-                del w0, wq, d
+                del w0, wq
             del hs
             release_freed_memory()  # the stage's Hessians and activations, freed: not stacked under the next stage
         for n, held in pending.items():
@@ -327,9 +332,7 @@ def rtn_errors(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, floa
     for (n, m), h in zip(layers.items(), hs, strict=True):
         w = _matrix(m).double()
         d = w - m.weight_quantizer.fake_quant(_matrix(m)).double()
-        out[n] = float(
-            torch.einsum("oi,ij,oj->", d, h, d) / torch.einsum("oi,ij,oj->", w, h, w).clamp(min=1e-30)
-        )
+        out[n] = float(_quadratic(d, h) / _quadratic(w, h).clamp(min=1e-30))
     return out
 
 

@@ -51,7 +51,7 @@ class RepQConfig:
     dual_clipping: bool = False
     clipping_steps: int = 200
     reconstruction: str = "none"  # none | gptq | adaround
-    granularity: str = "layer"  # layer | block
+    granularity: str = "block"  # block (GPTQ's sequential order) | layer: see RepQPassConfig
     log2_inference: bool = True
     weight_reduce_range: bool = False
     symmetric_activations: bool = False
