@@ -83,3 +83,64 @@ def test_a_candidate_that_would_not_fit_in_memory_is_skipped_or_refused(minilm_h
     with pytest.raises(ModelpressError, match="needs about"):
         export_onnx(module, spec, tmp_path / "forced.onnx", optimize="transformer")
     assert not (tmp_path / "forced.onnx").exists()
+
+
+def _graph(path) -> bytes:  # noqa: ANN001 - the graph without its data file's name
+    g = onnx.load(str(path), load_external_data=False).graph
+    for t in g.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "data"
+    return g.SerializeToString()
+
+
+@pytest.mark.parametrize("form", ["float", "qdq"])
+def test_skipping_the_whole_graph_shape_inference_gives_the_same_graph(minilm_hf, tmp_path, monkeypatch, form):
+    """The QDQ export and the INT8 check's float twin skip torch's whole-graph shape inference (it copies every
+    weight, all resident at once): the pass is really skipped, and the graph is the one it gives."""
+    import contextlib
+
+    import torch
+
+    import modelpress.export.streamed as streamed_module
+    from modelpress.graph import ModelGraph
+    from modelpress.quantize.placement import export_float
+    from modelpress.quantize.qdq import export_examples, export_qdq
+
+    module, spec = minilm_hf
+    calls = []
+    original = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def counted(*args):  # noqa: ANN002, ANN202
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", counted)
+    monkeypatch.setattr(streamed_module, "STREAM_MIN_BYTES", 0)
+    graph = ModelGraph(module, spec)
+    if form == "qdq":
+        import copy
+
+        from modelpress.quantize.repq import RepQConfig, quantize_model
+
+        graph = ModelGraph(copy.deepcopy(module), spec)
+        fast = RepQConfig(act_observer="minmax", weight_observer="minmax", norm_observer="minmax")
+        quantize_model(graph.module, [graph.example_inputs(2, 16)], graph.norm_consumers(), fast)
+    skip = streamed_module._without_whole_graph_shape_inference
+    for folder in ("without", "with"):
+        if folder == "with":  # the pass as torch runs it
+            monkeypatch.setattr(streamed_module, "_without_whole_graph_shape_inference",
+                                lambda _skip: contextlib.nullcontext())
+        path = tmp_path / folder / "m.onnx"
+        path.parent.mkdir()
+        if form == "qdq":
+            example, _ = export_examples(graph)
+            export_qdq(graph.module, example, path, input_names=spec.names, dynamic_axes=spec.dynamic_axes(),
+                       stream=True)
+        else:
+            export_float(graph.module, graph.example_inputs(2, 16), path, spec.names, spec.dynamic_axes(), stream=True)
+        if folder == "without":
+            assert not calls  # skipped
+    assert calls  # run by torch otherwise
+    assert skip is not streamed_module._without_whole_graph_shape_inference
+    assert _graph(tmp_path / "with" / "m.onnx") == _graph(tmp_path / "without" / "m.onnx")

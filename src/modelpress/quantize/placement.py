@@ -125,7 +125,8 @@ def export_float(model: nn.Module, example: Any, path: Path, names: Sequence[str
     with eval_mode(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if stream and weight_bytes(model) >= STREAM_MIN_BYTES:
-            export_streamed(PrimaryOutput(model, list(names)), args, path, input_names=list(names), **kwargs)
+            export_streamed(PrimaryOutput(model, list(names)), args, path, input_names=list(names),
+                            graph_shape_inference=False, **kwargs)
         else:
             torch.onnx.export(PrimaryOutput(model, list(names)), args, str(path), input_names=list(names), **kwargs)
 

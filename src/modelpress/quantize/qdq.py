@@ -121,7 +121,8 @@ def export_qdq(
                       "opset_version": opset, "dynamo": False, "custom_opsets": custom_opsets}
             streamed = stream if stream is not None else weight_bytes(model) >= STREAM_MIN_BYTES
             if streamed:
-                export_streamed(wrapped, args, raw, input_names=names, constants_min_elems=SMALL_ELEMS + 1, **kwargs)
+                export_streamed(wrapped, args, raw, input_names=names, constants_min_elems=SMALL_ELEMS + 1,
+                                graph_shape_inference=False, **kwargs)
             else:
                 torch.onnx.export(wrapped, args, str(raw), input_names=names, do_constant_folding=True, **kwargs)
     finally:
