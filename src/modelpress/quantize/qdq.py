@@ -111,7 +111,7 @@ def export_qdq(
             torch.no_grad(),  # else every fake-quantized weight the trace computes is kept for a backward
             export_mode(activation_dtype, channel_quantize, log_form),
             # weights mapped from a file (a pipeline's spilled ones) leave the resident set once the trace has read
-            # them: not all of them resident under the serialized graph (BERT-base: +0.4 GiB at the peak)
+            # them, so they are not all resident under the serialized graph
             dropped_after_use(model),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
