@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.graph.mapped import drop_tensors, dropped_after_use
+from modelpress.graph.mapped import drop_tensors, dropped_after_use, file_mappings_frozen
 
 # models whose weights pass this are streamed by ``export_onnx`` and the QDQ export (smaller ones stay one
 # self-contained file): BERT-base pruned to 0.6 of its parameters (264 MB) is streamed, MiniLM (91 MB) is not
@@ -68,9 +68,9 @@ _SHAPE_PASS = "_jit_pass_onnx_graph_shape_type_inference"
 @contextlib.contextmanager
 def _without_whole_graph_shape_inference(skip: bool) -> Iterator[None]:
     """While inside (``skip``), torch's whole-graph ONNX shape inference (``torch._C._jit_pass_onnx_graph_shape_type_inference``,
-    run twice on the converted graph with every parameter) does nothing. It copies every parameter it is given,
-    so after the trace all the weights were resident at once (mapped ones read back from their files) with a
-    copy beside them: BERT-base's float twin export peaked at 1.05-1.26 GiB against 0.6 without it (torch 2.13).
+    called from two places in torch's exporter with every parameter) does nothing. It copies every parameter it is
+    given, so after the trace all the weights were resident at once (mapped ones read back from their files) with
+    a copy beside them: BERT-base's float twin export peaked at 1.0-1.2 GiB against 0.6 GiB without it (torch 2.13).
     torch treats the pass as optional (its failure never stops an export); the per-node inference during the
     conversion still runs. Tests compare the graphs with and without it (MiniLM, float and QDQ)."""
     original = getattr(torch._C, _SHAPE_PASS, None)
@@ -102,8 +102,7 @@ def export_streamed(module: nn.Module, args: tuple, path: Path | str, *, input_n
     # torch's constant folding would fold the weights too (into nameless inputs): the transposes are folded below
     kwargs["do_constant_folding"] = False
     # weights mapped from a file (a checkpoint's, a pipeline's spilled ones) leave the resident set once read, by
-    # the trace and by the writer below: never all of them resident under the exporter (BERT-base's INT8 speed
-    # check exported its float twin with every spilled weight read back in: +0.4 GiB at the compress peak)
+    # the trace and by the writer below, so they are not all resident under the exporter
     with dropped_after_use(module), _without_whole_graph_shape_inference(not graph_shape_inference):
         torch.onnx.export(module, args, str(skeleton), input_names=input_names, export_params=False, **kwargs)
     model = onnx.load(str(skeleton))
@@ -124,7 +123,7 @@ def export_streamed(module: nn.Module, args: tuple, path: Path | str, *, input_n
     folded: list[Any] = []
     initializers: list[Any] = []
     offset = 0
-    with open(path.parent / data_name, "wb") as f:
+    with open(path.parent / data_name, "wb") as f, file_mappings_frozen():  # the mappings read once, not per tensor
 
         def write(name: str, t: torch.Tensor) -> None:
             nonlocal offset

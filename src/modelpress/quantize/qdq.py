@@ -110,9 +110,6 @@ def export_qdq(
             eval_mode(model),
             torch.no_grad(),  # else every fake-quantized weight the trace computes is kept for a backward
             export_mode(activation_dtype, channel_quantize, log_form),
-            # weights mapped from a file (a pipeline's spilled ones) leave the resident set once the trace has read
-            # them, so they are not all resident under the serialized graph
-            dropped_after_use(model),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
         ):
