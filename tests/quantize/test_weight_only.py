@@ -277,3 +277,28 @@ def test_head_bits_sets_the_tied_head_form_in_one_option():
     assert WeightOnlyPassConfig(head_bits="float").head_bits == "float"
     with pytest.raises(ModelpressError, match="head_bits"):
         quantize_weights(_gpt2(), [], WeightOnlyConfig(method="rtn", head_bits=2))
+
+
+def test_gptq_quantizes_a_tied_head_on_its_inputs_and_keeps_one_tensor():
+    """With GPTQ a tied embedding / LM head is quantized last, by GPTQ on the head's inputs, and the embedding
+    gathers the same codes: the head's error on held-out text falls against round to nearest (on the 22M stdlib
+    Llama at 4 bits, next-token KL 1.45e-3 -> 2.0e-4)."""
+    reference = _gpt2(seed=1)
+    calibration = [_ids(10 + i, 8, 32) for i in range(4)]
+    held_out = _ids(99, 8, 32)
+    with torch.no_grad():
+        expected = reference(**held_out).logits
+    blocks = [f"transformer.h.{i}" for i in range(4)]
+    error, layers = {}, {}
+    for method in ("rtn", "gptq"):
+        model = _gpt2(seed=1)
+        cfg = WeightOnlyConfig(method=method, head="quantize", head_bits=4, policy={"transformer.h.*": "float"})
+        layers[method] = quantize_weights(model, calibration, cfg, blocks=blocks).layers
+        assert isinstance(model.transformer.wte, WeightOnlyEmbedding)
+        assert model.lm_head.qweight is model.transformer.wte.qweight  # one tensor
+        ids = held_out["input_ids"][:2]
+        torch.testing.assert_close(model.transformer.wte(ids), model.lm_head.dequantized_weight()[ids])
+        with torch.no_grad():
+            error[method] = float((model(**held_out).logits - expected).pow(2).mean())
+    assert "GPTQ on the head's inputs" in layers["gptq"]["transformer.wte"]
+    assert error["gptq"] < 0.8 * error["rtn"], error

@@ -16,8 +16,10 @@ order; one block's ``X^T X`` held at a time). Methods:
 
 Embeddings and the LM head stay float unless ``embeddings`` / ``head`` say ``quantize`` (``head_bits``: 4, 8 or
 "float" sets the head's form in one option). A tied input embedding
-and LM head stay one tensor: kept float together, or quantized once (round to nearest, before the first block,
-so every block is calibrated on the embeddings inference will see) into buffers both modules share.
+and LM head stay one tensor: kept float together, or quantized once into buffers both modules share: with
+``rtn`` / ``awq`` by round to nearest before the first block (every block is then calibrated on the embeddings
+inference will see), with ``gptq`` / ``awq+gptq`` by GPTQ on the head's inputs in the last stage (the head's
+output error is what a 4-bit pair costs most; the blocks are then calibrated on the float embeddings).
 """
 
 from __future__ import annotations
@@ -318,6 +320,9 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
 
     # embeddings first (round to nearest): every block is then calibrated on what inference will embed
     tied_info: dict[str, Any] = {"tied": bool(tied), "head": head}
+    # a tied pair quantized with GPTQ: the head's output error is what the 4-bit codes cost most (on the 22M
+    # stdlib Llama, next-token KL: see the recipe), so the pair is quantized last, by GPTQ on the head's inputs
+    gptq_tied = bool(tied) and cfg.method in ("gptq", "awq+gptq") and bool(batches)
     emb_name = _named(model, in_emb)
     for name, m in _embeddings(model):
         quantize_it = cfg.embeddings == "quantize" or (tied and m is in_emb and head_form == "quantize")
@@ -334,6 +339,11 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
             layers[name] = "float"
             continue
         check_layout(ebits, cfg.block_size)
+        if tied and m is in_emb and gptq_tied:
+            # GPTQ on the head's statistics, in the last stage (below): the one tensor takes the head's codes
+            bits_of[head] = ebits
+            layers[name] = f"w{ebits} {tag} (one tensor with {head}, GPTQ on the head's inputs)"
+            continue
         packed = _packed_embedding(m, ebits, cfg)
         _set_submodule(model, name, packed)
         layers[name] = f"w{ebits} {tag}"
@@ -407,8 +417,16 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
                 codes, scale, zero = _rtn(w, b, cfg.block_size, cfg.symmetric)
             if h is not None:  # after AWQ, w and h are the scaled ones: W' x' = W x, the same output error
                 errors[n] = _rel_error(w, _deq(codes, scale, zero, cfg.block_size), h)
-            _set_submodule(model, n, _packed_linear(m, codes, scale, zero, b, cfg, scales_of.get(n)))
+            lin = _packed_linear(m, codes, scale, zero, b, cfg, scales_of.get(n))
+            _set_submodule(model, n, lin)
             layers[n] = f"w{b} {tag}" + (" + input Mul" if n in scales_of else "")
+            if gptq_tied and n == head and emb_name is not None:
+                e = WeightOnlyEmbedding(in_emb.num_embeddings, in_emb.embedding_dim, b, cfg.block_size,
+                                        cfg.symmetric, in_emb.padding_idx)
+                e.share_from(lin)
+                _set_submodule(model, emb_name, e)
+                layers[n] += f" (one tensor with {emb_name})"
+                tied_info["quantized_once"] = True
     packed = 0
     seen: set[int] = set()
     for t in list(model.parameters()) + list(model.buffers()):
