@@ -209,13 +209,17 @@ def test_tied_head_stays_one_tensor_and_the_file_is_not_larger(tmp_path, head):
         torch.testing.assert_close(reloaded.module(**batch).logits, g.module(**batch).logits)
 
 
-def test_gptq_and_awq_beat_round_to_nearest_on_held_out_inputs():
+def _calibration_and_held_out():  # noqa: ANN202
+    """4 calibration batches, a held-out batch with the float GPT-2's (seed 1) logits, and its block paths."""
     reference = _gpt2(seed=1)
-    calibration = [_ids(10 + i, 8, 32) for i in range(4)]
     held_out = _ids(99, 8, 32)
     with torch.no_grad():
         expected = reference(**held_out).logits
-    blocks = [f"transformer.h.{i}" for i in range(4)]
+    return [_ids(10 + i, 8, 32) for i in range(4)], held_out, expected, [f"transformer.h.{i}" for i in range(4)]
+
+
+def test_gptq_and_awq_beat_round_to_nearest_on_held_out_inputs():
+    calibration, held_out, expected, blocks = _calibration_and_held_out()
     error = {}
     for method in ("rtn", "gptq", "awq"):
         model = _gpt2(seed=1)
@@ -283,12 +287,7 @@ def test_gptq_quantizes_a_tied_head_on_its_inputs_and_keeps_one_tensor():
     """With GPTQ a tied embedding / LM head is quantized last, by GPTQ on the head's inputs, and the embedding
     gathers the same codes: the head's error on held-out text falls against round to nearest (on the 22M stdlib
     Llama at 4 bits, next-token KL 1.45e-3 -> 2.0e-4)."""
-    reference = _gpt2(seed=1)
-    calibration = [_ids(10 + i, 8, 32) for i in range(4)]
-    held_out = _ids(99, 8, 32)
-    with torch.no_grad():
-        expected = reference(**held_out).logits
-    blocks = [f"transformer.h.{i}" for i in range(4)]
+    calibration, held_out, expected, blocks = _calibration_and_held_out()
     error, layers = {}, {}
     for method in ("rtn", "gptq"):
         model = _gpt2(seed=1)
