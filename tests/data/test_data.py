@@ -72,6 +72,16 @@ def test_wrong_shape(tmp_path):
         load_data(f"tensors:{tmp_path / 'd.npz'}", IMG)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_samples_are_refused_by_row(tmp_path, bad):
+    x = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
+    x[3, 0, 2, 2] = bad
+    x[11, 0, 0, 0] = -bad
+    np.savez(tmp_path / "d.npz", pixel_values=x)
+    with pytest.raises(ModelpressError, match=r"NaN or infinite values in 2 of 20 samples \(rows 3, 11\)"):
+        load_data(f"tensors:{tmp_path / 'd.npz'}", IMG)
+
+
 def test_embedding_task_detects_noise(minilm):
     data = load_data(None, minilm.input_spec, minilm.tokenizer, n_calibration=8, n_evaluation=64)
     ref = torch_runner(minilm.module, minilm.input_spec.names)

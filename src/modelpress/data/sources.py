@@ -461,6 +461,15 @@ def _check_arrays(arrays: dict[str, np.ndarray], input_spec: InputSpec, source: 
         else:
             if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
                 raise ModelpressError(f"{k!r} in {source} has dtype {v.dtype}", "give numeric arrays")
+            if np.issubdtype(v.dtype, np.floating) and v.ndim and not np.isfinite(v).all():
+                # a NaN or inf sample poisons calibration statistics and every metric it lands in
+                bad = np.nonzero(~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1))[0]
+                shown = ", ".join(str(int(i)) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+                raise ModelpressError(
+                    f"{k!r} in {source} holds NaN or infinite values in {len(bad)} of {v.shape[0]} samples "
+                    f"(rows {shown})",
+                    "drop or repair those samples (e.g. numpy.nan_to_num) and save the file again",
+                )
             if input_spec.shape and tuple(v.shape[1:]) != tuple(input_spec.shape):
                 raise ModelpressError(
                     f"{k!r} in {source} has samples of shape {tuple(v.shape[1:])}, "
