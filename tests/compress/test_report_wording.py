@@ -105,3 +105,20 @@ def test_a_classwise_split_is_compared_with_the_full_model():
     assert review(_classwise_report([2.5, None])) == {"warnings": [], "suggestions": []}
     markdown = render_markdown({**report, **notes})
     assert "| sub1 | 2, 3 | d1 | 250,000 | 1.000 | 0.800 |" in markdown and "slowest device 1.000 ms" in markdown
+
+
+def test_slower_at_the_larger_batch_says_where_it_pays_without_asking_for_larger_batches():
+    found = review(_report([1.07, 0.6]))
+    assert any(s.startswith("it pays at batch 1 (1.07x faster): serve at batch 1") for s in found["suggestions"])
+    assert not any("larger batches" in s for s in found["suggestions"])
+
+
+def test_weight_only_points_at_decoding_not_at_int8_overheads():
+    report = _report([0.9, 0.7], recipe="quantize.weight_only")
+    report["generation"] = {"variants": {"compressed": {"stats": [{"batch": 1, "decode_speedup": 3.2},
+                                                                  {"batch": 8, "decode_speedup": 2.1}]}}}
+    text = " ".join(review(report)["suggestions"])
+    assert "decode is 3.20x faster at batch 1, 2.10x faster at batch 8" in text
+    assert "INT8 savings" not in text and "--recipe fp32" not in text
+    del report["generation"]
+    assert "for full-sequence speed try --recipe int8" in " ".join(review(report)["suggestions"])

@@ -81,6 +81,12 @@ def generation_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _decode_speedups(report: dict[str, Any]) -> dict[int, float]:
+    """Causal LMs: the compressed decoder's per-token decode speedup over the original's, per batch size."""
+    comp = ((report.get("generation") or {}).get("variants") or {}).get("compressed") or {}
+    return {int(s["batch"]): float(s["decode_speedup"]) for s in comp.get("stats", []) if s.get("decode_speedup")}
+
+
 def classwise_summary(report: dict[str, Any]) -> dict[str, Any] | None:
     """The class-wise split a run produced (``prune.classwise``'s summary), or None."""
     if report.get("classwise"):
@@ -168,6 +174,7 @@ def review(report: dict[str, Any]) -> dict[str, list[str]]:
     suggestions: list[str] = []
     passes = [p.get("pass", "") for p in (report.get("recipe") or {}).get("passes", [])]
     quantized = any(p.startswith("quantize.") for p in passes)
+    weight_only = "quantize.weight_only" in passes
     lat = report.get("latency") or {}
     target = (lat.get("target") or {}).get("name", "the target")
     shapes = ((lat.get("variants") or {}).get("compressed") or {}).get("shapes", [])
@@ -178,7 +185,19 @@ def review(report: dict[str, Any]) -> dict[str, list[str]]:
         where = ", ".join(f"batch {s['batch']}: {speed_change(s['speedup'])}" for s in slower)
         scope = "at every measured shape" if len(slower) == len(measured) else "at some shapes"
         warnings.append(f"the compressed model is slower than the original on {target} {scope} ({where})")
-        if quantized:
+        decode = _decode_speedups(report)
+        if weight_only:
+            # packed weights are unpacked block by block in every MatMulNBits call: that pays when a call reads
+            # a few rows (token-by-token decoding, memory-bound), not in full-sequence forwards of many rows
+            if decode and all(v > 1.0 for v in decode.values()):
+                suggestions.append("weight-only quantization pays in token-by-token generation, the way LMs are "
+                                   "served: decode is " + ", ".join(f"{speed_change(v)} at batch {b}"
+                                                                    for b, v in sorted(decode.items()))
+                                   + " (the generation rows); full-sequence forwards unpack every weight block")
+            else:
+                suggestions.append("weight-only quantization saves memory and pays when few rows are multiplied "
+                                   "(decoding one token at a time); for full-sequence speed try --recipe int8")
+        elif quantized:
             suggestions.append("on small models the quantize/dequantize overhead can outweigh the INT8 savings: "
                                "try --recipe fp32 (graph optimization only) or --recipe prune-magnitude "
                                "(smaller float matrices)")
@@ -186,8 +205,9 @@ def review(report: dict[str, Any]) -> dict[str, list[str]]:
             suggestions.append("try another recipe (e.g. --recipe int8, or larger pruning ratios), or keep the original")
         if faster:
             best = max(faster, key=lambda s: s["speedup"])
+            larger = all(best["batch"] > s["batch"] for s in slower)
             suggestions.append(f"it pays at batch {best['batch']} ({speed_change(best['speedup'])}): "
-                               "serve with larger batches")
+                               + ("serve with larger batches" if larger else f"serve at batch {best['batch']}"))
         elif target != "edge":
             suggestions.append("measure on another target: --target edge (one thread, batch 1), "
                                "or with a bigger batch where each operator does more work")
