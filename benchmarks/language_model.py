@@ -543,8 +543,8 @@ def _nncf_int4_decoder(fp32: Path, out: Path, rows, accuracy_level: int = 4) -> 
     def feed(row) -> dict[str, Any]:  # noqa: ANN001
         ids = row[None].numpy()
         mask = np.ones_like(ids)
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask, ids.shape[1]),
-                **layout.empty_past(1)}
+        extra = {"position_ids": positions(mask, ids.shape[1])} if layout.position_ids else {}
+        return {"input_ids": ids, "attention_mask": mask, **extra, **layout.empty_past(1)}
 
     config = {"mode": "int4_asym", "group_size": 32, "ratio": 1.0, "awq": True, "scale_estimation": True,
               "subset_size": len(rows), "accuracy_level": accuracy_level}

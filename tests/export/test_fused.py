@@ -1,5 +1,5 @@
-"""ONNX Runtime's fused attention in the cached decoder (export.fused): GroupQueryAttention and RotaryEmbedding
-replace the plain attention ops for every family an adapter covers (GPT-2, Llama GQA, Qwen2), RMS norms become
+"""ONNX Runtime's fused attention in the cached decoder (export.fused): GroupQueryAttention (with its own rotary)
+replaces the plain attention ops for every family an adapter covers (GPT-2, Llama GQA, Qwen2), RMS norms become
 (Skip)SimplifiedLayerNormalization, the graphs generate torch's
 tokens (left padding included), fall back to the plain-op graph where a family feature is not covered or the
 fused graph does not verify; packed MatMulNBits siblings (q/k/v, gate/up) give the unpacked graph's logits."""
@@ -47,7 +47,10 @@ def test_every_attention_is_fused_and_generates_torch_tokens(tmp_path, family):
     ops = _ops(result.path)
     assert result.attention["form"].startswith("fused"), result.attention
     assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0  # no plain attention left
-    assert ops["RotaryEmbedding"] == (0 if family == "gpt2" else 4)  # q and k per layer, from position_ids
+    # rotary inside GroupQueryAttention (do_rotary, its cos/sin caches), as GenAI's builder emits it
+    assert ops["RotaryEmbedding"] == 0
+    gqa = [n for n in onnx.load(str(result.path)).graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(next(a.i for a in n.attribute if a.name == "do_rotary") == (family != "gpt2") for n in gqa)
     if family != "gpt2":  # RMS norms: the first reads the embedding, the other four join a residual Add
         assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert result.verification.tokens_equal and result.verification.max_abs_err < 1e-4
@@ -118,7 +121,10 @@ def test_packed_matmulnbits_siblings_give_the_unpacked_logits(tmp_path):
     result = export_decoder(model, tmp_path / "decoder.onnx", new_tokens=16, lowering=decoder_lowering(0))
     ops = _ops(result.path)
     # per layer: q|k|v packed, o, gate|up packed, down (the head stays float by default)
-    assert ops["MatMulNBits"] == 2 * 4 and ops["Split"] == 2 * 2
+    # q|k|v feeds GroupQueryAttention packed (no Split); gate|up is split
+    assert ops["MatMulNBits"] == 2 * 4 and ops["Split"] == 2 * 1
+    gqa = [n for n in onnx.load(str(result.path)).graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == n.input[2] == "" for n in gqa)
     assert result.verification.tokens_equal and result.verification.max_abs_err < 1e-4
 
     # the same export unpacked: packing changes no logit

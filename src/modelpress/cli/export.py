@@ -45,8 +45,8 @@ def export(
     two_graphs: Annotated[bool, typer.Option(
         "--two-graphs", help="With --decoder: also write NAME.prefill.onnx, a prefill graph without past inputs.")] = False,
     attention: Annotated[str, typer.Option(
-        "--attention", help="With --decoder: fused | plain | auto. fused: ONNX Runtime's GroupQueryAttention and "
-        "RotaryEmbedding (an error where a model has no fused form); plain: standard ONNX ops; auto: fused where "
+        "--attention", help="With --decoder: fused | plain | auto. fused: ONNX Runtime's GroupQueryAttention "
+        "(its own rotary; an error where a model has no fused form); plain: standard ONNX ops; auto: fused where "
         "every attention module has a fused form and the fused graph verifies, else plain.")] = "auto",
 ) -> None:
     """Export to ONNX (verified against torch), with the graph optimizations that measure fastest; causal LMs

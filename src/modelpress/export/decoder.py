@@ -19,6 +19,7 @@ and every logit produced through the cache must match torch's uncached full-sequ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -221,7 +222,7 @@ class FusedDecoder(CachedDecoder):
     def __init__(self, model: nn.Module, layout: DecoderLayout, state: Any) -> None:
         super().__init__(model, layout)
         self.state = state
-        # buffers: one initializer shared by every layer's RotaryEmbedding
+        # buffers: one initializer shared by every layer's GroupQueryAttention (its cos/sin caches)
         if state.cos is not None:
             self.register_buffer("cos_cache", state.cos, persistent=False)
             self.register_buffer("sin_cache", state.sin, persistent=False)
@@ -277,6 +278,7 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
         fuse_skip_norms,
         fused_attention,
         norm_adapters,
+        pack_attention_inputs,
     )
 
     forwards: dict = {}
@@ -333,6 +335,8 @@ def _export_graph(module: nn.Module, layout: DecoderLayout, path: Path, opset: i
             _static_output_dims(model, layout)
         if lowering is not None and lowering.postprocess is not None:
             lowering.postprocess(model)
+        if fused:
+            pack_attention_inputs(model)
         if in_place:  # the graph alone, its tensors still pointing into <path>.data
             tmp = path.with_name(path.stem + ".partial.onnx")
             onnx.save(model, str(tmp))
@@ -591,7 +595,7 @@ def export_decoder(module: nn.Module, path: Path | str, *, opset: int = 17, veri
     ``verify`` checks greedy generation of ``new_tokens`` tokens and the cached logits against torch and
     raises ModelpressError on a mismatch. ``two_graphs`` also writes ``<stem>.prefill.onnx``, a graph
     without past inputs. ``lowering``: a method's own lowering of its layers (see :class:`DecoderLowering`).
-    ``fused``: ONNX Runtime's fused attention (GroupQueryAttention + RotaryEmbedding, ``export.fused``);
+    ``fused``: ONNX Runtime's fused attention (GroupQueryAttention with its own rotary, ``export.fused``);
     "auto" uses it where every attention module has a fused form and the fused graph verifies, else the
     plain-op graph (measured on the 22M stdlib Llama, INT4, 2 threads, one decode step at past 128: 16.7 ms
     fused vs 40.6 ms plain, 132 vs 643 ONNX Runtime nodes); True requires it, False never uses it.
@@ -614,14 +618,16 @@ def export_decoder(module: nn.Module, path: Path | str, *, opset: int = 17, veri
         attention: dict[str, Any] = {}
         for attempt in attempts:
             try:
-                staged, prefill, verification = _export_verified(module, layout, workdir, opset, two_graphs, lowering,
-                                                                 attempt, verify, new_tokens, atol, rtol, reporter)
+                staged, prefill, verification, used = _export_verified(module, layout, workdir, opset, two_graphs,
+                                                                       lowering, attempt, verify, new_tokens, atol,
+                                                                       rtol, reporter)
             except ModelpressError as exc:
                 if attempt is not True or len(attempts) == 1:
                     raise
                 attention["fused_rejected"] = str(exc)[:300]
                 continue
-            attention["form"] = "fused (com.microsoft GroupQueryAttention, RotaryEmbedding)" if attempt else "plain ops"
+            attention["form"] = "fused (com.microsoft GroupQueryAttention)" if attempt else "plain ops"
+            layout = used
             break
         lowered = None
         if lowering is not None:
@@ -644,8 +650,10 @@ def export_decoder(module: nn.Module, path: Path | str, *, opset: int = 17, veri
 
 def _export_verified(module: nn.Module, layout: DecoderLayout, workdir: Path, opset: int, two_graphs: bool,
                      lowering: DecoderLowering | None, fused: bool, verify: bool, new_tokens: int, atol: float,
-                     rtol: float, reporter: Reporter) -> tuple[Path, Path | None, DecoderVerification | None]:
-    """One export (fused or plain) into ``workdir``, verified when ``verify``; ModelpressError when it fails."""
+                     rtol: float, reporter: Reporter) -> tuple[Path, Path | None, DecoderVerification | None,
+                                                               DecoderLayout]:
+    """One export (fused or plain) into ``workdir``, verified when ``verify``, with the layout the graph takes
+    (a fused rotary graph has no ``position_ids``: the kernel places the tokens); ModelpressError when it fails."""
     form = "fused attention" if fused else "plain ops"
     staged = workdir / "decoder.onnx"
     prefill = workdir / "prefill.onnx" if two_graphs else None
@@ -660,6 +668,8 @@ def _export_verified(module: nn.Module, layout: DecoderLayout, workdir: Path, op
         except Exception as exc:
             raise ModelpressError(f"the decoder export ({form}) failed: {type(exc).__name__}: {str(exc)[:300]}",
                                   "this model family may not support a DynamicCache yet") from exc
+    if layout.position_ids and "position_ids" not in _graph_inputs(staged):
+        layout = dataclasses.replace(layout, position_ids=False)
     verification = None
     if verify:
         with reporter.step(f"verifying greedy generation ({new_tokens} tokens) against torch"):
@@ -675,7 +685,13 @@ def _export_verified(module: nn.Module, layout: DecoderLayout, workdir: Path, op
         if not verification.ok:
             raise ModelpressError(f"the decoder export ({form}) does not match torch: {verification.describe()}",
                                   "loosen atol for quantized models, or report the model family")
-    return staged, prefill, verification
+    return staged, prefill, verification, layout
+
+
+def _graph_inputs(path: Path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
 
 
 def _fast_form(lowering: DecoderLowering, staged: Path, prefill: Path | None, module: nn.Module,

@@ -14,10 +14,13 @@ cross attention, ...) makes ``attention_adapters`` return None: the export then 
 
 Semantics kept exact against Hugging Face's eager attention, left padding included: every cache row is
 stored (pads too, as Hugging Face's cache does), ``seqlens_k`` is ``total - 1`` for every row, and padded
-keys are masked by an additive ``attention_bias`` built once per step from ``attention_mask``; rotary
-embeddings use the graph's ``position_ids`` (GroupQueryAttention's own rotary reads only the first position
-of a prompt, which is wrong for left-padded rows), with cos/sin caches read from the model's own rotary
-module at every position (so its scaling variants come along).
+keys are masked by an additive ``attention_bias`` built once per step from ``attention_mask``. Rotary
+embeddings are GroupQueryAttention's own (``do_rotary``, as GenAI's builder emits them: no RotaryEmbedding
+nodes), with cos/sin caches read from the model's own rotary module at every position (so its scaling variants
+come along). The kernel places a row's new tokens at ``past .. past + S - 1``, counting the pads of a
+left-padded row, where Hugging Face's ``position_ids`` skip them: a shift that is the same for every token of
+the row, and rotary attention depends only on position differences, so the outputs agree (tests compare
+left-padded greedy generation with torch's). A packed q|k|v projection feeds the kernel packed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import torch
 from torch import nn
 
 __all__ = ["FusedState", "attention_adapters", "attention_inputs", "drop_empty_inputs", "fuse_skip_norms", "fused_attention",
-           "group_query_attention", "norm_adapters", "rotary_embedding", "simplified_layer_norm"]
+           "group_query_attention", "norm_adapters", "pack_attention_inputs", "rotary_embedding",
+           "simplified_layer_norm"]
 
 # GroupQueryAttention's optional inputs this export leaves absent: traced as an empty tensor, then cleared
 OPTIONAL_INPUTS = {"GroupQueryAttention": (1, 2, 7, 8, 9)}
@@ -48,13 +52,18 @@ class _GroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
                 past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor,
-                bias: torch.Tensor, num_heads: int, kv_heads: int, scale: float) -> tuple:
+                bias: torch.Tensor, num_heads: int, kv_heads: int, scale: float, cos_cache: torch.Tensor | None,
+                sin_cache: torch.Tensor | None) -> tuple:
         batch, seq = query.shape[:2]
         head = past_key.shape[-1]
         if key is None:  # packed QKV
             query, key, value = query.split([num_heads * head, kv_heads * head, kv_heads * head], dim=-1)
         q = query.reshape(batch, seq, num_heads, head).transpose(1, 2)
-        k = torch.cat([past_key, key.reshape(batch, seq, kv_heads, head).transpose(1, 2)], dim=2)
+        key = key.reshape(batch, seq, kv_heads, head).transpose(1, 2)
+        if cos_cache is not None:  # the kernel's own rotary: the new tokens sit at past .. past + seq - 1
+            pos = torch.arange(past_key.shape[2], past_key.shape[2] + seq, device=q.device)
+            q, key = _rotate_half(q, cos_cache[pos], sin_cache[pos]), _rotate_half(key, cos_cache[pos], sin_cache[pos])
+        k = torch.cat([past_key, key], dim=2)
         v = torch.cat([past_value, value.reshape(batch, seq, kv_heads, head).transpose(1, 2)], dim=2)
         groups = num_heads // kv_heads
         kk, vv = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -67,13 +76,16 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, query: Any, key: Any, value: Any, past_key: Any, past_value: Any, seqlens_k: Any,
-                 total: Any, bias: Any, num_heads: int, kv_heads: int, scale: float) -> Any:
+                 total: Any, bias: Any, num_heads: int, kv_heads: int, scale: float, cos_cache: Any,
+                 sin_cache: Any) -> Any:
         absent = _empty(g)
         key = absent if key is None or _is_none(key) else key
         value = absent if value is None or _is_none(value) else value
+        rotary = cos_cache is not None and not _is_none(cos_cache)
+        cos, sin = (cos_cache, sin_cache) if rotary else (absent, absent)
         out = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total,
-                   absent, absent, absent, bias, num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
-                   do_rotary_i=0, outputs=3)
+                   cos, sin, absent, bias, num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
+                   do_rotary_i=int(rotary), outputs=3)
         with contextlib.suppress(Exception):  # the outputs' types for the exporter's shape inference
             b, s = query.type().varyingSizes()[:2]
             head = past_key.type().varyingSizes()[3]
@@ -163,12 +175,21 @@ def simplified_layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> 
 def group_query_attention(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
                           past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
                           total: torch.Tensor, bias: torch.Tensor, num_heads: int, kv_heads: int,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          scale: float, cos_cache: torch.Tensor | None = None,
+                          sin_cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal grouped-query attention over ``past + new`` keys (``query`` [B, S, H*D], or packed QKV with
     ``key``/``value`` None; past [B, kv, P, D]; ``bias`` [B, 1, S, P+S] additive); returns the output
-    [B, S, H*D] and the present key/value [B, kv, P+S, D]. Traces to GroupQueryAttention."""
+    [B, S, H*D] and the present key/value [B, kv, P+S, D]. With ``cos_cache``/``sin_cache`` [max_positions, D/2]
+    the kernel rotates the new queries and keys itself (rotate-half) at positions ``P .. P+S-1`` of every row.
+    Traces to GroupQueryAttention."""
     return _GroupQueryAttention.apply(query, key, value, past_key, past_value, seqlens_k, total, bias,
-                                      int(num_heads), int(kv_heads), float(scale))
+                                      int(num_heads), int(kv_heads), float(scale), cos_cache, sin_cache)
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, heads, S, D] with ``cos``/``sin`` [S, D/2] (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def rotary_embedding(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
@@ -211,11 +232,13 @@ def _llama_like(model: nn.Module, module: nn.Module, layer: int, heads: int, kv:
     scale = float(getattr(module, "scaling", head ** -0.5))
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        q = rotary_embedding(module.q_proj(hidden_states), state.position_ids, state.cos, state.sin, heads)
-        k = rotary_embedding(module.k_proj(hidden_states), state.position_ids, state.cos, state.sin, kv)
+        # the kernel's own rotary (GenAI's form: no RotaryEmbedding nodes). Its positions count every cache row,
+        # pads too, so a left-padded row's positions are shifted by its pad count against Hugging Face's; rotary
+        # attention depends only on position differences, so its outputs are the same (up to rounding)
         past_k, past_v = state.past[layer]
-        out, pk, pv = group_query_attention(q, k, module.v_proj(hidden_states), past_k, past_v, state.seqlens_k,
-                                            state.total, state.bias, heads, kv, scale)
+        out, pk, pv = group_query_attention(module.q_proj(hidden_states), module.k_proj(hidden_states),
+                                            module.v_proj(hidden_states), past_k, past_v, state.seqlens_k,
+                                            state.total, state.bias, heads, kv, scale, state.cos, state.sin)
         state.present[layer] = (pk, pv)
         return module.o_proj(out), None
 
@@ -385,3 +408,39 @@ def drop_empty_inputs(model: Any) -> int:
     g.initializer.extend(inits)
     return count
 
+
+
+def pack_attention_inputs(model: Any) -> int:
+    """GroupQueryAttention(q, k, v) whose three inputs are, in order, the only uses of one Split's outputs (the
+    packed q|k|v MatMulNBits of ``weight_only_export.pack_siblings``) reads the Split's input instead, in the
+    kernel's packed-QKV form (key and value absent), as GenAI's builder writes it: one node fewer per layer, the
+    same numbers (the packed layout is q | k | v, what the Split cut). Returns the number of nodes rewired."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in g.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+    drop: set[int] = set()
+    for n in g.node:
+        if n.op_type != "GroupQueryAttention" or n.domain != "com.microsoft" or len(n.input) < 3 or not n.input[1]:
+            continue
+        split = producer.get(n.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(n.input[:3]):
+            continue
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        if axis not in (-1, 2) or any(uses.get(o, 0) != 1 for o in split.output):
+            continue
+        n.input[0], n.input[1], n.input[2] = split.input[0], "", ""
+        drop.add(id(split))
+    if drop:
+        keep = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(keep)
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        inits = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(inits)
+    return len(drop)
