@@ -436,11 +436,8 @@ def pack_attention_inputs(model: Any) -> int:
         n.input[0], n.input[1], n.input[2] = split.input[0], "", ""
         drop.add(id(split))
     if drop:
-        keep = [n for n in g.node if id(n) not in drop]
-        del g.node[:]
-        g.node.extend(keep)
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        inits = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(inits)
+        from modelpress.export.graph_edits import drop_unused_initializers, keep_nodes
+
+        keep_nodes(g, lambda n: id(n) not in drop)
+        drop_unused_initializers(g)
     return len(drop)

@@ -153,14 +153,11 @@ def pack_siblings(m: onnx.ModelProto) -> int:
                 nodes.append(n)
         del g.node[:]
         g.node.extend(nodes)
+        from modelpress.export.graph_edits import drop_unused_initializers, keep_nodes
+
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        keep = [n for n in g.node if not (n.op_type == "Identity" and n.output[0] not in used)]
-        del g.node[:]
-        g.node.extend(keep)
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        left = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(left)
+        keep_nodes(g, lambda n: not (n.op_type == "Identity" and n.output[0] not in used))
+        drop_unused_initializers(g)
     return packed
 
 
