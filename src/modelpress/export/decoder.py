@@ -83,7 +83,7 @@ class DecoderLayout:
     hidden_size: int
     vocab_size: int
     max_positions: int | None
-    position_ids: bool  # the forward takes position_ids (then the graph does)
+    position_ids: bool  # the graph takes position_ids (a fused rotary graph does not: the kernel places tokens)
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -242,7 +242,6 @@ class FusedDecoder(CachedDecoder):
         state.past = [(past[2 * i], past[2 * i + 1]) for i in range(layout.num_layers)]
         state.present = {}
         state.seqlens_k, state.total, state.bias = attention_inputs(attention_mask, input_ids, past[0].dtype)
-        state.position_ids = position_ids
         if state.cos is not None:
             state.cos, state.sin = self.cos_cache, self.sin_cache
         kwargs: dict[str, Any] = {"position_ids": position_ids} if position_ids is not None else {}

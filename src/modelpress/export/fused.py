@@ -34,8 +34,7 @@ import torch
 from torch import nn
 
 __all__ = ["FusedState", "attention_adapters", "attention_inputs", "drop_empty_inputs", "fuse_skip_norms", "fused_attention",
-           "group_query_attention", "norm_adapters", "pack_attention_inputs", "rotary_embedding",
-           "simplified_layer_norm"]
+           "group_query_attention", "norm_adapters", "pack_attention_inputs", "simplified_layer_norm"]
 
 # GroupQueryAttention's optional inputs this export leaves absent: traced as an empty tensor, then cleared
 OPTIONAL_INPUTS = {"GroupQueryAttention": (1, 2, 7, 8, 9)}
@@ -135,24 +134,6 @@ def _is_none(value: Any) -> bool:
     return hasattr(value, "node") and value.node().mustBeNone()
 
 
-class _RotaryEmbedding(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor,
-                sin_cache: torch.Tensor, num_heads: int) -> torch.Tensor:
-        batch, seq, width = x.shape
-        h = x.reshape(batch, seq, num_heads, width // num_heads)
-        cos, sin = cos_cache[position_ids][:, :, None, :], sin_cache[position_ids][:, :, None, :]
-        x1, x2 = h.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).reshape(batch, seq, width)
-
-    @staticmethod
-    def symbolic(g: Any, x: Any, position_ids: Any, cos_cache: Any, sin_cache: Any, num_heads: int) -> Any:
-        out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_cache, sin_cache, num_heads_i=num_heads,
-                   interleaved_i=0)
-        out.setType(x.type())
-        return out
-
-
 class _SimplifiedLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -192,13 +173,6 @@ def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def rotary_embedding(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
-                     num_heads: int) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention) of ``x`` [B, S, H*D] at ``position_ids`` [B, S] from caches
-    [max_positions, D/2]. Traces to com.microsoft RotaryEmbedding."""
-    return _RotaryEmbedding.apply(x, position_ids, cos_cache, sin_cache, int(num_heads))
-
-
 # -------------------------------------------------------------------------------------------- adapters
 
 
@@ -211,7 +185,6 @@ class FusedState:
     seqlens_k: torch.Tensor | None = None
     total: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
 
@@ -399,15 +372,14 @@ def drop_empty_inputs(model: Any) -> int:
             if i < len(n.input) and n.input[i] in empties:
                 n.input[i] = ""
                 count += 1
+    from modelpress.export.graph_edits import keep_nodes
+
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [n for n in g.node if not (n.op_type == "Constant" and n.output[0] in empties and n.output[0] not in used)]
-    del g.node[:]
-    g.node.extend(keep)
+    keep_nodes(g, lambda n: not (n.op_type == "Constant" and n.output[0] in empties and n.output[0] not in used))
     inits = [t for t in g.initializer if not (t.name in empties and t.name not in used)]
     del g.initializer[:]
     g.initializer.extend(inits)
     return count
-
 
 
 def pack_attention_inputs(model: Any) -> int:

@@ -318,7 +318,8 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
         bits_of[name] = bits
     tag = f"g{cfg.block_size} {'sym' if cfg.symmetric else 'asym'}"
 
-    # embeddings first (round to nearest): every block is then calibrated on what inference will embed
+    # embeddings first (round to nearest; a tied pair under GPTQ waits for the last stage): every block is then
+    # calibrated on what inference will embed
     tied_info: dict[str, Any] = {"tied": bool(tied), "head": head}
     # a tied pair quantized with GPTQ: the head's output error is what the 4-bit codes cost most (on the 22M
     # stdlib Llama, next-token KL: see the recipe), so the pair is quantized last, by GPTQ on the head's inputs
