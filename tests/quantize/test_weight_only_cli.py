@@ -36,7 +36,10 @@ def test_compress_int4_weight_only_recipe(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     p = report["passes"][0]
     assert p["pass"] == "quantize.weight_only" and p["method"] == "gptq"
-    assert p["tied_head"] == {"tied": True, "head": "lm_head", "quantized_once": True}
+    tied = p["tied_head"]
+    assert {k: tied[k] for k in ("tied", "head", "quantized_once")} == {"tied": True, "head": "lm_head",
+                                                                        "quantized_once": True}
+    assert tied["objective"].startswith("head inputs + embedding look-ups") and tied["rows_looked_up"] > 0
     assert p["mean_relative_output_error"] < p["mean_relative_output_error_rtn"]
     compressed = report["export"]["compressed"]
     assert compressed["kernels"]["MatMulNBits"] == 9  # 2 blocks x 4 layers + the head

@@ -18,8 +18,9 @@ Embeddings and the LM head stay float unless ``embeddings`` / ``head`` say ``qua
 "float" sets the head's form in one option). A tied input embedding
 and LM head stay one tensor: kept float together, or quantized once into buffers both modules share: with
 ``rtn`` / ``awq`` by round to nearest before the first block (every block is then calibrated on the embeddings
-inference will see), with ``gptq`` / ``awq+gptq`` by GPTQ on the head's inputs in the last stage (the head's
-output error is what a 4-bit pair costs most; the blocks are then calibrated on the float embeddings).
+inference will see), with ``gptq`` / ``awq+gptq`` by GPTQ in the last stage (the blocks are then calibrated on
+the float embeddings): on the head's inputs, each row's Hessian adding what its embedding look-ups cost
+(``tied_objective: loss``, :mod:`modelpress.quantize.tied_rows`; ``head`` fits the head's output alone).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from modelpress.errors import ModelpressError
 from modelpress.graph.adapters import is_transposed_linear
 from modelpress.quantize.policy import Policy
+from modelpress.quantize.tied_rows import RowUse, row_hessians, row_use
 from modelpress.quantize.weight_only_pack import (
     WeightOnlyEmbedding,
     WeightOnlyLinear,
@@ -65,6 +67,10 @@ class WeightOnlyConfig:
     head_bits: int | str | None = None
     embeddings: str = "float"
     policy: dict[str, Any] = field(default_factory=dict)
+    # a tied pair under GPTQ: "loss" adds each row's embedding look-ups to its Hessian (tied_rows.py), "head"
+    # fits the head's output alone
+    tied_objective: str = "loss"
+    seed: int = 0  # the tokens the embedding's Fisher samples
 
 
 @dataclass
@@ -261,6 +267,19 @@ def _packed_embedding(m: nn.Embedding, bits: int, cfg: WeightOnlyConfig) -> Weig
     return e
 
 
+def _gptq_rows(w: torch.Tensor, h: torch.Tensor, use: RowUse, cfg: WeightOnlyConfig, bits: int,
+               ) -> tuple[torch.Tensor, ...]:
+    """GPTQ of a tied pair's rows, each bucket of rows on its own Hessian (:func:`tied_rows.row_hessians`)."""
+    out: list[torch.Tensor] = []
+    for rows, hb in row_hessians(h, use):
+        part = _gptq(w[rows], hb, cfg, bits)
+        if not out:
+            out = [torch.zeros((w.shape[0], *t.shape[1:]), dtype=t.dtype) for t in part]
+        for whole, t in zip(out, part, strict=True):
+            whole[rows] = t
+    return tuple(out)
+
+
 def _packed_linear(m: nn.Module, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                    cfg: WeightOnlyConfig, input_scale: torch.Tensor | None = None) -> WeightOnlyLinear:
     w = _weight(m)
@@ -290,6 +309,8 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
         raise ModelpressError(f"head_bits: {cfg.head_bits!r} is not a choice", "use 4, 8 or float")
     head_form = cfg.head if cfg.head_bits is None else ("float" if cfg.head_bits == "float" else "quantize")
     head_bits = cfg.head_bits if isinstance(cfg.head_bits, int) else None
+    if cfg.tied_objective not in ("loss", "head"):
+        raise ModelpressError(f"tied_objective: {cfg.tied_objective!r} is not a choice", "use loss or head")
     if cfg.awq_unfoldable not in ("mul", "skip"):
         raise ModelpressError(f"awq_unfoldable: {cfg.awq_unfoldable!r} is not a choice", "use mul or skip")
     # a bare number means weight bits here (activations always stay float)
@@ -361,6 +382,15 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
 
     from modelpress.quantize.reconstruct import block_stages
 
+    use = None
+    if gptq_tied and cfg.tied_objective == "loss" and bits_of.get(head) is not None:
+        # how the pair's rows are used, on the float model before any block is quantized (tied_rows.py)
+        use = row_use(model, in_emb, batches, cfg.seed)
+        tied_info["objective"] = ("head inputs + embedding look-ups (loss-aware rows)" if use is not None else
+                                  "head inputs (the batches give no input_ids / logits for the look-ups)")
+        if use is not None:
+            tied_info["rows_looked_up"] = int((use.lookups > 0).sum())
+
     stages = block_stages(list(bits_of), blocks if cfg.method != "rtn" else None)
     errors: dict[str, float] = {}
     rtn_errors: dict[str, float] = {}
@@ -413,7 +443,10 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
             w = _weight(m).double()
             h = hs[n]
             if h is not None and cfg.method in ("gptq", "awq+gptq"):
-                codes, scale, zero = _gptq(w, h, cfg, b)
+                if use is not None and n == head:
+                    codes, scale, zero = _gptq_rows(w, h, use, cfg, b)
+                else:
+                    codes, scale, zero = _gptq(w, h, cfg, b)
             else:
                 codes, scale, zero = _rtn(w, b, cfg.block_size, cfg.symmetric)
             if h is not None:  # after AWQ, w and h are the scaled ones: W' x' = W x, the same output error

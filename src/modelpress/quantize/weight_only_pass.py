@@ -27,6 +27,9 @@ class WeightOnlyPassConfig(PassConfig):
     # carries most of a small LM's 4-bit error, and is the largest matrix a decode step reads
     head_bits: Literal[4, 8, "float"] | None = None
     embeddings: Literal["float", "quantize"] = "float"
+    # a tied embedding / LM head under GPTQ: "loss" weighs each row's embedding look-ups into its Hessian
+    # (quantize/tied_rows.py: stdlib Llama 4-bit pair, KL 2.0e-4 -> 9.1e-5), "head" fits the head's output alone
+    tied_objective: Literal["loss", "head"] = "loss"
     # per-layer overrides: name or glob -> "float", 4 or 8 (the last matching entry wins)
     policy: dict[str, Any] = Field(default_factory=dict)
     samples: int = Field(128, ge=1, le=4096)
@@ -54,7 +57,8 @@ class WeightOnlyPass(GraphPass):
         # AWQ's folds and input Mul, clone first): the pass holds one float model, not two (issue 22's 1B budget)
         out = graph.copy(share_weights=True) if hasattr(graph, "own_weights") else graph.copy()
         blocks = [b.path for b in (out.blocks() if callable(out.blocks) else out.blocks)] if hasattr(out, "blocks") else None
-        wo = WeightOnlyConfig(**{k: v for k, v in values.items() if k not in ("samples", "accuracy_level")})
+        wo = WeightOnlyConfig(**{k: v for k, v in values.items() if k not in ("samples", "accuracy_level")},
+                              seed=getattr(ctx, "seed", 0))
         result = quantize_weights(out.module, batches, wo, blocks=blocks, reporter=getattr(ctx, "reporter", None))
         if hasattr(out, "invalidate"):
             out.invalidate()
