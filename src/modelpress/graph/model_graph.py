@@ -199,7 +199,18 @@ class ModelGraph:
         return s
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        """The model's weights: its parameters, plus those that layers holding packed codes in buffers stand for
+        (``represented_weights()``: a weight-only layer's ``[out, in]``), a tensor shared by two layers once."""
+        n = sum(p.numel() for p in self.module.parameters())
+        seen: set[int] = set()
+        for m in self.module.modules():
+            rep = getattr(m, "represented_weights", None)
+            if callable(rep):
+                codes, count = rep()
+                if id(codes) not in seen:
+                    seen.add(id(codes))
+                    n += int(count)
+        return n
 
     def invalidate(self) -> None:
         """Forget every cached discovery (call after changing the module outside the graph's edits)."""

@@ -180,6 +180,11 @@ class _Packed(nn.Module):
         for name in ("qweight", "scales", "zero_points"):
             self._buffers[name] = other._buffers[name]
 
+    def represented_weights(self) -> tuple[torch.Tensor, int]:
+        """The tensor holding the codes and how many weights they stand for (``rows x in_features``): what a
+        parameter count reports for this layer (the codes are buffers; a tied pair shares one tensor)."""
+        return self.qweight, self.qweight.shape[0] * self.in_features
+
     def packed_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.qweight, self.scales, self.zero_points) if b is not None)
 
