@@ -166,3 +166,20 @@ def test_recipe_without_name_takes_the_file_stem(capsys, tmp_path, monkeypatch):
     code, err = run_cli(["compress", "modelpress.train.zoo:digits_cnn_factory", "-r", str(f), "-q"], capsys)
     assert code == 2
     assert_clean_error(code, err, "output compressed-digits_cnn_factory-my-recipe already exists")
+
+
+def test_own_warnings_print_as_one_line_and_a_librarys_as_python_prints_them(capsys):
+    """The CLI shows modelpress's warnings as ``warning: <message>``, without the path, line number and source
+    line Python adds; other packages' warnings keep Python's form."""
+    import warnings
+
+    import modelpress.reconstruct.solve as own
+    from modelpress.cli.common import short_warnings
+
+    shown = []
+    show = short_warnings(lambda *a: shown.append(a))
+    show(RuntimeWarning("3 layer refits had fewer rows"), RuntimeWarning, own.__file__, 10)
+    show(UserWarning("from torch"), UserWarning, "/somewhere/torch/nn/x.py", 5)
+    assert capsys.readouterr().err == "warning: 3 layer refits had fewer rows\n"
+    assert len(shown) == 1 and shown[0][2] == "/somewhere/torch/nn/x.py"
+    assert warnings.showwarning is not show  # installed by the CLI's main, not on import

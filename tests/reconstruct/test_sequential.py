@@ -165,3 +165,23 @@ def test_the_stream_target_repairs_upstream_drift_on_held_out_rows() -> None:
         errors["none"] = float(((pruned0(held) - target) ** 2).mean())
     # measured: stream 0.0208, layer output 0.0230, no refit 0.0786
     assert errors[True] < 0.95 * errors[False] < 0.5 * errors["none"], errors
+
+
+def test_underdetermined_refits_give_one_warning_with_the_rows_needed() -> None:
+    """Too few calibration rows for every layer: one warning for the whole refit (not one per layer: a 1B
+    model's prune printed over a hundred), naming how many layers and the rows the widest needs."""
+    import warnings
+
+    from modelpress.reconstruct.solve import UnderdeterminedRefit
+
+    model = _two_blocks()
+    stream, hidden = np.arange(16), np.arange(32)
+    maps = {"2": LayerMap("2", stream, hidden), "4": LayerMap("4", hidden, np.arange(8))}
+    calib = [torch.randn(10, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = reconstruct_layers(model, _pruned(model, stream, hidden), maps, calib)
+    under = [w for w in caught if issubclass(w.category, UnderdeterminedRefit)]
+    assert len(under) == 1, [str(w.message) for w in caught]
+    assert "2 layer refits" in str(under[0].message) and "the widest needs 33" in str(under[0].message)
+    assert all("damped, not exact" in " ".join(r.notes) for r in result.values())  # each layer still says so

@@ -8,11 +8,12 @@ they run, so `modelpress --help` stays fast.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
 from modelpress.cli import agent, bench, compress, export, fuse, inspect, recipes, search
-from modelpress.cli.common import user_errors
+from modelpress.cli.common import short_warnings, user_errors
 from modelpress.system import apply_malloc_setting
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input (a user error, a command-line mistake, an unwritable output) prints a short
     message and exits with code 2, without a traceback."""
     apply_malloc_setting()  # freed tensors leave the resident set (see system.unmap_large_blocks)
+    warnings.showwarning = short_warnings(warnings.showwarning)
     with user_errors():
         code = app(args=argv, prog_name="modelpress", standalone_mode=False)
     # typer (>= 0.20) turns Ctrl-C and typer.Exit(n) into a returned exit code when not standalone

@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -186,6 +186,21 @@ def fail(problem: str, hint: str | None = None, code: int = 2) -> NoReturn:
 
 # the packages of the `torch` extra (pyproject.toml): a core install (`modelpress[agent]` on a device) lacks them
 TORCH_EXTRA = frozenset({"torch", "onnx", "transformers", "safetensors", "scipy", "yaml", "pydantic"})
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent) + os.sep  # modelpress/: where its own warnings come from
+
+
+def short_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints modelpress's own warnings as one line, ``warning: <message>``
+    (not a file path, a line number and a source line); ``show`` prints the others (a library's)."""
+    def showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: Any = None, line: str | None = None) -> None:  # noqa: ANN401
+        if not str(filename).startswith(_PACKAGE_DIR):
+            show(message, category, filename, lineno, file, line)
+            return
+        print(f"warning: {message}", file=file if file is not None else sys.stderr)
+    return showwarning
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ before; both orders give the same refit up to float rounding (the blocks compute
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,7 @@ from modelpress.graph.run import as_tensors, call_module
 from modelpress.progress import QUIET, Reporter
 from modelpress.reconstruct import layers as L  # noqa: N812
 from modelpress.reconstruct.maps import LayerMap
-from modelpress.reconstruct.solve import DEFAULT_DAMP, PairStats, refit
+from modelpress.reconstruct.solve import DEFAULT_DAMP, PairStats, UnderdeterminedRefit, refit
 
 __all__ = ["LayerResult", "reconstruct_layers", "residual_consumer"]
 
@@ -607,37 +608,67 @@ def reconstruct_layers(
             ro = _Runner(original_module, batches, input_names, chain_o)
             rp = _Runner(pruned_module, batches, input_names, chain_p) if sequential else None
             results: dict[str, LayerResult] = {}
-            for stage in reporter.track(stages, "reconstructing layers", total=len(stages)):
-                first = stage[0]
-                pmod = pruned_module.get_submodule(first)
-                many = [n for n in stage if order_p[n][1] > 1 or order_o[maps[n].original][1] > 1]
-                for n in many:
-                    results[n] = LayerResult(0.0, 0.0, False, ["called more than once per forward: not refit"])
-                todo = [n for n in stage if n not in many]
-                if not todo:
-                    continue
-                kept_cols = L.columns(pmod, maps[first].inputs)
-                layers = [(n, original_module.get_submodule(maps[n].original),
-                           torch.as_tensor(maps[n].outputs, dtype=torch.long)) for n in todo]
-                ro.advance(maps[first].original)
-                if rp is not None:
-                    rp.advance(first)
-                consumers = None
-                if residual and rp is not None and len(todo) == 1:
-                    cp, co = rp.consumer(first), ro.consumer(maps[first].original)
-                    consumers = (cp, co) if cp is not None and co is not None else None
-                stats = _collect(ro, rp, first, maps[first].original, kept_cols, layers, consumers)
-                for n in todo:
-                    if n not in stats:
-                        continue  # the batches never reached it
-                    results[n] = _refit_one(n, pruned_module.get_submodule(n), stats[n], damp, intercept, add_bias, mode)
-                    reporter.log(f"  reconstructed {n}: output error {results[n].error_before:.4g} -> "
-                                 f"{results[n].error_after:.4g}{'' if results[n].applied else ' (kept)'}")
-                del stats
+            with _one_warning_for_underdetermined():
+                _refit_stages(stages, results, maps, order_p, order_o, original_module, pruned_module, ro, rp,
+                              residual, damp, intercept, add_bias, mode, reporter)
             return results
     finally:
         original_module.train(was[0])
         pruned_module.train(was[1])
+
+
+@contextlib.contextmanager
+def _one_warning_for_underdetermined() -> Iterator[None]:
+    """The refits' :class:`UnderdeterminedRefit` warnings (one per layer: a 1B model's prune printed over a
+    hundred) gathered into one, with how many calibration rows an exact refit needs; other warnings pass."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnderdeterminedRefit)
+        yield
+    under = [w for w in caught if issubclass(w.category, UnderdeterminedRefit)]
+    for w in caught:
+        if w not in under:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if under:
+        need = max(getattr(w.message, "need", 0) for w in under)
+        first = str(under[0].message).split(": the refit")[0]
+        warnings.warn(UnderdeterminedRefit(
+            f"{len(under)} layer refit{'s' if len(under) > 1 else ''} had fewer calibration rows than unknowns per "
+            f"output ({first}; the widest needs {need}): damped, not exact. Give more calibration samples "
+            "(rows are tokens or positions) for exact refits", need), stacklevel=3)
+
+
+def _refit_stages(stages: list[list[str]], results: dict[str, LayerResult], maps: Mapping[str, LayerMap],  # noqa: PLR0913
+                  order_p: dict, order_o: dict, original_module: nn.Module, pruned_module: nn.Module, ro: _Runner,
+                  rp: _Runner | None, residual: bool, damp: float, intercept: bool,
+                  add_bias: Callable[[str], None] | None, mode: str, reporter: Reporter) -> None:
+    """Refit every stage in order (:func:`reconstruct_layers`' loop), filling ``results``."""
+    for stage in reporter.track(stages, "reconstructing layers", total=len(stages)):
+        first = stage[0]
+        pmod = pruned_module.get_submodule(first)
+        many = [n for n in stage if order_p[n][1] > 1 or order_o[maps[n].original][1] > 1]
+        for n in many:
+            results[n] = LayerResult(0.0, 0.0, False, ["called more than once per forward: not refit"])
+        todo = [n for n in stage if n not in many]
+        if not todo:
+            continue
+        kept_cols = L.columns(pmod, maps[first].inputs)
+        layers = [(n, original_module.get_submodule(maps[n].original),
+                   torch.as_tensor(maps[n].outputs, dtype=torch.long)) for n in todo]
+        ro.advance(maps[first].original)
+        if rp is not None:
+            rp.advance(first)
+        consumers = None
+        if residual and rp is not None and len(todo) == 1:
+            cp, co = rp.consumer(first), ro.consumer(maps[first].original)
+            consumers = (cp, co) if cp is not None and co is not None else None
+        stats = _collect(ro, rp, first, maps[first].original, kept_cols, layers, consumers)
+        for n in todo:
+            if n not in stats:
+                continue  # the batches never reached it
+            results[n] = _refit_one(n, pruned_module.get_submodule(n), stats[n], damp, intercept, add_bias, mode)
+            reporter.log(f"  reconstructed {n}: output error {results[n].error_before:.4g} -> "
+                         f"{results[n].error_after:.4g}{'' if results[n].applied else ' (kept)'}")
+        del stats
 
 
 def _refit_one(name: str, pmod: nn.Module, stats: PairStats, damp: float, intercept: bool,

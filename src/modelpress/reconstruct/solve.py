@@ -34,9 +34,19 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_DAMP = 0.01
+
+
+class UnderdeterminedRefit(RuntimeWarning):
+    """A weight refit with fewer calibration rows than unknowns per output: damped, not exact. ``need``: the rows
+    an exact refit needs."""
+
+    def __init__(self, message: str, need: int = 0) -> None:
+        super().__init__(message)
+        self.need = need
 REFIT_MODES = ("weights", "scales")
 
-__all__ = ["DEFAULT_DAMP", "REFIT_MODES", "PairStats", "Refit", "obs_update", "output_error", "refit", "stats_from_gram"]
+__all__ = ["DEFAULT_DAMP", "REFIT_MODES", "PairStats", "Refit", "UnderdeterminedRefit", "obs_update", "output_error",
+           "refit", "stats_from_gram"]
 
 
 @dataclass
@@ -155,7 +165,7 @@ def refit(stats: PairStats, current_weight: torch.Tensor, current_bias: torch.Te
     if mode == "weights" and stats.rows < need:
         msg = f"{name}: {stats.rows} calibration rows for {need} unknowns per output: the refit is damped, not exact"
         notes.append(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        warnings.warn(UnderdeterminedRefit(msg, need), stacklevel=2)
     s = _cpu(stats)
     n = max(1, s.rows)
     cur_b = None if current_bias is None else current_bias.detach().double().cpu()
