@@ -36,6 +36,8 @@ from modelpress.graph.run import as_tensors, call_module, primary_output
 
 __all__ = ["RowUse", "row_hessians", "row_use"]
 
+_CHUNK = 256  # positions whose softmax over the vocabulary is formed at once
+
 
 @dataclass
 class RowUse:
@@ -80,11 +82,19 @@ def row_use(model: nn.Module, embedding: nn.Module, batches: Sequence[Mapping[st
                     logits = primary_output(call_module(model, fed, list(fed)))
                     if logits.shape[:-1] != ids.shape or logits.shape[-1] != vocab:
                         return None
-                    logp = torch.log_softmax(logits.float(), -1)[valid]
-                    p = logp.detach().double().exp()
-                    mass += (p * (1 - p)).sum(0)
-                    y = torch.multinomial(p.float(), 1, generator=gen)
-                    (g,) = torch.autograd.grad(logp.gather(-1, y).sum(), box["out"])
+                    # d/dlogits of sum_t log p_t(y_t), y_t drawn from p_t: onehot(y) - p, formed without a
+                    # float64 [positions, vocab] copy (a 128k vocabulary makes that gigabytes)
+                    grad = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+                    flat, gflat = logits.detach().reshape(-1, vocab), grad.view(-1, vocab)
+                    where = valid.reshape(-1).nonzero().flatten()
+                    for chunk in where.split(_CHUNK):
+                        p = torch.softmax(flat[chunk].float(), -1)
+                        mass += (p * (1 - p)).sum(0).double()
+                        y = torch.multinomial(p, 1, generator=gen).flatten()
+                        p[torch.arange(len(chunk)), y] -= 1.0
+                        gflat[chunk] = -p
+                    (g,) = torch.autograd.grad(logits, box["out"], grad.to(logits.dtype))
+                    del grad, logits
                 g = g.detach().double()[valid]
                 fisher += g.t() @ g
                 lookups.index_add_(0, ids[valid].reshape(-1).cpu(), torch.ones(int(valid.sum()), dtype=torch.float64))
