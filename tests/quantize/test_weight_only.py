@@ -302,3 +302,26 @@ def test_gptq_quantizes_a_tied_head_on_its_inputs_and_keeps_one_tensor():
             error[method] = float((model(**held_out).logits - expected).pow(2).mean())
     assert "GPTQ on the head's inputs" in layers["gptq"]["transformer.wte"]
     assert error["gptq"] < 0.8 * error["rtn"], error
+
+
+def test_accuracy_level_is_timed_at_batch_1_without_memory_probes(tmp_path):
+    """The level choice reads the batch-1 speedup only: the timing asks for batch 1 and no memory probes (a 1B
+    model's batch-8 forwards and probes cost minutes and decide nothing); the faster level is kept."""
+    from types import SimpleNamespace
+
+    import modelpress
+    from modelpress.quantize.weight_only_export import export_weight_only
+
+    _gpt2().save_pretrained(tmp_path / "in")
+    g = modelpress.load(tmp_path / "in")
+    quantize_weights(g.module, [], WeightOnlyConfig(method="rtn"))
+    asked = []
+
+    def measure(files, **kw):  # noqa: ANN001, ANN202
+        asked.append((sorted(files), kw))
+        return SimpleNamespace(speedup=lambda name, batch: 2.0 if name == "level4" else 1.0)
+
+    out = export_weight_only(g, tmp_path / "m.onnx", SimpleNamespace(target="ort-cpu", measure=measure, reporter=None))
+    assert asked == [(["level0", "level4"], {"baseline": "level0", "batch_sizes": [1], "memory": False})]
+    assert out.candidates["accuracy_level"]["chosen"] == 4 and (tmp_path / "m.onnx").exists()
+    assert not list(tmp_path.glob("m.level*.onnx"))  # the other level's file is gone

@@ -286,7 +286,10 @@ def export_weight_only(graph: Any, path: Path, ctx: Any, accuracy_level: int | s
         measure = getattr(ctx, "measure", None)
         if getattr(ctx, "target", None) is not None and callable(measure):
             with step("timing MatMulNBits accuracy levels 0 (float) and 4 (int8) on the target"):
-                rep = measure({f"level{lv}": files[lv] for lv in good}, baseline=f"level{good[0]}")
+                # batch 1 alone, speed alone: the choice reads the batch-1 speedup (a 1B model's batch-8 rows and
+                # memory probes cost minutes and decide nothing)
+                rep = measure({f"level{lv}": files[lv] for lv in good}, baseline=f"level{good[0]}", batch_sizes=[1],
+                              memory=False)
             speed = {lv: rep.speedup(f"level{lv}", 1) for lv in good}
             decision["speedup_vs_level0_batch1"] = speed
             chosen = max(good, key=lambda lv: speed.get(lv) or 0.0)
