@@ -66,7 +66,7 @@ def row_use(model: nn.Module, embedding: nn.Module, batches: Sequence[Mapping[st
     lookups = torch.zeros(vocab, dtype=torch.float64)
     mass = torch.zeros(vocab, dtype=torch.float64)
     positions = 0
-    gen = torch.Generator().manual_seed(seed)
+    gen: torch.Generator | None = None  # on the logits' device, seeded at the first batch
     like = next(model.parameters(), None)
     was = model.training
     model.eval()
@@ -87,15 +87,17 @@ def row_use(model: nn.Module, embedding: nn.Module, batches: Sequence[Mapping[st
                     grad = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
                     flat, gflat = logits.detach().reshape(-1, vocab), grad.view(-1, vocab)
                     where = valid.reshape(-1).nonzero().flatten()
+                    if gen is None:
+                        gen = torch.Generator(device=logits.device).manual_seed(seed)
                     for chunk in where.split(_CHUNK):
                         p = torch.softmax(flat[chunk].float(), -1)
-                        mass += (p * (1 - p)).sum(0).double()
+                        mass += (p * (1 - p)).sum(0).double().cpu()
                         y = torch.multinomial(p, 1, generator=gen).flatten()
-                        p[torch.arange(len(chunk)), y] -= 1.0
+                        p[torch.arange(len(chunk), device=p.device), y] -= 1.0
                         gflat[chunk] = -p
                     (g,) = torch.autograd.grad(logits, box["out"], grad.to(logits.dtype))
                     del grad, logits
-                g = g.detach().double()[valid]
+                g = g.detach()[valid].double().cpu()  # statistics on the CPU, wherever the model runs
                 fisher += g.t() @ g
                 lookups.index_add_(0, ids[valid].reshape(-1).cpu(), torch.ones(int(valid.sum()), dtype=torch.float64))
                 positions += int(valid.sum())
