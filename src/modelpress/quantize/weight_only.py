@@ -342,8 +342,8 @@ def quantize_weights(model: nn.Module, batches: list[Any], cfg: WeightOnlyConfig
     # embeddings first (round to nearest; a tied pair under GPTQ waits for the last stage): every block is then
     # calibrated on what inference will embed
     tied_info: dict[str, Any] = {"tied": bool(tied), "head": head}
-    # a tied pair quantized with GPTQ: the head's output error is what the 4-bit codes cost most (on the 22M
-    # stdlib Llama, next-token KL: see the recipe), so the pair is quantized last, by GPTQ on the head's inputs
+    # a tied pair quantized with GPTQ is quantized last, by GPTQ on the head's inputs (with tied_objective: loss
+    # each row's Hessian also counts its embedding look-ups, tied_rows.py)
     gptq_tied = bool(tied) and cfg.method in ("gptq", "awq+gptq") and bool(batches)
     emb_name = _named(model, in_emb)
     for name, m in _embeddings(model):

@@ -43,6 +43,8 @@ class UnderdeterminedRefit(RuntimeWarning):
     def __init__(self, message: str, need: int = 0) -> None:
         super().__init__(message)
         self.need = need
+
+
 REFIT_MODES = ("weights", "scales")
 
 __all__ = ["DEFAULT_DAMP", "REFIT_MODES", "PairStats", "Refit", "UnderdeterminedRefit", "obs_update", "output_error",
