@@ -54,6 +54,8 @@ class GlobalConfig(PassConfig):
     # 512 train sentences, no training) kept 0.854 / 0.763 / 0.871 mean cosine after 1 / 2 / 4 iterations, and 0.810
     # after 4 with 1024 sentences: the saliency of a refit model can pick units the next refit repairs worse (2
     # iterations: refit error 0.18 vs 0.13); floors 0.4 on heads and MLP steady it (4 iterations: 0.870, error 0.11)
+    # session 13, MiniLM at 0.65x latency, no training: 2 iterations 0.839 and 4 iterations 0.917 at the same measured
+    # 1.52-1.53x (benchmarks/pruning.py --parts minilm-int8); 8 iterations 0.910 against 4's 0.919 (predicted target)
     iterations: int = Field(4, ge=1)
     # per_cost needs no latency model (parameter and MAC targets); the prune-hessian recipe (latency target) ranks
     # by nvit with eta auto: on MiniLM at 0.5x latency it kept 0.727 mean cosine against per_cost's 0.707
