@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["DEFAULT_HIDDEN_WEIGHT", "RECIPE_FIELDS", "TrainConfig"]
 
-# recovery's hidden-state weight. Session 5: of 0, 0.1, 0.3 and 1 (150 steps, benchmarks/recovery.py --study distill),
+# recovery's hidden-state weight. First study: of 0, 0.1, 0.3 and 1 (150 steps, benchmarks/recovery.py --study distill),
 # 1 kept the best held-out mean and min cosine on MiniLM at 0.55 of its parameters and the best logit cosine on the
 # digits ViT. Session 14, larger weights, MiniLM hessian-pruned to 0.65 of its predicted latency (0.919 untrained),
 # held-out mean cosine after 1000 steps: 0.3 -> 0.948, 1 -> 0.950, 3 -> 0.953, 10 -> 0.954; after 150 steps:
